@@ -1,0 +1,239 @@
+"""The reference backend: the block algorithm in plain torch ops.
+
+It is the oracle of the other backends and the last fallback. It already has the memory
+profile of the design (one feature buffer, BN-ReLU and optionally conv1 recomputed in
+backward); it only lacks the fusion, so every step is a separate pass over memory.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dense_ext.backends.base import Backend, ForwardState, new_feature_buffer, rows, stats_dtype
+from dense_ext.spec import BlockSpec
+
+
+def _channel(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def channel_stats(t: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Batch mean and biased variance of each channel of a channels_last [N, C, H, W] tensor."""
+    var, mean = torch.var_mean(rows(t).to(acc), dim=0, correction=0)
+    return mean, var
+
+
+def bn_relu(x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """relu((x - mean) * invstd * gamma + beta), computed in the statistics dtype."""
+    acc = mean.dtype
+    scale = gamma.to(acc) * invstd
+    z = (x.to(acc) - _channel(mean)).mul_(_channel(scale)).add_(_channel(beta.to(acc)))
+    return z.relu_().to(x.dtype)
+
+
+def bn_relu_backward(
+    grad_z: Tensor, x: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor,
+    batch_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of bn_relu with respect to x, gamma and beta.
+
+    With batch statistics the mean and variance depend on x, which gives the two reduction
+    terms: dx = gamma*invstd * (g - mean(g) - xhat * mean(g*xhat)), g = grad_z * (z > 0).
+    """
+    acc = mean.dtype
+    g = torch.where(z > 0, grad_z.to(acc), 0)
+    xhat = (x.to(acc) - _channel(mean)).mul_(_channel(invstd))
+    grad_beta = g.sum(dim=(0, 2, 3))
+    grad_gamma = (g * xhat).sum(dim=(0, 2, 3))
+    scale = gamma.to(acc) * invstd
+    if batch_stats:
+        count = x.numel() // x.shape[1]
+        g = g.sub_(_channel(grad_beta / count)).sub_(xhat.mul_(_channel(grad_gamma / count)))
+    grad_x = g.mul_(_channel(scale))
+    return grad_x.to(x.dtype), grad_gamma, grad_beta
+
+
+def conv_backward(grad_out: Tensor, inp: Tensor, weight: Tensor, padding: int) -> tuple[Tensor, Tensor]:
+    """Input and weight gradients of a stride-1, bias-free convolution."""
+    grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_out, inp, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
+        [True, True, False],
+    )
+    return grad_in, grad_w
+
+
+class DropoutReplay:
+    """Draws each layer's dropout mask and replays it exactly in backward.
+
+    The mask is drawn like ``F.dropout`` draws it on the CPU (a contiguous [N, k, H, W]
+    tensor filled by ``bernoulli_(1 - p)`` and divided by ``1 - p``), from the device's
+    default generator, so a seeded naive model and the block use the same masks. Instead of
+    keeping the masks, the generator state before each draw is kept (a few KiB per layer).
+    """
+
+    def __init__(self, device: torch.device, p: float) -> None:
+        self.device = device
+        self.p = p
+        self.states: dict[int, Tensor] = {}
+
+    def _get_state(self) -> Tensor:
+        if self.device.type == "cuda":
+            return torch.cuda.get_rng_state(self.device)
+        return torch.get_rng_state()
+
+    def _draw(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        mask = torch.empty(shape, dtype=dtype, device=self.device).bernoulli_(1 - self.p)
+        return mask.div_(1 - self.p)
+
+    def draw(self, layer: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        self.states[layer] = self._get_state()
+        return self._draw(shape, dtype)
+
+    def replay(self, layer: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        cuda = self.device.type == "cuda"
+        devices = [self.device] if cuda else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            if cuda:
+                torch.cuda.set_rng_state(self.states[layer], self.device)
+            else:
+                torch.set_rng_state(self.states[layer])
+            return self._draw(shape, dtype)
+
+
+class LayerView:
+    """One layer's parameters, normalisation statistics and channel range."""
+
+    def __init__(self, layer, params, running, eps, spec, state, batch_stats):
+        self.layer = layer
+        self.c_in = spec.in_channels(layer)
+        self.c_out = self.c_in + spec.growth_rate
+        first = layer * spec.params_per_layer
+        self.params = params[first : first + spec.params_per_layer]
+        self.batch_stats = batch_stats
+        self._state, self._running = state, running
+        self._bn1 = layer * spec.bns_per_layer
+        self._eps = eps
+        if batch_stats:
+            mean1, var1 = state.stats1[0, : self.c_in], state.stats1[1, : self.c_in]
+        else:
+            mean1, var1 = running[2 * self._bn1], running[2 * self._bn1 + 1]
+        self.mean1, self.invstd1 = self._normaliser(mean1, var1, eps[self._bn1])
+
+    def _normaliser(self, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        acc = self._state.stats1.dtype
+        return mean.to(acc), torch.rsqrt(var.to(acc) + eps)
+
+    def bn2(self) -> tuple[Tensor, Tensor]:
+        """Mean and inverse std of the bottleneck BN (batch statistics must be written)."""
+        if self.batch_stats:
+            mean2, var2 = self._state.stats2[self.layer]
+        else:
+            mean2, var2 = self._running[2 * self._bn1 + 2], self._running[2 * self._bn1 + 3]
+        return self._normaliser(mean2, var2, self._eps[self._bn1 + 1])
+
+
+class ReferenceBackend(Backend):
+    """Pure-PyTorch implementation of the block; runs on any device."""
+
+    name = "reference"
+
+    def forward(self, x, params, running, eps, spec, batch_stats, save):
+        feat = new_feature_buffer(x, spec)
+        acc = stats_dtype(x.dtype)
+        dev = x.device
+        n, _, h, w = x.shape
+        empty = torch.empty(0, dtype=acc, device=dev)
+        state = ForwardState(stats1=empty, stats2=empty)
+        if batch_stats:
+            state.stats1 = torch.empty((2, spec.num_features), dtype=acc, device=dev)
+            self._write_stats(state.stats1, feat, 0, spec.num_input_features)
+            if spec.bottleneck:
+                shape = (spec.num_layers, 2, spec.mid_channels)
+                state.stats2 = torch.empty(shape, dtype=acc, device=dev)
+        if spec.drop_rate > 0:
+            state.dropout = DropoutReplay(dev, spec.drop_rate)
+        for layer in range(spec.num_layers):
+            lv = LayerView(layer, params, running, eps, spec, state, batch_stats)
+            new = self._layer_forward(feat, lv, spec, state, save)
+            if state.dropout is not None:
+                new = new * state.dropout.draw(layer, (n, spec.growth_rate, h, w), new.dtype)
+            feat[:, lv.c_in : lv.c_out].copy_(new)
+            if batch_stats:
+                self._write_stats(state.stats1, feat, lv.c_in, lv.c_out)
+        return feat, state
+
+    @staticmethod
+    def _write_stats(stats: Tensor, feat: Tensor, lo: int, hi: int) -> None:
+        mean, var = channel_stats(feat[:, lo:hi], stats.dtype)
+        stats[0, lo:hi] = mean
+        stats[1, lo:hi] = var
+
+    def _layer_forward(self, feat, lv, spec, state, save):
+        p = lv.params
+        z1 = bn_relu(feat[:, : lv.c_in], lv.mean1, lv.invstd1, p[0], p[1])
+        if not spec.bottleneck:
+            return F.conv2d(z1, p[2], padding=1)
+        y1 = F.conv2d(z1, p[2])
+        del z1
+        if lv.batch_stats:
+            mean2, var2 = channel_stats(y1, state.stats2.dtype)
+            state.stats2[lv.layer, 0] = mean2
+            state.stats2[lv.layer, 1] = var2
+        if save and spec.keeps_bottleneck:
+            state.bottlenecks.append(y1)
+        z2 = bn_relu(y1, *lv.bn2(), p[3], p[4])
+        return F.conv2d(z2, p[5], padding=1)
+
+    def backward(self, grad_feat, feat, state, params, running, eps, spec, batch_stats):
+        grads: list[Tensor | None] = [None] * len(params)
+        n, _, h, w = feat.shape
+        for layer in reversed(range(spec.num_layers)):
+            lv = LayerView(layer, params, running, eps, spec, state, batch_stats)
+            grad_new = grad_feat[:, lv.c_in : lv.c_out]
+            if state.dropout is not None:
+                mask = state.dropout.replay(layer, (n, spec.growth_rate, h, w), grad_new.dtype)
+                grad_new = grad_new * mask
+            layer_grads = self._layer_backward(grad_feat, grad_new, feat, lv, spec, state)
+            first = layer * spec.params_per_layer
+            for i, g in enumerate(layer_grads):
+                grads[first + i] = g.to(params[first + i].dtype)
+        return grads
+
+    def _layer_backward(self, grad_feat, grad_new, feat, lv, spec, state):
+        prefix = feat[:, : lv.c_in]
+        p = lv.params
+        z1 = bn_relu(prefix, lv.mean1, lv.invstd1, p[0], p[1])
+        tail: list[Tensor] = []
+        if spec.bottleneck:
+            y1 = state.bottlenecks[lv.layer] if spec.keeps_bottleneck else F.conv2d(z1, p[2])
+            mean2, invstd2 = lv.bn2()
+            z2 = bn_relu(y1, mean2, invstd2, p[3], p[4])
+            grad_z2, grad_w2 = conv_backward(grad_new, z2, p[5], padding=1)
+            grad_y1, grad_g2, grad_b2 = bn_relu_backward(
+                grad_z2, y1, z2, mean2, invstd2, p[3], lv.batch_stats
+            )
+            del z2, grad_z2, y1
+            grad_z1, grad_w1 = conv_backward(grad_y1, z1, p[2], padding=0)
+            tail = [grad_g2, grad_b2, grad_w2]
+        else:
+            grad_z1, grad_w1 = conv_backward(grad_new, z1, p[2], padding=1)
+        grad_x, grad_g1, grad_b1 = bn_relu_backward(
+            grad_z1, prefix, z1, lv.mean1, lv.invstd1, p[0], lv.batch_stats
+        )
+        grad_feat[:, : lv.c_in].add_(grad_x)
+        return [grad_g1, grad_b1, grad_w1, *tail]
+
+
+_BACKEND = ReferenceBackend()
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    return None
+
+
+def get_backend() -> ReferenceBackend:
+    return _BACKEND

@@ -1,0 +1,210 @@
+"""``EfficientDenseBlock``: a drop-in for torchvision's ``_DenseBlock`` in linear memory."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dense_ext.backends import get_backend
+from dense_ext.function import BlockCall, DenseBlockFunction, RunningStats
+from dense_ext.spec import BlockSpec
+
+
+class EfficientDenseLayer(nn.Module):
+    """Holds one dense layer's modules with torchvision's names; the block runs it.
+
+    Bottleneck layers have ``norm1, relu1, conv1 (1x1), norm2, relu2, conv2 (3x3)``; plain
+    layers (``bn_size`` 0) have ``norm1, relu1, conv1 (3x3)``. The ReLU modules hold nothing;
+    they are there so the layer prints like torchvision's.
+    """
+
+    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        if bn_size:
+            mid = bn_size * growth_rate
+            self.conv1 = nn.Conv2d(num_input_features, mid, kernel_size=1, stride=1, bias=False)
+            self.norm2 = nn.BatchNorm2d(mid)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(mid, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(
+                num_input_features, growth_rate, kernel_size=3, stride=1, padding=1, bias=False
+            )
+        self.drop_rate = float(drop_rate)
+
+    def norms(self) -> list[nn.BatchNorm2d]:
+        return [self.norm1, self.norm2] if hasattr(self, "norm2") else [self.norm1]
+
+    def convs(self) -> list[nn.Conv2d]:
+        return [self.conv1, self.conv2] if hasattr(self, "conv2") else [self.conv1]
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("EfficientDenseLayer runs inside EfficientDenseBlock; call the block")
+
+
+class EfficientDenseBlock(nn.ModuleDict):
+    """A DenseNet dense block over one shared, preallocated feature buffer.
+
+    Args:
+        num_layers: number of dense layers ``L``.
+        num_input_features: input channels ``C0``.
+        growth_rate: channels added per layer ``k``.
+        bn_size: bottleneck factor (1x1 conv to ``bn_size*k`` channels); ``None`` or 0 for
+            the plain BN-ReLU-Conv3x3 layer.
+        drop_rate: dropout on each layer's new features during training.
+        memory: ``"bottleneck"`` keeps each layer's conv1 output for backward (5k channels
+            per layer held); ``"min"`` recomputes it (k channels per layer held).
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
+
+    ``forward(x)`` maps ``[N, C0, H, W]`` to ``[N, C0 + L*k, H, W]`` and returns the shared
+    buffer itself, in channels_last layout. Parameter and buffer names are torchvision's
+    (``denselayer1.norm1.weight`` ...), so ``_DenseBlock`` state_dicts load unchanged.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_input_features: int,
+        growth_rate: int,
+        bn_size: int | None = 4,
+        drop_rate: float = 0.0,
+        memory: str = "bottleneck",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.spec = BlockSpec(
+            num_layers=num_layers,
+            num_input_features=num_input_features,
+            growth_rate=growth_rate,
+            bn_size=bn_size or 0,
+            drop_rate=float(drop_rate),
+            memory=memory,
+        )
+        self.backend = backend
+        for i in range(num_layers):
+            layer = EfficientDenseLayer(
+                self.spec.in_channels(i), growth_rate, self.spec.bn_size, drop_rate
+            )
+            self.add_module(f"denselayer{i + 1}", layer)
+
+    @property
+    def memory(self) -> str:
+        return self.spec.memory
+
+    @memory.setter
+    def memory(self, value: str) -> None:
+        self.spec = BlockSpec(**{**self.spec.__dict__, "memory": value})
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"num_layers={s.num_layers}, num_input_features={s.num_input_features}, "
+            f"growth_rate={s.growth_rate}, bn_size={s.bn_size or None}, "
+            f"drop_rate={s.drop_rate}, memory={s.memory!r}, backend={self.backend!r}"
+        )
+
+    def layers(self) -> list[EfficientDenseLayer]:
+        return list(self.values())
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        dtype = _compute_dtype(x)
+        norms = [bn for layer in self.layers() for bn in layer.norms()]
+        call = self._block_call(x, norms)
+        params = self._flat_params(x, dtype)
+        call.save = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in params)
+        )
+        return DenseBlockFunction.apply(x.to(dtype), call, *params)
+
+    def _block_call(self, x: Tensor, norms: list[nn.BatchNorm2d]) -> BlockCall:
+        tracking = {bn.track_running_stats and bn.running_mean is not None for bn in norms}
+        if len(tracking) != 1:
+            raise ValueError("dense_ext: all BNs of a block must agree on track_running_stats")
+        tracks = tracking.pop()
+        batch_stats = self.training or not tracks
+        if batch_stats:
+            _check_batch_size(x)
+        spec = self.spec if self.training else self.spec.with_drop_rate(0.0)
+        running = [
+            RunningStats(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum)
+            for bn in norms
+        ] if tracks else []
+        return BlockCall(
+            spec=spec,
+            backend=get_backend(self.backend, x.device),
+            eps=[float(bn.eps) for bn in norms],
+            batch_stats=batch_stats,
+            running=running,
+            update_running=self.training and tracks,
+        )
+
+    def _flat_params(self, x: Tensor, dtype: torch.dtype) -> list[Tensor]:
+        params: list[Tensor] = []
+        for layer in self.layers():
+            for bn, conv in zip(layer.norms(), layer.convs()):
+                params += [*_affine(bn, x.device), _weight(conv, dtype, x)]
+        return params
+
+    def _check_input(self, x: Tensor) -> None:
+        s = self.spec
+        if not isinstance(x, Tensor):
+            raise TypeError(f"EfficientDenseBlock expects a Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"EfficientDenseBlock expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != s.num_input_features:
+            raise ValueError(
+                f"EfficientDenseBlock expects {s.num_input_features} input channels, "
+                f"got {x.shape[1]} (input shape {tuple(x.shape)})"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"EfficientDenseBlock expects a floating-point input, got {x.dtype}")
+        if x.numel() == 0:
+            raise ValueError(f"EfficientDenseBlock got an empty input of shape {tuple(x.shape)}")
+        param = self.denselayer1.conv1.weight
+        if param.device != x.device:
+            raise RuntimeError(
+                f"EfficientDenseBlock: input is on {x.device} but the parameters are on "
+                f"{param.device}"
+            )
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The buffer dtype: autocast's when autocast is on for this device, else the input's."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in (
+        torch.float32, torch.float16, torch.bfloat16,
+    ):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _check_batch_size(x: Tensor) -> None:
+    if x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{list(x.shape)}: batch statistics need N*H*W > 1"
+        )
+
+
+def _affine(bn: nn.BatchNorm2d, device: torch.device) -> list[Tensor]:
+    """gamma and beta of a BN; constants 1 and 0 when it has no affine parameters."""
+    if bn.weight is not None:
+        return [bn.weight, bn.bias]
+    ones = torch.ones(bn.num_features, device=device)
+    return [ones, torch.zeros_like(ones)]
+
+
+def _weight(conv: nn.Conv2d, dtype: torch.dtype, x: Tensor) -> Tensor:
+    weight = conv.weight
+    if weight.dtype == dtype:
+        return weight
+    if torch.is_autocast_enabled(x.device.type):
+        return weight.to(dtype)
+    raise TypeError(
+        f"EfficientDenseBlock: input dtype {x.dtype} does not match parameter dtype "
+        f"{weight.dtype}; convert the module (e.g. .to({x.dtype})) or use torch.autocast"
+    )

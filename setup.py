@@ -1,0 +1,5 @@
+"""Builds the package; the C++/CUDA extension is added by the cpp backend work."""
+
+from setuptools import setup
+
+setup()
