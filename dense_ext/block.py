@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from dense_ext.backends import get_backend
+from dense_ext.backends.base import LOCAL
 from dense_ext.function import BlockCall, DenseBlockFunction, RunningStats
 from dense_ext.spec import BlockSpec
 
@@ -58,6 +59,9 @@ class EfficientDenseBlock(nn.ModuleDict):
             per layer held); ``"min"`` recomputes it (k channels per layer held).
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
 
+    Attribute ``stats_sync`` (default None) may hold a ``dense_ext.backends.base.StatsSync``
+    that combines batch statistics across processes (synchronised BN).
+
     ``forward(x)`` maps ``[N, C0, H, W]`` to ``[N, C0 + L*k, H, W]`` and returns the shared
     buffer itself, in channels_last layout. Parameter and buffer names are torchvision's
     (``denselayer1.norm1.weight`` ...), so ``_DenseBlock`` state_dicts load unchanged.
@@ -83,6 +87,7 @@ class EfficientDenseBlock(nn.ModuleDict):
             memory=memory,
         )
         self.backend = backend
+        self.stats_sync = None
         for i in range(num_layers):
             layer = EfficientDenseLayer(
                 self.spec.in_channels(i), growth_rate, self.spec.bn_size, drop_rate
@@ -139,6 +144,7 @@ class EfficientDenseBlock(nn.ModuleDict):
             batch_stats=batch_stats,
             running=running,
             update_running=self.training and tracks,
+            sync=self.stats_sync if self.stats_sync is not None and batch_stats else LOCAL,
         )
 
     def _flat_params(self, x: Tensor, dtype: torch.dtype) -> list[Tensor]:

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from dense_ext.backends.base import Backend, ForwardState
+from dense_ext.backends.base import LOCAL, Backend, ForwardState, StatsSync
 from dense_ext.spec import BlockSpec
 
 
@@ -43,6 +43,7 @@ class BlockCall:
         running: one ``RunningStats`` per BN, or empty when no BN tracks statistics.
         update_running: update ``running`` from this batch (training with tracked stats).
         save: keep what backward needs (grad enabled and something requires grad).
+        sync: how batch statistics combine across processes (``LOCAL``: not at all).
     """
 
     spec: BlockSpec
@@ -52,6 +53,14 @@ class BlockCall:
     running: Sequence[RunningStats] = field(default_factory=list)
     update_running: bool = False
     save: bool = True
+    sync: StatsSync = LOCAL
+
+    def __post_init__(self) -> None:
+        if self.sync is not LOCAL and not self.backend.supports_sync:
+            raise ValueError(
+                f"dense_ext backend {self.backend.name!r} does not support synchronised batch "
+                "norm; use backend='reference'"
+            )
 
     def running_tensors(self) -> list[Tensor]:
         """The flat ``(mean, var)`` per BN sequence that backends read in eval mode."""
@@ -111,10 +120,11 @@ class DenseBlockFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, call: BlockCall, *params: Tensor) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             feat, state = call.backend.forward(
-                x, params, call.running_tensors(), call.eps, call.spec, call.batch_stats, call.save
+                x, params, call.running_tensors(), call.eps, call.spec, call.batch_stats,
+                call.save, call.sync,
             )
         if call.update_running:
-            count = feat.numel() // feat.shape[1]
+            count = call.sync.world_count(feat.numel() // feat.shape[1])
             update_running_stats(call, state, count)
         ctx.call = call
         ctx.x_format = suggest_format(x)
@@ -143,7 +153,7 @@ class DenseBlockFunction(torch.autograd.Function):
         with torch.autocast(device_type=feat.device.type, enabled=False):
             grads = call.backend.backward(
                 grad_feat, feat, state, params, call.running_tensors(), call.eps, call.spec,
-                call.batch_stats,
+                call.batch_stats, call.sync,
             )
         grad_x = None
         if ctx.needs_input_grad[0]:

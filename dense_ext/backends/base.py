@@ -55,10 +55,38 @@ class ForwardState:
         return [self.stats1, self.stats2, *self.bottlenecks]
 
 
+class StatsSync:
+    """How batch statistics combine across processes; this base class is local (no sync).
+
+    Synchronised BN (``dense_ext.distributed``) overrides the three methods with collectives:
+    forward statistics become those of the global batch, and the two BN-backward reductions
+    are summed over processes (parameter gradients stay local, as in ``nn.SyncBatchNorm``).
+    """
+
+    def world_count(self, count: int) -> int:
+        """Values per channel in the global batch, given ``count`` locally."""
+        return count
+
+    def stats(self, mean: Tensor, var: Tensor, count: int) -> tuple[Tensor, Tensor]:
+        """Global mean and biased variance from this process's ``count``-value statistics."""
+        return mean, var
+
+    def grad_sums(self, sums: Tensor) -> Tensor:
+        """``[2, C]`` sums of ``g`` and ``g * xhat`` over all processes."""
+        return sums
+
+
+LOCAL = StatsSync()
+
+
 class Backend:
-    """Base class of the block backends (see the module docstring for the contract)."""
+    """Base class of the block backends (see the module docstring for the contract).
+
+    Backends with ``supports_sync = False`` are only called with the local ``StatsSync``.
+    """
 
     name = "base"
+    supports_sync = False
 
     def forward(
         self,
@@ -69,6 +97,7 @@ class Backend:
         spec: BlockSpec,
         batch_stats: bool,
         save: bool,
+        sync: StatsSync = LOCAL,
     ) -> tuple[Tensor, ForwardState]:
         raise NotImplementedError
 
@@ -82,6 +111,7 @@ class Backend:
         eps: Sequence[float],
         spec: BlockSpec,
         batch_stats: bool,
+        sync: StatsSync = LOCAL,
     ) -> list[Tensor | None]:
         raise NotImplementedError
 

@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dense_ext.backends.base import Backend, ForwardState, new_feature_buffer, rows, stats_dtype
+from dense_ext.backends.base import (
+    LOCAL,
+    Backend,
+    ForwardState,
+    StatsSync,
+    new_feature_buffer,
+    rows,
+    stats_dtype,
+)
 from dense_ext.spec import BlockSpec
 
 
@@ -21,10 +29,10 @@ def _channel(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
 
-def channel_stats(t: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+def channel_stats(t: Tensor, acc: torch.dtype, sync: StatsSync = LOCAL) -> tuple[Tensor, Tensor]:
     """Batch mean and biased variance of each channel of a channels_last [N, C, H, W] tensor."""
     var, mean = torch.var_mean(rows(t).to(acc), dim=0, correction=0)
-    return mean, var
+    return sync.stats(mean, var, t.numel() // t.shape[1])
 
 
 def bn_relu(x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
@@ -37,7 +45,7 @@ def bn_relu(x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor
 
 def bn_relu_backward(
     grad_z: Tensor, x: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor,
-    batch_stats: bool,
+    batch_stats: bool, sync: StatsSync = LOCAL,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of bn_relu with respect to x, gamma and beta.
 
@@ -51,8 +59,9 @@ def bn_relu_backward(
     grad_gamma = (g * xhat).sum(dim=(0, 2, 3))
     scale = gamma.to(acc) * invstd
     if batch_stats:
-        count = x.numel() // x.shape[1]
-        g = g.sub_(_channel(grad_beta / count)).sub_(xhat.mul_(_channel(grad_gamma / count)))
+        count = sync.world_count(x.numel() // x.shape[1])
+        sum_g, sum_gxhat = sync.grad_sums(torch.stack([grad_beta, grad_gamma]))
+        g = g.sub_(_channel(sum_g / count)).sub_(xhat.mul_(_channel(sum_gxhat / count)))
     grad_x = g.mul_(_channel(scale))
     return grad_x.to(x.dtype), grad_gamma, grad_beta
 
@@ -140,8 +149,9 @@ class ReferenceBackend(Backend):
     """Pure-PyTorch implementation of the block; runs on any device."""
 
     name = "reference"
+    supports_sync = True
 
-    def forward(self, x, params, running, eps, spec, batch_stats, save):
+    def forward(self, x, params, running, eps, spec, batch_stats, save, sync=LOCAL):
         feat = new_feature_buffer(x, spec)
         acc = stats_dtype(x.dtype)
         dev = x.device
@@ -150,7 +160,7 @@ class ReferenceBackend(Backend):
         state = ForwardState(stats1=empty, stats2=empty)
         if batch_stats:
             state.stats1 = torch.empty((2, spec.num_features), dtype=acc, device=dev)
-            self._write_stats(state.stats1, feat, 0, spec.num_input_features)
+            self._write_stats(state.stats1, feat, 0, spec.num_input_features, sync)
             if spec.bottleneck:
                 shape = (spec.num_layers, 2, spec.mid_channels)
                 state.stats2 = torch.empty(shape, dtype=acc, device=dev)
@@ -158,21 +168,21 @@ class ReferenceBackend(Backend):
             state.dropout = DropoutReplay(dev, spec.drop_rate)
         for layer in range(spec.num_layers):
             lv = LayerView(layer, params, running, eps, spec, state, batch_stats)
-            new = self._layer_forward(feat, lv, spec, state, save)
+            new = self._layer_forward(feat, lv, spec, state, save, sync)
             if state.dropout is not None:
                 new = new * state.dropout.draw(layer, (n, spec.growth_rate, h, w), new.dtype)
             feat[:, lv.c_in : lv.c_out].copy_(new)
             if batch_stats:
-                self._write_stats(state.stats1, feat, lv.c_in, lv.c_out)
+                self._write_stats(state.stats1, feat, lv.c_in, lv.c_out, sync)
         return feat, state
 
     @staticmethod
-    def _write_stats(stats: Tensor, feat: Tensor, lo: int, hi: int) -> None:
-        mean, var = channel_stats(feat[:, lo:hi], stats.dtype)
+    def _write_stats(stats: Tensor, feat: Tensor, lo: int, hi: int, sync: StatsSync) -> None:
+        mean, var = channel_stats(feat[:, lo:hi], stats.dtype, sync)
         stats[0, lo:hi] = mean
         stats[1, lo:hi] = var
 
-    def _layer_forward(self, feat, lv, spec, state, save):
+    def _layer_forward(self, feat, lv, spec, state, save, sync):
         p = lv.params
         z1 = bn_relu(feat[:, : lv.c_in], lv.mean1, lv.invstd1, p[0], p[1])
         if not spec.bottleneck:
@@ -180,7 +190,7 @@ class ReferenceBackend(Backend):
         y1 = F.conv2d(z1, p[2])
         del z1
         if lv.batch_stats:
-            mean2, var2 = channel_stats(y1, state.stats2.dtype)
+            mean2, var2 = channel_stats(y1, state.stats2.dtype, sync)
             state.stats2[lv.layer, 0] = mean2
             state.stats2[lv.layer, 1] = var2
         if save and spec.keeps_bottleneck:
@@ -188,7 +198,7 @@ class ReferenceBackend(Backend):
         z2 = bn_relu(y1, *lv.bn2(), p[3], p[4])
         return F.conv2d(z2, p[5], padding=1)
 
-    def backward(self, grad_feat, feat, state, params, running, eps, spec, batch_stats):
+    def backward(self, grad_feat, feat, state, params, running, eps, spec, batch_stats, sync=LOCAL):
         grads: list[Tensor | None] = [None] * len(params)
         n, _, h, w = feat.shape
         for layer in reversed(range(spec.num_layers)):
@@ -197,13 +207,13 @@ class ReferenceBackend(Backend):
             if state.dropout is not None:
                 mask = state.dropout.replay(layer, (n, spec.growth_rate, h, w), grad_new.dtype)
                 grad_new = grad_new * mask
-            layer_grads = self._layer_backward(grad_feat, grad_new, feat, lv, spec, state)
+            layer_grads = self._layer_backward(grad_feat, grad_new, feat, lv, spec, state, sync)
             first = layer * spec.params_per_layer
             for i, g in enumerate(layer_grads):
                 grads[first + i] = g.to(params[first + i].dtype)
         return grads
 
-    def _layer_backward(self, grad_feat, grad_new, feat, lv, spec, state):
+    def _layer_backward(self, grad_feat, grad_new, feat, lv, spec, state, sync):
         prefix = feat[:, : lv.c_in]
         p = lv.params
         z1 = bn_relu(prefix, lv.mean1, lv.invstd1, p[0], p[1])
@@ -214,7 +224,7 @@ class ReferenceBackend(Backend):
             z2 = bn_relu(y1, mean2, invstd2, p[3], p[4])
             grad_z2, grad_w2 = conv_backward(grad_new, z2, p[5], padding=1)
             grad_y1, grad_g2, grad_b2 = bn_relu_backward(
-                grad_z2, y1, z2, mean2, invstd2, p[3], lv.batch_stats
+                grad_z2, y1, z2, mean2, invstd2, p[3], lv.batch_stats, sync
             )
             del z2, grad_z2, y1
             grad_z1, grad_w1 = conv_backward(grad_y1, z1, p[2], padding=0)
@@ -222,7 +232,7 @@ class ReferenceBackend(Backend):
         else:
             grad_z1, grad_w1 = conv_backward(grad_new, z1, p[2], padding=1)
         grad_x, grad_g1, grad_b1 = bn_relu_backward(
-            grad_z1, prefix, z1, lv.mean1, lv.invstd1, p[0], lv.batch_stats
+            grad_z1, prefix, z1, lv.mean1, lv.invstd1, p[0], lv.batch_stats, sync
         )
         grad_feat[:, : lv.c_in].add_(grad_x)
         return [grad_g1, grad_b1, grad_w1, *tail]
