@@ -1,0 +1,202 @@
+"""DenseBlockFunction: gradcheck, what autograd saves, input errors, backend selection."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from naive import NaiveDenseBlock, randomize_bn
+
+from conftest import cpu_backend_or_skip, rel_err
+from dense_ext import BackendUnavailableError, EfficientDenseBlock
+from dense_ext.backends import resolve_backend_name
+
+BACKENDS = ["reference", "cpp"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("memory", ["bottleneck", "min"])
+@pytest.mark.parametrize("bn_size", [None, 2])
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_float64(backend, memory, bn_size, training):
+    """Every input and parameter gradient against finite differences, train and eval mode."""
+    cpu_backend_or_skip(backend)
+    torch.manual_seed(0)
+    block = EfficientDenseBlock(2, 3, 2, bn_size, memory=memory, backend=backend).double()
+    randomize_bn(block)
+    block.train(training)
+    x = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    names = [name for name, _ in block.named_parameters()]
+    leaves = [p.detach().clone().requires_grad_() for p in block.parameters()]
+
+    def f(inp, *params):
+        return torch.func.functional_call(block, dict(zip(names, params)), (inp,))
+
+    assert torch.autograd.gradcheck(f, (x, *leaves), eps=1e-6, atol=1e-7)
+
+
+def saved_bytes(block, x):
+    """Bytes autograd saves for one block call, excluding parameters and the input."""
+    excluded = {p.data_ptr() for p in block.parameters()} | {x.data_ptr()}
+    packed = []
+
+    def pack(t):
+        if t.data_ptr() not in excluded:
+            packed.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block(x)
+    return sum(packed), out
+
+
+@pytest.mark.parametrize("bn_size", [None, 4])
+def test_saved_memory_is_the_buffer_in_min_mode(bn_size):
+    """memory="min": autograd holds the feature buffer and O(channels) statistics, nothing
+    that grows with depth beyond the buffer itself."""
+    n, c0, k, h, w = 2, 8, 4, 8, 8
+    for layers in (2, 4, 8):
+        block = EfficientDenseBlock(layers, c0, k, bn_size, memory="min", backend="reference")
+        x = torch.randn(n, c0, h, w, requires_grad=True)
+        total, out = saved_bytes(block, x)
+        buffer_bytes = out.numel() * out.element_size()
+        stats_bytes = 4 * 2 * (out.shape[1] + layers * (bn_size or 0) * k)
+        assert total == buffer_bytes + stats_bytes, (layers, total, buffer_bytes, stats_bytes)
+
+
+def test_saved_memory_bottleneck_mode_adds_one_bottleneck_per_layer():
+    n, c0, k, h, w, bn = 2, 8, 4, 8, 8, 4
+    for layers in (2, 5):
+        block = EfficientDenseBlock(layers, c0, k, bn, memory="bottleneck", backend="reference")
+        x = torch.randn(n, c0, h, w, requires_grad=True)
+        total, out = saved_bytes(block, x)
+        buffer_bytes = out.numel() * 4
+        bottleneck_bytes = layers * n * bn * k * h * w * 4
+        stats_bytes = 4 * 2 * (out.shape[1] + layers * bn * k)
+        assert total == buffer_bytes + bottleneck_bytes + stats_bytes
+
+
+def test_naive_saved_memory_grows_quadratically():
+    """Sanity check of the probe itself: the naive block saves far more than its output."""
+    block = NaiveDenseBlock(8, 8, 4)
+    x = torch.randn(2, 8, 8, 8, requires_grad=True)
+    total, out = saved_bytes(block, x)
+    assert total > 4 * out.numel() * 4
+
+
+@pytest.mark.parametrize(
+    "shape, error, match",
+    [
+        ((2, 5, 4), ValueError, "4-D"),
+        ((2, 6, 4, 4), ValueError, "5 input channels, got 6"),
+        ((1, 5, 1, 1), ValueError, "more than 1 value per channel"),
+        ((0, 5, 4, 4), ValueError, "empty"),
+    ],
+)
+def test_bad_input_raises(shape, error, match):
+    block = EfficientDenseBlock(2, 5, 3, backend="reference")
+    with pytest.raises(error, match=match):
+        block(torch.randn(shape))
+
+
+def test_single_value_per_channel_is_fine_in_eval():
+    block = EfficientDenseBlock(2, 5, 3, backend="reference").eval()
+    assert block(torch.randn(1, 5, 1, 1)).shape == (1, 11, 1, 1)
+
+
+def test_integer_and_mismatched_dtypes_raise():
+    block = EfficientDenseBlock(2, 5, 3, backend="reference")
+    with pytest.raises(TypeError, match="floating-point"):
+        block(torch.ones(2, 5, 4, 4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="does not match parameter dtype"):
+        block(torch.randn(2, 5, 4, 4, dtype=torch.float64))
+
+
+def test_bad_constructor_arguments_raise():
+    with pytest.raises(ValueError, match="memory"):
+        EfficientDenseBlock(2, 5, 3, memory="tiny")
+    with pytest.raises(ValueError, match="drop_rate"):
+        EfficientDenseBlock(2, 5, 3, drop_rate=1.0)
+    with pytest.raises(ValueError, match="num_layers"):
+        EfficientDenseBlock(0, 5, 3)
+
+
+def test_in_place_change_of_output_before_backward_raises():
+    block = EfficientDenseBlock(2, 4, 3, backend="reference")
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    out = block(x)
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_running_stats_updated_once_per_forward_not_by_backward():
+    block = EfficientDenseBlock(2, 4, 3, memory="min", backend="reference")
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    out = block(x)
+    after_forward = {k: v.clone() for k, v in block.state_dict().items()}
+    out.sum().backward()
+    for k, v in block.state_dict().items():
+        assert torch.equal(v, after_forward[k]), k
+    assert block.denselayer2.norm2.num_batches_tracked.item() == 1
+
+
+def test_state_dict_keys_match_naive_both_ways():
+    naive = NaiveDenseBlock(3, 5, 4, 4)
+    efficient = EfficientDenseBlock(3, 5, 4, 4)
+    assert list(naive.state_dict()) == list(efficient.state_dict())
+    efficient.load_state_dict(naive.state_dict())
+    naive.load_state_dict(efficient.state_dict())
+    plain_naive, plain = NaiveDenseBlock(2, 5, 4, None), EfficientDenseBlock(2, 5, 4, None)
+    assert list(plain_naive.state_dict()) == list(plain.state_dict())
+    assert plain.denselayer1.conv1.weight.shape == (4, 5, 3, 3)
+
+
+def test_bf16_autocast_within_twice_torch_error():
+    """Under CPU autocast the buffer is bfloat16; its error against a float64 reference is at
+    most about twice that of the naive block under the same autocast."""
+    torch.manual_seed(0)
+    naive = NaiveDenseBlock(3, 8, 8, 4)
+    randomize_bn(naive)
+    efficient = EfficientDenseBlock(3, 8, 8, 4, backend="reference")
+    efficient.load_state_dict(naive.state_dict())
+    reference = NaiveDenseBlock(3, 8, 8, 4).double()
+    reference.load_state_dict(naive.state_dict())
+    x = torch.randn(4, 8, 8, 8)
+    expected = reference(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = efficient(x)
+        theirs = naive(x)
+    assert ours.dtype == torch.bfloat16
+    assert rel_err(ours, expected) <= 2 * rel_err(theirs, expected) + 1e-3
+
+
+def test_explicit_unavailable_backend_raises_and_auto_falls_back(monkeypatch):
+    import dense_ext.backends as backends
+
+    monkeypatch.setattr(
+        backends, "unavailable_reason",
+        lambda name, device: None if name == "reference" else "not built in this test",
+    )
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.raises(BackendUnavailableError, match="'cpp' is unavailable"):
+        resolve_backend_name("cpp", "cpu")
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        assert resolve_backend_name("auto", "cpu") == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend_name("auto", "cpu") == "reference"  # warned once only
+
+
+def test_environment_variable_replaces_auto(monkeypatch):
+    monkeypatch.setenv("DENSE_EXT_BACKEND", "reference")
+    assert resolve_backend_name("auto", "cpu") == "reference"
+    monkeypatch.setenv("DENSE_EXT_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend_name("auto", "cpu")
+
+
+def test_unknown_backend_name_raises():
+    with pytest.raises(ValueError, match="unknown backend"):
+        EfficientDenseBlock(2, 4, 3, backend="cuda-magic")(torch.randn(2, 4, 3, 3))
