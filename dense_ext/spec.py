@@ -6,8 +6,9 @@ prefix ``[0, C0 + l*k)`` and writes ``[C0 + l*k, C0 + (l+1)*k)``.
 
 Parameters are passed to backends as one flat tuple, layer after layer:
 
-* bottleneck layer (``bn_size > 0``): ``norm1.weight, norm1.bias, conv1.weight [bn_size*k, C_in, 1, 1],
-  norm2.weight, norm2.bias, conv2.weight [k, bn_size*k, 3, 3]``;
+* bottleneck layer (``bn_size > 0``): ``norm1.weight, norm1.bias,
+  conv1.weight [bn_size*k, C_in, 1, 1], norm2.weight, norm2.bias,
+  conv2.weight [k, bn_size*k, 3, 3]``;
 * plain layer (``bn_size == 0``): ``norm1.weight, norm1.bias, conv1.weight [k, C_in, 3, 3]``.
 
 Batch-norm constants (``eps``) and running buffers follow the same order, one entry per BN.

@@ -41,7 +41,8 @@ class NaiveDenseBlock(nn.ModuleDict):
     def __init__(self, num_layers, num_input_features, growth_rate, bn_size=4, drop_rate=0.0):
         super().__init__()
         for i in range(num_layers):
-            layer = NaiveDenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate)
+            c_in = num_input_features + i * growth_rate
+            layer = NaiveDenseLayer(c_in, growth_rate, bn_size, drop_rate)
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, x: Tensor) -> Tensor:

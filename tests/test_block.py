@@ -12,11 +12,11 @@ import copy
 
 import pytest
 import torch
+from conftest import TOLERANCE, assert_close, cpu_backend_or_skip, rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from naive import NaiveDenseBlock, randomize_bn
 
-from conftest import TOLERANCE, assert_close, cpu_backend_or_skip, rel_err
 from dense_ext import EfficientDenseBlock
 
 BACKENDS = ["reference", "cpp"]
@@ -43,7 +43,8 @@ def run_step(block, x, grad, seed):
 
 
 def buffers(block):
-    return {k: v.clone() for k, v in block.state_dict().items() if "running" in k or "num_batches" in k}
+    state = block.state_dict()
+    return {k: v.clone() for k, v in state.items() if "running" in k or "num_batches" in k}
 
 
 def compare(naive, efficient, x, tol, seed=123):

@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import cpu_backend_or_skip, rel_err
 from naive import NaiveDenseBlock, randomize_bn
 
-from conftest import cpu_backend_or_skip, rel_err
 from dense_ext import BackendUnavailableError, EfficientDenseBlock
 from dense_ext.backends import resolve_backend_name
 

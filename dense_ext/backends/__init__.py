@@ -61,13 +61,18 @@ def resolve_backend_name(name: str, device: torch.device | str) -> str:
     if name != "auto":
         reason = unavailable_reason(name, device)
         if reason is not None:
-            raise BackendUnavailableError(f"dense_ext backend {name!r} is unavailable on {device}: {reason}")
+            raise BackendUnavailableError(
+                f"dense_ext backend {name!r} is unavailable on {device}: {reason}"
+            )
         return name
     for candidate in _preference(device):
         reason = unavailable_reason(candidate, device)
         if reason is None:
             return candidate
-        _warn_once(f"dense_ext: backend {candidate!r} unavailable on {device.type} ({reason}); falling back")
+        _warn_once(
+            f"dense_ext: backend {candidate!r} unavailable on {device.type} ({reason}); "
+            "falling back"
+        )
     raise BackendUnavailableError(f"no dense_ext backend can run on {device}")  # pragma: no cover
 
 

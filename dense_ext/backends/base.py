@@ -24,8 +24,9 @@ returns one gradient per entry of ``params`` (``None`` where not needed).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

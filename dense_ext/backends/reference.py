@@ -7,8 +7,6 @@ backward); it only lacks the fusion, so every step is a separate pass over memor
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,10 +17,8 @@ from dense_ext.backends.base import (
     ForwardState,
     StatsSync,
     new_feature_buffer,
-    rows,
     stats_dtype,
 )
-from dense_ext.spec import BlockSpec
 
 
 def _channel(v: Tensor) -> Tensor:
@@ -30,17 +26,24 @@ def _channel(v: Tensor) -> Tensor:
 
 
 def channel_stats(t: Tensor, acc: torch.dtype, sync: StatsSync = LOCAL) -> tuple[Tensor, Tensor]:
-    """Batch mean and biased variance of each channel of a channels_last [N, C, H, W] tensor."""
-    var, mean = torch.var_mean(rows(t).to(acc), dim=0, correction=0)
+    """Batch mean and biased variance of each channel of an [N, C, H, W] tensor.
+
+    ``var_mean`` uses Welford's algorithm, so data with a large mean loses nothing.
+    """
+    var, mean = torch.var_mean(t.to(acc), dim=(0, 2, 3), correction=0)
     return sync.stats(mean, var, t.numel() // t.shape[1])
 
 
 def bn_relu(x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
-    """relu((x - mean) * invstd * gamma + beta), computed in the statistics dtype."""
+    """relu((x - mean) * scale + beta), scale = gamma * invstd, in the statistics dtype.
+
+    Subtracting the mean first (rather than folding it into a shift) keeps data with a large
+    mean accurate: the subtraction is exact where the fold would cancel two large terms.
+    """
     acc = mean.dtype
     scale = gamma.to(acc) * invstd
-    z = (x.to(acc) - _channel(mean)).mul_(_channel(scale)).add_(_channel(beta.to(acc)))
-    return z.relu_().to(x.dtype)
+    centred = x.to(acc) - _channel(mean)
+    return torch.addcmul(_channel(beta.to(acc)), centred, _channel(scale)).relu_().to(x.dtype)
 
 
 def bn_relu_backward(
@@ -53,7 +56,13 @@ def bn_relu_backward(
     terms: dx = gamma*invstd * (g - mean(g) - xhat * mean(g*xhat)), g = grad_z * (z > 0).
     """
     acc = mean.dtype
-    g = torch.where(z > 0, grad_z.to(acc), 0)
+    g = torch.ops.aten.threshold_backward(grad_z, z, 0).to(acc)
+    if batch_stats and sync is LOCAL and x.dtype == acc:
+        # ATen's fused kernel does the two reductions and the apply in two passes.
+        x = x.contiguous(memory_format=torch.channels_last)
+        return torch.ops.aten.native_batch_norm_backward(
+            g, x, gamma, None, None, mean, invstd, True, 0.0, [True, True, True]
+        )
     xhat = (x.to(acc) - _channel(mean)).mul_(_channel(invstd))
     grad_beta = g.sum(dim=(0, 2, 3))
     grad_gamma = (g * xhat).sum(dim=(0, 2, 3))
@@ -66,7 +75,9 @@ def bn_relu_backward(
     return grad_x.to(x.dtype), grad_gamma, grad_beta
 
 
-def conv_backward(grad_out: Tensor, inp: Tensor, weight: Tensor, padding: int) -> tuple[Tensor, Tensor]:
+def conv_backward(
+    grad_out: Tensor, inp: Tensor, weight: Tensor, padding: int
+) -> tuple[Tensor, Tensor]:
     """Input and weight gradients of a stride-1, bias-free convolution."""
     grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
         grad_out, inp, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
@@ -160,7 +171,7 @@ class ReferenceBackend(Backend):
         state = ForwardState(stats1=empty, stats2=empty)
         if batch_stats:
             state.stats1 = torch.empty((2, spec.num_features), dtype=acc, device=dev)
-            self._write_stats(state.stats1, feat, 0, spec.num_input_features, sync)
+            self._write_stats(state.stats1, x, 0, spec.num_input_features, sync)
             if spec.bottleneck:
                 shape = (spec.num_layers, 2, spec.mid_channels)
                 state.stats2 = torch.empty(shape, dtype=acc, device=dev)
@@ -173,12 +184,13 @@ class ReferenceBackend(Backend):
                 new = new * state.dropout.draw(layer, (n, spec.growth_rate, h, w), new.dtype)
             feat[:, lv.c_in : lv.c_out].copy_(new)
             if batch_stats:
-                self._write_stats(state.stats1, feat, lv.c_in, lv.c_out, sync)
+                self._write_stats(state.stats1, new, lv.c_in, lv.c_out, sync)
         return feat, state
 
     @staticmethod
-    def _write_stats(stats: Tensor, feat: Tensor, lo: int, hi: int, sync: StatsSync) -> None:
-        mean, var = channel_stats(feat[:, lo:hi], stats.dtype, sync)
+    def _write_stats(stats: Tensor, t: Tensor, lo: int, hi: int, sync: StatsSync) -> None:
+        """Statistics of ``t``, the tensor just written into buffer channels [lo, hi)."""
+        mean, var = channel_stats(t, stats.dtype, sync)
         stats[0, lo:hi] = mean
         stats[1, lo:hi] = var
 
