@@ -8,8 +8,8 @@ forward, with ``nn.BatchNorm2d``'s arithmetic; the backward recomputation never 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor
