@@ -8,7 +8,12 @@ Public names:
 """
 
 from dense_ext.backends import BackendUnavailableError, available_backends
-from dense_ext.block import EfficientDenseBlock, EfficientDenseLayer
+from dense_ext.block import (
+    DenseDtypeError,
+    DenseInputError,
+    EfficientDenseBlock,
+    EfficientDenseLayer,
+)
 from dense_ext.function import BlockCall, DenseBlockFunction, RunningStats
 from dense_ext.spec import BlockSpec
 
@@ -16,6 +21,8 @@ __all__ = [
     "BackendUnavailableError",
     "BlockCall",
     "BlockSpec",
+    "DenseDtypeError",
+    "DenseInputError",
     "DenseBlockFunction",
     "EfficientDenseBlock",
     "EfficientDenseLayer",

@@ -11,6 +11,18 @@ from dense_ext.function import BlockCall, DenseBlockFunction, RunningStats
 from dense_ext.spec import BlockSpec
 
 
+class DenseInputError(ValueError, RuntimeError):
+    """An input the block cannot take: wrong rank, channel count, or batch size.
+
+    A ``ValueError`` that is also a ``RuntimeError``, so code written for either of
+    ``nn.BatchNorm2d``'s and ``nn.Conv2d``'s errors catches it.
+    """
+
+
+class DenseDtypeError(TypeError, RuntimeError):
+    """An input whose dtype the block cannot take (integer, or not the parameters' dtype)."""
+
+
 class EfficientDenseLayer(nn.Module):
     """Holds one dense layer's modules with torchvision's names; the block runs it.
 
@@ -159,18 +171,22 @@ class EfficientDenseBlock(nn.ModuleDict):
         if not isinstance(x, Tensor):
             raise TypeError(f"EfficientDenseBlock expects a Tensor, got {type(x).__name__}")
         if x.dim() != 4:
-            raise ValueError(
+            raise DenseInputError(
                 f"EfficientDenseBlock expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}"
             )
         if x.shape[1] != s.num_input_features:
-            raise ValueError(
+            raise DenseInputError(
                 f"EfficientDenseBlock expects {s.num_input_features} input channels, "
                 f"got {x.shape[1]} (input shape {tuple(x.shape)})"
             )
         if not x.is_floating_point():
-            raise TypeError(f"EfficientDenseBlock expects a floating-point input, got {x.dtype}")
+            raise DenseDtypeError(
+                f"EfficientDenseBlock expects a floating-point input, got {x.dtype}"
+            )
         if x.numel() == 0:
-            raise ValueError(f"EfficientDenseBlock got an empty input of shape {tuple(x.shape)}")
+            raise DenseInputError(
+                f"EfficientDenseBlock got an empty input of shape {tuple(x.shape)}"
+            )
         param = self.denselayer1.conv1.weight
         if param.device != x.device:
             raise RuntimeError(
@@ -190,7 +206,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 def _check_batch_size(x: Tensor) -> None:
     if x.shape[0] * x.shape[2] * x.shape[3] == 1:
-        raise ValueError(
+        raise DenseInputError(
             "Expected more than 1 value per channel when training, got input size "
             f"{list(x.shape)}: batch statistics need N*H*W > 1"
         )
@@ -210,7 +226,7 @@ def _weight(conv: nn.Conv2d, dtype: torch.dtype, x: Tensor) -> Tensor:
         return weight
     if torch.is_autocast_enabled(x.device.type):
         return weight.to(dtype)
-    raise TypeError(
+    raise DenseDtypeError(
         f"EfficientDenseBlock: input dtype {x.dtype} does not match parameter dtype "
         f"{weight.dtype}; convert the module (e.g. .to({x.dtype})) or use torch.autocast"
     )

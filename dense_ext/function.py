@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from dense_ext.backends.base import LOCAL, Backend, ForwardState, StatsSync
 from dense_ext.spec import BlockSpec
@@ -136,6 +137,7 @@ class DenseBlockFunction(torch.autograd.Function):
         return feat
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         call: BlockCall = ctx.call
         if not call.save:

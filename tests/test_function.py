@@ -200,3 +200,55 @@ def test_environment_variable_replaces_auto(monkeypatch):
 def test_unknown_backend_name_raises():
     with pytest.raises(ValueError, match="unknown backend"):
         EfficientDenseBlock(2, 4, 3, backend="cuda-magic")(torch.randn(2, 4, 3, 3))
+
+
+def test_input_errors_are_value_and_runtime_errors():
+    """Code written against nn.Conv2d (RuntimeError) or nn.BatchNorm2d (ValueError) catches them."""
+    block = EfficientDenseBlock(2, 5, 3, backend="reference")
+    for bad in (torch.randn(2, 6, 4, 4), torch.randn(1, 5, 1, 1)):
+        with pytest.raises(RuntimeError):
+            block(bad)
+        with pytest.raises(ValueError):
+            block(bad)
+    with pytest.raises(RuntimeError):
+        block(torch.ones(2, 5, 4, 4, dtype=torch.int32))
+
+
+def test_double_backward_raises_clearly():
+    block = EfficientDenseBlock(2, 4, 3, backend="reference").double()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|not differentiable"):
+        grad.sum().backward()
+
+
+def test_backward_twice_with_retain_graph_gives_the_same_gradients():
+    block = EfficientDenseBlock(2, 4, 3, 2, drop_rate=0.3, memory="min", backend="reference")
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    out = block(x)
+    out.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    x.grad = None
+    out.sum().backward()
+    assert torch.equal(x.grad, first)
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_the_block_without_graph_breaks():
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    block = EfficientDenseBlock(2, 4, 3, 2, memory="min", backend="reference")
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(block)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    expected = block(x)
+    expected.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    compiled = torch.compile(block)
+    out = compiled(x)
+    out.sum().backward()
+    assert rel_err(out, expected) < 1e-5
+    assert rel_err(x.grad, grad) < 1e-5
