@@ -42,8 +42,9 @@ def bn_relu(x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor
     """
     acc = mean.dtype
     scale = gamma.to(acc) * invstd
-    centred = x.to(acc) - _channel(mean)
-    return torch.addcmul(_channel(beta.to(acc)), centred, _channel(scale)).relu_().to(x.dtype)
+    z = x.to(acc) - _channel(mean)
+    torch.addcmul(_channel(beta.to(acc)), z, _channel(scale), out=z)  # one temporary, not two
+    return z.relu_().to(x.dtype)
 
 
 def bn_relu_backward(
