@@ -1,0 +1,90 @@
+"""Block sizes per kernel, chosen from the problem shape and the GPU generation.
+
+Dense-block problems are tall and thin: ``M = N*H*W`` is large (10^4..10^6 rows) while every
+channel dimension is small (``k`` = 12..48 new channels, ``4k`` bottleneck channels, ``C_in`` up
+to ~1000). So tiles are long in M (128 rows) and as wide in channels as the (power-of-two
+rounded) channel count allows, capped where register pressure starts to hurt. The reduction
+over M of the weight gradient is split across programs so the grid fills the GPU.
+
+Choices are static (no run-time autotuning): ``triton.autotune`` would re-benchmark every new
+``C_in`` of every layer, and a block has dozens. sm_90 gets one more pipeline stage than sm_80
+(larger shared memory); float64 gets smaller tiles. Under the interpreter, tiles are small so
+that tests with a few dozen channels exercise several tiles and masked edges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from dense_ext.backends.triton._common import INTERPRETED
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int  # output channels (fwd), reduced channels (dgrad), output channels (wgrad)
+    block_k: int  # reduced channels (fwd), input channels (dgrad, wgrad)
+    num_warps: int = 4
+    num_stages: int = 2
+    split_m: int = 1  # wgrad only
+
+
+def _width(channels: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(channels)))
+
+
+def _gpu(device: torch.device) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(device)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def conv_fwd_config(m: int, c_in: int, c_out: int, dtype: torch.dtype, device: torch.device) -> Config:
+    if INTERPRETED or device.type != "cuda":
+        return Config(64, 16, 16)
+    cap, _ = _gpu(device)
+    if dtype == torch.float64:
+        return Config(64, _width(c_out, 32), 16, num_warps=4, num_stages=2)
+    wide = dtype != torch.float32
+    block_n = _width(c_out, 128 if wide else 64)
+    block_k = _width(c_in, 64 if wide else 32)
+    stages = 4 if cap >= (9, 0) else 3
+    return Config(128, block_n, block_k, num_warps=8 if block_n >= 64 else 4, num_stages=stages)
+
+
+def conv_dgrad_config(m: int, c_in: int, c_out: int, dtype: torch.dtype, device: torch.device) -> Config:
+    """``block_n`` tiles the reduced (gradient-source) channels, ``block_k`` the produced ones."""
+    if INTERPRETED or device.type != "cuda":
+        return Config(64, 16, 16)
+    cap, _ = _gpu(device)
+    if dtype == torch.float64:
+        return Config(64, _width(c_out, 32), _width(c_in, 32), num_warps=4, num_stages=2)
+    wide = dtype != torch.float32
+    stages = 4 if cap >= (9, 0) else 3
+    block_k = _width(c_in, 128 if wide else 64)
+    return Config(128, _width(c_out, 64 if wide else 32), block_k,
+                  num_warps=8 if block_k >= 64 else 4, num_stages=stages)
+
+
+def conv_wgrad_config(m: int, c_in: int, c_out: int, taps: int, dtype: torch.dtype,
+                      device: torch.device) -> Config:
+    """``block_n`` tiles output channels, ``block_k`` input channels, ``block_m`` the reduction."""
+    if INTERPRETED or device.type != "cuda":
+        return Config(32, 16, 16, split_m=2)
+    cap, sms = _gpu(device)
+    if dtype == torch.float64:
+        block_n, block_k, block_m = _width(c_out, 32), _width(c_in, 32), 32
+    else:
+        block_n, block_k, block_m = _width(c_out, 64), _width(c_in, 64), 64
+    tiles = triton.cdiv(c_out, block_n) * triton.cdiv(c_in, block_k) * taps
+    split = max(1, min(triton.cdiv(m, 8 * block_m), triton.cdiv(4 * sms, tiles)))
+    stages = 4 if cap >= (9, 0) else 3
+    return Config(block_m, block_n, block_k, num_warps=4, num_stages=stages, split_m=split)
+
+
+def stats_config(m: int, c: int, device: torch.device) -> Config:
+    if INTERPRETED or device.type != "cuda":
+        return Config(64, 16, 16)
+    return Config(256, _width(c, 32), 16, num_warps=4)

@@ -1,0 +1,130 @@
+"""Forward convolution with the BN-ReLU prologue and the statistics epilogue.
+
+``Y[:, y_col:y_col+C_out] = conv_KS(relu(bn(X[:, x_col:x_col+C_in])), W) (* dropout mask)``
+
+One implicit-GEMM kernel serves both convolutions of a dense layer: ``KS=1`` is the bottleneck
+GEMM ``Y1 = relu(X*scale1 + shift1) @ W1^T`` over the buffer prefix, ``KS=3`` the 3x3
+convolution (over ``Y1``, or over the prefix for plain layers). ``KS`` is a compile-time
+constant, so the 1x1 instance has no tap loop and no bounds arithmetic. What it fuses:
+
+* prologue: the activation operand is loaded from the buffer and normalised + rectified in
+  registers; ``relu(bn(X))`` never exists in memory. Taps outside the image contribute 0.
+* epilogue: the dropout mask (if any) is applied, the tile is stored straight into its
+  channel slice of the destination (the shared feature buffer for the 3x3 convolution), and the
+  per-tile channel mean/M2 of the *stored* values are written for the statistics merge.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dense_ext.backends.triton._common import (
+    acc_dtype,
+    dot_config,
+    dropout_mask,
+    load_bn_params,
+    num_rows,
+    rows_stride,
+    tap_source,
+    wrap,
+)
+from dense_ext.backends.triton.configs import conv_fwd_config
+from dense_ext.backends.triton.stats import merge_partials, tile_stats_epilogue
+
+
+@triton.jit
+def _bn_relu_conv_fwd_kernel(
+    X_ptr,  # rows [M, >= x_col + C_IN], row stride X_row_stride (buffer dtype)
+    MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr,  # [C_IN] accumulation dtype
+    W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous (buffer dtype)
+    Y_ptr,  # rows [M, >= y_col + C_OUT], row stride Y_row_stride (buffer dtype)
+    MASK_ptr,  # [N, C_OUT, H, W] contiguous dropout multipliers (if HAS_MASK)
+    PART_ptr,  # [cdiv(M, BLOCK_M), 2, C_OUT] accumulation dtype (if COMPUTE_STATS)
+    X_row_stride, x_col, Y_row_stride, y_col,
+    M, H, W, C_IN, C_OUT,
+    KS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_STATS: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    acc_t = MEAN_ptr.dtype.element_ty
+    op_t = W_ptr.dtype.element_ty
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rm < M
+    n_ok = rn < C_OUT
+    hh = (rm // W) % H
+    ww = rm % W
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_t)
+    for tap in tl.static_range(KS * KS):
+        src, ok = tap_source(rm, row_ok, hh, ww, H, W, tap // KS - KS // 2, tap % KS - KS // 2, KS)
+        x_rows = X_ptr + src.to(tl.int64)[:, None] * X_row_stride + x_col
+        for k0 in range(0, C_IN, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < C_IN
+            mean, invstd, scale, beta = load_bn_params(MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rk, k_ok)
+            valid = ok[:, None] & k_ok[None, :]
+            x = tl.load(x_rows + rk[None, :], mask=valid, other=0.0).to(acc_t)
+            z = tl.maximum((x - mean[None, :]) * scale[None, :] + beta[None, :], 0.0)
+            z = tl.where(valid, z, 0.0).to(op_t)
+            w = tl.load(W_ptr + (tap * C_IN + rk)[:, None] * C_OUT + rn[None, :],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if DOT_FP32:
+                acc = tl.dot(z.to(tl.float32), w.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+            else:
+                acc = tl.dot(z, w, acc, input_precision=INPUT_PRECISION)
+    store_ok = row_ok[:, None] & n_ok[None, :]
+    if HAS_MASK:
+        acc = acc * dropout_mask(MASK_ptr, rm[:, None], rn[None, :], store_ok, H * W, C_OUT).to(acc_t)
+    out = acc.to(Y_ptr.dtype.element_ty)
+    y_ptrs = Y_ptr + rm.to(tl.int64)[:, None] * Y_row_stride + (y_col + rn)[None, :]
+    tl.store(y_ptrs, out, mask=store_ok)
+    if COMPUTE_STATS:
+        tile_stats_epilogue(PART_ptr, out.to(acc_t), row_ok, rn, n_ok, pid_m, M, C_OUT, BLOCK_M)
+
+
+def conv_weight_taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[C_out, C_in, KS, KS]`` -> ``[KS*KS, C_in, C_out]`` contiguous, in the buffer dtype."""
+    c_out, c_in, kh, kw = weight.shape
+    return weight.detach().to(dtype).permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out).contiguous()
+
+
+@torch.library.triton_op("dense_ext_triton::bn_relu_conv_fwd", mutates_args={"y", "stats"})
+def bn_relu_conv_fwd(
+    x: torch.Tensor, x_col: int, c_in: int,
+    mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+    w_taps: torch.Tensor, y: torch.Tensor, y_col: int,
+    mask: torch.Tensor | None, stats: torch.Tensor | None, mean_off: int, var_off: int,
+    height: int, width: int,
+) -> None:
+    """``y[:, y_col:y_col+C_out] = conv(relu(bn(x[:, x_col:x_col+c_in]))) (* mask)``.
+
+    ``w_taps`` is ``[KS*KS, c_in, C_out]`` (``conv_weight_taps``); ``mean, invstd, gamma, beta``
+    are ``[c_in]`` in the accumulation dtype. With ``stats`` given, the batch mean and biased
+    variance of the stored channels are written at flat offsets ``mean_off``/``var_off``.
+    """
+    taps, _, c_out = w_taps.shape
+    ks = 3 if taps == 9 else 1
+    m = num_rows(x)
+    cfg = conv_fwd_config(m, c_in, c_out, y.dtype, y.device)
+    tiles = triton.cdiv(m, cfg.block_m)
+    part = None
+    if stats is not None:
+        part = torch.empty((tiles, 2, c_out), dtype=acc_dtype(y.dtype), device=y.device)
+    dot_fp32, precision = dot_config(y.dtype)
+    grid = (tiles, triton.cdiv(c_out, cfg.block_n))
+    wrap(_bn_relu_conv_fwd_kernel)[grid](
+        x, mean, invstd, gamma, beta, w_taps, y,
+        mask if mask is not None else w_taps, part if part is not None else mean,
+        rows_stride(x, "x"), x_col, rows_stride(y, "y"), y_col,
+        m, height, width, c_in, c_out,
+        KS=ks, HAS_MASK=mask is not None, COMPUTE_STATS=stats is not None,
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if part is not None:
+        merge_partials(part, m, cfg.block_m, stats, mean_off, var_off)

@@ -1,0 +1,119 @@
+"""Weight gradient of the convolution with the BN-ReLU operand recomputed as it is loaded.
+
+``dW[o, c, ky, kx] = sum_m (dY * mask)[m, o] * relu(bn(X))[m + d(ky, kx), c]`` with padded taps
+contributing 0. ``relu(bn(X))`` is recomputed in registers from the buffer prefix (``dW1``) or
+from ``Y1`` (``dW2``), so neither activation is ever stored. The reduction over M is split over
+``split_m`` programs per output tile; each writes its partial ``[KS*KS, C_in, C_out]`` block to a
+``[split_m, ...]`` buffer that the host sums in order (deterministic, no atomics; the buffer is
+weight-sized, i.e. tiny).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dense_ext.backends.triton._common import (
+    acc_dtype,
+    dot_config,
+    dropout_mask,
+    load_bn_params,
+    num_rows,
+    rows_stride,
+    tap_source,
+    wrap,
+)
+from dense_ext.backends.triton.configs import conv_wgrad_config
+
+
+@triton.jit
+def _bn_relu_conv_wgrad_kernel(
+    DY_ptr,  # rows [M, >= dy_col + C_OUT]: gradient of the conv output
+    MASK_ptr,  # [N, C_OUT, H, W] dropout multipliers (if HAS_MASK)
+    X_ptr,  # rows [M, >= x_col + C_IN]: the BN input
+    MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr,  # [C_IN] accumulation dtype
+    PART_ptr,  # [SPLIT, KS*KS, C_IN, C_OUT] accumulation dtype
+    DY_row_stride, dy_col, X_row_stride, x_col,
+    M, H, W, C_IN, C_OUT, rows_per_split,
+    KS: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    split = pid_z // (KS * KS)
+    tap = pid_z % (KS * KS)
+    dy_off = tap // KS - KS // 2
+    dx_off = tap % KS - KS // 2
+    acc_t = MEAN_ptr.dtype.element_ty
+    op_t = X_ptr.dtype.element_ty
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = rc < C_IN
+    n_ok = rn < C_OUT
+    mean, invstd, scale, beta = load_bn_params(MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rc, c_ok)
+    acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=acc_t)
+    m_lo = split * rows_per_split
+    m_hi = tl.minimum(m_lo + rows_per_split, M)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rm < m_hi
+        if KS == 1:
+            src = rm
+            ok = row_ok
+        else:
+            hh = (rm // W) % H
+            ww = rm % W
+            src = rm + dy_off * W + dx_off
+            ok = row_ok & (hh + dy_off >= 0) & (hh + dy_off < H) & (ww + dx_off >= 0) & (ww + dx_off < W)
+        # activation operand, transposed: [BLOCK_C, BLOCK_M]
+        valid_x = c_ok[:, None] & ok[None, :]
+        x = tl.load(X_ptr + src.to(tl.int64)[None, :] * X_row_stride + (x_col + rc)[:, None],
+                    mask=valid_x, other=0.0).to(acc_t)
+        z = tl.maximum((x - mean[:, None]) * scale[:, None] + beta[:, None], 0.0)
+        z = tl.where(valid_x, z, 0.0).to(op_t)
+        valid_y = row_ok[:, None] & n_ok[None, :]
+        dy = tl.load(DY_ptr + rm.to(tl.int64)[:, None] * DY_row_stride + (dy_col + rn)[None, :],
+                     mask=valid_y, other=0.0).to(acc_t)
+        if HAS_MASK:
+            dy = dy * dropout_mask(MASK_ptr, rm[:, None], rn[None, :], valid_y, H * W, C_OUT).to(acc_t)
+        dy = dy.to(op_t)
+        if DOT_FP32:
+            acc = tl.dot(z.to(tl.float32), dy.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(z, dy, acc, input_precision=INPUT_PRECISION)
+    out = PART_ptr + ((split * KS * KS + tap) * C_IN + rc)[:, None] * C_OUT + rn[None, :]
+    tl.store(out, acc, mask=c_ok[:, None] & n_ok[None, :])
+
+
+@torch.library.triton_op("dense_ext_triton::bn_relu_conv_wgrad", mutates_args={})
+def bn_relu_conv_wgrad(
+    dy: torch.Tensor, dy_col: int, c_out: int, mask: torch.Tensor | None,
+    x: torch.Tensor, x_col: int, c_in: int,
+    mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+    kernel_size: int, height: int, width: int,
+) -> torch.Tensor:
+    """``[c_out, c_in, KS, KS]`` weight gradient (accumulation dtype) of
+    ``conv_KS(relu(bn(x[:, x_col:x_col+c_in])))`` given the output gradient
+    ``dy[:, dy_col:dy_col+c_out] (* mask)``."""
+    ks = kernel_size
+    taps = ks * ks
+    m = num_rows(x)
+    cfg = conv_wgrad_config(m, c_in, c_out, taps, x.dtype, x.device)
+    rows_per_split = triton.cdiv(triton.cdiv(m, cfg.split_m), cfg.block_m) * cfg.block_m
+    split = triton.cdiv(m, rows_per_split)
+    part = torch.empty((split, taps, c_in, c_out), dtype=acc_dtype(x.dtype), device=x.device)
+    dot_fp32, precision = dot_config(x.dtype)
+    grid = (triton.cdiv(c_in, cfg.block_k), triton.cdiv(c_out, cfg.block_n), split * taps)
+    wrap(_bn_relu_conv_wgrad_kernel)[grid](
+        dy, mask if mask is not None else mean, x, mean, invstd, gamma, beta, part,
+        rows_stride(dy, "dy"), dy_col, rows_stride(x, "x"), x_col,
+        m, height, width, c_in, c_out, rows_per_split,
+        KS=ks, HAS_MASK=mask is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    grad = part.sum(dim=0) if split > 1 else part[0]
+    return grad.permute(2, 1, 0).reshape(c_out, c_in, ks, ks).contiguous()
