@@ -1,0 +1,172 @@
+"""``convert(model)``: swap torchvision-structured dense blocks and transitions in place.
+
+Recognised by structure (duck typing; torchvision is never imported):
+
+* a dense block is an ``nn.ModuleDict`` whose children are ``denselayer1 .. denselayerL``,
+  each with ``norm1`` (``nn.BatchNorm2d``) and ``conv1`` and, for DenseNet-BC, ``norm2`` and
+  ``conv2``, with the shapes of a dense block (torchvision's ``_DenseBlock`` and
+  ``python_models``' naive block);
+* a transition is an ``nn.Sequential`` of exactly ``norm`` (``nn.BatchNorm2d``), ``relu``
+  (``nn.ReLU``), ``conv`` (bias-free 1x1 ``nn.Conv2d``) and ``pool`` (``nn.AvgPool2d(2)``).
+
+The new modules reuse the original BN and convolution modules themselves, so every
+Parameter and buffer object is kept (an optimizer built before converting keeps working),
+with its device, dtype and values; training/eval mode is kept too.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from dense_ext.block import EfficientDenseBlock
+from dense_ext.transition import EfficientTransition
+
+_LAYER_NAME = re.compile(r"denselayer(\d+)")
+
+
+def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto") -> nn.Module:
+    """Replace every dense block and transition of ``model`` by its efficient version.
+
+    Args:
+        model: a module containing torchvision-structured dense blocks / transitions.
+        memory: memory mode of the new ``EfficientDenseBlock``s.
+        backend: backend of the new ``EfficientDenseBlock``s.
+
+    Returns ``model`` (converted in place); if ``model`` is itself a block or transition,
+    the new module is returned instead. Growth rate, bottleneck size and dropout rate are
+    inferred from the modules. Raises ValueError if nothing convertible is found, or if a
+    block looks like a dense block but cannot be represented (e.g. inconsistent shapes or
+    mixed train/eval modes).
+    """
+    root = _convert_one(model, memory, backend)
+    if root is not None:
+        return root
+    targets = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            new = _convert_one(child, memory, backend)
+            if new is not None:
+                targets.append((parent, name, new))
+    if not targets:
+        raise ValueError(
+            f"convert found no torchvision-structured dense block or transition in "
+            f"{type(model).__name__} (already converted, or not a DenseNet?)"
+        )
+    for parent, name, new in targets:
+        setattr(parent, name, new)  # keeps the child's position in an nn.Sequential
+    return model
+
+
+def _convert_one(module: nn.Module, memory: str, backend: str) -> nn.Module | None:
+    if isinstance(module, (EfficientDenseBlock, EfficientTransition)):
+        return None
+    if _is_dense_block(module):
+        return _convert_block(module, memory, backend)
+    if _is_transition(module):
+        return _convert_transition(module)
+    return None
+
+
+def _is_dense_block(module: nn.Module) -> bool:
+    if not isinstance(module, nn.ModuleDict) or len(module) == 0:
+        return False
+    names = list(module.keys())
+    if names != [f"denselayer{i + 1}" for i in range(len(names))]:
+        return False
+    return all(isinstance(getattr(layer, "norm1", None), nn.BatchNorm2d)
+               and isinstance(getattr(layer, "conv1", None), nn.Conv2d)
+               for layer in module.values())
+
+
+def _is_transition(module: nn.Module) -> bool:
+    if not isinstance(module, nn.Sequential):
+        return False
+    children = dict(module.named_children())
+    if list(children) != ["norm", "relu", "conv", "pool"]:
+        return False
+    norm, relu, conv, pool = children.values()
+    return (type(norm) is nn.BatchNorm2d and isinstance(relu, nn.ReLU)
+            and _is_conv(conv, 1, 0) and _is_avg_pool_2x2(pool))
+
+
+def _is_conv(conv: nn.Module, kernel: int, padding: int) -> bool:
+    """A bias-free, stride-1, dense (ungrouped, undilated) ``kernel`` x ``kernel`` conv."""
+    return (isinstance(conv, nn.Conv2d) and conv.bias is None
+            and conv.kernel_size == (kernel, kernel) and conv.stride == (1, 1)
+            and conv.padding == (padding, padding) and conv.dilation == (1, 1)
+            and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _is_avg_pool_2x2(pool: nn.Module) -> bool:
+    return (isinstance(pool, nn.AvgPool2d) and _pair(pool.kernel_size) == (2, 2)
+            and _pair(pool.stride or pool.kernel_size) == (2, 2)
+            and _pair(pool.padding) == (0, 0) and not pool.ceil_mode
+            and pool.divisor_override is None)
+
+
+def _convert_transition(module: nn.Sequential) -> EfficientTransition:
+    new = EfficientTransition.from_modules(module.norm, module.relu, module.conv, module.pool)
+    new.training = module.training
+    return new
+
+
+def _block_shape(block: nn.ModuleDict) -> tuple[int, int, int, float]:
+    """(C0, growth rate, bn_size, drop_rate) of a naive block; ValueError if inconsistent."""
+    first = block["denselayer1"]
+    c0 = first.norm1.num_features
+    bottleneck = hasattr(first, "conv2")
+    k = (first.conv2 if bottleneck else first.conv1).out_channels
+    mid = first.conv1.out_channels if bottleneck else 0
+    if bottleneck and mid % k:
+        raise ValueError(f"convert: bottleneck width {mid} is not a multiple of growth rate {k}")
+    drop_rate = float(getattr(first, "drop_rate", 0.0))
+    for i, layer in enumerate(block.values()):
+        _check_layer(layer, f"denselayer{i + 1}", c0 + i * k, k, mid, drop_rate)
+    return c0, k, mid // k, drop_rate
+
+
+def _check_layer(layer: nn.Module, name: str, c_in: int, k: int, mid: int, drop: float) -> None:
+    norms = [layer.norm1] + ([getattr(layer, "norm2", None)] if mid else [])
+    if mid:
+        ok = (_is_conv(layer.conv1, 1, 0) and _is_conv(getattr(layer, "conv2", None), 3, 1)
+              and layer.conv1.weight.shape == (mid, c_in, 1, 1)
+              and layer.conv2.weight.shape == (k, mid, 3, 3))
+    else:
+        ok = (not hasattr(layer, "conv2") and _is_conv(layer.conv1, 3, 1)
+              and layer.conv1.weight.shape == (k, c_in, 3, 3))
+    relu_names = ("relu1", "relu2") if mid else ("relu1",)
+    relus = [getattr(layer, name, nn.ReLU()) for name in relu_names]
+    ok = ok and all(type(bn) is nn.BatchNorm2d for bn in norms)
+    ok = ok and all(isinstance(relu, nn.ReLU) for relu in relus)
+    ok = ok and [bn.num_features for bn in norms] == [c_in] + ([mid] if mid else [])
+    if not ok:
+        raise ValueError(f"convert: {name} does not have the shape of a dense layer with "
+                         f"{c_in} inputs, growth rate {k} and bottleneck width {mid}")
+    if float(getattr(layer, "drop_rate", 0.0)) != drop:
+        raise ValueError(f"convert: {name} has a different drop_rate than denselayer1")
+
+
+def _convert_block(block: nn.ModuleDict, memory: str, backend: str) -> EfficientDenseBlock:
+    c0, k, bn_size, drop_rate = _block_shape(block)
+    modules = [m for layer in block.values() for m in layer.modules()]
+    if any(m.training != block.training for m in modules):
+        raise ValueError("convert: a dense block mixes train and eval modes; an "
+                         "EfficientDenseBlock has one mode (call .train() or .eval() first)")
+    # Built on the meta device: its own parameters are placeholders, replaced just below.
+    with torch.device("meta"):
+        new = EfficientDenseBlock(len(block), c0, k, bn_size or None, drop_rate,
+                                  memory=memory, backend=backend)
+    for old_layer, new_layer in zip(block.values(), new.values()):
+        for name in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
+            # A missing ReLU module (a functional ReLU in forward) keeps the new one.
+            if hasattr(new_layer, name) and hasattr(old_layer, name):
+                setattr(new_layer, name, getattr(old_layer, name))
+    new.train(block.training)
+    return new

@@ -1,0 +1,206 @@
+"""Transitions (and the network head) that keep nothing of the block output's size.
+
+torchvision's transition computes ``pool(conv1x1(relu(bn(x))))`` and autograd keeps the BN
+output (``x``-sized) for backward, next to ``x`` itself. Here the order is
+``conv1x1(pool(relu(bn(x))))``: a 1x1 convolution and a 2x2 average pool are both linear and
+act on different axes (channels, pixels), so they commute exactly (up to rounding), also for
+odd H/W, where both orders drop the last row/column. The convolution then runs on a quarter
+of the pixels. ``NormReluPoolFunction`` computes ``pool(relu(bn(x)))`` saving only ``x`` (the
+block's feature buffer, which the block already holds) and per-channel statistics; backward
+recomputes ``relu(bn(x))``. The convolution saves its input, the pooled activation.
+
+The same function with global average pooling is the DenseNet head ``norm5-ReLU-avgpool``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+POOLS = ("avg2x2", "global")
+
+
+@dataclass
+class _NormCall:
+    """How one call normalises: which statistics, and whether it updates running ones."""
+
+    eps: float
+    batch_stats: bool
+    running_mean: Tensor | None  # passed to the kernel: updated (batch stats) or used (eval)
+    running_var: Tensor | None
+    factor: float
+
+
+def _norm_call(bn: nn.BatchNorm2d) -> _NormCall:
+    """Mirror ``nn.BatchNorm2d.forward``'s choices, incrementing ``num_batches_tracked``.
+
+    This is the single place where running statistics of the call are touched, so they are
+    updated exactly once per forward.
+    """
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_running = not bn.training or bn.track_running_stats
+    return _NormCall(
+        eps=float(bn.eps),
+        batch_stats=batch_stats,
+        running_mean=bn.running_mean if use_running else None,
+        running_var=bn.running_var if use_running else None,
+        factor=factor,
+    )
+
+
+def _channel(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _pool(z: Tensor, pool: str) -> Tensor:
+    if pool == "avg2x2":
+        return torch.nn.functional.avg_pool2d(z, kernel_size=2, stride=2)
+    return z.mean(dim=(2, 3))
+
+
+def _pool_backward(grad_p: Tensor, x: Tensor, pool: str) -> Tensor:
+    """Gradient of ``_pool`` at an input shaped like ``x`` (the pool is linear: no values)."""
+    if pool == "avg2x2":
+        return torch.ops.aten.avg_pool2d_backward(
+            grad_p, x, [2, 2], [2, 2], [0, 0], False, True, None
+        )
+    h, w = x.shape[2:]
+    return (grad_p / (h * w))[:, :, None, None].expand(x.shape).contiguous(
+        memory_format=_format(x)
+    )
+
+
+def _format(x: Tensor) -> torch.memory_format:
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class NormReluPoolFunction(torch.autograd.Function):
+    """``apply(x, weight, bias, call, pool) -> pool(relu(batch_norm(x)))``.
+
+    ``call`` is a ``_NormCall``; ``pool`` is ``"avg2x2"`` (2x2 average pool, stride 2, floor)
+    or ``"global"`` (mean over H and W, output [N, C]). Saves ``x`` and the two per-channel
+    statistics vectors; the normalised map is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, call: _NormCall, pool: str):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z, mean, invstd = torch.native_batch_norm(
+                x, weight, bias, call.running_mean, call.running_var, call.batch_stats,
+                call.factor, call.eps,
+            )
+            if not call.batch_stats:
+                # Eval mode: keep copies, so a later change to the buffers cannot skew backward.
+                mean, invstd = call.running_mean.clone(), call.running_var.clone()
+            out = _pool(z.relu_(), pool)
+        del z
+        ctx.call, ctx.pool = call, pool
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, mean, invstd_or_var = ctx.saved_tensors
+        call: _NormCall = ctx.call
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            invstd = invstd_or_var if call.batch_stats else torch.rsqrt(invstd_or_var + call.eps)
+            positive = _recompute_positive(x, weight, bias, mean, invstd)
+            grad_z = _pool_backward(grad_out, x, ctx.pool).masked_fill_(~positive, 0)
+            del positive
+            running = (None, None) if call.batch_stats else (mean, invstd_or_var)
+            grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+                grad_z, x, weight, *running,
+                mean if call.batch_stats else None,
+                invstd if call.batch_stats else None,
+                call.batch_stats, call.eps,
+                [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                 bias is not None and ctx.needs_input_grad[2]],
+            )
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _recompute_positive(x, weight, bias, mean, invstd) -> Tensor:
+    """Where ``bn(x) > 0``, from the statistics the forward used (the ReLU mask)."""
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
+    z = x.to(invstd.dtype) * _channel(scale)
+    return z.add_(_channel(shift)) > 0
+
+
+def _check_input(x: Tensor, channels: int, who: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{who} expects a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{who} expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{who} expects {channels} input channels, got {x.shape[1]} "
+                         f"(input shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise TypeError(f"{who} expects a floating-point input, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{who} got an empty input of shape {tuple(x.shape)}")
+
+
+def norm_relu_pool(x: Tensor, norm: nn.BatchNorm2d, pool: str = "avg2x2") -> Tensor:
+    """``pool(relu(norm(x)))`` keeping only ``x`` for backward; ``norm`` behaves as if called.
+
+    ``pool="avg2x2"`` is ``nn.AvgPool2d(2)``; ``pool="global"`` averages over H and W and
+    returns [N, C] (the DenseNet head). Running statistics of ``norm`` are updated once, with
+    ``nn.BatchNorm2d``'s semantics (momentum, ``momentum=None``, eval mode,
+    ``track_running_stats=False``).
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    _check_input(x, norm.num_features, "norm_relu_pool")
+    if pool == "avg2x2" and (x.shape[2] < 2 or x.shape[3] < 2):
+        raise ValueError(f"a 2x2 pool needs H, W >= 2, got input shape {tuple(x.shape)}")
+    if (norm.training or norm.running_mean is None) and x.numel() // x.shape[1] == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {list(x.shape)}")
+    return NormReluPoolFunction.apply(x, norm.weight, norm.bias, _norm_call(norm), pool)
+
+
+class EfficientTransition(nn.Module):
+    """Drop-in for torchvision's ``_Transition`` (BN-ReLU-Conv1x1-AvgPool2x2), pooling first.
+
+    Computes ``conv(avgpool2x2(relu(norm(x))))``, equal to torchvision's order up to
+    rounding, with a quarter of the convolution's FLOPs, and keeps for backward only ``x``
+    and the pooled activation (see the module docstring). Submodules and state_dict keys
+    are torchvision's: ``norm``, ``relu``, ``conv``, ``pool``; ``relu`` and ``pool`` hold no
+    state and are fixed (ReLU, 2x2 stride-2 average pool).
+
+    Args:
+        num_input_features: channels of the input (the dense block's output).
+        num_output_features: channels after the 1x1 convolution.
+    """
+
+    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(
+            num_input_features, num_output_features, kernel_size=1, stride=1, bias=False
+        )
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    @classmethod
+    def from_modules(cls, norm: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d,
+                     pool: nn.Module) -> EfficientTransition:
+        """A transition that reuses these module objects (and so their parameters/buffers)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.norm, self.relu, self.conv, self.pool = norm, relu, conv, pool
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[N, C_in, H, W] -> [N, C_out, H // 2, W // 2]."""
+        _check_input(x, self.norm.num_features, "EfficientTransition")
+        return self.conv(norm_relu_pool(x, self.norm, "avg2x2"))

@@ -1,0 +1,74 @@
+"""DenseNet models (naive and efficient) and a registry of named configurations.
+
+``get_model(name, **kwargs)`` builds a model by name; ``MODEL_NAMES`` lists the named
+configurations. Besides those, any ``densenet_bc_<depth>`` (depth = 6n+4) and
+``densenet_<depth>`` (depth = 3n+4) is accepted with growth rate 12 unless given.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from python_models.densenet import (
+    DenseNet,
+    densenet,
+    densenet121,
+    densenet161,
+    densenet169,
+    densenet201,
+    densenet264,
+    densenet_bc,
+)
+
+_IMAGENET: dict[str, Callable[..., DenseNet]] = {
+    "densenet121": densenet121,
+    "densenet161": densenet161,
+    "densenet169": densenet169,
+    "densenet201": densenet201,
+    "densenet264": densenet264,
+}
+# The CIFAR configurations of Huang et al. (Table 2): name -> (builder, depth, growth rate).
+_CIFAR: dict[str, tuple[Callable[..., DenseNet], int, int]] = {
+    "densenet_bc_100": (densenet_bc, 100, 12),
+    "densenet_bc_250": (densenet_bc, 250, 24),
+    "densenet_bc_190": (densenet_bc, 190, 40),
+    "densenet_40": (densenet, 40, 12),
+    "densenet_100": (densenet, 100, 12),
+}
+MODEL_NAMES: tuple[str, ...] = (*_CIFAR, *_IMAGENET)
+_PATTERN = re.compile(r"densenet(_bc)?_(\d+)")
+
+
+def get_model(name: str, **kwargs: Any) -> DenseNet:
+    """Build the model ``name`` (see ``MODEL_NAMES``); ``kwargs`` go to its builder.
+
+    ``growth_rate``, ``num_classes``, ``efficient``, ``memory``, ``backend``, ``drop_rate``
+    and the other ``DenseNet`` arguments may be given. Raises ValueError for unknown names.
+    """
+    if name in _IMAGENET:
+        return _IMAGENET[name](**kwargs)
+    if name in _CIFAR:
+        builder, depth, growth_rate = _CIFAR[name]
+        return builder(depth=depth, **{"growth_rate": growth_rate, **kwargs})
+    match = _PATTERN.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES} or "
+                         "densenet_bc_<depth> / densenet_<depth>")
+    builder = densenet_bc if match.group(1) else densenet
+    return builder(depth=int(match.group(2)), **kwargs)
+
+
+__all__ = [
+    "MODEL_NAMES",
+    "DenseNet",
+    "densenet",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "densenet264",
+    "densenet_bc",
+    "get_model",
+]

@@ -1,0 +1,304 @@
+"""EfficientTransition, the fused head and ``dense_ext.convert``.
+
+EfficientTransition is compared with torchvision's transition order (BN-ReLU-Conv1x1-Pool,
+stock modules) loaded with the same state: output, input and parameter gradients, running
+statistics after forward and after backward, including odd H/W, eval mode, cumulative
+momentum and untracked statistics. What it saves for backward is inspected directly.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from conftest import TOLERANCE, assert_close
+from naive import NaiveDenseBlock, randomize_bn
+from torch import nn
+
+from dense_ext.block import EfficientDenseBlock
+from dense_ext.convert import convert
+from dense_ext.transition import EfficientTransition, norm_relu_pool
+from python_models import DenseNet
+
+TINY = dict(growth_rate=4, block_config=(2, 3), num_init_features=6, num_classes=5)
+
+
+def naive_transition(c_in, c_out):
+    return nn.Sequential(OrderedDict([
+        ("norm", nn.BatchNorm2d(c_in)), ("relu", nn.ReLU(inplace=True)),
+        ("conv", nn.Conv2d(c_in, c_out, kernel_size=1, bias=False)),
+        ("pool", nn.AvgPool2d(kernel_size=2, stride=2)),
+    ]))
+
+
+def transition_pair(c_in, c_out, dtype, **bn_kwargs):
+    torch.manual_seed(0)
+    naive = naive_transition(c_in, c_out)
+    naive.norm = nn.BatchNorm2d(c_in, **bn_kwargs)
+    randomize_bn(naive)
+    naive = naive.to(dtype)
+    efficient = EfficientTransition(c_in, c_out).to(dtype)
+    efficient.norm = nn.BatchNorm2d(c_in, **bn_kwargs).to(dtype)
+    efficient.load_state_dict(naive.state_dict())
+    return naive, efficient
+
+
+def buffers(module):
+    return {k: v.clone() for k, v in module.state_dict().items()
+            if "running" in k or "num_batches" in k}
+
+
+def step(module, x, grad):
+    x = x.clone().requires_grad_()
+    out = module(x)
+    after_forward = buffers(module)
+    out.backward(grad)
+    grads = {n: p.grad for n, p in module.named_parameters()}
+    return out.detach(), x.grad, grads, after_forward, buffers(module)
+
+
+def compare_modules(naive, efficient, x, tol):
+    torch.manual_seed(3)
+    n, _, h, w = x.shape
+    grad = torch.randn(n, naive.conv.out_channels, h // 2, w // 2, dtype=x.dtype)
+    out_n, gx_n, g_n, fwd_n, bwd_n = step(naive, x, grad)
+    out_e, gx_e, g_e, fwd_e, bwd_e = step(efficient, x, grad)
+    assert_close(out_e, out_n, tol, "output")
+    assert_close(gx_e, gx_n, tol, "input gradient")
+    assert g_e.keys() == g_n.keys()
+    for name, g in g_n.items():
+        assert g_e[name] is not None, f"{name} got no gradient"
+        assert_close(g_e[name], g, tol, f"grad of {name}")
+    assert fwd_e.keys() == fwd_n.keys()
+    for name, value in fwd_n.items():
+        assert_close(fwd_e[name], value, tol, f"{name} after forward")
+        assert torch.equal(bwd_e[name], fwd_e[name]), f"{name} changed in backward"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("hw", [(8, 8), (9, 7), (5, 4), (2, 3)])
+@pytest.mark.parametrize("train", [True, False])
+def test_transition_matches_naive(dtype, hw, train):
+    naive, efficient = transition_pair(7, 3, dtype)
+    naive.train(train), efficient.train(train)
+    x = torch.randn(3, 7, *hw, dtype=dtype) * 1.5 + 0.7
+    compare_modules(naive, efficient, x, TOLERANCE[dtype])
+    compare_modules(naive, efficient, x - 0.3, TOLERANCE[dtype])  # from updated statistics
+
+
+@pytest.mark.parametrize("bn_kwargs", [
+    {"momentum": None}, {"track_running_stats": False}, {"affine": False}, {"eps": 1e-2},
+])
+def test_transition_bn_variants(bn_kwargs):
+    for train in (True, False):
+        naive, efficient = transition_pair(6, 4, torch.float64, **bn_kwargs)
+        naive.train(train), efficient.train(train)
+        x = torch.randn(2, 6, 7, 5, dtype=torch.float64) + 1
+        for _ in range(3):
+            compare_modules(naive, efficient, x, TOLERANCE[torch.float64])
+
+
+def test_transition_channels_last_input():
+    naive, efficient = transition_pair(5, 2, torch.float64)
+    x = (torch.randn(2, 5, 6, 6, dtype=torch.float64)).to(memory_format=torch.channels_last)
+    compare_modules(naive, efficient, x, TOLERANCE[torch.float64])
+
+
+def test_transition_saves_nothing_of_input_size_but_the_input():
+    _, efficient = transition_pair(8, 4, torch.float32)
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = efficient(x)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert big and all(t.data_ptr() == x.data_ptr() for t in big), "only x may be x-sized"
+    pooled = [t for t in saved if t.shape == (2, 8, 5, 5)]
+    assert pooled, "the convolution saves the pooled activation"
+    assert sum(t.numel() for t in saved if t.data_ptr() != x.data_ptr()) <= \
+        x.numel() // 4 + 4 * 8 + efficient.conv.weight.numel()
+    out.sum().backward()
+    assert x.grad is not None
+
+
+def test_transition_in_place_change_before_backward_is_caught():
+    _, efficient = transition_pair(4, 2, torch.float32)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    y = x * 1  # a non-leaf that the user then changes in place
+    out = efficient(y)
+    y.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (torch.randn(3, 6, 6), ValueError, "4-D"),
+    (torch.randn(2, 5, 6, 6), ValueError, "channels"),
+    (torch.ones(2, 4, 6, 6, dtype=torch.int64), TypeError, "floating"),
+    (torch.randn(0, 4, 6, 6), ValueError, "empty"),
+    (torch.randn(2, 4, 1, 6), ValueError, "H, W >= 2"),
+    ([1.0], TypeError, "Tensor"),
+])
+def test_transition_rejects_bad_input(bad, error, match):
+    transition = EfficientTransition(4, 2)
+    with pytest.raises(error, match=match):
+        transition(bad)
+
+
+def test_training_needs_more_than_one_value_per_channel():
+    with pytest.raises(ValueError, match="more than 1 value"):
+        norm_relu_pool(torch.randn(1, 3, 1, 1), nn.BatchNorm2d(3), pool="global")
+    with pytest.raises(ValueError, match="pool"):
+        norm_relu_pool(torch.randn(2, 3, 4, 4), nn.BatchNorm2d(3), pool="max")
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_global_head_matches_naive(train):
+    torch.manual_seed(0)
+    naive_bn = nn.BatchNorm2d(5).double()
+    randomize_bn(naive_bn)
+    bn = copy.deepcopy(naive_bn)
+    naive_bn.train(train), bn.train(train)
+    x = torch.randn(3, 5, 3, 5, dtype=torch.float64, requires_grad=True)
+    ref = torch.relu(naive_bn(x)).mean(dim=(2, 3))
+    out = norm_relu_pool(x, bn, pool="global")
+    assert_close(out, ref, 1e-10, "head output")
+    grad = torch.randn_like(ref)
+    gx_ref, gw_ref, gb_ref = torch.autograd.grad(ref, (x, naive_bn.weight, naive_bn.bias), grad)
+    gx, gw, gb = torch.autograd.grad(out, (x, bn.weight, bn.bias), grad)
+    for a, b, what in ((gx, gx_ref, "dx"), (gw, gw_ref, "dweight"), (gb, gb_ref, "dbias")):
+        assert_close(a, b, 1e-10, what)
+    assert_close(bn.running_var, naive_bn.running_var, 1e-10, "running_var")
+    assert torch.equal(bn.num_batches_tracked, naive_bn.num_batches_tracked)
+
+
+# ---------------------------------------------------------------------------- convert
+
+
+def naive_model(dtype=torch.float64, **config):
+    torch.manual_seed(0)
+    model = DenseNet(**{**TINY, "small_inputs": True, **config}).to(dtype)
+    randomize_bn(model)
+    return model
+
+
+def train_step_outputs(model, x, seed=5):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = model(x)
+    out.backward(torch.ones_like(out))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out.detach(), x.grad, grads, buffers(model)
+
+
+@pytest.mark.parametrize("memory", ["bottleneck", "min"])
+@pytest.mark.parametrize("config", [{}, {"bn_size": None, "compression": 1.0},
+                                    {"drop_rate": 0.25}, {"small_inputs": False}])
+def test_convert_python_models_densenet(memory, config):
+    naive = naive_model(**config)
+    model = naive_model(**config)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    keys = list(model.state_dict())
+    params = {n: p for n, p in model.named_parameters()}
+    bufs = {n: b for n, b in model.named_buffers()}
+    assert convert(model, memory=memory, backend="reference") is model
+    assert list(model.state_dict()) == keys
+    assert all(p is params[n] for n, p in model.named_parameters()), "parameters replaced"
+    assert all(b is bufs[n] for n, b in model.named_buffers()), "buffers replaced"
+    for i in (1, 2):
+        block = model.features.get_submodule(f"denseblock{i}")
+        assert isinstance(block, EfficientDenseBlock) and block.memory == memory
+        assert block.spec.drop_rate == config.get("drop_rate", 0.0)
+        assert block.spec.bn_size == (4 if config.get("bn_size", 4) else 0)
+    assert isinstance(model.features.transition1, EfficientTransition)
+    ref, got = train_step_outputs(naive, x), train_step_outputs(model, x)
+    for a, b, what in zip(got, ref, ("output", "input gradient")):
+        assert_close(a, b, 1e-10, what)
+    for name, g in ref[2].items():
+        assert_close(got[2][name], g, 1e-10, f"grad of {name}")
+    for name, v in ref[3].items():
+        assert_close(got[3][name], v, 1e-10, name)
+
+
+def test_convert_keeps_optimizer_mode_device_dtype():
+    model = naive_model(torch.float32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.eval()
+    convert(model, backend="reference")
+    assert not model.training and not model.features.denseblock1.training
+    assert not any(m.training for m in model.modules())
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    model.train()
+    before = model.features.denseblock2.denselayer3.conv2.weight.detach().clone()
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    after = model.features.denseblock2.denselayer3.conv2.weight
+    assert not torch.equal(before, after), "the old optimizer must update the new model"
+
+
+def test_convert_torchvision_style_modules():
+    # An independent torchvision-structured block (tests/naive.py) and a transition written
+    # as a plain nn.Sequential: duck typing, not python_models classes.
+    torch.manual_seed(1)
+    net = nn.Sequential(OrderedDict([
+        ("block", NaiveDenseBlock(3, 5, 4, bn_size=2, drop_rate=0.0)),
+        ("trans", naive_transition(17, 6)),
+        ("other", nn.Sequential(nn.BatchNorm2d(6), nn.ReLU())),
+    ])).double()
+    randomize_bn(net)
+    reference = copy.deepcopy(net)
+    convert(net, memory="min", backend="reference")
+    assert isinstance(net.block, EfficientDenseBlock) and net.block.spec.bn_size == 2
+    assert isinstance(net.trans, EfficientTransition)
+    assert isinstance(net.other, nn.Sequential)
+    assert [n for n, _ in net.named_children()] == ["block", "trans", "other"]
+    x = torch.randn(2, 5, 7, 7, dtype=torch.float64)
+    ref, got = train_step_outputs(reference, x), train_step_outputs(net, x)
+    assert_close(got[0], ref[0], 1e-10, "output")
+    assert_close(got[1], ref[1], 1e-10, "input gradient")
+    for name, g in ref[2].items():
+        assert_close(got[2][name], g, 1e-10, f"grad of {name}")
+
+
+def test_convert_root_block_returns_new_module():
+    block = NaiveDenseBlock(2, 3, 2, bn_size=None)
+    new = convert(block, backend="reference")
+    assert isinstance(new, EfficientDenseBlock) and new.spec.bn_size == 0
+    assert new.denselayer2.conv1 is block.denselayer2.conv1
+
+
+def test_convert_errors():
+    model = naive_model()
+    convert(model, backend="reference")
+    with pytest.raises(ValueError, match="no torchvision-structured"):
+        convert(model)  # already converted
+    with pytest.raises(ValueError, match="no torchvision-structured"):
+        convert(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))
+    mixed = naive_model()
+    mixed.features.denseblock1.denselayer1.norm1.eval()
+    with pytest.raises(ValueError, match="mixes train and eval"):
+        convert(mixed)
+    odd = naive_model()
+    odd.features.denseblock1.denselayer2.drop_rate = 0.5
+    with pytest.raises(ValueError, match="drop_rate"):
+        convert(odd)
+    bad = naive_model()
+    bad.features.denseblock2.denselayer2.relu1 = nn.SiLU()
+    with pytest.raises(ValueError, match="denselayer2"):
+        convert(bad)
+
+
+def test_convert_leaves_unrecognised_transitions():
+    net = nn.Sequential(OrderedDict([("t", naive_transition(4, 2)),
+                                     ("b", NaiveDenseBlock(1, 2, 2, bn_size=None))]))
+    net.t.pool = nn.AvgPool2d(kernel_size=3, stride=2)  # not the 2x2 pool: must stay
+    convert(net, backend="reference")
+    assert type(net.t) is nn.Sequential and isinstance(net.b, EfficientDenseBlock)

@@ -1,0 +1,373 @@
+"""python_models: naive vs efficient DenseNets, keys, builders, registry, checkpointing.
+
+The naive model (torch.cat per layer, torchvision's transition order) is the oracle: an
+efficient model loaded with its state_dict must give the same output, input gradient, every
+parameter gradient and running statistics (after forward and after backward), in train and
+eval mode, for both memory modes, bottleneck and plain layers, both stems.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOLERANCE, assert_close, cpu_backend_or_skip
+from naive import randomize_bn
+from torch import nn
+
+import python_models
+from dense_ext.backends import available_backends
+from dense_ext.block import EfficientDenseBlock
+from dense_ext.transition import EfficientTransition
+from python_models import MODEL_NAMES, DenseNet, get_model
+from python_models.densenet import _DenseBlock, _Transition
+
+TINY = dict(growth_rate=4, block_config=(2, 3), num_init_features=6, num_classes=5)
+
+
+def make_pair(dtype, memory="bottleneck", backend="reference", seed=0, **config):
+    """A naive tiny DenseNet with random BN state and an efficient copy of it."""
+    config = {**TINY, **config}
+    torch.manual_seed(seed)
+    naive = DenseNet(**config).to(dtype)
+    randomize_bn(naive)
+    efficient = DenseNet(**config, efficient=True, memory=memory, backend=backend).to(dtype)
+    efficient.load_state_dict(naive.state_dict())
+    return naive, efficient
+
+
+def buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if "running" in k or "num_batches" in k}
+
+
+def observe(model, x, grad, seed):
+    """Everything one forward+backward step shows: output, gradients, running statistics."""
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)  # dropout masks
+    out = model(x)
+    seen = {f"{k} after forward": v for k, v in buffers(model).items()}
+    out.backward(grad)
+    seen.update({"output": out.detach(), "input gradient": x.grad})
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        seen[f"grad of {name}"] = p.grad
+    for name, value in buffers(model).items():
+        assert torch.equal(value, seen[f"{name} after forward"]), f"{name} changed in backward"
+    return seen
+
+
+def compare(naive, efficient, x, tol, seed=7):
+    """Assert one training step of both models agrees in every observable.
+
+    float64 models are compared directly. For float32 the oracle is the naive model in
+    float64 with the same weights. A BN weight/bias gradient is a sum over N*H*W terms that
+    nearly cancel where a training-mode BN follows (e.g. the stem's norm0: the naive float32
+    model itself misses the float64 value by up to ~1e-3 relative), so its error is measured
+    against the size of those terms (``affine_term_scales``), as a float32 sum's error is
+    bounded; every other observable against its largest value.
+    """
+    grad = torch.randn(x.shape[0], naive.classifier.out_features, dtype=torch.float64)
+    scales = {}
+    if x.dtype == torch.float64:
+        exact = observe(naive, x, grad, seed)
+    else:
+        scales = affine_term_scales(naive, x.double(), grad, seed)
+        oracle = copy.deepcopy(naive).double()
+        oracle.load_state_dict(naive.state_dict())  # the same weights, exactly
+        exact = observe(oracle, x.double(), grad, seed)
+        naive.load_state_dict(oracle.state_dict())  # running statistics of this step
+    seen = observe(efficient, x, grad.to(x.dtype), seed)
+    assert seen.keys() == exact.keys()
+    for what, value in exact.items():
+        scale = scales.get(what)
+        if scale is None:
+            assert_close(seen[what], value, tol, what)
+        else:
+            err = (seen[what].double() - value).abs().max().item()
+            assert err <= tol * scale, f"{what}: error {err:.3e} > {tol:.0e} * {scale:.3e}"
+
+
+class TermsBatchNorm(nn.Module):
+    """A BN whose weight and bias are expanded to one copy per element (same values), so
+    that their gradients are the individual terms that nn.BatchNorm2d's gradients sum."""
+
+    def __init__(self, bn: nn.BatchNorm2d, shape):
+        super().__init__()
+        self.bn = bn
+        self.gamma = bn.weight.detach().view(1, -1, 1, 1).expand(shape).clone().requires_grad_()
+        self.beta = bn.bias.detach().view(1, -1, 1, 1).expand(shape).clone().requires_grad_()
+
+    def forward(self, x):
+        bn = self.bn
+        batch_stats = bn.training or bn.running_mean is None
+        # momentum 0: the running statistics are used (eval) but never changed.
+        xhat = F.batch_norm(
+            x, bn.running_mean, bn.running_var, None, None, batch_stats, 0.0, bn.eps
+        )
+        return xhat * self.gamma + self.beta
+
+
+def affine_term_scales(naive, x, grad, seed):
+    """{"grad of <bn>.weight"/".bias": max over channels of sum |term|}, in float64."""
+    model = copy.deepcopy(naive).double()
+    model.load_state_dict(naive.state_dict())
+    shapes = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            shapes[name] = output.shape  # returns None: the output is left as it is
+        return hook
+
+    hooks = [m.register_forward_hook(record(n))
+             for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        model(x)
+    for h in hooks:
+        h.remove()
+    model.load_state_dict(naive.state_dict())  # undo the running-statistics update
+    wrapped = {}
+    for name, shape in shapes.items():
+        parent, _, child = name.rpartition(".")
+        wrapped[name] = TermsBatchNorm(model.get_submodule(name), shape)
+        setattr(model.get_submodule(parent), child, wrapped[name])
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    model(x).backward(grad)
+    scales = {}
+    for name, m in wrapped.items():
+        for param, t in (("weight", m.gamma), ("bias", m.beta)):
+            scales[f"grad of {name}.{param}"] = t.grad.abs().sum(dim=(0, 2, 3)).max().item()
+    return scales
+
+
+def image(shape, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype) * 2 + 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("memory", ["bottleneck", "min"])
+@pytest.mark.parametrize("bn_size", [4, None])
+def test_efficient_matches_naive_cifar_stem(dtype, memory, bn_size):
+    naive, efficient = make_pair(dtype, memory, bn_size=bn_size, small_inputs=True,
+                                 compression=0.5 if bn_size else 1.0)
+    x = image((3, 3, 9, 7), dtype)  # odd H/W: the transition floors to 4x3
+    compare(naive, efficient, x, TOLERANCE[dtype])
+    compare(naive, efficient, x * 0.5, TOLERANCE[dtype])  # from updated running stats
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_efficient_matches_naive_imagenet_stem(dtype):
+    naive, efficient = make_pair(dtype, "min")
+    compare(naive, efficient, image((2, 3, 19, 17), dtype), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("memory", ["bottleneck", "min"])
+def test_efficient_matches_naive_eval(memory):
+    naive, efficient = make_pair(torch.float64, memory, small_inputs=True)
+    naive.eval()
+    efficient.eval()
+    compare(naive, efficient, image((2, 3, 8, 8), torch.float64), TOLERANCE[torch.float64])
+    with torch.no_grad():
+        x = image((2, 3, 8, 8), torch.float64, seed=3)
+        assert_close(efficient(x), naive(x), TOLERANCE[torch.float64], "no_grad eval output")
+
+
+def test_cumulative_momentum_and_untracked_stats():
+    naive, efficient = make_pair(torch.float64, small_inputs=True)
+    for model in (naive, efficient):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+    x = image((2, 3, 8, 6), torch.float64)
+    compare(naive, efficient, x, TOLERANCE[torch.float64])
+    compare(naive, efficient, x - 1, TOLERANCE[torch.float64])
+    config = {**TINY, "small_inputs": True}
+    torch.manual_seed(0)
+    naive = DenseNet(**config)
+    efficient = DenseNet(**config, efficient=True, backend="reference")
+    for model in (naive, efficient):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.track_running_stats = False
+                m.running_mean = m.running_var = m.num_batches_tracked = None
+    efficient.load_state_dict(naive.state_dict())
+    naive.eval()
+    efficient.eval()
+    compare(naive, efficient, image((2, 3, 8, 6), torch.float32), TOLERANCE[torch.float32])
+
+
+def test_dropout_masks_match_seeded_naive():
+    # Both draw each layer's mask from the default generator in the same order.
+    naive, efficient = make_pair(torch.float64, small_inputs=True, drop_rate=0.3)
+    compare(naive, efficient, image((2, 3, 8, 8), torch.float64), TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_every_cpu_backend(backend):
+    cpu_backend_or_skip(backend)
+    naive, efficient = make_pair(torch.float64, "min", backend=backend, small_inputs=True)
+    compare(naive, efficient, image((2, 3, 7, 9), torch.float64), TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("bn_size", [4, None])
+def test_checkpointed_naive_matches_naive(bn_size):
+    # torchvision's memory_efficient variant, the "checkpointing" benchmark baseline. Its
+    # running statistics must be updated once although checkpointing recomputes the BN.
+    config = dict(bn_size=bn_size, small_inputs=True)
+    naive, _ = make_pair(torch.float64, **config)
+    ckpt = DenseNet(**TINY, **config, memory_efficient=True).double()
+    ckpt.load_state_dict(naive.state_dict())
+    assert all(layer.memory_efficient for layer in ckpt.modules() if hasattr(layer, "bn_function"))
+    compare(naive, ckpt, image((2, 3, 8, 8), torch.float64), TOLERANCE[torch.float64])
+
+
+def test_structure_and_types():
+    naive, efficient = make_pair(torch.float32)
+    assert isinstance(naive.features.denseblock1, _DenseBlock)
+    assert isinstance(naive.features.transition1, _Transition)
+    assert isinstance(efficient.features.denseblock2, EfficientDenseBlock)
+    assert isinstance(efficient.features.transition1, EfficientTransition)
+    assert not hasattr(naive.features, "transition2"), "no transition after the last block"
+    assert efficient.features.denseblock1.memory == "bottleneck"
+    names = [n for n, _ in naive.features.named_children()]
+    assert names == ["conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1",
+                     "denseblock2", "norm5"]
+    small = DenseNet(**TINY, small_inputs=True)
+    assert [n for n, _ in small.features.named_children()][:2] == ["conv0", "denseblock1"]
+    assert small.features.conv0.weight.shape == (6, 3, 3, 3)
+    assert small.features.conv0.stride == (1, 1)
+
+
+def test_state_dict_round_trip():
+    naive, efficient = make_pair(torch.float32, bn_size=None, compression=1.0)
+    assert list(naive.state_dict()) == list(efficient.state_dict())
+    back = DenseNet(**TINY, bn_size=None, compression=1.0)
+    back.load_state_dict(efficient.state_dict())
+    for (name, a), b in zip(naive.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_compression_floors_and_plain_layers():
+    model = DenseNet(growth_rate=3, block_config=(2, 2, 1), num_init_features=5,
+                     compression=0.5, bn_size=None, small_inputs=True)
+    # 5 + 2*3 = 11 -> floor(5.5) = 5; 5 + 6 = 11 -> 5; 5 + 3 = 8 features at the head.
+    assert model.features.transition1.conv.weight.shape == (5, 11, 1, 1)
+    assert model.features.transition2.conv.weight.shape == (5, 11, 1, 1)
+    assert model.classifier.in_features == 8
+    layer = model.features.denseblock1.denselayer1
+    assert layer.conv1.weight.shape == (3, 5, 3, 3) and not hasattr(layer, "norm2")
+
+
+def test_initialisation_like_torchvision():
+    torch.manual_seed(0)
+    model = DenseNet(**TINY)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in bns)
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in bns)
+    assert torch.equal(model.classifier.bias, torch.zeros(5))
+    conv = model.features.denseblock2.denselayer3.conv1.weight  # fan_in 14: std sqrt(2/14)
+    assert abs(conv.std().item() - (2 / 14) ** 0.5) < 0.25 * (2 / 14) ** 0.5
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# torchvision's documented num_params (weights tables of torchvision.models.densenet*).
+@pytest.mark.parametrize("name,expected", [
+    ("densenet121", 7_978_856), ("densenet161", 28_681_000),
+    ("densenet169", 14_149_480), ("densenet201", 20_013_928),
+])
+def test_imagenet_parameter_counts(name, expected):
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        assert num_params(get_model(name)) == expected
+        assert num_params(get_model(name, efficient=True)) == expected
+
+
+# Huang et al. 2017, Table 2 (millions of parameters, one decimal), 10 classes.
+@pytest.mark.parametrize("name,kwargs,millions", [
+    ("densenet_bc_100", {}, 0.8), ("densenet_bc_250", {}, 15.3),
+    ("densenet_bc_190", {}, 25.6), ("densenet_40", {}, 1.0),
+    ("densenet_100", {}, 7.0), ("densenet_100", {"growth_rate": 24}, 27.2),
+])
+def test_cifar_parameter_counts(name, kwargs, millions):
+    with torch.device("meta"):
+        assert round(num_params(get_model(name, **kwargs)) / 1e6, 1) == millions
+
+
+def test_densenet121_keys_are_torchvision_keys():
+    with torch.device("meta"):
+        keys = list(python_models.densenet121().state_dict())
+    # conv0 + norm0 (5 entries per BN) + 58 layers x (2 BNs + 2 convs) + 3 transitions x
+    # (BN + conv) + norm5 + classifier weight and bias.
+    assert len(keys) == 1 + 5 + 58 * 12 + 3 * 6 + 5 + 2
+    for key in ("features.conv0.weight", "features.norm0.running_var",
+                "features.denseblock1.denselayer1.norm1.weight",
+                "features.denseblock4.denselayer16.conv2.weight",
+                "features.transition3.norm.num_batches_tracked", "features.transition3.conv.weight",
+                "features.norm5.bias", "classifier.weight", "classifier.bias"):
+        assert key in keys, key
+
+
+def test_builders_layout():
+    with torch.device("meta"):
+        bc = python_models.densenet_bc(depth=100, growth_rate=12)
+        plain = python_models.densenet(depth=40, growth_rate=12)
+    assert len(bc.features.denseblock3) == 16
+    assert bc.features.conv0.out_channels == 24
+    assert bc.features.transition1.conv.out_channels == (24 + 16 * 12) // 2
+    assert len(plain.features.denseblock1) == 12
+    assert plain.features.conv0.out_channels == 16
+    assert plain.features.transition1.conv.out_channels == 16 + 12 * 12
+    assert plain.features.denseblock1.denselayer1.conv1.kernel_size == (3, 3)
+
+
+def test_registry():
+    assert {"densenet_bc_100", "densenet_40", "densenet121", "densenet264"} <= set(MODEL_NAMES)
+    with torch.device("meta"):
+        for name in MODEL_NAMES:
+            assert isinstance(get_model(name), DenseNet)
+        bc190 = get_model("densenet_bc_190")
+        assert bc190.features.denseblock1.denselayer1.conv2.out_channels == 40
+        m = get_model("densenet_bc_100", growth_rate=24, num_classes=100, efficient=True,
+                      memory="min", backend="reference")
+        assert m.features.denseblock1.spec.growth_rate == 24 and m.classifier.out_features == 100
+        assert m.features.denseblock1.memory == "min"
+        assert len(get_model("densenet_bc_40").features.denseblock1) == 6
+        assert len(get_model("densenet_28").features.denseblock1) == 8
+
+
+@pytest.mark.parametrize("call", [
+    lambda: get_model("resnet50"),
+    lambda: get_model("densenet_bc_101"),
+    lambda: python_models.densenet_bc(depth=99),
+    lambda: python_models.densenet_bc(depth=4),
+    lambda: python_models.densenet(depth=41),
+    lambda: DenseNet(**TINY, compression=0.0),
+    lambda: DenseNet(**TINY, compression=1.5),
+    lambda: DenseNet(**{**TINY, "block_config": ()}),
+    lambda: DenseNet(**{**TINY, "growth_rate": 0}),
+    lambda: DenseNet(**TINY, efficient=True, memory_efficient=True),
+    lambda: DenseNet(**TINY, efficient=True, memory="none"),
+])
+def test_bad_configurations_raise(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+def test_efficient_head_matches_naive_head_on_converted_features():
+    naive, efficient = make_pair(torch.float64, small_inputs=True)
+    efficient.efficient_head = False  # same blocks, naive head: must agree too
+    compare(naive, efficient, image((2, 3, 8, 8), torch.float64), TOLERANCE[torch.float64])
+    twin = copy.deepcopy(efficient)
+    twin.efficient_head = True
+    x = image((2, 3, 8, 8), torch.float64, seed=5)
+    efficient.eval(), twin.eval()
+    with torch.no_grad():
+        assert_close(twin(x), efficient(x), TOLERANCE[torch.float64], "fused head")
