@@ -4,6 +4,8 @@ Public names:
     EfficientDenseBlock  drop-in for torchvision's ``_DenseBlock`` over one shared buffer.
     DenseBlockFunction   the whole block as one ``torch.autograd.Function``.
     BlockSpec            a block's static configuration.
+    EfficientTransition  a DenseNet transition that recomputes BN-ReLU and pools first.
+    convert              swaps a torchvision-structured DenseNet's blocks in place.
     available_backends   backends that can run on a device.
 """
 
@@ -14,8 +16,10 @@ from dense_ext.block import (
     EfficientDenseBlock,
     EfficientDenseLayer,
 )
+from dense_ext.convert import convert
 from dense_ext.function import BlockCall, DenseBlockFunction, RunningStats
 from dense_ext.spec import BlockSpec
+from dense_ext.transition import EfficientTransition
 
 __all__ = [
     "BackendUnavailableError",
@@ -26,6 +30,8 @@ __all__ = [
     "DenseBlockFunction",
     "EfficientDenseBlock",
     "EfficientDenseLayer",
+    "EfficientTransition",
     "RunningStats",
     "available_backends",
+    "convert",
 ]
