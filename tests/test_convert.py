@@ -14,6 +14,8 @@ from collections import OrderedDict
 import pytest
 import torch
 from conftest import TOLERANCE, assert_close
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from naive import NaiveDenseBlock, randomize_bn
 from torch import nn
 
@@ -86,6 +88,17 @@ def test_transition_matches_naive(dtype, hw, train):
     x = torch.randn(3, 7, *hw, dtype=dtype) * 1.5 + 0.7
     compare_modules(naive, efficient, x, TOLERANCE[dtype])
     compare_modules(naive, efficient, x - 0.3, TOLERANCE[dtype])  # from updated statistics
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3), c_in=st.integers(1, 9), c_out=st.integers(1, 5),
+       h=st.integers(2, 9), w=st.integers(2, 9), train=st.booleans(), seed=st.integers(0, 99))
+def test_transition_random_shapes(n, c_in, c_out, h, w, train, seed):
+    naive, efficient = transition_pair(c_in, c_out, torch.float64)
+    naive.train(train), efficient.train(train)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64) * 3 - 1
+    compare_modules(naive, efficient, x, TOLERANCE[torch.float64])
 
 
 @pytest.mark.parametrize("bn_kwargs", [

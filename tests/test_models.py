@@ -371,3 +371,30 @@ def test_efficient_head_matches_naive_head_on_converted_features():
     efficient.eval(), twin.eval()
     with torch.no_grad():
         assert_close(twin(x), efficient(x), TOLERANCE[torch.float64], "fused head")
+
+
+def saved_activation_shapes(model, x):
+    """Shapes of the distinct storages autograd saves in a forward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = tuple(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sorted(saved.values())
+
+
+def test_efficient_model_saves_only_block_buffers():
+    # Linear memory: besides the image, only each block's feature buffer and each
+    # transition's pooled activation are kept, plus O(channels) statistics.
+    _, efficient = make_pair(torch.float32, "min", small_inputs=True)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    big = [s for s in saved_activation_shapes(efficient, x) if torch.Size(s).numel() > 100]
+    # block1: 6 + 2*4 = 14 channels at 8x8; transition1's 1x1 conv keeps its pooled input
+    # (14 channels at 4x4); block2: 7 + 3*4 = 19 channels at 4x4.
+    assert big == sorted([(2, 3, 8, 8), (2, 14, 8, 8), (2, 14, 4, 4), (2, 19, 4, 4)])
