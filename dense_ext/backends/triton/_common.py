@@ -24,6 +24,19 @@ import triton.language as tl
 from dense_ext.backends.triton import interpret_requested
 
 INTERPRETED = interpret_requested()
+# Triton's interpreter converts float32 to bfloat16 by truncation; compiled kernels round to
+# nearest even. Under the interpreter ``round_to`` rounds explicitly so both give the same bits.
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` with round-to-nearest-even also under the interpreter."""
+    if _ROUND_BF16_BY_HAND and dtype == tl.bfloat16 and x.dtype == tl.float32:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit

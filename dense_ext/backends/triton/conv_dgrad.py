@@ -28,6 +28,7 @@ from dense_ext.backends.triton._common import (
     dropout_mask,
     load_bn_params,
     num_rows,
+    round_to,
     rows_stride,
     tap_source,
     wrap,
@@ -74,7 +75,7 @@ def _conv_dgrad_bn_relu_bwd_kernel(
             dy = tl.load(dy_rows + rn[None, :], mask=valid, other=0.0).to(acc_t)
             if HAS_MASK:
                 dy = dy * dropout_mask(MASK_ptr, src[:, None], rn[None, :], valid, H * W, C_OUT).to(acc_t)
-            dy = dy.to(op_t)
+            dy = round_to(dy, op_t)
             w = tl.load(W_ptr + (tap * C_IN + rc)[None, :] * C_OUT + rn[:, None],
                         mask=n_ok[:, None] & c_ok[None, :], other=0.0)
             if DOT_FP32:
@@ -83,7 +84,7 @@ def _conv_dgrad_bn_relu_bwd_kernel(
                 acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
     tile_ok = row_ok[:, None] & c_ok[None, :]
     # The conv consumed Z rounded to the buffer dtype; its gradient arrives in that dtype too.
-    dz = acc.to(op_t).to(acc_t)
+    dz = round_to(acc, op_t).to(acc_t)
     mean, invstd, scale, beta = load_bn_params(MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rc, c_ok)
     x_ptrs = X_ptr + rm.to(tl.int64)[:, None] * X_row_stride + (x_col + rc)[None, :]
     x = tl.load(x_ptrs, mask=tile_ok, other=0.0).to(acc_t)
@@ -100,7 +101,7 @@ def _conv_dgrad_bn_relu_bwd_kernel(
         dx_ptrs = DX_ptr + rm.to(tl.int64)[:, None] * DX_row_stride + (dx_col + rc)[None, :]
         if ACCUMULATE:
             dx = dx + tl.load(dx_ptrs, mask=tile_ok, other=0.0).to(acc_t)
-        tl.store(dx_ptrs, dx.to(DX_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(dx_ptrs, round_to(dx, DX_ptr.dtype.element_ty), mask=tile_ok)
     else:
         base = PART_ptr + pid_m * 2 * C_IN
         tl.store(base + rc, tl.sum(g, axis=0), mask=c_ok)

@@ -26,6 +26,7 @@ from dense_ext.backends.triton._common import (
     dropout_mask,
     load_bn_params,
     num_rows,
+    round_to,
     rows_stride,
     tap_source,
     wrap,
@@ -41,7 +42,7 @@ def _bn_relu_conv_fwd_kernel(
     W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous (buffer dtype)
     Y_ptr,  # rows [M, >= y_col + C_OUT], row stride Y_row_stride (buffer dtype)
     MASK_ptr,  # [N, C_OUT, H, W] contiguous dropout multipliers (if HAS_MASK)
-    PART_ptr,  # [cdiv(M, BLOCK_M), 2, C_OUT] accumulation dtype (if COMPUTE_STATS)
+    PART_ptr,  # [cdiv(M, BLOCK_M), 3, C_OUT] accumulation dtype (if COMPUTE_STATS)
     X_row_stride, x_col, Y_row_stride, y_col,
     M, H, W, C_IN, C_OUT,
     KS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_STATS: tl.constexpr,
@@ -69,7 +70,7 @@ def _bn_relu_conv_fwd_kernel(
             valid = ok[:, None] & k_ok[None, :]
             x = tl.load(x_rows + rk[None, :], mask=valid, other=0.0).to(acc_t)
             z = tl.maximum((x - mean[None, :]) * scale[None, :] + beta[None, :], 0.0)
-            z = tl.where(valid, z, 0.0).to(op_t)
+            z = round_to(tl.where(valid, z, 0.0), op_t)
             w = tl.load(W_ptr + (tap * C_IN + rk)[:, None] * C_OUT + rn[None, :],
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if DOT_FP32:
@@ -79,7 +80,7 @@ def _bn_relu_conv_fwd_kernel(
     store_ok = row_ok[:, None] & n_ok[None, :]
     if HAS_MASK:
         acc = acc * dropout_mask(MASK_ptr, rm[:, None], rn[None, :], store_ok, H * W, C_OUT).to(acc_t)
-    out = acc.to(Y_ptr.dtype.element_ty)
+    out = round_to(acc, Y_ptr.dtype.element_ty)
     y_ptrs = Y_ptr + rm.to(tl.int64)[:, None] * Y_row_stride + (y_col + rn)[None, :]
     tl.store(y_ptrs, out, mask=store_ok)
     if COMPUTE_STATS:
@@ -113,7 +114,7 @@ def bn_relu_conv_fwd(
     tiles = triton.cdiv(m, cfg.block_m)
     part = None
     if stats is not None:
-        part = torch.empty((tiles, 2, c_out), dtype=acc_dtype(y.dtype), device=y.device)
+        part = torch.empty((tiles, 3, c_out), dtype=acc_dtype(y.dtype), device=y.device)
     dot_fp32, precision = dot_config(y.dtype)
     grid = (tiles, triton.cdiv(c_out, cfg.block_n))
     wrap(_bn_relu_conv_fwd_kernel)[grid](

@@ -20,6 +20,7 @@ from dense_ext.backends.triton._common import (
     dropout_mask,
     load_bn_params,
     num_rows,
+    round_to,
     rows_stride,
     tap_source,
     wrap,
@@ -73,13 +74,13 @@ def _bn_relu_conv_wgrad_kernel(
         x = tl.load(X_ptr + src.to(tl.int64)[None, :] * X_row_stride + (x_col + rc)[:, None],
                     mask=valid_x, other=0.0).to(acc_t)
         z = tl.maximum((x - mean[:, None]) * scale[:, None] + beta[:, None], 0.0)
-        z = tl.where(valid_x, z, 0.0).to(op_t)
+        z = round_to(tl.where(valid_x, z, 0.0), op_t)
         valid_y = row_ok[:, None] & n_ok[None, :]
         dy = tl.load(DY_ptr + rm.to(tl.int64)[:, None] * DY_row_stride + (dy_col + rn)[None, :],
                      mask=valid_y, other=0.0).to(acc_t)
         if HAS_MASK:
             dy = dy * dropout_mask(MASK_ptr, rm[:, None], rn[None, :], valid_y, H * W, C_OUT).to(acc_t)
-        dy = dy.to(op_t)
+        dy = round_to(dy, op_t)
         if DOT_FP32:
             acc = tl.dot(z.to(tl.float32), dy.to(tl.float32), acc, input_precision=INPUT_PRECISION)
         else:
