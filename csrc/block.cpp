@@ -1,0 +1,317 @@
+// The block drivers: the whole layer loop of DESIGN.md section 4 in C++, one call per block
+// forward and one per backward. GEMMs are at::mm on matrix views of the channels_last buffers
+// (no copies), 3x3 convolutions go through ATen (oneDNN on CPU, cuDNN on GPU), and the
+// per-channel work calls the dense_ext ops through the dispatcher, so the same driver runs on
+// CPU and CUDA (cuda/block.cu registers it for CUDA behind a device guard).
+#include <torch/library.h>
+
+#include "layout.h"
+#include "ops.h"
+
+namespace dense_ext {
+namespace {
+
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+struct Ops {
+  c10::TypedOperatorHandle<ChannelStatsFn> channel_stats = op<ChannelStatsFn>("dense_ext::channel_stats");
+  c10::TypedOperatorHandle<BnReluFn> bn_relu = op<BnReluFn>("dense_ext::bn_relu");
+  c10::TypedOperatorHandle<BnReluBackwardFn> bn_relu_backward =
+      op<BnReluBackwardFn>("dense_ext::bn_relu_backward");
+  c10::TypedOperatorHandle<DropoutStoreFn> dropout_store =
+      op<DropoutStoreFn>("dense_ext::dropout_store");
+};
+
+const Ops& ops() {
+  static const Ops instance;
+  return instance;
+}
+
+// The block's static shape, derived from the inputs and checked once.
+struct Shape {
+  int64_t n, h, w, m;  // m = n*h*w rows
+  int64_t c0, k, layers, mid, total, per_layer, bns;
+  bool bottleneck;
+
+  int64_t c_in(int64_t layer) const { return c0 + layer * k; }
+};
+
+Shape check_block(const at::Tensor& x, at::TensorList params, at::TensorList running,
+                  at::ArrayRef<double> eps, int64_t k, int64_t bn_size, double drop_rate,
+                  bool batch_stats) {
+  TORCH_CHECK(x.dim() == 4, "dense_ext: block input x must be [N, C, H, W], got ", x.sizes());
+  check_floating(x, "x");
+  TORCH_CHECK(k > 0 && bn_size >= 0, "dense_ext: growth_rate must be > 0 and bn_size >= 0");
+  TORCH_CHECK(drop_rate >= 0 && drop_rate < 1, "dense_ext: drop_rate must be in [0, 1)");
+  Shape s;
+  s.n = x.size(0), s.h = x.size(2), s.w = x.size(3), s.m = s.n * s.h * s.w;
+  s.c0 = x.size(1), s.k = k, s.mid = bn_size * k, s.bottleneck = bn_size > 0;
+  s.per_layer = s.bottleneck ? 6 : 3;
+  s.bns = s.bottleneck ? 2 : 1;
+  TORCH_CHECK(!params.empty() && params.size() % s.per_layer == 0, "dense_ext: params must hold ",
+              s.per_layer, " tensors per layer, got ", params.size());
+  s.layers = params.size() / s.per_layer;
+  s.total = s.c0 + s.layers * k;
+  TORCH_CHECK(s.m > 0, "dense_ext: block input x is empty: ", x.sizes());
+  TORCH_CHECK(static_cast<int64_t>(eps.size()) == s.layers * s.bns, "dense_ext: eps must hold ",
+              s.layers * s.bns, " values, got ", eps.size());
+  TORCH_CHECK(batch_stats || static_cast<int64_t>(running.size()) == 2 * s.layers * s.bns,
+              "dense_ext: running must hold (mean, var) for each of the ", s.layers * s.bns,
+              " BNs without batch statistics, got ", running.size(), " tensors");
+  for (int64_t l = 0; l < s.layers; ++l) {
+    const int64_t c_in = s.c_in(l);
+    std::vector<std::vector<int64_t>> shapes;
+    if (s.bottleneck) {
+      shapes = {{c_in}, {c_in}, {s.mid, c_in, 1, 1}, {s.mid}, {s.mid}, {k, s.mid, 3, 3}};
+    } else {
+      shapes = {{c_in}, {c_in}, {k, c_in, 3, 3}};
+    }
+    for (int64_t i = 0; i < s.per_layer; ++i) {
+      const at::Tensor& p = params[l * s.per_layer + i];
+      TORCH_CHECK(p.sizes() == at::IntArrayRef(shapes[i]), "dense_ext: params[",
+                  l * s.per_layer + i, "] (layer ", l, ") must have shape ",
+                  at::IntArrayRef(shapes[i]), ", got ", p.sizes());
+      TORCH_CHECK(p.device() == x.device(), "dense_ext: params[", l * s.per_layer + i,
+                  "] is on ", p.device(), " but x is on ", x.device());
+      const bool is_weight = p.dim() == 4;
+      TORCH_CHECK(!is_weight || p.scalar_type() == x.scalar_type(), "dense_ext: conv weight params[",
+                  l * s.per_layer + i, "] has dtype ", p.scalar_type(), " but x has ",
+                  x.scalar_type());
+    }
+  }
+  return s;
+}
+
+at::Tensor channels_last(const at::Tensor& like, int64_t c, const Shape& s) {
+  return at::empty({s.n, c, s.h, s.w}, like.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+// A compact channels_last [N, c, H, W] tensor on the first n*h*w*c elements of a flat scratch
+// buffer that is reused by every layer.
+at::Tensor compact(const at::Tensor& flat, int64_t c, const Shape& s) {
+  return flat.narrow(0, 0, s.m * c).view({s.n, s.h, s.w, c}).permute({0, 3, 1, 2});
+}
+
+// Per-layer parameters and normalisation constants (gamma/beta/mean/var in the accumulation
+// dtype; .to() is a no-op when they already are).
+struct Layer {
+  int64_t index, c_in;
+  at::Tensor gamma1, beta1, mean1, var1, w1;
+  at::Tensor gamma2, beta2, mean2, var2, w2;
+  double eps1 = 0, eps2 = 0;
+};
+
+Layer layer_view(int64_t l, const Shape& s, at::TensorList params, at::TensorList running,
+                 at::ArrayRef<double> eps, const at::Tensor& stats1, const at::Tensor& stats2,
+                 bool batch_stats) {
+  const auto acc = stats1.scalar_type();
+  Layer L;
+  L.index = l;
+  L.c_in = s.c_in(l);
+  const int64_t p0 = l * s.per_layer, b0 = l * s.bns;
+  L.gamma1 = params[p0].to(acc);
+  L.beta1 = params[p0 + 1].to(acc);
+  L.w1 = params[p0 + 2];
+  L.eps1 = eps[b0];
+  if (batch_stats) {
+    L.mean1 = stats1[0].narrow(0, 0, L.c_in);
+    L.var1 = stats1[1].narrow(0, 0, L.c_in);
+  } else {
+    L.mean1 = running[2 * b0].to(acc).contiguous();
+    L.var1 = running[2 * b0 + 1].to(acc).contiguous();
+  }
+  if (s.bottleneck) {
+    L.gamma2 = params[p0 + 3].to(acc);
+    L.beta2 = params[p0 + 4].to(acc);
+    L.w2 = params[p0 + 5];
+    L.eps2 = eps[b0 + 1];
+    if (batch_stats) {
+      L.mean2 = stats2[l][0];
+      L.var2 = stats2[l][1];
+    } else {
+      L.mean2 = running[2 * b0 + 2].to(acc).contiguous();
+      L.var2 = running[2 * b0 + 3].to(acc).contiguous();
+    }
+  }
+  return L;
+}
+
+at::Tensor conv3x3(const at::Tensor& input, const at::Tensor& weight) {
+  return at::convolution(input, weight, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv3x3_backward(const at::Tensor& grad_out,
+                                                    const at::Tensor& input,
+                                                    const at::Tensor& weight) {
+  auto r = at::convolution_backward(grad_out, input, weight, std::nullopt, {1, 1}, {1, 1},
+                                    {1, 1}, false, {0, 0}, 1, {true, true, false});
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+at::Tensor as_cl(const at::Tensor& t) {
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_forward(
+    const at::Tensor& x, at::TensorList params, at::TensorList running, at::ArrayRef<double> eps,
+    int64_t growth_rate, int64_t bn_size, double drop_rate, int64_t seed, bool keep_bottleneck,
+    bool batch_stats, bool save) {
+  const Shape s = check_block(x, params, running, eps, growth_rate, bn_size, drop_rate,
+                              batch_stats);
+  const Ops& o = ops();
+  const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
+  at::Tensor feat = channels_last(x, s.total, s);
+  feat.narrow(1, 0, s.c0).copy_(x);
+  // Empty statistics without batch statistics, as ForwardState describes.
+  at::Tensor stats1 = batch_stats ? at::empty({2, s.total}, acc_opts) : at::empty({0}, acc_opts);
+  at::Tensor stats2 = batch_stats && s.bottleneck ? at::empty({s.layers, 2, s.mid}, acc_opts)
+                                                  : at::empty({0}, acc_opts);
+  if (batch_stats) o.channel_stats.call(feat.narrow(1, 0, s.c0), stats1, 0);
+
+  const bool keep = keep_bottleneck && save && s.bottleneck;
+  std::vector<at::Tensor> bottlenecks;
+  // Scratch, allocated once per call and reused by every layer: the BN1 output (up to C_in
+  // channels), and for bottleneck layers the conv1 output (unless kept) and the BN2 output.
+  at::Tensor z1_flat = at::empty({s.m * s.c_in(s.layers - 1)}, x.options());
+  at::Tensor y1_scratch, z2;
+  if (s.bottleneck) {
+    z2 = channels_last(x, s.mid, s);
+    if (!keep) y1_scratch = channels_last(x, s.mid, s);
+  }
+  for (int64_t l = 0; l < s.layers; ++l) {
+    const Layer L = layer_view(l, s, params, running, eps, stats1, stats2, batch_stats);
+    at::Tensor z1 = compact(z1_flat, L.c_in, s);
+    o.bn_relu.call(feat.narrow(1, 0, L.c_in), L.mean1, L.var1, L.gamma1, L.beta1, L.eps1, z1);
+    at::Tensor out;
+    if (s.bottleneck) {
+      at::Tensor y1 = keep ? channels_last(x, s.mid, s) : y1_scratch;
+      at::Tensor y1_mat = as_matrix(y1, "y1");
+      at::mm_out(y1_mat, as_matrix(z1, "z1"), L.w1.reshape({s.mid, L.c_in}).t());
+      if (batch_stats) o.channel_stats.call(y1, stats2[l], 0);
+      if (keep) bottlenecks.push_back(y1);
+      o.bn_relu.call(y1, L.mean2, L.var2, L.gamma2, L.beta2, L.eps2, z2);
+      out = conv3x3(z2, L.w2);
+    } else {
+      out = conv3x3(z1, L.w1);
+    }
+    at::Tensor fresh = feat.narrow(1, L.c_in, s.k);
+    o.dropout_store.call(as_cl(out), drop_rate, seed, l, fresh);
+    if (batch_stats) o.channel_stats.call(fresh, stats1, L.c_in);
+  }
+  return {feat, stats1, stats2, bottlenecks};
+}
+
+std::tuple<at::Tensor, at::Tensor> block_backward(const at::Tensor& grad_feat, const at::Tensor& feat,
+                                       const at::Tensor& stats1, const at::Tensor& stats2,
+                                       at::TensorList bottlenecks, at::TensorList params,
+                                       at::TensorList running, at::ArrayRef<double> eps,
+                                       int64_t growth_rate, int64_t bn_size, double drop_rate,
+                                       int64_t seed, bool batch_stats) {
+  TORCH_CHECK(feat.dim() == 4, "dense_ext: feat must be [N, C, H, W], got ", feat.sizes());
+  at::Tensor x_like = feat.narrow(1, 0, feat.size(1) - (params.size() / (bn_size > 0 ? 6 : 3)) * growth_rate);
+  const Shape s = check_block(x_like, params, running, eps, growth_rate, bn_size, drop_rate,
+                              batch_stats);
+  rows_view(feat, "feat");
+  rows_view(grad_feat, "grad_feat");
+  check_same(grad_feat, "grad_feat", feat, "feat");
+  const auto acc = acc_dtype(feat.scalar_type());
+  TORCH_CHECK(!batch_stats || (stats1.dim() == 2 && stats1.size(0) == 2 && stats1.size(1) == s.total),
+              "dense_ext: stats1 must be [2, ", s.total, "], got ", stats1.sizes());
+  TORCH_CHECK(stats1.scalar_type() == acc, "dense_ext: stats1 must be ", acc, ", got ",
+              stats1.scalar_type());
+  TORCH_CHECK(!batch_stats || !s.bottleneck ||
+                  (stats2.dim() == 3 && stats2.size(0) == s.layers && stats2.size(2) == s.mid),
+              "dense_ext: stats2 must be [", s.layers, ", 2, ", s.mid, "], got ", stats2.sizes());
+  const bool keep = s.bottleneck && !bottlenecks.empty();
+  TORCH_CHECK(!keep || static_cast<int64_t>(bottlenecks.size()) == s.layers,
+              "dense_ext: bottlenecks must be empty or hold one tensor per layer (", s.layers,
+              "), got ", bottlenecks.size());
+  const Ops& o = ops();
+  const auto acc_opts = feat.options().dtype(acc);
+
+  // Parameter gradients are written straight into two flat buffers, in parameter order: BN
+  // gamma/beta gradients (accumulation dtype) and conv weight gradients (buffer dtype).
+  std::vector<at::Tensor> grads(params.size());
+  int64_t bn_numel = 0, w_numel = 0;
+  for (const auto& p : params) (p.dim() == 1 ? bn_numel : w_numel) += p.numel();
+  at::Tensor bn_grads = at::empty({bn_numel}, acc_opts);
+  at::Tensor w_grads = at::empty({w_numel}, feat.options());
+  {
+    int64_t bn_off = 0, w_off = 0;
+    for (size_t i = 0; i < params.size(); ++i) {
+      const auto& p = params[i];
+      int64_t& off = p.dim() == 1 ? bn_off : w_off;
+      grads[i] = (p.dim() == 1 ? bn_grads : w_grads).narrow(0, off, p.numel()).view(p.sizes());
+      off += p.numel();
+    }
+  }
+  const int64_t c_max = s.c_in(s.layers - 1);
+  at::Tensor z1_flat = at::empty({s.m * c_max}, feat.options());
+  at::Tensor dz1_flat, y1_scratch, z2, dy1;
+  if (s.bottleneck) {
+    dz1_flat = at::empty({s.m * c_max}, feat.options());
+    z2 = channels_last(feat, s.mid, s);
+    dy1 = channels_last(feat, s.mid, s);
+    if (!keep) y1_scratch = channels_last(feat, s.mid, s);
+  }
+  at::Tensor grad_new_scratch;
+  if (drop_rate > 0) grad_new_scratch = channels_last(feat, s.k, s);
+
+  for (int64_t l = s.layers - 1; l >= 0; --l) {
+    const Layer L = layer_view(l, s, params, running, eps, stats1, stats2, batch_stats);
+    const int64_t p0 = l * s.per_layer;
+    // Gradient of this layer's new features; complete now that all later layers have added
+    // their input gradients. The dropout mask is replayed from (seed, layer).
+    at::Tensor grad_new = grad_feat.narrow(1, L.c_in, s.k);
+    if (drop_rate > 0) {
+      o.dropout_store.call(grad_new, drop_rate, seed, l, grad_new_scratch);
+      grad_new = grad_new_scratch;
+    } else {
+      grad_new = as_cl(grad_new);
+    }
+    at::Tensor prefix = feat.narrow(1, 0, L.c_in);
+    at::Tensor z1 = compact(z1_flat, L.c_in, s);
+    o.bn_relu.call(prefix, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1, z1);
+    at::Tensor grad_z1;
+    if (s.bottleneck) {
+      at::Tensor w1 = L.w1.reshape({s.mid, L.c_in});
+      at::Tensor z1_mat = as_matrix(z1, "z1");
+      at::Tensor y1 = keep ? bottlenecks[l] : y1_scratch;
+      if (!keep) {
+        at::Tensor y1_mat = as_matrix(y1, "y1");
+        at::mm_out(y1_mat, z1_mat, w1.t());
+      }
+      o.bn_relu.call(y1, L.mean2, L.var2, L.gamma2, L.beta2, L.eps2, z2);
+      auto [grad_z2, grad_w2] = conv3x3_backward(grad_new, z2, L.w2);
+      o.bn_relu_backward.call(as_cl(grad_z2), y1, L.mean2, L.var2, L.gamma2, L.beta2, L.eps2,
+                              batch_stats, false, dy1, grads[p0 + 3], grads[p0 + 4]);
+      at::Tensor dy1_mat = as_matrix(dy1, "dy1");
+      at::Tensor grad_w1 = grads[p0 + 2].view({s.mid, L.c_in});
+      at::mm_out(grad_w1, dy1_mat.t(), z1_mat);
+      grad_z1 = compact(dz1_flat, L.c_in, s);
+      at::Tensor grad_z1_mat = as_matrix(grad_z1, "grad_z1");
+      at::mm_out(grad_z1_mat, dy1_mat, w1);
+      grads[p0 + 5].copy_(grad_w2);
+    } else {
+      auto [gz1, grad_w1] = conv3x3_backward(grad_new, z1, L.w1);
+      grad_z1 = as_cl(gz1);
+      grads[p0 + 2].copy_(grad_w1);
+    }
+    o.bn_relu_backward.call(grad_z1, prefix, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1,
+                            batch_stats, true, grad_feat.narrow(1, 0, L.c_in), grads[p0],
+                            grads[p0 + 1]);
+  }
+  return {bn_grads, w_grads};
+}
+
+TORCH_LIBRARY_IMPL(dense_ext, CPU, m) {
+  m.impl("block_forward", TORCH_FN(block_forward));
+  m.impl("block_backward", TORCH_FN(block_backward));
+}
+
+}  // namespace dense_ext

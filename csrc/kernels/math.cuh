@@ -1,0 +1,151 @@
+// Kernel arithmetic shared by the CPU (cpu/*.cpp) and CUDA (cuda/*.cu) implementations.
+//
+// Every per-element and per-channel formula lives here once, as __host__ __device__ inline
+// functions, so the CPU tests exercise exactly the arithmetic the GPU runs. Accumulation type:
+// float for float/half/bfloat16 buffers, double for double buffers (acc_type<scalar_t>).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#if defined(__CUDACC__)
+#define DX_HD __host__ __device__ __forceinline__
+#else
+#define DX_HD inline
+#endif
+
+namespace dense_ext {
+
+template <typename scalar_t>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename scalar_t>
+using acc_t = typename AccType<scalar_t>::type;
+
+// ---------------------------------------------------------------------------------------------
+// Channel statistics: count, mean and M2 (sum of squared deviations) of one channel.
+// Per-tile Welford updates, tiles merged with Chan et al.'s parallel formula; both are stable on
+// data with large means, unlike sum / sum-of-squares.
+template <typename acc>
+struct MeanM2 {
+  acc n;
+  acc mean;
+  acc m2;
+};
+
+template <typename acc>
+DX_HD MeanM2<acc> meanm2_empty() {
+  return {acc(0), acc(0), acc(0)};
+}
+
+// Welford: add value x to a running (mean, m2) that already holds n - 1 values; inv_n = 1 / n is
+// passed in because it is the same for every channel of a row.
+template <typename acc>
+DX_HD void welford_add(acc& mean, acc& m2, acc x, acc inv_n) {
+  acc delta = x - mean;
+  mean += delta * inv_n;
+  m2 += delta * (x - mean);
+}
+
+// Chan et al.: merge statistics b into a.
+template <typename acc>
+DX_HD void chan_merge(MeanM2<acc>& a, const MeanM2<acc>& b) {
+  if (b.n == acc(0)) return;
+  if (a.n == acc(0)) {
+    a = b;
+    return;
+  }
+  acc n = a.n + b.n;
+  acc delta = b.mean - a.mean;
+  acc frac = b.n / n;
+  a.mean += delta * frac;
+  a.m2 += b.m2 + delta * delta * a.n * frac;
+  a.n = n;
+}
+
+// Welford updates the mean in the data's precision; on data with a large mean (|mean| >> std)
+// each update's rounding (one ulp of the mean) is then large against the deviations and pollutes
+// M2. So statistics run on shifted values x - shift, shift = the channel's first value: the
+// subtraction is exact for values close to the shift (Sterbenz), the shifted mean is small, and
+// the mean is shift + shifted mean, rounded once. All tiles of a channel use the same shift.
+
+// Biased variance (what BN normalises with) of merged statistics.
+template <typename acc>
+DX_HD acc meanm2_var(const MeanM2<acc>& s) {
+  return s.n > acc(0) ? s.m2 / s.n : acc(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// BN + ReLU. Per channel: invstd = 1/sqrt(var + eps), scale = gamma * invstd.
+template <typename acc>
+DX_HD acc bn_invstd(acc var, double eps) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<acc, double>::value) {
+    return ::rsqrt(var + acc(eps));
+  } else {
+    return ::rsqrtf(var + acc(eps));
+  }
+#else
+  return acc(1) / std::sqrt(var + acc(eps));
+#endif
+}
+
+// Pre-activation (x - mean) * scale + beta; (x - mean) first so large means cancel exactly.
+template <typename acc>
+DX_HD acc bn_pre(acc x, acc mean, acc scale, acc beta) {
+  return (x - mean) * scale + beta;
+}
+
+template <typename acc>
+DX_HD acc relu(acc y) {
+  return y > acc(0) ? y : acc(0);
+}
+
+// Gradient through the ReLU: g = grad_z where the pre-activation was positive.
+template <typename acc>
+DX_HD acc relu_grad(acc grad_z, acc pre) {
+  return pre > acc(0) ? grad_z : acc(0);
+}
+
+// BN backward for one element, from the per-channel sums of g and g*xhat over the batch.
+// With batch statistics dx = scale * (g - mean(g) - xhat * mean(g * xhat)); with fixed
+// (running) statistics the mean and variance do not depend on x and dx = scale * g.
+template <typename acc>
+DX_HD acc bn_grad_input(acc g, acc xhat, acc scale, acc mean_g, acc mean_gxhat, bool batch_stats) {
+  return batch_stats ? scale * (g - mean_g - xhat * mean_gxhat) : scale * g;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropout with a counter-based mask: element `index` of the layer whose new channels start at
+// `lo` keeps its value iff hash(seed, lo, index) < threshold, threshold = (1 - p) * 2^32. The mask
+// is a pure function of (seed, lo, index), so backward replays it exactly on either device and
+// nothing is stored. The hash is SplitMix64's finaliser over a unique 64-bit counter.
+DX_HD uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+DX_HD bool dropout_keep(uint64_t seed, int64_t lo, int64_t index, uint64_t threshold) {
+  uint64_t key = mix64(seed ^ (static_cast<uint64_t>(lo) * 0x9e3779b97f4a7c15ULL));
+  uint64_t r = mix64(key + static_cast<uint64_t>(index) * 0x9e3779b97f4a7c15ULL);
+  return (r >> 32) < threshold;
+}
+
+// Threshold for keep probability 1 - p (p in [0, 1)).
+inline uint64_t dropout_threshold(double p) {
+  double t = (1.0 - p) * 4294967296.0;
+  return t >= 4294967296.0 ? (uint64_t(1) << 32) : static_cast<uint64_t>(t);
+}
+
+}  // namespace dense_ext

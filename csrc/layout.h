@@ -1,0 +1,103 @@
+// Host-side checks and views shared by the CPU and CUDA op implementations.
+//
+// Every buffer the ops touch is a [N, C, H, W] tensor laid out channels_last, possibly a channel
+// slice of a wider buffer: physically a row-major [M = N*H*W, C] matrix whose rows are `ld`
+// elements apart (ld = C_total for a slice of the block buffer). The ops work on that matrix.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace dense_ext {
+
+struct RowsView {
+  int64_t rows;  // M = N * H * W
+  int64_t cols;  // C
+  int64_t ld;    // elements between consecutive rows
+};
+
+// Checks that `t` is a channels_last [N, C, H, W] tensor (or channel slice of one) and returns
+// its matrix view. `name` names the tensor in error messages.
+inline RowsView rows_view(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "dense_ext: ", name, " must be 4-D [N, C, H, W], got shape ",
+              t.sizes());
+  const int64_t n = t.size(0), c = t.size(1), h = t.size(2), w = t.size(3);
+  // The row stride, read from the first spatial/batch dimension that has more than one entry
+  // (strides of size-1 dimensions carry no information).
+  const int64_t ld = w > 1 ? t.stride(3) : h > 1 ? t.stride(2) : n > 1 ? t.stride(0) : c;
+  bool ok = (c <= 1 || t.stride(1) == 1) && ld >= c;
+  ok = ok && (w <= 1 || t.stride(3) == ld) && (h <= 1 || t.stride(2) == w * ld) &&
+       (n <= 1 || t.stride(0) == h * w * ld);
+  TORCH_CHECK(ok, "dense_ext: ", name, " must be channels_last (a channel slice of a ",
+              "channels_last buffer is fine), got shape ", t.sizes(), " and strides ",
+              t.strides());
+  return {n * h * w, c, ld};
+}
+
+// The [M, C] matrix (leading dimension ld) of a tensor accepted by rows_view: a view, no copy.
+inline at::Tensor as_matrix(const at::Tensor& t, const char* name) {
+  RowsView v = rows_view(t, name);
+  return t.as_strided({v.rows, v.cols}, {v.ld, 1}, t.storage_offset());
+}
+
+inline void check_vector(const at::Tensor& t, const char* name, int64_t size,
+                         at::ScalarType dtype, const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "dense_ext: ", name, " must have shape [",
+              size, "], got ", t.sizes());
+  TORCH_CHECK(t.stride(0) == 1 || size <= 1, "dense_ext: ", name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == dtype, "dense_ext: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "dense_ext: ", name, " is on ", t.device(),
+              " but the buffer is on ", like.device());
+}
+
+inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& like,
+                       const char* like_name) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "dense_ext: ", name, " has dtype ",
+              t.scalar_type(), " but ", like_name, " has ", like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "dense_ext: ", name, " is on ", t.device(), " but ",
+              like_name, " is on ", like.device());
+  TORCH_CHECK(t.size(0) == like.size(0) && t.size(1) == like.size(1) &&
+                  t.size(2) == like.size(2) && t.size(3) == like.size(3),
+              "dense_ext: ", name, " has shape ", t.sizes(), " but ", like_name, " has ",
+              like.sizes());
+}
+
+// Accumulation dtype of a buffer dtype: double for double, float otherwise.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16,
+              "dense_ext: ", name, " must be float64/float32/float16/bfloat16, got ", s);
+}
+
+// Argument checks of each op, shared by the CPU and CUDA implementations.
+inline RowsView check_channel_stats(const at::Tensor& x, const at::Tensor& stats, int64_t lo) {
+  check_floating(x, "x");
+  RowsView v = rows_view(x, "x");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.stride(1) == 1,
+              "dense_ext: stats must be a [2, C] tensor with contiguous rows, got shape ",
+              stats.sizes(), " strides ", stats.strides());
+  TORCH_CHECK(lo >= 0 && lo + v.cols <= stats.size(1), "dense_ext: stats columns [", lo, ", ",
+              lo + v.cols, ") out of range for stats of shape ", stats.sizes());
+  TORCH_CHECK(stats.scalar_type() == acc_dtype(x.scalar_type()), "dense_ext: stats must be ",
+              acc_dtype(x.scalar_type()), " for a ", x.scalar_type(), " x, got ",
+              stats.scalar_type());
+  TORCH_CHECK(stats.device() == x.device(), "dense_ext: stats is on ", stats.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(v.rows > 0, "dense_ext: x has no rows (N*H*W == 0)");
+  return v;
+}
+
+inline void check_bn_params(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                            const at::Tensor& gamma, const at::Tensor& beta, int64_t c) {
+  auto acc = acc_dtype(x.scalar_type());
+  check_vector(mean, "mean", c, acc, x);
+  check_vector(var, "var", c, acc, x);
+  check_vector(gamma, "gamma", c, acc, x);
+  check_vector(beta, "beta", c, acc, x);
+}
+
+}  // namespace dense_ext

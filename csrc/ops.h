@@ -1,0 +1,40 @@
+// C++ signatures of the dense_ext ops (schemas in ops.cpp). Every kernel registered for an op,
+// CPU or CUDA, has exactly this signature, and the block drivers call the ops through the
+// dispatcher with it, so one driver serves both devices.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <tuple>
+#include <vector>
+
+namespace dense_ext {
+
+using ChannelStatsFn = void(const at::Tensor& x, const at::Tensor& stats, int64_t lo);
+using BnReluFn = void(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                      const at::Tensor& gamma, const at::Tensor& beta, double eps,
+                      const at::Tensor& out);
+using BnReluBackwardFn = void(const at::Tensor& grad_z, const at::Tensor& x,
+                              const at::Tensor& mean, const at::Tensor& var,
+                              const at::Tensor& gamma, const at::Tensor& beta, double eps,
+                              bool batch_stats, bool accumulate, const at::Tensor& grad_x,
+                              const at::Tensor& grad_gamma, const at::Tensor& grad_beta);
+using DropoutStoreFn = void(const at::Tensor& src, double p, int64_t seed, int64_t key,
+                            const at::Tensor& dst);
+
+// Block drivers (block.cpp): device-generic, registered for CPU there and for CUDA in
+// cuda/block.cu.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_forward(
+    const at::Tensor& x, at::TensorList params, at::TensorList running, at::ArrayRef<double> eps,
+    int64_t growth_rate, int64_t bn_size, double drop_rate, int64_t seed, bool keep_bottleneck,
+    bool batch_stats, bool save);
+
+std::tuple<at::Tensor, at::Tensor> block_backward(const at::Tensor& grad_feat, const at::Tensor& feat,
+                                       const at::Tensor& stats1, const at::Tensor& stats2,
+                                       at::TensorList bottlenecks, at::TensorList params,
+                                       at::TensorList running, at::ArrayRef<double> eps,
+                                       int64_t growth_rate, int64_t bn_size, double drop_rate,
+                                       int64_t seed, bool batch_stats);
+
+}  // namespace dense_ext
