@@ -407,6 +407,21 @@ def test_package_imports_without_triton_interpret_and_defines_no_kernel():
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
 
 
+@pytest.mark.slow
+def test_kernels_compile_for_the_gpu_without_a_gpu():
+    """Every kernel variant a block launches compiles to a cubin for sm_90 (float32 with tf32,
+    float64) and fits the shared memory: the compiled path the interpreter does not exercise.
+    ``python -m dense_ext.backends.triton.compile_check`` runs the whole matrix (sm_80/86/90,
+    four dtypes)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "dense_ext.backends.triton.compile_check",
+           "--arch", "90", "--dtypes", "float32", "float64"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count(" ok ") == 2 * 8 + 2, done.stdout
+
+
 def test_cuda_device_with_interpreted_kernels_is_refused():
     triton_cpu_or_skip()
     from dense_ext.backends import get_backend

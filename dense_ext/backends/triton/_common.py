@@ -40,13 +40,13 @@ def round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def tap_source(rm, row_ok, hh, ww, H, W, DY: tl.constexpr, DX: tl.constexpr, KS: tl.constexpr):
-    """Rows read by tap (DY, DX) for output rows ``rm`` and whether they lie in the image."""
+def tap_source(rm, row_ok, hh, ww, H, W, dy, dx, KS: tl.constexpr):
+    """Rows read by tap offset (dy, dx) for output rows ``rm`` and whether they lie in the image."""
     if KS == 1:
         return rm, row_ok
     else:
-        src = rm + DY * W + DX
-        ok = row_ok & (hh + DY >= 0) & (hh + DY < H) & (ww + DX >= 0) & (ww + DX < W)
+        src = rm + dy * W + dx
+        ok = row_ok & (hh + dy >= 0) & (hh + dy < H) & (ww + dx >= 0) & (ww + dx < W)
         return src, ok
 
 

@@ -32,6 +32,23 @@ class Config:
     split_m: int = 1  # wgrad only
 
 
+# Largest dynamic shared memory per block (bytes) by compute capability; default: sm_86/89 size.
+SHARED_MEMORY_LIMIT = {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448}
+_SMALL_SHARED = 101376
+
+
+def shared_limit(cap: tuple[int, int]) -> int:
+    return SHARED_MEMORY_LIMIT.get(cap, _SMALL_SHARED)
+
+
+def _stages(cap: tuple[int, int]) -> int:
+    """Software-pipeline depth: 4 on sm_90 (227 KiB shared), 3 on sm_80 (163 KiB), 2 on the
+    consumer parts (sm_86/89, 99 KiB)."""
+    if cap >= (9, 0):
+        return 4
+    return 3 if shared_limit(cap) > _SMALL_SHARED else 2
+
+
 def _width(channels: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(channels)))
 
@@ -41,28 +58,38 @@ def _gpu(device: torch.device) -> tuple[tuple[int, int], int]:
     return (props.major, props.minor), props.multi_processor_count
 
 
+def _on_cpu(device: torch.device) -> bool:
+    return INTERPRETED or device.type != "cuda"
+
+
 def conv_fwd_config(m: int, c_in: int, c_out: int, dtype: torch.dtype, device: torch.device) -> Config:
-    if INTERPRETED or device.type != "cuda":
+    if _on_cpu(device):
         return Config(64, 16, 16)
-    cap, _ = _gpu(device)
+    return conv_fwd_gpu(c_in, c_out, dtype, _gpu(device)[0])
+
+
+def conv_fwd_gpu(c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, int]) -> Config:
     if dtype == torch.float64:
         return Config(64, _width(c_out, 32), 16, num_warps=4, num_stages=2)
     wide = dtype != torch.float32
     block_n = _width(c_out, 128 if wide else 64)
     block_k = _width(c_in, 64 if wide else 32)
-    stages = 4 if cap >= (9, 0) else 3
+    stages = _stages(cap)
     return Config(128, block_n, block_k, num_warps=8 if block_n >= 64 else 4, num_stages=stages)
 
 
 def conv_dgrad_config(m: int, c_in: int, c_out: int, dtype: torch.dtype, device: torch.device) -> Config:
     """``block_n`` tiles the reduced (gradient-source) channels, ``block_k`` the produced ones."""
-    if INTERPRETED or device.type != "cuda":
+    if _on_cpu(device):
         return Config(64, 16, 16)
-    cap, _ = _gpu(device)
+    return conv_dgrad_gpu(c_in, c_out, dtype, _gpu(device)[0])
+
+
+def conv_dgrad_gpu(c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, int]) -> Config:
     if dtype == torch.float64:
         return Config(64, _width(c_out, 32), _width(c_in, 32), num_warps=4, num_stages=2)
     wide = dtype != torch.float32
-    stages = 4 if cap >= (9, 0) else 3
+    stages = _stages(cap)
     block_k = _width(c_in, 128 if wide else 64)
     return Config(128, _width(c_out, 64 if wide else 32), block_k,
                   num_warps=8 if block_k >= 64 else 4, num_stages=stages)
@@ -71,20 +98,29 @@ def conv_dgrad_config(m: int, c_in: int, c_out: int, dtype: torch.dtype, device:
 def conv_wgrad_config(m: int, c_in: int, c_out: int, taps: int, dtype: torch.dtype,
                       device: torch.device) -> Config:
     """``block_n`` tiles output channels, ``block_k`` input channels, ``block_m`` the reduction."""
-    if INTERPRETED or device.type != "cuda":
+    if _on_cpu(device):
         return Config(32, 16, 16, split_m=2)
     cap, sms = _gpu(device)
+    return conv_wgrad_gpu(m, c_in, c_out, taps, dtype, cap, sms)
+
+
+def conv_wgrad_gpu(m: int, c_in: int, c_out: int, taps: int, dtype: torch.dtype,
+                   cap: tuple[int, int], sms: int) -> Config:
     if dtype == torch.float64:
         block_n, block_k, block_m = _width(c_out, 32), _width(c_in, 32), 32
     else:
         block_n, block_k, block_m = _width(c_out, 64), _width(c_in, 64), 64
     tiles = triton.cdiv(c_out, block_n) * triton.cdiv(c_in, block_k) * taps
     split = max(1, min(triton.cdiv(m, 8 * block_m), triton.cdiv(4 * sms, tiles)))
-    stages = 4 if cap >= (9, 0) else 3
+    stages = _stages(cap)
     return Config(block_m, block_n, block_k, num_warps=4, num_stages=stages, split_m=split)
 
 
 def stats_config(m: int, c: int, device: torch.device) -> Config:
-    if INTERPRETED or device.type != "cuda":
+    if _on_cpu(device):
         return Config(64, 16, 16)
+    return stats_gpu(c)
+
+
+def stats_gpu(c: int) -> Config:
     return Config(256, _width(c, 32), 16, num_warps=4)

@@ -64,24 +64,26 @@ def _conv_dgrad_bn_relu_bwd_kernel(
     hh = (rm // W) % H
     ww = rm % W
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=acc_t)
-    for tap in tl.static_range(KS * KS):
-        # dZ[i] = sum_tap dY[i - d(tap)] @ W[tap]^T: the transposed convolution.
+    # dZ[i] = sum_tap dY[i - d(tap)] @ W[tap]^T (the transposed convolution), as one flat loop
+    # over (tap, channel chunk).
+    num_n = tl.cdiv(C_OUT, BLOCK_N)
+    for it in range(0, KS * KS * num_n):
+        tap = it // num_n
+        rn = (it - tap * num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         src, ok = tap_source(rm, row_ok, hh, ww, H, W, KS // 2 - tap // KS, KS // 2 - tap % KS, KS)
-        dy_rows = DY_ptr + src.to(tl.int64)[:, None] * DY_row_stride + dy_col
-        for n0 in range(0, C_OUT, BLOCK_N):
-            rn = n0 + tl.arange(0, BLOCK_N)
-            n_ok = rn < C_OUT
-            valid = ok[:, None] & n_ok[None, :]
-            dy = tl.load(dy_rows + rn[None, :], mask=valid, other=0.0).to(acc_t)
-            if HAS_MASK:
-                dy = dy * dropout_mask(MASK_ptr, src[:, None], rn[None, :], valid, H * W, C_OUT).to(acc_t)
-            dy = round_to(dy, op_t)
-            w = tl.load(W_ptr + (tap * C_IN + rc)[None, :] * C_OUT + rn[:, None],
-                        mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-            if DOT_FP32:
-                acc = tl.dot(dy.to(tl.float32), w.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-            else:
-                acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
+        n_ok = rn < C_OUT
+        valid = ok[:, None] & n_ok[None, :]
+        dy = tl.load(DY_ptr + src.to(tl.int64)[:, None] * DY_row_stride + (dy_col + rn)[None, :],
+                     mask=valid, other=0.0).to(acc_t)
+        if HAS_MASK:
+            dy = dy * dropout_mask(MASK_ptr, src[:, None], rn[None, :], valid, H * W, C_OUT).to(acc_t)
+        dy = round_to(dy, op_t)
+        w = tl.load(W_ptr + (tap * C_IN + rc)[None, :] * C_OUT + rn[:, None],
+                    mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(dy.to(tl.float32), w.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
     tile_ok = row_ok[:, None] & c_ok[None, :]
     # The conv consumed Z rounded to the buffer dtype; its gradient arrives in that dtype too.
     dz = round_to(acc, op_t).to(acc_t)

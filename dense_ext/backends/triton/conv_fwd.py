@@ -60,23 +60,26 @@ def _bn_relu_conv_fwd_kernel(
     hh = (rm // W) % H
     ww = rm % W
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_t)
-    for tap in tl.static_range(KS * KS):
+    # One flat loop over (tap, channel chunk): for the small channel counts of a dense layer
+    # the pipeliner then overlaps loads across taps, not just within one tap's few chunks.
+    num_k = tl.cdiv(C_IN, BLOCK_K)
+    for it in range(0, KS * KS * num_k):
+        tap = it // num_k
+        rk = (it - tap * num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
         src, ok = tap_source(rm, row_ok, hh, ww, H, W, tap // KS - KS // 2, tap % KS - KS // 2, KS)
-        x_rows = X_ptr + src.to(tl.int64)[:, None] * X_row_stride + x_col
-        for k0 in range(0, C_IN, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < C_IN
-            mean, invstd, scale, beta = load_bn_params(MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rk, k_ok)
-            valid = ok[:, None] & k_ok[None, :]
-            x = tl.load(x_rows + rk[None, :], mask=valid, other=0.0).to(acc_t)
-            z = tl.maximum((x - mean[None, :]) * scale[None, :] + beta[None, :], 0.0)
-            z = round_to(tl.where(valid, z, 0.0), op_t)
-            w = tl.load(W_ptr + (tap * C_IN + rk)[:, None] * C_OUT + rn[None, :],
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if DOT_FP32:
-                acc = tl.dot(z.to(tl.float32), w.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-            else:
-                acc = tl.dot(z, w, acc, input_precision=INPUT_PRECISION)
+        k_ok = rk < C_IN
+        mean, invstd, scale, beta = load_bn_params(MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rk, k_ok)
+        valid = ok[:, None] & k_ok[None, :]
+        x = tl.load(X_ptr + src.to(tl.int64)[:, None] * X_row_stride + (x_col + rk)[None, :],
+                    mask=valid, other=0.0).to(acc_t)
+        z = tl.maximum((x - mean[None, :]) * scale[None, :] + beta[None, :], 0.0)
+        z = round_to(tl.where(valid, z, 0.0), op_t)
+        w = tl.load(W_ptr + (tap * C_IN + rk)[:, None] * C_OUT + rn[None, :],
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(z.to(tl.float32), w.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(z, w, acc, input_precision=INPUT_PRECISION)
     store_ok = row_ok[:, None] & n_ok[None, :]
     if HAS_MASK:
         acc = acc * dropout_mask(MASK_ptr, rm[:, None], rn[None, :], store_ok, H * W, C_OUT).to(acc_t)
