@@ -1,0 +1,1 @@
+"""Benchmarks of dense_ext (not part of the installed package); see bench/README.md."""
