@@ -63,7 +63,9 @@ def make_pair(bn_size, drop_rate, memory, dtype, device="cpu", seed=0, backend="
 
 
 def buffers(module):
-    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "batches" in k}
+    return {
+        k: v.clone() for k, v in module.state_dict().items() if "running" in k or "batches" in k
+    }
 
 
 def step(module, x, grad, seed):
@@ -193,9 +195,13 @@ def test_forward_state_matches_reference(memory):
     assert_close(feat_t, feat_r, tol, "feat")
     assert_close(state_t.stats1, state_r.stats1, tol, "stats1")
     assert_close(state_t.stats2, state_r.stats2, tol, "stats2")
-    assert len(state_t.bottlenecks) == len(state_r.bottlenecks) == (L if memory == "bottleneck" else 0)
+    assert (
+        len(state_t.bottlenecks) == len(state_r.bottlenecks) == (L if memory == "bottleneck" else 0)
+    )
     for y_t, y_r in zip(state_t.bottlenecks, state_r.bottlenecks):
-        assert_close(y_t.reshape(-1, y_t.shape[-1]), y_r.permute(0, 2, 3, 1).reshape(y_t.shape), tol, "Y1")
+        assert_close(
+            y_t.reshape(-1, y_t.shape[-1]), y_r.permute(0, 2, 3, 1).reshape(y_t.shape), tol, "Y1"
+        )
 
 
 def test_eval_forward_without_save_keeps_nothing():
@@ -217,13 +223,15 @@ def test_channel_statistics_are_stable_for_large_means():
 
     g = torch.Generator().manual_seed(0)
     m, c_total = 150, 21
-    data = (torch.randn(2, c_total, 5, 15, generator=g) * 0.1 + 1000.0)
+    data = torch.randn(2, c_total, 5, 15, generator=g) * 0.1 + 1000.0
     data[:, 3] = torch.randn(2, 5, 15, generator=g) * 3.0 - 50.0  # one ordinary channel
     feat = data.contiguous(memory_format=torch.channels_last)
     assert feat.shape[0] * feat.shape[2] * feat.shape[3] == m
     stats = torch.full((2, c_total), float("nan"))
     channel_stats(feat, 2, 17, stats, 2, c_total + 2)  # channels [2, 19) into columns [2, 19)
-    var, mean = torch.var_mean(data.double().permute(0, 2, 3, 1).reshape(m, c_total), dim=0, correction=0)
+    var, mean = torch.var_mean(
+        data.double().permute(0, 2, 3, 1).reshape(m, c_total), dim=0, correction=0
+    )
     assert torch.isnan(stats[:, :2]).all() and torch.isnan(stats[:, 19:]).all(), "wrote outside"
     assert_close(stats[0, 2:19], mean[2:19], 1e-6, "mean")
     rel_var = ((stats[1, 2:19].double() - var[2:19]).abs() / var[2:19]).max().item()
@@ -305,25 +313,53 @@ def test_ops_against_autograd(ks):
     out.backward(dout)
 
     w_taps = conv_weight_taps(weight, dt)
-    y = torch.full((n, c_total + 3, h, w), 7.0, dtype=dt).contiguous(memory_format=torch.channels_last)
+    y = torch.full((n, c_total + 3, h, w), 7.0, dtype=dt).contiguous(
+        memory_format=torch.channels_last
+    )
     stats = torch.zeros(2, c_out, dtype=dt)
-    bn_relu_conv_fwd(buf, 1, c_in, mean, invstd, gamma, beta, w_taps, y, 2, mask, stats, 0, c_out, h, w)
+    bn_relu_conv_fwd(
+        buf, 1, c_in, mean, invstd, gamma, beta, w_taps, y, 2, mask, stats, 0, c_out, h, w
+    )
     assert_close(y[:, 2 : 2 + c_out], out.detach(), 1e-12, "forward")
-    assert (y[:, :2] == 7).all() and (y[:, 2 + c_out :] == 7).all(), "forward wrote outside its slice"
+    assert (y[:, :2] == 7).all() and (y[:, 2 + c_out :] == 7).all(), (
+        "forward wrote outside its slice"
+    )
     var_o, mean_o = torch.var_mean(out.detach(), dim=(0, 2, 3), correction=0)
     assert_close(stats[0], mean_o, 1e-12, "output mean")
     assert_close(stats[1], var_o, 1e-12, "output variance")
 
     gbuf = torch.zeros(n, c_out + 5, h, w, dtype=dt).contiguous(memory_format=torch.channels_last)
     gbuf[:, 5:] = dout
-    grad_w = bn_relu_conv_wgrad(gbuf, 5, c_out, mask, buf, 1, c_in, mean, invstd, gamma, beta, ks, h, w)
+    grad_w = bn_relu_conv_wgrad(
+        gbuf, 5, c_out, mask, buf, 1, c_in, mean, invstd, gamma, beta, ks, h, w
+    )
     assert_close(grad_w, w_.grad, 1e-12, "weight gradient")
-    sums = conv_dgrad_bn_relu_reduce(gbuf, 5, mask, w_taps, buf, 1, c_in, mean, invstd, gamma, beta, h, w)
+    sums = conv_dgrad_bn_relu_reduce(
+        gbuf, 5, mask, w_taps, buf, 1, c_in, mean, invstd, gamma, beta, h, w
+    )
     assert_close(sums[0], b_.grad, 1e-12, "grad beta")
     assert_close(sums[1], g_.grad, 1e-12, "grad gamma")
     dx = torch.ones(n, c_in + 1, h, w, dtype=dt).contiguous(memory_format=torch.channels_last)
-    conv_dgrad_bn_relu_apply(gbuf, 5, mask, w_taps, buf, 1, c_in, mean, invstd, gamma, beta, sums,
-                             dx, 1, True, True, h, w)
+    conv_dgrad_bn_relu_apply(
+        gbuf,
+        5,
+        mask,
+        w_taps,
+        buf,
+        1,
+        c_in,
+        mean,
+        invstd,
+        gamma,
+        beta,
+        sums,
+        dx,
+        1,
+        True,
+        True,
+        h,
+        w,
+    )
     assert_close(dx[:, 1:] - 1, x.grad, 1e-12, "input gradient (accumulated)")
     assert (dx[:, 0] == 1).all(), "dgrad wrote outside its slice"
 
@@ -349,7 +385,9 @@ def low_precision_check(results, reference, naive_low, dtype):
     pairs += [(f"grad {n}", grads_t[n], grads_l[n], grads_r[n]) for n in grads_r]
     for what, t, low, ref in pairs:
         err_t, err_l = norm_err(t, ref), norm_err(low, ref)
-        assert err_t <= 2 * err_l + unit, f"{what}: error {err_t:.2e} > 2 x PyTorch's {err_l:.2e} + {unit:.0e}"
+        assert err_t <= 2 * err_l + unit, (
+            f"{what}: error {err_t:.2e} > 2 x PyTorch's {err_l:.2e} + {unit:.0e}"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -362,8 +400,9 @@ def test_low_precision_within_twice_pytorch_error(bn_size, dtype):
     naive_low = copy.deepcopy(naive64).to(dtype)
     block = EfficientDenseBlock(L, C0, K, bn_size, memory="min", backend="triton").to(dtype)
     block.load_state_dict(naive64.state_dict())
-    low_precision_check(step(block, x.to(dtype), grad, 0), reference,
-                        step(naive_low, x.to(dtype), grad, 0), dtype)
+    low_precision_check(
+        step(block, x.to(dtype), grad, 0), reference, step(naive_low, x.to(dtype), grad, 0), dtype
+    )
 
 
 def test_autocast_picks_the_buffer_dtype():
@@ -401,9 +440,13 @@ def test_package_imports_without_triton_interpret_and_defines_no_kernel():
         "print('ok')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = (
+        str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    )
     env["CUDA_VISIBLE_DEVICES"] = ""
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
 
 
@@ -414,9 +457,19 @@ def test_kernels_compile_for_the_gpu_without_a_gpu():
     ``python -m dense_ext.backends.triton.compile_check`` runs the whole matrix (sm_80/86/90,
     four dtypes)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "dense_ext.backends.triton.compile_check",
-           "--arch", "90", "--dtypes", "float32", "float64"]
+    env["PYTHONPATH"] = (
+        str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "dense_ext.backends.triton.compile_check",
+        "--arch",
+        "90",
+        "--dtypes",
+        "float32",
+        "float64",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count(" ok ") == 2 * 8 + 2, done.stdout
@@ -438,8 +491,13 @@ def test_ops_are_registered_with_torch_library():
 
     get_backend("triton", "cpu")
     ns = torch.ops.dense_ext_triton
-    for op in ("channel_stats", "bn_relu_conv_fwd", "conv_dgrad_bn_relu_reduce",
-               "conv_dgrad_bn_relu_apply", "bn_relu_conv_wgrad"):
+    for op in (
+        "channel_stats",
+        "bn_relu_conv_fwd",
+        "conv_dgrad_bn_relu_reduce",
+        "conv_dgrad_bn_relu_apply",
+        "bn_relu_conv_wgrad",
+    ):
         schema = str(getattr(ns, op).default._schema)
         assert schema.startswith(f"dense_ext_triton::{op}"), schema
     assert re.search(r"Tensor\(a\d*!\) y,", str(ns.bn_relu_conv_fwd.default._schema))
@@ -469,8 +527,9 @@ def test_cuda_within_twice_pytorch_error(bn_size, memory, dtype):
     block = EfficientDenseBlock(L, C0, K, bn_size, 0.2, memory=memory, backend="triton")
     block = block.to(device="cuda", dtype=dtype)
     block.load_state_dict(naive64.state_dict())
-    low_precision_check(step(block, x.to(dtype), grad, 0), reference,
-                        step(naive_low, x.to(dtype), grad, 0), dtype)
+    low_precision_check(
+        step(block, x.to(dtype), grad, 0), reference, step(naive_low, x.to(dtype), grad, 0), dtype
+    )
 
 
 @pytest.mark.cuda

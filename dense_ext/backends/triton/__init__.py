@@ -7,13 +7,15 @@ kernels run on CPU tensors (tests without a GPU), the compiled ones on CUDA tens
 
 Layout (Liger order inside every file: kernels, host launchers, op registration):
 
-* ``_common.py``   shared ``@triton.jit`` helpers (BN-ReLU prologue, 3x3 tap geometry, dropout mask);
+* ``_common.py``   shared ``@triton.jit`` helpers (3x3 tap geometry, BN parameters, dropout
+                   mask, rounding);
 * ``stats.py``     per-channel batch statistics: per-tile mean/M2, merged with Chan's formula;
 * ``conv_fwd.py``  BN-ReLU prologue + implicit-GEMM convolution (1x1 = the bottleneck GEMM, 3x3)
                    + dropout-mask and channel-statistics epilogue;
 * ``conv_dgrad.py`` data gradient of the convolution fused with BN-ReLU backward (reduce pass,
                    then apply pass that stores or accumulates into the gradient buffer);
 * ``conv_wgrad.py`` weight gradient with the BN-ReLU operand recomputed as it is loaded;
+* ``compile_check.py`` ahead-of-time compile of every kernel to a cubin (no GPU needed);
 * ``configs.py``   block sizes per problem shape and GPU generation (sm_80, sm_90) or interpreter;
 * ``backend.py``   the layer loop (``TritonBackend``), the glue to ``DenseBlockFunction``.
 """
@@ -53,21 +55,27 @@ def unavailable_reason(device: torch.device) -> str | None:
     loaded = _kernels_mode()
     if device.type == "cpu":
         if loaded is False or (loaded is None and not interpret_requested()):
-            return ("Triton runs on CPU tensors only through its interpreter; set "
-                    "TRITON_INTERPRET=1 before dense_ext's Triton kernels are first used")
+            return (
+                "Triton runs on CPU tensors only through its interpreter; set "
+                "TRITON_INTERPRET=1 before dense_ext's Triton kernels are first used"
+            )
         return None
     if device.type != "cuda":
         return f"Triton kernels run on CUDA devices (or interpreted on CPU), not {device.type}"
     if loaded is True or (loaded is None and interpret_requested()):
-        return ("the Triton kernels are interpreted (TRITON_INTERPRET=1 was set when they were "
-                "defined); CUDA tensors need compiled kernels: unset TRITON_INTERPRET")
+        return (
+            "the Triton kernels are interpreted (TRITON_INTERPRET=1 was set when they were "
+            "defined); CUDA tensors need compiled kernels: unset TRITON_INTERPRET"
+        )
     if not torch.cuda.is_available():
         return "CUDA is not available"
     index = device.index if device.index is not None else torch.cuda.current_device()
     capability = torch.cuda.get_device_capability(index)
     if capability < _MIN_CAPABILITY:
-        return (f"GPU capability sm_{capability[0]}{capability[1]} is below sm_80, the oldest "
-                "architecture these kernels are tuned and tested for")
+        return (
+            f"GPU capability sm_{capability[0]}{capability[1]} is below sm_80, the oldest "
+            "architecture these kernels are tuned and tested for"
+        )
     return None
 
 

@@ -99,13 +99,17 @@ def rows_stride(t: torch.Tensor, what: str) -> int:
     """Row stride of a rows operand (channels_last 4-D buffer or contiguous 2-D matrix)."""
     if t.dim() == 4:
         if not t.is_contiguous(memory_format=torch.channels_last):
-            raise ValueError(f"dense_ext triton: {what} must be channels_last, got strides {t.stride()}")
+            raise ValueError(
+                f"dense_ext triton: {what} must be channels_last, got strides {t.stride()}"
+            )
         return t.shape[1]
     if t.dim() == 2:
         if not t.is_contiguous():
             raise ValueError(f"dense_ext triton: {what} must be a contiguous [M, C] matrix")
         return t.shape[1]
-    raise ValueError(f"dense_ext triton: {what} must be [N, C, H, W] or [M, C], got {tuple(t.shape)}")
+    raise ValueError(
+        f"dense_ext triton: {what} must be [N, C, H, W] or [M, C], got {tuple(t.shape)}"
+    )
 
 
 def num_rows(t: torch.Tensor) -> int:

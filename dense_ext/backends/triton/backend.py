@@ -61,7 +61,9 @@ class TritonBackend(Backend):
             state.stats1 = torch.empty((2, spec.num_features), dtype=acc, device=dev)
             channel_stats(feat, 0, c0, state.stats1, 0, spec.num_features)
             if spec.bottleneck:
-                state.stats2 = torch.empty((spec.num_layers, 2, spec.mid_channels), dtype=acc, device=dev)
+                state.stats2 = torch.empty(
+                    (spec.num_layers, 2, spec.mid_channels), dtype=acc, device=dev
+                )
         if spec.drop_rate > 0:
             state.dropout = DropoutReplay(dev, spec.drop_rate)
         keep = save and spec.keeps_bottleneck
@@ -81,17 +83,56 @@ class TritonBackend(Backend):
                 y1 = torch.empty((m, mid), dtype=x.dtype, device=dev) if keep else scratch
                 stats2 = state.stats2 if batch_stats else None
                 off2 = layer * 2 * mid
-                bn_relu_conv_fwd(feat, 0, lv.c_in, *bn1, conv_weight_taps(p[2], x.dtype), y1, 0,
-                                 None, stats2, off2, off2 + mid, h, w)
+                bn_relu_conv_fwd(
+                    feat,
+                    0,
+                    lv.c_in,
+                    *bn1,
+                    conv_weight_taps(p[2], x.dtype),
+                    y1,
+                    0,
+                    None,
+                    stats2,
+                    off2,
+                    off2 + mid,
+                    h,
+                    w,
+                )
                 if keep:
                     state.bottlenecks.append(y1)
                 mean2, invstd2 = lv.bn2()
                 bn2 = (mean2.contiguous(), invstd2.contiguous(), _vec(p[3], acc), _vec(p[4], acc))
-                bn_relu_conv_fwd(y1, 0, mid, *bn2, conv_weight_taps(p[5], x.dtype), feat, lv.c_in,
-                                 mask, stats1, lv.c_in, c_total + lv.c_in, h, w)
+                bn_relu_conv_fwd(
+                    y1,
+                    0,
+                    mid,
+                    *bn2,
+                    conv_weight_taps(p[5], x.dtype),
+                    feat,
+                    lv.c_in,
+                    mask,
+                    stats1,
+                    lv.c_in,
+                    c_total + lv.c_in,
+                    h,
+                    w,
+                )
             else:
-                bn_relu_conv_fwd(feat, 0, lv.c_in, *bn1, conv_weight_taps(p[2], x.dtype), feat,
-                                 lv.c_in, mask, stats1, lv.c_in, c_total + lv.c_in, h, w)
+                bn_relu_conv_fwd(
+                    feat,
+                    0,
+                    lv.c_in,
+                    *bn1,
+                    conv_weight_taps(p[2], x.dtype),
+                    feat,
+                    lv.c_in,
+                    mask,
+                    stats1,
+                    lv.c_in,
+                    c_total + lv.c_in,
+                    h,
+                    w,
+                )
         return feat, state
 
     def backward(self, grad_feat, feat, state, params, running, eps, spec, batch_stats, sync=LOCAL):
@@ -131,18 +172,65 @@ class TritonBackend(Backend):
                 w2 = conv_weight_taps(p[5], dtype)
                 grad_w2 = bn_relu_conv_wgrad(grad_feat, c_in, k, mask, y1, 0, mid, *bn2, 3, h, w)
                 sums2 = conv_dgrad_bn_relu_reduce(grad_feat, c_in, mask, w2, y1, 0, mid, *bn2, h, w)
-                conv_dgrad_bn_relu_apply(grad_feat, c_in, mask, w2, y1, 0, mid, *bn2, sums2,
-                                         grad_y1, 0, batch_stats, False, h, w)
+                conv_dgrad_bn_relu_apply(
+                    grad_feat,
+                    c_in,
+                    mask,
+                    w2,
+                    y1,
+                    0,
+                    mid,
+                    *bn2,
+                    sums2,
+                    grad_y1,
+                    0,
+                    batch_stats,
+                    False,
+                    h,
+                    w,
+                )
                 grad_w1 = bn_relu_conv_wgrad(grad_y1, 0, mid, None, feat, 0, c_in, *bn1, 1, h, w)
                 sums1 = conv_dgrad_bn_relu_reduce(grad_y1, 0, None, w1, feat, 0, c_in, *bn1, h, w)
-                conv_dgrad_bn_relu_apply(grad_y1, 0, None, w1, feat, 0, c_in, *bn1, sums1,
-                                         grad_feat, 0, batch_stats, True, h, w)
+                conv_dgrad_bn_relu_apply(
+                    grad_y1,
+                    0,
+                    None,
+                    w1,
+                    feat,
+                    0,
+                    c_in,
+                    *bn1,
+                    sums1,
+                    grad_feat,
+                    0,
+                    batch_stats,
+                    True,
+                    h,
+                    w,
+                )
                 layer_grads = [sums1[1], sums1[0], grad_w1, sums2[1], sums2[0], grad_w2]
             else:
                 grad_w1 = bn_relu_conv_wgrad(grad_feat, c_in, k, mask, feat, 0, c_in, *bn1, 3, h, w)
-                sums1 = conv_dgrad_bn_relu_reduce(grad_feat, c_in, mask, w1, feat, 0, c_in, *bn1, h, w)
-                conv_dgrad_bn_relu_apply(grad_feat, c_in, mask, w1, feat, 0, c_in, *bn1, sums1,
-                                         grad_feat, 0, batch_stats, True, h, w)
+                sums1 = conv_dgrad_bn_relu_reduce(
+                    grad_feat, c_in, mask, w1, feat, 0, c_in, *bn1, h, w
+                )
+                conv_dgrad_bn_relu_apply(
+                    grad_feat,
+                    c_in,
+                    mask,
+                    w1,
+                    feat,
+                    0,
+                    c_in,
+                    *bn1,
+                    sums1,
+                    grad_feat,
+                    0,
+                    batch_stats,
+                    True,
+                    h,
+                    w,
+                )
                 layer_grads = [sums1[1], sums1[0], grad_w1]
             first = layer * spec.params_per_layer
             for i, g in enumerate(layer_grads):

@@ -33,9 +33,21 @@ from dense_ext.backends.triton.conv_fwd import _bn_relu_conv_fwd_kernel  # noqa:
 from dense_ext.backends.triton.conv_wgrad import _bn_relu_conv_wgrad_kernel  # noqa: E402
 from dense_ext.backends.triton.stats import _merge_stats_kernel, _tile_stats_kernel  # noqa: E402
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                 torch.float64: "fp64"}
-_ACC_POINTERS = {"MEAN_ptr", "INVSTD_ptr", "GAMMA_ptr", "BETA_ptr", "SUMS_ptr", "PART_ptr", "OUT_ptr"}
+_TRITON_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+}
+_ACC_POINTERS = {
+    "MEAN_ptr",
+    "INVSTD_ptr",
+    "GAMMA_ptr",
+    "BETA_ptr",
+    "SUMS_ptr",
+    "PART_ptr",
+    "OUT_ptr",
+}
 
 
 def _compile(kernel, dtype, constexprs, cap, num_warps, num_stages):
@@ -54,8 +66,9 @@ def _compile(kernel, dtype, constexprs, cap, num_warps, num_stages):
             signature[name] = "i32"
     src = ASTSource(kernel, signature, constexprs=constexprs)
     target = GPUTarget("cuda", cap[0] * 10 + cap[1], 32)
-    compiled = triton.compile(src, target=target,
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(
+        src, target=target, options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     return compiled.metadata.shared
 
 
@@ -66,8 +79,14 @@ def variants(cap, dtypes, c_in=256, mid=128, k=32, m=64 * 32 * 32):
         precision = "tf32" if dtype == torch.float32 else "ieee"
         yield from _conv_variants(cap, dtype, dot_fp32, precision, c_in, mid, k, m)
     stats = configs.stats_gpu(k)
-    yield ("tile_stats", _tile_stats_kernel, torch.float32,
-           {"BLOCK_M": stats.block_m, "BLOCK_C": stats.block_n}, stats.num_warps, 2)
+    yield (
+        "tile_stats",
+        _tile_stats_kernel,
+        torch.float32,
+        {"BLOCK_M": stats.block_m, "BLOCK_C": stats.block_n},
+        stats.num_warps,
+        2,
+    )
     yield ("merge_stats", _merge_stats_kernel, torch.float32, {"BLOCK_C": 32}, 4, 2)
 
 
@@ -75,28 +94,66 @@ def _conv_variants(cap, dtype, dot_fp32, precision, c_in, mid, k, m):
     common = {"DOT_FP32": dot_fp32, "INPUT_PRECISION": precision}
     for ks, cin, cout, mask in ((1, c_in, mid, False), (3, mid, k, True)):
         cfg = configs.conv_fwd_gpu(cin, cout, dtype, cap)
-        yield (f"fwd_ks{ks}", _bn_relu_conv_fwd_kernel, dtype,
-               {"KS": ks, "HAS_MASK": mask, "COMPUTE_STATS": True, **common,
-                "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k},
-               cfg.num_warps, cfg.num_stages)
+        yield (
+            f"fwd_ks{ks}",
+            _bn_relu_conv_fwd_kernel,
+            dtype,
+            {
+                "KS": ks,
+                "HAS_MASK": mask,
+                "COMPUTE_STATS": True,
+                **common,
+                "BLOCK_M": cfg.block_m,
+                "BLOCK_N": cfg.block_n,
+                "BLOCK_K": cfg.block_k,
+            },
+            cfg.num_warps,
+            cfg.num_stages,
+        )
         cfg = configs.conv_dgrad_gpu(cin, cout, dtype, cap)
         for apply in (False, True):
-            yield (f"dgrad_ks{ks}_{'apply' if apply else 'reduce'}", _conv_dgrad_bn_relu_bwd_kernel,
-                   dtype, {"KS": ks, "HAS_MASK": mask, "APPLY": apply, "BATCH_STATS": True,
-                           "ACCUMULATE": ks == 1, **common, "BLOCK_M": cfg.block_m,
-                           "BLOCK_N": cfg.block_n, "BLOCK_C": cfg.block_k},
-                   cfg.num_warps, cfg.num_stages)
+            yield (
+                f"dgrad_ks{ks}_{'apply' if apply else 'reduce'}",
+                _conv_dgrad_bn_relu_bwd_kernel,
+                dtype,
+                {
+                    "KS": ks,
+                    "HAS_MASK": mask,
+                    "APPLY": apply,
+                    "BATCH_STATS": True,
+                    "ACCUMULATE": ks == 1,
+                    **common,
+                    "BLOCK_M": cfg.block_m,
+                    "BLOCK_N": cfg.block_n,
+                    "BLOCK_C": cfg.block_k,
+                },
+                cfg.num_warps,
+                cfg.num_stages,
+            )
         cfg = configs.conv_wgrad_gpu(m, cin, cout, ks * ks, dtype, cap, 132)
-        yield (f"wgrad_ks{ks}", _bn_relu_conv_wgrad_kernel, dtype,
-               {"KS": ks, "HAS_MASK": mask, **common, "BLOCK_M": cfg.block_m,
-                "BLOCK_N": cfg.block_n, "BLOCK_C": cfg.block_k},
-               cfg.num_warps, cfg.num_stages)
+        yield (
+            f"wgrad_ks{ks}",
+            _bn_relu_conv_wgrad_kernel,
+            dtype,
+            {
+                "KS": ks,
+                "HAS_MASK": mask,
+                **common,
+                "BLOCK_M": cfg.block_m,
+                "BLOCK_N": cfg.block_n,
+                "BLOCK_C": cfg.block_k,
+            },
+            cfg.num_warps,
+            cfg.num_stages,
+        )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", type=int, default=[80, 86, 90])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16", "float64"])
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16", "float16", "float64"]
+    )
     args = parser.parse_args(argv)
     dtypes = [getattr(torch, d) for d in args.dtypes]
     failures = 0
@@ -107,14 +164,22 @@ def main(argv=None) -> int:
             try:
                 shared = _compile(kernel, dtype, constexprs, cap, warps, stages)
                 if shared > configs.shared_limit(cap):
-                    raise RuntimeError(f"needs {shared} B shared memory, sm_{arch} has "
-                                       f"{configs.shared_limit(cap)} B")
-                print(f"sm_{arch} {name:<20} {str(dtype):<15} ok  shared={shared:>6} B "
-                      f"({time.time() - start:.1f}s)", flush=True)
+                    raise RuntimeError(
+                        f"needs {shared} B shared memory, sm_{arch} has "
+                        f"{configs.shared_limit(cap)} B"
+                    )
+                print(
+                    f"sm_{arch} {name:<20} {str(dtype):<15} ok  shared={shared:>6} B "
+                    f"({time.time() - start:.1f}s)",
+                    flush=True,
+                )
             except Exception as exc:  # report every failure, not only the first
                 failures += 1
-                print(f"sm_{arch} {name:<20} {str(dtype):<15} FAILED: {type(exc).__name__}: "
-                      f"{str(exc)[:2000]}", flush=True)
+                print(
+                    f"sm_{arch} {name:<20} {str(dtype):<15} FAILED: {type(exc).__name__}: "
+                    f"{str(exc)[:2000]}",
+                    flush=True,
+                )
     return 1 if failures else 0
 
 

@@ -62,7 +62,9 @@ def _on_cpu(device: torch.device) -> bool:
     return INTERPRETED or device.type != "cuda"
 
 
-def conv_fwd_config(m: int, c_in: int, c_out: int, dtype: torch.dtype, device: torch.device) -> Config:
+def conv_fwd_config(
+    m: int, c_in: int, c_out: int, dtype: torch.dtype, device: torch.device
+) -> Config:
     if _on_cpu(device):
         return Config(64, 16, 16)
     return conv_fwd_gpu(c_in, c_out, dtype, _gpu(device)[0])
@@ -78,7 +80,9 @@ def conv_fwd_gpu(c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, int]
     return Config(128, block_n, block_k, num_warps=8 if block_n >= 64 else 4, num_stages=stages)
 
 
-def conv_dgrad_config(m: int, c_in: int, c_out: int, dtype: torch.dtype, device: torch.device) -> Config:
+def conv_dgrad_config(
+    m: int, c_in: int, c_out: int, dtype: torch.dtype, device: torch.device
+) -> Config:
     """``block_n`` tiles the reduced (gradient-source) channels, ``block_k`` the produced ones."""
     if _on_cpu(device):
         return Config(64, 16, 16)
@@ -91,12 +95,18 @@ def conv_dgrad_gpu(c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, in
     wide = dtype != torch.float32
     stages = _stages(cap)
     block_k = _width(c_in, 128 if wide else 64)
-    return Config(128, _width(c_out, 64 if wide else 32), block_k,
-                  num_warps=8 if block_k >= 64 else 4, num_stages=stages)
+    return Config(
+        128,
+        _width(c_out, 64 if wide else 32),
+        block_k,
+        num_warps=8 if block_k >= 64 else 4,
+        num_stages=stages,
+    )
 
 
-def conv_wgrad_config(m: int, c_in: int, c_out: int, taps: int, dtype: torch.dtype,
-                      device: torch.device) -> Config:
+def conv_wgrad_config(
+    m: int, c_in: int, c_out: int, taps: int, dtype: torch.dtype, device: torch.device
+) -> Config:
     """``block_n`` tiles output channels, ``block_k`` input channels, ``block_m`` the reduction."""
     if _on_cpu(device):
         return Config(32, 16, 16, split_m=2)
@@ -104,8 +114,9 @@ def conv_wgrad_config(m: int, c_in: int, c_out: int, taps: int, dtype: torch.dty
     return conv_wgrad_gpu(m, c_in, c_out, taps, dtype, cap, sms)
 
 
-def conv_wgrad_gpu(m: int, c_in: int, c_out: int, taps: int, dtype: torch.dtype,
-                   cap: tuple[int, int], sms: int) -> Config:
+def conv_wgrad_gpu(
+    m: int, c_in: int, c_out: int, taps: int, dtype: torch.dtype, cap: tuple[int, int], sms: int
+) -> Config:
     if dtype == torch.float64:
         block_n, block_k, block_m = _width(c_out, 32), _width(c_in, 32), 32
     else:

@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 from dense_ext.backends.triton._common import (
-    acc_dtype,
     dot_config,
     dropout_mask,
     load_bn_params,
@@ -42,16 +41,35 @@ def _conv_dgrad_bn_relu_bwd_kernel(
     MASK_ptr,  # [N, C_OUT, H, W] dropout multipliers of the conv output (if HAS_MASK)
     W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous
     X_ptr,  # rows [M, >= x_col + C_IN]: the BN input
-    MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr,  # [C_IN] accumulation dtype
+    MEAN_ptr,
+    INVSTD_ptr,
+    GAMMA_ptr,
+    BETA_ptr,  # [C_IN] accumulation dtype
     SUMS_ptr,  # [2, C_IN]: sum(g), sum(g * xhat) (APPLY with BATCH_STATS)
     PART_ptr,  # [cdiv(M, BLOCK_M), 2, C_IN] (REDUCE)
     DX_ptr,  # rows [M, >= dx_col + C_IN] (APPLY)
-    DY_row_stride, dy_col, X_row_stride, x_col, DX_row_stride, dx_col,
-    M, H, W, C_IN, C_OUT, count,
-    KS: tl.constexpr, HAS_MASK: tl.constexpr, APPLY: tl.constexpr,
-    BATCH_STATS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    DY_row_stride,
+    dy_col,
+    X_row_stride,
+    x_col,
+    DX_row_stride,
+    dx_col,
+    M,
+    H,
+    W,
+    C_IN,
+    C_OUT,
+    count,
+    KS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    APPLY: tl.constexpr,
+    BATCH_STATS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -73,13 +91,21 @@ def _conv_dgrad_bn_relu_bwd_kernel(
         src, ok = tap_source(rm, row_ok, hh, ww, H, W, KS // 2 - tap // KS, KS // 2 - tap % KS, KS)
         n_ok = rn < C_OUT
         valid = ok[:, None] & n_ok[None, :]
-        dy = tl.load(DY_ptr + src.to(tl.int64)[:, None] * DY_row_stride + (dy_col + rn)[None, :],
-                     mask=valid, other=0.0).to(acc_t)
+        dy = tl.load(
+            DY_ptr + src.to(tl.int64)[:, None] * DY_row_stride + (dy_col + rn)[None, :],
+            mask=valid,
+            other=0.0,
+        ).to(acc_t)
         if HAS_MASK:
-            dy = dy * dropout_mask(MASK_ptr, src[:, None], rn[None, :], valid, H * W, C_OUT).to(acc_t)
+            dy = dy * dropout_mask(MASK_ptr, src[:, None], rn[None, :], valid, H * W, C_OUT).to(
+                acc_t
+            )
         dy = round_to(dy, op_t)
-        w = tl.load(W_ptr + (tap * C_IN + rc)[None, :] * C_OUT + rn[:, None],
-                    mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+        w = tl.load(
+            W_ptr + (tap * C_IN + rc)[None, :] * C_OUT + rn[:, None],
+            mask=n_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        )
         if DOT_FP32:
             acc = tl.dot(dy.to(tl.float32), w.to(tl.float32), acc, input_precision=INPUT_PRECISION)
         else:
@@ -110,57 +136,163 @@ def _conv_dgrad_bn_relu_bwd_kernel(
         tl.store(base + C_IN + rc, tl.sum(tl.where(tile_ok, g * xhat, 0.0), axis=0), mask=c_ok)
 
 
-def _launch(dy, dy_col, mask, w_taps, x, x_col, c_in, mean, invstd, gamma, beta,
-            sums, part, dx, dx_col, height, width, apply, batch_stats, accumulate):
+def _launch(
+    dy,
+    dy_col,
+    mask,
+    w_taps,
+    x,
+    x_col,
+    c_in,
+    mean,
+    invstd,
+    gamma,
+    beta,
+    sums,
+    part,
+    dx,
+    dx_col,
+    height,
+    width,
+    apply,
+    batch_stats,
+    accumulate,
+):
     taps, _, c_out = w_taps.shape
     m = num_rows(x)
     cfg = conv_dgrad_config(m, c_in, c_out, x.dtype, x.device)
     dot_fp32, precision = dot_config(x.dtype)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(c_in, cfg.block_k))
     wrap(_conv_dgrad_bn_relu_bwd_kernel)[grid](
-        dy, mask if mask is not None else w_taps, w_taps, x, mean, invstd, gamma, beta,
-        sums if sums is not None else mean, part if part is not None else mean,
+        dy,
+        mask if mask is not None else w_taps,
+        w_taps,
+        x,
+        mean,
+        invstd,
+        gamma,
+        beta,
+        sums if sums is not None else mean,
+        part if part is not None else mean,
         dx if dx is not None else x,
-        rows_stride(dy, "dy"), dy_col, rows_stride(x, "x"), x_col,
-        rows_stride(dx, "dx") if dx is not None else 0, dx_col,
-        m, height, width, c_in, c_out, float(m),
-        KS=3 if taps == 9 else 1, HAS_MASK=mask is not None, APPLY=apply,
-        BATCH_STATS=batch_stats, ACCUMULATE=accumulate,
-        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        rows_stride(dy, "dy"),
+        dy_col,
+        rows_stride(x, "x"),
+        x_col,
+        rows_stride(dx, "dx") if dx is not None else 0,
+        dx_col,
+        m,
+        height,
+        width,
+        c_in,
+        c_out,
+        float(m),
+        KS=3 if taps == 9 else 1,
+        HAS_MASK=mask is not None,
+        APPLY=apply,
+        BATCH_STATS=batch_stats,
+        ACCUMULATE=accumulate,
+        DOT_FP32=dot_fp32,
+        INPUT_PRECISION=precision,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_C=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return cfg
 
 
 @torch.library.triton_op("dense_ext_triton::conv_dgrad_bn_relu_reduce", mutates_args={})
 def conv_dgrad_bn_relu_reduce(
-    dy: torch.Tensor, dy_col: int, mask: torch.Tensor | None, w_taps: torch.Tensor,
-    x: torch.Tensor, x_col: int, c_in: int,
-    mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-    height: int, width: int,
+    dy: torch.Tensor,
+    dy_col: int,
+    mask: torch.Tensor | None,
+    w_taps: torch.Tensor,
+    x: torch.Tensor,
+    x_col: int,
+    c_in: int,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    height: int,
+    width: int,
 ) -> torch.Tensor:
     """``[2, c_in]``: ``sum(g)`` (= grad_beta) and ``sum(g * xhat)`` (= grad_gamma) over all rows,
     where ``g = conv^T(dy * mask) * (relu(bn(x)) > 0)``."""
     m = num_rows(x)
     cfg = conv_dgrad_config(m, c_in, w_taps.shape[2], x.dtype, x.device)
     part = torch.empty((triton.cdiv(m, cfg.block_m), 2, c_in), dtype=mean.dtype, device=x.device)
-    _launch(dy, dy_col, mask, w_taps, x, x_col, c_in, mean, invstd, gamma, beta,
-            None, part, None, 0, height, width, False, False, False)
+    _launch(
+        dy,
+        dy_col,
+        mask,
+        w_taps,
+        x,
+        x_col,
+        c_in,
+        mean,
+        invstd,
+        gamma,
+        beta,
+        None,
+        part,
+        None,
+        0,
+        height,
+        width,
+        False,
+        False,
+        False,
+    )
     return part.sum(dim=0)
 
 
 @torch.library.triton_op("dense_ext_triton::conv_dgrad_bn_relu_apply", mutates_args={"dx"})
 def conv_dgrad_bn_relu_apply(
-    dy: torch.Tensor, dy_col: int, mask: torch.Tensor | None, w_taps: torch.Tensor,
-    x: torch.Tensor, x_col: int, c_in: int,
-    mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-    sums: torch.Tensor, dx: torch.Tensor, dx_col: int, batch_stats: bool, accumulate: bool,
-    height: int, width: int,
+    dy: torch.Tensor,
+    dy_col: int,
+    mask: torch.Tensor | None,
+    w_taps: torch.Tensor,
+    x: torch.Tensor,
+    x_col: int,
+    c_in: int,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    sums: torch.Tensor,
+    dx: torch.Tensor,
+    dx_col: int,
+    batch_stats: bool,
+    accumulate: bool,
+    height: int,
+    width: int,
 ) -> None:
     """Write (or, with ``accumulate``, add) the BN-ReLU input gradient into
     ``dx[:, dx_col:dx_col+c_in]``; ``sums`` comes from ``conv_dgrad_bn_relu_reduce``."""
     if dx.dtype != x.dtype:
         raise ValueError(f"dense_ext triton: dx dtype {dx.dtype} != x dtype {x.dtype}")
-    _launch(dy, dy_col, mask, w_taps, x, x_col, c_in, mean, invstd, gamma, beta,
-            sums.contiguous(), None, dx, dx_col, height, width, True, batch_stats, accumulate)
+    _launch(
+        dy,
+        dy_col,
+        mask,
+        w_taps,
+        x,
+        x_col,
+        c_in,
+        mean,
+        invstd,
+        gamma,
+        beta,
+        sums.contiguous(),
+        None,
+        dx,
+        dx_col,
+        height,
+        width,
+        True,
+        batch_stats,
+        accumulate,
+    )

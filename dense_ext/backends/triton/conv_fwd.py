@@ -38,16 +38,31 @@ from dense_ext.backends.triton.stats import merge_partials, tile_stats_epilogue
 @triton.jit
 def _bn_relu_conv_fwd_kernel(
     X_ptr,  # rows [M, >= x_col + C_IN], row stride X_row_stride (buffer dtype)
-    MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr,  # [C_IN] accumulation dtype
+    MEAN_ptr,
+    INVSTD_ptr,
+    GAMMA_ptr,
+    BETA_ptr,  # [C_IN] accumulation dtype
     W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous (buffer dtype)
     Y_ptr,  # rows [M, >= y_col + C_OUT], row stride Y_row_stride (buffer dtype)
     MASK_ptr,  # [N, C_OUT, H, W] contiguous dropout multipliers (if HAS_MASK)
     PART_ptr,  # [cdiv(M, BLOCK_M), 3, C_OUT] accumulation dtype (if COMPUTE_STATS)
-    X_row_stride, x_col, Y_row_stride, y_col,
-    M, H, W, C_IN, C_OUT,
-    KS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_STATS: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    X_row_stride,
+    x_col,
+    Y_row_stride,
+    y_col,
+    M,
+    H,
+    W,
+    C_IN,
+    C_OUT,
+    KS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    COMPUTE_STATS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -68,21 +83,31 @@ def _bn_relu_conv_fwd_kernel(
         rk = (it - tap * num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
         src, ok = tap_source(rm, row_ok, hh, ww, H, W, tap // KS - KS // 2, tap % KS - KS // 2, KS)
         k_ok = rk < C_IN
-        mean, invstd, scale, beta = load_bn_params(MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rk, k_ok)
+        mean, invstd, scale, beta = load_bn_params(
+            MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rk, k_ok
+        )
         valid = ok[:, None] & k_ok[None, :]
-        x = tl.load(X_ptr + src.to(tl.int64)[:, None] * X_row_stride + (x_col + rk)[None, :],
-                    mask=valid, other=0.0).to(acc_t)
+        x = tl.load(
+            X_ptr + src.to(tl.int64)[:, None] * X_row_stride + (x_col + rk)[None, :],
+            mask=valid,
+            other=0.0,
+        ).to(acc_t)
         z = tl.maximum((x - mean[None, :]) * scale[None, :] + beta[None, :], 0.0)
         z = round_to(tl.where(valid, z, 0.0), op_t)
-        w = tl.load(W_ptr + (tap * C_IN + rk)[:, None] * C_OUT + rn[None, :],
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(
+            W_ptr + (tap * C_IN + rk)[:, None] * C_OUT + rn[None, :],
+            mask=k_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
         if DOT_FP32:
             acc = tl.dot(z.to(tl.float32), w.to(tl.float32), acc, input_precision=INPUT_PRECISION)
         else:
             acc = tl.dot(z, w, acc, input_precision=INPUT_PRECISION)
     store_ok = row_ok[:, None] & n_ok[None, :]
     if HAS_MASK:
-        acc = acc * dropout_mask(MASK_ptr, rm[:, None], rn[None, :], store_ok, H * W, C_OUT).to(acc_t)
+        acc = acc * dropout_mask(MASK_ptr, rm[:, None], rn[None, :], store_ok, H * W, C_OUT).to(
+            acc_t
+        )
     out = round_to(acc, Y_ptr.dtype.element_ty)
     y_ptrs = Y_ptr + rm.to(tl.int64)[:, None] * Y_row_stride + (y_col + rn)[None, :]
     tl.store(y_ptrs, out, mask=store_ok)
@@ -98,11 +123,22 @@ def conv_weight_taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @torch.library.triton_op("dense_ext_triton::bn_relu_conv_fwd", mutates_args={"y", "stats"})
 def bn_relu_conv_fwd(
-    x: torch.Tensor, x_col: int, c_in: int,
-    mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-    w_taps: torch.Tensor, y: torch.Tensor, y_col: int,
-    mask: torch.Tensor | None, stats: torch.Tensor | None, mean_off: int, var_off: int,
-    height: int, width: int,
+    x: torch.Tensor,
+    x_col: int,
+    c_in: int,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    w_taps: torch.Tensor,
+    y: torch.Tensor,
+    y_col: int,
+    mask: torch.Tensor | None,
+    stats: torch.Tensor | None,
+    mean_off: int,
+    var_off: int,
+    height: int,
+    width: int,
 ) -> None:
     """``y[:, y_col:y_col+C_out] = conv(relu(bn(x[:, x_col:x_col+c_in]))) (* mask)``.
 
@@ -121,14 +157,34 @@ def bn_relu_conv_fwd(
     dot_fp32, precision = dot_config(y.dtype)
     grid = (tiles, triton.cdiv(c_out, cfg.block_n))
     wrap(_bn_relu_conv_fwd_kernel)[grid](
-        x, mean, invstd, gamma, beta, w_taps, y,
-        mask if mask is not None else w_taps, part if part is not None else mean,
-        rows_stride(x, "x"), x_col, rows_stride(y, "y"), y_col,
-        m, height, width, c_in, c_out,
-        KS=ks, HAS_MASK=mask is not None, COMPUTE_STATS=stats is not None,
-        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        x,
+        mean,
+        invstd,
+        gamma,
+        beta,
+        w_taps,
+        y,
+        mask if mask is not None else w_taps,
+        part if part is not None else mean,
+        rows_stride(x, "x"),
+        x_col,
+        rows_stride(y, "y"),
+        y_col,
+        m,
+        height,
+        width,
+        c_in,
+        c_out,
+        KS=ks,
+        HAS_MASK=mask is not None,
+        COMPUTE_STATS=stats is not None,
+        DOT_FP32=dot_fp32,
+        INPUT_PRECISION=precision,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     if part is not None:
         merge_partials(part, m, cfg.block_m, stats, mean_off, var_off)

@@ -22,7 +22,6 @@ from dense_ext.backends.triton._common import (
     num_rows,
     round_to,
     rows_stride,
-    tap_source,
     wrap,
 )
 from dense_ext.backends.triton.configs import conv_wgrad_config
@@ -33,13 +32,28 @@ def _bn_relu_conv_wgrad_kernel(
     DY_ptr,  # rows [M, >= dy_col + C_OUT]: gradient of the conv output
     MASK_ptr,  # [N, C_OUT, H, W] dropout multipliers (if HAS_MASK)
     X_ptr,  # rows [M, >= x_col + C_IN]: the BN input
-    MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr,  # [C_IN] accumulation dtype
+    MEAN_ptr,
+    INVSTD_ptr,
+    GAMMA_ptr,
+    BETA_ptr,  # [C_IN] accumulation dtype
     PART_ptr,  # [SPLIT, KS*KS, C_IN, C_OUT] accumulation dtype
-    DY_row_stride, dy_col, X_row_stride, x_col,
-    M, H, W, C_IN, C_OUT, rows_per_split,
-    KS: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    DY_row_stride,
+    dy_col,
+    X_row_stride,
+    x_col,
+    M,
+    H,
+    W,
+    C_IN,
+    C_OUT,
+    rows_per_split,
+    KS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -68,18 +82,32 @@ def _bn_relu_conv_wgrad_kernel(
             hh = (rm // W) % H
             ww = rm % W
             src = rm + dy_off * W + dx_off
-            ok = row_ok & (hh + dy_off >= 0) & (hh + dy_off < H) & (ww + dx_off >= 0) & (ww + dx_off < W)
+            ok = (
+                row_ok
+                & (hh + dy_off >= 0)
+                & (hh + dy_off < H)
+                & (ww + dx_off >= 0)
+                & (ww + dx_off < W)
+            )
         # activation operand, transposed: [BLOCK_C, BLOCK_M]
         valid_x = c_ok[:, None] & ok[None, :]
-        x = tl.load(X_ptr + src.to(tl.int64)[None, :] * X_row_stride + (x_col + rc)[:, None],
-                    mask=valid_x, other=0.0).to(acc_t)
+        x = tl.load(
+            X_ptr + src.to(tl.int64)[None, :] * X_row_stride + (x_col + rc)[:, None],
+            mask=valid_x,
+            other=0.0,
+        ).to(acc_t)
         z = tl.maximum((x - mean[:, None]) * scale[:, None] + beta[:, None], 0.0)
         z = round_to(tl.where(valid_x, z, 0.0), op_t)
         valid_y = row_ok[:, None] & n_ok[None, :]
-        dy = tl.load(DY_ptr + rm.to(tl.int64)[:, None] * DY_row_stride + (dy_col + rn)[None, :],
-                     mask=valid_y, other=0.0).to(acc_t)
+        dy = tl.load(
+            DY_ptr + rm.to(tl.int64)[:, None] * DY_row_stride + (dy_col + rn)[None, :],
+            mask=valid_y,
+            other=0.0,
+        ).to(acc_t)
         if HAS_MASK:
-            dy = dy * dropout_mask(MASK_ptr, rm[:, None], rn[None, :], valid_y, H * W, C_OUT).to(acc_t)
+            dy = dy * dropout_mask(MASK_ptr, rm[:, None], rn[None, :], valid_y, H * W, C_OUT).to(
+                acc_t
+            )
         dy = round_to(dy, op_t)
         if DOT_FP32:
             acc = tl.dot(z.to(tl.float32), dy.to(tl.float32), acc, input_precision=INPUT_PRECISION)
@@ -91,10 +119,20 @@ def _bn_relu_conv_wgrad_kernel(
 
 @torch.library.triton_op("dense_ext_triton::bn_relu_conv_wgrad", mutates_args={})
 def bn_relu_conv_wgrad(
-    dy: torch.Tensor, dy_col: int, c_out: int, mask: torch.Tensor | None,
-    x: torch.Tensor, x_col: int, c_in: int,
-    mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-    kernel_size: int, height: int, width: int,
+    dy: torch.Tensor,
+    dy_col: int,
+    c_out: int,
+    mask: torch.Tensor | None,
+    x: torch.Tensor,
+    x_col: int,
+    c_in: int,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    kernel_size: int,
+    height: int,
+    width: int,
 ) -> torch.Tensor:
     """``[c_out, c_in, KS, KS]`` weight gradient (accumulation dtype) of
     ``conv_KS(relu(bn(x[:, x_col:x_col+c_in])))`` given the output gradient
@@ -109,12 +147,33 @@ def bn_relu_conv_wgrad(
     dot_fp32, precision = dot_config(x.dtype)
     grid = (triton.cdiv(c_in, cfg.block_k), triton.cdiv(c_out, cfg.block_n), split * taps)
     wrap(_bn_relu_conv_wgrad_kernel)[grid](
-        dy, mask if mask is not None else mean, x, mean, invstd, gamma, beta, part,
-        rows_stride(dy, "dy"), dy_col, rows_stride(x, "x"), x_col,
-        m, height, width, c_in, c_out, rows_per_split,
-        KS=ks, HAS_MASK=mask is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        dy,
+        mask if mask is not None else mean,
+        x,
+        mean,
+        invstd,
+        gamma,
+        beta,
+        part,
+        rows_stride(dy, "dy"),
+        dy_col,
+        rows_stride(x, "x"),
+        x_col,
+        m,
+        height,
+        width,
+        c_in,
+        c_out,
+        rows_per_split,
+        KS=ks,
+        HAS_MASK=mask is not None,
+        DOT_FP32=dot_fp32,
+        INPUT_PRECISION=precision,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_C=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     grad = part.sum(dim=0) if split > 1 else part[0]
     return grad.permute(2, 1, 0).reshape(c_out, c_in, ks, ks).contiguous()

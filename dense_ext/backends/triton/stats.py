@@ -2,7 +2,8 @@
 
 Numerically stable in two steps, both deterministic (no atomics):
 1. every program reduces one tile of rows to a per-channel ``(mean, M2)`` pair (the mean as a
-   compensated ``hi + lo`` pair), written to a small ``[tiles, 3, C]`` partial buffer (the convolution epilogues write the same partials);
+   compensated ``hi + lo`` pair), written to a small ``[tiles, 3, C]`` partial buffer (the
+   convolution epilogues write the same partials);
 2. ``_merge_stats_kernel`` merges the tiles in order (in float64) with Chan's parallel formula
    ``M2 = M2_a + M2_b + delta^2 * n_a*n_b/n`` and writes ``mean`` and ``M2 / M``.
 Deviations are taken from the tile mean, so a large common offset (e.g. values ~1000 with
@@ -46,8 +47,12 @@ def tile_stats_epilogue(PART_ptr, values, row_ok, rc, c_ok, pid_m, M, C, BLOCK_M
 def _tile_stats_kernel(
     X_ptr,  # rows [M, >= col + C], row stride X_row_stride
     PART_ptr,  # [tiles, 3, C] accumulation dtype
-    X_row_stride, x_col, M, C,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    X_row_stride,
+    x_col,
+    M,
+    C,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -65,7 +70,12 @@ def _tile_stats_kernel(
 def _merge_stats_kernel(
     PART_ptr,  # [tiles, 3, C]: mean_hi, mean_lo, M2 per tile
     OUT_ptr,  # statistics tensor; mean at OUT_ptr + mean_off + c, variance at + var_off + c
-    mean_off, var_off, num_tiles, tile_rows, M, C,
+    mean_off,
+    var_off,
+    num_tiles,
+    tile_rows,
+    M,
+    C,
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -78,8 +88,9 @@ def _merge_stats_kernel(
     for t in range(0, num_tiles):
         n_b = tl.minimum(M - t * tile_rows, tile_rows).to(tl.float64)
         base = PART_ptr + t * 3 * C + rc
-        mean_b = (tl.load(base, mask=c_ok, other=0.0).to(tl.float64)
-                  + tl.load(base + C, mask=c_ok, other=0.0).to(tl.float64))
+        mean_b = tl.load(base, mask=c_ok, other=0.0).to(tl.float64) + tl.load(
+            base + C, mask=c_ok, other=0.0
+        ).to(tl.float64)
         m2_b = tl.load(base + 2 * C, mask=c_ok, other=0.0).to(tl.float64)
         n = n_a + n_b
         delta = mean_b - mean_a
@@ -90,19 +101,29 @@ def _merge_stats_kernel(
     tl.store(OUT_ptr + var_off + rc, (m2_a / M).to(OUT_ptr.dtype.element_ty), mask=c_ok)
 
 
-def merge_partials(part: torch.Tensor, m: int, tile_rows: int, out: torch.Tensor,
-                   mean_off: int, var_off: int) -> None:
+def merge_partials(
+    part: torch.Tensor, m: int, tile_rows: int, out: torch.Tensor, mean_off: int, var_off: int
+) -> None:
     """Chan-merge ``part`` [tiles, 3, C] into ``out`` at element offsets mean_off, var_off."""
     tiles, _, c = part.shape
     block_c = 16 if c <= 16 else 32
     wrap(_merge_stats_kernel)[(triton.cdiv(c, block_c),)](
-        part, out, mean_off, var_off, tiles, tile_rows, m, c, BLOCK_C=block_c,
+        part,
+        out,
+        mean_off,
+        var_off,
+        tiles,
+        tile_rows,
+        m,
+        c,
+        BLOCK_C=block_c,
     )
 
 
 @torch.library.triton_op("dense_ext_triton::channel_stats", mutates_args={"out"})
-def channel_stats(x: torch.Tensor, x_col: int, channels: int, out: torch.Tensor,
-                  mean_off: int, var_off: int) -> None:
+def channel_stats(
+    x: torch.Tensor, x_col: int, channels: int, out: torch.Tensor, mean_off: int, var_off: int
+) -> None:
     """Mean and biased variance of channels ``[x_col, x_col + channels)`` of the rows of ``x``.
 
     ``out`` receives the means at flat offsets ``mean_off + c`` and the variances at
@@ -116,7 +137,14 @@ def channel_stats(x: torch.Tensor, x_col: int, channels: int, out: torch.Tensor,
     part = torch.empty((tiles, 3, channels), dtype=acc_dtype(x.dtype), device=x.device)
     grid = (tiles, triton.cdiv(channels, cfg.block_n))
     wrap(_tile_stats_kernel)[grid](
-        x, part, rows_stride(x, "x"), x_col, m, channels,
-        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n, num_warps=cfg.num_warps,
+        x,
+        part,
+        rows_stride(x, "x"),
+        x_col,
+        m,
+        channels,
+        BLOCK_M=cfg.block_m,
+        BLOCK_C=cfg.block_n,
+        num_warps=cfg.num_warps,
     )
     merge_partials(part, m, cfg.block_m, out, mean_off, var_off)
