@@ -22,7 +22,23 @@ from bench.variants import ModelConfig, TrainStep
 
 def estimate_activation_bytes(config: ModelConfig, variant: str, batch: int, dtype: str,
                               device: torch.device) -> dict:
-    """``{"peak_activation_bytes", "floor_bytes", "params", "method"}`` of one training step."""
+    """``{"peak_activation_bytes", "floor_bytes", "params", "method"}`` of one training step.
+
+    Runs with fake tensors of ``device``; if that device cannot be faked here, on fake CPU
+    tensors (the same storages; said in ``method``).
+    """
+    try:
+        return _estimate(config, variant, batch, dtype, device)
+    except Exception as exc:
+        if device.type == "cpu":
+            raise
+        result = _estimate(config, variant, batch, dtype, torch.device("cpu"))
+        result["method"] += f"; run with fake CPU tensors ({type(exc).__name__} on {device})"
+        return result
+
+
+def _estimate(config: ModelConfig, variant: str, batch: int, dtype: str,
+              device: torch.device) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 

@@ -52,6 +52,7 @@ def _settings(args, device: str) -> dict:
                                else ([1000] if gpu else [500])),
         "measure_limit_gib": args.measure_limit_gib or (None if gpu else 4.0),
         "dtypes": ["fp32", "bf16"] if gpu or args.bf16 else ["fp32"],
+        "max_batch": not args.no_max_batch,
         "compile": gpu or args.compile,
     }
 
@@ -77,7 +78,7 @@ def plan(settings: dict, backends: list[str], device: str, suites: list[str]) ->
                     "batch": settings["main_batch"], "dtype": dtype,
                     "warmup": settings["main_warmup"], "steps": settings["main_steps"],
                     "max_batch": None if v == "naive-compile" or dtype != "fp32"
-                    else {"budget_bytes": budget},
+                    or not settings["max_batch"] else {"budget_bytes": budget},
                 })
     if "imagenet" in suites:
         for dtype in settings["dtypes"]:
@@ -291,7 +292,8 @@ def table_rows(doc: dict, suites=("main", "imagenet", "depth")) -> list[list[str
                 _fmt_ratio(r.get("step_time_ratio")),
                 "" if not mb else f"{mb['max_batch']} @ {budget:g} GiB",
                 _fmt_ratio(r.get("max_batch_ratio")),
-                "estimated" if r.get("estimated") else "",
+                "estimated" if r.get("estimated") else
+                "ratio to estimated naive" if r.get("ratio_basis") == "estimated" else "",
             ])
     return out
 
@@ -354,16 +356,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-gib", type=float, help="max-batch budget (CPU 1, GPU 8)")
     p.add_argument("--measure-limit-gib", type=float,
                    help="CPU: estimate instead of measure above this (default 4 GiB)")
+    p.add_argument("--no-max-batch", action="store_true", help="skip the max-batch search")
     p.add_argument("--compile", action="store_true", help="CPU: add naive-compile")
     p.add_argument("--bf16", action="store_true", help="CPU: add bf16 autocast rows")
     p.add_argument("--timeout", type=float, default=600, help="seconds per job")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--name", help="file stem in --out (default <device>-<date>)")
     p.add_argument("--markdown", metavar="JSON", help="print the markdown table of a result file")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="combine result files of one machine (e.g. one per suite) into one "
+                        "JSON + markdown + plots in --out, named --name")
     args = p.parse_args(argv)
 
     if args.markdown:
         print(render_markdown(json.loads(Path(args.markdown).read_text())), end="")
         return 0
+    if args.merge:
+        doc = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        stem = args.name or (f"{_device_slug(doc['device'], doc['device_name'])}-"
+                             f"{doc['created'][:10]}")
+        return write_outputs(doc, Path(args.out), stem, args.no_plots)
 
     import torch
 
@@ -416,19 +428,38 @@ def main(argv: list[str] | None = None) -> int:
         "estimator_check": checks,
         "rows": rows,
     }
-    out = Path(args.out)
+    stem = args.name or f"{_device_slug(device, dev_name)}-{now.date().isoformat()}"
+    return write_outputs(doc, Path(args.out), stem, args.no_plots)
+
+
+def merge(docs: list[dict]) -> dict:
+    """One document from several runs on the same machine (e.g. one suite per device call)."""
+    names = {d["device_name"] for d in docs}
+    if len(names) != 1:
+        raise SystemExit(f"refusing to merge results of different machines: {sorted(names)}")
+    doc = dict(docs[0])
+    doc["rows"] = [r for d in docs for r in d["rows"]]
+    doc["estimator_check"] = [e for d in docs for e in d.get("estimator_check") or []]
+    doc["measuring_seconds"] = sum(d["measuring_seconds"] for d in docs)
+    doc["settings"] = {k: v for d in reversed(docs) for k, v in d["settings"].items()}
+    doc["git_commit"] = ", ".join(dict.fromkeys(d["git_commit"] for d in docs))
+    doc["command"] = " + ".join(d["command"] for d in docs)
+    doc["merged_from"] = [d["created"] for d in docs]
+    return doc
+
+
+def write_outputs(doc: dict, out: Path, stem: str, no_plots: bool) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{_device_slug(device, dev_name)}-{now.date().isoformat()}"
     json_path = out / f"{stem}.json"
     json_path.write_text(json.dumps(doc, indent=1) + "\n")
     (out / f"{stem}.md").write_text(render_markdown(doc))
-    plots = [] if args.no_plots else _plots(doc, out, stem)
+    plots = [] if no_plots else _plots(doc, out, stem)
     print()
     print(render_text(doc))
     print()
-    print(f"measuring took {measuring:.0f} s ({len(rows)} jobs); wrote {json_path}, "
-          f"{out / (stem + '.md')}" + "".join(f", {p}" for p in plots))
-    errors = [r for r in rows if r.get("error")]
+    print(f"measuring took {doc['measuring_seconds']:.0f} s ({len(doc['rows'])} jobs); wrote "
+          f"{json_path}, {out / (stem + '.md')}" + "".join(f", {p}" for p in plots))
+    errors = [r for r in doc["rows"] if r.get("error")]
     for r in errors:
         print(f"ERROR {r['model']} {r['variant']}: {r['error']}\n{r.get('stderr_tail', '')}",
               file=sys.stderr)
