@@ -59,10 +59,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_distributed(device_name: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+def init_distributed(device_name: str = "auto", timeout_s: float = 3600.0) -> DistInfo:
     """Join the process group torchrun describes, or return a one-process ``DistInfo``.
 
-    The backend follows the device: NCCL for CUDA, gloo for CPU.
+    The backend follows the device: NCCL for CUDA, gloo for CPU. The timeout is long
+    because the other ranks wait while rank 0 runs ``--batch-size auto``'s probes.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)

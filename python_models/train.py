@@ -8,7 +8,9 @@ CIFAR-10/100 and image folders, the paper's SGD schedule or cosine, AMP, channel
 Everything random is seeded from ``--seed``: model initialisation, the data order and
 augmentation (a function of seed and epoch, see ``python_models.data``) and dropout (the
 global RNG, saved in every checkpoint). A resumed run therefore repeats an uninterrupted one
-step for step.
+step for step. (Under DDP, ranks other than 0 draw dropout masks from ``seed + rank``; the
+checkpoint holds rank 0's RNG state, so after a resume with dropout they draw rank 0's
+stream: still a valid run, no longer bit-identical to the uninterrupted one.)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dense_ext.backends import BACKEND_NAMES, BackendUnavailableError, get_backend
+from dense_ext.backends.base import LOCAL
 from python_models import MODEL_NAMES, get_model
 from python_models import data as D
 from python_models import distributed as dist_utils
@@ -285,11 +288,11 @@ def available_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def default_budget(device: torch.device) -> int:
-    """The GPU's free memory, or half of the available RAM."""
+def default_budget(device: torch.device, processes: int = 1) -> int:
+    """The GPU's free memory, or half of the available RAM shared by ``processes``."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return available_ram_bytes() // 2
+    return available_ram_bytes() // 2 // processes
 
 
 def current_memory(device: torch.device) -> str:
@@ -327,6 +330,18 @@ def _cpu_peak_bytes(work: Callable[[], None]) -> int:
     return peak
 
 
+def _local_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose synchronised batch norms (if any) are local."""
+    synced = {m: m.stats_sync for m in model.modules() if hasattr(m, "stats_sync")}
+    try:
+        for m in synced:
+            m.stats_sync = LOCAL  # process groups cannot (and must not) be copied
+        return copy.deepcopy(model)
+    finally:
+        for m, sync in synced.items():
+            m.stats_sync = sync
+
+
 def _state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
@@ -337,9 +352,9 @@ def measure_step(model: nn.Module, batch: int, bundle: D.DataBundle, device: tor
     input and the activation peak. None if it runs out of memory (CUDA).
 
     Runs on a copy of the model with its own optimiser and forked RNG, so training is not
-    affected by the probe.
+    affected by the probe; the copy's batch norms are local (only one rank probes).
     """
-    probe = copy.deepcopy(model).train()
+    probe = _local_copy(model).train()
     optimizer = torch.optim.SGD(probe.parameters(), lr=0.0, momentum=0.9, nesterov=True)
     size = bundle.image_size
     devices = [device] if device.type == "cuda" else []
@@ -424,7 +439,8 @@ def auto_batch_size(args, model, bundle, device, precision, info: DistInfo) -> i
     """``--batch-size auto``: rank 0 probes, every rank uses its answer."""
     batch = 0
     if info.is_main:
-        budget = int(args.memory_budget * GIB) if args.memory_budget else default_budget(device)
+        budget = int(args.memory_budget * GIB) if args.memory_budget else default_budget(
+            device, info.world_size)
         cap = len(bundle.train) // info.world_size
         print(f"--batch-size auto: largest batch within {budget / GIB:.2f} GiB per process "
               f"({'efficient' if args.efficient else 'naive'} {args.model}, "
@@ -552,7 +568,9 @@ def _epoch_train_metrics(t: Trainer, losses, correct, seen, elapsed) -> dict:
 @torch.no_grad()
 def evaluate(t: Trainer) -> dict:
     """Loss and accuracy on the whole test split (each rank takes a share)."""
-    t.model.eval()
+    # The bare module: DDP's forward is a collective, and ranks may hold different numbers
+    # of test batches. Evaluation normalises with running statistics, so nothing is synced.
+    model = dist_utils.unwrap(t.model).eval()
     batches = D.epoch_batches(len(t.bundle.test), t.batch_size, t.info.rank,
                               t.info.world_size, shuffle=False, drop_last=False)
     loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
@@ -563,7 +581,7 @@ def evaluate(t: Trainer) -> dict:
         x = t.inputs(images, indices, None)
         y = labels.to(t.device, non_blocking=True)
         with t.precision.autocast(t.device):
-            logits = t.model(x)
+            logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         right += (logits.argmax(1) == y).sum()
         count += y.numel()
@@ -707,6 +725,8 @@ def _bar_factory(enabled: bool):
 def _setup_model(args, bundle, info: DistInfo, precision: Precision) -> nn.Module:
     seed_everything(args.seed)  # the same initial weights on every rank
     model = build_model(args, bundle, info.device, precision)
+    if info.rank:
+        torch.manual_seed(args.seed + info.rank)  # each rank its own dropout masks
     if args.sync_bn:
         if not info.distributed:
             print("--sync-bn: one process, nothing to synchronise; batch norm stays local")
@@ -726,6 +746,8 @@ def build_trainer(args: argparse.Namespace, info: DistInfo) -> tuple[Trainer, di
     batch = args.batch_size
     if state is not None:
         batch = state["batch_size"]  # the same batches as the interrupted run
+        if args.batch_size not in ("auto", batch) and info.is_main:
+            print(f"--resume: using the checkpoint's batch size {batch}, not {args.batch_size}")
     elif batch == "auto":
         batch = auto_batch_size(args, model, bundle, info.device, precision, info)
     spe = steps_per_epoch(len(bundle.train), batch, info, args.steps_per_epoch) \

@@ -1,0 +1,167 @@
+"""The training CLI: it learns, resumes bit for bit, agrees across block kinds, fails clearly."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from python_models import data as D
+from python_models import train
+
+# A tiny CIFAR-style DenseNet-BC on 8x8 digits: a step takes milliseconds.
+TINY = ["--model", "densenet_bc_10", "--growth-rate", "12", "--image-size", "8", "--quiet",
+        "--batch-size", "16"]
+
+
+def _run(tmp_path: Path, name: str, *extra: str) -> dict:
+    args = train.parse_args([*TINY, "--out-dir", str(tmp_path / name), *extra])
+    return train.run(args)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "steps.csv") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def test_a_few_steps_reduce_the_loss(tmp_path):
+    summary = _run(tmp_path, "run", "--epochs", "1", "--steps-per-epoch", "30",
+                   "--schedule", "cosine", "--batch-size", "32", "--lr", "0.3")
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 30 and summary["steps"] == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)  # from ln(10) = 2.30 to below 1.85
+    assert summary["final_test_acc"] > 0.25  # 10 classes: chance is 0.1
+
+
+def test_run_writes_metrics_checkpoint_and_summary(tmp_path):
+    _run(tmp_path, "run", "--epochs", "2", "--steps-per-epoch", "2")
+    out = tmp_path / "run"
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"train_loss", "train_acc", "test_loss", "test_acc", "images_per_s", "lr",
+            "memory"} <= set(rows[0])
+    assert json.loads((out / "metrics.json").read_text())[1]["epoch"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["steps"] == 4
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert {"model", "optimizer", "scheduler", "epoch", "rng", "args"} <= set(state)
+    assert state["epoch"] == 2 and state["step"] == 4
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    # Dropout makes the global RNG state matter; the checkpoint must carry it.
+    common = ["--epochs", "3", "--steps-per-epoch", "3", "--drop-rate", "0.2"]
+    _run(tmp_path, "full", *common, "--save-every", "1")
+    _run(tmp_path, "resumed", *common, "--resume", str(tmp_path / "full" / "epoch1.pt"))
+    full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert len(full) == 9 and len(resumed) == 6
+    assert resumed == full[3:]  # exact equality, not closeness
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_efficient_and_naive_train_alike(tmp_path, backend):
+    common = ["--epochs", "1", "--steps-per-epoch", "6", "--seed", "3"]
+    _run(tmp_path, "naive", *common, "--naive")
+    _run(tmp_path, "efficient", *common, "--efficient", "--backend", backend)
+    naive, efficient = _losses(tmp_path / "naive"), _losses(tmp_path / "efficient")
+    assert len(naive) == 6
+    torch.testing.assert_close(efficient, naive, rtol=1e-5, atol=1e-6)
+
+
+def test_cifar_folder_trains(tmp_path):
+    D.write_cifar(tmp_path / "data", "cifar10", train_per_file=8, test_size=8)
+    summary = _run(tmp_path, "run", "--dataset", "cifar10", "--data-dir",
+                   str(tmp_path / "data"), "--epochs", "1", "--steps-per-epoch", "2")
+    assert summary["steps"] == 2 and summary["final_test_acc"] is not None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "does not exist"),
+    (["--dataset", "cifar100"], "needs --data-dir"),
+    (["--model", "resnet50"], "unknown model 'resnet50'"),
+    (["--model", "densenet_bc_11"], "depth must be 6n+4"),
+    (["--sync-bn", "--backend", "cpp"], "cpp"),
+    (["--resume", "/nonexistent/run"], "no checkpoint"),
+    (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--batch-size", "3000"], "smaller than one global batch"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
+    status = train.main([*TINY, "--out-dir", str(tmp_path / "run"), "--epochs", "1", *argv])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert message in err and "Traceback" not in err
+    assert err.startswith("dense-ext-train: error:")
+
+
+def test_malformed_cifar_is_a_clear_error(tmp_path, capsys):
+    folder = D.write_cifar(tmp_path, "cifar10")
+    (folder / "data_batch_1").write_text("garbage")
+    status = train.main([*TINY, "--dataset", "cifar10", "--data-dir", str(tmp_path)])
+    assert status == 2 and "is not a CIFAR Python-pickle batch" in capsys.readouterr().err
+
+
+def test_step_schedule_follows_the_paper():
+    schedule = train.StepSchedule("step", epochs=300, steps_per_epoch=10)
+    assert schedule(0) == 1.0 and schedule(1499) == 1.0
+    assert schedule(1500) == pytest.approx(0.1) and schedule(2249) == pytest.approx(0.1)
+    assert schedule(2250) == pytest.approx(0.01) and schedule(2999) == pytest.approx(0.01)
+    cosine = train.StepSchedule("cosine", epochs=2, steps_per_epoch=5)
+    assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5) and cosine(10) == 0.0
+
+
+def test_find_batch_size_is_exact_on_a_line_and_on_steps():
+    probes = []
+
+    def linear(b):
+        probes.append(b)
+        return 1000 + 37 * b
+
+    assert train.find_batch_size(linear, budget=1000 + 37 * 523 + 36, max_batch=10**6,
+                                 log=lambda s: None) == 523
+    assert len(probes) <= 8, probes
+
+    def stepped(b):  # an allocator that rounds up to 4 KiB and runs out above 700
+        return None if b > 700 else ((5000 + 51 * b) // 4096 + 1) * 4096
+
+    budget = stepped(400)
+    best = train.find_batch_size(stepped, budget, max_batch=10**6, log=lambda s: None)
+    assert stepped(best) <= budget < (stepped(best + 1) or budget + 1)
+    assert train.find_batch_size(linear, budget=10**9, max_batch=50, log=lambda s: None) == 50
+    with pytest.raises(train.UsageError, match="batch 2 needs more"):
+        train.find_batch_size(linear, budget=10, max_batch=50, log=lambda s: None)
+
+
+def test_cpu_probe_counts_activations():
+    bundle = D.load_digits(8)
+    precision = train.Precision(None, False)
+    torch.manual_seed(0)
+    from python_models import get_model
+
+    model = get_model("densenet_bc_10", growth_rate=4, num_classes=10, efficient=True)
+    small = train.measure_step(model, 4, bundle, torch.device("cpu"), precision)
+    large = train.measure_step(model, 64, bundle, torch.device("cpu"), precision)
+    state = sum(p.numel() * 4 for p in model.parameters())
+    assert state < small < large
+    # At least the feature buffers of the 60 extra samples: blocks of 12, 10 and 9 channels
+    # (stem 2k = 8, k = 4, compression 0.5) at 8x8, 4x4, 2x2, float32.
+    per_sample = 4 * (12 * 8 * 8 + 10 * 4 * 4 + 9 * 2 * 2)
+    assert large - small > 60 * per_sample
+
+
+@pytest.mark.slow
+def test_batch_size_auto_reports_what_it_found(tmp_path, capsys):
+    _run(tmp_path, "auto", "--batch-size", "auto", "--memory-budget", "0.02", "--epochs", "0")
+    out = capsys.readouterr().out
+    assert "--batch-size auto: using batch size" in out
+    found = int(out.split("using batch size")[1].split()[0])
+    config = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert config["resolved_batch_size"] == found and 2 <= found < 1438
