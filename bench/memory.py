@@ -22,6 +22,8 @@ The profiler slows the work down several times: never time a step under the CPU 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,23 +40,40 @@ class ProbeResult:
 
 
 @contextlib.contextmanager
-def _quiet_profiler():
-    # Kineto prints start/stop lines and, without a GPU, a harmless device-count error to the
-    # C-level stderr; the warnings module adds one about an empty trace. Keep the bench output
-    # readable: these carry no information about the measurement.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+def _quiet_stderr():
+    """Silences the C-level stderr (fd 2) and Python warnings for the duration.
+
+    Kineto prints start/stop lines and, without a GPU, a harmless device-count error when the
+    profiler starts and stops. They carry nothing about the measurement; only the profiler's
+    start and stop run under this, never the measured work.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def cpu_peak(work: Callable[[], object]) -> ProbeResult:
     """Peak live bytes of the c10 CPU allocator while ``work()`` runs, above the starting level."""
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_profiler():
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            work()
-        events = prof.profiler.kineto_results.events()
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():
+        prof.__enter__()
+    try:
+        work()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
+    events = prof.profiler.kineto_results.events()
     deltas = [
         (e.start_ns(), i, e.nbytes())
         for i, e in enumerate(events)

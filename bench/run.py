@@ -393,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     probe_check = self_test() if device == "cpu" else None
+    if probe_check:
+        print(f"memory probe self-test passed: known pattern peak "
+              f"{probe_check['known_allocations_peak_bytes']} B (expected "
+              f"{probe_check['known_allocations_expected_bytes']}), ATen-internal im2col seen "
+              f"({probe_check['aten_internal_peak_bytes']} B >= "
+              f"{probe_check['aten_internal_lower_bound_bytes']})", flush=True)
     rows = run_jobs(jobs, settings, commit, args.timeout)
     add_ratios(rows)
     checks = estimator_check(

@@ -70,13 +70,18 @@ def _max_batch(step: TrainStep, job: dict, first: tuple[int, int]) -> dict:
     not). Every probe is a full training step at that batch under the memory probe.
     """
     budget = int(job["max_batch"]["budget_bytes"])
-    probes: dict[int, int] = {first[0]: first[1]}
+    probes: dict[int, int | None] = {first[0]: first[1]}  # None: out of device memory
 
-    def measure(n: int) -> int:
+    def measure(n: int) -> float:
         if n not in probes:
             step.set_batch(n)
-            probes[n] = probe_peak(step, step.device).peak_bytes
-        return probes[n]
+            try:
+                probes[n] = probe_peak(step, step.device).peak_bytes
+            except torch.OutOfMemoryError:
+                step.opt.zero_grad(set_to_none=False)
+                torch.cuda.empty_cache()
+                probes[n] = None
+        return math.inf if probes[n] is None else probes[n]
 
     def fits(n: int) -> bool:
         return measure(n) <= budget
@@ -112,7 +117,7 @@ def _max_batch(step: TrainStep, job: dict, first: tuple[int, int]) -> dict:
         "max_batch": lo,
         "linear_prediction": predicted,
         "bytes_per_sample": slope,
-        "probes": [{"batch": b, "peak_activation_bytes": p, "fits": p <= budget}
+        "probes": [{"batch": b, "peak_activation_bytes": p, "fits": p is not None and p <= budget}
                    for b, p in sorted(probes.items())],
         "method": "probe at 2 batches -> affine fit -> binary search with the probe from the "
                   "predicted bracket; each probe one full training step",
