@@ -149,19 +149,29 @@ def run_worker(job: dict, timeout: float) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [sys.executable, "-m", "bench.worker", json.dumps(job)]
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**_ident(job), "error": f"timed out after {timeout:.0f} s"}
+    # What the job cost, start-up included: wall time and the worker's CPU time.
+    cost = {"job_wall_s": time.perf_counter() - t0, "job_cpu_s": _children_cpu() - cpu0}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            row = json.loads(line[len("RESULT "):])
+            row = {**json.loads(line[len("RESULT "):]), **cost}
             if row.get("error"):
                 row["stderr_tail"] = _tail(proc.stderr)
             return row
-    return {**_ident(job), "error": f"worker exited with {proc.returncode}",
+    return {**_ident(job), **cost, "error": f"worker exited with {proc.returncode}",
             "stderr_tail": _tail(proc.stderr)}
+
+
+def _children_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _ident(job: dict) -> dict:
