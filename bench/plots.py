@@ -80,7 +80,8 @@ def _grouped_bars(doc: dict, path: Path, key: str, ylabel: str, title: str, scal
                 groups.append((f"{rs[0]['model_label']}\nbatch {rs[0]['batch']}, {dtype}", rs))
     if not groups:
         return None
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(6.0, 4.2 * len(groups)), 4.8),
+                             squeeze=False)
     for ax, (label, rs) in zip(axes[0], groups):
         order = [r["variant"] for r in rs]
         vals = [r[key] / scale for r in rs]
@@ -97,7 +98,7 @@ def _grouped_bars(doc: dict, path: Path, key: str, ylabel: str, title: str, scal
         ax.set_title(label, fontsize=9)
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{title} ({_subtitle(doc)})", fontsize=9)
+    fig.suptitle(f"{title}\n{_subtitle(doc)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
