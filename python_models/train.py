@@ -336,7 +336,8 @@ def _local_copy(model: nn.Module) -> nn.Module:
     try:
         for m in synced:
             m.stats_sync = LOCAL  # process groups cannot (and must not) be copied
-        return copy.deepcopy(model)
+        # The memo keeps LOCAL itself (not a copy): blocks test ``sync is LOCAL``.
+        return copy.deepcopy(model, memo={id(LOCAL): LOCAL})
     finally:
         for m, sync in synced.items():
             m.stats_sync = sync
