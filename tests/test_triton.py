@@ -136,6 +136,8 @@ def test_block_matches_naive_with_dropout(bn_size):
 @pytest.mark.parametrize("bn_size", [4, 0], ids=["bottleneck_layer", "plain_layer"])
 def test_block_matches_naive_float64(bn_size, memory):
     triton_cpu_or_skip()
+    if bn_size == 0 and memory == "min":
+        pytest.skip("plain layers keep no bottleneck: both memory modes are the same code")
     naive, block = make_pair(bn_size, 0.0, memory, torch.float64)
     x, grad = inputs(torch.float64)
     check_against(step(naive, x, grad, 3), step(block, x, grad, 3), TOLERANCE[torch.float64])
