@@ -49,8 +49,12 @@ def _settings(args, device: str) -> dict:
         "sweep_depths": args.depths or [40, 64, 100, 136, 172, 208, 250],
         "sweep_batch": args.sweep_batch or (64 if gpu else 8),
         "sweep_extra_depths": (args.extra_depths if args.extra_depths is not None
-                               else ([1000] if gpu else [500])),
-        "measure_limit_gib": args.measure_limit_gib or (None if gpu else 4.0),
+                               else ([1000] if gpu else [400])),
+        "measure_limit_gib": args.measure_limit_gib or (None if gpu else 2.0),
+        # The extra depth points and the estimator check are dropped (and said so) when the
+        # run has used 85 % of this: `make bench` measures within 10 minutes on 2 cores.
+        "time_budget_s": args.time_budget_s if args.time_budget_s is not None
+        else (None if gpu else 600.0),
         "dtypes": ["fp32", "bf16"] if gpu or args.bf16 else ["fp32"],
         "max_batch": not args.no_max_batch,
         "compile": gpu or args.compile,
@@ -183,7 +187,13 @@ def _tail(text: str, lines: int = 8) -> str:
     return "\n".join(keep[-lines:])
 
 
-def run_jobs(jobs: list[dict], settings: dict, commit: str, timeout: float) -> list[dict]:
+def over_budget(settings: dict, started: float) -> bool:
+    budget = settings.get("time_budget_s")
+    return bool(budget) and time.perf_counter() - started > 0.85 * budget
+
+
+def run_jobs(jobs: list[dict], settings: dict, commit: str, timeout: float,
+             started: float) -> list[dict]:
     from tqdm import tqdm
 
     rows: list[dict] = []
@@ -192,7 +202,12 @@ def run_jobs(jobs: list[dict], settings: dict, commit: str, timeout: float) -> l
     for job in bar:
         job = {**job, "git_commit": commit}
         bar.set_postfix_str(f"{job['model']} {job['variant']} b{job['batch']} {job['dtype']}")
-        if job.pop("extrapolate", False) and limit is not None:
+        extra = job.pop("extrapolate", False)
+        if extra and over_budget(settings, started):
+            rows.append({**_ident(job), "skipped": "time budget (--time-budget-s) used up"})
+            bar.write(f"  {job['model']:>16} {job['variant']:<30} skipped: time budget")
+            continue
+        if extra and limit is not None:
             predicted = _extrapolate(job, rows)
             # Over the limit (or nothing to extrapolate from): estimate, never allocate.
             if predicted is None or predicted > limit * GIB:
@@ -288,9 +303,10 @@ def table_rows(doc: dict, suites=("main", "imagenet", "depth")) -> list[list[str
         for r in doc["rows"]:
             if r.get("suite") != suite:
                 continue
-            if r.get("error"):
+            if r.get("error") or r.get("skipped"):
+                note = "error: " + r["error"][:60] if r.get("error") else "skipped: " + r["skipped"]
                 out.append([r["model"], r["variant"], str(r["batch"]), r.get("dtype", ""),
-                            "", "", "", "", "", "", "", "error: " + r["error"][:60]])
+                            "", "", "", "", "", "", "", note])
                 continue
             mb = r.get("max_batch")
             t = r.get("step_time_s")
@@ -365,8 +381,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="deeper points, measured only if predicted under --measure-limit-gib")
     p.add_argument("--budget-gib", type=float, help="max-batch budget (CPU 1, GPU 8)")
     p.add_argument("--measure-limit-gib", type=float,
-                   help="CPU: estimate instead of measure above this (default 4 GiB)")
+                   help="CPU: estimate instead of measure above this (default 2 GiB)")
     p.add_argument("--no-max-batch", action="store_true", help="skip the max-batch search")
+    p.add_argument("--time-budget-s", type=float,
+                   help="drop the optional jobs past 85 %% of this (CPU default 600; 0: none)")
     p.add_argument("--compile", action="store_true", help="CPU: add naive-compile")
     p.add_argument("--bf16", action="store_true", help="CPU: add bf16 autocast rows")
     p.add_argument("--timeout", type=float, default=600, help="seconds per job")
@@ -409,11 +427,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{probe_check['known_allocations_expected_bytes']}), ATen-internal im2col seen "
               f"({probe_check['aten_internal_peak_bytes']} B >= "
               f"{probe_check['aten_internal_lower_bound_bytes']})", flush=True)
-    rows = run_jobs(jobs, settings, commit, args.timeout)
+    rows = run_jobs(jobs, settings, commit, args.timeout, t0)
     add_ratios(rows)
     checks = estimator_check(
         rows, ("naive", f"efficient-{_sweep_backend(backends, device)}-min"), args.timeout
-    ) if "depth" in suites and settings["sweep_extra_depths"] else []
+    ) if ("depth" in suites and settings["sweep_extra_depths"]
+          and not over_budget(settings, t0)) else []
     measuring = time.perf_counter() - t0
 
     from bench.worker import _device_name
