@@ -114,7 +114,7 @@ def _data_args(g) -> None:
 
 
 def _optim_args(g) -> None:
-    g.add_argument("--epochs", type=int, default=8,
+    g.add_argument("--epochs", type=int, default=6,
                    help="epochs (0: set up, and with --batch-size auto measure, then stop)")
     g.add_argument("--batch-size", type=_batch_size, default=64,
                    help="per-process batch, or 'auto': the largest that fits --memory-budget")

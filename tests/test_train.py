@@ -27,6 +27,7 @@ def _losses(run_dir: Path) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_a_few_steps_reduce_the_loss(tmp_path):
     summary = _run(tmp_path, "run", "--epochs", "1", "--steps-per-epoch", "30",
                    "--schedule", "cosine", "--batch-size", "32", "--lr", "0.3")
