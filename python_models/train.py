@@ -415,7 +415,7 @@ def find_batch_size(measure: Callable[[int], int | None], budget: int, max_batch
                          f"{budget / GIB:.2f} GiB")
     lo = first
     while hi - lo > 1:
-        guess = _secant_guess(points, lo, budget)
+        guess = _secant_guess(points, lo, hi, budget)
         if not lo < guess < hi:
             guess = (lo + hi) // 2
         if fits(guess):
@@ -425,11 +425,13 @@ def find_batch_size(measure: Callable[[int], int | None], budget: int, max_batch
     return lo
 
 
-def _secant_guess(points: dict[int, int], lo: int, budget: int) -> int:
+def _secant_guess(points: dict[int, int], lo: int, hi: int, budget: int) -> int:
+    # The line through the bracket's ends when both were measured (regula falsi), else
+    # through lo and its nearest measured neighbour.
     others = sorted((b for b in points if b != lo), key=lambda b: abs(b - lo))
     if not others:
         return 2 * lo  # one point: double to get a slope
-    b2 = others[0]
+    b2 = hi if hi in points else others[0]
     slope = (points[b2] - points[lo]) / (b2 - lo)
     if slope <= 0:
         return 2 * lo
