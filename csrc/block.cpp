@@ -21,6 +21,10 @@ struct Ops {
   c10::TypedOperatorHandle<BnReluFn> bn_relu = op<BnReluFn>("dense_ext::bn_relu");
   c10::TypedOperatorHandle<BnReluBackwardFn> bn_relu_backward =
       op<BnReluBackwardFn>("dense_ext::bn_relu_backward");
+  c10::TypedOperatorHandle<BnReluGradAccFn> bn_relu_grad_acc =
+      op<BnReluGradAccFn>("dense_ext::bn_relu_grad_acc");
+  c10::TypedOperatorHandle<BnGradCorrectFn> bn_grad_correct =
+      op<BnGradCorrectFn>("dense_ext::bn_grad_correct");
   c10::TypedOperatorHandle<DropoutStoreFn> dropout_store =
       op<DropoutStoreFn>("dense_ext::dropout_store");
 };
@@ -89,10 +93,19 @@ at::Tensor channels_last(const at::Tensor& like, int64_t c, const Shape& s) {
   return at::empty({s.n, c, s.h, s.w}, like.options().memory_format(at::MemoryFormat::ChannelsLast));
 }
 
-// A compact channels_last [N, c, H, W] tensor on the first n*h*w*c elements of a flat scratch
+// A compact channels_last [n, c, H, W] tensor on the first n*h*w*c elements of a flat scratch
 // buffer that is reused by every layer.
-at::Tensor compact(const at::Tensor& flat, int64_t c, const Shape& s) {
-  return flat.narrow(0, 0, s.m * c).view({s.n, s.h, s.w, c}).permute({0, 3, 1, 2});
+at::Tensor compact(const at::Tensor& flat, int64_t n, int64_t c, const Shape& s) {
+  return flat.narrow(0, 0, n * s.h * s.w * c).view({n, s.h, s.w, c}).permute({0, 3, 1, 2});
+}
+
+// Images per chunk of the bottleneck layers' BN1-ReLU-Conv1x1 work. The BN1 output Z1 (and its
+// gradient) are C_in channels wide, the widest tensors of a layer; they are only ever needed a
+// chunk of rows at a time, so the scratch is a chunk, not the batch: on the CPU ~2048 rows (it
+// stays in cache between the BN kernel and the GEMM), on GPUs 64Ki rows (GEMMs stay large).
+int64_t chunk_images(const Shape& s, const at::Tensor& like) {
+  const int64_t rows = like.is_cuda() ? (int64_t(1) << 16) : 2048;
+  return std::min(s.n, std::max<int64_t>(1, rows / std::max<int64_t>(1, s.h * s.w)));
 }
 
 // Per-layer parameters and normalisation constants (gamma/beta/mean/var in the accumulation
@@ -155,6 +168,20 @@ at::Tensor as_cl(const at::Tensor& t) {
   return t.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// y1 = Conv1x1(relu(bn1(prefix))) chunk by chunk, with z1_flat as the chunk's Z1 scratch.
+void conv1_forward(const Ops& o, const at::Tensor& feat, const Layer& L, const Shape& s,
+                   int64_t chunk, const at::Tensor& z1_flat, const at::Tensor& y1) {
+  const at::Tensor w1t = L.w1.reshape({s.mid, L.c_in}).t();
+  for (int64_t n0 = 0; n0 < s.n; n0 += chunk) {
+    const int64_t nc = std::min(chunk, s.n - n0);
+    at::Tensor z1 = compact(z1_flat, nc, L.c_in, s);
+    o.bn_relu.call(feat.narrow(0, n0, nc).narrow(1, 0, L.c_in), L.mean1, L.var1, L.gamma1,
+                   L.beta1, L.eps1, z1);
+    at::Tensor y1_rows = as_matrix(y1.narrow(0, n0, nc), "y1");
+    at::mm_out(y1_rows, as_matrix(z1, "z1"), w1t);
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_forward(
@@ -176,8 +203,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_fo
   const bool keep = keep_bottleneck && save && s.bottleneck;
   std::vector<at::Tensor> bottlenecks;
   // Scratch, allocated once per call and reused by every layer: the BN1 output (up to C_in
-  // channels), and for bottleneck layers the conv1 output (unless kept) and the BN2 output.
-  at::Tensor z1_flat = at::empty({s.m * s.c_in(s.layers - 1)}, x.options());
+  // channels; a chunk of images for bottleneck layers), and for bottleneck layers the conv1
+  // output (unless kept) and the BN2 output.
+  const int64_t chunk = s.bottleneck ? chunk_images(s, x) : s.n;
+  at::Tensor z1_flat = at::empty({chunk * s.h * s.w * s.c_in(s.layers - 1)}, x.options());
   at::Tensor y1_scratch, z2;
   if (s.bottleneck) {
     z2 = channels_last(x, s.mid, s);
@@ -185,18 +214,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_fo
   }
   for (int64_t l = 0; l < s.layers; ++l) {
     const Layer L = layer_view(l, s, params, running, eps, stats1, stats2, batch_stats);
-    at::Tensor z1 = compact(z1_flat, L.c_in, s);
-    o.bn_relu.call(feat.narrow(1, 0, L.c_in), L.mean1, L.var1, L.gamma1, L.beta1, L.eps1, z1);
     at::Tensor out;
     if (s.bottleneck) {
       at::Tensor y1 = keep ? channels_last(x, s.mid, s) : y1_scratch;
-      at::Tensor y1_mat = as_matrix(y1, "y1");
-      at::mm_out(y1_mat, as_matrix(z1, "z1"), L.w1.reshape({s.mid, L.c_in}).t());
+      conv1_forward(o, feat, L, s, chunk, z1_flat, y1);
       if (batch_stats) o.channel_stats.call(y1, stats2[l], 0);
       if (keep) bottlenecks.push_back(y1);
       o.bn_relu.call(y1, L.mean2, L.var2, L.gamma2, L.beta2, L.eps2, z2);
       out = conv3x3(z2, L.w2);
     } else {
+      at::Tensor z1 = compact(z1_flat, s.n, L.c_in, s);
+      o.bn_relu.call(feat.narrow(1, 0, L.c_in), L.mean1, L.var1, L.gamma1, L.beta1, L.eps1, z1);
       out = conv3x3(z1, L.w1);
     }
     at::Tensor fresh = feat.narrow(1, L.c_in, s.k);
@@ -250,13 +278,11 @@ std::tuple<at::Tensor, at::Tensor> block_backward(const at::Tensor& grad_feat, c
       off += p.numel();
     }
   }
-  const int64_t c_max = s.c_in(s.layers - 1);
-  at::Tensor z1_flat = at::empty({s.m * c_max}, feat.options());
-  at::Tensor dz1_flat, y1_scratch, z2, dy1;
+  const int64_t chunk = s.bottleneck ? chunk_images(s, feat) : s.n;
+  at::Tensor z1_flat = at::empty({chunk * s.h * s.w * s.c_in(s.layers - 1)}, feat.options());
+  at::Tensor y1_scratch, z2;
   if (s.bottleneck) {
-    dz1_flat = at::empty({s.m * c_max}, feat.options());
     z2 = channels_last(feat, s.mid, s);
-    dy1 = channels_last(feat, s.mid, s);
     if (!keep) y1_scratch = channels_last(feat, s.mid, s);
   }
   at::Tensor grad_new_scratch;
@@ -275,36 +301,53 @@ std::tuple<at::Tensor, at::Tensor> block_backward(const at::Tensor& grad_feat, c
       grad_new = as_cl(grad_new);
     }
     at::Tensor prefix = feat.narrow(1, 0, L.c_in);
-    at::Tensor z1 = compact(z1_flat, L.c_in, s);
-    o.bn_relu.call(prefix, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1, z1);
-    at::Tensor grad_z1;
-    if (s.bottleneck) {
-      at::Tensor w1 = L.w1.reshape({s.mid, L.c_in});
-      at::Tensor z1_mat = as_matrix(z1, "z1");
-      at::Tensor y1 = keep ? bottlenecks[l] : y1_scratch;
-      if (!keep) {
-        at::Tensor y1_mat = as_matrix(y1, "y1");
-        at::mm_out(y1_mat, z1_mat, w1.t());
-      }
-      o.bn_relu.call(y1, L.mean2, L.var2, L.gamma2, L.beta2, L.eps2, z2);
-      auto [grad_z2, grad_w2] = conv3x3_backward(grad_new, z2, L.w2);
-      o.bn_relu_backward.call(as_cl(grad_z2), y1, L.mean2, L.var2, L.gamma2, L.beta2, L.eps2,
-                              batch_stats, false, dy1, grads[p0 + 3], grads[p0 + 4]);
-      at::Tensor dy1_mat = as_matrix(dy1, "dy1");
-      at::Tensor grad_w1 = grads[p0 + 2].view({s.mid, L.c_in});
-      at::mm_out(grad_w1, dy1_mat.t(), z1_mat);
-      grad_z1 = compact(dz1_flat, L.c_in, s);
-      at::Tensor grad_z1_mat = as_matrix(grad_z1, "grad_z1");
-      at::mm_out(grad_z1_mat, dy1_mat, w1);
-      grads[p0 + 5].copy_(grad_w2);
-    } else {
+    at::Tensor grad_prefix = grad_feat.narrow(1, 0, L.c_in);
+    if (!s.bottleneck) {
+      at::Tensor z1 = compact(z1_flat, s.n, L.c_in, s);
+      o.bn_relu.call(prefix, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1, z1);
       auto [gz1, grad_w1] = conv3x3_backward(grad_new, z1, L.w1);
-      grad_z1 = as_cl(gz1);
       grads[p0 + 2].copy_(grad_w1);
+      o.bn_relu_backward.call(as_cl(gz1), prefix, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1,
+                              batch_stats, true, grad_prefix, grads[p0], grads[p0 + 1]);
+      continue;
     }
-    o.bn_relu_backward.call(grad_z1, prefix, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1,
-                            batch_stats, true, grad_feat.narrow(1, 0, L.c_in), grads[p0],
-                            grads[p0 + 1]);
+    // Bottleneck layer: conv2 and BN2 over the whole batch (bn_size*k channels) ...
+    at::Tensor y1 = keep ? bottlenecks[l] : y1_scratch;
+    if (!keep) conv1_forward(o, feat, L, s, chunk, z1_flat, y1);
+    o.bn_relu.call(y1, L.mean2, L.var2, L.gamma2, L.beta2, L.eps2, z2);
+    auto [grad_z2, grad_w2] = conv3x3_backward(grad_new, z2, L.w2);
+    grads[p0 + 5].copy_(grad_w2);
+    at::Tensor dy1 = z2;  // dY1 over Z2: the conv2 backward was Z2's last use
+    o.bn_relu_backward.call(as_cl(grad_z2), y1, L.mean2, L.var2, L.gamma2, L.beta2, L.eps2,
+                            batch_stats, false, dy1, grads[p0 + 3], grads[p0 + 4]);
+    // ... then conv1 and BN1 (C_in channels) chunk by chunk: Z1 recomputed, dW1 += dY1^T Z1,
+    // dZ1 = dY1 W1 over Z1's scratch, grad_feat += gamma*invstd*g with the sums of g and g*xhat
+    // collected; the batch-mean terms of the BN backward follow in one pass once all sums are in.
+    const at::Tensor w1 = L.w1.reshape({s.mid, L.c_in});
+    at::Tensor grad_w1 = grads[p0 + 2].view({s.mid, L.c_in});
+    at::Tensor sums = at::zeros({2, L.c_in}, acc_opts);
+    for (int64_t n0 = 0; n0 < s.n; n0 += chunk) {
+      const int64_t nc = std::min(chunk, s.n - n0);
+      at::Tensor prefix_c = prefix.narrow(0, n0, nc);
+      at::Tensor z1 = compact(z1_flat, nc, L.c_in, s);
+      o.bn_relu.call(prefix_c, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1, z1);
+      at::Tensor z1_mat = as_matrix(z1, "z1");
+      at::Tensor dy1_rows = as_matrix(dy1.narrow(0, n0, nc), "dy1");
+      if (n0 == 0) {
+        at::mm_out(grad_w1, dy1_rows.t(), z1_mat);
+      } else {
+        grad_w1.addmm_(dy1_rows.t(), z1_mat);
+      }
+      at::mm_out(z1_mat, dy1_rows, w1);  // dZ1 over Z1: dW1 was Z1's last use
+      o.bn_relu_grad_acc.call(z1, prefix_c, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1,
+                              grad_prefix.narrow(0, n0, nc), sums);
+    }
+    if (batch_stats) {
+      o.bn_grad_correct.call(prefix, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1, sums, s.m,
+                             grad_prefix);
+    }
+    grads[p0].copy_(sums[1]);
+    grads[p0 + 1].copy_(sums[0]);
   }
   return {bn_grads, w_grads};
 }

@@ -100,4 +100,30 @@ inline void check_bn_params(const at::Tensor& x, const at::Tensor& mean, const a
   check_vector(beta, "beta", c, acc, x);
 }
 
+inline void check_sums(const at::Tensor& sums, const at::Tensor& x, int64_t c) {
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == 2 && sums.size(1) == c && sums.is_contiguous(),
+              "dense_ext: sums must be a contiguous [2, ", c, "] tensor, got ", sums.sizes());
+  TORCH_CHECK(sums.scalar_type() == acc_dtype(x.scalar_type()), "dense_ext: sums must be ",
+              acc_dtype(x.scalar_type()), ", got ", sums.scalar_type());
+  TORCH_CHECK(sums.device() == x.device(), "dense_ext: sums is on ", sums.device(),
+              " but x is on ", x.device());
+}
+
+// Checks of bn_relu_grad_acc / bn_grad_correct (grad_z undefined for the latter).
+inline void check_bn_grad_chunk(const at::Tensor& grad_z, const at::Tensor& x,
+                                const at::Tensor& mean, const at::Tensor& var,
+                                const at::Tensor& gamma, const at::Tensor& beta,
+                                const at::Tensor& grad_x, const at::Tensor& sums) {
+  check_floating(x, "x");
+  RowsView vx = rows_view(x, "x");
+  rows_view(grad_x, "grad_x");
+  check_same(grad_x, "grad_x", x, "x");
+  if (grad_z.defined()) {
+    rows_view(grad_z, "grad_z");
+    check_same(grad_z, "grad_z", x, "x");
+  }
+  check_bn_params(x, mean, var, gamma, beta, vx.cols);
+  check_sums(sums, x, vx.cols);
+}
+
 }  // namespace dense_ext

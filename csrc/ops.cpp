@@ -40,6 +40,14 @@ TORCH_LIBRARY(dense_ext, m) {
   m.def("bn_relu_backward(Tensor grad_z, Tensor x, Tensor mean, Tensor var, Tensor gamma, "
         "Tensor beta, float eps, bool batch_stats, bool accumulate, Tensor(a!) grad_x, "
         "Tensor(b!) grad_gamma, Tensor(c!) grad_beta) -> ()");
+  // The chunked form of bn_relu_backward, for a backward that visits the rows in chunks:
+  // bn_relu_grad_acc adds gamma*invstd*g to grad_x and the chunk's sums of g and g*xhat to
+  // sums ([2, C]); once every chunk is in, bn_grad_correct subtracts
+  // gamma*invstd*(mean(g) + xhat*mean(g*xhat)) (means = sums / count) from every row.
+  m.def("bn_relu_grad_acc(Tensor grad_z, Tensor x, Tensor mean, Tensor var, Tensor gamma, "
+        "Tensor beta, float eps, Tensor(a!) grad_x, Tensor(b!) sums) -> ()");
+  m.def("bn_grad_correct(Tensor x, Tensor mean, Tensor var, Tensor gamma, Tensor beta, "
+        "float eps, Tensor sums, int count, Tensor(a!) grad_x) -> ()");
   // dst = src * mask / (1 - p), mask a pure function of (seed, key, element index): the same
   // call on the output gradient replays the forward mask. p = 0 copies.
   m.def("dropout_store(Tensor src, float p, int seed, int key, Tensor(a!) dst) -> ()");

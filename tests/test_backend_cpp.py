@@ -225,3 +225,17 @@ def test_op_errors_name_the_tensor():
     with pytest.raises(RuntimeError, match="gamma must have shape"):
         one = torch.ones(3, dtype=torch.float64)
         torch.ops.dense_ext.bn_relu(xc, one, one, one[:2], one, 1e-5, torch.empty_like(xc))
+
+
+@pytest.mark.parametrize("memory", ["bottleneck", "min"])
+@pytest.mark.parametrize("train", [True, False])
+def test_batches_larger_than_one_chunk(memory, train):
+    """Bottleneck layers run BN1-ReLU-Conv1x1 in chunks of ~2048 rows on the CPU
+    (csrc/block.cpp chunk_images): 7 images of 24x24 make chunks of 3, 3 and 1 images."""
+    naive, blocks = make_blocks(2, 5, 3, 4, 0.0, memory, torch.float64)
+    naive.train(train)
+    blocks["cpp"].train(train)
+    torch.manual_seed(4)
+    x = torch.randn(7, 5, 24, 24, dtype=torch.float64) + 0.5
+    grad = torch.randn(7, 11, 24, 24, dtype=torch.float64)
+    check_same_step(step(blocks["cpp"], x, grad), step(naive, x, grad), 1e-10, "chunked")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import assert_close, cpu_backend_or_skip, cuda_or_skip
 
-OPS = ("channel_stats", "bn_relu", "bn_relu_backward", "dropout_store", "block_forward",
-       "block_backward")
+OPS = ("channel_stats", "bn_relu", "bn_relu_backward", "bn_relu_grad_acc", "bn_grad_correct",
+       "dropout_store", "block_forward", "block_backward")
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +47,7 @@ def sample_args(device="cpu", dtype=torch.float32, c=5):
     return dict(
         x=x, stats=stats, mean=mean, var=var, gamma=gamma, beta=beta, out=out, grad_z=grad_z,
         grad_x=grad_x, dgamma=torch.zeros(c, device=device, dtype=acc),
+        sums=torch.randn(2, c, device=device, dtype=acc),
         dbeta=torch.zeros(c, device=device, dtype=acc),
     )
 
@@ -79,6 +80,7 @@ def test_op_schemas_mark_written_buffers():
     mutated = {
         "channel_stats": ["stats"], "bn_relu": ["out"],
         "bn_relu_backward": ["grad_x", "grad_gamma", "grad_beta"], "dropout_store": ["dst"],
+        "bn_relu_grad_acc": ["grad_x", "sums"], "bn_grad_correct": ["grad_x"],
         "block_backward": ["grad_feat"], "block_forward": [],
     }
     for op in OPS:
@@ -100,6 +102,11 @@ def test_opcheck_kernels(dtype):
             torch.library.opcheck(ops.bn_relu_backward, (
                 a["grad_z"], a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5,
                 batch_stats, accumulate, a["grad_x"], a["dgamma"], a["dbeta"]))
+    torch.library.opcheck(ops.bn_relu_grad_acc, (a["grad_z"], a["x"], a["mean"], a["var"],
+                                                 a["gamma"], a["beta"], 1e-5, a["grad_x"],
+                                                 a["sums"]))
+    torch.library.opcheck(ops.bn_grad_correct, (a["x"], a["mean"], a["var"], a["gamma"],
+                                                a["beta"], 1e-5, a["sums"], 30, a["grad_x"]))
     torch.library.opcheck(ops.dropout_store, (a["x"], 0.3, 17, 1, a["out"]))
     torch.library.opcheck(ops.dropout_store, (a["x"], 0.0, 17, 1, a["out"]))
 
@@ -170,6 +177,28 @@ def test_bn_relu_and_backward_match_autograd():
         assert_close(dbeta, gb, 1e-12, "grad_beta")
 
 
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_chunked_bn_backward_equals_whole_batch(batch_stats):
+    """bn_relu_grad_acc over row chunks + bn_grad_correct == bn_relu_backward over all rows."""
+    a = sample_args(dtype=torch.float64, c=6)
+    ops = torch.ops.dense_ext
+    args = (a["mean"], a["var"], a["gamma"], a["beta"], 1e-5)
+    expected = a["grad_x"].clone()
+    dgamma, dbeta = torch.empty_like(a["gamma"]), torch.empty_like(a["beta"])
+    ops.bn_relu_backward(a["grad_z"], a["x"], *args, batch_stats, True, expected, dgamma, dbeta)
+    ours = a["grad_x"].clone()
+    sums = torch.zeros(2, 6, dtype=torch.float64)
+    for n in range(a["x"].shape[0]):  # one image per chunk
+        ops.bn_relu_grad_acc(a["grad_z"][n : n + 1], a["x"][n : n + 1], *args,
+                             ours[n : n + 1], sums)
+    if batch_stats:
+        rows = a["x"].numel() // a["x"].shape[1]
+        ops.bn_grad_correct(a["x"], *args, sums, rows, ours)
+    assert_close(ours, expected, 1e-12, "grad_x")
+    assert_close(sums[0], dbeta, 1e-12, "sum g")
+    assert_close(sums[1], dgamma, 1e-12, "sum g*xhat")
+
+
 def test_dropout_store_writes_only_its_slice():
     src = cl(torch.randn(2, 3, 4, 4))
     feat = cl(torch.zeros(2, 7, 4, 4))
@@ -214,6 +243,11 @@ def test_opcheck_kernels_cuda(dtype):
     torch.library.opcheck(ops.bn_relu_backward, (
         a["grad_z"], a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5, True, True,
         a["grad_x"], a["dgamma"], a["dbeta"]))
+    torch.library.opcheck(ops.bn_relu_grad_acc, (a["grad_z"], a["x"], a["mean"], a["var"],
+                                                 a["gamma"], a["beta"], 1e-5, a["grad_x"],
+                                                 a["sums"]))
+    torch.library.opcheck(ops.bn_grad_correct, (a["x"], a["mean"], a["var"], a["gamma"],
+                                                a["beta"], 1e-5, a["sums"], 30, a["grad_x"]))
     torch.library.opcheck(ops.dropout_store, (a["x"], 0.3, 17, 1, a["out"]))
     spec, x, params, running, eps, _ = block_args(device="cuda", dtype=torch.float32)
     fwd = (x, params, running, eps, spec.growth_rate, spec.bn_size, 0.2, 5, True, True, True)
@@ -241,6 +275,13 @@ def test_cuda_kernels_match_cpu_kernels(dtype):
                              args["dbeta"])
     assert_close(g["grad_x"].cpu(), a["grad_x"], tol, "grad_x")
     assert_close(g["dgamma"].cpu(), a["dgamma"], tol, "dgamma")
+    for args in (a, g):
+        ops.bn_relu_grad_acc(args["grad_z"], args["x"], args["mean"], args["var"],
+                             args["gamma"], args["beta"], 1e-5, args["grad_x"], args["sums"])
+        ops.bn_grad_correct(args["x"], args["mean"], args["var"], args["gamma"], args["beta"],
+                            1e-5, args["sums"], 30, args["grad_x"])
+    assert_close(g["grad_x"].cpu(), a["grad_x"], tol, "grad_x (chunked form)")
+    assert_close(g["sums"].cpu(), a["sums"], tol, "sums")
 
 
 @pytest.mark.cuda

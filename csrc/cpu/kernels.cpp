@@ -209,6 +209,93 @@ void bn_relu_backward_cpu(const at::Tensor& grad_z, const at::Tensor& x, const a
 }
 
 template <typename scalar_t>
+void bn_relu_grad_acc_impl(const at::Tensor& grad_z, const at::Tensor& x,
+                           const BnConsts<acc_t<scalar_t>>& k, const at::Tensor& grad_x,
+                           const at::Tensor& sums) {
+  using acc = acc_t<scalar_t>;
+  const RowsView vg = rows_view(grad_z, "grad_z"), vx = rows_view(x, "x");
+  const RowsView vd = rows_view(grad_x, "grad_x");
+  const scalar_t* gp = grad_z.const_data_ptr<scalar_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* dp = grad_x.data_ptr<scalar_t>();
+  const int64_t C = vx.cols, M = vx.rows;
+  const acc *mean = k.mean.data(), *scale = k.scale.data(), *beta = k.beta.data();
+  const acc* invstd = k.invstd.data();
+  // One pass: per-tile sums of g and g*xhat, and grad_x += scale * g.
+  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+  std::vector<acc> sg(tiles * C), sgx(tiles * C);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      acc* a = sg.data() + t * C;
+      acc* b = sgx.data() + t * C;
+      for (int64_t c = 0; c < C; ++c) a[c] = b[c] = acc(0);
+      const int64_t r1 = std::min(M, (t + 1) * kTileRows);
+      for (int64_t r = t * kTileRows; r < r1; ++r) {
+        const scalar_t* xr = xp + r * vx.ld;
+        const scalar_t* gr = gp + r * vg.ld;
+        scalar_t* dr = dp + r * vd.ld;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc xv = static_cast<acc>(xr[c]);
+          const acc g = relu_grad(static_cast<acc>(gr[c]), bn_pre(xv, mean[c], scale[c], beta[c]));
+          a[c] += g;
+          b[c] += g * ((xv - mean[c]) * invstd[c]);
+          const acc dx = bn_grad_input(g, acc(0), scale[c], acc(0), acc(0), false);
+          dr[c] = static_cast<scalar_t>(static_cast<acc>(dr[c]) + dx);
+        }
+      }
+    }
+  });
+  acc* sp = sums.data_ptr<acc>();
+  for (int64_t c = 0; c < C; ++c) {
+    acc a = 0, b = 0;
+    for (int64_t t = 0; t < tiles; ++t) a += sg[t * C + c], b += sgx[t * C + c];
+    sp[c] += a;
+    sp[C + c] += b;
+  }
+}
+
+void bn_relu_grad_acc_cpu(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& mean,
+                          const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta,
+                          double eps, const at::Tensor& grad_x, const at::Tensor& sums) {
+  check_bn_grad_chunk(grad_z, x, mean, var, gamma, beta, grad_x, sums);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_grad_acc", [&] {
+        BnConsts<acc_t<scalar_t>> k(mean, var, gamma, beta, eps);
+        bn_relu_grad_acc_impl<scalar_t>(grad_z, x, k, grad_x, sums);
+      });
+}
+
+void bn_grad_correct_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                         const at::Tensor& gamma, const at::Tensor& beta, double eps,
+                         const at::Tensor& sums, int64_t count, const at::Tensor& grad_x) {
+  check_bn_grad_chunk(at::Tensor(), x, mean, var, gamma, beta, grad_x, sums);
+  TORCH_CHECK(count > 0, "dense_ext: count must be positive, got ", count);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bn_grad_correct", [&] {
+        using acc = acc_t<scalar_t>;
+        BnConsts<acc> k(mean, var, gamma, beta, eps);
+        const RowsView vx = rows_view(x, "x"), vd = rows_view(grad_x, "grad_x");
+        const int64_t C = vx.cols;
+        const acc* sp = sums.const_data_ptr<acc>();
+        std::vector<acc> mg(C), mgx(C);
+        for (int64_t c = 0; c < C; ++c) mg[c] = sp[c] / acc(count), mgx[c] = sp[C + c] / acc(count);
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        scalar_t* dp = grad_x.data_ptr<scalar_t>();
+        at::parallel_for(0, vx.rows, row_grain(C), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const scalar_t* xr = xp + r * vx.ld;
+            scalar_t* dr = dp + r * vd.ld;
+            for (int64_t c = 0; c < C; ++c) {
+              const acc xhat = (static_cast<acc>(xr[c]) - k.mean[c]) * k.invstd[c];
+              const acc corr = bn_grad_correction(xhat, k.scale[c], mg[c], mgx[c]);
+              dr[c] = static_cast<scalar_t>(static_cast<acc>(dr[c]) + corr);
+            }
+          }
+        });
+      });
+}
+
+template <typename scalar_t>
 void dropout_store_impl(const at::Tensor& src, const RowsView& vs, double p, uint64_t seed,
                         int64_t key, const at::Tensor& dst, const RowsView& vd) {
   using acc = acc_t<scalar_t>;
@@ -252,6 +339,8 @@ TORCH_LIBRARY_IMPL(dense_ext, CPU, m) {
   m.impl("channel_stats", static_cast<ChannelStatsFn*>(&channel_stats_cpu));
   m.impl("bn_relu", static_cast<BnReluFn*>(&bn_relu_cpu));
   m.impl("bn_relu_backward", static_cast<BnReluBackwardFn*>(&bn_relu_backward_cpu));
+  m.impl("bn_relu_grad_acc", static_cast<BnReluGradAccFn*>(&bn_relu_grad_acc_cpu));
+  m.impl("bn_grad_correct", static_cast<BnGradCorrectFn*>(&bn_grad_correct_cpu));
   m.impl("dropout_store", static_cast<DropoutStoreFn*>(&dropout_store_cpu));
 }
 

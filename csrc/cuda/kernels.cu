@@ -271,6 +271,121 @@ void bn_relu_backward_cuda(const at::Tensor& grad_z, const at::Tensor& x, const 
 }
 
 // ---------------------------------------------------------------------------------------------
+// bn_relu_grad_acc: the partial-sum kernel of bn_relu_backward that also adds scale * g to grad_x
+// for the element it visits; the finalize kernel adds the totals to sums. bn_grad_correct: the
+// batch-mean terms, elementwise.
+
+template <typename scalar_t, typename acc>
+__global__ void bn_grad_acc_partial_kernel(const scalar_t* __restrict__ grad_z, int64_t ldg,
+                                           const scalar_t* __restrict__ x, int64_t ldx,
+                                           scalar_t* __restrict__ grad_x, int64_t ldd, int64_t M,
+                                           int64_t C, int64_t rows_per_block, BnParams<acc> p,
+                                           acc* __restrict__ part) {  // [2, G, C]
+  __shared__ acc sh_g[kRowsY][kWarp], sh_gx[kRowsY][kWarp];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = int64_t(blockIdx.x) * kWarp + tx;
+  const int64_t G = gridDim.y;
+  acc sg = 0, sgx = 0;
+  if (c < C) {
+    const acc invstd = bn_invstd(p.var[c], p.eps);
+    const acc mean = p.mean[c], scale = p.gamma[c] * invstd, beta = p.beta[c];
+    const int64_t r0 = int64_t(blockIdx.y) * rows_per_block;
+    const int64_t r1 = min(M, r0 + rows_per_block);
+    for (int64_t r = r0 + ty; r < r1; r += kRowsY) {
+      const acc xv = static_cast<acc>(x[r * ldx + c]);
+      const acc g = relu_grad(static_cast<acc>(grad_z[r * ldg + c]), bn_pre(xv, mean, scale, beta));
+      sg += g;
+      sgx += g * ((xv - mean) * invstd);
+      scalar_t* d = grad_x + r * ldd + c;
+      *d = static_cast<scalar_t>(static_cast<acc>(*d) +
+                                 bn_grad_input(g, acc(0), scale, acc(0), acc(0), false));
+    }
+  }
+  sh_g[ty][tx] = sg, sh_gx[ty][tx] = sgx;
+  __syncthreads();
+  if (ty == 0 && c < C) {
+    for (int i = 1; i < kRowsY; ++i) sg += sh_g[i][tx], sgx += sh_gx[i][tx];
+    part[int64_t(blockIdx.y) * C + c] = sg;
+    part[(G + blockIdx.y) * C + c] = sgx;
+  }
+}
+
+template <typename acc>
+__global__ void bn_grad_acc_finalize_kernel(const acc* __restrict__ part, int64_t G, int64_t C,
+                                            acc* __restrict__ sums) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  acc sg = 0, sgx = 0;
+  for (int64_t g = 0; g < G; ++g) sg += part[g * C + c], sgx += part[(G + g) * C + c];
+  sums[c] += sg;
+  sums[C + c] += sgx;
+}
+
+void bn_relu_grad_acc_cuda(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& mean,
+                           const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta,
+                           double eps, const at::Tensor& grad_x, const at::Tensor& sums) {
+  check_bn_grad_chunk(grad_z, x, mean, var, gamma, beta, grad_x, sums);
+  const RowsView vx = rows_view(x, "x"), vg = rows_view(grad_z, "grad_z");
+  const RowsView vd = rows_view(grad_x, "grad_x");
+  const int64_t M = vx.rows, C = vx.cols;
+  if (M * C == 0) return;
+  c10::cuda::CUDAGuard guard(x.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t G = row_blocks(M, C);
+  const int64_t rows_per_block = (M + G - 1) / G;
+  at::Tensor part = at::empty({2, G, C}, sums.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_grad_acc", [&] {
+    using acc = acc_t<scalar_t>;
+    dim3 block(kWarp, kRowsY), grid((C + kWarp - 1) / kWarp, G);
+    bn_grad_acc_partial_kernel<scalar_t, acc><<<grid, block, 0, stream>>>(
+        grad_z.const_data_ptr<scalar_t>(), vg.ld, x.const_data_ptr<scalar_t>(), vx.ld,
+        grad_x.data_ptr<scalar_t>(), vd.ld, M, C, rows_per_block,
+        bn_params<acc>(mean, var, gamma, beta, eps), part.data_ptr<acc>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bn_grad_acc_finalize_kernel<acc><<<(C + 127) / 128, 128, 0, stream>>>(
+        part.data_ptr<acc>(), G, C, sums.data_ptr<acc>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename scalar_t, typename acc>
+__global__ void bn_grad_correct_kernel(const scalar_t* __restrict__ x, int64_t ldx,
+                                       scalar_t* __restrict__ grad_x, int64_t ldd, int64_t M,
+                                       int64_t C, BnParams<acc> p, const acc* __restrict__ sums,
+                                       acc inv_count) {
+  const int64_t n = M * C;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / C, c = i - r * C;
+    const acc invstd = bn_invstd(p.var[c], p.eps);
+    const acc xhat = (static_cast<acc>(x[r * ldx + c]) - p.mean[c]) * invstd;
+    const acc corr = bn_grad_correction(xhat, p.gamma[c] * invstd, sums[c] * inv_count,
+                                        sums[C + c] * inv_count);
+    scalar_t* d = grad_x + r * ldd + c;
+    *d = static_cast<scalar_t>(static_cast<acc>(*d) + corr);
+  }
+}
+
+void bn_grad_correct_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                          const at::Tensor& gamma, const at::Tensor& beta, double eps,
+                          const at::Tensor& sums, int64_t count, const at::Tensor& grad_x) {
+  check_bn_grad_chunk(at::Tensor(), x, mean, var, gamma, beta, grad_x, sums);
+  TORCH_CHECK(count > 0, "dense_ext: count must be positive, got ", count);
+  const RowsView vx = rows_view(x, "x"), vd = rows_view(grad_x, "grad_x");
+  if (vx.rows * vx.cols == 0) return;
+  c10::cuda::CUDAGuard guard(x.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_grad_correct", [&] {
+    using acc = acc_t<scalar_t>;
+    bn_grad_correct_kernel<scalar_t, acc><<<elementwise_blocks(vx.rows * vx.cols), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), vx.ld, grad_x.data_ptr<scalar_t>(), vd.ld, vx.rows, vx.cols,
+        bn_params<acc>(mean, var, gamma, beta, eps), sums.const_data_ptr<acc>(),
+        acc(1) / acc(count));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // dropout_store
 
 template <typename scalar_t, typename acc>
@@ -319,6 +434,8 @@ TORCH_LIBRARY_IMPL(dense_ext, CUDA, m) {
   m.impl("channel_stats", static_cast<ChannelStatsFn*>(&channel_stats_cuda));
   m.impl("bn_relu", static_cast<BnReluFn*>(&bn_relu_cuda));
   m.impl("bn_relu_backward", static_cast<BnReluBackwardFn*>(&bn_relu_backward_cuda));
+  m.impl("bn_relu_grad_acc", static_cast<BnReluGradAccFn*>(&bn_relu_grad_acc_cuda));
+  m.impl("bn_grad_correct", static_cast<BnGradCorrectFn*>(&bn_grad_correct_cuda));
   m.impl("dropout_store", static_cast<DropoutStoreFn*>(&dropout_store_cuda));
 }
 

@@ -125,6 +125,14 @@ DX_HD acc bn_grad_input(acc g, acc xhat, acc scale, acc mean_g, acc mean_gxhat, 
   return batch_stats ? scale * (g - mean_g - xhat * mean_gxhat) : scale * g;
 }
 
+// The same dx in two steps, for a backward that visits the rows in chunks before the batch sums
+// are known: first grad_x += scale * g per chunk (bn_grad_input with batch_stats false), then,
+// once the sums are complete, grad_x += bn_grad_correction(...) on every element.
+template <typename acc>
+DX_HD acc bn_grad_correction(acc xhat, acc scale, acc mean_g, acc mean_gxhat) {
+  return -scale * (mean_g + xhat * mean_gxhat);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dropout with a counter-based mask: element `index` of the layer whose new channels start at
 // `lo` keeps its value iff hash(seed, lo, index) < threshold, threshold = (1 - p) * 2^32. The mask

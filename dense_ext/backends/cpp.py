@@ -20,8 +20,8 @@ from torch import Tensor
 from dense_ext.backends.base import LOCAL, Backend, ForwardState, StatsSync, stats_dtype
 from dense_ext.spec import BlockSpec
 
-OPS = ("channel_stats", "bn_relu", "bn_relu_backward", "dropout_store", "block_forward",
-       "block_backward")
+OPS = ("channel_stats", "bn_relu", "bn_relu_backward", "bn_relu_grad_acc", "bn_grad_correct",
+       "dropout_store", "block_forward", "block_backward")
 
 try:
     from dense_ext import _C  # noqa: F401  (loading the library registers the ops)
@@ -131,6 +131,14 @@ if _LOAD_ERROR is None:
     @torch.library.register_fake("dense_ext::bn_relu_backward")
     def _(grad_z, x, mean, var, gamma, beta, eps, batch_stats, accumulate, grad_x, grad_gamma,
           grad_beta):
+        return None
+
+    @torch.library.register_fake("dense_ext::bn_relu_grad_acc")
+    def _(grad_z, x, mean, var, gamma, beta, eps, grad_x, sums):
+        return None
+
+    @torch.library.register_fake("dense_ext::bn_grad_correct")
+    def _(x, mean, var, gamma, beta, eps, sums, count, grad_x):
         return None
 
     @torch.library.register_fake("dense_ext::dropout_store")
