@@ -91,6 +91,7 @@ def _model_args(g) -> None:
     kind.add_argument("--efficient", dest="efficient", action="store_true", default=True,
                       help="dense_ext blocks: linear activation memory")
     kind.add_argument("--naive", dest="efficient", action="store_false",
+                      default=argparse.SUPPRESS,
                       help="torchvision-style blocks (torch.cat per layer)")
     g.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES),
                    help="backend of the efficient blocks; with --sync-bn 'auto' means "
@@ -763,10 +764,21 @@ def build_trainer(args: argparse.Namespace, info: DistInfo) -> tuple[Trainer, di
     return trainer, state
 
 
+def _block_backend(model: nn.Module, device: torch.device) -> str:
+    """The backend the model's first efficient block resolves to."""
+    from dense_ext.backends import resolve_backend_name
+    from dense_ext.block import EfficientDenseBlock
+
+    for module in model.modules():
+        if isinstance(module, EfficientDenseBlock):
+            return resolve_backend_name(module.backend, device)
+    return "no efficient block"
+
+
 def _describe(t: Trainer, out_dir: Path) -> str:
     m = dist_utils.unwrap(t.model)
     params = sum(p.numel() for p in m.parameters())
-    kind = "efficient" if t.args.efficient else "naive"
+    kind = f"efficient ({_block_backend(m, t.device)} backend)" if t.args.efficient else "naive"
     amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[t.precision.amp_dtype]
     return (f"{kind} {t.args.model} ({params / 1e6:.2f}M parameters) on {t.args.dataset} "
             f"({len(t.bundle.train)} train / {len(t.bundle.test)} test, {t.bundle.num_classes} "
