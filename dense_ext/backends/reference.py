@@ -47,19 +47,26 @@ def bn_relu(x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor
     return z.relu_().to(x.dtype)
 
 
-def bn_relu_backward(
-    grad_z: Tensor, x: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor,
+def relu_backward_(grad_z: Tensor, z: Tensor) -> Tensor:
+    """grad_z * (z > 0), written into grad_z (which the caller owns)."""
+    return torch.ops.aten.threshold_backward(grad_z, z, 0, grad_input=grad_z)
+
+
+def bn_backward(
+    g: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor,
     batch_stats: bool, sync: StatsSync = LOCAL,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of bn_relu with respect to x, gamma and beta.
+    """Gradients of y = (x - mean) * invstd * gamma + beta with respect to x, gamma and beta,
+    given g = dL/dy (the ReLU mask already applied).
 
     With batch statistics the mean and variance depend on x, which gives the two reduction
-    terms: dx = gamma*invstd * (g - mean(g) - xhat * mean(g*xhat)), g = grad_z * (z > 0).
+    terms: dx = gamma*invstd * (g - mean(g) - xhat * mean(g*xhat)).
     """
     acc = mean.dtype
-    g = torch.ops.aten.threshold_backward(grad_z, z, 0).to(acc)
+    g = g.to(acc)
     if batch_stats and sync is LOCAL and x.dtype == acc:
-        # ATen's fused kernel does the two reductions and the apply in two passes.
+        # ATen's fused kernel does the two reductions and the apply in two passes; it is ten
+        # times slower on the strided prefix than on a contiguous copy.
         x = x.contiguous(memory_format=torch.channels_last)
         return torch.ops.aten.native_batch_norm_backward(
             g, x, gamma, None, None, mean, invstd, True, 0.0, [True, True, True]
@@ -227,6 +234,8 @@ class ReferenceBackend(Backend):
         return grads
 
     def _layer_backward(self, grad_feat, grad_new, feat, lv, spec, state, sync):
+        # Temporaries are dropped as soon as they are dead: the peak of this loop is the peak
+        # of the whole backward, and each one is as large as the layer's input.
         prefix = feat[:, : lv.c_in]
         p = lv.params
         z1 = bn_relu(prefix, lv.mean1, lv.invstd1, p[0], p[1])
@@ -236,17 +245,23 @@ class ReferenceBackend(Backend):
             mean2, invstd2 = lv.bn2()
             z2 = bn_relu(y1, mean2, invstd2, p[3], p[4])
             grad_z2, grad_w2 = conv_backward(grad_new, z2, p[5], padding=1)
-            grad_y1, grad_g2, grad_b2 = bn_relu_backward(
-                grad_z2, y1, z2, mean2, invstd2, p[3], lv.batch_stats, sync
+            grad_z2 = relu_backward_(grad_z2, z2)
+            del z2
+            grad_y1, grad_g2, grad_b2 = bn_backward(
+                grad_z2, y1, mean2, invstd2, p[3], lv.batch_stats, sync
             )
-            del z2, grad_z2, y1
+            del grad_z2, y1
             grad_z1, grad_w1 = conv_backward(grad_y1, z1, p[2], padding=0)
+            del grad_y1
             tail = [grad_g2, grad_b2, grad_w2]
         else:
             grad_z1, grad_w1 = conv_backward(grad_new, z1, p[2], padding=1)
-        grad_x, grad_g1, grad_b1 = bn_relu_backward(
-            grad_z1, prefix, z1, lv.mean1, lv.invstd1, p[0], lv.batch_stats, sync
+        grad_z1 = relu_backward_(grad_z1, z1)
+        del z1
+        grad_x, grad_g1, grad_b1 = bn_backward(
+            grad_z1, prefix, lv.mean1, lv.invstd1, p[0], lv.batch_stats, sync
         )
+        del grad_z1
         grad_feat[:, : lv.c_in].add_(grad_x)
         return [grad_g1, grad_b1, grad_w1, *tail]
 
