@@ -8,6 +8,7 @@ forward, with ``nn.BatchNorm2d``'s arithmetic; the backward recomputation never 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from dense_ext.backends.base import LOCAL, Backend, ForwardState, StatsSync
+from dense_ext.donation import take_donated
 from dense_ext.spec import BlockSpec
 
 
@@ -139,6 +141,7 @@ class DenseBlockFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
+        refs = sys.getrefcount(grad_out)  # first statement: see dense_ext.donation
         call: BlockCall = ctx.call
         if not call.save:
             raise RuntimeError(
@@ -149,8 +152,10 @@ class DenseBlockFunction(torch.autograd.Function):
         params = rest[: ctx.num_params]
         stats1, stats2, *bottlenecks = rest[ctx.num_params :]
         state = ForwardState(stats1, stats2, list(bottlenecks), ctx.dropout)
-        grad_feat = torch.empty_like(feat, memory_format=torch.channels_last)
-        grad_feat.copy_(grad_out)
+        grad_feat = take_donated(grad_out, refs, feat)
+        if grad_feat is None:
+            grad_feat = torch.empty_like(feat, memory_format=torch.channels_last)
+            grad_feat.copy_(grad_out)
         del grad_out
         with torch.autocast(device_type=feat.device.type, enabled=False):
             grads = call.backend.backward(

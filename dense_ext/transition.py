@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dense_ext.donation import donate
+
 POOLS = ("avg2x2", "global")
 
 
@@ -124,7 +126,8 @@ class NormReluPoolFunction(torch.autograd.Function):
                 [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
                  bias is not None and ctx.needs_input_grad[2]],
             )
-        return grad_x, grad_w, grad_b, None, None
+        # grad_x is fresh and never read here again: the block below may accumulate into it.
+        return donate(grad_x) if grad_x is not None else None, grad_w, grad_b, None, None
 
 
 def _recompute_positive(x, weight, bias, mean, invstd) -> Tensor:

@@ -26,14 +26,17 @@ def test_gradcheck_float64(backend, memory, bn_size, training):
     block = EfficientDenseBlock(2, 3, 2, bn_size, memory=memory, backend=backend).double()
     randomize_bn(block)
     block.train(training)
-    x = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
     names = [name for name, _ in block.named_parameters()]
     leaves = [p.detach().clone().requires_grad_() for p in block.parameters()]
 
     def f(inp, *params):
         return torch.func.functional_call(block, dict(zip(names, params)), (inp,))
 
-    assert torch.autograd.gradcheck(f, (x, *leaves), eps=1e-6, atol=1e-7)
+    # fast_mode checks random projections of the Jacobian: as strict, far fewer evaluations.
+    assert torch.autograd.gradcheck(f, (x, *leaves), eps=1e-6, atol=1e-7, fast_mode=True)
+    # The full input Jacobian, column by column, on the block itself.
+    assert torch.autograd.gradcheck(block, (x,), eps=1e-6, atol=1e-7)
 
 
 def saved_bytes(block, x):
@@ -252,3 +255,49 @@ def test_torch_compile_traces_the_block_without_graph_breaks():
     out.sum().backward()
     assert rel_err(out, expected) < 1e-5
     assert rel_err(x.grad, grad) < 1e-5
+
+
+def _block_then_transition():
+    from dense_ext import EfficientTransition
+
+    torch.manual_seed(0)
+    block = EfficientDenseBlock(2, 4, 3, 2, memory="min", backend="reference")
+    transition = EfficientTransition(10, 5)
+    return block, transition
+
+
+def test_transition_gradient_is_donated_to_the_block(monkeypatch):
+    """The block accumulates into the transition's fresh gradient instead of copying it."""
+    import dense_ext.function as function
+
+    taken = []
+    original = function.take_donated
+
+    def spy(grad, refs, like):
+        result = original(grad, refs, like)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(function, "take_donated", spy)
+    block, transition = _block_then_transition()
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    transition(block(x)).sum().backward()
+    assert taken == [True]
+
+
+def test_donation_refused_when_a_hook_keeps_the_gradient():
+    block, transition = _block_then_transition()
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    kept = []
+    out = block(x)
+    out.register_hook(lambda g: kept.append((g, g.clone())))
+    out.retain_grad()
+    transition(out).sum().backward()
+    grad, copy_at_hook_time = kept[0]
+    assert torch.equal(grad, copy_at_hook_time), "the block wrote into a gradient a hook kept"
+    assert torch.equal(out.grad, copy_at_hook_time)
+    # Same input gradient as without the hook (donation changes memory, never values).
+    expected = x.grad.clone()
+    x.grad = None
+    transition(block(x)).sum().backward()
+    assert torch.equal(x.grad, expected)
