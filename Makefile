@@ -6,7 +6,7 @@ STAMP := $(VENV)/.requirements-installed
 BUILD_STAMP := $(VENV)/.package-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test bench lint clean
+.PHONY: venv build test bench bench-micro gpu-suite lint clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,15 @@ test: build
 
 bench: build
 	$(PY) bench/run.py
+
+# pytest-benchmark microbenchmarks of one block forward+backward per backend.
+bench-micro: build
+	$(PY) -m pytest bench/ --benchmark-only
+
+# On a GPU machine without network: builds in place against the installed torch, runs the
+# CUDA and compiled-Triton tests and the benchmarks into $(OUT) (see bench/gpu_suite.sh).
+gpu-suite:
+	bash bench/gpu_suite.sh $(OUT)
 
 lint: venv
 	$(PY) -m ruff check dense_ext python_models tests bench
