@@ -241,7 +241,13 @@ std::tuple<at::Tensor, at::Tensor> block_backward(const at::Tensor& grad_feat, c
                                        int64_t growth_rate, int64_t bn_size, double drop_rate,
                                        int64_t seed, bool batch_stats) {
   TORCH_CHECK(feat.dim() == 4, "dense_ext: feat must be [N, C, H, W], got ", feat.sizes());
-  at::Tensor x_like = feat.narrow(1, 0, feat.size(1) - (params.size() / (bn_size > 0 ? 6 : 3)) * growth_rate);
+  const int64_t per_layer = bn_size > 0 ? 6 : 3;
+  const int64_t c0 = feat.size(1) - static_cast<int64_t>(params.size()) / per_layer * growth_rate;
+  TORCH_CHECK(growth_rate > 0 && c0 > 0 && params.size() % per_layer == 0,
+              "dense_ext: feat has ", feat.size(1), " channels, which does not fit ",
+              params.size(), " params with growth_rate ", growth_rate, " and bn_size ", bn_size);
+  // The block input's shape, for the checks shared with forward.
+  at::Tensor x_like = feat.narrow(1, 0, c0);
   const Shape s = check_block(x_like, params, running, eps, growth_rate, bn_size, drop_rate,
                               batch_stats);
   rows_view(feat, "feat");
