@@ -29,11 +29,11 @@ def donate(grad: Tensor) -> Tensor:
     return grad
 
 
-def take_donated(grad: Tensor, refs: int, like: Tensor) -> Tensor | None:
+def take_donated(grad: Tensor, refs: int | None, like: Tensor) -> Tensor | None:
     """``grad`` if it was donated, nobody else holds it (``refs``, its reference count at the
     top of the consumer's backward, is the baseline) and it is laid out like ``like``
-    (channels_last); else None."""
-    if not getattr(grad, _MARK, False) or refs > _BASELINE_REFS:
+    (channels_last); else None. ``refs`` None (unknown) never donates."""
+    if refs is None or refs > _BASELINE_REFS or not getattr(grad, _MARK, False):
         return None
     if grad.shape != like.shape or grad.dtype != like.dtype or grad.device != like.device:
         return None

@@ -141,7 +141,8 @@ class DenseBlockFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        refs = sys.getrefcount(grad_out)  # first statement: see dense_ext.donation
+        # First statement: see dense_ext.donation. Compiled graphs never donate.
+        refs = sys.getrefcount(grad_out) if not torch.compiler.is_compiling() else None
         call: BlockCall = ctx.call
         if not call.save:
             raise RuntimeError(
