@@ -114,20 +114,66 @@ class NormReluPoolFunction(torch.autograd.Function):
         call: _NormCall = ctx.call
         with torch.autocast(device_type=x.device.type, enabled=False):
             invstd = invstd_or_var if call.batch_stats else torch.rsqrt(invstd_or_var + call.eps)
-            positive = _recompute_positive(x, weight, bias, mean, invstd)
-            grad_z = _pool_backward(grad_out, x, ctx.pool).masked_fill_(~positive, 0)
-            del positive
-            running = (None, None) if call.batch_stats else (mean, invstd_or_var)
-            grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-                grad_z, x, weight, *running,
-                mean if call.batch_stats else None,
-                invstd if call.batch_stats else None,
-                call.batch_stats, call.eps,
-                [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                 bias is not None and ctx.needs_input_grad[2]],
-            )
+            grad_z = _pool_backward(grad_out, x, ctx.pool)
+            del grad_out
+            if grad_z.dtype == x.dtype == mean.dtype:
+                grad_x, grad_w, grad_b = _bn_relu_backward_in_place(
+                    grad_z, x, weight, bias, mean, invstd, call.batch_stats
+                )
+            else:  # low-precision input: ATen's kernel accumulates in float32 for us
+                grad_x, grad_w, grad_b = _bn_relu_backward_aten(
+                    ctx, grad_z, x, weight, bias, mean, invstd, invstd_or_var, call
+                )
         # grad_x is fresh and never read here again: the block below may accumulate into it.
         return donate(grad_x) if grad_x is not None else None, grad_w, grad_b, None, None
+
+
+def _bn_relu_backward_aten(ctx, grad_z, x, weight, bias, mean, invstd, invstd_or_var, call):
+    positive = _recompute_positive(x, weight, bias, mean, invstd)
+    grad_z = grad_z.masked_fill_(~positive, 0)
+    del positive
+    running = (None, None) if call.batch_stats else (mean, invstd_or_var)
+    return torch.ops.aten.native_batch_norm_backward(
+        grad_z, x, weight, *running,
+        mean if call.batch_stats else None,
+        invstd if call.batch_stats else None,
+        call.batch_stats, call.eps,
+        [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+         bias is not None and ctx.needs_input_grad[2]],
+    )
+
+
+def _bn_relu_backward_in_place(g, x, weight, bias, mean, invstd, batch_stats):
+    """BN-ReLU backward written into ``g`` (the pool's fresh gradient), batch by batch.
+
+    The transition after a dense block runs at the peak of the model's backward pass; doing the
+    two reductions and the apply in place, a slice of the batch at a time, holds one
+    block-sized gradient instead of three (gradient, recomputed activation, input gradient).
+    """
+    acc = mean.dtype
+    gamma = torch.ones_like(mean) if weight is None else weight.to(acc)
+    beta = torch.zeros_like(mean) if bias is None else bias.to(acc)
+    chunk = max(1, (1 << 20) // max(1, x[0].numel()))
+    sum_g = torch.zeros_like(mean)
+    sum_gxhat = torch.zeros_like(mean)
+    for xs, gs in zip(x.split(chunk), g.split(chunk)):
+        xhat = (xs - _channel(mean)).mul_(_channel(invstd))
+        positive = torch.addcmul(_channel(beta), xhat, _channel(gamma)) > 0
+        gs.mul_(positive)
+        del positive
+        sum_g += gs.sum(dim=(0, 2, 3))
+        sum_gxhat += (gs * xhat).sum(dim=(0, 2, 3))
+    scale = gamma * invstd
+    if batch_stats:
+        count = x.numel() // x.shape[1]
+        mean_g, mean_gxhat = sum_g / count, sum_gxhat / count
+        for xs, gs in zip(x.split(chunk), g.split(chunk)):
+            xhat = (xs - _channel(mean)).mul_(_channel(invstd))
+            gs.sub_(_channel(mean_g)).sub_(xhat.mul_(_channel(mean_gxhat)))
+    g.mul_(_channel(scale))
+    grad_w = None if weight is None else sum_gxhat.to(weight.dtype)
+    grad_b = None if bias is None else sum_g.to(bias.dtype)
+    return g, grad_w, grad_b
 
 
 def _recompute_positive(x, weight, bias, mean, invstd) -> Tensor:

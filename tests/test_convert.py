@@ -113,6 +113,16 @@ def test_transition_bn_variants(bn_kwargs):
             compare_modules(naive, efficient, x, TOLERANCE[torch.float64])
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_transition_backward_over_several_batch_slices(train):
+    """The in-place BN-ReLU backward works a slice of the batch at a time (about 2**20
+    values per slice): inputs larger than one slice must give the same result."""
+    naive, efficient = transition_pair(8, 4, torch.float64)
+    naive.train(train), efficient.train(train)
+    x = torch.randn(5, 8, 256, 258, dtype=torch.float64) * 2 + 0.5  # 3 slices of 2 samples
+    compare_modules(naive, efficient, x, TOLERANCE[torch.float64])
+
+
 def test_transition_channels_last_input():
     naive, efficient = transition_pair(5, 2, torch.float64)
     x = (torch.randn(2, 5, 6, 6, dtype=torch.float64)).to(memory_format=torch.channels_last)
