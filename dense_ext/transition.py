@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dense_ext.block import DenseDtypeError, DenseInputError
 from dense_ext.donation import donate
 
 POOLS = ("avg2x2", "global")
@@ -188,14 +189,14 @@ def _check_input(x: Tensor, channels: int, who: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{who} expects a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"{who} expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+        raise DenseInputError(f"{who} expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
     if x.shape[1] != channels:
-        raise ValueError(f"{who} expects {channels} input channels, got {x.shape[1]} "
+        raise DenseInputError(f"{who} expects {channels} input channels, got {x.shape[1]} "
                          f"(input shape {tuple(x.shape)})")
     if not x.is_floating_point():
-        raise TypeError(f"{who} expects a floating-point input, got {x.dtype}")
+        raise DenseDtypeError(f"{who} expects a floating-point input, got {x.dtype}")
     if x.numel() == 0:
-        raise ValueError(f"{who} got an empty input of shape {tuple(x.shape)}")
+        raise DenseInputError(f"{who} got an empty input of shape {tuple(x.shape)}")
 
 
 def norm_relu_pool(x: Tensor, norm: nn.BatchNorm2d, pool: str = "avg2x2") -> Tensor:
@@ -210,9 +211,9 @@ def norm_relu_pool(x: Tensor, norm: nn.BatchNorm2d, pool: str = "avg2x2") -> Ten
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     _check_input(x, norm.num_features, "norm_relu_pool")
     if pool == "avg2x2" and (x.shape[2] < 2 or x.shape[3] < 2):
-        raise ValueError(f"a 2x2 pool needs H, W >= 2, got input shape {tuple(x.shape)}")
+        raise DenseInputError(f"a 2x2 pool needs H, W >= 2, got input shape {tuple(x.shape)}")
     if (norm.training or norm.running_mean is None) and x.numel() // x.shape[1] == 1:
-        raise ValueError("Expected more than 1 value per channel when training, got input "
+        raise DenseInputError("Expected more than 1 value per channel when training, got input "
                          f"size {list(x.shape)}")
     return NormReluPoolFunction.apply(x, norm.weight, norm.bias, _norm_call(norm), pool)
 
