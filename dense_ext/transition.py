@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from dense_ext.block import DenseDtypeError, DenseInputError
 from dense_ext.donation import donate
+from dense_ext.function import suggest_format
 
 POOLS = ("avg2x2", "global")
 
@@ -75,14 +76,8 @@ def _pool_backward(grad_p: Tensor, x: Tensor, pool: str) -> Tensor:
         )
     h, w = x.shape[2:]
     return (grad_p / (h * w))[:, :, None, None].expand(x.shape).contiguous(
-        memory_format=_format(x)
+        memory_format=suggest_format(x)
     )
-
-
-def _format(x: Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 class NormReluPoolFunction(torch.autograd.Function):

@@ -122,16 +122,6 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def rows(t: Tensor) -> Tensor:
-    """View a channels_last [N, C, H, W] tensor, or a channel slice of one, as [N*H*W, C].
-
-    A view, never a copy: writes through it land in ``t``. Raises if ``t`` is not laid out
-    channels_last.
-    """
-    n, c, h, w = t.shape
-    return t.permute(0, 2, 3, 1).view(n * h * w, c)
-
-
 def new_feature_buffer(x: Tensor, spec: BlockSpec) -> Tensor:
     """The block's shared buffer [N, C_total, H, W], channels_last, with x copied in."""
     n, _, h, w = x.shape
