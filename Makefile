@@ -6,7 +6,7 @@ STAMP := $(VENV)/.requirements-installed
 BUILD_STAMP := $(VENV)/.package-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test bench bench-micro gpu-suite lint clean
+.PHONY: venv build test bench bench-micro gpu-suite lint format clean
 
 venv: $(STAMP)
 
@@ -22,7 +22,7 @@ $(BUILD_STAMP): $(STAMP) setup.py pyproject.toml $(CSRC)
 	$(PY) -m pip install -q -e . --no-build-isolation --no-deps
 	touch $@
 
-test: build
+test: build lint
 	$(PY) -m pytest -q tests
 
 bench: build
@@ -37,8 +37,19 @@ bench-micro: build
 gpu-suite:
 	bash bench/gpu_suite.sh $(OUT)
 
+PY_SOURCES := dense_ext python_models tests bench setup.py
+C_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+
+# Style checks (ruff lint + format, clang-format for csrc); `make format` rewrites in place.
 lint: venv
-	$(PY) -m ruff check dense_ext python_models tests bench
+	$(PY) -m ruff check $(PY_SOURCES)
+	$(PY) -m ruff format --check $(PY_SOURCES)
+	$(VENV)/bin/clang-format --dry-run --Werror $(C_SOURCES)
+
+format: venv
+	$(PY) -m ruff format $(PY_SOURCES)
+	$(PY) -m ruff check --fix $(PY_SOURCES)
+	$(VENV)/bin/clang-format -i $(C_SOURCES)
 
 clean:
 	rm -rf build *.egg-info dense_ext/*.so $(BUILD_STAMP)

@@ -20,8 +20,9 @@ import torch
 from bench.variants import ModelConfig, TrainStep
 
 
-def estimate_activation_bytes(config: ModelConfig, variant: str, batch: int, dtype: str,
-                              device: torch.device) -> dict:
+def estimate_activation_bytes(
+    config: ModelConfig, variant: str, batch: int, dtype: str, device: torch.device
+) -> dict:
     """``{"peak_activation_bytes", "floor_bytes", "params", "method"}`` of one training step.
 
     Runs with fake tensors of ``device``; if that device cannot be faked here, on fake CPU
@@ -37,8 +38,9 @@ def estimate_activation_bytes(config: ModelConfig, variant: str, batch: int, dty
         return result
 
 
-def _estimate(config: ModelConfig, variant: str, batch: int, dtype: str,
-              device: torch.device) -> dict:
+def _estimate(
+    config: ModelConfig, variant: str, batch: int, dtype: str, device: torch.device
+) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -56,7 +58,7 @@ def _estimate(config: ModelConfig, variant: str, batch: int, dtype: str,
         "floor_bytes": step.floor_bytes,
         "params": step.params,
         "method": "estimated: FakeTensorMode + torch.distributed._tools.mem_tracker.MemTracker "
-                  "(storage lifetimes; kernel-internal workspace not seen)",
+        "(storage lifetimes; kernel-internal workspace not seen)",
     }
 
 

@@ -33,9 +33,9 @@ import torch
 
 @dataclass
 class ProbeResult:
-    peak_bytes: int       # max live bytes above the starting level during the work
-    end_bytes: int        # net bytes still live (allocated during the work) at its end
-    events: int           # allocator events seen (allocations + frees)
+    peak_bytes: int  # max live bytes above the starting level during the work
+    end_bytes: int  # net bytes still live (allocated during the work) at its end
+    events: int  # allocator events seen (allocations + frees)
     method: str
 
 

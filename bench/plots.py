@@ -45,16 +45,20 @@ def plot_memory_vs_depth(doc: dict, path: Path) -> Path | None:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     fig, ax = plt.subplots(figsize=(7, 4.6))
     for v in variants:
-        pts = sorted((_depth(r), r["peak_activation_bytes"] / MIB, r.get("estimated", False))
-                     for r in rows if r["variant"] == v)
+        pts = sorted(
+            (_depth(r), r["peak_activation_bytes"] / MIB, r.get("estimated", False))
+            for r in rows
+            if r["variant"] == v
+        )
         c = _color(v, variants)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=c, label=v)
         for d, m, est in pts:
             ax.plot(d, m, "o", color=c, mfc="white" if est else c, ms=6)
     floor = sorted({(_depth(r), r["floor_bytes"] / MIB) for r in rows if r.get("floor_bytes")})
     if floor:
-        ax.plot([f[0] for f in floor], [f[1] for f in floor], "k--", lw=1,
-                label="floor (features only)")
+        ax.plot(
+            [f[0] for f in floor], [f[1] for f in floor], "k--", lw=1, label="floor (features only)"
+        )
     if any(r.get("estimated") for r in rows):
         ax.plot([], [], "o", color="gray", mfc="white", label="estimated (not allocated)")
     batch = rows[0]["batch"]
@@ -69,27 +73,44 @@ def plot_memory_vs_depth(doc: dict, path: Path) -> Path | None:
     return path
 
 
-def _grouped_bars(doc: dict, path: Path, key: str, ylabel: str, title: str, scale: float,
-                  ratio_key: str, floor: bool = False) -> Path | None:
+def _grouped_bars(
+    doc: dict,
+    path: Path,
+    key: str,
+    ylabel: str,
+    title: str,
+    scale: float,
+    ratio_key: str,
+    floor: bool = False,
+) -> Path | None:
     groups = []
     for suite in ("main", "imagenet"):
         for dtype in ("fp32", "bf16"):
-            rs = [r for r in doc["rows"] if r.get("suite") == suite and r.get("dtype") == dtype
-                  and r.get(key)]
+            rs = [
+                r
+                for r in doc["rows"]
+                if r.get("suite") == suite and r.get("dtype") == dtype and r.get(key)
+            ]
             if rs:
                 groups.append((f"{rs[0]['model_label']}\nbatch {rs[0]['batch']}, {dtype}", rs))
     if not groups:
         return None
-    fig, axes = plt.subplots(1, len(groups), figsize=(max(6.0, 4.2 * len(groups)), 4.8),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(max(6.0, 4.2 * len(groups)), 4.8), squeeze=False
+    )
     for ax, (label, rs) in zip(axes[0], groups):
         order = [r["variant"] for r in rs]
         vals = [r[key] / scale for r in rs]
         bars = ax.bar(range(len(rs)), vals, color=[_color(v, order) for v in order])
         for b, r in zip(bars, rs):
             if r.get(ratio_key) is not None:
-                ax.annotate(f"{r[ratio_key]:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
-                            ha="center", va="bottom", fontsize=7)
+                ax.annotate(
+                    f"{r[ratio_key]:.2f}x",
+                    (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
         if floor and rs[0].get("floor_bytes"):
             ax.axhline(rs[0]["floor_bytes"] / scale, color="k", ls="--", lw=1, label="floor")
             ax.legend(fontsize=7)
@@ -108,11 +129,24 @@ def _grouped_bars(doc: dict, path: Path, key: str, ylabel: str, title: str, scal
 def plot_all(doc: dict, out: Path, stem: str) -> list[Path]:
     made = [
         plot_memory_vs_depth(doc, out / f"{stem}-memory-vs-depth.png"),
-        _grouped_bars(doc, out / f"{stem}-time-per-step.png", "step_time_s",
-                      "median time per training step (ms)", "Time per step, ratio to naive",
-                      1e-3, "step_time_ratio"),
-        _grouped_bars(doc, out / f"{stem}-memory.png", "peak_activation_bytes",
-                      "activation memory per step (MiB)", "Activation memory, ratio to naive",
-                      MIB, "peak_activation_ratio", floor=True),
+        _grouped_bars(
+            doc,
+            out / f"{stem}-time-per-step.png",
+            "step_time_s",
+            "median time per training step (ms)",
+            "Time per step, ratio to naive",
+            1e-3,
+            "step_time_ratio",
+        ),
+        _grouped_bars(
+            doc,
+            out / f"{stem}-memory.png",
+            "peak_activation_bytes",
+            "activation memory per step (MiB)",
+            "Activation memory, ratio to naive",
+            MIB,
+            "peak_activation_ratio",
+            floor=True,
+        ),
     ]
     return [p for p in made if p is not None]

@@ -48,13 +48,15 @@ def _settings(args, device: str) -> dict:
         "imagenet_steps": 10 if gpu else 3,
         "sweep_depths": args.depths or [40, 64, 100, 136, 172, 208, 250],
         "sweep_batch": args.sweep_batch or (64 if gpu else 8),
-        "sweep_extra_depths": (args.extra_depths if args.extra_depths is not None
-                               else ([1000] if gpu else [400])),
+        "sweep_extra_depths": (
+            args.extra_depths if args.extra_depths is not None else ([1000] if gpu else [400])
+        ),
         "measure_limit_gib": args.measure_limit_gib or (None if gpu else 2.0),
         # The extra depth points and the estimator check are dropped (and said so) when the
         # run has used 85 % of this. 500 s: a 2-core run measured 608 s with 600 (the depth-400
         # estimate started at 450 s and took 150 s), so `make bench` stays within 10 minutes.
-        "time_budget_s": args.time_budget_s if args.time_budget_s is not None
+        "time_budget_s": args.time_budget_s
+        if args.time_budget_s is not None
         else (None if gpu else 500.0),
         "dtypes": ["fp32", "bf16"] if gpu or args.bf16 else ["fp32"],
         "max_batch": not args.no_max_batch,
@@ -63,7 +65,7 @@ def _settings(args, device: str) -> dict:
 
 
 def _sweep_backend(backends: list[str], device: str) -> str:
-    for name in (("triton", "cpp", "reference") if device == "cuda" else ("cpp", "reference")):
+    for name in ("triton", "cpp", "reference") if device == "cuda" else ("cpp", "reference"):
         if name in backends:
             return name
     return backends[0]
@@ -78,38 +80,69 @@ def plan(settings: dict, backends: list[str], device: str, suites: list[str]) ->
     if "main" in suites:
         for dtype in settings["dtypes"]:
             for v in names:
-                jobs.append({
-                    "suite": "main", "model": settings["main_model"], "variant": v,
-                    "batch": settings["main_batch"], "dtype": dtype,
-                    "warmup": settings["main_warmup"], "steps": settings["main_steps"],
-                    "max_batch": None if v == "naive-compile" or dtype != "fp32"
-                    or not settings["max_batch"] else {"budget_bytes": budget},
-                })
+                jobs.append(
+                    {
+                        "suite": "main",
+                        "model": settings["main_model"],
+                        "variant": v,
+                        "batch": settings["main_batch"],
+                        "dtype": dtype,
+                        "warmup": settings["main_warmup"],
+                        "steps": settings["main_steps"],
+                        "max_batch": None
+                        if v == "naive-compile" or dtype != "fp32" or not settings["max_batch"]
+                        else {"budget_bytes": budget},
+                    }
+                )
     if "imagenet" in suites:
         for dtype in settings["dtypes"]:
             for v in names:
-                jobs.append({
-                    "suite": "imagenet", "model": settings["imagenet_model"], "variant": v,
-                    "batch": settings["imagenet_batch"], "dtype": dtype,
-                    "warmup": settings["imagenet_warmup"], "steps": settings["imagenet_steps"],
-                })
+                jobs.append(
+                    {
+                        "suite": "imagenet",
+                        "model": settings["imagenet_model"],
+                        "variant": v,
+                        "batch": settings["imagenet_batch"],
+                        "dtype": dtype,
+                        "warmup": settings["imagenet_warmup"],
+                        "steps": settings["imagenet_steps"],
+                    }
+                )
     if "depth" in suites:
         best = _sweep_backend(backends, device)
-        sweep = ["naive", "naive-checkpoint", f"efficient-{best}-bottleneck",
-                 f"efficient-{best}-min"]
+        sweep = [
+            "naive",
+            "naive-checkpoint",
+            f"efficient-{best}-bottleneck",
+            f"efficient-{best}-min",
+        ]
         for depth in settings["sweep_depths"]:
             for v in sweep:
-                jobs.append({
-                    "suite": "depth", "model": f"densenet_bc_{depth}", "variant": v,
-                    "batch": settings["sweep_batch"], "dtype": "fp32", "warmup": 1, "steps": 0,
-                })
+                jobs.append(
+                    {
+                        "suite": "depth",
+                        "model": f"densenet_bc_{depth}",
+                        "variant": v,
+                        "batch": settings["sweep_batch"],
+                        "dtype": "fp32",
+                        "warmup": 1,
+                        "steps": 0,
+                    }
+                )
         for depth in settings["sweep_extra_depths"]:
             for v in ("naive", f"efficient-{best}-min"):
-                jobs.append({
-                    "suite": "depth", "model": f"densenet_bc_{depth}", "variant": v,
-                    "batch": settings["sweep_batch"], "dtype": "fp32", "warmup": 1, "steps": 0,
-                    "extrapolate": True,
-                })
+                jobs.append(
+                    {
+                        "suite": "depth",
+                        "model": f"densenet_bc_{depth}",
+                        "variant": v,
+                        "batch": settings["sweep_batch"],
+                        "dtype": "fp32",
+                        "warmup": 1,
+                        "steps": 0,
+                        "extrapolate": True,
+                    }
+                )
     for job in jobs:
         job["device"] = device
     return jobs
@@ -123,10 +156,15 @@ def _extrapolate(job: dict, rows: list[dict]) -> float | None:
     points of the same variant predicts the next one. Used only to decide whether to measure
     (fits under the limit) or estimate without allocating (would not).
     """
-    pts = [(int(r["model"].split("_")[-1]), r["peak_activation_bytes"]) for r in rows
-           if r.get("suite") == "depth" and r.get("variant") == job["variant"]
-           and not r.get("estimated") and r.get("peak_activation_bytes") is not None
-           and r.get("batch") == job["batch"]]
+    pts = [
+        (int(r["model"].split("_")[-1]), r["peak_activation_bytes"])
+        for r in rows
+        if r.get("suite") == "depth"
+        and r.get("variant") == job["variant"]
+        and not r.get("estimated")
+        and r.get("peak_activation_bytes") is not None
+        and r.get("batch") == job["batch"]
+    ]
     if len(pts) < 3:
         return None
     import numpy as np
@@ -141,10 +179,15 @@ def _extrapolate(job: dict, rows: list[dict]) -> float | None:
 # ----------------------------------------------------------------------------- running
 def _git_commit() -> str:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -156,20 +199,25 @@ def run_worker(job: dict, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "bench.worker", json.dumps(job)]
     t0, cpu0 = time.perf_counter(), _children_cpu()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return {**_ident(job), "error": f"timed out after {timeout:.0f} s"}
     # What the job cost, start-up included: wall time and the worker's CPU time.
     cost = {"job_wall_s": time.perf_counter() - t0, "job_cpu_s": _children_cpu() - cpu0}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            row = {**json.loads(line[len("RESULT "):]), **cost}
+            row = {**json.loads(line[len("RESULT ") :]), **cost}
             if row.get("error"):
                 row["stderr_tail"] = _tail(proc.stderr)
             return row
-    return {**_ident(job), **cost, "error": f"worker exited with {proc.returncode}",
-            "stderr_tail": _tail(proc.stderr)}
+    return {
+        **_ident(job),
+        **cost,
+        "error": f"worker exited with {proc.returncode}",
+        "stderr_tail": _tail(proc.stderr),
+    }
 
 
 def _children_cpu() -> float:
@@ -193,8 +241,9 @@ def over_budget(settings: dict, started: float) -> bool:
     return bool(budget) and time.perf_counter() - started > 0.85 * budget
 
 
-def run_jobs(jobs: list[dict], settings: dict, commit: str, timeout: float,
-             started: float) -> list[dict]:
+def run_jobs(
+    jobs: list[dict], settings: dict, commit: str, timeout: float, started: float
+) -> list[dict]:
     from tqdm import tqdm
 
     rows: list[dict] = []
@@ -215,12 +264,16 @@ def run_jobs(jobs: list[dict], settings: dict, commit: str, timeout: float,
                 job["estimate"] = "only"
                 job["reason"] = (
                     f"extrapolated from the measured sweep to {predicted / GIB:.2f} GiB, over "
-                    f"the measuring limit of {limit} GiB" if predicted is not None and limit
-                    else "no measured points to extrapolate from")
+                    f"the measuring limit of {limit} GiB"
+                    if predicted is not None and limit
+                    else "no measured points to extrapolate from"
+                )
         row = run_worker(job, timeout)
         if row.get("oom"):  # GPU out of memory: estimate it without allocating instead
-            row = run_worker({**job, "estimate": "only",
-                              "reason": f"out of memory when measured: {row['oom']}"}, timeout)
+            row = run_worker(
+                {**job, "estimate": "only", "reason": f"out of memory when measured: {row['oom']}"},
+                timeout,
+            )
         row.setdefault("suite", job["suite"])
         row["git_commit"] = commit
         rows.append(row)
@@ -245,8 +298,13 @@ def _progress_line(r: dict) -> str:
 # ----------------------------------------------------------------------------- analysis
 def add_ratios(rows: list[dict]) -> None:
     """Each row's memory, time and max batch as ratios to the naive row of the same setting."""
-    key = lambda r: (r.get("suite"), r.get("model"), r.get("batch"), r.get("dtype"),
-                     r.get("device"))
+    key = lambda r: (
+        r.get("suite"),
+        r.get("model"),
+        r.get("batch"),
+        r.get("dtype"),
+        r.get("device"),
+    )
     naive = {key(r): r for r in rows if r.get("variant") == "naive" and not r.get("error")}
     for r in rows:
         base = naive.get(key(r))
@@ -254,8 +312,9 @@ def add_ratios(rows: list[dict]) -> None:
             continue
         if r.get("peak_activation_bytes") and base.get("peak_activation_bytes"):
             r["peak_activation_ratio"] = r["peak_activation_bytes"] / base["peak_activation_bytes"]
-            r["ratio_basis"] = "estimated" if (r.get("estimated") or base.get("estimated")) \
-                else "measured"
+            r["ratio_basis"] = (
+                "estimated" if (r.get("estimated") or base.get("estimated")) else "measured"
+            )
         if r.get("step_time_s") and base.get("step_time_s"):
             r["step_time_ratio"] = r["step_time_s"] / base["step_time_s"]
         if r.get("max_batch") and base.get("max_batch"):
@@ -269,18 +328,34 @@ def estimator_check(rows: list[dict], variants: tuple[str, ...], timeout: float)
     """The estimator beside the probe on measured rows, so its error is on record."""
     out = []
     for r in rows:
-        if (r.get("suite") == "main" and r.get("dtype") == "fp32" and not r.get("error")
-                and r.get("variant") in variants
-                and r.get("peak_activation_bytes")):
-            est = run_worker({**_ident(r), "suite": "estimator-check", "estimate": "only",
-                              "reason": "estimator check"}, timeout)
+        if (
+            r.get("suite") == "main"
+            and r.get("dtype") == "fp32"
+            and not r.get("error")
+            and r.get("variant") in variants
+            and r.get("peak_activation_bytes")
+        ):
+            est = run_worker(
+                {
+                    **_ident(r),
+                    "suite": "estimator-check",
+                    "estimate": "only",
+                    "reason": "estimator check",
+                },
+                timeout,
+            )
             if est.get("peak_activation_bytes"):
-                out.append({
-                    "model": r["model"], "variant": r["variant"], "batch": r["batch"],
-                    "measured_bytes": r["peak_activation_bytes"],
-                    "estimated_bytes": est["peak_activation_bytes"],
-                    "relative_error": est["peak_activation_bytes"] / r["peak_activation_bytes"] - 1,
-                })
+                out.append(
+                    {
+                        "model": r["model"],
+                        "variant": r["variant"],
+                        "batch": r["batch"],
+                        "measured_bytes": r["peak_activation_bytes"],
+                        "estimated_bytes": est["peak_activation_bytes"],
+                        "relative_error": est["peak_activation_bytes"] / r["peak_activation_bytes"]
+                        - 1,
+                    }
+                )
     return out
 
 
@@ -293,8 +368,20 @@ def _fmt_ratio(x) -> str:
     return "" if x is None else f"{x:.2f}x"
 
 
-COLUMNS = ["model", "variant", "batch", "dtype", "act. MiB", "vs naive", "floor MiB",
-           "step ms", "vs naive", "max batch", "vs naive", "note"]
+COLUMNS = [
+    "model",
+    "variant",
+    "batch",
+    "dtype",
+    "act. MiB",
+    "vs naive",
+    "floor MiB",
+    "step ms",
+    "vs naive",
+    "max batch",
+    "vs naive",
+    "note",
+]
 
 
 def table_rows(doc: dict, suites=("main", "imagenet", "depth")) -> list[list[str]]:
@@ -306,29 +393,53 @@ def table_rows(doc: dict, suites=("main", "imagenet", "depth")) -> list[list[str
                 continue
             if r.get("error") or r.get("skipped"):
                 note = "error: " + r["error"][:60] if r.get("error") else "skipped: " + r["skipped"]
-                out.append([r["model"], r["variant"], str(r["batch"]), r.get("dtype", ""),
-                            "", "", "", "", "", "", "", note])
+                out.append(
+                    [
+                        r["model"],
+                        r["variant"],
+                        str(r["batch"]),
+                        r.get("dtype", ""),
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        note,
+                    ]
+                )
                 continue
             mb = r.get("max_batch")
             t = r.get("step_time_s")
-            out.append([
-                r.get("model_label", r["model"]), r["variant"], str(r["batch"]), r["dtype"],
-                _fmt_mib(r.get("peak_activation_bytes")),
-                _fmt_ratio(r.get("peak_activation_ratio")),
-                _fmt_mib(r.get("floor_bytes")), "" if t is None else f"{t * 1e3:,.0f}",
-                _fmt_ratio(r.get("step_time_ratio")),
-                "" if not mb else f"{mb['max_batch']} @ {budget:g} GiB",
-                _fmt_ratio(r.get("max_batch_ratio")),
-                "estimated" if r.get("estimated") else
-                "ratio to estimated naive" if r.get("ratio_basis") == "estimated" else "",
-            ])
+            out.append(
+                [
+                    r.get("model_label", r["model"]),
+                    r["variant"],
+                    str(r["batch"]),
+                    r["dtype"],
+                    _fmt_mib(r.get("peak_activation_bytes")),
+                    _fmt_ratio(r.get("peak_activation_ratio")),
+                    _fmt_mib(r.get("floor_bytes")),
+                    "" if t is None else f"{t * 1e3:,.0f}",
+                    _fmt_ratio(r.get("step_time_ratio")),
+                    "" if not mb else f"{mb['max_batch']} @ {budget:g} GiB",
+                    _fmt_ratio(r.get("max_batch_ratio")),
+                    "estimated"
+                    if r.get("estimated")
+                    else "ratio to estimated naive"
+                    if r.get("ratio_basis") == "estimated"
+                    else "",
+                ]
+            )
     return out
 
 
 def render_text(doc: dict) -> str:
     rows = table_rows(doc)
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
-              for i, c in enumerate(COLUMNS)]
+    widths = [
+        max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)
+    ]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     out = [line(COLUMNS), line(["-" * w for w in widths])]
     last = None
@@ -359,8 +470,9 @@ def render_markdown(doc: dict) -> str:
     for r in table_rows(doc):
         lines.append("| " + " | ".join(c.replace("|", "/") for c in r) + " |")
     if doc.get("estimator_check"):
-        errs = ", ".join(f"{e['variant']} {e['relative_error'] * 100:+.1f} %"
-                         for e in doc["estimator_check"])
+        errs = ", ".join(
+            f"{e['variant']} {e['relative_error'] * 100:+.1f} %" for e in doc["estimator_check"]
+        )
         lines += ["", f"Estimator (FakeTensor; rows marked estimated) vs the probe: {errs}"]
     return "\n".join(lines) + "\n"
 
@@ -369,32 +481,51 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="output folder")
-    p.add_argument("--suites", default="main,imagenet,depth",
-                   help="comma list of main (DenseNet-BC-100), imagenet (DenseNet-121), depth")
+    p.add_argument(
+        "--suites",
+        default="main,imagenet,depth",
+        help="comma list of main (DenseNet-BC-100), imagenet (DenseNet-121), depth",
+    )
     p.add_argument("--backends", default=None, help="comma list (default: all available)")
     p.add_argument("--batch", type=int, help="DenseNet-BC-100 batch (CPU 16, GPU 64)")
     p.add_argument("--steps", type=int, help="timed steps for DenseNet-BC-100")
     p.add_argument("--imagenet-batch", type=int, help="DenseNet-121 batch (CPU 4, GPU 32)")
     p.add_argument("--sweep-batch", type=int, help="depth sweep batch (CPU 8, GPU 64)")
-    p.add_argument("--depths", type=lambda s: [int(x) for x in s.split(",")],
-                   help="measured depth sweep, e.g. 40,64,100")
-    p.add_argument("--extra-depths", type=lambda s: [int(x) for x in s.split(",") if x],
-                   help="deeper points, measured only if predicted under --measure-limit-gib")
+    p.add_argument(
+        "--depths",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="measured depth sweep, e.g. 40,64,100",
+    )
+    p.add_argument(
+        "--extra-depths",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        help="deeper points, measured only if predicted under --measure-limit-gib",
+    )
     p.add_argument("--budget-gib", type=float, help="max-batch budget (CPU 1, GPU 8)")
-    p.add_argument("--measure-limit-gib", type=float,
-                   help="CPU: estimate instead of measure above this (default 2 GiB)")
+    p.add_argument(
+        "--measure-limit-gib",
+        type=float,
+        help="CPU: estimate instead of measure above this (default 2 GiB)",
+    )
     p.add_argument("--no-max-batch", action="store_true", help="skip the max-batch search")
-    p.add_argument("--time-budget-s", type=float,
-                   help="drop the optional jobs past 85 %% of this (CPU default 500; 0: none)")
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        help="drop the optional jobs past 85 %% of this (CPU default 500; 0: none)",
+    )
     p.add_argument("--compile", action="store_true", help="CPU: add naive-compile")
     p.add_argument("--bf16", action="store_true", help="CPU: add bf16 autocast rows")
     p.add_argument("--timeout", type=float, default=600, help="seconds per job")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--name", help="file stem in --out (default <device>-<date>)")
     p.add_argument("--markdown", metavar="JSON", help="print the markdown table of a result file")
-    p.add_argument("--merge", nargs="+", metavar="JSON",
-                   help="combine result files of one machine (e.g. one per suite) into one "
-                        "JSON + markdown + plots in --out, named --name")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="combine result files of one machine (e.g. one per suite) into one "
+        "JSON + markdown + plots in --out, named --name",
+    )
     args = p.parse_args(argv)
 
     if args.markdown:
@@ -402,8 +533,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.merge:
         doc = merge([json.loads(Path(f).read_text()) for f in args.merge])
-        stem = args.name or (f"{_device_slug(doc['device'], doc['device_name'])}-"
-                             f"{doc['created'][:10]}")
+        stem = args.name or (
+            f"{_device_slug(doc['device'], doc['device_name'])}-{doc['created'][:10]}"
+        )
         return write_outputs(doc, Path(args.out), stem, args.no_plots)
 
     import torch
@@ -417,29 +549,39 @@ def main(argv: list[str] | None = None) -> int:
     suites = [s for s in args.suites.split(",") if s]
     commit = _git_commit()
     jobs = plan(settings, backends, device, suites)
-    print(f"dense_ext bench on {device}: backends {backends}, {len(jobs)} jobs, "
-          f"torch {torch.__version__}, commit {commit}", flush=True)
+    print(
+        f"dense_ext bench on {device}: backends {backends}, {len(jobs)} jobs, "
+        f"torch {torch.__version__}, commit {commit}",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     probe_check = self_test() if device == "cpu" else None
     if probe_check:
-        print(f"memory probe self-test passed: known pattern peak "
-              f"{probe_check['known_allocations_peak_bytes']} B (expected "
-              f"{probe_check['known_allocations_expected_bytes']}), ATen-internal im2col seen "
-              f"({probe_check['aten_internal_peak_bytes']} B >= "
-              f"{probe_check['aten_internal_lower_bound_bytes']})", flush=True)
+        print(
+            f"memory probe self-test passed: known pattern peak "
+            f"{probe_check['known_allocations_peak_bytes']} B (expected "
+            f"{probe_check['known_allocations_expected_bytes']}), ATen-internal im2col seen "
+            f"({probe_check['aten_internal_peak_bytes']} B >= "
+            f"{probe_check['aten_internal_lower_bound_bytes']})",
+            flush=True,
+        )
     rows = run_jobs(jobs, settings, commit, args.timeout, t0)
     add_ratios(rows)
-    checks = estimator_check(
-        rows, ("naive", f"efficient-{_sweep_backend(backends, device)}-min"), args.timeout
-    ) if ("depth" in suites and settings["sweep_extra_depths"]
-          and not over_budget(settings, t0)) else []
+    checks = (
+        estimator_check(
+            rows, ("naive", f"efficient-{_sweep_backend(backends, device)}-min"), args.timeout
+        )
+        if ("depth" in suites and settings["sweep_extra_depths"] and not over_budget(settings, t0))
+        else []
+    )
     measuring = time.perf_counter() - t0
 
     from bench.worker import _device_name
 
-    dev_name = next((r["device_name"] for r in rows if r.get("device_name")),
-                    _device_name(torch.device(device)))
+    dev_name = next(
+        (r["device_name"] for r in rows if r.get("device_name")), _device_name(torch.device(device))
+    )
     now = dt.datetime.now(dt.timezone.utc)
     doc = {
         "schema": SCHEMA,
@@ -455,11 +597,17 @@ def main(argv: list[str] | None = None) -> int:
         "backends": backends,
         "settings": settings,
         "measuring_seconds": measuring,
-        "memory_method": ("torch.profiler memory events of the c10 CPU allocator (sees "
-                          "allocations inside C++ ops)" if device == "cpu" else
-                          "torch.cuda.max_memory_allocated after reset_peak_memory_stats"),
-        "time_method": ("median of time.perf_counter per step" if device == "cpu" else
-                        "median of CUDA-event time per step"),
+        "memory_method": (
+            "torch.profiler memory events of the c10 CPU allocator (sees "
+            "allocations inside C++ ops)"
+            if device == "cpu"
+            else "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
+        ),
+        "time_method": (
+            "median of time.perf_counter per step"
+            if device == "cpu"
+            else "median of CUDA-event time per step"
+        ),
         "probe_self_test": probe_check,
         "estimator_check": checks,
         "rows": rows,
@@ -493,12 +641,16 @@ def write_outputs(doc: dict, out: Path, stem: str, no_plots: bool) -> int:
     print()
     print(render_text(doc))
     print()
-    print(f"measuring took {doc['measuring_seconds']:.0f} s ({len(doc['rows'])} jobs); wrote "
-          f"{json_path}, {out / (stem + '.md')}" + "".join(f", {p}" for p in plots))
+    print(
+        f"measuring took {doc['measuring_seconds']:.0f} s ({len(doc['rows'])} jobs); wrote "
+        f"{json_path}, {out / (stem + '.md')}" + "".join(f", {p}" for p in plots)
+    )
     errors = [r for r in doc["rows"] if r.get("error")]
     for r in errors:
-        print(f"ERROR {r['model']} {r['variant']}: {r['error']}\n{r.get('stderr_tail', '')}",
-              file=sys.stderr)
+        print(
+            f"ERROR {r['model']} {r['variant']}: {r['error']}\n{r.get('stderr_tail', '')}",
+            file=sys.stderr,
+        )
     return 1 if errors else 0
 
 

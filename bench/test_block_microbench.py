@@ -18,8 +18,9 @@ from dense_ext import EfficientDenseBlock, available_backends
 
 LAYERS, C0, K, BN_SIZE, HW = 16, 24, 12, 4, 32
 BATCH = {"cpu": 16, "cuda": 64}
-CASES = [("naive", None)] + [(b, m) for b in ("reference", "cpp", "triton")
-                             for m in ("bottleneck", "min")]
+CASES = [("naive", None)] + [
+    (b, m) for b in ("reference", "cpp", "triton") for m in ("bottleneck", "min")
+]
 
 
 def _devices() -> list[str]:
@@ -39,8 +40,9 @@ def _block(device: str, backend: str, memory: str | None) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("device", _devices())
-@pytest.mark.parametrize("backend,memory", CASES,
-                         ids=[b if m is None else f"{b}-{m}" for b, m in CASES])
+@pytest.mark.parametrize(
+    "backend,memory", CASES, ids=[b if m is None else f"{b}-{m}" for b, m in CASES]
+)
 def test_block_forward_backward(benchmark, device, backend, memory):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -54,6 +56,12 @@ def test_block_forward_backward(benchmark, device, backend, memory):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.extra_info.update(device=device, backend=backend, memory=memory,
-                                batch=BATCH[device], layers=LAYERS, torch=torch.__version__)
+    benchmark.extra_info.update(
+        device=device,
+        backend=backend,
+        memory=memory,
+        batch=BATCH[device],
+        layers=LAYERS,
+        torch=torch.__version__,
+    )
     benchmark.pedantic(step, rounds=10 if device == "cuda" else 5, warmup_rounds=1, iterations=1)

@@ -33,7 +33,7 @@ BASELINE = "naive"
 class ModelConfig:
     """A model of the benchmark: its builder name, input size and class count."""
 
-    name: str           # "densenet_bc_<depth>" (k=12 CIFAR) or a python_models.get_model name
+    name: str  # "densenet_bc_<depth>" (k=12 CIFAR) or a python_models.get_model name
     image_size: int
     num_classes: int
 
@@ -50,7 +50,7 @@ class ModelConfig:
 def model_config(name: str) -> ModelConfig:
     if re.fullmatch(r"densenet_bc_\d+", name):
         return ModelConfig(name, 32, 10)
-    if name.startswith("densenet") and name[len("densenet"):].isdigit():
+    if name.startswith("densenet") and name[len("densenet") :].isdigit():
         return ModelConfig(name, 224, 1000)  # ImageNet DenseNet-121/169/201/161/264
     raise ValueError(f"unknown benchmark model {name!r}")
 
@@ -74,8 +74,13 @@ def parse_variant(variant: str) -> dict:
     m = re.fullmatch(r"efficient-(\w+)-(bottleneck|min)", variant)
     if not m:
         raise ValueError(f"unknown variant {variant!r}")
-    return {"efficient": True, "backend": m.group(1), "memory": m.group(2), "checkpoint": False,
-            "compile": False}
+    return {
+        "efficient": True,
+        "backend": m.group(1),
+        "memory": m.group(2),
+        "checkpoint": False,
+        "compile": False,
+    }
 
 
 def build_model(config: ModelConfig, variant: str) -> nn.Module:
@@ -104,8 +109,15 @@ class TrainStep:
     named ``...denseblock<i>`` during a step, in the dtype the blocks actually produce.
     """
 
-    def __init__(self, config: ModelConfig, variant: str, batch: int, dtype: str,
-                 device: torch.device, seed: int = 0):
+    def __init__(
+        self,
+        config: ModelConfig,
+        variant: str,
+        batch: int,
+        dtype: str,
+        device: torch.device,
+        seed: int = 0,
+    ):
         torch.manual_seed(seed)
         self.config = config
         self.device = device
@@ -121,8 +133,9 @@ class TrainStep:
             if re.search(r"(^|\.)denseblock\d+$", name):
                 module.register_forward_hook(self._record(name))
         self.run = torch.compile(model) if parse_variant(variant)["compile"] else model
-        self.opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                                   weight_decay=1e-4)
+        self.opt = torch.optim.SGD(
+            model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4
+        )
         self.set_batch(batch)
 
     def set_batch(self, batch: int) -> None:
@@ -135,6 +148,7 @@ class TrainStep:
     def _record(self, name: str):
         def hook(module, inputs, output):
             self.block_out_bytes[name] = output.numel() * output.element_size()
+
         return hook
 
     @property
@@ -142,8 +156,11 @@ class TrainStep:
         return sum(self.block_out_bytes.values())
 
     def __call__(self) -> None:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
             loss = F.cross_entropy(self.run(self.x), self.y)
         loss.backward()
         del loss

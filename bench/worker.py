@@ -117,10 +117,12 @@ def _max_batch(step: TrainStep, job: dict, first: tuple[int, int]) -> dict:
         "max_batch": lo,
         "linear_prediction": predicted,
         "bytes_per_sample": slope,
-        "probes": [{"batch": b, "peak_activation_bytes": p, "fits": p is not None and p <= budget}
-                   for b, p in sorted(probes.items())],
+        "probes": [
+            {"batch": b, "peak_activation_bytes": p, "fits": p is not None and p <= budget}
+            for b, p in sorted(probes.items())
+        ],
         "method": "probe at 2 batches -> affine fit -> binary search with the probe from the "
-                  "predicted bracket; each probe one full training step",
+        "predicted bracket; each probe one full training step",
     }
 
 
@@ -159,12 +161,15 @@ def run_job(job: dict) -> dict:
                 memory_method=est["method"],
                 estimate_reason=(
                     f"estimated {est['peak_activation_bytes'] / 2**30:.2f} GiB exceeds the "
-                    f"measuring limit {limit / 2**30:.2f} GiB" if over else job.get("reason", "")
+                    f"measuring limit {limit / 2**30:.2f} GiB"
+                    if over
+                    else job.get("reason", "")
                 ),
             )
             return row
-    step = TrainStep(config, job["variant"], job["batch"], job["dtype"], device,
-                     seed=job.get("seed", 0))
+    step = TrainStep(
+        config, job["variant"], job["batch"], job["dtype"], device, seed=job.get("seed", 0)
+    )
     row["params"] = step.params
     row["torch_threads"] = torch.get_num_threads()
     t0 = time.perf_counter()
@@ -192,12 +197,20 @@ def main() -> None:
     try:
         row = run_job(job)
     except torch.OutOfMemoryError as exc:  # GPU: estimate without allocating instead
-        row = {"variant": job["variant"], "model": job["model"], "batch": job["batch"],
-               "oom": str(exc).splitlines()[0]}
+        row = {
+            "variant": job["variant"],
+            "model": job["model"],
+            "batch": job["batch"],
+            "oom": str(exc).splitlines()[0],
+        }
     except Exception as exc:
         traceback.print_exc()
-        row = {"variant": job["variant"], "model": job["model"], "batch": job["batch"],
-               "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        row = {
+            "variant": job["variant"],
+            "model": job["model"],
+            "batch": job["batch"],
+            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+        }
     print("RESULT " + json.dumps(row), flush=True)
 
 

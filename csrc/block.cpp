@@ -17,7 +17,8 @@ c10::TypedOperatorHandle<Fn> op(const char* name) {
 }
 
 struct Ops {
-  c10::TypedOperatorHandle<ChannelStatsFn> channel_stats = op<ChannelStatsFn>("dense_ext::channel_stats");
+  c10::TypedOperatorHandle<ChannelStatsFn> channel_stats =
+      op<ChannelStatsFn>("dense_ext::channel_stats");
   c10::TypedOperatorHandle<BnReluFn> bn_relu = op<BnReluFn>("dense_ext::bn_relu");
   c10::TypedOperatorHandle<BnReluBackwardFn> bn_relu_backward =
       op<BnReluBackwardFn>("dense_ext::bn_relu_backward");
@@ -78,19 +79,20 @@ Shape check_block(const at::Tensor& x, at::TensorList params, at::TensorList run
       TORCH_CHECK(p.sizes() == at::IntArrayRef(shapes[i]), "dense_ext: params[",
                   l * s.per_layer + i, "] (layer ", l, ") must have shape ",
                   at::IntArrayRef(shapes[i]), ", got ", p.sizes());
-      TORCH_CHECK(p.device() == x.device(), "dense_ext: params[", l * s.per_layer + i,
-                  "] is on ", p.device(), " but x is on ", x.device());
+      TORCH_CHECK(p.device() == x.device(), "dense_ext: params[", l * s.per_layer + i, "] is on ",
+                  p.device(), " but x is on ", x.device());
       const bool is_weight = p.dim() == 4;
-      TORCH_CHECK(!is_weight || p.scalar_type() == x.scalar_type(), "dense_ext: conv weight params[",
-                  l * s.per_layer + i, "] has dtype ", p.scalar_type(), " but x has ",
-                  x.scalar_type());
+      TORCH_CHECK(!is_weight || p.scalar_type() == x.scalar_type(),
+                  "dense_ext: conv weight params[", l * s.per_layer + i, "] has dtype ",
+                  p.scalar_type(), " but x has ", x.scalar_type());
     }
   }
   return s;
 }
 
 at::Tensor channels_last(const at::Tensor& like, int64_t c, const Shape& s) {
-  return at::empty({s.n, c, s.h, s.w}, like.options().memory_format(at::MemoryFormat::ChannelsLast));
+  return at::empty({s.n, c, s.h, s.w},
+                   like.options().memory_format(at::MemoryFormat::ChannelsLast));
 }
 
 // A compact channels_last [n, c, H, W] tensor on the first n*h*w*c elements of a flat scratch
@@ -159,14 +161,12 @@ at::Tensor conv3x3(const at::Tensor& input, const at::Tensor& weight) {
 std::tuple<at::Tensor, at::Tensor> conv3x3_backward(const at::Tensor& grad_out,
                                                     const at::Tensor& input,
                                                     const at::Tensor& weight) {
-  auto r = at::convolution_backward(grad_out, input, weight, std::nullopt, {1, 1}, {1, 1},
-                                    {1, 1}, false, {0, 0}, 1, {true, true, false});
+  auto r = at::convolution_backward(grad_out, input, weight, std::nullopt, {1, 1}, {1, 1}, {1, 1},
+                                    false, {0, 0}, 1, {true, true, false});
   return {std::get<0>(r), std::get<1>(r)};
 }
 
-at::Tensor as_cl(const at::Tensor& t) {
-  return t.contiguous(at::MemoryFormat::ChannelsLast);
-}
+at::Tensor as_cl(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
 
 // y1 = Conv1x1(relu(bn1(prefix))) chunk by chunk, with z1_flat as the chunk's Z1 scratch.
 void conv1_forward(const Ops& o, const at::Tensor& feat, const Layer& L, const Shape& s,
@@ -175,8 +175,8 @@ void conv1_forward(const Ops& o, const at::Tensor& feat, const Layer& L, const S
   for (int64_t n0 = 0; n0 < s.n; n0 += chunk) {
     const int64_t nc = std::min(chunk, s.n - n0);
     at::Tensor z1 = compact(z1_flat, nc, L.c_in, s);
-    o.bn_relu.call(feat.narrow(0, n0, nc).narrow(1, 0, L.c_in), L.mean1, L.var1, L.gamma1,
-                   L.beta1, L.eps1, z1);
+    o.bn_relu.call(feat.narrow(0, n0, nc).narrow(1, 0, L.c_in), L.mean1, L.var1, L.gamma1, L.beta1,
+                   L.eps1, z1);
     at::Tensor y1_rows = as_matrix(y1.narrow(0, n0, nc), "y1");
     at::mm_out(y1_rows, as_matrix(z1, "z1"), w1t);
   }
@@ -188,8 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_fo
     const at::Tensor& x, at::TensorList params, at::TensorList running, at::ArrayRef<double> eps,
     int64_t growth_rate, int64_t bn_size, double drop_rate, int64_t seed, bool keep_bottleneck,
     bool batch_stats, bool save) {
-  const Shape s = check_block(x, params, running, eps, growth_rate, bn_size, drop_rate,
-                              batch_stats);
+  const Shape s =
+      check_block(x, params, running, eps, growth_rate, bn_size, drop_rate, batch_stats);
   const Ops& o = ops();
   const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
   at::Tensor feat = channels_last(x, s.total, s);
@@ -234,28 +234,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_fo
   return {feat, stats1, stats2, bottlenecks};
 }
 
-std::tuple<at::Tensor, at::Tensor> block_backward(const at::Tensor& grad_feat, const at::Tensor& feat,
-                                       const at::Tensor& stats1, const at::Tensor& stats2,
-                                       at::TensorList bottlenecks, at::TensorList params,
-                                       at::TensorList running, at::ArrayRef<double> eps,
-                                       int64_t growth_rate, int64_t bn_size, double drop_rate,
-                                       int64_t seed, bool batch_stats) {
+std::tuple<at::Tensor, at::Tensor> block_backward(
+    const at::Tensor& grad_feat, const at::Tensor& feat, const at::Tensor& stats1,
+    const at::Tensor& stats2, at::TensorList bottlenecks, at::TensorList params,
+    at::TensorList running, at::ArrayRef<double> eps, int64_t growth_rate, int64_t bn_size,
+    double drop_rate, int64_t seed, bool batch_stats) {
   TORCH_CHECK(feat.dim() == 4, "dense_ext: feat must be [N, C, H, W], got ", feat.sizes());
   const int64_t per_layer = bn_size > 0 ? 6 : 3;
   const int64_t c0 = feat.size(1) - static_cast<int64_t>(params.size()) / per_layer * growth_rate;
-  TORCH_CHECK(growth_rate > 0 && c0 > 0 && params.size() % per_layer == 0,
-              "dense_ext: feat has ", feat.size(1), " channels, which does not fit ",
-              params.size(), " params with growth_rate ", growth_rate, " and bn_size ", bn_size);
+  TORCH_CHECK(growth_rate > 0 && c0 > 0 && params.size() % per_layer == 0, "dense_ext: feat has ",
+              feat.size(1), " channels, which does not fit ", params.size(),
+              " params with growth_rate ", growth_rate, " and bn_size ", bn_size);
   // The block input's shape, for the checks shared with forward.
   at::Tensor x_like = feat.narrow(1, 0, c0);
-  const Shape s = check_block(x_like, params, running, eps, growth_rate, bn_size, drop_rate,
-                              batch_stats);
+  const Shape s =
+      check_block(x_like, params, running, eps, growth_rate, bn_size, drop_rate, batch_stats);
   rows_view(feat, "feat");
   rows_view(grad_feat, "grad_feat");
   check_same(grad_feat, "grad_feat", feat, "feat");
   const auto acc = acc_dtype(feat.scalar_type());
-  TORCH_CHECK(!batch_stats || (stats1.dim() == 2 && stats1.size(0) == 2 && stats1.size(1) == s.total),
-              "dense_ext: stats1 must be [2, ", s.total, "], got ", stats1.sizes());
+  TORCH_CHECK(
+      !batch_stats || (stats1.dim() == 2 && stats1.size(0) == 2 && stats1.size(1) == s.total),
+      "dense_ext: stats1 must be [2, ", s.total, "], got ", stats1.sizes());
   TORCH_CHECK(stats1.scalar_type() == acc, "dense_ext: stats1 must be ", acc, ", got ",
               stats1.scalar_type());
   TORCH_CHECK(!batch_stats || !s.bottleneck ||

@@ -28,8 +28,7 @@ inline RowsView rows_view(const at::Tensor& t, const char* name) {
   ok = ok && (w <= 1 || t.stride(3) == ld) && (h <= 1 || t.stride(2) == w * ld) &&
        (n <= 1 || t.stride(0) == h * w * ld);
   TORCH_CHECK(ok, "dense_ext: ", name, " must be channels_last (a channel slice of a ",
-              "channels_last buffer is fine), got shape ", t.sizes(), " and strides ",
-              t.strides());
+              "channels_last buffer is fine), got shape ", t.sizes(), " and strides ", t.strides());
   return {n * h * w, c, ld};
 }
 
@@ -39,10 +38,10 @@ inline at::Tensor as_matrix(const at::Tensor& t, const char* name) {
   return t.as_strided({v.rows, v.cols}, {v.ld, 1}, t.storage_offset());
 }
 
-inline void check_vector(const at::Tensor& t, const char* name, int64_t size,
-                         at::ScalarType dtype, const at::Tensor& like) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "dense_ext: ", name, " must have shape [",
-              size, "], got ", t.sizes());
+inline void check_vector(const at::Tensor& t, const char* name, int64_t size, at::ScalarType dtype,
+                         const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "dense_ext: ", name, " must have shape [", size,
+              "], got ", t.sizes());
   TORCH_CHECK(t.stride(0) == 1 || size <= 1, "dense_ext: ", name, " must be contiguous");
   TORCH_CHECK(t.scalar_type() == dtype, "dense_ext: ", name, " must be ", dtype, ", got ",
               t.scalar_type());
@@ -56,8 +55,8 @@ inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& 
               t.scalar_type(), " but ", like_name, " has ", like.scalar_type());
   TORCH_CHECK(t.device() == like.device(), "dense_ext: ", name, " is on ", t.device(), " but ",
               like_name, " is on ", like.device());
-  TORCH_CHECK(t.size(0) == like.size(0) && t.size(1) == like.size(1) &&
-                  t.size(2) == like.size(2) && t.size(3) == like.size(3),
+  TORCH_CHECK(t.size(0) == like.size(0) && t.size(1) == like.size(1) && t.size(2) == like.size(2) &&
+                  t.size(3) == like.size(3),
               "dense_ext: ", name, " has shape ", t.sizes(), " but ", like_name, " has ",
               like.sizes());
 }
@@ -105,8 +104,8 @@ inline void check_sums(const at::Tensor& sums, const at::Tensor& x, int64_t c) {
               "dense_ext: sums must be a contiguous [2, ", c, "] tensor, got ", sums.sizes());
   TORCH_CHECK(sums.scalar_type() == acc_dtype(x.scalar_type()), "dense_ext: sums must be ",
               acc_dtype(x.scalar_type()), ", got ", sums.scalar_type());
-  TORCH_CHECK(sums.device() == x.device(), "dense_ext: sums is on ", sums.device(),
-              " but x is on ", x.device());
+  TORCH_CHECK(sums.device() == x.device(), "dense_ext: sums is on ", sums.device(), " but x is on ",
+              x.device());
 }
 
 // Checks of bn_relu_grad_acc / bn_grad_correct (grad_z undefined for the latter).

@@ -31,36 +31,42 @@ TORCH_LIBRARY(dense_ext, m) {
   // stats[0, lo:lo+C] = mean, stats[1, lo:lo+C] = biased variance of each channel of x.
   m.def("channel_stats(Tensor x, Tensor(a!) stats, int lo) -> ()");
   // out = relu((x - mean) / sqrt(var + eps) * gamma + beta), per channel.
-  m.def("bn_relu(Tensor x, Tensor mean, Tensor var, Tensor gamma, Tensor beta, float eps, "
-        "Tensor(a!) out) -> ()");
+  m.def(
+      "bn_relu(Tensor x, Tensor mean, Tensor var, Tensor gamma, Tensor beta, float eps, "
+      "Tensor(a!) out) -> ()");
   // Backward of bn_relu given its output gradient grad_z (the activation is recomputed from x):
   // grad_beta = sum g, grad_gamma = sum g*xhat (g = grad_z * (pre-activation > 0)), and
   // dx = gamma*invstd * (g - mean(g) - xhat*mean(g*xhat)) (batch_stats) or gamma*invstd*g;
   // grad_x += dx (accumulate) or grad_x = dx.
-  m.def("bn_relu_backward(Tensor grad_z, Tensor x, Tensor mean, Tensor var, Tensor gamma, "
-        "Tensor beta, float eps, bool batch_stats, bool accumulate, Tensor(a!) grad_x, "
-        "Tensor(b!) grad_gamma, Tensor(c!) grad_beta) -> ()");
+  m.def(
+      "bn_relu_backward(Tensor grad_z, Tensor x, Tensor mean, Tensor var, Tensor gamma, "
+      "Tensor beta, float eps, bool batch_stats, bool accumulate, Tensor(a!) grad_x, "
+      "Tensor(b!) grad_gamma, Tensor(c!) grad_beta) -> ()");
   // The chunked form of bn_relu_backward, for a backward that visits the rows in chunks:
   // bn_relu_grad_acc adds gamma*invstd*g to grad_x and the chunk's sums of g and g*xhat to
   // sums ([2, C]); once every chunk is in, bn_grad_correct subtracts
   // gamma*invstd*(mean(g) + xhat*mean(g*xhat)) (means = sums / count) from every row.
-  m.def("bn_relu_grad_acc(Tensor grad_z, Tensor x, Tensor mean, Tensor var, Tensor gamma, "
-        "Tensor beta, float eps, Tensor(a!) grad_x, Tensor(b!) sums) -> ()");
-  m.def("bn_grad_correct(Tensor x, Tensor mean, Tensor var, Tensor gamma, Tensor beta, "
-        "float eps, Tensor sums, int count, Tensor(a!) grad_x) -> ()");
+  m.def(
+      "bn_relu_grad_acc(Tensor grad_z, Tensor x, Tensor mean, Tensor var, Tensor gamma, "
+      "Tensor beta, float eps, Tensor(a!) grad_x, Tensor(b!) sums) -> ()");
+  m.def(
+      "bn_grad_correct(Tensor x, Tensor mean, Tensor var, Tensor gamma, Tensor beta, "
+      "float eps, Tensor sums, int count, Tensor(a!) grad_x) -> ()");
   // dst = src * mask / (1 - p), mask a pure function of (seed, key, element index): the same
   // call on the output gradient replays the forward mask. p = 0 copies.
   m.def("dropout_store(Tensor src, float p, int seed, int key, Tensor(a!) dst) -> ()");
   // The whole block forward: returns (feat, stats1, stats2, bottlenecks).
-  m.def("block_forward(Tensor x, Tensor[] params, Tensor[] running, float[] eps, "
-        "int growth_rate, int bn_size, float drop_rate, int seed, bool keep_bottleneck, "
-        "bool batch_stats, bool save) -> (Tensor, Tensor, Tensor, Tensor[])");
+  m.def(
+      "block_forward(Tensor x, Tensor[] params, Tensor[] running, float[] eps, "
+      "int growth_rate, int bn_size, float drop_rate, int seed, bool keep_bottleneck, "
+      "bool batch_stats, bool save) -> (Tensor, Tensor, Tensor, Tensor[])");
   // The whole block backward: accumulates into grad_feat (on return grad_feat[:, :C0] is the
   // input gradient) and returns the parameter gradients as two flat tensors, in parameter
   // order: (gamma/beta gradients in the accumulation dtype, conv weight gradients in the buffer
   // dtype). Flat tensors rather than Tensor[]: functionalization (torch.compile) does not yet
   // support a Tensor[] return from an op that mutates an argument.
-  m.def("block_backward(Tensor(a!) grad_feat, Tensor feat, Tensor stats1, Tensor stats2, "
-        "Tensor[] bottlenecks, Tensor[] params, Tensor[] running, float[] eps, int growth_rate, "
-        "int bn_size, float drop_rate, int seed, bool batch_stats) -> (Tensor, Tensor)");
+  m.def(
+      "block_backward(Tensor(a!) grad_feat, Tensor feat, Tensor stats1, Tensor stats2, "
+      "Tensor[] bottlenecks, Tensor[] params, Tensor[] running, float[] eps, int growth_rate, "
+      "int bn_size, float drop_rate, int seed, bool batch_stats) -> (Tensor, Tensor)");
 }

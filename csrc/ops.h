@@ -15,15 +15,14 @@ using ChannelStatsFn = void(const at::Tensor& x, const at::Tensor& stats, int64_
 using BnReluFn = void(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                       const at::Tensor& gamma, const at::Tensor& beta, double eps,
                       const at::Tensor& out);
-using BnReluBackwardFn = void(const at::Tensor& grad_z, const at::Tensor& x,
-                              const at::Tensor& mean, const at::Tensor& var,
-                              const at::Tensor& gamma, const at::Tensor& beta, double eps,
-                              bool batch_stats, bool accumulate, const at::Tensor& grad_x,
-                              const at::Tensor& grad_gamma, const at::Tensor& grad_beta);
-using BnReluGradAccFn = void(const at::Tensor& grad_z, const at::Tensor& x,
-                             const at::Tensor& mean, const at::Tensor& var,
-                             const at::Tensor& gamma, const at::Tensor& beta, double eps,
-                             const at::Tensor& grad_x, const at::Tensor& sums);
+using BnReluBackwardFn = void(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& mean,
+                              const at::Tensor& var, const at::Tensor& gamma,
+                              const at::Tensor& beta, double eps, bool batch_stats, bool accumulate,
+                              const at::Tensor& grad_x, const at::Tensor& grad_gamma,
+                              const at::Tensor& grad_beta);
+using BnReluGradAccFn = void(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& mean,
+                             const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta,
+                             double eps, const at::Tensor& grad_x, const at::Tensor& sums);
 using BnGradCorrectFn = void(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                              const at::Tensor& gamma, const at::Tensor& beta, double eps,
                              const at::Tensor& sums, int64_t count, const at::Tensor& grad_x);
@@ -37,11 +36,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_fo
     int64_t growth_rate, int64_t bn_size, double drop_rate, int64_t seed, bool keep_bottleneck,
     bool batch_stats, bool save);
 
-std::tuple<at::Tensor, at::Tensor> block_backward(const at::Tensor& grad_feat, const at::Tensor& feat,
-                                       const at::Tensor& stats1, const at::Tensor& stats2,
-                                       at::TensorList bottlenecks, at::TensorList params,
-                                       at::TensorList running, at::ArrayRef<double> eps,
-                                       int64_t growth_rate, int64_t bn_size, double drop_rate,
-                                       int64_t seed, bool batch_stats);
+std::tuple<at::Tensor, at::Tensor> block_backward(const at::Tensor& grad_feat,
+                                                  const at::Tensor& feat, const at::Tensor& stats1,
+                                                  const at::Tensor& stats2,
+                                                  at::TensorList bottlenecks, at::TensorList params,
+                                                  at::TensorList running, at::ArrayRef<double> eps,
+                                                  int64_t growth_rate, int64_t bn_size,
+                                                  double drop_rate, int64_t seed, bool batch_stats);
 
 }  // namespace dense_ext

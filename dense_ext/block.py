@@ -145,10 +145,14 @@ class EfficientDenseBlock(nn.ModuleDict):
         if batch_stats:
             _check_batch_size(x)
         spec = self.spec if self.training else self.spec.with_drop_rate(0.0)
-        running = [
-            RunningStats(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum)
-            for bn in norms
-        ] if tracks else []
+        running = (
+            [
+                RunningStats(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum)
+                for bn in norms
+            ]
+            if tracks
+            else []
+        )
         return BlockCall(
             spec=spec,
             backend=get_backend(self.backend, x.device),
@@ -198,7 +202,9 @@ class EfficientDenseBlock(nn.ModuleDict):
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """The buffer dtype: autocast's when autocast is on for this device, else the input's."""
     if torch.is_autocast_enabled(x.device.type) and x.dtype in (
-        torch.float32, torch.float16, torch.bfloat16,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
     ):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype

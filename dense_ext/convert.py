@@ -76,9 +76,11 @@ def _is_dense_block(module: nn.Module) -> bool:
     names = list(module.keys())
     if names != [f"denselayer{i + 1}" for i in range(len(names))]:
         return False
-    return all(isinstance(getattr(layer, "norm1", None), nn.BatchNorm2d)
-               and isinstance(getattr(layer, "conv1", None), nn.Conv2d)
-               for layer in module.values())
+    return all(
+        isinstance(getattr(layer, "norm1", None), nn.BatchNorm2d)
+        and isinstance(getattr(layer, "conv1", None), nn.Conv2d)
+        for layer in module.values()
+    )
 
 
 def _is_transition(module: nn.Module) -> bool:
@@ -88,16 +90,26 @@ def _is_transition(module: nn.Module) -> bool:
     if list(children) != ["norm", "relu", "conv", "pool"]:
         return False
     norm, relu, conv, pool = children.values()
-    return (type(norm) is nn.BatchNorm2d and isinstance(relu, nn.ReLU)
-            and _is_conv(conv, 1, 0) and _is_avg_pool_2x2(pool))
+    return (
+        type(norm) is nn.BatchNorm2d
+        and isinstance(relu, nn.ReLU)
+        and _is_conv(conv, 1, 0)
+        and _is_avg_pool_2x2(pool)
+    )
 
 
 def _is_conv(conv: nn.Module, kernel: int, padding: int) -> bool:
     """A bias-free, stride-1, dense (ungrouped, undilated) ``kernel`` x ``kernel`` conv."""
-    return (isinstance(conv, nn.Conv2d) and conv.bias is None
-            and conv.kernel_size == (kernel, kernel) and conv.stride == (1, 1)
-            and conv.padding == (padding, padding) and conv.dilation == (1, 1)
-            and conv.groups == 1 and conv.padding_mode == "zeros")
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.bias is None
+        and conv.kernel_size == (kernel, kernel)
+        and conv.stride == (1, 1)
+        and conv.padding == (padding, padding)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
 
 
 def _pair(v) -> tuple:
@@ -105,10 +117,14 @@ def _pair(v) -> tuple:
 
 
 def _is_avg_pool_2x2(pool: nn.Module) -> bool:
-    return (isinstance(pool, nn.AvgPool2d) and _pair(pool.kernel_size) == (2, 2)
-            and _pair(pool.stride or pool.kernel_size) == (2, 2)
-            and _pair(pool.padding) == (0, 0) and not pool.ceil_mode
-            and pool.divisor_override is None)
+    return (
+        isinstance(pool, nn.AvgPool2d)
+        and _pair(pool.kernel_size) == (2, 2)
+        and _pair(pool.stride or pool.kernel_size) == (2, 2)
+        and _pair(pool.padding) == (0, 0)
+        and not pool.ceil_mode
+        and pool.divisor_override is None
+    )
 
 
 def _convert_transition(module: nn.Sequential) -> EfficientTransition:
@@ -135,20 +151,28 @@ def _block_shape(block: nn.ModuleDict) -> tuple[int, int, int, float]:
 def _check_layer(layer: nn.Module, name: str, c_in: int, k: int, mid: int, drop: float) -> None:
     norms = [layer.norm1] + ([getattr(layer, "norm2", None)] if mid else [])
     if mid:
-        ok = (_is_conv(layer.conv1, 1, 0) and _is_conv(getattr(layer, "conv2", None), 3, 1)
-              and layer.conv1.weight.shape == (mid, c_in, 1, 1)
-              and layer.conv2.weight.shape == (k, mid, 3, 3))
+        ok = (
+            _is_conv(layer.conv1, 1, 0)
+            and _is_conv(getattr(layer, "conv2", None), 3, 1)
+            and layer.conv1.weight.shape == (mid, c_in, 1, 1)
+            and layer.conv2.weight.shape == (k, mid, 3, 3)
+        )
     else:
-        ok = (not hasattr(layer, "conv2") and _is_conv(layer.conv1, 3, 1)
-              and layer.conv1.weight.shape == (k, c_in, 3, 3))
+        ok = (
+            not hasattr(layer, "conv2")
+            and _is_conv(layer.conv1, 3, 1)
+            and layer.conv1.weight.shape == (k, c_in, 3, 3)
+        )
     relu_names = ("relu1", "relu2") if mid else ("relu1",)
     relus = [getattr(layer, name, nn.ReLU()) for name in relu_names]
     ok = ok and all(type(bn) is nn.BatchNorm2d for bn in norms)
     ok = ok and all(isinstance(relu, nn.ReLU) for relu in relus)
     ok = ok and [bn.num_features for bn in norms] == [c_in] + ([mid] if mid else [])
     if not ok:
-        raise ValueError(f"convert: {name} does not have the shape of a dense layer with "
-                         f"{c_in} inputs, growth rate {k} and bottleneck width {mid}")
+        raise ValueError(
+            f"convert: {name} does not have the shape of a dense layer with "
+            f"{c_in} inputs, growth rate {k} and bottleneck width {mid}"
+        )
     if float(getattr(layer, "drop_rate", 0.0)) != drop:
         raise ValueError(f"convert: {name} has a different drop_rate than denselayer1")
 
@@ -157,12 +181,15 @@ def _convert_block(block: nn.ModuleDict, memory: str, backend: str) -> Efficient
     c0, k, bn_size, drop_rate = _block_shape(block)
     modules = [m for layer in block.values() for m in layer.modules()]
     if any(m.training != block.training for m in modules):
-        raise ValueError("convert: a dense block mixes train and eval modes; an "
-                         "EfficientDenseBlock has one mode (call .train() or .eval() first)")
+        raise ValueError(
+            "convert: a dense block mixes train and eval modes; an "
+            "EfficientDenseBlock has one mode (call .train() or .eval() first)"
+        )
     # Built on the meta device: its own parameters are placeholders, replaced just below.
     with torch.device("meta"):
-        new = EfficientDenseBlock(len(block), c0, k, bn_size or None, drop_rate,
-                                  memory=memory, backend=backend)
+        new = EfficientDenseBlock(
+            len(block), c0, k, bn_size or None, drop_rate, memory=memory, backend=backend
+        )
     for old_layer, new_layer in zip(block.values(), new.values()):
         for name in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
             # A missing ReLU module (a functional ReLU in forward) keeps the new one.

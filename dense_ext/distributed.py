@@ -192,7 +192,11 @@ class SyncBatchNorm(_BatchNorm):
     def from_batch_norm(cls, bn: _BatchNorm, stats_sync: StatsSync) -> SyncBatchNorm:
         """A SyncBatchNorm sharing ``bn``'s parameters and buffers (no copy)."""
         new = cls(
-            bn.num_features, stats_sync, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+            bn.num_features,
+            stats_sync,
+            eps=bn.eps,
+            momentum=bn.momentum,
+            affine=bn.affine,
             track_running_stats=bn.track_running_stats,
         )
         new.weight, new.bias = bn.weight, bn.bias
@@ -210,8 +214,9 @@ class SyncTransition(nn.Module):
     autograd keeps the normalised map (one block output's worth of memory per transition).
     """
 
-    def __init__(self, norm: SyncBatchNorm, relu: nn.Module, conv: nn.Conv2d,
-                 pool: nn.Module) -> None:
+    def __init__(
+        self, norm: SyncBatchNorm, relu: nn.Module, conv: nn.Conv2d, pool: nn.Module
+    ) -> None:
         super().__init__()
         self.norm, self.relu, self.conv, self.pool = norm, relu, conv, pool
 
@@ -225,9 +230,7 @@ class SyncTransition(nn.Module):
         return self.conv(self.pool(self.relu(self.norm(x))))
 
 
-def enable_sync_bn(
-    model: nn.Module, process_group: dist.ProcessGroup | None = None
-) -> nn.Module:
+def enable_sync_bn(model: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
     """Make every batch norm of ``model`` synchronised over ``process_group``, in place.
 
     Efficient dense blocks (and any module with a ``stats_sync`` attribute, such as a fused

@@ -123,8 +123,14 @@ class DenseBlockFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, call: BlockCall, *params: Tensor) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             feat, state = call.backend.forward(
-                x, params, call.running_tensors(), call.eps, call.spec, call.batch_stats,
-                call.save, call.sync,
+                x,
+                params,
+                call.running_tensors(),
+                call.eps,
+                call.spec,
+                call.batch_stats,
+                call.save,
+                call.sync,
             )
         if call.update_running:
             count = call.sync.world_count(feat.numel() // feat.shape[1])
@@ -160,8 +166,15 @@ class DenseBlockFunction(torch.autograd.Function):
         del grad_out
         with torch.autocast(device_type=feat.device.type, enabled=False):
             grads = call.backend.backward(
-                grad_feat, feat, state, params, call.running_tensors(), call.eps, call.spec,
-                call.batch_stats, call.sync,
+                grad_feat,
+                feat,
+                state,
+                params,
+                call.running_tensors(),
+                call.eps,
+                call.spec,
+                call.batch_stats,
+                call.sync,
             )
         grad_x = None
         if ctx.needs_input_grad[0]:

@@ -75,8 +75,10 @@ def _pool_backward(grad_p: Tensor, x: Tensor, pool: str) -> Tensor:
             grad_p, x, [2, 2], [2, 2], [0, 0], False, True, None
         )
     h, w = x.shape[2:]
-    return (grad_p / (h * w))[:, :, None, None].expand(x.shape).contiguous(
-        memory_format=suggest_format(x)
+    return (
+        (grad_p / (h * w))[:, :, None, None]
+        .expand(x.shape)
+        .contiguous(memory_format=suggest_format(x))
     )
 
 
@@ -92,8 +94,14 @@ class NormReluPoolFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, call: _NormCall, pool: str):
         with torch.autocast(device_type=x.device.type, enabled=False):
             z, mean, invstd = torch.native_batch_norm(
-                x, weight, bias, call.running_mean, call.running_var, call.batch_stats,
-                call.factor, call.eps,
+                x,
+                weight,
+                bias,
+                call.running_mean,
+                call.running_var,
+                call.batch_stats,
+                call.factor,
+                call.eps,
             )
             if not call.batch_stats:
                 # Eval mode: keep copies, so a later change to the buffers cannot skew backward.
@@ -130,12 +138,19 @@ def _bn_relu_backward_aten(ctx, grad_z, x, weight, bias, mean, invstd, invstd_or
     del positive
     running = (None, None) if call.batch_stats else (mean, invstd_or_var)
     return torch.ops.aten.native_batch_norm_backward(
-        grad_z, x, weight, *running,
+        grad_z,
+        x,
+        weight,
+        *running,
         mean if call.batch_stats else None,
         invstd if call.batch_stats else None,
-        call.batch_stats, call.eps,
-        [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-         bias is not None and ctx.needs_input_grad[2]],
+        call.batch_stats,
+        call.eps,
+        [
+            ctx.needs_input_grad[0],
+            weight is not None and ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        ],
     )
 
 
@@ -186,8 +201,10 @@ def _check_input(x: Tensor, channels: int, who: str) -> None:
     if x.dim() != 4:
         raise DenseInputError(f"{who} expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
     if x.shape[1] != channels:
-        raise DenseInputError(f"{who} expects {channels} input channels, got {x.shape[1]} "
-                         f"(input shape {tuple(x.shape)})")
+        raise DenseInputError(
+            f"{who} expects {channels} input channels, got {x.shape[1]} "
+            f"(input shape {tuple(x.shape)})"
+        )
     if not x.is_floating_point():
         raise DenseDtypeError(f"{who} expects a floating-point input, got {x.dtype}")
     if x.numel() == 0:
@@ -208,8 +225,9 @@ def norm_relu_pool(x: Tensor, norm: nn.BatchNorm2d, pool: str = "avg2x2") -> Ten
     if pool == "avg2x2" and (x.shape[2] < 2 or x.shape[3] < 2):
         raise DenseInputError(f"a 2x2 pool needs H, W >= 2, got input shape {tuple(x.shape)}")
     if (norm.training or norm.running_mean is None) and x.numel() // x.shape[1] == 1:
-        raise DenseInputError("Expected more than 1 value per channel when training, got input "
-                         f"size {list(x.shape)}")
+        raise DenseInputError(
+            f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
+        )
     return NormReluPoolFunction.apply(x, norm.weight, norm.bias, _norm_call(norm), pool)
 
 
@@ -237,8 +255,9 @@ class EfficientTransition(nn.Module):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
     @classmethod
-    def from_modules(cls, norm: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d,
-                     pool: nn.Module) -> EfficientTransition:
+    def from_modules(
+        cls, norm: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d, pool: nn.Module
+    ) -> EfficientTransition:
         """A transition that reuses these module objects (and so their parameters/buffers)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)

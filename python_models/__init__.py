@@ -54,8 +54,10 @@ def get_model(name: str, **kwargs: Any) -> DenseNet:
         return builder(depth=depth, **{"growth_rate": growth_rate, **kwargs})
     match = _PATTERN.fullmatch(name) if isinstance(name, str) else None
     if match is None:
-        raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES} or "
-                         "densenet_bc_<depth> / densenet_<depth>")
+        raise ValueError(
+            f"unknown model {name!r}; choose one of {MODEL_NAMES} or "
+            "densenet_bc_<depth> / densenet_<depth>"
+        )
     builder = densenet_bc if match.group(1) else densenet
     return builder(depth=int(match.group(2)), **kwargs)
 

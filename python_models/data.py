@@ -47,11 +47,13 @@ class TensorImageDataset(Dataset):
 
     def __init__(self, images: Tensor, labels: Tensor) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise DatasetError(f"images must be uint8 [N, C, H, W], got {images.dtype} "
-                               f"{tuple(images.shape)}")
+            raise DatasetError(
+                f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}"
+            )
         if labels.shape != (images.shape[0],):
             raise DatasetError(
-                f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+                f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}"
+            )
         self.images = images.contiguous()
         self.labels = labels.to(torch.int64)
 
@@ -120,8 +122,9 @@ def load_digits(image_size: int = 16, test_fraction: float = 0.2) -> DataBundle:
         ) from exc
     digits = sk_load_digits()
     images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear",
-                           align_corners=False)
+    images = F.interpolate(
+        images, size=(image_size, image_size), mode="bilinear", align_corners=False
+    )
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
     labels = torch.as_tensor(digits.target, dtype=torch.int64)
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
@@ -130,9 +133,15 @@ def load_digits(image_size: int = 16, test_fraction: float = 0.2) -> DataBundle:
     train = TensorImageDataset(images[train_idx].contiguous(), labels[train_idx])
     mean, std = _channel_mean_std(train.images)
     return DataBundle(
-        name="digits", train=train,
+        name="digits",
+        train=train,
         test=TensorImageDataset(images[test_idx].contiguous(), labels[test_idx]),
-        num_classes=10, image_size=image_size, mean=mean, std=std, pad=2, flip=False,
+        num_classes=10,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        pad=2,
+        flip=False,
         small_inputs=True,
     )
 
@@ -146,8 +155,13 @@ def _channel_mean_std(images: Tensor) -> tuple[tuple[float, ...], tuple[float, .
 
 _CIFAR_LAYOUT = {
     # folder name, train files, test files, label key, number of classes
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
-                ["test_batch"], b"labels", 10),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        b"labels",
+        10,
+    ),
     "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
 }
 
@@ -160,8 +174,11 @@ class _ArrayUnpickler(pickle.Unpickler):
     """
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):
@@ -177,11 +194,13 @@ def _unpickle(path: Path) -> dict:
     except OSError as exc:
         raise DatasetError(f"cannot read {path}: {exc.strerror or exc}") from None
     except Exception as exc:  # any unpickling failure means: not a CIFAR file
-        raise DatasetError(f"{path} is not a CIFAR Python-pickle batch ({type(exc).__name__}: "
-                           f"{exc})") from None
+        raise DatasetError(
+            f"{path} is not a CIFAR Python-pickle batch ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(entry, dict):
-        raise DatasetError(f"{path} is not a CIFAR batch: expected a dict, got "
-                           f"{type(entry).__name__}")
+        raise DatasetError(
+            f"{path} is not a CIFAR batch: expected a dict, got {type(entry).__name__}"
+        )
     return entry
 
 
@@ -203,8 +222,9 @@ def find_cifar_dir(root: str | os.PathLike, kind: str) -> Path:
     )
 
 
-def _read_cifar_files(folder: Path, names: list[str], label_key: bytes,
-                      num_classes: int) -> TensorImageDataset:
+def _read_cifar_files(
+    folder: Path, names: list[str], label_key: bytes, num_classes: int
+) -> TensorImageDataset:
     images, labels = [], []
     for name in names:
         path = folder / name
@@ -217,8 +237,9 @@ def _read_cifar_files(folder: Path, names: list[str], label_key: bytes,
         data = np.asarray(data)
         target = np.asarray(target)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise DatasetError(f"{path}: 'data' must be uint8 [N, 3072], got {data.dtype} "
-                               f"{data.shape}")
+            raise DatasetError(
+                f"{path}: 'data' must be uint8 [N, 3072], got {data.dtype} {data.shape}"
+            )
         if target.shape != (data.shape[0],):
             raise DatasetError(f"{path}: {data.shape[0]} images but {target.size} labels")
         if target.size and (target.min() < 0 or target.max() >= num_classes):
@@ -242,13 +263,23 @@ def load_cifar(root: str | os.PathLike, kind: str = "cifar10") -> DataBundle:
         name=kind,
         train=_read_cifar_files(folder, train_files, label_key, num_classes),
         test=_read_cifar_files(folder, test_files, label_key, num_classes),
-        num_classes=num_classes, image_size=32, mean=mean, std=std, pad=4, flip=True,
+        num_classes=num_classes,
+        image_size=32,
+        mean=mean,
+        std=std,
+        pad=4,
+        flip=True,
         small_inputs=True,
     )
 
 
-def write_cifar(root: str | os.PathLike, kind: str = "cifar10", train_per_file: int = 10,
-                test_size: int = 10, seed: int = 0) -> Path:
+def write_cifar(
+    root: str | os.PathLike,
+    kind: str = "cifar10",
+    train_per_file: int = 10,
+    test_size: int = 10,
+    seed: int = 0,
+) -> Path:
     """Write a small random dataset in the exact CIFAR Python-pickle format; returns its folder.
 
     For tests and smoke runs: same file names, keys and dtypes as the real download.
@@ -267,8 +298,9 @@ def write_cifar(root: str | os.PathLike, kind: str = "cifar10", train_per_file: 
             }
             with open(folder / name, "wb") as f:
                 pickle.dump(entry, f, protocol=2)
-    meta_name, meta_key = ("batches.meta", b"label_names") if kind == "cifar10" else (
-        "meta", b"fine_label_names")
+    meta_name, meta_key = (
+        ("batches.meta", b"label_names") if kind == "cifar10" else ("meta", b"fine_label_names")
+    )
     with open(folder / meta_name, "wb") as f:
         pickle.dump({meta_key: [f"class{i}".encode() for i in range(num_classes)]}, f, protocol=2)
     return folder
@@ -357,7 +389,9 @@ def _scan_split(folder: Path, classes: list[str] | None) -> tuple[list, list[str
         raise DatasetError(f"{str(folder)!r} has classes not in the training split: {unknown}")
     index = {name: i for i, name in enumerate(classes)}
     samples = [
-        (path, index[d]) for d in found for path in sorted((folder / d).rglob("*"))
+        (path, index[d])
+        for d in found
+        for path in sorted((folder / d).rglob("*"))
         if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
     ]
     if not samples:
@@ -385,7 +419,12 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 224) -> DataBun
         name="imagefolder",
         train=ImageFolderDataset(train_samples, image_size, train=True),
         test=ImageFolderDataset(test_samples, image_size, train=False),
-        num_classes=len(classes), image_size=image_size, mean=mean, std=std, pad=0, flip=True,
+        num_classes=len(classes),
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        pad=0,
+        flip=True,
         small_inputs=image_size < 100,
     )
 
@@ -412,9 +451,16 @@ def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
 
 
-def epoch_batches(num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                  seed: int = 0, epoch: int = 0, shuffle: bool = True,
-                  drop_last: bool = True) -> list[list[int]]:
+def epoch_batches(
+    num_samples: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+) -> list[list[int]]:
     """This rank's sample indices for each step of ``epoch``.
 
     Each step takes ``batch_size * world_size`` consecutive samples of the epoch's
@@ -438,16 +484,22 @@ def epoch_batches(num_samples: int, batch_size: int, rank: int = 0, world_size: 
     return batches
 
 
-def iterate(dataset: Dataset, batches: list[list[int]], workers: int = 0,
-            pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+def iterate(
+    dataset: Dataset, batches: list[list[int]], workers: int = 0, pin_memory: bool = False
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Yield ``(images uint8, labels, indices)`` for each index list of ``batches``."""
     if isinstance(dataset, TensorImageDataset):
         for b in batches:
             if b:
                 yield dataset.batch(b)
         return
-    loader = DataLoader(dataset, batch_sampler=[b for b in batches if b], num_workers=workers,
-                        pin_memory=pin_memory, persistent_workers=False)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=[b for b in batches if b],
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
     yield from loader
 
 
@@ -463,8 +515,11 @@ class Augmentation:
         """The augmentation of every sample for ``epoch`` (a function of seed and epoch)."""
         gen = _generator(seed, epoch, 1)
         offsets = torch.randint(0, 2 * pad + 1, (num_samples, 2), generator=gen)
-        flips = torch.rand(num_samples, generator=gen) < 0.5 if flip else torch.zeros(
-            num_samples, dtype=torch.bool)
+        flips = (
+            torch.rand(num_samples, generator=gen) < 0.5
+            if flip
+            else torch.zeros(num_samples, dtype=torch.bool)
+        )
         return cls(offsets, flips)
 
     def apply(self, images: Tensor, indices: Tensor, pad: int) -> Tensor:
@@ -488,8 +543,9 @@ def crop_padded(images: Tensor, offsets: Tensor, pad: int) -> Tensor:
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float],
-              dtype: torch.dtype = torch.float32) -> Tensor:
+def normalize(
+    images: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
+) -> Tensor:
     """uint8 images to ``(x / 255 - mean) / std`` in ``dtype``."""
     m = torch.tensor(mean, dtype=dtype, device=images.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=dtype, device=images.device).view(1, -1, 1, 1)

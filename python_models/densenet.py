@@ -40,7 +40,11 @@ def _bn_without_update(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
         x,
         bn.running_mean if use_running else None,
         bn.running_var if use_running else None,
-        bn.weight, bn.bias, batch_stats, 0.0, bn.eps,
+        bn.weight,
+        bn.bias,
+        batch_stats,
+        0.0,
+        bn.eps,
     )
 
 
@@ -216,16 +220,23 @@ class DenseNet(nn.Module):
         super().__init__()
         _check_config(growth_rate, block_config, num_init_features, compression, num_classes)
         if efficient and memory_efficient:
-            raise ValueError("memory_efficient (checkpointing) applies to naive blocks only; "
-                             "choose efficient=True or memory_efficient=True, not both")
+            raise ValueError(
+                "memory_efficient (checkpointing) applies to naive blocks only; "
+                "choose efficient=True or memory_efficient=True, not both"
+            )
         self.efficient_head = bool(efficient)
         self.features = nn.Sequential(OrderedDict(_stem(num_init_features, small_inputs)))
         num_features = num_init_features
         for i, num_layers in enumerate(block_config):
             if efficient:
                 block: nn.Module = EfficientDenseBlock(
-                    num_layers, num_features, growth_rate, bn_size, drop_rate,
-                    memory=memory, backend=backend,
+                    num_layers,
+                    num_features,
+                    growth_rate,
+                    bn_size,
+                    drop_rate,
+                    memory=memory,
+                    backend=backend,
                 )
             else:
                 block = _DenseBlock(
@@ -258,13 +269,17 @@ class DenseNet(nn.Module):
 
 
 def _check_config(growth_rate, block_config, num_init_features, compression, num_classes):
-    for name, value in (("growth_rate", growth_rate), ("num_init_features", num_init_features),
-                        ("num_classes", num_classes)):
+    for name, value in (
+        ("growth_rate", growth_rate),
+        ("num_init_features", num_init_features),
+        ("num_classes", num_classes),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not block_config or any(not isinstance(n, int) or n < 1 for n in block_config):
-        raise ValueError(f"block_config must be a non-empty sequence of positive integers, "
-                         f"got {block_config!r}")
+        raise ValueError(
+            f"block_config must be a non-empty sequence of positive integers, got {block_config!r}"
+        )
     if not 0.0 < float(compression) <= 1.0:
         raise ValueError(f"compression must be in (0, 1], got {compression!r}")
 
@@ -281,10 +296,19 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.constant_(m.bias, 0)
 
 
-def _densenet(growth_rate: int, block_config: tuple[int, ...], num_init_features: int,
-              efficient: bool, kwargs: dict[str, Any]) -> DenseNet:
-    config = dict(growth_rate=growth_rate, block_config=block_config,
-                  num_init_features=num_init_features, efficient=efficient)
+def _densenet(
+    growth_rate: int,
+    block_config: tuple[int, ...],
+    num_init_features: int,
+    efficient: bool,
+    kwargs: dict[str, Any],
+) -> DenseNet:
+    config = dict(
+        growth_rate=growth_rate,
+        block_config=block_config,
+        num_init_features=num_init_features,
+        efficient=efficient,
+    )
     return DenseNet(**{**config, **kwargs})
 
 
@@ -313,31 +337,43 @@ def densenet264(efficient: bool = False, **kwargs: Any) -> DenseNet:
     return _densenet(32, (6, 12, 64, 48), 64, efficient, kwargs)
 
 
-def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10,
-                efficient: bool = False, **kwargs: Any) -> DenseNet:
+def densenet_bc(
+    depth: int = 100,
+    growth_rate: int = 12,
+    num_classes: int = 10,
+    efficient: bool = False,
+    **kwargs: Any,
+) -> DenseNet:
     """CIFAR DenseNet-BC (L=depth, k=growth_rate): 3 blocks of (L-4)/6 bottleneck layers.
 
     Stem of ``2k`` features, compression 0.5, small-input stem. ``kwargs`` (e.g.
     ``drop_rate``, ``memory``, ``backend``) go to ``DenseNet`` and may override the defaults.
     """
     if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
-        raise ValueError(f"DenseNet-BC depth must be 6n+4 with n >= 1 (e.g. 100, 190, 250), "
-                         f"got {depth!r}")
+        raise ValueError(
+            f"DenseNet-BC depth must be 6n+4 with n >= 1 (e.g. 100, 190, 250), got {depth!r}"
+        )
     n = (depth - 4) // 6
     config = dict(bn_size=4, compression=0.5, small_inputs=True, num_classes=num_classes)
     return _densenet(growth_rate, (n, n, n), 2 * growth_rate, efficient, {**config, **kwargs})
 
 
-def densenet(depth: int = 40, growth_rate: int = 12, num_classes: int = 10,
-             efficient: bool = False, **kwargs: Any) -> DenseNet:
+def densenet(
+    depth: int = 40,
+    growth_rate: int = 12,
+    num_classes: int = 10,
+    efficient: bool = False,
+    **kwargs: Any,
+) -> DenseNet:
     """CIFAR plain DenseNet (L=depth, k=growth_rate): 3 blocks of (L-4)/3 BN-ReLU-Conv3x3 layers.
 
     16 stem features, no compression, small-input stem. The paper uses ``drop_rate=0.2``
     without data augmentation; pass it in ``kwargs``.
     """
     if not isinstance(depth, int) or depth < 7 or (depth - 4) % 3:
-        raise ValueError(f"plain DenseNet depth must be 3n+4 with n >= 1 (e.g. 40, 100), "
-                         f"got {depth!r}")
+        raise ValueError(
+            f"plain DenseNet depth must be 3n+4 with n >= 1 (e.g. 40, 100), got {depth!r}"
+        )
     n = (depth - 4) // 3
     config = dict(bn_size=None, compression=1.0, small_inputs=True, num_classes=num_classes)
     return _densenet(growth_rate, (n, n, n), 16, efficient, {**config, **kwargs})

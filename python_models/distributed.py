@@ -74,7 +74,8 @@ def init_distributed(device_name: str = "auto", timeout_s: float = 3600.0) -> Di
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
             **({"device_id": device} if device.type == "cuda" else {}),
         )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)

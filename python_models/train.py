@@ -60,7 +60,8 @@ def _batch_size(text: str) -> int | str:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a positive integer or 'auto', got {text!r}") from None
+            f"expected a positive integer or 'auto', got {text!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"batch size must be positive, got {value}")
     return value
@@ -69,7 +70,8 @@ def _batch_size(text: str) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     p = argparse.ArgumentParser(
-        prog="dense-ext-train", description=__doc__.split("\n\n")[0],
+        prog="dense-ext-train",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _model_args(p.add_argument_group("model"))
@@ -81,75 +83,146 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_args(g) -> None:
-    g.add_argument("--model", default="densenet_bc_40",
-                   help=f"one of {', '.join(MODEL_NAMES)}, or densenet_bc_<6n+4> / "
-                        "densenet_<3n+4> (CIFAR-style)")
-    g.add_argument("--growth-rate", type=int, default=None,
-                   help="override the model's growth rate k")
+    g.add_argument(
+        "--model",
+        default="densenet_bc_40",
+        help=f"one of {', '.join(MODEL_NAMES)}, or densenet_bc_<6n+4> / "
+        "densenet_<3n+4> (CIFAR-style)",
+    )
+    g.add_argument(
+        "--growth-rate", type=int, default=None, help="override the model's growth rate k"
+    )
     g.add_argument("--drop-rate", type=float, default=0.0, help="dropout after each layer")
     kind = g.add_mutually_exclusive_group()
-    kind.add_argument("--efficient", dest="efficient", action="store_true", default=True,
-                      help="dense_ext blocks: linear activation memory")
-    kind.add_argument("--naive", dest="efficient", action="store_false",
-                      default=argparse.SUPPRESS,
-                      help="torchvision-style blocks (torch.cat per layer)")
-    g.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES),
-                   help="backend of the efficient blocks; with --sync-bn 'auto' means "
-                        "'reference' (the backend with synchronised BN)")
-    g.add_argument("--memory", default="bottleneck", choices=("bottleneck", "min"),
-                   help="efficient blocks: keep each bottleneck output or recompute it")
+    kind.add_argument(
+        "--efficient",
+        dest="efficient",
+        action="store_true",
+        default=True,
+        help="dense_ext blocks: linear activation memory",
+    )
+    kind.add_argument(
+        "--naive",
+        dest="efficient",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="torchvision-style blocks (torch.cat per layer)",
+    )
+    g.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", *BACKEND_NAMES),
+        help="backend of the efficient blocks; with --sync-bn 'auto' means "
+        "'reference' (the backend with synchronised BN)",
+    )
+    g.add_argument(
+        "--memory",
+        default="bottleneck",
+        choices=("bottleneck", "min"),
+        help="efficient blocks: keep each bottleneck output or recompute it",
+    )
 
 
 def _data_args(g) -> None:
-    g.add_argument("--dataset", default="digits", choices=D.DATASETS,
-                   help="digits: scikit-learn's bundled 8x8 digits upsampled (no download); "
-                        "cifar10/cifar100: the Python-pickle folder; imagefolder: "
-                        "<dir>/{train,val}/<class>/<image>")
-    g.add_argument("--data-dir", default=None,
-                   help="folder holding (or being) cifar-10-batches-py / cifar-100-python, "
-                        "or the image-folder root")
-    g.add_argument("--image-size", type=int, default=None,
-                   help="image side (digits: 16, imagefolder: 224; CIFAR is always 32)")
-    g.add_argument("--workers", type=int, default=0,
-                   help="data-loading processes (image folders only)")
+    g.add_argument(
+        "--dataset",
+        default="digits",
+        choices=D.DATASETS,
+        help="digits: scikit-learn's bundled 8x8 digits upsampled (no download); "
+        "cifar10/cifar100: the Python-pickle folder; imagefolder: "
+        "<dir>/{train,val}/<class>/<image>",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding (or being) cifar-10-batches-py / cifar-100-python, "
+        "or the image-folder root",
+    )
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="image side (digits: 16, imagefolder: 224; CIFAR is always 32)",
+    )
+    g.add_argument(
+        "--workers", type=int, default=0, help="data-loading processes (image folders only)"
+    )
 
 
 def _optim_args(g) -> None:
-    g.add_argument("--epochs", type=int, default=6,
-                   help="epochs (0: set up, and with --batch-size auto measure, then stop)")
-    g.add_argument("--batch-size", type=_batch_size, default=64,
-                   help="per-process batch, or 'auto': the largest that fits --memory-budget")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=6,
+        help="epochs (0: set up, and with --batch-size auto measure, then stop)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=64,
+        help="per-process batch, or 'auto': the largest that fits --memory-budget",
+    )
     g.add_argument("--lr", type=float, default=0.1, help="initial learning rate")
     g.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
     g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--schedule", default="step", choices=("step", "cosine"),
-                   help="step: lr/10 at 50%% and 75%% of the epochs (Huang et al.); "
-                        "cosine: cosine decay to 0 over all steps")
-    g.add_argument("--steps-per-epoch", type=int, default=None,
-                   help="cap on training steps per epoch (quick runs)")
+    g.add_argument(
+        "--schedule",
+        default="step",
+        choices=("step", "cosine"),
+        help="step: lr/10 at 50%% and 75%% of the epochs (Huang et al.); "
+        "cosine: cosine decay to 0 over all steps",
+    )
+    g.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=None,
+        help="cap on training steps per epoch (quick runs)",
+    )
 
 
 def _device_args(g) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
-                   help="autocast dtype; auto: bf16 on CUDA GPUs that support it, none on CPU")
-    g.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
-                   help="channels_last memory format; auto: on for CUDA")
-    g.add_argument("--memory-budget", type=float, default=None,
-                   help="GiB for --batch-size auto (per process); default: the GPU's free "
-                        "memory, or half of the available RAM on CPU")
-    g.add_argument("--sync-bn", action="store_true",
-                   help="synchronise batch-norm statistics over DDP processes (efficient "
-                        "blocks use the 'reference' backend, the one that supports it)")
+    g.add_argument(
+        "--amp",
+        default="auto",
+        choices=("auto", "none", "bf16", "fp16"),
+        help="autocast dtype; auto: bf16 on CUDA GPUs that support it, none on CPU",
+    )
+    g.add_argument(
+        "--channels-last",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="channels_last memory format; auto: on for CUDA",
+    )
+    g.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        help="GiB for --batch-size auto (per process); default: the GPU's free "
+        "memory, or half of the available RAM on CPU",
+    )
+    g.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="synchronise batch-norm statistics over DDP processes (efficient "
+        "blocks use the 'reference' backend, the one that supports it)",
+    )
 
 
 def _run_args(g) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out-dir", default=None, help="default: runs/<timestamp>")
-    g.add_argument("--resume", default=None,
-                   help="checkpoint file, or a run folder (its last.pt), to continue from")
-    g.add_argument("--save-every", type=int, default=0,
-                   help="also keep epoch<N>.pt every N epochs (last.pt is always written)")
+    g.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint file, or a run folder (its last.pt), to continue from",
+    )
+    g.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="also keep epoch<N>.pt every N epochs (last.pt is always written)",
+    )
     g.add_argument("--no-checkpoint", action="store_true", help="write no checkpoints")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -216,16 +289,23 @@ def resolve_backend(args: argparse.Namespace, device: torch.device) -> str:
     if args.backend == "auto":
         return "reference"
     if not get_backend(args.backend, device).supports_sync:
-        raise UsageError(f"--sync-bn needs a backend with synchronised batch norm; "
-                         f"--backend {args.backend} has none (use --backend reference or auto)")
+        raise UsageError(
+            f"--sync-bn needs a backend with synchronised batch norm; "
+            f"--backend {args.backend} has none (use --backend reference or auto)"
+        )
     return args.backend
 
 
-def build_model(args: argparse.Namespace, bundle: D.DataBundle, device: torch.device,
-                precision: Precision) -> nn.Module:
+def build_model(
+    args: argparse.Namespace, bundle: D.DataBundle, device: torch.device, precision: Precision
+) -> nn.Module:
     """The model named by ``--model`` for ``bundle``, on ``device``."""
-    kwargs: dict[str, Any] = dict(num_classes=bundle.num_classes, efficient=args.efficient,
-                                  small_inputs=bundle.small_inputs, drop_rate=args.drop_rate)
+    kwargs: dict[str, Any] = dict(
+        num_classes=bundle.num_classes,
+        efficient=args.efficient,
+        small_inputs=bundle.small_inputs,
+        drop_rate=args.drop_rate,
+    )
     if args.growth_rate is not None:
         kwargs["growth_rate"] = args.growth_rate
     if args.efficient:
@@ -268,8 +348,13 @@ class StepSchedule:
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace, steps_per_epoch: int):
     """SGD with Nesterov momentum and the per-step learning-rate schedule."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                nesterov=args.momentum > 0, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=args.lr,
+        momentum=args.momentum,
+        nesterov=args.momentum > 0,
+        weight_decay=args.weight_decay,
+    )
     schedule = StepSchedule(args.schedule, args.epochs, steps_per_epoch)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
@@ -322,8 +407,11 @@ def _cpu_peak_bytes(work: Callable[[], None]) -> int:
             work()
         events = prof.profiler.kineto_results.events()
     cpu = torch._C._autograd.DeviceType.CPU
-    deltas = sorted((e.start_ns(), i, e.nbytes()) for i, e in enumerate(events)
-                    if e.name() == "[memory]" and e.device_type() == cpu)
+    deltas = sorted(
+        (e.start_ns(), i, e.nbytes())
+        for i, e in enumerate(events)
+        if e.name() == "[memory]" and e.device_type() == cpu
+    )
     live = peak = 0
     for _, _, nbytes in deltas:
         live += nbytes
@@ -348,8 +436,9 @@ def _state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-def measure_step(model: nn.Module, batch: int, bundle: D.DataBundle, device: torch.device,
-                 precision: Precision) -> int | None:
+def measure_step(
+    model: nn.Module, batch: int, bundle: D.DataBundle, device: torch.device, precision: Precision
+) -> int | None:
     """Bytes one training step at ``batch`` needs: parameters, buffers, gradients, momentum,
     input and the activation peak. None if it runs out of memory (CUDA).
 
@@ -376,8 +465,9 @@ def measure_step(model: nn.Module, batch: int, bundle: D.DataBundle, device: tor
         return _cuda_step_bytes(step, device, probe)
 
 
-def _cuda_step_bytes(step: Callable[[], None], device: torch.device,
-                     probe: nn.Module) -> int | None:
+def _cuda_step_bytes(
+    step: Callable[[], None], device: torch.device, probe: nn.Module
+) -> int | None:
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device) - _state_bytes(probe)
     torch.cuda.reset_peak_memory_stats(device)
@@ -391,8 +481,12 @@ def _cuda_step_bytes(step: Callable[[], None], device: torch.device,
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def find_batch_size(measure: Callable[[int], int | None], budget: int, max_batch: int,
-                    log: Callable[[str], None] = print) -> int:
+def find_batch_size(
+    measure: Callable[[int], int | None],
+    budget: int,
+    max_batch: int,
+    log: Callable[[str], None] = print,
+) -> int:
     """The largest batch whose ``measure(batch)`` (bytes, None: out of memory) is <= budget.
 
     Memory grows linearly with the batch, so each probe aims at the batch where the line
@@ -403,8 +497,9 @@ def find_batch_size(measure: Callable[[int], int | None], budget: int, max_batch
 
     def fits(b: int) -> bool:
         bytes_ = measure(b)
-        log(f"  batch {b:>6}: " + ("out of memory" if bytes_ is None else
-                                    f"{bytes_ / GIB:.3f} GiB"))
+        log(
+            f"  batch {b:>6}: " + ("out of memory" if bytes_ is None else f"{bytes_ / GIB:.3f} GiB")
+        )
         if bytes_ is not None:
             points[b] = bytes_
         return bytes_ is not None and bytes_ <= budget
@@ -412,8 +507,9 @@ def find_batch_size(measure: Callable[[int], int | None], budget: int, max_batch
     lo, hi = 1, max_batch + 1  # lo fits (once checked), hi does not (or is past the cap)
     first = min(2, max_batch)
     if not fits(first):
-        raise UsageError(f"batch {first} needs more than the memory budget of "
-                         f"{budget / GIB:.2f} GiB")
+        raise UsageError(
+            f"batch {first} needs more than the memory budget of {budget / GIB:.2f} GiB"
+        )
     lo = first
     while hi - lo > 1:
         guess = _secant_guess(points, lo, hi, budget)
@@ -443,14 +539,20 @@ def auto_batch_size(args, model, bundle, device, precision, info: DistInfo) -> i
     """``--batch-size auto``: rank 0 probes, every rank uses its answer."""
     batch = 0
     if info.is_main:
-        budget = int(args.memory_budget * GIB) if args.memory_budget else default_budget(
-            device, info.world_size)
+        budget = (
+            int(args.memory_budget * GIB)
+            if args.memory_budget
+            else default_budget(device, info.world_size)
+        )
         cap = len(bundle.train) // info.world_size
-        print(f"--batch-size auto: largest batch within {budget / GIB:.2f} GiB per process "
-              f"({'efficient' if args.efficient else 'naive'} {args.model}, "
-              f"{bundle.image_size}x{bundle.image_size}, {device.type}, at most {cap})")
+        print(
+            f"--batch-size auto: largest batch within {budget / GIB:.2f} GiB per process "
+            f"({'efficient' if args.efficient else 'naive'} {args.model}, "
+            f"{bundle.image_size}x{bundle.image_size}, {device.type}, at most {cap})"
+        )
         batch = find_batch_size(
-            lambda b: measure_step(model, b, bundle, device, precision), budget, cap)
+            lambda b: measure_step(model, b, bundle, device, precision), budget, cap
+        )
         print(f"--batch-size auto: using batch size {batch}")
     return dist_utils.broadcast_int(batch, info)
 
@@ -511,8 +613,10 @@ def steps_per_epoch(num_train: int, batch: int, info: DistInfo, cap: int | None)
     """Training steps per epoch (incomplete global batches are dropped)."""
     steps = num_train // (batch * info.world_size)
     if steps == 0:
-        raise UsageError(f"the training set ({num_train} images) is smaller than one global "
-                         f"batch ({batch} x {info.world_size} processes)")
+        raise UsageError(
+            f"the training set ({num_train} images) is smaller than one global "
+            f"batch ({batch} x {info.world_size} processes)"
+        )
     return min(steps, cap) if cap else steps
 
 
@@ -520,18 +624,27 @@ def train_epoch(t: Trainer, bar_factory) -> dict:
     """One epoch of training; returns loss, accuracy, images/s and the per-step losses."""
     t.model.train()
     args, info = t.args, t.info
-    batches = D.epoch_batches(len(t.bundle.train), t.batch_size, info.rank, info.world_size,
-                              args.seed, t.epoch, shuffle=True, drop_last=True)
-    batches = batches[: steps_per_epoch(len(t.bundle.train), t.batch_size, info,
-                                        args.steps_per_epoch)]
+    batches = D.epoch_batches(
+        len(t.bundle.train),
+        t.batch_size,
+        info.rank,
+        info.world_size,
+        args.seed,
+        t.epoch,
+        shuffle=True,
+        drop_last=True,
+    )
+    batches = batches[
+        : steps_per_epoch(len(t.bundle.train), t.batch_size, info, args.steps_per_epoch)
+    ]
     t.bundle.train.set_epoch(args.seed, t.epoch)
-    aug = D.Augmentation.draw(len(t.bundle.train), t.bundle.pad, t.bundle.flip, args.seed,
-                              t.epoch)
+    aug = D.Augmentation.draw(len(t.bundle.train), t.bundle.pad, t.bundle.flip, args.seed, t.epoch)
     losses, correct, seen = [], torch.zeros((), device=t.device), 0
     bar = bar_factory(total=len(batches), desc=f"epoch {t.epoch + 1}/{args.epochs}")
     start = time.perf_counter()
-    for images, labels, indices in D.iterate(t.bundle.train, batches, args.workers,
-                                             t.device.type == "cuda"):
+    for images, labels, indices in D.iterate(
+        t.bundle.train, batches, args.workers, t.device.type == "cuda"
+    ):
         x = t.inputs(images, indices, aug)
         y = labels.to(t.device, non_blocking=True)
         loss, right = t.train_step(x, y)
@@ -549,16 +662,19 @@ def _update_bar(bar, t: Trainer, losses, correct, seen, start) -> None:
     if bar.disable or (bar.n % 10 and bar.n != bar.total):
         return
     elapsed = max(time.perf_counter() - start, 1e-9)
-    bar.set_postfix(loss=f"{losses[-1].item():.4f}", acc=f"{float(correct) / seen:.3f}",
-                    img_s=f"{seen * t.info.world_size / elapsed:.0f}",
-                    mem=current_memory(t.device), refresh=False)
+    bar.set_postfix(
+        loss=f"{losses[-1].item():.4f}",
+        acc=f"{float(correct) / seen:.3f}",
+        img_s=f"{seen * t.info.world_size / elapsed:.0f}",
+        mem=current_memory(t.device),
+        refresh=False,
+    )
 
 
 def _epoch_train_metrics(t: Trainer, losses, correct, seen, elapsed) -> dict:
     local = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)
     # Step losses averaged over ranks: each rank's loss is the mean over its equal share.
-    step_losses = [v / t.info.world_size for v in dist_utils.all_reduce_sum(local.tolist(),
-                                                                            t.info)]
+    step_losses = [v / t.info.world_size for v in dist_utils.all_reduce_sum(local.tolist(), t.info)]
     right, count = dist_utils.all_reduce_sum([float(correct), float(seen)], t.info)
     return {
         "train_loss": sum(step_losses) / max(1, len(step_losses)),
@@ -575,13 +691,20 @@ def evaluate(t: Trainer) -> dict:
     # The bare module: DDP's forward is a collective, and ranks may hold different numbers
     # of test batches. Evaluation normalises with running statistics, so nothing is synced.
     model = dist_utils.unwrap(t.model).eval()
-    batches = D.epoch_batches(len(t.bundle.test), t.batch_size, t.info.rank,
-                              t.info.world_size, shuffle=False, drop_last=False)
+    batches = D.epoch_batches(
+        len(t.bundle.test),
+        t.batch_size,
+        t.info.rank,
+        t.info.world_size,
+        shuffle=False,
+        drop_last=False,
+    )
     loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
     right = torch.zeros((), dtype=torch.float64, device=t.device)
     count = 0
-    for images, labels, indices in D.iterate(t.bundle.test, batches, t.args.workers,
-                                             t.device.type == "cuda"):
+    for images, labels, indices in D.iterate(
+        t.bundle.test, batches, t.args.workers, t.device.type == "cuda"
+    ):
         x = t.inputs(images, indices, None)
         y = labels.to(t.device, non_blocking=True)
         with t.precision.autocast(t.device):
@@ -590,7 +713,8 @@ def evaluate(t: Trainer) -> dict:
         right += (logits.argmax(1) == y).sum()
         count += y.numel()
     total_loss, total_right, total = dist_utils.all_reduce_sum(
-        [float(loss_sum), float(right), float(count)], t.info)
+        [float(loss_sum), float(right), float(count)], t.info
+    )
     return {"test_loss": total_loss / max(1.0, total), "test_acc": total_right / max(1.0, total)}
 
 
@@ -598,8 +722,11 @@ def evaluate(t: Trainer) -> dict:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -620,9 +747,13 @@ def save_checkpoint(t: Trainer, path: Path) -> None:
         "optimizer": t.optimizer.state_dict(),
         "scheduler": t.scheduler.state_dict(),
         "scaler": t.scaler.state_dict() if t.scaler is not None else None,
-        "epoch": t.epoch, "step": t.step, "best_acc": t.best_acc,
-        "batch_size": t.batch_size, "history": t.history,
-        "rng": _rng_state(), "args": vars(t.args),
+        "epoch": t.epoch,
+        "step": t.step,
+        "best_acc": t.best_acc,
+        "batch_size": t.batch_size,
+        "history": t.history,
+        "rng": _rng_state(),
+        "args": vars(t.args),
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -655,8 +786,10 @@ def restore(t: Trainer, state: dict) -> None:
     try:
         dist_utils.unwrap(t.model).load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise UsageError(f"--resume: the checkpoint does not fit --model {t.args.model}: "
-                         f"{str(exc).splitlines()[0]}") from None
+        raise UsageError(
+            f"--resume: the checkpoint does not fit --model {t.args.model}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
     t.optimizer.load_state_dict(state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
     if t.scaler is not None and state.get("scaler"):
@@ -703,11 +836,22 @@ def default_out_dir() -> Path:
 def _record_epoch(t: Trainer, log: RunLog, train: dict, test: dict, lr: float) -> dict:
     step_losses = train.pop("step_losses")
     first = t.step - len(step_losses)
-    log.append_csv("steps.csv", [{"epoch": t.epoch, "step": first + i + 1, "loss": repr(v)}
-                                 for i, v in enumerate(step_losses)])
-    row = {"epoch": t.epoch, "lr": lr, **train, **test,
-           "memory": current_memory(t.device), "batch_size": t.batch_size,
-           "world_size": t.info.world_size}
+    log.append_csv(
+        "steps.csv",
+        [
+            {"epoch": t.epoch, "step": first + i + 1, "loss": repr(v)}
+            for i, v in enumerate(step_losses)
+        ],
+    )
+    row = {
+        "epoch": t.epoch,
+        "lr": lr,
+        **train,
+        **test,
+        "memory": current_memory(t.device),
+        "batch_size": t.batch_size,
+        "world_size": t.info.world_size,
+    }
     t.history.append(row)
     log.append_csv("metrics.csv", [row])
     log.write_json("metrics.json", t.history)
@@ -754,12 +898,14 @@ def build_trainer(args: argparse.Namespace, info: DistInfo) -> tuple[Trainer, di
             print(f"--resume: using the checkpoint's batch size {batch}, not {args.batch_size}")
     elif batch == "auto":
         batch = auto_batch_size(args, model, bundle, info.device, precision, info)
-    spe = steps_per_epoch(len(bundle.train), batch, info, args.steps_per_epoch) \
-        if args.epochs else 1
+    spe = (
+        steps_per_epoch(len(bundle.train), batch, info, args.steps_per_epoch) if args.epochs else 1
+    )
     model = dist_utils.wrap_ddp(model, info)
     optimizer, scheduler = build_optimizer(model, args, spe)
-    scaler = torch.amp.GradScaler(info.device.type) \
-        if precision.amp_dtype == torch.float16 else None
+    scaler = (
+        torch.amp.GradScaler(info.device.type) if precision.amp_dtype == torch.float16 else None
+    )
     trainer = Trainer(model, optimizer, scheduler, scaler, bundle, precision, info, args, batch)
     return trainer, state
 
@@ -780,19 +926,23 @@ def _describe(t: Trainer, out_dir: Path) -> str:
     params = sum(p.numel() for p in m.parameters())
     kind = f"efficient ({_block_backend(m, t.device)} backend)" if t.args.efficient else "naive"
     amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[t.precision.amp_dtype]
-    return (f"{kind} {t.args.model} ({params / 1e6:.2f}M parameters) on {t.args.dataset} "
-            f"({len(t.bundle.train)} train / {len(t.bundle.test)} test, {t.bundle.num_classes} "
-            f"classes, {t.bundle.image_size}x{t.bundle.image_size}); {t.info.device}, "
-            f"{t.info.world_size} process(es), batch {t.batch_size}/process, {amp}, "
-            f"{'channels_last' if t.precision.channels_last else 'contiguous'}"
-            f"{', sync BN' if t.args.sync_bn and t.info.distributed else ''}; output {out_dir}")
+    return (
+        f"{kind} {t.args.model} ({params / 1e6:.2f}M parameters) on {t.args.dataset} "
+        f"({len(t.bundle.train)} train / {len(t.bundle.test)} test, {t.bundle.num_classes} "
+        f"classes, {t.bundle.image_size}x{t.bundle.image_size}); {t.info.device}, "
+        f"{t.info.world_size} process(es), batch {t.batch_size}/process, {amp}, "
+        f"{'channels_last' if t.precision.channels_last else 'contiguous'}"
+        f"{', sync BN' if t.args.sync_bn and t.info.distributed else ''}; output {out_dir}"
+    )
 
 
 def _epoch_line(row: dict) -> str:
-    return (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc "
-            f"{row['train_acc']:.4f} | test loss {row['test_loss']:.4f} acc "
-            f"{row['test_acc']:.4f} | {row['images_per_s']:.0f} img/s, "
-            f"{row['epoch_time_s']:.1f} s, lr {row['lr']:.4g}, mem {row['memory']}")
+    return (
+        f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc "
+        f"{row['train_acc']:.4f} | test loss {row['test_loss']:.4f} acc "
+        f"{row['test_acc']:.4f} | {row['images_per_s']:.0f} img/s, "
+        f"{row['epoch_time_s']:.1f} s, lr {row['lr']:.4g}, mem {row['memory']}"
+    )
 
 
 def fit(t: Trainer, log: RunLog) -> dict:
@@ -824,12 +974,20 @@ def _save(t: Trainer, log: RunLog) -> None:
 def _summary(t: Trainer, elapsed: float, out_dir: Path) -> dict:
     last = t.history[-1] if t.history else {}
     return {
-        "model": t.args.model, "efficient": t.args.efficient, "dataset": t.args.dataset,
-        "epochs": t.epoch, "steps": t.step, "batch_size": t.batch_size,
-        "world_size": t.info.world_size, "device": str(t.info.device),
-        "final_test_acc": last.get("test_acc"), "best_test_acc": t.best_acc if t.history else None,
-        "final_train_loss": last.get("train_loss"), "train_time_s": elapsed,
-        "peak_memory": current_memory(t.device), "out_dir": str(out_dir),
+        "model": t.args.model,
+        "efficient": t.args.efficient,
+        "dataset": t.args.dataset,
+        "epochs": t.epoch,
+        "steps": t.step,
+        "batch_size": t.batch_size,
+        "world_size": t.info.world_size,
+        "device": str(t.info.device),
+        "final_test_acc": last.get("test_acc"),
+        "best_test_acc": t.best_acc if t.history else None,
+        "final_train_loss": last.get("train_loss"),
+        "train_time_s": elapsed,
+        "peak_memory": current_memory(t.device),
+        "out_dir": str(out_dir),
     }
 
 
@@ -844,8 +1002,14 @@ def run(args: argparse.Namespace) -> dict:
             restore(trainer, state)
         if info.is_main:
             print(_describe(trainer, out_dir), flush=True)
-            log.write_json("config.json", {**vars(args), "resolved_batch_size":
-                                           trainer.batch_size, "torch": torch.__version__})
+            log.write_json(
+                "config.json",
+                {
+                    **vars(args),
+                    "resolved_batch_size": trainer.batch_size,
+                    "torch": torch.__version__,
+                },
+            )
         summary = fit(trainer, log)
         if info.is_main:
             log.write_json("summary.json", summary)
@@ -864,11 +1028,16 @@ def _out_dir(args: argparse.Namespace) -> Path:
 
 
 def _print_summary(s: dict) -> None:
-    acc = "n/a" if s["final_test_acc"] is None else (
-        f"{s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f})")
-    print(f"done: {s['epochs']} epochs, {s['steps']} steps in {s['train_time_s']:.1f} s; "
-          f"test accuracy {acc}; peak memory {s['peak_memory']}; results in {s['out_dir']}",
-          flush=True)
+    acc = (
+        "n/a"
+        if s["final_test_acc"] is None
+        else (f"{s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f})")
+    )
+    print(
+        f"done: {s['epochs']} epochs, {s['steps']} steps in {s['train_time_s']:.1f} s; "
+        f"test accuracy {acc}; peak memory {s['peak_memory']}; results in {s['out_dir']}",
+        flush=True,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

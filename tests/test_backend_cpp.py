@@ -137,8 +137,12 @@ def test_dropout_matches_naive_with_the_backends_masks(dtype, memory, bn_size):
     xn = x.clone().requires_grad_()
     out_n = naive_with_masks(naive, xn, masks)
     out_n.backward(grad)
-    expected = (out_n.detach(), xn.grad, {k_: v.grad for k_, v in naive.named_parameters()},
-                {k_: v for k_, v in naive.state_dict().items() if "running" in k_})
+    expected = (
+        out_n.detach(),
+        xn.grad,
+        {k_: v.grad for k_, v in naive.named_parameters()},
+        {k_: v for k_, v in naive.state_dict().items() if "running" in k_},
+    )
     check_same_step(step(cpp, x, grad, seed=11), expected, TOLERANCE[dtype], "dropout")
 
 
@@ -188,8 +192,9 @@ def test_two_steps_match_reference_including_running_stats():
         torch.manual_seed(100 + s)
         x = torch.randn(3, 5, 6, 5, dtype=torch.float64)
         grad = torch.randn(3, 17, 6, 5, dtype=torch.float64)
-        check_same_step(step(blocks["cpp"], x, grad), step(blocks["reference"], x, grad), 1e-10,
-                        f"step {s}")
+        check_same_step(
+            step(blocks["cpp"], x, grad), step(blocks["reference"], x, grad), 1e-10, f"step {s}"
+        )
     assert torch.equal(blocks["cpp"].denselayer1.norm1.num_batches_tracked, torch.tensor(2))
 
 

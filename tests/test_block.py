@@ -131,8 +131,9 @@ def test_eval_under_no_grad_saves_nothing(backend):
     naive.eval()
     x = torch.randn(2, 4, 6, 6)
     saved = []
-    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(
-        lambda t: saved.append(t) or t, lambda t: t
+    with (
+        torch.no_grad(),
+        torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t),
     ):
         out = efficient(x)
         expected = naive(x)
@@ -212,8 +213,9 @@ def test_random_configurations(c0, k, layers, bn_size, n, h, w, memory, drop, ba
     if unavailable_reason(backend, "cpu") is not None:
         backend = "reference"
     exact_masks = backend == "reference"
-    naive, efficient = make_pair(layers, c0, k, bn_size, drop if exact_masks else 0.0, memory,
-                                 backend, torch.float64)
+    naive, efficient = make_pair(
+        layers, c0, k, bn_size, drop if exact_masks else 0.0, memory, backend, torch.float64
+    )
     x = torch.randn(n, c0, h, w, dtype=torch.float64) * 3 - 1
     compare(naive, efficient, x, 1e-10)
 

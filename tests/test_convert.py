@@ -28,11 +28,16 @@ TINY = dict(growth_rate=4, block_config=(2, 3), num_init_features=6, num_classes
 
 
 def naive_transition(c_in, c_out):
-    return nn.Sequential(OrderedDict([
-        ("norm", nn.BatchNorm2d(c_in)), ("relu", nn.ReLU(inplace=True)),
-        ("conv", nn.Conv2d(c_in, c_out, kernel_size=1, bias=False)),
-        ("pool", nn.AvgPool2d(kernel_size=2, stride=2)),
-    ]))
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("norm", nn.BatchNorm2d(c_in)),
+                ("relu", nn.ReLU(inplace=True)),
+                ("conv", nn.Conv2d(c_in, c_out, kernel_size=1, bias=False)),
+                ("pool", nn.AvgPool2d(kernel_size=2, stride=2)),
+            ]
+        )
+    )
 
 
 def transition_pair(c_in, c_out, dtype, **bn_kwargs):
@@ -48,8 +53,9 @@ def transition_pair(c_in, c_out, dtype, **bn_kwargs):
 
 
 def buffers(module):
-    return {k: v.clone() for k, v in module.state_dict().items()
-            if "running" in k or "num_batches" in k}
+    return {
+        k: v.clone() for k, v in module.state_dict().items() if "running" in k or "num_batches" in k
+    }
 
 
 def step(module, x, grad):
@@ -91,8 +97,15 @@ def test_transition_matches_naive(dtype, hw, train):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(1, 3), c_in=st.integers(1, 9), c_out=st.integers(1, 5),
-       h=st.integers(2, 9), w=st.integers(2, 9), train=st.booleans(), seed=st.integers(0, 99))
+@given(
+    n=st.integers(1, 3),
+    c_in=st.integers(1, 9),
+    c_out=st.integers(1, 5),
+    h=st.integers(2, 9),
+    w=st.integers(2, 9),
+    train=st.booleans(),
+    seed=st.integers(0, 99),
+)
 def test_transition_random_shapes(n, c_in, c_out, h, w, train, seed):
     naive, efficient = transition_pair(c_in, c_out, torch.float64)
     naive.train(train), efficient.train(train)
@@ -101,9 +114,15 @@ def test_transition_random_shapes(n, c_in, c_out, h, w, train, seed):
     compare_modules(naive, efficient, x, TOLERANCE[torch.float64])
 
 
-@pytest.mark.parametrize("bn_kwargs", [
-    {"momentum": None}, {"track_running_stats": False}, {"affine": False}, {"eps": 1e-2},
-])
+@pytest.mark.parametrize(
+    "bn_kwargs",
+    [
+        {"momentum": None},
+        {"track_running_stats": False},
+        {"affine": False},
+        {"eps": 1e-2},
+    ],
+)
 def test_transition_bn_variants(bn_kwargs):
     for train in (True, False):
         naive, efficient = transition_pair(6, 4, torch.float64, **bn_kwargs)
@@ -144,8 +163,10 @@ def test_transition_saves_nothing_of_input_size_but_the_input():
     assert big and all(t.data_ptr() == x.data_ptr() for t in big), "only x may be x-sized"
     pooled = [t for t in saved if t.shape == (2, 8, 5, 5)]
     assert pooled, "the convolution saves the pooled activation"
-    assert sum(t.numel() for t in saved if t.data_ptr() != x.data_ptr()) <= \
-        x.numel() // 4 + 4 * 8 + efficient.conv.weight.numel()
+    assert (
+        sum(t.numel() for t in saved if t.data_ptr() != x.data_ptr())
+        <= x.numel() // 4 + 4 * 8 + efficient.conv.weight.numel()
+    )
     out.sum().backward()
     assert x.grad is not None
 
@@ -160,14 +181,17 @@ def test_transition_in_place_change_before_backward_is_caught():
         out.sum().backward()
 
 
-@pytest.mark.parametrize("bad,error,match", [
-    (torch.randn(3, 6, 6), ValueError, "4-D"),
-    (torch.randn(2, 5, 6, 6), ValueError, "channels"),
-    (torch.ones(2, 4, 6, 6, dtype=torch.int64), TypeError, "floating"),
-    (torch.randn(0, 4, 6, 6), ValueError, "empty"),
-    (torch.randn(2, 4, 1, 6), ValueError, "H, W >= 2"),
-    ([1.0], TypeError, "Tensor"),
-])
+@pytest.mark.parametrize(
+    "bad,error,match",
+    [
+        (torch.randn(3, 6, 6), ValueError, "4-D"),
+        (torch.randn(2, 5, 6, 6), ValueError, "channels"),
+        (torch.ones(2, 4, 6, 6, dtype=torch.int64), TypeError, "floating"),
+        (torch.randn(0, 4, 6, 6), ValueError, "empty"),
+        (torch.randn(2, 4, 1, 6), ValueError, "H, W >= 2"),
+        ([1.0], TypeError, "Tensor"),
+    ],
+)
 def test_transition_rejects_bad_input(bad, error, match):
     transition = EfficientTransition(4, 2)
     with pytest.raises(error, match=match):
@@ -222,8 +246,10 @@ def train_step_outputs(model, x, seed=5):
 
 
 @pytest.mark.parametrize("memory", ["bottleneck", "min"])
-@pytest.mark.parametrize("config", [{}, {"bn_size": None, "compression": 1.0},
-                                    {"drop_rate": 0.25}, {"small_inputs": False}])
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"bn_size": None, "compression": 1.0}, {"drop_rate": 0.25}, {"small_inputs": False}],
+)
 def test_convert_python_models_densenet(memory, config):
     naive = naive_model(**config)
     model = naive_model(**config)
@@ -271,11 +297,15 @@ def test_convert_torchvision_style_modules():
     # An independent torchvision-structured block (tests/naive.py) and a transition written
     # as a plain nn.Sequential: duck typing, not python_models classes.
     torch.manual_seed(1)
-    net = nn.Sequential(OrderedDict([
-        ("block", NaiveDenseBlock(3, 5, 4, bn_size=2, drop_rate=0.0)),
-        ("trans", naive_transition(17, 6)),
-        ("other", nn.Sequential(nn.BatchNorm2d(6), nn.ReLU())),
-    ])).double()
+    net = nn.Sequential(
+        OrderedDict(
+            [
+                ("block", NaiveDenseBlock(3, 5, 4, bn_size=2, drop_rate=0.0)),
+                ("trans", naive_transition(17, 6)),
+                ("other", nn.Sequential(nn.BatchNorm2d(6), nn.ReLU())),
+            ]
+        )
+    ).double()
     randomize_bn(net)
     reference = copy.deepcopy(net)
     convert(net, memory="min", backend="reference")
@@ -320,8 +350,9 @@ def test_convert_errors():
 
 
 def test_convert_leaves_unrecognised_transitions():
-    net = nn.Sequential(OrderedDict([("t", naive_transition(4, 2)),
-                                     ("b", NaiveDenseBlock(1, 2, 2, bn_size=None))]))
+    net = nn.Sequential(
+        OrderedDict([("t", naive_transition(4, 2)), ("b", NaiveDenseBlock(1, 2, 2, bn_size=None))])
+    )
     net.t.pool = nn.AvgPool2d(kernel_size=3, stride=2)  # not the 2x2 pool: must stay
     convert(net, backend="reference")
     assert type(net.t) is nn.Sequential and isinstance(net.b, EfficientDenseBlock)

@@ -12,14 +12,24 @@ import pytest
 import torch
 from conftest import assert_close, cpu_backend_or_skip, cuda_or_skip
 
-OPS = ("channel_stats", "bn_relu", "bn_relu_backward", "bn_relu_grad_acc", "bn_grad_correct",
-       "dropout_store", "block_forward", "block_backward")
+OPS = (
+    "channel_stats",
+    "bn_relu",
+    "bn_relu_backward",
+    "bn_relu_grad_acc",
+    "bn_grad_correct",
+    "dropout_store",
+    "block_forward",
+    "block_backward",
+)
 
 
 # Tests that run (and must pass) whether or not the extension loads: `make test` builds it, so
 # a build that does not load fails here instead of skipping everything else silently.
-_NEVER_SKIPPED = ("test_a_broken_extension_falls_back_to_reference",
-                  "test_every_op_has_cpu_and_cuda_kernels_when_built_with_cuda")
+_NEVER_SKIPPED = (
+    "test_a_broken_extension_falls_back_to_reference",
+    "test_every_op_has_cpu_and_cuda_kernels_when_built_with_cuda",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -52,21 +62,29 @@ def sample_args(device="cpu", dtype=torch.float32, c=5):
     grad_z = cl(torch.randn(n, c, h, w, device=device, dtype=dtype))
     grad_x = cl(torch.randn(n, c + 2, h, w, device=device, dtype=dtype))[:, :c]
     return dict(
-        x=x, stats=stats, mean=mean, var=var, gamma=gamma, beta=beta, out=out, grad_z=grad_z,
-        grad_x=grad_x, dgamma=torch.zeros(c, device=device, dtype=acc),
+        x=x,
+        stats=stats,
+        mean=mean,
+        var=var,
+        gamma=gamma,
+        beta=beta,
+        out=out,
+        grad_z=grad_z,
+        grad_x=grad_x,
+        dgamma=torch.zeros(c, device=device, dtype=acc),
         sums=torch.randn(2, c, device=device, dtype=acc),
         dbeta=torch.zeros(c, device=device, dtype=acc),
     )
 
 
-def block_args(device="cpu", dtype=torch.float64, bn_size=2, batch_stats=True, keep=True,
-               drop=0.0):
+def block_args(device="cpu", dtype=torch.float64, bn_size=2, batch_stats=True, keep=True, drop=0.0):
     from dense_ext.spec import BlockSpec
 
     torch.manual_seed(0)
     spec = BlockSpec(2, 3, 2, bn_size)
     params = [
-        (torch.rand(s, dtype=dtype, device=device) + 0.5) if len(s) == 1
+        (torch.rand(s, dtype=dtype, device=device) + 0.5)
+        if len(s) == 1
         else torch.randn(s, dtype=dtype, device=device) * 0.3
         for s in spec.param_shapes()
     ]
@@ -76,8 +94,10 @@ def block_args(device="cpu", dtype=torch.float64, bn_size=2, batch_stats=True, k
         for layer in range(spec.num_layers):
             sizes = [spec.in_channels(layer)] + ([spec.mid_channels] if spec.bottleneck else [])
             for c in sizes:
-                running += [torch.randn(c, dtype=dtype, device=device),
-                            torch.rand(c, dtype=dtype, device=device) + 0.5]
+                running += [
+                    torch.randn(c, dtype=dtype, device=device),
+                    torch.rand(c, dtype=dtype, device=device) + 0.5,
+                ]
     x = torch.randn(2, 3, 4, 5, dtype=dtype, device=device)
     eps = [1e-5] * nbn
     return spec, x, params, running, eps, drop
@@ -85,15 +105,20 @@ def block_args(device="cpu", dtype=torch.float64, bn_size=2, batch_stats=True, k
 
 def test_op_schemas_mark_written_buffers():
     mutated = {
-        "channel_stats": ["stats"], "bn_relu": ["out"],
-        "bn_relu_backward": ["grad_x", "grad_gamma", "grad_beta"], "dropout_store": ["dst"],
-        "bn_relu_grad_acc": ["grad_x", "sums"], "bn_grad_correct": ["grad_x"],
-        "block_backward": ["grad_feat"], "block_forward": [],
+        "channel_stats": ["stats"],
+        "bn_relu": ["out"],
+        "bn_relu_backward": ["grad_x", "grad_gamma", "grad_beta"],
+        "dropout_store": ["dst"],
+        "bn_relu_grad_acc": ["grad_x", "sums"],
+        "bn_grad_correct": ["grad_x"],
+        "block_backward": ["grad_feat"],
+        "block_forward": [],
     }
     for op in OPS:
         schema = getattr(torch.ops.dense_ext, op).default._schema
-        written = [a.name for a in schema.arguments
-                   if a.alias_info is not None and a.alias_info.is_write]
+        written = [
+            a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write
+        ]
         assert written == mutated[op], (op, written)
 
 
@@ -102,18 +127,46 @@ def test_opcheck_kernels(dtype):
     a = sample_args(dtype=dtype)
     ops = torch.ops.dense_ext
     torch.library.opcheck(ops.channel_stats, (a["x"], a["stats"], 2))
-    torch.library.opcheck(ops.bn_relu, (a["x"], a["mean"], a["var"], a["gamma"], a["beta"],
-                                        1e-5, a["out"]))
+    torch.library.opcheck(
+        ops.bn_relu, (a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5, a["out"])
+    )
     for batch_stats in (True, False):
         for accumulate in (True, False):
-            torch.library.opcheck(ops.bn_relu_backward, (
-                a["grad_z"], a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5,
-                batch_stats, accumulate, a["grad_x"], a["dgamma"], a["dbeta"]))
-    torch.library.opcheck(ops.bn_relu_grad_acc, (a["grad_z"], a["x"], a["mean"], a["var"],
-                                                 a["gamma"], a["beta"], 1e-5, a["grad_x"],
-                                                 a["sums"]))
-    torch.library.opcheck(ops.bn_grad_correct, (a["x"], a["mean"], a["var"], a["gamma"],
-                                                a["beta"], 1e-5, a["sums"], 30, a["grad_x"]))
+            torch.library.opcheck(
+                ops.bn_relu_backward,
+                (
+                    a["grad_z"],
+                    a["x"],
+                    a["mean"],
+                    a["var"],
+                    a["gamma"],
+                    a["beta"],
+                    1e-5,
+                    batch_stats,
+                    accumulate,
+                    a["grad_x"],
+                    a["dgamma"],
+                    a["dbeta"],
+                ),
+            )
+    torch.library.opcheck(
+        ops.bn_relu_grad_acc,
+        (
+            a["grad_z"],
+            a["x"],
+            a["mean"],
+            a["var"],
+            a["gamma"],
+            a["beta"],
+            1e-5,
+            a["grad_x"],
+            a["sums"],
+        ),
+    )
+    torch.library.opcheck(
+        ops.bn_grad_correct,
+        (a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5, a["sums"], 30, a["grad_x"]),
+    )
     torch.library.opcheck(ops.dropout_store, (a["x"], 0.3, 17, 1, a["out"]))
     torch.library.opcheck(ops.dropout_store, (a["x"], 0.0, 17, 1, a["out"]))
 
@@ -124,17 +177,42 @@ def test_opcheck_kernels(dtype):
 def test_opcheck_block_ops(bn_size, batch_stats, keep):
     spec, x, params, running, eps, _ = block_args(bn_size=bn_size, batch_stats=batch_stats)
     for drop in (0.0, 0.25):
-        fwd = (x, params, running, eps, spec.growth_rate, spec.bn_size, drop, 99, keep,
-               batch_stats, True)
+        fwd = (
+            x,
+            params,
+            running,
+            eps,
+            spec.growth_rate,
+            spec.bn_size,
+            drop,
+            99,
+            keep,
+            batch_stats,
+            True,
+        )
         torch.library.opcheck(torch.ops.dense_ext.block_forward, fwd)
         feat, s1, s2, bott = torch.ops.dense_ext.block_forward(*fwd)
         grad = torch.randn_like(feat).contiguous(memory_format=torch.channels_last)
-        bwd = (grad, feat, s1, s2, bott, params, running, eps, spec.growth_rate, spec.bn_size,
-               drop, 99, batch_stats)
+        bwd = (
+            grad,
+            feat,
+            s1,
+            s2,
+            bott,
+            params,
+            running,
+            eps,
+            spec.growth_rate,
+            spec.bn_size,
+            drop,
+            99,
+            batch_stats,
+        )
         torch.library.opcheck(torch.ops.dense_ext.block_backward, bwd)
 
 
 # --- each op against a plain torch formula -----------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("offset", [0.0, 1000.0])
@@ -177,8 +255,20 @@ def test_bn_relu_and_backward_match_autograd():
         grad_x = a["grad_x"].clone()
         before = grad_x.clone()
         dgamma, dbeta = torch.empty_like(gamma), torch.empty_like(beta)
-        torch.ops.dense_ext.bn_relu_backward(a["grad_z"], a["x"], m.detach(), v.detach(), gamma,
-                                             beta, 1e-5, batch_stats, True, grad_x, dgamma, dbeta)
+        torch.ops.dense_ext.bn_relu_backward(
+            a["grad_z"],
+            a["x"],
+            m.detach(),
+            v.detach(),
+            gamma,
+            beta,
+            1e-5,
+            batch_stats,
+            True,
+            grad_x,
+            dgamma,
+            dbeta,
+        )
         assert_close(grad_x, before + gx, 1e-12, "grad_x accumulated")
         assert_close(dgamma, gg, 1e-12, "grad_gamma")
         assert_close(dbeta, gb, 1e-12, "grad_beta")
@@ -196,8 +286,9 @@ def test_chunked_bn_backward_equals_whole_batch(batch_stats):
     ours = a["grad_x"].clone()
     sums = torch.zeros(2, 6, dtype=torch.float64)
     for n in range(a["x"].shape[0]):  # one image per chunk
-        ops.bn_relu_grad_acc(a["grad_z"][n : n + 1], a["x"][n : n + 1], *args,
-                             ours[n : n + 1], sums)
+        ops.bn_relu_grad_acc(
+            a["grad_z"][n : n + 1], a["x"][n : n + 1], *args, ours[n : n + 1], sums
+        )
     if batch_stats:
         rows = a["x"].numel() // a["x"].shape[1]
         ops.bn_grad_correct(a["x"], *args, sums, rows, ours)
@@ -217,6 +308,7 @@ def test_dropout_store_writes_only_its_slice():
 
 
 # --- registration and CUDA ---------------------------------------------------------------
+
 
 def _cuda_build_expected() -> bool:
     flag = os.environ.get("DENSE_EXT_CUDA", "").strip()
@@ -262,16 +354,44 @@ def test_opcheck_kernels_cuda(dtype):
     a = sample_args(device="cuda", dtype=dtype)
     ops = torch.ops.dense_ext
     torch.library.opcheck(ops.channel_stats, (a["x"], a["stats"], 2))
-    torch.library.opcheck(ops.bn_relu, (a["x"], a["mean"], a["var"], a["gamma"], a["beta"],
-                                        1e-5, a["out"]))
-    torch.library.opcheck(ops.bn_relu_backward, (
-        a["grad_z"], a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5, True, True,
-        a["grad_x"], a["dgamma"], a["dbeta"]))
-    torch.library.opcheck(ops.bn_relu_grad_acc, (a["grad_z"], a["x"], a["mean"], a["var"],
-                                                 a["gamma"], a["beta"], 1e-5, a["grad_x"],
-                                                 a["sums"]))
-    torch.library.opcheck(ops.bn_grad_correct, (a["x"], a["mean"], a["var"], a["gamma"],
-                                                a["beta"], 1e-5, a["sums"], 30, a["grad_x"]))
+    torch.library.opcheck(
+        ops.bn_relu, (a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5, a["out"])
+    )
+    torch.library.opcheck(
+        ops.bn_relu_backward,
+        (
+            a["grad_z"],
+            a["x"],
+            a["mean"],
+            a["var"],
+            a["gamma"],
+            a["beta"],
+            1e-5,
+            True,
+            True,
+            a["grad_x"],
+            a["dgamma"],
+            a["dbeta"],
+        ),
+    )
+    torch.library.opcheck(
+        ops.bn_relu_grad_acc,
+        (
+            a["grad_z"],
+            a["x"],
+            a["mean"],
+            a["var"],
+            a["gamma"],
+            a["beta"],
+            1e-5,
+            a["grad_x"],
+            a["sums"],
+        ),
+    )
+    torch.library.opcheck(
+        ops.bn_grad_correct,
+        (a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5, a["sums"], 30, a["grad_x"]),
+    )
     torch.library.opcheck(ops.dropout_store, (a["x"], 0.3, 17, 1, a["out"]))
     spec, x, params, running, eps, _ = block_args(device="cuda", dtype=torch.float32)
     fwd = (x, params, running, eps, spec.growth_rate, spec.bn_size, 0.2, 5, True, True, True)
@@ -294,16 +414,45 @@ def test_cuda_kernels_match_cpu_kernels(dtype):
     ops.dropout_store(g["x"], 0.3, 17, 1, g["out"])
     assert torch.equal(g["out"].cpu() == 0, a["out"] == 0), "dropout masks differ"
     for args in (a, g):
-        ops.bn_relu_backward(args["grad_z"], args["x"], args["mean"], args["var"], args["gamma"],
-                             args["beta"], 1e-5, True, True, args["grad_x"], args["dgamma"],
-                             args["dbeta"])
+        ops.bn_relu_backward(
+            args["grad_z"],
+            args["x"],
+            args["mean"],
+            args["var"],
+            args["gamma"],
+            args["beta"],
+            1e-5,
+            True,
+            True,
+            args["grad_x"],
+            args["dgamma"],
+            args["dbeta"],
+        )
     assert_close(g["grad_x"].cpu(), a["grad_x"], tol, "grad_x")
     assert_close(g["dgamma"].cpu(), a["dgamma"], tol, "dgamma")
     for args in (a, g):
-        ops.bn_relu_grad_acc(args["grad_z"], args["x"], args["mean"], args["var"],
-                             args["gamma"], args["beta"], 1e-5, args["grad_x"], args["sums"])
-        ops.bn_grad_correct(args["x"], args["mean"], args["var"], args["gamma"], args["beta"],
-                            1e-5, args["sums"], 30, args["grad_x"])
+        ops.bn_relu_grad_acc(
+            args["grad_z"],
+            args["x"],
+            args["mean"],
+            args["var"],
+            args["gamma"],
+            args["beta"],
+            1e-5,
+            args["grad_x"],
+            args["sums"],
+        )
+        ops.bn_grad_correct(
+            args["x"],
+            args["mean"],
+            args["var"],
+            args["gamma"],
+            args["beta"],
+            1e-5,
+            args["sums"],
+            30,
+            args["grad_x"],
+        )
     assert_close(g["grad_x"].cpu(), a["grad_x"], tol, "grad_x (chunked form)")
     assert_close(g["sums"].cpu(), a["sums"], tol, "sums")
 
@@ -326,8 +475,9 @@ def test_cuda_backend_matches_reference(dtype, memory, bn_size):
     blocks = {}
     ref32 = EfficientDenseBlock(4, 16, 8, bn_size, memory=memory, backend="reference").cuda()
     for backend in ("cpp", "reference"):
-        blocks[backend] = EfficientDenseBlock(4, 16, 8, bn_size, memory=memory,
-                                              backend=backend).cuda().to(dtype)
+        blocks[backend] = (
+            EfficientDenseBlock(4, 16, 8, bn_size, memory=memory, backend=backend).cuda().to(dtype)
+        )
         blocks[backend].load_state_dict(ref32.state_dict())
     x = torch.randn(4, 16, 9, 11, device="cuda") * 2 + 1
     grad = torch.randn(4, 48, 9, 11, device="cuda")

@@ -23,7 +23,7 @@ def test_cifar10_loader_reads_generated_folder(tmp_path):
     image, label, _ = bundle.train[6]  # first image of data_batch_2
     assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
     assert torch.equal(image[1, 0], torch.from_numpy(raw[b"data"][0, 1024:1056]))
-    assert torch.equal(image[2, 31], torch.from_numpy(raw[b"data"][0, 3072 - 32:]))
+    assert torch.equal(image[2, 31], torch.from_numpy(raw[b"data"][0, 3072 - 32 :]))
     assert label == raw[b"labels"][0]
 
 
@@ -37,10 +37,13 @@ def test_cifar100_loader_uses_fine_labels(tmp_path):
     assert len(bundle.test) == 5
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda p: p / "missing", "does not exist"),
-    (lambda p: p, "expected the folder 'cifar-10-batches-py'"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: p / "missing", "does not exist"),
+        (lambda p: p, "expected the folder 'cifar-10-batches-py'"),
+    ],
+)
 def test_missing_cifar_path_is_a_clear_error(tmp_path, setup, message):
     with pytest.raises(D.DatasetError, match=message):
         D.load_cifar(setup(tmp_path), "cifar10")
@@ -116,15 +119,16 @@ def test_epoch_batches_split_global_batches_among_ranks():
     for step, batch in enumerate(single):
         assert parts[0][step] + parts[1][step] == batch
     assert D.epoch_batches(23, 6, seed=5, epoch=3) != single  # reshuffled each epoch
-    evaluation = [D.epoch_batches(7, 2, rank=r, world_size=2, shuffle=False, drop_last=False)
-                  for r in range(2)]
+    evaluation = [
+        D.epoch_batches(7, 2, rank=r, world_size=2, shuffle=False, drop_last=False)
+        for r in range(2)
+    ]
     assert sorted(i for rank in evaluation for b in rank for i in b) == list(range(7))
 
 
 def test_augmentation_crop_and_flip():
     images = torch.arange(2 * 1 * 3 * 3, dtype=torch.uint8).view(2, 1, 3, 3)
-    aug = D.Augmentation(offsets=torch.tensor([[0, 0], [1, 2]]),
-                         flips=torch.tensor([False, True]))
+    aug = D.Augmentation(offsets=torch.tensor([[0, 0], [1, 2]]), flips=torch.tensor([False, True]))
     out = aug.apply(images, torch.tensor([0, 1]), pad=1)
     # Sample 0: window at the padded image's corner -> shifted down-right, zeros enter.
     assert out[0, 0].tolist() == [[0, 0, 0], [0, 0, 1], [0, 3, 4]]

@@ -41,8 +41,7 @@ def _free_port() -> int:
 
 def _tiny_model() -> nn.Module:
     torch.manual_seed(0)
-    return densenet_bc(depth=10, growth_rate=4, num_classes=3, efficient=True,
-                       backend="reference")
+    return densenet_bc(depth=10, growth_rate=4, num_classes=3, efficient=True, backend="reference")
 
 
 def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,9 +82,11 @@ def test_sync_batch_norm_is_stable_with_a_large_mean():
     x = torch.randn(4, 5, 3, 3) * 0.5 + 4000
     grad = torch.randn(4, 5, 3, 3)
     outputs = {}
-    for name, module, dtype in (("sync", SyncBatchNorm(5), torch.float32),
-                                ("bn", nn.BatchNorm2d(5), torch.float32),
-                                ("exact", nn.BatchNorm2d(5).double(), torch.float64)):
+    for name, module, dtype in (
+        ("sync", SyncBatchNorm(5), torch.float32),
+        ("bn", nn.BatchNorm2d(5), torch.float32),
+        ("exact", nn.BatchNorm2d(5).double(), torch.float64),
+    ):
         xi = x.to(dtype).detach().clone().requires_grad_()
         y = module(xi)
         (y * grad.to(dtype)).sum().backward()
@@ -106,8 +107,9 @@ def test_enable_sync_bn_needs_a_process_group():
 
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
     try:
         _check_stats_merge(rank)
         _check_backend_refusal()
@@ -201,23 +203,62 @@ def _read_losses(run_dir: Path) -> list[float]:
 
 
 def _cli(tmp_path: Path, name: str, batch: int) -> list[str]:
-    return ["-m", "python_models.train", "--model", "densenet_bc_10", "--growth-rate", "4",
-            "--epochs", "1", "--steps-per-epoch", "3", "--batch-size", str(batch),
-            "--image-size", "8", "--out-dir", str(tmp_path / name), "--quiet", "--no-checkpoint",
-            "--backend", "reference"]
+    return [
+        "-m",
+        "python_models.train",
+        "--model",
+        "densenet_bc_10",
+        "--growth-rate",
+        "4",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "3",
+        "--batch-size",
+        str(batch),
+        "--image-size",
+        "8",
+        "--out-dir",
+        str(tmp_path / name),
+        "--quiet",
+        "--no-checkpoint",
+        "--backend",
+        "reference",
+    ]
 
 
 @pytest.mark.slow
 def test_torchrun_sync_bn_matches_one_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    two = subprocess.run([*torchrun, *_cli(tmp_path, "ddp", 8), "--sync-bn"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+    ]
+    two = subprocess.run(
+        [*torchrun, *_cli(tmp_path, "ddp", 8), "--sync-bn"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stdout and "sync BN" in two.stdout
-    one = subprocess.run([sys.executable, *_cli(tmp_path, "single", 16)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, *_cli(tmp_path, "single", 16)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     want, got = _read_losses(tmp_path / "single"), _read_losses(tmp_path / "ddp")
     assert len(got) == len(want) == 3

@@ -179,7 +179,8 @@ def test_explicit_unavailable_backend_raises_and_auto_falls_back(monkeypatch):
     import dense_ext.backends as backends
 
     monkeypatch.setattr(
-        backends, "unavailable_reason",
+        backends,
+        "unavailable_reason",
         lambda name, device: None if name == "reference" else "not built in this test",
     )
     monkeypatch.setattr(backends, "_warned", set())

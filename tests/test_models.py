@@ -39,8 +39,9 @@ def make_pair(dtype, memory="bottleneck", backend="reference", seed=0, **config)
 
 
 def buffers(model):
-    return {k: v.clone() for k, v in model.state_dict().items()
-            if "running" in k or "num_batches" in k}
+    return {
+        k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k
+    }
 
 
 def observe(model, x, grad, seed):
@@ -120,10 +121,14 @@ def affine_term_scales(naive, x, grad, seed):
     def record(name):
         def hook(module, inputs, output):
             shapes[name] = output.shape  # returns None: the output is left as it is
+
         return hook
 
-    hooks = [m.register_forward_hook(record(n))
-             for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks = [
+        m.register_forward_hook(record(n))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d)
+    ]
     with torch.no_grad():
         torch.manual_seed(seed)
         model(x)
@@ -154,8 +159,9 @@ def image(shape, dtype, seed=1):
 @pytest.mark.parametrize("memory", ["bottleneck", "min"])
 @pytest.mark.parametrize("bn_size", [4, None])
 def test_efficient_matches_naive_cifar_stem(dtype, memory, bn_size):
-    naive, efficient = make_pair(dtype, memory, bn_size=bn_size, small_inputs=True,
-                                 compression=0.5 if bn_size else 1.0)
+    naive, efficient = make_pair(
+        dtype, memory, bn_size=bn_size, small_inputs=True, compression=0.5 if bn_size else 1.0
+    )
     x = image((3, 3, 9, 7), dtype)  # odd H/W: the transition floors to 4x3
     compare(naive, efficient, x, TOLERANCE[dtype])
     compare(naive, efficient, x * 0.5, TOLERANCE[dtype])  # from updated running stats
@@ -236,8 +242,16 @@ def test_structure_and_types():
     assert not hasattr(naive.features, "transition2"), "no transition after the last block"
     assert efficient.features.denseblock1.memory == "bottleneck"
     names = [n for n, _ in naive.features.named_children()]
-    assert names == ["conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1",
-                     "denseblock2", "norm5"]
+    assert names == [
+        "conv0",
+        "norm0",
+        "relu0",
+        "pool0",
+        "denseblock1",
+        "transition1",
+        "denseblock2",
+        "norm5",
+    ]
     small = DenseNet(**TINY, small_inputs=True)
     assert [n for n, _ in small.features.named_children()][:2] == ["conv0", "denseblock1"]
     assert small.features.conv0.weight.shape == (6, 3, 3, 3)
@@ -254,8 +268,14 @@ def test_state_dict_round_trip():
 
 
 def test_compression_floors_and_plain_layers():
-    model = DenseNet(growth_rate=3, block_config=(2, 2, 1), num_init_features=5,
-                     compression=0.5, bn_size=None, small_inputs=True)
+    model = DenseNet(
+        growth_rate=3,
+        block_config=(2, 2, 1),
+        num_init_features=5,
+        compression=0.5,
+        bn_size=None,
+        small_inputs=True,
+    )
     # 5 + 2*3 = 11 -> floor(5.5) = 5; 5 + 6 = 11 -> 5; 5 + 3 = 8 features at the head.
     assert model.features.transition1.conv.weight.shape == (5, 11, 1, 1)
     assert model.features.transition2.conv.weight.shape == (5, 11, 1, 1)
@@ -280,10 +300,15 @@ def num_params(model):
 
 
 # torchvision's documented num_params (weights tables of torchvision.models.densenet*).
-@pytest.mark.parametrize("name,expected", [
-    ("densenet121", 7_978_856), ("densenet161", 28_681_000),
-    ("densenet169", 14_149_480), ("densenet201", 20_013_928),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("densenet121", 7_978_856),
+        ("densenet161", 28_681_000),
+        ("densenet169", 14_149_480),
+        ("densenet201", 20_013_928),
+    ],
+)
 def test_imagenet_parameter_counts(name, expected):
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         assert num_params(get_model(name)) == expected
@@ -291,11 +316,17 @@ def test_imagenet_parameter_counts(name, expected):
 
 
 # Huang et al. 2017, Table 2 (millions of parameters, one decimal), 10 classes.
-@pytest.mark.parametrize("name,kwargs,millions", [
-    ("densenet_bc_100", {}, 0.8), ("densenet_bc_250", {}, 15.3),
-    ("densenet_bc_190", {}, 25.6), ("densenet_40", {}, 1.0),
-    ("densenet_100", {}, 7.0), ("densenet_100", {"growth_rate": 24}, 27.2),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,millions",
+    [
+        ("densenet_bc_100", {}, 0.8),
+        ("densenet_bc_250", {}, 15.3),
+        ("densenet_bc_190", {}, 25.6),
+        ("densenet_40", {}, 1.0),
+        ("densenet_100", {}, 7.0),
+        ("densenet_100", {"growth_rate": 24}, 27.2),
+    ],
+)
 def test_cifar_parameter_counts(name, kwargs, millions):
     with torch.device("meta"):
         assert round(num_params(get_model(name, **kwargs)) / 1e6, 1) == millions
@@ -307,11 +338,17 @@ def test_densenet121_keys_are_torchvision_keys():
     # conv0 + norm0 (5 entries per BN) + 58 layers x (2 BNs + 2 convs) + 3 transitions x
     # (BN + conv) + norm5 + classifier weight and bias.
     assert len(keys) == 1 + 5 + 58 * 12 + 3 * 6 + 5 + 2
-    for key in ("features.conv0.weight", "features.norm0.running_var",
-                "features.denseblock1.denselayer1.norm1.weight",
-                "features.denseblock4.denselayer16.conv2.weight",
-                "features.transition3.norm.num_batches_tracked", "features.transition3.conv.weight",
-                "features.norm5.bias", "classifier.weight", "classifier.bias"):
+    for key in (
+        "features.conv0.weight",
+        "features.norm0.running_var",
+        "features.denseblock1.denselayer1.norm1.weight",
+        "features.denseblock4.denselayer16.conv2.weight",
+        "features.transition3.norm.num_batches_tracked",
+        "features.transition3.conv.weight",
+        "features.norm5.bias",
+        "classifier.weight",
+        "classifier.bias",
+    ):
         assert key in keys, key
 
 
@@ -335,27 +372,36 @@ def test_registry():
             assert isinstance(get_model(name), DenseNet)
         bc190 = get_model("densenet_bc_190")
         assert bc190.features.denseblock1.denselayer1.conv2.out_channels == 40
-        m = get_model("densenet_bc_100", growth_rate=24, num_classes=100, efficient=True,
-                      memory="min", backend="reference")
+        m = get_model(
+            "densenet_bc_100",
+            growth_rate=24,
+            num_classes=100,
+            efficient=True,
+            memory="min",
+            backend="reference",
+        )
         assert m.features.denseblock1.spec.growth_rate == 24 and m.classifier.out_features == 100
         assert m.features.denseblock1.memory == "min"
         assert len(get_model("densenet_bc_40").features.denseblock1) == 6
         assert len(get_model("densenet_28").features.denseblock1) == 8
 
 
-@pytest.mark.parametrize("call", [
-    lambda: get_model("resnet50"),
-    lambda: get_model("densenet_bc_101"),
-    lambda: python_models.densenet_bc(depth=99),
-    lambda: python_models.densenet_bc(depth=4),
-    lambda: python_models.densenet(depth=41),
-    lambda: DenseNet(**TINY, compression=0.0),
-    lambda: DenseNet(**TINY, compression=1.5),
-    lambda: DenseNet(**{**TINY, "block_config": ()}),
-    lambda: DenseNet(**{**TINY, "growth_rate": 0}),
-    lambda: DenseNet(**TINY, efficient=True, memory_efficient=True),
-    lambda: DenseNet(**TINY, efficient=True, memory="none"),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: get_model("resnet50"),
+        lambda: get_model("densenet_bc_101"),
+        lambda: python_models.densenet_bc(depth=99),
+        lambda: python_models.densenet_bc(depth=4),
+        lambda: python_models.densenet(depth=41),
+        lambda: DenseNet(**TINY, compression=0.0),
+        lambda: DenseNet(**TINY, compression=1.5),
+        lambda: DenseNet(**{**TINY, "block_config": ()}),
+        lambda: DenseNet(**{**TINY, "growth_rate": 0}),
+        lambda: DenseNet(**TINY, efficient=True, memory_efficient=True),
+        lambda: DenseNet(**TINY, efficient=True, memory="none"),
+    ],
+)
 def test_bad_configurations_raise(call):
     with pytest.raises(ValueError):
         call()

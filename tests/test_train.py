@@ -13,8 +13,17 @@ from python_models import data as D
 from python_models import train
 
 # A tiny CIFAR-style DenseNet-BC on 8x8 digits: a step takes milliseconds.
-TINY = ["--model", "densenet_bc_10", "--growth-rate", "12", "--image-size", "8", "--quiet",
-        "--batch-size", "16"]
+TINY = [
+    "--model",
+    "densenet_bc_10",
+    "--growth-rate",
+    "12",
+    "--image-size",
+    "8",
+    "--quiet",
+    "--batch-size",
+    "16",
+]
 
 
 def _run(tmp_path: Path, name: str, *extra: str) -> dict:
@@ -29,8 +38,20 @@ def _losses(run_dir: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_a_few_steps_reduce_the_loss(tmp_path):
-    summary = _run(tmp_path, "run", "--epochs", "1", "--steps-per-epoch", "30",
-                   "--schedule", "cosine", "--batch-size", "32", "--lr", "0.3")
+    summary = _run(
+        tmp_path,
+        "run",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "30",
+        "--schedule",
+        "cosine",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.3",
+    )
     losses = _losses(tmp_path / "run")
     assert len(losses) == 30 and summary["steps"] == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -44,8 +65,15 @@ def test_run_writes_metrics_checkpoint_and_summary(tmp_path):
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert {"train_loss", "train_acc", "test_loss", "test_acc", "images_per_s", "lr",
-            "memory"} <= set(rows[0])
+    assert {
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "images_per_s",
+        "lr",
+        "memory",
+    } <= set(rows[0])
     assert json.loads((out / "metrics.json").read_text())[1]["epoch"] == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["steps"] == 4
@@ -80,21 +108,34 @@ def test_efficient_and_naive_train_alike(tmp_path, backend):
 
 def test_cifar_folder_trains(tmp_path):
     D.write_cifar(tmp_path / "data", "cifar10", train_per_file=8, test_size=8)
-    summary = _run(tmp_path, "run", "--dataset", "cifar10", "--data-dir",
-                   str(tmp_path / "data"), "--epochs", "1", "--steps-per-epoch", "2")
+    summary = _run(
+        tmp_path,
+        "run",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+    )
     assert summary["steps"] == 2 and summary["final_test_acc"] is not None
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "does not exist"),
-    (["--dataset", "cifar100"], "needs --data-dir"),
-    (["--model", "resnet50"], "unknown model 'resnet50'"),
-    (["--model", "densenet_bc_11"], "depth must be 6n+4"),
-    (["--sync-bn", "--backend", "cpp"], "cpp"),
-    (["--resume", "/nonexistent/run"], "no checkpoint"),
-    (["--epochs", "-1"], "--epochs must be >= 0"),
-    (["--batch-size", "3000"], "smaller than one global batch"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "does not exist"),
+        (["--dataset", "cifar100"], "needs --data-dir"),
+        (["--model", "resnet50"], "unknown model 'resnet50'"),
+        (["--model", "densenet_bc_11"], "depth must be 6n+4"),
+        (["--sync-bn", "--backend", "cpp"], "cpp"),
+        (["--resume", "/nonexistent/run"], "no checkpoint"),
+        (["--epochs", "-1"], "--epochs must be >= 0"),
+        (["--batch-size", "3000"], "smaller than one global batch"),
+    ],
+)
 def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
     status = train.main([*TINY, "--out-dir", str(tmp_path / "run"), "--epochs", "1", *argv])
     err = capsys.readouterr().err
@@ -126,8 +167,12 @@ def test_find_batch_size_is_exact_on_a_line_and_on_steps():
         probes.append(b)
         return 1000 + 37 * b
 
-    assert train.find_batch_size(linear, budget=1000 + 37 * 523 + 36, max_batch=10**6,
-                                 log=lambda s: None) == 523
+    assert (
+        train.find_batch_size(
+            linear, budget=1000 + 37 * 523 + 36, max_batch=10**6, log=lambda s: None
+        )
+        == 523
+    )
     assert len(probes) <= 8, probes
 
     def stepped(b):  # an allocator that rounds up to 4 KiB and runs out above 700

@@ -17,12 +17,11 @@ namespace {
 // per-tile partials are few.
 constexpr int64_t kTileRows = 256;
 
-int64_t row_grain(int64_t cols) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
-}
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
 
 template <typename scalar_t>
-void channel_stats_impl(const at::Tensor& x, const RowsView& v, const at::Tensor& stats, int64_t lo) {
+void channel_stats_impl(const at::Tensor& x, const RowsView& v, const at::Tensor& stats,
+                        int64_t lo) {
   using acc = acc_t<scalar_t>;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const int64_t C = v.cols, ld = v.ld, M = v.rows;
@@ -69,8 +68,8 @@ void channel_stats_cpu(const at::Tensor& x, const at::Tensor& stats, int64_t lo)
 template <typename acc>
 struct BnConsts {
   std::vector<acc> mean, scale, beta, invstd;
-  BnConsts(const at::Tensor& m, const at::Tensor& var, const at::Tensor& gamma,
-           const at::Tensor& b, double eps) {
+  BnConsts(const at::Tensor& m, const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& b,
+           double eps) {
     const int64_t C = m.numel();
     mean.resize(C), scale.resize(C), beta.resize(C), invstd.resize(C);
     const acc *mp = m.const_data_ptr<acc>(), *vp = var.const_data_ptr<acc>();
@@ -120,10 +119,9 @@ void bn_relu_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& 
 
 template <typename scalar_t>
 void bn_relu_backward_impl(const at::Tensor& grad_z, const RowsView& vg, const at::Tensor& x,
-                           const RowsView& vx, const BnConsts<acc_t<scalar_t>>& k,
-                           bool batch_stats, bool accumulate, const at::Tensor& grad_x,
-                           const RowsView& vd, const at::Tensor& grad_gamma,
-                           const at::Tensor& grad_beta) {
+                           const RowsView& vx, const BnConsts<acc_t<scalar_t>>& k, bool batch_stats,
+                           bool accumulate, const at::Tensor& grad_x, const RowsView& vd,
+                           const at::Tensor& grad_gamma, const at::Tensor& grad_beta) {
   using acc = acc_t<scalar_t>;
   const scalar_t* gp = grad_z.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -186,9 +184,8 @@ void bn_relu_backward_impl(const at::Tensor& grad_z, const RowsView& vg, const a
 
 void bn_relu_backward_cpu(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& mean,
                           const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta,
-                          double eps, bool batch_stats, bool accumulate,
-                          const at::Tensor& grad_x, const at::Tensor& grad_gamma,
-                          const at::Tensor& grad_beta) {
+                          double eps, bool batch_stats, bool accumulate, const at::Tensor& grad_x,
+                          const at::Tensor& grad_gamma, const at::Tensor& grad_beta) {
   check_floating(x, "x");
   RowsView vx = rows_view(x, "x");
   RowsView vg = rows_view(grad_z, "grad_z");
@@ -203,8 +200,8 @@ void bn_relu_backward_cpu(const at::Tensor& grad_z, const at::Tensor& x, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward", [&] {
         BnConsts<acc_t<scalar_t>> k(mean, var, gamma, beta, eps);
-        bn_relu_backward_impl<scalar_t>(grad_z, vg, x, vx, k, batch_stats, accumulate, grad_x,
-                                        vd, grad_gamma, grad_beta);
+        bn_relu_backward_impl<scalar_t>(grad_z, vg, x, vx, k, batch_stats, accumulate, grad_x, vd,
+                                        grad_gamma, grad_beta);
       });
 }
 
@@ -258,11 +255,11 @@ void bn_relu_grad_acc_cpu(const at::Tensor& grad_z, const at::Tensor& x, const a
                           const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta,
                           double eps, const at::Tensor& grad_x, const at::Tensor& sums) {
   check_bn_grad_chunk(grad_z, x, mean, var, gamma, beta, grad_x, sums);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_grad_acc", [&] {
-        BnConsts<acc_t<scalar_t>> k(mean, var, gamma, beta, eps);
-        bn_relu_grad_acc_impl<scalar_t>(grad_z, x, k, grad_x, sums);
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_grad_acc",
+                                  [&] {
+                                    BnConsts<acc_t<scalar_t>> k(mean, var, gamma, beta, eps);
+                                    bn_relu_grad_acc_impl<scalar_t>(grad_z, x, k, grad_x, sums);
+                                  });
 }
 
 void bn_grad_correct_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
@@ -328,9 +325,9 @@ void dropout_store_cpu(const at::Tensor& src, double p, int64_t seed, int64_t ke
   RowsView vs = rows_view(src, "src");
   RowsView vd = rows_view(dst, "dst");
   check_same(dst, "dst", src, "src");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "dropout_store", [&] {
-    dropout_store_impl<scalar_t>(src, vs, p, static_cast<uint64_t>(seed), key, dst, vd);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, src.scalar_type(), "dropout_store",
+      [&] { dropout_store_impl<scalar_t>(src, vs, p, static_cast<uint64_t>(seed), key, dst, vd); });
 }
 
 }  // namespace

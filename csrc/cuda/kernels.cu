@@ -19,8 +19,8 @@
 namespace dense_ext {
 namespace {
 
-constexpr int kWarp = 32;    // channels per block
-constexpr int kRowsY = 8;    // threadIdx.y extent of reduction blocks
+constexpr int kWarp = 32;  // channels per block
+constexpr int kRowsY = 8;  // threadIdx.y extent of reduction blocks
 constexpr int kThreads = 256;
 
 // Number of row ranges (blockIdx.y) of a reduction: about 4 blocks per SM in total, each range
@@ -63,7 +63,8 @@ __global__ void stats_partial_kernel(const scalar_t* __restrict__ x, int64_t M, 
   __syncthreads();
   if (ty == 0 && c < C) {
     MeanM2<acc> total{sh_n[0][tx], sh_mean[0][tx], sh_m2[0][tx]};
-    for (int i = 1; i < kRowsY; ++i) chan_merge(total, MeanM2<acc>{sh_n[i][tx], sh_mean[i][tx], sh_m2[i][tx]});
+    for (int i = 1; i < kRowsY; ++i)
+      chan_merge(total, MeanM2<acc>{sh_n[i][tx], sh_mean[i][tx], sh_m2[i][tx]});
     part[(0 * G + blockIdx.y) * C + c] = total.n;
     part[(1 * G + blockIdx.y) * C + c] = total.mean;
     part[(2 * G + blockIdx.y) * C + c] = total.m2;
@@ -78,7 +79,8 @@ __global__ void stats_finalize_kernel(const scalar_t* __restrict__ x, const acc*
   if (c >= C) return;
   MeanM2<acc> total = meanm2_empty<acc>();
   for (int64_t g = 0; g < G; ++g) {
-    chan_merge(total, MeanM2<acc>{part[g * C + c], part[(G + g) * C + c], part[(2 * G + g) * C + c]});
+    chan_merge(total,
+               MeanM2<acc>{part[g * C + c], part[(G + g) * C + c], part[(2 * G + g) * C + c]});
   }
   mean_out[c] = static_cast<acc>(x[c]) + total.mean;
   var_out[c] = meanm2_var(total);
@@ -125,8 +127,9 @@ BnParams<acc> bn_params(const at::Tensor& mean, const at::Tensor& var, const at:
 }
 
 template <typename scalar_t, typename acc>
-__global__ void bn_relu_kernel(const scalar_t* __restrict__ x, int64_t ldx, scalar_t* __restrict__ out,
-                               int64_t ldo, int64_t M, int64_t C, BnParams<acc> p) {
+__global__ void bn_relu_kernel(const scalar_t* __restrict__ x, int64_t ldx,
+                               scalar_t* __restrict__ out, int64_t ldo, int64_t M, int64_t C,
+                               BnParams<acc> p) {
   const int64_t n = M * C;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -219,7 +222,8 @@ __global__ void bn_grad_input_kernel(const scalar_t* __restrict__ grad_z, int64_
     const acc invstd = bn_invstd(p.var[c], p.eps);
     const acc mean = p.mean[c], scale = p.gamma[c] * invstd;
     const acc xv = static_cast<acc>(x[r * ldx + c]);
-    const acc g = relu_grad(static_cast<acc>(grad_z[r * ldg + c]), bn_pre(xv, mean, scale, p.beta[c]));
+    const acc g =
+        relu_grad(static_cast<acc>(grad_z[r * ldg + c]), bn_pre(xv, mean, scale, p.beta[c]));
     acc dx = bn_grad_input(g, (xv - mean) * invstd, scale, means[c], means[C + c], batch_stats);
     scalar_t* d = grad_x + r * ldd + c;
     if (accumulate) dx += static_cast<acc>(*d);
@@ -229,9 +233,8 @@ __global__ void bn_grad_input_kernel(const scalar_t* __restrict__ grad_z, int64_
 
 void bn_relu_backward_cuda(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& mean,
                            const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta,
-                           double eps, bool batch_stats, bool accumulate,
-                           const at::Tensor& grad_x, const at::Tensor& grad_gamma,
-                           const at::Tensor& grad_beta) {
+                           double eps, bool batch_stats, bool accumulate, const at::Tensor& grad_x,
+                           const at::Tensor& grad_gamma, const at::Tensor& grad_beta) {
   check_floating(x, "x");
   RowsView vx = rows_view(x, "x");
   RowsView vg = rows_view(grad_z, "grad_z");
@@ -250,24 +253,25 @@ void bn_relu_backward_cuda(const at::Tensor& grad_z, const at::Tensor& x, const 
   const int64_t rows_per_block = (M + G - 1) / G;
   at::Tensor part = at::empty({2, G, C}, grad_gamma.options());
   at::Tensor means = at::empty({2, C}, grad_gamma.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward", [&] {
-    using acc = acc_t<scalar_t>;
-    const auto p = bn_params<acc>(mean, var, gamma, beta, eps);
-    const scalar_t* gp = grad_z.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    dim3 block(kWarp, kRowsY), grid((C + kWarp - 1) / kWarp, G);
-    bn_grad_partial_kernel<scalar_t, acc><<<grid, block, 0, stream>>>(
-        gp, vg.ld, xp, vx.ld, M, C, rows_per_block, p, part.data_ptr<acc>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bn_grad_finalize_kernel<acc><<<(C + 127) / 128, 128, 0, stream>>>(
-        part.data_ptr<acc>(), G, C, M, grad_gamma.data_ptr<acc>(), grad_beta.data_ptr<acc>(),
-        means.data_ptr<acc>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bn_grad_input_kernel<scalar_t, acc><<<elementwise_blocks(M * C), kThreads, 0, stream>>>(
-        gp, vg.ld, xp, vx.ld, grad_x.data_ptr<scalar_t>(), vd.ld, M, C, p,
-        means.data_ptr<acc>(), batch_stats, accumulate);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward", [&] {
+        using acc = acc_t<scalar_t>;
+        const auto p = bn_params<acc>(mean, var, gamma, beta, eps);
+        const scalar_t* gp = grad_z.const_data_ptr<scalar_t>();
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        dim3 block(kWarp, kRowsY), grid((C + kWarp - 1) / kWarp, G);
+        bn_grad_partial_kernel<scalar_t, acc><<<grid, block, 0, stream>>>(
+            gp, vg.ld, xp, vx.ld, M, C, rows_per_block, p, part.data_ptr<acc>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        bn_grad_finalize_kernel<acc><<<(C + 127) / 128, 128, 0, stream>>>(
+            part.data_ptr<acc>(), G, C, M, grad_gamma.data_ptr<acc>(), grad_beta.data_ptr<acc>(),
+            means.data_ptr<acc>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        bn_grad_input_kernel<scalar_t, acc><<<elementwise_blocks(M * C), kThreads, 0, stream>>>(
+            gp, vg.ld, xp, vx.ld, grad_x.data_ptr<scalar_t>(), vd.ld, M, C, p,
+            means.data_ptr<acc>(), batch_stats, accumulate);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -334,18 +338,19 @@ void bn_relu_grad_acc_cuda(const at::Tensor& grad_z, const at::Tensor& x, const 
   const int64_t G = row_blocks(M, C);
   const int64_t rows_per_block = (M + G - 1) / G;
   at::Tensor part = at::empty({2, G, C}, sums.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_grad_acc", [&] {
-    using acc = acc_t<scalar_t>;
-    dim3 block(kWarp, kRowsY), grid((C + kWarp - 1) / kWarp, G);
-    bn_grad_acc_partial_kernel<scalar_t, acc><<<grid, block, 0, stream>>>(
-        grad_z.const_data_ptr<scalar_t>(), vg.ld, x.const_data_ptr<scalar_t>(), vx.ld,
-        grad_x.data_ptr<scalar_t>(), vd.ld, M, C, rows_per_block,
-        bn_params<acc>(mean, var, gamma, beta, eps), part.data_ptr<acc>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bn_grad_acc_finalize_kernel<acc><<<(C + 127) / 128, 128, 0, stream>>>(
-        part.data_ptr<acc>(), G, C, sums.data_ptr<acc>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_grad_acc", [&] {
+        using acc = acc_t<scalar_t>;
+        dim3 block(kWarp, kRowsY), grid((C + kWarp - 1) / kWarp, G);
+        bn_grad_acc_partial_kernel<scalar_t, acc><<<grid, block, 0, stream>>>(
+            grad_z.const_data_ptr<scalar_t>(), vg.ld, x.const_data_ptr<scalar_t>(), vx.ld,
+            grad_x.data_ptr<scalar_t>(), vd.ld, M, C, rows_per_block,
+            bn_params<acc>(mean, var, gamma, beta, eps), part.data_ptr<acc>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        bn_grad_acc_finalize_kernel<acc>
+            <<<(C + 127) / 128, 128, 0, stream>>>(part.data_ptr<acc>(), G, C, sums.data_ptr<acc>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 template <typename scalar_t, typename acc>
@@ -359,8 +364,8 @@ __global__ void bn_grad_correct_kernel(const scalar_t* __restrict__ x, int64_t l
     const int64_t r = i / C, c = i - r * C;
     const acc invstd = bn_invstd(p.var[c], p.eps);
     const acc xhat = (static_cast<acc>(x[r * ldx + c]) - p.mean[c]) * invstd;
-    const acc corr = bn_grad_correction(xhat, p.gamma[c] * invstd, sums[c] * inv_count,
-                                        sums[C + c] * inv_count);
+    const acc corr =
+        bn_grad_correction(xhat, p.gamma[c] * invstd, sums[c] * inv_count, sums[C + c] * inv_count);
     scalar_t* d = grad_x + r * ldd + c;
     *d = static_cast<scalar_t>(static_cast<acc>(*d) + corr);
   }
@@ -375,14 +380,16 @@ void bn_grad_correct_cuda(const at::Tensor& x, const at::Tensor& mean, const at:
   if (vx.rows * vx.cols == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_grad_correct", [&] {
-    using acc = acc_t<scalar_t>;
-    bn_grad_correct_kernel<scalar_t, acc><<<elementwise_blocks(vx.rows * vx.cols), kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), vx.ld, grad_x.data_ptr<scalar_t>(), vd.ld, vx.rows, vx.cols,
-        bn_params<acc>(mean, var, gamma, beta, eps), sums.const_data_ptr<acc>(),
-        acc(1) / acc(count));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bn_grad_correct", [&] {
+        using acc = acc_t<scalar_t>;
+        bn_grad_correct_kernel<scalar_t, acc>
+            <<<elementwise_blocks(vx.rows * vx.cols), kThreads, 0, stream>>>(
+                x.const_data_ptr<scalar_t>(), vx.ld, grad_x.data_ptr<scalar_t>(), vd.ld, vx.rows,
+                vx.cols, bn_params<acc>(mean, var, gamma, beta, eps), sums.const_data_ptr<acc>(),
+                acc(1) / acc(count));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -390,9 +397,9 @@ void bn_grad_correct_cuda(const at::Tensor& x, const at::Tensor& mean, const at:
 
 template <typename scalar_t, typename acc>
 __global__ void dropout_store_kernel(const scalar_t* __restrict__ src, int64_t lds,
-                                     scalar_t* __restrict__ dst, int64_t ldd, int64_t M,
-                                     int64_t C, bool drop, uint64_t seed, int64_t key,
-                                     uint64_t threshold, acc scale) {
+                                     scalar_t* __restrict__ dst, int64_t ldd, int64_t M, int64_t C,
+                                     bool drop, uint64_t seed, int64_t key, uint64_t threshold,
+                                     acc scale) {
   const int64_t n = M * C;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -418,14 +425,16 @@ void dropout_store_cuda(const at::Tensor& src, double p, int64_t seed, int64_t k
   if (vs.rows * vs.cols == 0) return;
   c10::cuda::CUDAGuard guard(src.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "dropout_store", [&] {
-    using acc = acc_t<scalar_t>;
-    dropout_store_kernel<scalar_t, acc><<<elementwise_blocks(vs.rows * vs.cols), kThreads, 0, stream>>>(
-        src.const_data_ptr<scalar_t>(), vs.ld, dst.data_ptr<scalar_t>(), vd.ld, vs.rows, vs.cols,
-        p > 0, static_cast<uint64_t>(seed), key, dropout_threshold(p),
-        static_cast<acc>(1.0 / (1.0 - p)));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, src.scalar_type(), "dropout_store", [&] {
+        using acc = acc_t<scalar_t>;
+        dropout_store_kernel<scalar_t, acc>
+            <<<elementwise_blocks(vs.rows * vs.cols), kThreads, 0, stream>>>(
+                src.const_data_ptr<scalar_t>(), vs.ld, dst.data_ptr<scalar_t>(), vd.ld, vs.rows,
+                vs.cols, p > 0, static_cast<uint64_t>(seed), key, dropout_threshold(p),
+                static_cast<acc>(1.0 / (1.0 - p)));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 }  // namespace

@@ -126,7 +126,9 @@ def new_feature_buffer(x: Tensor, spec: BlockSpec) -> Tensor:
     """The block's shared buffer [N, C_total, H, W], channels_last, with x copied in."""
     n, _, h, w = x.shape
     feat = torch.empty(
-        (n, spec.num_features, h, w), dtype=x.dtype, device=x.device,
+        (n, spec.num_features, h, w),
+        dtype=x.dtype,
+        device=x.device,
         memory_format=torch.channels_last,
     )
     feat[:, : spec.num_input_features].copy_(x)

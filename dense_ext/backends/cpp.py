@@ -20,8 +20,16 @@ from torch import Tensor
 from dense_ext.backends.base import LOCAL, Backend, ForwardState, StatsSync, stats_dtype
 from dense_ext.spec import BlockSpec
 
-OPS = ("channel_stats", "bn_relu", "bn_relu_backward", "bn_relu_grad_acc", "bn_grad_correct",
-       "dropout_store", "block_forward", "block_backward")
+OPS = (
+    "channel_stats",
+    "bn_relu",
+    "bn_relu_backward",
+    "bn_relu_grad_acc",
+    "bn_grad_correct",
+    "dropout_store",
+    "block_forward",
+    "block_backward",
+)
 
 try:
     from dense_ext import _C  # noqa: F401  (loading the library registers the ops)
@@ -55,11 +63,13 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
 
 
-def dropout_mask(seed: int, layer: int, shape: Sequence[int], p: float, dtype=torch.float32,
-                 device="cpu") -> Tensor:
+def dropout_mask(
+    seed: int, layer: int, shape: Sequence[int], p: float, dtype=torch.float32, device="cpu"
+) -> Tensor:
     """The mask (0 or 1/(1-p)) the backend applies to layer ``layer``'s new features."""
     ones = torch.ones(shape, dtype=dtype, device=device).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     mask = torch.empty_like(ones)
     torch.ops.dense_ext.dropout_store(ones, p, seed, layer, mask)
     return mask
@@ -84,23 +94,53 @@ class CppBackend(Backend):
     name = "cpp"
     supports_sync = False
 
-    def forward(self, x, params, running, eps, spec: BlockSpec, batch_stats, save,
-                sync: StatsSync = LOCAL):
+    def forward(
+        self, x, params, running, eps, spec: BlockSpec, batch_stats, save, sync: StatsSync = LOCAL
+    ):
         seed = draw_seed() if spec.drop_rate > 0 else 0
         feat, stats1, stats2, bottlenecks = torch.ops.dense_ext.block_forward(
-            x, list(params), list(running), [float(e) for e in eps], spec.growth_rate,
-            spec.bn_size, float(spec.drop_rate), seed, spec.keeps_bottleneck, batch_stats, save,
+            x,
+            list(params),
+            list(running),
+            [float(e) for e in eps],
+            spec.growth_rate,
+            spec.bn_size,
+            float(spec.drop_rate),
+            seed,
+            spec.keeps_bottleneck,
+            batch_stats,
+            save,
         )
         dropout = seed if spec.drop_rate > 0 else None
         return feat, ForwardState(stats1, stats2, list(bottlenecks), dropout)
 
-    def backward(self, grad_feat, feat, state: ForwardState, params, running, eps,
-                 spec: BlockSpec, batch_stats, sync: StatsSync = LOCAL):
+    def backward(
+        self,
+        grad_feat,
+        feat,
+        state: ForwardState,
+        params,
+        running,
+        eps,
+        spec: BlockSpec,
+        batch_stats,
+        sync: StatsSync = LOCAL,
+    ):
         seed = state.dropout if state.dropout is not None else 0
         bn_grads, weight_grads = torch.ops.dense_ext.block_backward(
-            grad_feat, feat, state.stats1, state.stats2, list(state.bottlenecks), list(params),
-            list(running), [float(e) for e in eps], spec.growth_rate, spec.bn_size,
-            float(spec.drop_rate), seed, batch_stats,
+            grad_feat,
+            feat,
+            state.stats1,
+            state.stats2,
+            list(state.bottlenecks),
+            list(params),
+            list(running),
+            [float(e) for e in eps],
+            spec.growth_rate,
+            spec.bn_size,
+            float(spec.drop_rate),
+            seed,
+            batch_stats,
         )
         return unflatten_grads(bn_grads, weight_grads, params)
 
@@ -117,8 +157,9 @@ def get_backend() -> CppBackend:
 if _LOAD_ERROR is None:
 
     def _cl(shape, like: Tensor, dtype=None) -> Tensor:
-        return torch.empty(shape, dtype=dtype or like.dtype, device=like.device,
-                           memory_format=torch.channels_last)
+        return torch.empty(
+            shape, dtype=dtype or like.dtype, device=like.device, memory_format=torch.channels_last
+        )
 
     @torch.library.register_fake("dense_ext::channel_stats")
     def _(x, stats, lo):
@@ -129,8 +170,20 @@ if _LOAD_ERROR is None:
         return None
 
     @torch.library.register_fake("dense_ext::bn_relu_backward")
-    def _(grad_z, x, mean, var, gamma, beta, eps, batch_stats, accumulate, grad_x, grad_gamma,
-          grad_beta):
+    def _(
+        grad_z,
+        x,
+        mean,
+        var,
+        gamma,
+        beta,
+        eps,
+        batch_stats,
+        accumulate,
+        grad_x,
+        grad_gamma,
+        grad_beta,
+    ):
         return None
 
     @torch.library.register_fake("dense_ext::bn_relu_grad_acc")
@@ -146,8 +199,19 @@ if _LOAD_ERROR is None:
         return None
 
     @torch.library.register_fake("dense_ext::block_forward")
-    def _(x, params, running, eps, growth_rate, bn_size, drop_rate, seed, keep_bottleneck,
-          batch_stats, save):
+    def _(
+        x,
+        params,
+        running,
+        eps,
+        growth_rate,
+        bn_size,
+        drop_rate,
+        seed,
+        keep_bottleneck,
+        batch_stats,
+        save,
+    ):
         n, c0, h, w = x.shape
         per_layer = 6 if bn_size > 0 else 3
         layers = len(params) // per_layer
@@ -155,15 +219,27 @@ if _LOAD_ERROR is None:
         acc = stats_dtype(x.dtype)
         feat = _cl((n, total, h, w), x)
         stats1 = x.new_empty((2, total) if batch_stats else (0,), dtype=acc)
-        stats2 = x.new_empty((layers, 2, mid) if batch_stats and bn_size > 0 else (0,),
-                             dtype=acc)
+        stats2 = x.new_empty((layers, 2, mid) if batch_stats and bn_size > 0 else (0,), dtype=acc)
         keep = keep_bottleneck and save and bn_size > 0
         bottlenecks = [_cl((n, mid, h, w), x) for _ in range(layers)] if keep else []
         return feat, stats1, stats2, bottlenecks
 
     @torch.library.register_fake("dense_ext::block_backward")
-    def _(grad_feat, feat, stats1, stats2, bottlenecks, params, running, eps, growth_rate,
-          bn_size, drop_rate, seed, batch_stats):
+    def _(
+        grad_feat,
+        feat,
+        stats1,
+        stats2,
+        bottlenecks,
+        params,
+        running,
+        eps,
+        growth_rate,
+        bn_size,
+        drop_rate,
+        seed,
+        batch_stats,
+    ):
         bn = sum(p.numel() for p in params if p.dim() == 1)
         weights = sum(p.numel() for p in params if p.dim() != 1)
         return feat.new_empty((bn,), dtype=stats_dtype(feat.dtype)), feat.new_empty((weights,))

@@ -53,8 +53,13 @@ def relu_backward_(grad_z: Tensor, z: Tensor) -> Tensor:
 
 
 def bn_backward(
-    g: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor,
-    batch_stats: bool, sync: StatsSync = LOCAL,
+    g: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    gamma: Tensor,
+    batch_stats: bool,
+    sync: StatsSync = LOCAL,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of y = (x - mean) * invstd * gamma + beta with respect to x, gamma and beta,
     given g = dL/dy (the ReLU mask already applied).
@@ -88,7 +93,16 @@ def conv_backward(
 ) -> tuple[Tensor, Tensor]:
     """Input and weight gradients of a stride-1, bias-free convolution."""
     grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad_out, inp, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
+        grad_out,
+        inp,
+        weight,
+        None,
+        [1, 1],
+        [padding, padding],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
         [True, True, False],
     )
     return grad_in, grad_w
