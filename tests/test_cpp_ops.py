@@ -496,3 +496,90 @@ def test_cuda_backend_matches_reference(dtype, memory, bn_size):
             assert_close(o, t, 1e-4, f"tensor {i}")
         else:
             assert rel_err(o, e) <= 2 * rel_err(t, e) + 1e-2, (i, rel_err(o, e), rel_err(t, e))
+
+
+# --- NaN and Inf propagate exactly as BatchNorm2d + torch.relu do ---------------------------
+
+
+def nonfinite_pattern(t):
+    """Where t is NaN, +Inf and -Inf: three boolean masks."""
+    return torch.isnan(t), torch.isposinf(t), torch.isneginf(t)
+
+
+def assert_same_nonfinite(actual, expected, what):
+    for kind, a, e in zip(
+        ("NaN", "+Inf", "-Inf"), nonfinite_pattern(actual), nonfinite_pattern(expected)
+    ):
+        assert torch.equal(a, e), (
+            f"{what}: {kind} at {int(a.sum())} positions, naive at {int(e.sum())}"
+        )
+    finite = torch.isfinite(expected)
+    if finite.any():
+        assert_close(actual[finite], expected[finite], 1e-10, f"{what} (finite values)")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=str)
+@pytest.mark.parametrize("bn_size", [None, 4])
+@pytest.mark.parametrize("memory", ["bottleneck", "min"])
+@pytest.mark.parametrize("train", [True, False])
+def test_nonfinite_input_propagates_like_the_naive_block(value, bn_size, memory, train):
+    """One NaN/Inf input pixel: the cpp block puts NaN/Inf exactly where the naive block does, in
+    the output, the input gradient and every parameter gradient (relu(NaN) = NaN, the ReLU
+    gradient mask of threshold_backward, BN sums that carry NaN)."""
+    from naive import NaiveDenseBlock, randomize_bn
+
+    from dense_ext import EfficientDenseBlock
+
+    torch.manual_seed(0)
+    naive = NaiveDenseBlock(3, 4, 3, bn_size, 0.0).double()
+    randomize_bn(naive)
+    cpp = EfficientDenseBlock(3, 4, 3, bn_size, 0.0, memory=memory, backend="cpp").double()
+    cpp.load_state_dict(naive.state_dict())
+    naive.train(train)
+    cpp.train(train)
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    x[1, 2, 3, 1] = value
+    grad = torch.randn(2, 13, 5, 6, dtype=torch.float64)
+    results = []
+    for block in (cpp, naive):
+        xx = x.clone().requires_grad_()
+        out = block(xx)
+        out.backward(grad)
+        results.append((out.detach(), xx.grad, {n: p.grad for n, p in block.named_parameters()}))
+    (out, gx, grads), (out_n, gx_n, grads_n) = results
+    assert_same_nonfinite(out, out_n, "output")
+    assert_same_nonfinite(gx, gx_n, "input gradient")
+    for name, g in grads_n.items():
+        assert_same_nonfinite(grads[name], g, f"grad of {name}")
+    if not train and value != -float("inf"):  # eval: local, so a zeroed NaN would show
+        new = out[:, 4:]
+        assert 0 < int((~torch.isfinite(new)).sum()) < new.numel()
+
+
+def test_ops_propagate_nan_like_torch():
+    """bn_relu and bn_relu_backward on a NaN pre-activation and a NaN gradient, against
+    torch.relu/threshold_backward; dropout keeps NaN where it drops (NaN * 0, as F.dropout)."""
+    c = 3
+    x = cl(torch.zeros(1, c, 2, 2, dtype=torch.float64))
+    x[0, 0, 0, 0] = float("nan")  # NaN pre-activation
+    x[0, 1, 0, 1] = -1.0  # ReLU off
+    x[0, 2, 1, 1] = 1.0  # ReLU on
+    mean, var = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    gamma, beta = torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    out = torch.empty_like(x)
+    torch.ops.dense_ext.bn_relu(x, mean, var, gamma, beta, 0.0, out)
+    assert torch.equal(torch.isnan(out), torch.isnan(torch.relu(x)))
+    grad_z = cl(torch.full_like(x, float("nan")))
+    grad_z[0, 0, 0, 0] = 2.0
+    xr = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(torch.relu(xr), xr, grad_z)
+    grad_x = cl(torch.zeros_like(x))
+    dgamma, dbeta = torch.empty_like(gamma), torch.empty_like(beta)
+    torch.ops.dense_ext.bn_relu_backward(
+        grad_z, x, mean, var, gamma, beta, 0.0, False, False, grad_x, dgamma, dbeta
+    )
+    assert torch.equal(torch.isnan(grad_x), torch.isnan(expected)), (grad_x, expected)
+    src = cl(torch.full((2, 3, 4, 4), float("nan")))
+    dst = torch.zeros_like(src)
+    torch.ops.dense_ext.dropout_store(src, 0.5, 3, 0, dst)
+    assert torch.isnan(dst).all()

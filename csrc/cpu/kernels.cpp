@@ -312,7 +312,7 @@ void dropout_store_impl(const at::Tensor& src, const RowsView& vs, double p, uin
       }
       for (int64_t c = 0; c < C; ++c) {
         const bool keep = dropout_keep(seed, key, r * C + c, threshold);
-        dr[c] = keep ? static_cast<scalar_t>(static_cast<acc>(sr[c]) * scale) : scalar_t(0);
+        dr[c] = static_cast<scalar_t>(static_cast<acc>(sr[c]) * dropout_factor(keep, scale));
       }
     }
   });

@@ -410,7 +410,7 @@ __global__ void dropout_store_kernel(const scalar_t* __restrict__ src, int64_t l
     } else {
       // The element index r * C + c is the CPU kernel's, so both devices draw the same mask.
       const bool keep = dropout_keep(seed, key, i, threshold);
-      dst[r * ldd + c] = keep ? static_cast<scalar_t>(static_cast<acc>(v) * scale) : scalar_t(0);
+      dst[r * ldd + c] = static_cast<scalar_t>(static_cast<acc>(v) * dropout_factor(keep, scale));
     }
   }
 }

@@ -106,15 +106,20 @@ DX_HD acc bn_pre(acc x, acc mean, acc scale, acc beta) {
   return (x - mean) * scale + beta;
 }
 
+// torch.relu: NaN stays NaN (and -0 stays -0). Written as a comparison that is false for NaN, so
+// the compiler cannot turn it into a NaN-dropping max (FMNMX / max.f32 return the other operand
+// when one is NaN; `y > 0 ? y : 0` compiles to exactly that).
 template <typename acc>
 DX_HD acc relu(acc y) {
-  return y > acc(0) ? y : acc(0);
+  return y < acc(0) ? acc(0) : y;
 }
 
-// Gradient through the ReLU: g = grad_z where the pre-activation was positive.
+// Gradient through the ReLU as torch's threshold_backward computes it: zero where the
+// pre-activation is <= 0, grad_z elsewhere, so a NaN pre-activation passes its gradient and a NaN
+// gradient is dropped only where the ReLU was off.
 template <typename acc>
 DX_HD acc relu_grad(acc grad_z, acc pre) {
-  return pre > acc(0) ? grad_z : acc(0);
+  return pre <= acc(0) ? acc(0) : grad_z;
 }
 
 // BN backward for one element, from the per-channel sums of g and g*xhat over the batch.
@@ -148,6 +153,13 @@ DX_HD bool dropout_keep(uint64_t seed, int64_t lo, int64_t index, uint64_t thres
   uint64_t key = mix64(seed ^ (static_cast<uint64_t>(lo) * 0x9e3779b97f4a7c15ULL));
   uint64_t r = mix64(key + static_cast<uint64_t>(index) * 0x9e3779b97f4a7c15ULL);
   return (r >> 32) < threshold;
+}
+
+// The multiplier of a kept (1 / (1 - p)) or dropped (0) element. Dropout multiplies by it
+// rather than selecting 0, as F.dropout does, so NaN and Inf stay NaN where an element is dropped.
+template <typename acc>
+DX_HD acc dropout_factor(bool keep, acc scale) {
+  return keep ? scale : acc(0);
 }
 
 // Threshold for keep probability 1 - p (p in [0, 1)).
