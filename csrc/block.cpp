@@ -1,11 +1,11 @@
-// The block drivers: the whole layer loop of DESIGN.md section 4 in C++, one call per block
+// The block drivers: the whole layer loop (docs/design.md) in C++, one call per block
 // forward and one per backward. GEMMs are at::mm on matrix views of the channels_last buffers
 // (no copies), 3x3 convolutions go through ATen (oneDNN on CPU, cuDNN on GPU), and the
 // per-channel work calls the dense_ext ops through the dispatcher, so the same driver runs on
 // CPU and CUDA (cuda/block.cu registers it for CUDA behind a device guard).
 #include <torch/library.h>
 
-#include "layout.h"
+#include "common/checks.h"
 #include "ops.h"
 
 namespace dense_ext {
@@ -22,10 +22,10 @@ struct Ops {
   c10::TypedOperatorHandle<BnReluFn> bn_relu = op<BnReluFn>("dense_ext::bn_relu");
   c10::TypedOperatorHandle<BnReluBackwardFn> bn_relu_backward =
       op<BnReluBackwardFn>("dense_ext::bn_relu_backward");
-  c10::TypedOperatorHandle<BnReluGradAccFn> bn_relu_grad_acc =
-      op<BnReluGradAccFn>("dense_ext::bn_relu_grad_acc");
-  c10::TypedOperatorHandle<BnGradCorrectFn> bn_grad_correct =
-      op<BnGradCorrectFn>("dense_ext::bn_grad_correct");
+  c10::TypedOperatorHandle<BnReluBackwardReduceFn> bn_relu_backward_reduce =
+      op<BnReluBackwardReduceFn>("dense_ext::bn_relu_backward_reduce");
+  c10::TypedOperatorHandle<BnReluBackwardApplyFn> bn_relu_backward_apply =
+      op<BnReluBackwardApplyFn>("dense_ext::bn_relu_backward_apply");
   c10::TypedOperatorHandle<DropoutStoreFn> dropout_store =
       op<DropoutStoreFn>("dense_ext::dropout_store");
 };
@@ -345,12 +345,12 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
         grad_w1.addmm_(dy1_rows.t(), z1_mat);
       }
       at::mm_out(z1_mat, dy1_rows, w1);  // dZ1 over Z1: dW1 was Z1's last use
-      o.bn_relu_grad_acc.call(z1, prefix_c, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1,
-                              grad_prefix.narrow(0, n0, nc), sums);
+      o.bn_relu_backward_reduce.call(z1, prefix_c, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1,
+                                     grad_prefix.narrow(0, n0, nc), sums);
     }
     if (batch_stats) {
-      o.bn_grad_correct.call(prefix, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1, sums, s.m,
-                             grad_prefix);
+      o.bn_relu_backward_apply.call(prefix, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1, sums, s.m,
+                                    grad_prefix);
     }
     grads[p0].copy_(sums[1]);
     grads[p0 + 1].copy_(sums[0]);

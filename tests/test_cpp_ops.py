@@ -16,8 +16,8 @@ OPS = (
     "channel_stats",
     "bn_relu",
     "bn_relu_backward",
-    "bn_relu_grad_acc",
-    "bn_grad_correct",
+    "bn_relu_backward_reduce",
+    "bn_relu_backward_apply",
     "dropout_store",
     "block_forward",
     "block_backward",
@@ -109,8 +109,8 @@ def test_op_schemas_mark_written_buffers():
         "bn_relu": ["out"],
         "bn_relu_backward": ["grad_x", "grad_gamma", "grad_beta"],
         "dropout_store": ["dst"],
-        "bn_relu_grad_acc": ["grad_x", "sums"],
-        "bn_grad_correct": ["grad_x"],
+        "bn_relu_backward_reduce": ["grad_x", "sums"],
+        "bn_relu_backward_apply": ["grad_x"],
         "block_backward": ["grad_feat"],
         "block_forward": [],
     }
@@ -150,7 +150,7 @@ def test_opcheck_kernels(dtype):
                 ),
             )
     torch.library.opcheck(
-        ops.bn_relu_grad_acc,
+        ops.bn_relu_backward_reduce,
         (
             a["grad_z"],
             a["x"],
@@ -164,7 +164,7 @@ def test_opcheck_kernels(dtype):
         ),
     )
     torch.library.opcheck(
-        ops.bn_grad_correct,
+        ops.bn_relu_backward_apply,
         (a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5, a["sums"], 30, a["grad_x"]),
     )
     torch.library.opcheck(ops.dropout_store, (a["x"], 0.3, 17, 1, a["out"]))
@@ -276,7 +276,8 @@ def test_bn_relu_and_backward_match_autograd():
 
 @pytest.mark.parametrize("batch_stats", [True, False])
 def test_chunked_bn_backward_equals_whole_batch(batch_stats):
-    """bn_relu_grad_acc over row chunks + bn_grad_correct == bn_relu_backward over all rows."""
+    """bn_relu_backward_reduce over row chunks, then bn_relu_backward_apply, equals
+    bn_relu_backward over all rows."""
     a = sample_args(dtype=torch.float64, c=6)
     ops = torch.ops.dense_ext
     args = (a["mean"], a["var"], a["gamma"], a["beta"], 1e-5)
@@ -286,12 +287,12 @@ def test_chunked_bn_backward_equals_whole_batch(batch_stats):
     ours = a["grad_x"].clone()
     sums = torch.zeros(2, 6, dtype=torch.float64)
     for n in range(a["x"].shape[0]):  # one image per chunk
-        ops.bn_relu_grad_acc(
+        ops.bn_relu_backward_reduce(
             a["grad_z"][n : n + 1], a["x"][n : n + 1], *args, ours[n : n + 1], sums
         )
     if batch_stats:
         rows = a["x"].numel() // a["x"].shape[1]
-        ops.bn_grad_correct(a["x"], *args, sums, rows, ours)
+        ops.bn_relu_backward_apply(a["x"], *args, sums, rows, ours)
     assert_close(ours, expected, 1e-12, "grad_x")
     assert_close(sums[0], dbeta, 1e-12, "sum g")
     assert_close(sums[1], dgamma, 1e-12, "sum g*xhat")
@@ -375,7 +376,7 @@ def test_opcheck_kernels_cuda(dtype):
         ),
     )
     torch.library.opcheck(
-        ops.bn_relu_grad_acc,
+        ops.bn_relu_backward_reduce,
         (
             a["grad_z"],
             a["x"],
@@ -389,7 +390,7 @@ def test_opcheck_kernels_cuda(dtype):
         ),
     )
     torch.library.opcheck(
-        ops.bn_grad_correct,
+        ops.bn_relu_backward_apply,
         (a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5, a["sums"], 30, a["grad_x"]),
     )
     torch.library.opcheck(ops.dropout_store, (a["x"], 0.3, 17, 1, a["out"]))
@@ -401,7 +402,7 @@ def test_opcheck_kernels_cuda(dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cuda_kernels_match_cpu_kernels(dtype):
-    """The same op on both devices: same arithmetic (math.cuh), same dropout masks."""
+    """The same op on both devices: same arithmetic (common/math.cuh), same dropout masks."""
     cuda_or_skip()
     a = sample_args(dtype=dtype, c=37)
     g = {k: v.cuda() for k, v in a.items()}
@@ -431,7 +432,7 @@ def test_cuda_kernels_match_cpu_kernels(dtype):
     assert_close(g["grad_x"].cpu(), a["grad_x"], tol, "grad_x")
     assert_close(g["dgamma"].cpu(), a["dgamma"], tol, "dgamma")
     for args in (a, g):
-        ops.bn_relu_grad_acc(
+        ops.bn_relu_backward_reduce(
             args["grad_z"],
             args["x"],
             args["mean"],
@@ -442,7 +443,7 @@ def test_cuda_kernels_match_cpu_kernels(dtype):
             args["grad_x"],
             args["sums"],
         )
-        ops.bn_grad_correct(
+        ops.bn_relu_backward_apply(
             args["x"],
             args["mean"],
             args["var"],
@@ -583,3 +584,124 @@ def test_ops_propagate_nan_like_torch():
     dst = torch.zeros_like(src)
     torch.ops.dense_ext.dropout_store(src, 0.5, 3, 0, dst)
     assert torch.isnan(dst).all()
+
+
+# --- nothing to compute: zero channels or zero rows ------------------------------------------
+
+
+def empty_calls(shape, dtype=torch.float32):
+    """(op, args) of every kernel op on a problem with nothing to compute; grad_gamma/grad_beta
+    start as NaN so that a missing zero shows."""
+    n, c, h, w = shape
+    acc = acc_of(dtype)
+    x, out, grad_z = (cl(torch.randn(shape, dtype=dtype)) for _ in range(3))
+    grad_x = cl(torch.randn(shape, dtype=dtype))
+    vec = [torch.ones(c, dtype=acc) for _ in range(4)]
+    dgamma, dbeta = (
+        torch.full((c,), float("nan"), dtype=acc),
+        torch.full((c,), float("nan"), dtype=acc),
+    )
+    sums = torch.zeros(2, c, dtype=acc)
+    calls = [
+        ("bn_relu", (x, *vec, 1e-5, out)),
+        ("bn_relu_backward", (grad_z, x, *vec, 1e-5, True, True, grad_x, dgamma, dbeta)),
+        ("bn_relu_backward_reduce", (grad_z, x, *vec, 1e-5, grad_x, sums)),
+        ("bn_relu_backward_apply", (x, *vec, 1e-5, sums, 7, grad_x)),
+        ("dropout_store", (x, 0.5, 3, 0, out)),
+    ]
+    if n * h * w > 0:  # statistics of no rows are an error (below)
+        calls.append(("channel_stats", (x, torch.zeros(2, c + 1, dtype=acc), 1)))
+    return calls, (dgamma, dbeta)
+
+
+EMPTY_SHAPES = [(2, 0, 3, 3), (0, 4, 3, 3), (3, 4, 0, 5)]
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_ops_with_nothing_to_compute(shape):
+    calls, (dgamma, dbeta) = empty_calls(shape)
+    for op, args in calls:
+        getattr(torch.ops.dense_ext, op)(*args)
+    assert (dgamma == 0).all() and (dbeta == 0).all(), "sums over no rows must be zero"
+    with pytest.raises(RuntimeError, match="no rows"):
+        torch.ops.dense_ext.channel_stats(cl(torch.randn(0, 3, 2, 2)), torch.zeros(2, 3), 0)
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_ops_return_before_touching_the_device(shape):
+    """The CUDA implementations, called through the dispatcher's CUDA key on CPU tensors (no GPU
+    needed): with nothing to compute they return after the checks, before the device guard and
+    before the launch configuration (which divided by the channel count)."""
+    from dense_ext import _C
+
+    if not _C.with_cuda:
+        pytest.skip("dense_ext._C was built without CUDA kernels")
+    cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    calls, (dgamma, dbeta) = empty_calls(shape)
+    for op, args in calls:
+        getattr(torch.ops.dense_ext, op).default.redispatch(cuda, *args)
+    assert (dgamma == 0).all() and (dbeta == 0).all()
+
+
+# --- does the GPU at hand run the built CUDA code? -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "capability, runs",
+    [
+        ((8, 0), True),
+        ((8, 6), True),
+        ((9, 0), True),
+        ((10, 0), True),
+        ((12, 0), True),
+        ((7, 5), False),
+        ((7, 0), False),
+    ],
+)
+def test_arch_reason(capability, runs):
+    from dense_ext.backends.cpp import arch_reason
+
+    reason = arch_reason(capability, [80, 90], [90])
+    assert (reason is None) == runs, reason
+    assert arch_reason((10, 0), [80, 90], []) is not None, "SASS alone does not run on sm_100"
+    assert arch_reason((8, 6), [90], [90]) is not None
+
+
+def test_auto_falls_back_when_the_gpu_cannot_run_the_build(monkeypatch):
+    """A GPU the fatbin has no code for: `cpp` by name raises, `auto` falls back with a warning
+    that names the compute capability. A GPU it has code for runs the probe launch once."""
+    import dense_ext.backends as backends
+    import dense_ext.backends.cpp as cpp
+    from dense_ext import _C
+
+    monkeypatch.setattr(cpp, "has_kernel", lambda op, key: True)
+    monkeypatch.setattr(_C, "cuda_sass", "80_90", raising=False)
+    monkeypatch.setattr(_C, "cuda_ptx", "90", raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cpp, "_PROBED", {})
+    probes = []
+    monkeypatch.setattr(cpp, "probe_launch", lambda device: probes.append(device))
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.delenv("DENSE_EXT_BACKEND", raising=False)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    with pytest.raises(backends.BackendUnavailableError, match="compute capability 7.5"):
+        backends.resolve_backend_name("cpp", "cuda")
+    with pytest.warns(RuntimeWarning, match="compute capability 7.5"):
+        assert backends.resolve_backend_name("auto", "cuda") == "reference"
+    assert probes == []
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (12, 0))
+    assert backends.resolve_backend_name("cpp", "cuda:0") == "cpp"
+    assert backends.resolve_backend_name("cpp", "cuda:0") == "cpp"
+    assert probes == [torch.device("cuda", 0)], "the probe runs once per device"
+
+    monkeypatch.setattr(cpp, "_PROBED", {0: "a test launch failed: no kernel image"})
+    with pytest.raises(backends.BackendUnavailableError, match="no kernel image"):
+        backends.resolve_backend_name("cpp", "cuda")
+
+
+def test_probe_launch_runs_a_kernel():
+    from dense_ext.backends.cpp import probe_launch
+
+    assert probe_launch(torch.device("cpu")) is None

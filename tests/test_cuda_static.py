@@ -93,6 +93,58 @@ def test_no_nan_dropping_min_max(arch):
     assert not offenders, offenders[:5]
 
 
+# --- what the fatbin holds -------------------------------------------------------------------
+
+# Per-thread limits every kernel must meet: no local memory (register spills or stack frames;
+# both are DRAM traffic per thread) and at most 128 registers, so a 256-thread block leaves room
+# for two blocks per SM.
+MAX_REGISTERS = 128
+
+
+def resource_usage() -> list[tuple[str, str, dict[str, int]]]:
+    """(arch, kernel, {"REG": .., "STACK": .., "LOCAL": .., "SHARED": ..}) for every kernel."""
+    rows, arch = [], None
+    lines = run_cuobjdump("-res-usage").splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*arch = (sm_\d+)", line)
+        if m:
+            arch = m.group(1)
+        if line.strip().startswith("Function ") and i + 1 < len(lines):
+            name = line.strip()[len("Function ") :].rstrip(":")
+            usage = {
+                k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", lines[i + 1])
+            }
+            rows.append((arch, name, usage))
+    return rows
+
+
+def test_fatbin_embeds_ptx_of_the_newest_arch():
+    """SASS runs only on its own GPU generation; PTX is JIT-compiled by the driver on any newer
+    GPU (sm_100, sm_120), so the newest arch ships as PTX too."""
+    from dense_ext import _C
+
+    listing = run_cuobjdump("-lptx")
+    newest = max(ARCHS, key=lambda a: int(a[3:]))
+    assert re.search(rf"kernels\.{newest}\.ptx", listing), listing
+    ptx = run_cuobjdump("-ptx")
+    assert ".entry" in ptx and "bn_relu_kernel" in ptx
+    # The arch list compiled into the module (the runtime device check) matches the fatbin.
+    elves = set(re.findall(r"kernels\.(sm_\d+)\.cubin", run_cuobjdump("-lelf")))
+    assert elves == {f"sm_{a}" for a in _C.cuda_sass.split("_")}, (elves, _C.cuda_sass)
+    assert set(re.findall(r"kernels\.(sm_\d+)\.ptx", listing)) == {
+        f"sm_{a}" for a in _C.cuda_ptx.split("_")
+    }
+
+
+def test_no_kernel_spills_registers():
+    rows = resource_usage()
+    kernels = [r for r in rows if "_kernel" in r[1]]
+    assert len({arch for arch, _, _ in kernels}) == len(ARCHS) and len(kernels) >= 20, rows[:3]
+    for arch, name, usage in kernels:
+        assert usage["LOCAL"] == 0 and usage["STACK"] == 0, (arch, name, usage)
+        assert usage["REG"] <= MAX_REGISTERS, (arch, name, usage)
+
+
 def test_sass_parser_sees_the_kernels():
     """The checks above read real instructions (guards against a parser that finds nothing)."""
     for arch in ARCHS:

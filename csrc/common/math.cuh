@@ -1,8 +1,8 @@
-// Kernel arithmetic shared by the CPU (cpu/*.cpp) and CUDA (cuda/*.cu) implementations.
+// Kernel arithmetic shared by the CPU (cpu/kernels.cpp) and CUDA (cuda/kernels.cu) kernels.
 //
 // Every per-element and per-channel formula lives here once, as __host__ __device__ inline
 // functions, so the CPU tests exercise exactly the arithmetic the GPU runs. Accumulation type:
-// float for float/half/bfloat16 buffers, double for double buffers (acc_type<scalar_t>).
+// float for float/half/bfloat16 buffers, double for double buffers (acc_t<scalar_t>).
 #pragma once
 
 #include <cmath>
@@ -14,9 +14,9 @@
 #include <c10/util/Half.h>
 
 #if defined(__CUDACC__)
-#define DX_HD __host__ __device__ __forceinline__
+#define DENSE_EXT_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define DX_HD inline
+#define DENSE_EXT_HOST_DEVICE inline
 #endif
 
 namespace dense_ext {
@@ -44,14 +44,14 @@ struct MeanM2 {
 };
 
 template <typename acc>
-DX_HD MeanM2<acc> meanm2_empty() {
+DENSE_EXT_HOST_DEVICE MeanM2<acc> meanm2_empty() {
   return {acc(0), acc(0), acc(0)};
 }
 
 // Welford: add value x to a running (mean, m2) that already holds n - 1 values; inv_n = 1 / n is
 // passed in because it is the same for every channel of a row.
 template <typename acc>
-DX_HD void welford_add(acc& mean, acc& m2, acc x, acc inv_n) {
+DENSE_EXT_HOST_DEVICE void welford_add(acc& mean, acc& m2, acc x, acc inv_n) {
   acc delta = x - mean;
   mean += delta * inv_n;
   m2 += delta * (x - mean);
@@ -59,7 +59,7 @@ DX_HD void welford_add(acc& mean, acc& m2, acc x, acc inv_n) {
 
 // Chan et al.: merge statistics b into a.
 template <typename acc>
-DX_HD void chan_merge(MeanM2<acc>& a, const MeanM2<acc>& b) {
+DENSE_EXT_HOST_DEVICE void chan_merge(MeanM2<acc>& a, const MeanM2<acc>& b) {
   if (b.n == acc(0)) return;
   if (a.n == acc(0)) {
     a = b;
@@ -73,22 +73,23 @@ DX_HD void chan_merge(MeanM2<acc>& a, const MeanM2<acc>& b) {
   a.n = n;
 }
 
-// Welford updates the mean in the data's precision; on data with a large mean (|mean| >> std)
-// each update's rounding (one ulp of the mean) is then large against the deviations and pollutes
-// M2. So statistics run on shifted values x - shift, shift = the channel's first value: the
-// subtraction is exact for values close to the shift (Sterbenz), the shifted mean is small, and
-// the mean is shift + shifted mean, rounded once. All tiles of a channel use the same shift.
+// Shifted statistics. Welford updates the mean in the data's precision; on data with a large mean
+// (|mean| >> std) each update's rounding (one ulp of the mean) is then large against the deviations
+// and pollutes M2. So statistics run on shifted values x - shift, shift = the channel's first
+// value: the subtraction is exact for values close to the shift (Sterbenz), the shifted mean is
+// small, and the mean is shift + shifted mean, rounded once. All tiles of a channel use the same
+// shift.
 
 // Biased variance (what BN normalises with) of merged statistics.
 template <typename acc>
-DX_HD acc meanm2_var(const MeanM2<acc>& s) {
+DENSE_EXT_HOST_DEVICE acc meanm2_var(const MeanM2<acc>& s) {
   return s.n > acc(0) ? s.m2 / s.n : acc(0);
 }
 
 // ---------------------------------------------------------------------------------------------
 // BN + ReLU. Per channel: invstd = 1/sqrt(var + eps), scale = gamma * invstd.
 template <typename acc>
-DX_HD acc bn_invstd(acc var, double eps) {
+DENSE_EXT_HOST_DEVICE acc bn_invstd(acc var, double eps) {
 #if defined(__CUDA_ARCH__)
   if constexpr (std::is_same<acc, double>::value) {
     return ::rsqrt(var + acc(eps));
@@ -102,7 +103,7 @@ DX_HD acc bn_invstd(acc var, double eps) {
 
 // Pre-activation (x - mean) * scale + beta; (x - mean) first so large means cancel exactly.
 template <typename acc>
-DX_HD acc bn_pre(acc x, acc mean, acc scale, acc beta) {
+DENSE_EXT_HOST_DEVICE acc bn_pre(acc x, acc mean, acc scale, acc beta) {
   return (x - mean) * scale + beta;
 }
 
@@ -110,7 +111,7 @@ DX_HD acc bn_pre(acc x, acc mean, acc scale, acc beta) {
 // the compiler cannot turn it into a NaN-dropping max (FMNMX / max.f32 return the other operand
 // when one is NaN; `y > 0 ? y : 0` compiles to exactly that).
 template <typename acc>
-DX_HD acc relu(acc y) {
+DENSE_EXT_HOST_DEVICE acc relu(acc y) {
   return y < acc(0) ? acc(0) : y;
 }
 
@@ -118,47 +119,51 @@ DX_HD acc relu(acc y) {
 // pre-activation is <= 0, grad_z elsewhere, so a NaN pre-activation passes its gradient and a NaN
 // gradient is dropped only where the ReLU was off.
 template <typename acc>
-DX_HD acc relu_grad(acc grad_z, acc pre) {
+DENSE_EXT_HOST_DEVICE acc relu_grad(acc grad_z, acc pre) {
   return pre <= acc(0) ? acc(0) : grad_z;
 }
 
-// BN backward for one element, from the per-channel sums of g and g*xhat over the batch.
+// BN backward for one element, from the per-channel means of g and g*xhat over the batch.
 // With batch statistics dx = scale * (g - mean(g) - xhat * mean(g * xhat)); with fixed
 // (running) statistics the mean and variance do not depend on x and dx = scale * g.
 template <typename acc>
-DX_HD acc bn_grad_input(acc g, acc xhat, acc scale, acc mean_g, acc mean_gxhat, bool batch_stats) {
+DENSE_EXT_HOST_DEVICE acc bn_grad_input(acc g, acc xhat, acc scale, acc mean_g, acc mean_gxhat,
+                                        bool batch_stats) {
   return batch_stats ? scale * (g - mean_g - xhat * mean_gxhat) : scale * g;
 }
 
-// The same dx in two steps, for a backward that visits the rows in chunks before the batch sums
-// are known: first grad_x += scale * g per chunk (bn_grad_input with batch_stats false), then,
-// once the sums are complete, grad_x += bn_grad_correction(...) on every element.
+// The same dx in two phases, for a backward that visits the rows in chunks before the batch
+// sums are known. Reduce: per chunk, grad_x += scale * g (bn_grad_input with batch_stats false)
+// while the sums of g and g*xhat are collected. Apply: once the sums are complete,
+// grad_x += bn_grad_batch_terms(...) on every element.
 template <typename acc>
-DX_HD acc bn_grad_correction(acc xhat, acc scale, acc mean_g, acc mean_gxhat) {
+DENSE_EXT_HOST_DEVICE acc bn_grad_batch_terms(acc xhat, acc scale, acc mean_g, acc mean_gxhat) {
   return -scale * (mean_g + xhat * mean_gxhat);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Dropout with a counter-based mask: element `index` of the layer whose new channels start at
-// `lo` keeps its value iff hash(seed, lo, index) < threshold, threshold = (1 - p) * 2^32. The mask
-// is a pure function of (seed, lo, index), so backward replays it exactly on either device and
-// nothing is stored. The hash is SplitMix64's finaliser over a unique 64-bit counter.
-DX_HD uint64_t mix64(uint64_t z) {
+// Dropout with a counter-based mask: element `index` (row * C + channel of the layer's [M, C]
+// output) of the layer numbered `key` keeps its value iff hash(seed, key, index) < threshold,
+// threshold = (1 - p) * 2^32. The mask is a pure function of (seed, key, index), so backward
+// replays it exactly on either device and nothing is stored. The hash is SplitMix64's finaliser
+// over a unique 64-bit counter.
+DENSE_EXT_HOST_DEVICE uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
   return z ^ (z >> 31);
 }
 
-DX_HD bool dropout_keep(uint64_t seed, int64_t lo, int64_t index, uint64_t threshold) {
-  uint64_t key = mix64(seed ^ (static_cast<uint64_t>(lo) * 0x9e3779b97f4a7c15ULL));
-  uint64_t r = mix64(key + static_cast<uint64_t>(index) * 0x9e3779b97f4a7c15ULL);
+DENSE_EXT_HOST_DEVICE bool dropout_keep(uint64_t seed, int64_t key, int64_t index,
+                                        uint64_t threshold) {
+  uint64_t stream = mix64(seed ^ (static_cast<uint64_t>(key) * 0x9e3779b97f4a7c15ULL));
+  uint64_t r = mix64(stream + static_cast<uint64_t>(index) * 0x9e3779b97f4a7c15ULL);
   return (r >> 32) < threshold;
 }
 
 // The multiplier of a kept (1 / (1 - p)) or dropped (0) element. Dropout multiplies by it
 // rather than selecting 0, as F.dropout does, so NaN and Inf stay NaN where an element is dropped.
 template <typename acc>
-DX_HD acc dropout_factor(bool keep, acc scale) {
+DENSE_EXT_HOST_DEVICE acc dropout_factor(bool keep, acc scale) {
   return keep ? scale : acc(0);
 }
 
