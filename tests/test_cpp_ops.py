@@ -6,6 +6,7 @@ here queries the GPU at import or collection time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -46,13 +47,14 @@ def acc_of(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def sample_args(device="cpu", dtype=torch.float32, c=5):
-    """Arguments of every op on a small problem; buffers are channel slices of wider buffers."""
+def sample_args(device="cpu", dtype=torch.float32, c=5, lo=1):
+    """Arguments of every op on a small problem; x and grad_x are channel slices of wider
+    buffers (x starts at channel ``lo``)."""
     torch.manual_seed(0)
     acc = acc_of(dtype)
     n, h, w = 2, 3, 5
     wide = cl(torch.randn(n, c + 4, h, w, device=device, dtype=dtype) * 3 + 2)
-    x = wide[:, 1 : 1 + c]
+    x = wide[:, lo : lo + c]
     stats = torch.zeros(2, c + 3, device=device, dtype=acc)
     mean = torch.randn(c, device=device, dtype=acc)
     var = torch.rand(c, device=device, dtype=acc) + 0.5
@@ -399,18 +401,54 @@ def test_opcheck_kernels_cuda(dtype):
     torch.library.opcheck(ops.block_forward, fwd)
 
 
+def same_view_on(t, device):
+    """``t`` rebuilt on ``device``: its whole storage copied, then the same sizes, strides and
+    offset (``.to(device)`` would compact a channel slice into a dense tensor)."""
+    numel = t.untyped_storage().nbytes() // t.element_size()
+    flat = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (numel,), (1,))
+    view = flat.to(device).as_strided(t.shape, t.stride(), t.storage_offset())
+    assert view.stride() == t.stride() and view.storage_offset() == t.storage_offset()
+    return view
+
+
+def test_same_view_on_keeps_strides():
+    a = sample_args(c=7)
+    v = same_view_on(a["x"], "cpu")
+    assert v.stride() == a["x"].stride() and v.stride(3) == 11 != v.shape[1]
+    assert torch.equal(v, a["x"]) and v.untyped_storage().data_ptr() != a["x"].data_ptr()
+
+
+# dtype -> tolerance of the CUDA-vs-CPU comparison: the same formulas, rsqrtf and another
+# summation order; 16-bit results may differ by an ulp after rounding.
+CROSS_DEVICE_TOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1e-2,
+}
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_kernels_match_cpu_kernels(dtype):
-    """The same op on both devices: same arithmetic (common/math.cuh), same dropout masks."""
+@pytest.mark.parametrize("dtype", list(CROSS_DEVICE_TOL), ids=str)
+@pytest.mark.parametrize("c, lo", [(37, 1), (36, 2), (36, 1)], ids=["odd", "even", "misaligned"])
+def test_cuda_kernels_match_cpu_kernels(dtype, c, lo):
+    """The same op on both devices, on the same strided channel slices (row stride != C):
+    same arithmetic (common/math.cuh), same dropout masks. Even slices at even offsets take the
+    CUDA kernels' two-channel vector path for 16-bit types, the others the scalar path."""
     cuda_or_skip()
-    a = sample_args(dtype=dtype, c=37)
-    g = {k: v.cuda() for k, v in a.items()}
+    a = sample_args(dtype=dtype, c=c, lo=lo)
+    g = {k: same_view_on(v, "cuda") for k, v in a.items()}
+    assert g["x"].stride(3) != c and g["grad_x"].stride(3) != c, "not a strided slice"
     ops = torch.ops.dense_ext
     ops.channel_stats(a["x"], a["stats"], 2)
     ops.channel_stats(g["x"], g["stats"], 2)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    assert_close(g["stats"].cpu(), a["stats"], tol, "channel_stats")
+    tol = CROSS_DEVICE_TOL[dtype]
+    stats_tol = 1e-12 if dtype == torch.float64 else 1e-5  # float32 statistics of the same data
+    assert_close(g["stats"].cpu(), a["stats"], stats_tol, "channel_stats")
+    out = a["out"].clone()
+    ops.bn_relu(a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5, out)
+    ops.bn_relu(g["x"], g["mean"], g["var"], g["gamma"], g["beta"], 1e-5, g["out"])
+    assert_close(g["out"].cpu(), out, tol, "bn_relu")
     ops.dropout_store(a["x"], 0.3, 17, 1, a["out"])
     ops.dropout_store(g["x"], 0.3, 17, 1, g["out"])
     assert torch.equal(g["out"].cpu() == 0, a["out"] == 0), "dropout masks differ"
@@ -463,15 +501,13 @@ def test_cuda_kernels_match_cpu_kernels(dtype):
 @pytest.mark.parametrize("memory", ["bottleneck", "min"])
 @pytest.mark.parametrize("bn_size", [None, 4])
 def test_cuda_backend_matches_reference(dtype, memory, bn_size):
-    """cpp on CUDA vs the reference backend on CUDA. float32: 1e-4 (TF32 off); bfloat16: error
-    against the float32 reference at most ~2x the reference's own bfloat16 error."""
+    """cpp on CUDA vs the reference backend on CUDA. float32: 1e-4 (TF32 off, restored after);
+    bfloat16: error against the float32 reference at most ~2x the reference's own error."""
     cuda_or_skip()
     from conftest import rel_err
 
     from dense_ext import EfficientDenseBlock
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     blocks = {}
     ref32 = EfficientDenseBlock(4, 16, 8, bn_size, memory=memory, backend="reference").cuda()
@@ -489,14 +525,75 @@ def test_cuda_backend_matches_reference(dtype, memory, bn_size):
         out.backward(grad.to(dt))
         return [out.float(), xx.grad.float(), *[p.grad.float() for p in block.parameters()]]
 
-    expected = run(ref32, torch.float32)
-    ours = run(blocks["cpp"], dtype)
-    theirs = run(blocks["reference"], dtype)
+    with ieee_fp32():
+        expected = run(ref32, torch.float32)
+        ours = run(blocks["cpp"], dtype)
+        theirs = run(blocks["reference"], dtype)
     for i, (o, t, e) in enumerate(zip(ours, theirs, expected)):
         if dtype == torch.float32:
             assert_close(o, t, 1e-4, f"tensor {i}")
         else:
             assert rel_err(o, e) <= 2 * rel_err(t, e) + 1e-2, (i, rel_err(o, e), rel_err(t, e))
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """TF32 off for cuBLAS matmuls and cuDNN convolutions inside the block, restored after it:
+    torch's fp32_precision settings where it has them (mixing them with the legacy allow_tf32
+    flags makes torch raise), else the allow_tf32 flags."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        saved = (matmul.fp32_precision, conv.fp32_precision)
+        matmul.fp32_precision = conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = saved
+    else:  # pragma: no cover  (torch before fp32_precision)
+        saved = (matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_ieee_fp32_restores_the_settings():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    with ieee_fp32():
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+    assert (matmul.fp32_precision, conv.fp32_precision) == before
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("memory", ["bottleneck", "min"])
+def test_cuda_batches_larger_than_one_chunk(memory):
+    """On CUDA the bottleneck layers run BN1-ReLU-Conv1x1 in chunks of 65536 rows
+    (csrc/block.cpp chunk_images): 3 images of 160x160 (25600 rows each) make chunks of 2 and 1
+    images, so the chunked BN backward (reduce per chunk, then apply) crosses a boundary."""
+    cuda_or_skip()
+    from naive import NaiveDenseBlock, randomize_bn
+
+    from dense_ext import EfficientDenseBlock
+
+    n, c0, hw = 3, 5, 160
+    assert (n - 1) * hw * hw < 65536 < n * hw * hw
+    torch.manual_seed(4)
+    naive = NaiveDenseBlock(2, c0, 3, 4, 0.0).double().cuda()
+    randomize_bn(naive)
+    cpp = EfficientDenseBlock(2, c0, 3, 4, 0.0, memory=memory, backend="cpp").double().cuda()
+    cpp.load_state_dict(naive.state_dict())
+    x = torch.randn(n, c0, hw, hw, dtype=torch.float64, device="cuda") + 0.5
+    grad = torch.randn(n, c0 + 6, hw, hw, dtype=torch.float64, device="cuda")
+    results = []
+    for block in (cpp, naive):
+        xx = x.clone().requires_grad_()
+        out = block(xx)
+        out.backward(grad)
+        results.append([out.detach(), xx.grad, *[p.grad for p in block.parameters()]])
+    for i, (ours, theirs) in enumerate(zip(*results)):
+        assert_close(ours, theirs, 1e-10, f"tensor {i}")
 
 
 # --- NaN and Inf propagate exactly as BatchNorm2d + torch.relu do ---------------------------
