@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from python_models import data as D
-from python_models import train
+from python_models import train, trainer
+from python_models.max_batch import MemoryBudgetError, find_max_batch, step_bytes
 
 # A tiny CIFAR-style DenseNet-BC on 8x8 digits: a step takes milliseconds.
 TINY = [
@@ -152,49 +153,57 @@ def test_malformed_cifar_is_a_clear_error(tmp_path, capsys):
 
 
 def test_step_schedule_follows_the_paper():
-    schedule = train.StepSchedule("step", epochs=300, steps_per_epoch=10)
+    schedule = trainer.StepSchedule("step", epochs=300, steps_per_epoch=10)
     assert schedule(0) == 1.0 and schedule(1499) == 1.0
     assert schedule(1500) == pytest.approx(0.1) and schedule(2249) == pytest.approx(0.1)
     assert schedule(2250) == pytest.approx(0.01) and schedule(2999) == pytest.approx(0.01)
-    cosine = train.StepSchedule("cosine", epochs=2, steps_per_epoch=5)
+    cosine = trainer.StepSchedule("cosine", epochs=2, steps_per_epoch=5)
     assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5) and cosine(10) == 0.0
 
 
-def test_find_batch_size_is_exact_on_a_line_and_on_steps():
+def test_find_max_batch_is_exact_on_a_line_and_on_steps():
     probes = []
 
     def linear(b):
         probes.append(b)
         return 1000 + 37 * b
 
-    assert (
-        train.find_batch_size(
-            linear, budget=1000 + 37 * 523 + 36, max_batch=10**6, log=lambda s: None
-        )
-        == 523
-    )
+    found = find_max_batch(linear, budget=1000 + 37 * 523 + 36, cap=10**6)
+    assert found.max_batch == 523 and found.bytes_per_sample == pytest.approx(37)
     assert len(probes) <= 8, probes
 
     def stepped(b):  # an allocator that rounds up to 4 KiB and runs out above 700
         return None if b > 700 else ((5000 + 51 * b) // 4096 + 1) * 4096
 
     budget = stepped(400)
-    best = train.find_batch_size(stepped, budget, max_batch=10**6, log=lambda s: None)
+    best = find_max_batch(stepped, budget, cap=10**6).max_batch
     assert stepped(best) <= budget < (stepped(best + 1) or budget + 1)
-    assert train.find_batch_size(linear, budget=10**9, max_batch=50, log=lambda s: None) == 50
-    with pytest.raises(train.UsageError, match="batch 2 needs more"):
-        train.find_batch_size(linear, budget=10, max_batch=50, log=lambda s: None)
+    assert find_max_batch(linear, budget=10**9, cap=50).max_batch == 50
+    with pytest.raises(MemoryBudgetError, match="batch 1 needs"):
+        find_max_batch(linear, budget=10, cap=50)
+
+
+def test_find_max_batch_searches_down_and_reuses_known_probes():
+    probes = []
+
+    def linear(b):
+        probes.append(b)
+        return 37 * b
+
+    found = find_max_batch(linear, budget=37 * 11, cap=1000, start=64, known={64: 37 * 64})
+    assert found.max_batch == 11 and 64 not in probes and len(probes) <= 6, probes
+    assert {p["batch"] for p in found.as_dict()["probes"]} == {64, *probes}
 
 
 def test_cpu_probe_counts_activations():
-    bundle = D.load_digits(8)
-    precision = train.Precision(None, False)
+    precision = trainer.Precision(None, False)
     torch.manual_seed(0)
     from python_models import get_model
 
     model = get_model("densenet_bc_10", growth_rate=4, num_classes=10, efficient=True)
-    small = train.measure_step(model, 4, bundle, torch.device("cpu"), precision)
-    large = train.measure_step(model, 64, bundle, torch.device("cpu"), precision)
+    cpu = torch.device("cpu")
+    small = step_bytes(model, 4, (3, 8, 8), 10, cpu, precision)
+    large = step_bytes(model, 64, (3, 8, 8), 10, cpu, precision)
     state = sum(p.numel() * 4 for p in model.parameters())
     assert state < small < large
     # At least the feature buffers of the 60 extra samples: blocks of 12, 10 and 9 channels
