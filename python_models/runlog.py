@@ -35,6 +35,22 @@ class RunLog:
                 writer.writeheader()
             writer.writerows(rows)
 
+    def truncate(self, epochs: int) -> None:
+        """Drop the rows of epochs after ``epochs`` (a resumed run trains them again)."""
+        for name in ("metrics.csv", "steps.csv"):
+            path = self.dir / name
+            if not self.enabled or not path.exists():
+                continue
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                fields, rows = reader.fieldnames or [], list(reader)
+            kept = [r for r in rows if int(r["epoch"]) <= epochs]
+            if len(kept) < len(rows):
+                with open(path, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=fields)
+                    writer.writeheader()
+                    writer.writerows(kept)
+
     def record_epoch(self, row: dict, step_losses: list[float], first_step: int) -> None:
         """Append an epoch's row to metrics.csv and its step losses to steps.csv."""
         self.append_csv(
