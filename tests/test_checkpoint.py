@@ -104,6 +104,26 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys, content, 
     assert message in _one_error_line(capsys.readouterr().err)
 
 
+def test_every_torch_load_in_the_repository_is_weights_only():
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    unsafe = []
+    for folder in ("dense_ext", "python_models", "bench", "tests"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (
+                    isinstance(node, ast.Call)
+                    and ast.unparse(node.func) == "torch.load"
+                    and not any(
+                        k.arg == "weights_only" and getattr(k.value, "value", None) is True
+                        for k in node.keywords
+                    )
+                ):
+                    unsafe.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
+
+
 def test_generator_states_round_trip_as_plain_data(tmp_path):
     torch.manual_seed(3)
     np.random.seed(4)

@@ -189,7 +189,7 @@ def _train_single():
 def test_two_process_sync_bn_matches_one_process_on_the_whole_batch(tmp_path):
     out = str(tmp_path / "rank0.pt")
     mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-    got = torch.load(out)
+    got = torch.load(out, weights_only=True)
     want_losses, want_state = _train_single()
     torch.testing.assert_close(got["losses"], want_losses, rtol=1e-5, atol=1e-6)
     assert got["state"].keys() == want_state.keys()
