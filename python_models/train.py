@@ -313,13 +313,18 @@ def _explicit_options(argv: list[str]) -> frozenset[str]:
     return frozenset(vars(shadow.parse_args(argv)))
 
 
+def _explicit(args: argparse.Namespace) -> frozenset[str]:
+    # Namespaces built by hand (not by parse_args) count every option as given.
+    return getattr(args, "_explicit", frozenset(vars(args)))
+
+
 def _apply_recipe(args: argparse.Namespace, choice: str) -> str:
     """Set the recipe's values on the options not given explicitly; its name, or 'none'."""
     recipe = {"auto": recipe_for(args.model), "none": None}.get(choice, RECIPES.get(choice))
     if recipe is None:
         return "none"
     for name, value in recipe.values.items():
-        if name not in args._explicit:
+        if name not in _explicit(args):
             setattr(args, name, value)
     return recipe.name
 
@@ -345,10 +350,10 @@ def resume_args(args: argparse.Namespace, saved: dict | None) -> None:
     if not saved:
         return
     for name, value in saved.items():
-        if name in _PER_INVOCATION or name in args._explicit or not hasattr(args, name):
+        if name in _PER_INVOCATION or name in _explicit(args) or not hasattr(args, name):
             continue
         setattr(args, name, value)
-    if "recipe" in args._explicit:  # asked for again: it beats the saved values
+    if "recipe" in _explicit(args):  # asked for again: it beats the saved values
         args.recipe = _apply_recipe(args, args.recipe)
     check_args(args)
 
@@ -382,7 +387,7 @@ def _describe(t: Trainer, out_dir: Path) -> str:
     )
     recipe = RECIPES.get(t.args.recipe)
     if recipe is not None:
-        given = sorted(n for n in recipe.values if n in t.args._explicit)
+        given = sorted(n for n in recipe.values if n in _explicit(t.args))
         overrides = f" (overridden: {', '.join('--' + n.replace('_', '-') for n in given)})"
         line += f"\nrecipe {recipe.describe()}{overrides if given else ''}"
     return line
@@ -419,7 +424,7 @@ def run(args: argparse.Namespace) -> dict:
 def _config(args: argparse.Namespace, trainer: Trainer) -> dict:
     return {
         **{k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "explicit_options": sorted(args._explicit),
+        "explicit_options": sorted(_explicit(args)),
         "resolved_batch_size": trainer.batch_size,
         "torch": torch.__version__,
     }

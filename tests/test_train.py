@@ -315,7 +315,6 @@ def test_cpu_probe_counts_activations():
     assert large - small > 60 * per_sample
 
 
-@pytest.mark.slow
 def test_batch_size_auto_reports_what_it_found_and_nothing_else(tmp_path, capfd):
     _run(
         tmp_path,
