@@ -93,7 +93,8 @@ def save(state: dict, path: str | os.PathLike) -> None:
     """Write ``state`` to ``path`` atomically (temporary file, fsync, rename, fsync folder).
 
     Raises ``CheckpointWriteError`` (the temporary file removed, ``path`` untouched) when
-    the write fails, e.g. on a full disk.
+    the write fails, e.g. on a full disk. A success also removes the temporary files of
+    ``path`` that a process killed mid-save left behind.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -115,6 +116,9 @@ def save(state: dict, path: str | os.PathLike) -> None:
             ) from exc
         raise
     _fsync_dir(path.parent)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-save
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -223,9 +223,12 @@ def test_save_fsyncs_the_file_before_renaming_it(tmp_path, monkeypatch):
         "replace",
         lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b))[1],
     )
+    stale = tmp_path / ".last.pt.k1ll3d.tmp"  # a save that was killed: a partial file
+    stale.write_bytes(b"PK")
     ckpt.save({"model": {}, "epoch": 0}, tmp_path / "last.pt")
     assert events == ["fsync", ("replace", "last.pt"), "fsync"]  # file, rename, folder
     assert ckpt.load(tmp_path / "last.pt")["epoch"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
 def test_resume_of_a_folder_picks_the_newest_valid_checkpoint(tmp_path, capsys):
