@@ -199,6 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_fo
   at::Tensor stats2 = batch_stats && s.bottleneck ? at::empty({s.layers, 2, s.mid}, acc_opts)
                                                   : at::empty({0}, acc_opts);
   if (batch_stats) o.channel_stats.call(feat.narrow(1, 0, s.c0), stats1, 0);
+  // dropout_store reads its seed from a tensor on the buffer's device (a fill, no host sync).
+  const at::Tensor seed_tensor = at::full({1}, seed, x.options().dtype(at::kLong));
 
   const bool keep = keep_bottleneck && save && s.bottleneck;
   std::vector<at::Tensor> bottlenecks;
@@ -228,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_fo
       out = conv3x3(z1, L.w1);
     }
     at::Tensor fresh = feat.narrow(1, L.c_in, s.k);
-    o.dropout_store.call(as_cl(out), drop_rate, seed, l, fresh);
+    o.dropout_store.call(as_cl(out), drop_rate, seed_tensor, l, fresh);
     if (batch_stats) o.channel_stats.call(fresh, stats1, L.c_in);
   }
   return {feat, stats1, stats2, bottlenecks};
@@ -293,6 +295,7 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
   }
   at::Tensor grad_new_scratch;
   if (drop_rate > 0) grad_new_scratch = channels_last(feat, s.k, s);
+  const at::Tensor seed_tensor = at::full({1}, seed, feat.options().dtype(at::kLong));
 
   for (int64_t l = s.layers - 1; l >= 0; --l) {
     const Layer L = layer_view(l, s, params, running, eps, stats1, stats2, batch_stats);
@@ -301,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
     // their input gradients. The dropout mask is replayed from (seed, layer).
     at::Tensor grad_new = grad_feat.narrow(1, L.c_in, s.k);
     if (drop_rate > 0) {
-      o.dropout_store.call(grad_new, drop_rate, seed, l, grad_new_scratch);
+      o.dropout_store.call(grad_new, drop_rate, seed_tensor, l, grad_new_scratch);
       grad_new = grad_new_scratch;
     } else {
       grad_new = as_cl(grad_new);

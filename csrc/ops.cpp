@@ -70,8 +70,10 @@ TORCH_LIBRARY(dense_ext, m) {
       "bn_relu_backward_apply(Tensor x, Tensor mean, Tensor var, Tensor gamma, Tensor beta, "
       "float eps, Tensor sums, int count, Tensor(a!) grad_x) -> ()");
   // dst = src * mask / (1 - p), mask a pure function of (seed, key, element index): the same
-  // call on the output gradient replays the forward mask. p = 0 copies.
-  m.def("dropout_store(Tensor src, float p, int seed, int key, Tensor(a!) dst) -> ()");
+  // call on the output gradient replays the forward mask. seed is a one-element int64 tensor on
+  // src's device that the kernel reads itself (no host sync), so a CUDA graph that redraws it
+  // (torch.randint inside the graph) draws a new mask on every replay. p = 0 copies.
+  m.def("dropout_store(Tensor src, float p, Tensor seed, int key, Tensor(a!) dst) -> ()");
   // The whole block forward: returns (feat, stats1, stats2, bottlenecks).
   m.def(
       "block_forward(Tensor x, Tensor[] params, Tensor[] running, float[] eps, "

@@ -79,6 +79,11 @@ def sample_args(device="cpu", dtype=torch.float32, c=5, lo=1):
     )
 
 
+def seed_of(like, value):
+    """dropout_store's seed: a one-element int64 tensor on the device of ``like``."""
+    return torch.tensor([value], dtype=torch.int64, device=like.device)
+
+
 def block_args(device="cpu", dtype=torch.float64, bn_size=2, batch_stats=True, keep=True, drop=0.0):
     from dense_ext.spec import BlockSpec
 
@@ -169,8 +174,8 @@ def test_opcheck_kernels(dtype):
         ops.bn_relu_backward_apply,
         (a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5, a["sums"], 30, a["grad_x"]),
     )
-    torch.library.opcheck(ops.dropout_store, (a["x"], 0.3, 17, 1, a["out"]))
-    torch.library.opcheck(ops.dropout_store, (a["x"], 0.0, 17, 1, a["out"]))
+    torch.library.opcheck(ops.dropout_store, (a["x"], 0.3, seed_of(a["x"], 17), 1, a["out"]))
+    torch.library.opcheck(ops.dropout_store, (a["x"], 0.0, seed_of(a["x"], 17), 1, a["out"]))
 
 
 @pytest.mark.parametrize("bn_size", [0, 2])
@@ -303,11 +308,55 @@ def test_chunked_bn_backward_equals_whole_batch(batch_stats):
 def test_dropout_store_writes_only_its_slice():
     src = cl(torch.randn(2, 3, 4, 4))
     feat = cl(torch.zeros(2, 7, 4, 4))
-    torch.ops.dense_ext.dropout_store(src, 0.5, 3, 0, feat[:, 2:5])
+    torch.ops.dense_ext.dropout_store(src, 0.5, seed_of(src, 3), 0, feat[:, 2:5])
     assert (feat[:, :2] == 0).all() and (feat[:, 5:] == 0).all()
     written = feat[:, 2:5]
     kept = written != 0
     assert torch.equal(written[kept], src[kept] * 2)
+
+
+def test_dropout_store_reads_its_seed_from_the_tensor():
+    """The seed is read from the tensor when the op runs (on CUDA by the kernel, from device
+    memory): changing the tensor in place changes the mask, as a CUDA-graph replay that redraws
+    the seed with torch.randint does."""
+    src = cl(torch.randn(2, 5, 6, 6))
+    seed = seed_of(src, 11)
+    masks = []
+    for value in (11, 12, 11):
+        seed.fill_(value)
+        dst = torch.empty_like(src)
+        torch.ops.dense_ext.dropout_store(src, 0.5, seed, 0, dst)
+        masks.append(dst == 0)
+    assert not torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
+    with pytest.raises(RuntimeError, match="seed must be a one-element int64 tensor"):
+        torch.ops.dense_ext.dropout_store(src, 0.5, torch.tensor([1.0]), 0, dst)
+    with pytest.raises(RuntimeError, match="seed must be a one-element int64 tensor"):
+        torch.ops.dense_ext.dropout_store(src, 0.5, torch.tensor([1, 2]), 0, dst)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_draw_new_dropout_masks():
+    """A CUDA graph that draws the seed with torch.randint and runs dropout_store: every replay
+    gives a new mask (a seed passed by value would be frozen into the graph)."""
+    cuda_or_skip()
+    src = cl(torch.randn(2, 8, 16, 16, device="cuda"))
+    seed = torch.zeros(1, dtype=torch.int64, device="cuda")
+    dst = torch.empty_like(src)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.ops.dense_ext.dropout_store(src, 0.5, seed, 0, dst)  # warm-up outside capture
+        with torch.cuda.graph(graph):
+            seed.copy_(torch.randint(0, 2**62, (1,), device="cuda"))
+            torch.ops.dense_ext.dropout_store(src, 0.5, seed, 0, dst)
+    torch.cuda.current_stream().wait_stream(stream)
+    masks = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        masks.append((dst == 0).cpu())
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
 
 
 # --- registration and CUDA ---------------------------------------------------------------
@@ -395,7 +444,7 @@ def test_opcheck_kernels_cuda(dtype):
         ops.bn_relu_backward_apply,
         (a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5, a["sums"], 30, a["grad_x"]),
     )
-    torch.library.opcheck(ops.dropout_store, (a["x"], 0.3, 17, 1, a["out"]))
+    torch.library.opcheck(ops.dropout_store, (a["x"], 0.3, seed_of(a["x"], 17), 1, a["out"]))
     spec, x, params, running, eps, _ = block_args(device="cuda", dtype=torch.float32)
     fwd = (x, params, running, eps, spec.growth_rate, spec.bn_size, 0.2, 5, True, True, True)
     torch.library.opcheck(ops.block_forward, fwd)
@@ -449,8 +498,8 @@ def test_cuda_kernels_match_cpu_kernels(dtype, c, lo):
     ops.bn_relu(a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5, out)
     ops.bn_relu(g["x"], g["mean"], g["var"], g["gamma"], g["beta"], 1e-5, g["out"])
     assert_close(g["out"].cpu(), out, tol, "bn_relu")
-    ops.dropout_store(a["x"], 0.3, 17, 1, a["out"])
-    ops.dropout_store(g["x"], 0.3, 17, 1, g["out"])
+    ops.dropout_store(a["x"], 0.3, seed_of(a["x"], 17), 1, a["out"])
+    ops.dropout_store(g["x"], 0.3, seed_of(g["x"], 17), 1, g["out"])
     assert torch.equal(g["out"].cpu() == 0, a["out"] == 0), "dropout masks differ"
     for args in (a, g):
         ops.bn_relu_backward(
@@ -679,7 +728,7 @@ def test_ops_propagate_nan_like_torch():
     assert torch.equal(torch.isnan(grad_x), torch.isnan(expected)), (grad_x, expected)
     src = cl(torch.full((2, 3, 4, 4), float("nan")))
     dst = torch.zeros_like(src)
-    torch.ops.dense_ext.dropout_store(src, 0.5, 3, 0, dst)
+    torch.ops.dense_ext.dropout_store(src, 0.5, seed_of(src, 3), 0, dst)
     assert torch.isnan(dst).all()
 
 
@@ -704,7 +753,7 @@ def empty_calls(shape, dtype=torch.float32):
         ("bn_relu_backward", (grad_z, x, *vec, 1e-5, True, True, grad_x, dgamma, dbeta)),
         ("bn_relu_backward_reduce", (grad_z, x, *vec, 1e-5, grad_x, sums)),
         ("bn_relu_backward_apply", (x, *vec, 1e-5, sums, 7, grad_x)),
-        ("dropout_store", (x, 0.5, 3, 0, out)),
+        ("dropout_store", (x, 0.5, seed_of(x, 3), 0, out)),
     ]
     if n * h * w > 0:  # statistics of no rows are an error (below)
         calls.append(("channel_stats", (x, torch.zeros(2, c + 1, dtype=acc), 1)))

@@ -191,9 +191,15 @@ struct DropoutViews {
   RowsView src, dst;
 };
 
-inline DropoutViews check_dropout_store(const at::Tensor& src, double p, const at::Tensor& dst) {
+inline DropoutViews check_dropout_store(const at::Tensor& src, double p, const at::Tensor& seed,
+                                        const at::Tensor& dst) {
   check_floating(src, "src");
   TORCH_CHECK(p >= 0 && p < 1, "dense_ext: dropout probability must be in [0, 1), got ", p);
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong,
+              "dense_ext: seed must be a one-element int64 tensor, got ", seed.scalar_type(),
+              " of shape ", seed.sizes());
+  TORCH_CHECK(seed.device() == src.device(), "dense_ext: seed is on ", seed.device(),
+              " but src is on ", src.device());
   DropoutViews v{rows_view(src, "src"), rows_view(dst, "dst")};
   check_same(dst, "dst", src, "src");
   return v;

@@ -15,8 +15,12 @@
 
 #if defined(__CUDACC__)
 #define DENSE_EXT_HOST_DEVICE __host__ __device__ __forceinline__
+#define DENSE_EXT_UNROLL _Pragma("unroll")
+#define DENSE_EXT_NO_UNROLL _Pragma("unroll 1")
 #else
 #define DENSE_EXT_HOST_DEVICE inline
+#define DENSE_EXT_UNROLL
+#define DENSE_EXT_NO_UNROLL
 #endif
 
 namespace dense_ext {
@@ -71,6 +75,20 @@ DENSE_EXT_HOST_DEVICE void chan_merge(MeanM2<acc>& a, const MeanM2<acc>& b) {
   a.mean += delta * frac;
   a.m2 += b.m2 + delta * delta * a.n * frac;
   a.n = n;
+}
+
+// Adds N values to the running statistics s, as one Chan merge of the batch's own mean and M2
+// (two passes over the batch, in registers): one division per batch instead of one per value.
+template <typename acc, int N>
+DENSE_EXT_HOST_DEVICE void welford_add_batch(MeanM2<acc>& s, const acc (&vals)[N]) {
+  acc sum = 0;
+  DENSE_EXT_UNROLL
+  for (int i = 0; i < N; ++i) sum += vals[i];
+  const acc mean = sum * (acc(1) / acc(N));
+  acc m2 = 0;
+  DENSE_EXT_UNROLL
+  for (int i = 0; i < N; ++i) m2 += (vals[i] - mean) * (vals[i] - mean);
+  chan_merge(s, MeanM2<acc>{acc(N), mean, m2});
 }
 
 // Shifted statistics. Welford updates the mean in the data's precision; on data with a large mean

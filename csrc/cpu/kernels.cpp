@@ -313,13 +313,13 @@ void dropout_store_impl(const at::Tensor& src, const at::Tensor& dst, const Drop
   });
 }
 
-void dropout_store_cpu(const at::Tensor& src, double p, int64_t seed, int64_t key,
+void dropout_store_cpu(const at::Tensor& src, double p, const at::Tensor& seed, int64_t key,
                        const at::Tensor& dst) {
-  const DropoutViews v = check_dropout_store(src, p, dst);
+  const DropoutViews v = check_dropout_store(src, p, seed, dst);
   if (v.src.empty()) return;
-  DENSE_EXT_DISPATCH(src.scalar_type(), "dropout_store", [&] {
-    dropout_store_impl<scalar_t>(src, dst, v, p, static_cast<uint64_t>(seed), key);
-  });
+  const uint64_t seed_value = static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());
+  DENSE_EXT_DISPATCH(src.scalar_type(), "dropout_store",
+                     [&] { dropout_store_impl<scalar_t>(src, dst, v, p, seed_value, key); });
 }
 
 }  // namespace

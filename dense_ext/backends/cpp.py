@@ -119,13 +119,20 @@ def draw_seed() -> int:
 
 
 def dropout_mask(
-    seed: int, layer: int, shape: Sequence[int], p: float, dtype=torch.float32, device="cpu"
+    seed: int | Tensor,
+    layer: int,
+    shape: Sequence[int],
+    p: float,
+    dtype=torch.float32,
+    device="cpu",
 ) -> Tensor:
     """The mask (0 or 1/(1-p)) the backend applies to layer ``layer``'s new features."""
     ones = torch.ones(shape, dtype=dtype, device=device).contiguous(
         memory_format=torch.channels_last
     )
     mask = torch.empty_like(ones)
+    if not isinstance(seed, Tensor):
+        seed = torch.tensor([seed], dtype=torch.int64, device=ones.device)
     torch.ops.dense_ext.dropout_store(ones, p, seed, layer, mask)
     return mask
 
