@@ -74,11 +74,15 @@ TORCH_LIBRARY(dense_ext, m) {
   // src's device that the kernel reads itself (no host sync), so a CUDA graph that redraws it
   // (torch.randint inside the graph) draws a new mask on every replay. p = 0 copies.
   m.def("dropout_store(Tensor src, float p, Tensor seed, int key, Tensor(a!) dst) -> ()");
-  // The whole block forward: returns (feat, stats1, stats2, bottlenecks).
+  // The whole block forward: returns (feat, stats1, stats2, bottlenecks). Per BN (parameter
+  // order): eps, batch_stats (normalise with batch statistics, else with running (mean, var),
+  // which are empty placeholders for batch-statistics BNs); per layer: drop_rates. seed: a
+  // one-element int64 tensor on x's device, drawn per forward, from which every dropout mask
+  // derives (read by the dropout kernels, never by the host).
   m.def(
       "block_forward(Tensor x, Tensor[] params, Tensor[] running, float[] eps, "
-      "int growth_rate, int bn_size, float drop_rate, int seed, bool keep_bottleneck, "
-      "bool batch_stats, bool save) -> (Tensor, Tensor, Tensor, Tensor[])");
+      "bool[] batch_stats, float[] drop_rates, Tensor seed, int growth_rate, int bn_size, "
+      "bool keep_bottleneck, bool save) -> (Tensor, Tensor, Tensor, Tensor[])");
   // The whole block backward: accumulates into grad_feat (on return grad_feat[:, :C0] is the
   // input gradient) and returns the parameter gradients as two flat tensors, in parameter
   // order: (gamma/beta gradients in the accumulation dtype, conv weight gradients in the buffer
@@ -86,6 +90,6 @@ TORCH_LIBRARY(dense_ext, m) {
   // support a Tensor[] return from an op that mutates an argument.
   m.def(
       "block_backward(Tensor(a!) grad_feat, Tensor feat, Tensor stats1, Tensor stats2, "
-      "Tensor[] bottlenecks, Tensor[] params, Tensor[] running, float[] eps, int growth_rate, "
-      "int bn_size, float drop_rate, int seed, bool batch_stats) -> (Tensor, Tensor)");
+      "Tensor[] bottlenecks, Tensor[] params, Tensor[] running, float[] eps, bool[] batch_stats, "
+      "float[] drop_rates, Tensor seed, int growth_rate, int bn_size) -> (Tensor, Tensor)");
 }

@@ -7,6 +7,7 @@ here queries the GPU at import or collection time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import pytest
@@ -84,7 +85,10 @@ def seed_of(like, value):
     return torch.tensor([value], dtype=torch.int64, device=like.device)
 
 
-def block_args(device="cpu", dtype=torch.float64, bn_size=2, batch_stats=True, keep=True, drop=0.0):
+def block_args(device="cpu", dtype=torch.float64, bn_size=2, batch_stats=True, drop=0.0, keep=True):
+    """The arguments of block_forward (and the pieces block_backward reuses) for a tiny block.
+
+    ``batch_stats``: True/False for every BN, or "mixed" (alternating per BN)."""
     from dense_ext.spec import BlockSpec
 
     torch.manual_seed(0)
@@ -96,18 +100,31 @@ def block_args(device="cpu", dtype=torch.float64, bn_size=2, batch_stats=True, k
         for s in spec.param_shapes()
     ]
     nbn = spec.num_layers * spec.bns_per_layer
-    running = []  # (mean, var) per BN, only without batch statistics
-    if not batch_stats:
-        for layer in range(spec.num_layers):
-            sizes = [spec.in_channels(layer)] + ([spec.mid_channels] if spec.bottleneck else [])
-            for c in sizes:
-                running += [
-                    torch.randn(c, dtype=dtype, device=device),
-                    torch.rand(c, dtype=dtype, device=device) + 0.5,
-                ]
+    flags = [batch_stats if batch_stats != "mixed" else bool(i % 2) for i in range(nbn)]
+    sizes = []
+    for layer in range(spec.num_layers):
+        sizes += [spec.in_channels(layer)] + ([spec.mid_channels] if spec.bottleneck else [])
+    running = []  # (mean, var) per BN; empty placeholders for BNs with batch statistics
+    for c, flag in zip(sizes, flags):
+        if flag:
+            running += [torch.empty(0, dtype=dtype, device=device)] * 2
+        else:
+            running += [
+                torch.randn(c, dtype=dtype, device=device),
+                torch.rand(c, dtype=dtype, device=device) + 0.5,
+            ]
     x = torch.randn(2, 3, 4, 5, dtype=dtype, device=device)
     eps = [1e-5] * nbn
-    return spec, x, params, running, eps, drop
+    drops = [drop] * spec.num_layers
+    seed = torch.tensor([99], dtype=torch.int64, device=device)
+    fwd = (x, params, running, eps, flags, drops, seed, spec.growth_rate, spec.bn_size, keep, True)
+    return spec, fwd
+
+
+def backward_args(fwd, grad, outputs):
+    x, params, running, eps, flags, drops, seed, k, bn_size, _, _ = fwd
+    feat, s1, s2, bott = outputs
+    return (grad, feat, s1, s2, bott, params, running, eps, flags, drops, seed, k, bn_size)
 
 
 def test_op_schemas_mark_written_buffers():
@@ -179,42 +196,15 @@ def test_opcheck_kernels(dtype):
 
 
 @pytest.mark.parametrize("bn_size", [0, 2])
-@pytest.mark.parametrize("batch_stats", [True, False])
+@pytest.mark.parametrize("batch_stats", [True, False, "mixed"])
 @pytest.mark.parametrize("keep", [True, False])
 def test_opcheck_block_ops(bn_size, batch_stats, keep):
-    spec, x, params, running, eps, _ = block_args(bn_size=bn_size, batch_stats=batch_stats)
     for drop in (0.0, 0.25):
-        fwd = (
-            x,
-            params,
-            running,
-            eps,
-            spec.growth_rate,
-            spec.bn_size,
-            drop,
-            99,
-            keep,
-            batch_stats,
-            True,
-        )
+        _, fwd = block_args(bn_size=bn_size, batch_stats=batch_stats, drop=drop, keep=keep)
         torch.library.opcheck(torch.ops.dense_ext.block_forward, fwd)
-        feat, s1, s2, bott = torch.ops.dense_ext.block_forward(*fwd)
-        grad = torch.randn_like(feat).contiguous(memory_format=torch.channels_last)
-        bwd = (
-            grad,
-            feat,
-            s1,
-            s2,
-            bott,
-            params,
-            running,
-            eps,
-            spec.growth_rate,
-            spec.bn_size,
-            drop,
-            99,
-            batch_stats,
-        )
+        outputs = torch.ops.dense_ext.block_forward(*fwd)
+        grad = torch.randn_like(outputs[0]).contiguous(memory_format=torch.channels_last)
+        bwd = backward_args(fwd, grad, outputs)
         torch.library.opcheck(torch.ops.dense_ext.block_backward, bwd)
 
 
@@ -445,8 +435,7 @@ def test_opcheck_kernels_cuda(dtype):
         (a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5, a["sums"], 30, a["grad_x"]),
     )
     torch.library.opcheck(ops.dropout_store, (a["x"], 0.3, seed_of(a["x"], 17), 1, a["out"]))
-    spec, x, params, running, eps, _ = block_args(device="cuda", dtype=torch.float32)
-    fwd = (x, params, running, eps, spec.growth_rate, spec.bn_size, 0.2, 5, True, True, True)
+    _, fwd = block_args(device="cuda", dtype=torch.float32, drop=0.2)
     torch.library.opcheck(ops.block_forward, fwd)
 
 
@@ -851,3 +840,34 @@ def test_probe_launch_runs_a_kernel():
     from dense_ext.backends.cpp import probe_launch
 
     assert probe_launch(torch.device("cpu")) is None
+
+
+def count_casts(fn) -> int:
+    """How many dtype conversions (aten::to) a dense_ext driver ``fn`` dispatches itself (not
+    those inside ATen ops it calls, e.g. oneDNN's weight conversions in a bfloat16 convolution)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(
+        e.name == "aten::to"
+        and e.cpu_parent is not None
+        and e.cpu_parent.name.startswith("dense_ext")
+        for e in prof.events()
+    )
+
+
+def test_half_bn_vectors_are_converted_once_per_call():
+    """With bfloat16 BN parameters and running statistics, the drivers convert them to the
+    accumulation dtype once per call (one cast of all of them), not per layer and pass: on a GPU
+    each cast is a kernel launch (issue 11.6). Float32 ones are used as they are."""
+    for bn_size in (0, 2):
+        spec, fwd = block_args(dtype=torch.bfloat16, bn_size=bn_size, batch_stats="mixed")
+        outputs = torch.ops.dense_ext.block_forward(*fwd)
+        grad = cl(torch.randn_like(outputs[0]))
+        bwd = backward_args(fwd, grad, outputs)
+        ops = torch.ops.dense_ext
+        assert count_casts(functools.partial(ops.block_forward, *fwd)) <= 1, bn_size
+        assert count_casts(functools.partial(ops.block_backward, *bwd)) <= 1, bn_size
+    spec, fwd = block_args(dtype=torch.float32, bn_size=2, batch_stats="mixed")
+    assert count_casts(functools.partial(torch.ops.dense_ext.block_forward, *fwd)) == 0
