@@ -1,5 +1,4 @@
-"""``@triton.jit`` helpers shared by the convolution kernels, and the host helpers that wrap
-kernels for ``torch.library``.
+"""``@triton.jit`` helpers shared by the convolution kernels, and the host helpers around them.
 
 Conventions of every kernel in this package:
 
@@ -9,13 +8,20 @@ Conventions of every kernel in this package:
 * Convolution weights are passed as ``[KS*KS, C_in, C_out]`` contiguous (tap-major).
 * A 3x3 tap ``(ky, kx)`` reads the pixel ``(h + ky - 1, w + kx - 1)``; outside the image the
   *post-activation* value is 0 (zero padding of ``relu(bn(x))``, not of ``x``).
-* BN-ReLU is ``max((x - mean) * (gamma * invstd) + beta, 0)`` in the accumulation dtype
+* BN-ReLU is ``relu((x - mean) * (gamma * invstd) + beta)`` in the accumulation dtype
   (float32, float64 for float64 buffers): the same arithmetic as the reference backend,
   which keeps the result exact to rounding on data with a large mean (``x*scale + shift``
-  would cancel catastrophically there).
+  would cancel catastrophically there). The ReLU propagates NaN like ``torch.relu``.
+* Matrix-multiply operands are rounded to what the tensor cores read (``mma_operand``): the
+  buffer dtype, or TF32 (round to nearest, ties away) for float32 with TF32 allowed.
+* Row counts (``M``, and what derives from the batch size) are not specialised by Triton
+  (``do_not_specialize``), so a new batch size does not recompile the kernels.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 import triton
@@ -24,19 +30,72 @@ import triton.language as tl
 from dense_ext.backends.triton import interpret_requested
 
 INTERPRETED = interpret_requested()
-# Triton's interpreter converts float32 to bfloat16 by truncation; compiled kernels round to
-# nearest even. Under the interpreter ``round_to`` rounds explicitly so both give the same bits.
-_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRETED)
+# Triton's interpreter converts float32 to bfloat16 by truncation and has no inline PTX;
+# compiled kernels round to nearest even and round TF32 operands with ``cvt.rna``. Under the
+# interpreter both roundings are done by hand, bit for bit the same.
+_BY_HAND = tl.constexpr(INTERPRETED)
+
+# Whether float32 convolutions on CPU (interpreted kernels) emulate TF32 when the fp32
+# precision setting allows it. Off by default (PyTorch's CPU convolutions never use TF32);
+# tests switch it on to check the TF32 arithmetic of the GPU kernels under the interpreter.
+EMULATE_TF32_ON_CPU = False
+
+# Integers that change with the batch size (or per layer) and that the kernels do not need
+# specialised: Triton would otherwise compile a variant per value class (== 1, % 16 == 0).
+UNSPECIALISED = ("M", "rows_per_split", "num_tiles", "layer")
+
+
+def kernel(fn):
+    """``triton.jit`` with the batch-dependent integer arguments not specialised."""
+    names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+    return triton.jit(fn, do_not_specialize=[n for n in UNSPECIALISED if n in names])
 
 
 @triton.jit
 def round_to(x, dtype: tl.constexpr):
     """``x.to(dtype)`` with round-to-nearest-even also under the interpreter."""
-    if _ROUND_BF16_BY_HAND and dtype == tl.bfloat16 and x.dtype == tl.float32:
+    if _BY_HAND and dtype == tl.bfloat16 and x.dtype == tl.float32:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def round_tf32(x):
+    """float32 rounded to TF32 (10-bit mantissa), to nearest with ties away from zero: the PTX
+    ``cvt.rna.tf32.f32``. The tensor cores read only the top 19 bits of an fp32 operand, i.e.
+    they *truncate*; rounding first halves the error (what cuDNN and cuBLAS do)."""
+    if _BY_HAND:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, rounded)
+    else:
+        return tl.inline_asm_elementwise(
+            "cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+
+
+@triton.jit
+def round_tf32_kernel(X_ptr, Y_ptr, N, BLOCK: tl.constexpr):
+    """``Y = round_tf32(X)`` over ``N`` float32 values: the in-kernel rounding, for checks."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y_ptr + r, round_tf32(tl.load(X_ptr + r, mask=r < N)), mask=r < N)
+
+
+@triton.jit
+def mma_operand(x, dtype: tl.constexpr, TF32: tl.constexpr):
+    """A GEMM operand computed in registers, rounded to what the tensor cores consume."""
+    if TF32:
+        return round_tf32(x.to(tl.float32))
+    else:
+        return round_to(x, dtype)
+
+
+@triton.jit
+def relu(z):
+    """``max(z, 0)`` keeping NaN (``tl.maximum`` alone returns 0 for NaN; torch returns NaN)."""
+    return tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -61,20 +120,58 @@ def load_bn_params(MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rc, c_ok):
 
 
 @triton.jit
-def dropout_mask(MASK_ptr, rows, cols, ok, HW, C_MASK):
-    """Dropout multiplier of (row, channel) from a contiguous NCHW ``[N, C_MASK, H, W]`` mask."""
-    rows64 = rows.to(tl.int64)
-    img = rows64 // HW
-    pix = rows64 % HW
-    offs = img * (C_MASK * HW) + pix + cols.to(tl.int64) * HW
-    return tl.load(MASK_ptr + offs, mask=ok, other=0.0)
+def dot(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc += a @ b`` with the accumulator's dtype as the product dtype (float64 needs it
+    spelled out: ``tl.dot`` defaults to a float32 ``out_dtype``)."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
 
 
 def wrap(kernel):
-    """``torch.library.wrap_triton(kernel)`` for compiled kernels; interpreted ones run as is."""
-    if INTERPRETED:
+    """The kernel as launched: wrapped by ``torch.library.wrap_triton`` while torch traces or
+    functionalises (``torch.compile``, ``make_fx``, fake tensors), so that the launch becomes a
+    graph node; the plain kernel in eager mode, where the wrapper only costs host time."""
+    if INTERPRETED or not _tracing():
         return kernel
+    return _wrapped(kernel)
+
+
+@functools.cache
+def _wrapped(kernel):
     return torch.library.wrap_triton(kernel)
+
+
+def _tracing() -> bool:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None or torch.compiler.is_compiling()
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current while kernels launch: Triton launches on the current device."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_tensor_device(launcher):
+    """Decorator: run ``launcher`` with its first tensor argument's device made current."""
+
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        with device_guard(device):
+            return launcher(*args, **kwargs)
+
+    guarded.device_guarded = True
+    return guarded
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,17 +179,49 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def dot_config(dtype: torch.dtype) -> tuple[bool, str]:
-    """``(DOT_FP32, INPUT_PRECISION)`` for a buffer dtype.
+def conv_fp32_precision() -> str:
+    """``"tf32"`` or ``"ieee"``: what PyTorch's cuDNN convolutions use for float32.
 
-    float32 follows ``torch.backends.cudnn.allow_tf32`` (PyTorch's default for convolutions:
-    True), so the fused block rounds its GEMM operands like the cuDNN convolutions of the naive
-    model it replaces. The interpreter cannot multiply bfloat16 blocks correctly, so there the
-    operands (already rounded to bfloat16) are multiplied in float32: the same products.
+    The fused kernels replace cuDNN convolutions, so they follow the same setting: the new API
+    (``torch.backends.cudnn.conv.fp32_precision``, falling back to ``torch.backends.cudnn.
+    fp32_precision`` then ``torch.backends.fp32_precision`` while a level says ``"none"``), or
+    on older torch ``torch.backends.cudnn.allow_tf32``. Reading ``allow_tf32`` once a user has
+    set the new API raises in recent torch, so the new API is read whenever it exists.
+    """
+    backends = torch.backends
+    conv = getattr(getattr(backends.cudnn, "conv", None), "fp32_precision", None)
+    if conv is None:  # torch without the fp32_precision API
+        return "tf32" if backends.cudnn.allow_tf32 else "ieee"
+    for level in (conv, backends.cudnn.fp32_precision, backends.fp32_precision):
+        if level != "none":
+            return "tf32" if level == "tf32" else "ieee"
+    return "ieee"
+
+
+def dot_config(dtype: torch.dtype, device: torch.device) -> tuple[bool, str, bool]:
+    """``(DOT_FP32, INPUT_PRECISION, TF32)`` of the GEMMs for a buffer dtype on ``device``.
+
+    float32 uses TF32 tensor cores, with both operands *rounded* (``TF32``), where the fp32
+    precision setting allows TF32 for convolutions; ``"ieee"`` means true fp32 products. On
+    CPU (the interpreter) float32 is IEEE unless ``EMULATE_TF32_ON_CPU``. The interpreter
+    cannot multiply bfloat16 blocks correctly, so there the operands (already rounded to
+    bfloat16) are multiplied in float32: the same products.
     """
     if dtype == torch.float32:
-        return False, ("tf32" if torch.backends.cudnn.allow_tf32 and not INTERPRETED else "ieee")
-    return (INTERPRETED and dtype == torch.bfloat16), "ieee"
+        on_gpu = device.type == "cuda" or EMULATE_TF32_ON_CPU
+        if on_gpu and conv_fp32_precision() == "tf32":
+            return False, "tf32", True
+        return False, "ieee", False
+    return (INTERPRETED and dtype == torch.bfloat16), "ieee", False
+
+
+def round_tf32_(t: torch.Tensor) -> torch.Tensor:
+    """Host twin of ``round_tf32`` (same bits), in place on a contiguous float32 tensor."""
+    bits = t.view(torch.int32)
+    rounded = (bits + 0x1000).bitwise_and_(-0x2000)  # -0x2000 == 0xFFFFE000 as int32
+    nan = t.isnan()
+    bits.copy_(torch.where(nan, bits, rounded))
+    return t
 
 
 def rows_stride(t: torch.Tensor, what: str) -> int:
@@ -113,4 +242,5 @@ def rows_stride(t: torch.Tensor, what: str) -> int:
 
 
 def num_rows(t: torch.Tensor) -> int:
+    """``M``: the number of pixel rows of a rows operand."""
     return t.shape[0] * t.shape[2] * t.shape[3] if t.dim() == 4 else t.shape[0]

@@ -77,7 +77,9 @@ def conv_fwd_gpu(c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, int]
     block_n = _width(c_out, 128 if wide else 64)
     block_k = _width(c_in, 64 if wide else 32)
     stages = _stages(cap)
-    return Config(128, block_n, block_k, num_warps=8 if block_n >= 64 else 4, num_stages=stages)
+    # 8 warps: the BN-ReLU prologue holds a [128, BLOCK_K] float32 tile in registers; with 4
+    # warps the 3x3 variants spill (compile_check reads the cubin's local memory).
+    return Config(128, block_n, block_k, num_warps=8, num_stages=stages)
 
 
 def conv_dgrad_config(
@@ -94,7 +96,9 @@ def conv_dgrad_gpu(c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, in
         return Config(64, _width(c_out, 32), _width(c_in, 32), num_warps=4, num_stages=2)
     wide = dtype != torch.float32
     stages = _stages(cap)
-    block_k = _width(c_in, 128 if wide else 64)
+    # BLOCK_K <= 64: the apply pass keeps several [128, BLOCK_K] float32 tiles live (dZ, X,
+    # xhat, dX); at 128 channels they spill.
+    block_k = _width(c_in, 64)
     return Config(
         128,
         _width(c_out, 64 if wide else 32),
@@ -124,7 +128,8 @@ def conv_wgrad_gpu(
     tiles = triton.cdiv(c_out, block_n) * triton.cdiv(c_in, block_k) * taps
     split = max(1, min(triton.cdiv(m, 8 * block_m), triton.cdiv(4 * sms, tiles)))
     stages = _stages(cap)
-    return Config(block_m, block_n, block_k, num_warps=4, num_stages=stages, split_m=split)
+    warps = 8 if dtype == torch.float32 and taps == 9 else 4  # 4 warps spill there
+    return Config(block_m, block_n, block_k, num_warps=warps, num_stages=stages, split_m=split)
 
 
 def stats_config(m: int, c: int, device: torch.device) -> Config:

@@ -16,21 +16,25 @@ import triton.language as tl
 
 from dense_ext.backends.triton._common import (
     acc_dtype,
+    dot,
     dot_config,
-    dropout_mask,
+    kernel,
     load_bn_params,
+    mma_operand,
     num_rows,
-    round_to,
+    on_tensor_device,
+    relu,
+    round_tf32,
     rows_stride,
+    tap_source,
     wrap,
 )
 from dense_ext.backends.triton.configs import conv_wgrad_config
 
 
-@triton.jit
+@kernel
 def _bn_relu_conv_wgrad_kernel(
-    DY_ptr,  # rows [M, >= dy_col + C_OUT]: gradient of the conv output
-    MASK_ptr,  # [N, C_OUT, H, W] dropout multipliers (if HAS_MASK)
+    DY_ptr,  # rows [M, >= dy_col + C_OUT]: gradient of the conv output (dropout applied)
     X_ptr,  # rows [M, >= x_col + C_IN]: the BN input
     MEAN_ptr,
     INVSTD_ptr,
@@ -48,9 +52,9 @@ def _bn_relu_conv_wgrad_kernel(
     C_OUT,
     rows_per_split,
     KS: tl.constexpr,
-    HAS_MASK: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    TF32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -75,20 +79,7 @@ def _bn_relu_conv_wgrad_kernel(
     for m0 in range(m_lo, m_hi, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         row_ok = rm < m_hi
-        if KS == 1:
-            src = rm
-            ok = row_ok
-        else:
-            hh = (rm // W) % H
-            ww = rm % W
-            src = rm + dy_off * W + dx_off
-            ok = (
-                row_ok
-                & (hh + dy_off >= 0)
-                & (hh + dy_off < H)
-                & (ww + dx_off >= 0)
-                & (ww + dx_off < W)
-            )
+        src, ok = tap_source(rm, row_ok, (rm // W) % H, rm % W, H, W, dy_off, dx_off, KS)
         # activation operand, transposed: [BLOCK_C, BLOCK_M]
         valid_x = c_ok[:, None] & ok[None, :]
         x = tl.load(
@@ -96,47 +87,25 @@ def _bn_relu_conv_wgrad_kernel(
             mask=valid_x,
             other=0.0,
         ).to(acc_t)
-        z = tl.maximum((x - mean[:, None]) * scale[:, None] + beta[:, None], 0.0)
-        z = round_to(tl.where(valid_x, z, 0.0), op_t)
-        valid_y = row_ok[:, None] & n_ok[None, :]
+        z = relu((x - mean[:, None]) * scale[:, None] + beta[:, None])
+        z = mma_operand(tl.where(valid_x, z, 0.0), op_t, TF32)
         dy = tl.load(
             DY_ptr + rm.to(tl.int64)[:, None] * DY_row_stride + (dy_col + rn)[None, :],
-            mask=valid_y,
+            mask=row_ok[:, None] & n_ok[None, :],
             other=0.0,
-        ).to(acc_t)
-        if HAS_MASK:
-            dy = dy * dropout_mask(MASK_ptr, rm[:, None], rn[None, :], valid_y, H * W, C_OUT).to(
-                acc_t
-            )
-        dy = round_to(dy, op_t)
-        if DOT_FP32:
-            acc = tl.dot(z.to(tl.float32), dy.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(z, dy, acc, input_precision=INPUT_PRECISION)
+        )
+        if TF32:
+            dy = round_tf32(dy)
+        acc = dot(z, dy, acc, DOT_FP32, INPUT_PRECISION)
     out = PART_ptr + ((split * KS * KS + tap) * C_IN + rc)[:, None] * C_OUT + rn[None, :]
     tl.store(out, acc, mask=c_ok[:, None] & n_ok[None, :])
 
 
-@torch.library.triton_op("dense_ext_triton::bn_relu_conv_wgrad", mutates_args={})
-def bn_relu_conv_wgrad(
-    dy: torch.Tensor,
-    dy_col: int,
-    c_out: int,
-    mask: torch.Tensor | None,
-    x: torch.Tensor,
-    x_col: int,
-    c_in: int,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    kernel_size: int,
-    height: int,
-    width: int,
+@on_tensor_device
+def bn_relu_conv_wgrad_(
+    dy, x, mean, invstd, gamma, beta, *, dy_col, c_out, x_col, c_in, kernel_size, height, width
 ) -> torch.Tensor:
-    """``[c_out, c_in, KS, KS]`` weight gradient (accumulation dtype) of
-    ``conv_KS(relu(bn(x[:, x_col:x_col+c_in])))`` given the output gradient
-    ``dy[:, dy_col:dy_col+c_out] (* mask)``."""
+    """The launcher behind ``bn_relu_conv_wgrad`` (called directly in eager mode)."""
     ks = kernel_size
     taps = ks * ks
     m = num_rows(x)
@@ -144,11 +113,10 @@ def bn_relu_conv_wgrad(
     rows_per_split = triton.cdiv(triton.cdiv(m, cfg.split_m), cfg.block_m) * cfg.block_m
     split = triton.cdiv(m, rows_per_split)
     part = torch.empty((split, taps, c_in, c_out), dtype=acc_dtype(x.dtype), device=x.device)
-    dot_fp32, precision = dot_config(x.dtype)
+    dot_fp32, precision, tf32 = dot_config(x.dtype, x.device)
     grid = (triton.cdiv(c_in, cfg.block_k), triton.cdiv(c_out, cfg.block_n), split * taps)
     wrap(_bn_relu_conv_wgrad_kernel)[grid](
         dy,
-        mask if mask is not None else mean,
         x,
         mean,
         invstd,
@@ -166,9 +134,9 @@ def bn_relu_conv_wgrad(
         c_out,
         rows_per_split,
         KS=ks,
-        HAS_MASK=mask is not None,
         DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision,
+        TF32=tf32,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_C=cfg.block_k,
@@ -177,3 +145,40 @@ def bn_relu_conv_wgrad(
     )
     grad = part.sum(dim=0) if split > 1 else part[0]
     return grad.permute(2, 1, 0).reshape(c_out, c_in, ks, ks).contiguous()
+
+
+@torch.library.triton_op("dense_ext_triton::bn_relu_conv_wgrad", mutates_args={})
+def bn_relu_conv_wgrad(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    dy_col: int,
+    c_out: int,
+    x_col: int,
+    c_in: int,
+    kernel_size: int,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """``[c_out, c_in, KS, KS]`` weight gradient (accumulation dtype) of
+    ``conv_KS(relu(bn(x[:, x_col:x_col+c_in])))`` given the output gradient
+    ``dy[:, dy_col:dy_col+c_out]`` (dropout mask already applied)."""
+    return bn_relu_conv_wgrad_(
+        dy,
+        x,
+        mean,
+        invstd,
+        gamma,
+        beta,
+        dy_col=dy_col,
+        c_out=c_out,
+        x_col=x_col,
+        c_in=c_in,
+        kernel_size=kernel_size,
+        height=height,
+        width=width,
+    )
