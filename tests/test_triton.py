@@ -832,6 +832,93 @@ def test_ops_are_registered_with_torch_library():
     assert "!" not in str(ns.bn_relu_conv_wgrad.default._schema)
 
 
+_COMPILE_SCRIPT = """
+import torch
+from torch._dispatch.python import enable_python_dispatcher
+from torch._dynamo.backends.common import aot_autograd
+from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
+
+from dense_ext.backends.base import ForwardState
+from dense_ext.backends.triton import backend as tb
+from dense_ext.backends.triton.mock_gpu import mocked_gpu
+from dense_ext.spec import BlockSpec
+
+tb.TritonBackend._check = staticmethod(lambda x: None)  # CPU tensors stand in for CUDA ones
+backend = tb.get_backend()
+spec = BlockSpec(2, 8, 4, bn_size=4, drop_rate=0.2, memory="min")
+g = torch.Generator().manual_seed(0)
+params = [torch.rand(s, generator=g) + 0.5 if len(s) == 1 else torch.randn(s, generator=g)
+          for s in spec.param_shapes()]
+eps = [1e-5] * (spec.num_layers * spec.bns_per_layer)
+graphs = []
+
+def capture(gm, example_inputs):
+    graphs.append(gm)
+    return gm.forward
+
+def forward(x, *p):
+    feat, state = backend.forward(x, p, [], eps, spec, True, True)
+    return feat, state.stats1, state.stats2, state.dropout
+
+def backward(grad_out, feat, stats1, stats2, seeds, *p):
+    # as DenseBlockFunction.backward: a fresh buffer the backend may overwrite
+    grad_feat = torch.empty_like(feat, memory_format=torch.channels_last)
+    grad_feat.copy_(grad_out)
+    state = ForwardState(stats1, stats2, [], seeds)
+    grads = backend.backward(grad_feat, feat, state, p, [], eps, spec, True)
+    return grad_feat[:, :8].clone(), grads
+
+def buffer_clones(gm, numel):
+    wrapper = torch.ops.higher_order.triton_kernel_wrapper_functional
+    return [n for node in gm.graph.nodes if node.target is wrapper
+            for n in node.kwargs["tensors_to_clone"]
+            if node.kwargs["kwargs"][n].meta["val"].numel() >= numel]
+
+compiler = aot_autograd(fw_compiler=capture)
+x = torch.randn(2, 8, 5, 5)
+with mocked_gpu() as mock:
+    feat, stats1, stats2, seeds = torch.compile(forward, fullgraph=True, backend=compiler)(
+        x, *params)
+    grad = torch.randn_like(feat).contiguous(memory_format=torch.channels_last)
+    torch.compile(backward, fullgraph=True, backend=compiler)(
+        grad, feat, stats1, stats2, seeds, *params)
+launched = sum(mock.launches.values())
+assert launched >= 8 + 12, dict(mock.launches)
+fwd, bwd = graphs
+assert "torch.ops.aten.randint" in fwd.code, "dropout seeds are not drawn in the graph"
+kernels = [str(n.target) for g_ in graphs for n in g_.graph.nodes]
+assert sum("triton_kernel_wrapper" in k for k in kernels) >= 20, kernels
+before = [len(buffer_clones(gm, feat.numel())) for gm in graphs]
+assert before[0] >= 2, before  # functionalization clones the buffer per op
+with enable_python_dispatcher():
+    for gm in graphs:
+        reinplace_inplaceable_ops_core(gm.graph)
+after = [buffer_clones(gm, feat.numel()) for gm in graphs]
+assert after == [[], []], after
+print("ok", before, launched)
+"""
+
+
+@pytest.mark.slow
+def test_triton_ops_trace_with_fullgraph_and_reinplace():
+    """``torch.compile(fullgraph=True)`` traces the backend's forward and backward through the
+    ``triton_op``s (no graph break, so no host sync either: a ``.item()`` would break the
+    graph), with the dropout seeds drawn inside the graph (fresh under CUDA-graph replay). The
+    functional graph clones the feature buffer per kernel; Inductor's reinplacing pass removes
+    every such clone. Compiled kernels, launches mocked (``mock_gpu``), CPU tensors."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONPATH"] = (
+        str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0 and "ok" in done.stdout, (done.stdout + done.stderr)[-4000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU: compiled kernels (skipped without a CUDA GPU)
 # ----------------------------------------------------------------------------------------------

@@ -26,14 +26,11 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from dense_ext.backends.triton import interpret_requested
 
 INTERPRETED = interpret_requested()
-# Triton's interpreter converts float32 to bfloat16 by truncation and has no inline PTX;
-# compiled kernels round to nearest even and round TF32 operands with ``cvt.rna``. Under the
-# interpreter both roundings are done by hand, bit for bit the same.
-_BY_HAND = tl.constexpr(INTERPRETED)
 
 # Whether float32 convolutions on CPU (interpreted kernels) emulate TF32 when the fp32
 # precision setting allows it. Off by default (PyTorch's CPU convolutions never use TF32);
@@ -51,10 +48,15 @@ def kernel(fn):
     return triton.jit(fn, do_not_specialize=[n for n in UNSPECIALISED if n in names])
 
 
+# Triton's interpreter converts float32 to bfloat16 by truncation and has no inline PTX;
+# compiled kernels round to nearest even and round TF32 operands with ``cvt.rna``. Under the
+# interpreter both roundings are done by hand, bit for bit the same. The variant is picked here,
+# once, rather than by a constexpr global (Triton re-checks those on every launch).
+
+
 @triton.jit
-def round_to(x, dtype: tl.constexpr):
-    """``x.to(dtype)`` with round-to-nearest-even also under the interpreter."""
-    if _BY_HAND and dtype == tl.bfloat16 and x.dtype == tl.float32:
+def _round_to_by_hand(x, dtype: tl.constexpr):
+    if dtype == tl.bfloat16 and x.dtype == tl.float32:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
@@ -62,18 +64,30 @@ def round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def round_tf32(x):
-    """float32 rounded to TF32 (10-bit mantissa), to nearest with ties away from zero: the PTX
-    ``cvt.rna.tf32.f32``. The tensor cores read only the top 19 bits of an fp32 operand, i.e.
-    they *truncate*; rounding first halves the error (what cuDNN and cuBLAS do)."""
-    if _BY_HAND:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-        return tl.where(x != x, x, rounded)
-    else:
-        return tl.inline_asm_elementwise(
-            "cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
+def _round_to_compiled(x, dtype: tl.constexpr):
+    return x.to(dtype)
+
+
+@triton.jit
+def _round_tf32_by_hand(x):
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)
+
+
+@triton.jit
+def _round_tf32_compiled(x):
+    return tl.inline_asm_elementwise(
+        "cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+    )
+
+
+round_to = _round_to_by_hand if INTERPRETED else _round_to_compiled
+round_to.__doc__ = """``x.to(dtype)`` with round-to-nearest-even also under the interpreter."""
+round_tf32 = _round_tf32_by_hand if INTERPRETED else _round_tf32_compiled
+round_tf32.__doc__ = """float32 rounded to TF32 (10-bit mantissa), to nearest with ties away from
+zero: the PTX ``cvt.rna.tf32.f32``. The tensor cores read only the top 19 bits of an fp32
+operand, i.e. they *truncate*; rounding first halves the error (what cuDNN and cuBLAS do)."""
 
 
 @triton.jit
@@ -149,9 +163,18 @@ def _wrapped(kernel):
 
 
 def _tracing() -> bool:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    # is_compiling() first: dynamo folds it to True and never traces the dispatch-mode query
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
-    return _get_current_dispatch_mode() is not None or torch.compiler.is_compiling()
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` on the host (``triton.cdiv`` costs microseconds per call)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (``n >= 1``)."""
+    return 1 << (n - 1).bit_length()
 
 
 def device_guard(device: torch.device):

@@ -19,7 +19,6 @@ become graph nodes.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from types import SimpleNamespace
 
@@ -107,18 +106,16 @@ class _Layer:
         )
         self.w1 = taps(p[2])
         self.w2 = taps(p[5]) if len(p) > 3 else None
+        self._bn2 = None
 
-    @functools.cached_property
     def bn2(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """BN2's operands; in forward only valid once conv1 has written the batch statistics."""
-        mean2, invstd2 = self.lv.bn2()
-        p = self.lv.params
-        return (
-            mean2.contiguous(),
-            invstd2.contiguous(),
-            _vec(p[3], self.acc),
-            _vec(p[4], self.acc),
-        )
+        """BN2's operands; in forward only valid once conv1 has written the batch statistics.
+        (Computed on first use and kept: not a cached_property, whose lock dynamo refuses.)"""
+        if self._bn2 is None:
+            mean2, invstd2 = self.lv.bn2()
+            p, acc = self.lv.params, self.acc
+            self._bn2 = (mean2.contiguous(), invstd2.contiguous(), _vec(p[3], acc), _vec(p[4], acc))
+        return self._bn2
 
 
 class TritonBackend(Backend):
@@ -203,7 +200,7 @@ class TritonBackend(Backend):
             if keep:
                 state.bottlenecks.append(y1)
             ops.fwd(
-                y1, *layer.bn2, layer.w2, feat, stats1, seeds, x_col=0, c_in=mid,
+                y1, *layer.bn2(), layer.w2, feat, stats1, seeds, x_col=0, c_in=mid,
                 **new, **geometry,
             )  # fmt: skip
         return feat, state
@@ -252,10 +249,10 @@ class TritonBackend(Backend):
                         **geometry,
                     )  # fmt: skip
                 from_new = {"dy_col": c_in, "x_col": 0, "c_in": mid, **geometry}
-                grad_w2 = ops.wgrad(grad_feat, y1, *layer.bn2, c_out=k, kernel_size=3, **from_new)
-                sums2 = ops.reduce(grad_feat, layer.w2, y1, *layer.bn2, **from_new)
+                grad_w2 = ops.wgrad(grad_feat, y1, *layer.bn2(), c_out=k, kernel_size=3, **from_new)
+                sums2 = ops.reduce(grad_feat, layer.w2, y1, *layer.bn2(), **from_new)
                 ops.apply(
-                    grad_feat, layer.w2, y1, *layer.bn2, sums2, grad_y1, dx_col=0,
+                    grad_feat, layer.w2, y1, *layer.bn2(), sums2, grad_y1, dx_col=0,
                     batch_stats=batch_stats, accumulate=False, **from_new,
                 )  # fmt: skip
                 from_y1 = {"dy_col": 0, "x_col": 0, "c_in": c_in, **geometry}

@@ -6,20 +6,21 @@ to ~1000). So tiles are long in M (128 rows) and as wide in channels as the (pow
 rounded) channel count allows, capped where register pressure starts to hurt. The reduction
 over M of the weight gradient is split across programs so the grid fills the GPU.
 
-Choices are static (no run-time autotuning): ``triton.autotune`` would re-benchmark every new
-``C_in`` of every layer, and a block has dozens. sm_90 gets one more pipeline stage than sm_80
+Choices are static (no run-time autotuning: ``triton.autotune`` would re-benchmark every new
+``C_in`` of every layer, and a block has dozens) and cached per shape, since host time per
+launch counts at these kernel sizes. sm_90 gets one more pipeline stage than sm_80
 (larger shared memory); float64 gets smaller tiles. Under the interpreter, tiles are small so
 that tests with a few dozen channels exercise several tiles and masked edges.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
-import triton
 
-from dense_ext.backends.triton._common import INTERPRETED
+from dense_ext.backends.triton._common import INTERPRETED, cdiv, next_pow2
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,10 @@ def _stages(cap: tuple[int, int]) -> int:
 
 
 def _width(channels: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(channels)))
+    return max(16, min(cap, next_pow2(channels)))
 
 
+@functools.lru_cache(maxsize=4096)
 def _gpu(device: torch.device) -> tuple[tuple[int, int], int]:
     props = torch.cuda.get_device_properties(device)
     return (props.major, props.minor), props.multi_processor_count
@@ -62,6 +64,7 @@ def _on_cpu(device: torch.device) -> bool:
     return INTERPRETED or device.type != "cuda"
 
 
+@functools.lru_cache(maxsize=4096)
 def conv_fwd_config(
     m: int, c_in: int, c_out: int, dtype: torch.dtype, device: torch.device
 ) -> Config:
@@ -82,6 +85,7 @@ def conv_fwd_gpu(c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, int]
     return Config(128, block_n, block_k, num_warps=8, num_stages=stages)
 
 
+@functools.lru_cache(maxsize=4096)
 def conv_dgrad_config(
     m: int, c_in: int, c_out: int, dtype: torch.dtype, device: torch.device
 ) -> Config:
@@ -108,6 +112,7 @@ def conv_dgrad_gpu(c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, in
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def conv_wgrad_config(
     m: int, c_in: int, c_out: int, taps: int, dtype: torch.dtype, device: torch.device
 ) -> Config:
@@ -125,13 +130,14 @@ def conv_wgrad_gpu(
         block_n, block_k, block_m = _width(c_out, 32), _width(c_in, 32), 32
     else:
         block_n, block_k, block_m = _width(c_out, 64), _width(c_in, 64), 64
-    tiles = triton.cdiv(c_out, block_n) * triton.cdiv(c_in, block_k) * taps
-    split = max(1, min(triton.cdiv(m, 8 * block_m), triton.cdiv(4 * sms, tiles)))
+    tiles = cdiv(c_out, block_n) * cdiv(c_in, block_k) * taps
+    split = max(1, min(cdiv(m, 8 * block_m), cdiv(4 * sms, tiles)))
     stages = _stages(cap)
     warps = 8 if dtype == torch.float32 and taps == 9 else 4  # 4 warps spill there
     return Config(block_m, block_n, block_k, num_warps=warps, num_stages=stages, split_m=split)
 
 
+@functools.lru_cache(maxsize=4096)
 def stats_config(m: int, c: int, device: torch.device) -> Config:
     if _on_cpu(device):
         return Config(64, 16, 16)

@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 import triton.language as tl
 
 from dense_ext.backends.triton._common import (
+    cdiv,
     dot,
     dot_config,
     kernel,
@@ -156,7 +156,7 @@ def _launch(
     cfg = conv_dgrad_config(m, c_in, c_out, x.dtype, x.device)
     dot_fp32, precision, tf32 = dot_config(x.dtype, x.device)
     dy_col, x_col, dx_col = cols
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(c_in, cfg.block_k))
+    grid = (cdiv(m, cfg.block_m), cdiv(c_in, cfg.block_k))
     wrap(_conv_dgrad_bn_relu_bwd_kernel)[grid](
         dy,
         w_taps,
@@ -203,7 +203,7 @@ def conv_dgrad_bn_relu_reduce_(
     """The launcher behind ``conv_dgrad_bn_relu_reduce`` (called directly in eager mode)."""
     m = num_rows(x)
     cfg = conv_dgrad_config(m, c_in, w_taps.shape[2], x.dtype, x.device)
-    part = torch.empty((triton.cdiv(m, cfg.block_m), 2, c_in), dtype=mean.dtype, device=x.device)
+    part = torch.empty((cdiv(m, cfg.block_m), 2, c_in), dtype=mean.dtype, device=x.device)
     _launch(
         dy,
         w_taps,

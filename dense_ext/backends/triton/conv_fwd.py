@@ -18,11 +18,11 @@ constant, so the 1x1 instance has no tap loop and no bounds arithmetic. What it 
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from dense_ext.backends.triton._common import (
     acc_dtype,
+    cdiv,
     dot,
     dot_config,
     kernel,
@@ -171,7 +171,7 @@ def bn_relu_conv_fwd_(
     taps, _, c_out = w_taps.shape
     m = num_rows(x)
     cfg = conv_fwd_config(m, c_in, c_out, y.dtype, y.device)
-    tiles = triton.cdiv(m, cfg.block_m)
+    tiles = cdiv(m, cfg.block_m)
     part = None
     if stats is not None:
         part = torch.empty((tiles, 3, c_out), dtype=acc_dtype(y.dtype), device=y.device)
@@ -180,7 +180,7 @@ def bn_relu_conv_fwd_(
         check_size(m, c_out)
         drop = kernel_args(layer, drop_p)
     dot_fp32, precision, tf32 = dot_config(y.dtype, y.device)
-    wrap(_bn_relu_conv_fwd_kernel)[(tiles, triton.cdiv(c_out, cfg.block_n))](
+    wrap(_bn_relu_conv_fwd_kernel)[(tiles, cdiv(c_out, cfg.block_n))](
         x,
         mean,
         invstd,

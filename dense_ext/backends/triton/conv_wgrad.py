@@ -3,7 +3,7 @@
 ``dW[o, c, ky, kx] = sum_m (dY * mask)[m, o] * relu(bn(X))[m + d(ky, kx), c]`` with padded taps
 contributing 0. ``relu(bn(X))`` is recomputed in registers from the buffer prefix (``dW1``) or
 from ``Y1`` (``dW2``), so neither activation is ever stored. The reduction over M is split over
-``split_m`` programs per output tile; each writes its partial ``[KS*KS, C_in, C_out]`` block to a
+``split_m`` programs per output tile; each writes its partial ``[C_out, C_in, KS, KS]`` block to a
 ``[split_m, ...]`` buffer that the host sums in order (deterministic, no atomics; the buffer is
 weight-sized, i.e. tiny).
 """
@@ -11,11 +11,11 @@ weight-sized, i.e. tiny).
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from dense_ext.backends.triton._common import (
     acc_dtype,
+    cdiv,
     dot,
     dot_config,
     kernel,
@@ -40,7 +40,7 @@ def _bn_relu_conv_wgrad_kernel(
     INVSTD_ptr,
     GAMMA_ptr,
     BETA_ptr,  # [C_IN] accumulation dtype
-    PART_ptr,  # [SPLIT, KS*KS, C_IN, C_OUT] accumulation dtype
+    PART_ptr,  # [SPLIT, C_OUT, C_IN, KS, KS] accumulation dtype
     DY_row_stride,
     dy_col,
     X_row_stride,
@@ -97,7 +97,8 @@ def _bn_relu_conv_wgrad_kernel(
         if TF32:
             dy = round_tf32(dy)
         acc = dot(z, dy, acc, DOT_FP32, INPUT_PRECISION)
-    out = PART_ptr + ((split * KS * KS + tap) * C_IN + rc)[:, None] * C_OUT + rn[None, :]
+    # Stored in the weight's own [C_OUT, C_IN, KS, KS] layout: no transpose on the host.
+    out = PART_ptr + ((split * C_OUT + rn)[None, :] * C_IN + rc[:, None]) * (KS * KS) + tap
     tl.store(out, acc, mask=c_ok[:, None] & n_ok[None, :])
 
 
@@ -110,11 +111,11 @@ def bn_relu_conv_wgrad_(
     taps = ks * ks
     m = num_rows(x)
     cfg = conv_wgrad_config(m, c_in, c_out, taps, x.dtype, x.device)
-    rows_per_split = triton.cdiv(triton.cdiv(m, cfg.split_m), cfg.block_m) * cfg.block_m
-    split = triton.cdiv(m, rows_per_split)
-    part = torch.empty((split, taps, c_in, c_out), dtype=acc_dtype(x.dtype), device=x.device)
+    rows_per_split = cdiv(cdiv(m, cfg.split_m), cfg.block_m) * cfg.block_m
+    split = cdiv(m, rows_per_split)
+    part = torch.empty((split, c_out, c_in, ks, ks), dtype=acc_dtype(x.dtype), device=x.device)
     dot_fp32, precision, tf32 = dot_config(x.dtype, x.device)
-    grid = (triton.cdiv(c_in, cfg.block_k), triton.cdiv(c_out, cfg.block_n), split * taps)
+    grid = (cdiv(c_in, cfg.block_k), cdiv(c_out, cfg.block_n), split * taps)
     wrap(_bn_relu_conv_wgrad_kernel)[grid](
         dy,
         x,
@@ -143,8 +144,7 @@ def bn_relu_conv_wgrad_(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    grad = part.sum(dim=0) if split > 1 else part[0]
-    return grad.permute(2, 1, 0).reshape(c_out, c_in, ks, ks).contiguous()
+    return part.sum(dim=0) if split > 1 else part[0]
 
 
 @torch.library.triton_op("dense_ext_triton::bn_relu_conv_wgrad", mutates_args={})

@@ -23,7 +23,9 @@ import triton
 import triton.language as tl
 
 from dense_ext.backends.triton._common import (
+    cdiv,
     kernel,
+    next_pow2,
     num_rows,
     on_tensor_device,
     round_to,
@@ -129,9 +131,9 @@ def dropout_backward_(
     """The launcher behind ``dropout_backward`` (called directly in eager mode)."""
     m = num_rows(grad)
     check_size(m, channels)
-    block_c = triton.next_power_of_2(max(channels, 1))
+    block_c = next_pow2(max(channels, 1))
     block_m = max(16, min(256, 4096 // block_c))
-    wrap(_dropout_backward_kernel)[(triton.cdiv(m, block_m),)](
+    wrap(_dropout_backward_kernel)[(cdiv(m, block_m),)](
         grad,
         seeds,
         rows_stride(grad, "grad"),

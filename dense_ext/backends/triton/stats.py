@@ -19,7 +19,9 @@ import triton.language as tl
 
 from dense_ext.backends.triton._common import (
     acc_dtype,
+    cdiv,
     kernel,
+    next_pow2,
     num_rows,
     on_tensor_device,
     rows_stride,
@@ -132,8 +134,8 @@ def merge_partials(
     """Merge ``part`` [tiles, 3, C] into ``out`` at element offsets mean_off, var_off."""
     tiles, _, c = part.shape
     block_c = 16 if c <= 16 else 32
-    block_t = max(2, min(64, triton.next_power_of_2(tiles)))
-    wrap(_merge_stats_kernel)[(triton.cdiv(c, block_c),)](
+    block_t = max(2, min(64, next_pow2(tiles)))
+    wrap(_merge_stats_kernel)[(cdiv(c, block_c),)](
         part,
         out,
         mean_off,
@@ -156,9 +158,9 @@ def channel_stats_(
         raise ValueError("dense_ext triton: statistics output must be contiguous")
     m = num_rows(x)
     cfg = stats_config(m, channels, x.device)
-    tiles = triton.cdiv(m, cfg.block_m)
+    tiles = cdiv(m, cfg.block_m)
     part = torch.empty((tiles, 3, channels), dtype=acc_dtype(x.dtype), device=x.device)
-    wrap(_tile_stats_kernel)[(tiles, triton.cdiv(channels, cfg.block_n))](
+    wrap(_tile_stats_kernel)[(tiles, cdiv(channels, cfg.block_n))](
         x,
         part,
         rows_stride(x, "x"),
