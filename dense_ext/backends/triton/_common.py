@@ -32,6 +32,30 @@ from dense_ext.backends.triton import interpret_requested
 
 INTERPRETED = interpret_requested()
 
+
+def _patch_interpreter_loop_bounds() -> None:
+    """Triton < 3.7's interpreter turns a loop bound into a Python int with ``int(ndarray)`` on a
+    shape-(1,) array, which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted");
+    every kernel here loops to a bound computed from its arguments. Do what Triton 3.7+ does
+    (``int(data.squeeze())``). A no-op on versions that already do."""
+    import inspect
+
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if "squeeze" in inspect.getsource(original):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRETED:
+    _patch_interpreter_loop_bounds()
+
 # Whether float32 convolutions on CPU (interpreted kernels) emulate TF32 when the fp32
 # precision setting allows it. Off by default (PyTorch's CPU convolutions never use TF32);
 # tests switch it on to check the TF32 arithmetic of the GPU kernels under the interpreter.

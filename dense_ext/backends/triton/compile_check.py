@@ -62,6 +62,7 @@ _ACC_POINTERS = {
 }
 
 
+_SMS = 132  # H100 SXM
 # Local memory (spills) a kernel may use; every variant today uses none.
 SPILL_LIMIT_BYTES = 0
 _FLOAT_ARGS = {"count", "p", "scale_hi", "scale_mid", "scale_lo"}
@@ -127,13 +128,25 @@ def check_tf32(ptx: str, tf32: bool) -> str | None:
     return None
 
 
-def variants(cap, dtypes, c_in=256, mid=128, k=32, m=64 * 32 * 32):
-    """(name, kernel, dtype, constexprs, num_warps, num_stages) of the kernels a block launches."""
+# (C_in, bottleneck width, k, M): a 32x32 layer at batch 64, and a 7x7 one (small grids: the
+# row tile shrinks, see configs._row_tile).
+SHAPES = ((256, 128, 32, 64 * 32 * 32), (992, 128, 32, 64 * 7 * 7))
+
+
+def variants(cap, dtypes):
+    """(name, kernel, dtype, constexprs, num_warps, num_stages) of the kernels a block launches,
+    each distinct variant once."""
+    seen = set()
     for dtype in dtypes:
         precisions = ["tf32", "ieee"] if dtype == torch.float32 else ["ieee"]
         for precision in precisions:
-            yield from _conv_variants(cap, dtype, precision, c_in, mid, k, m)
-    stats = configs.stats_gpu(k)
+            for shape in SHAPES:
+                for v in _conv_variants(cap, dtype, precision, *shape):
+                    key = (v[1].fn.__name__, v[2], tuple(sorted(v[3].items())), v[4], v[5])
+                    if key not in seen:
+                        seen.add(key)
+                        yield v
+    stats = configs.stats_gpu(32)
     yield (
         "tile_stats",
         _tile_stats_kernel,
@@ -158,9 +171,9 @@ def _conv_variants(cap, dtype, precision, c_in, mid, k, m):
     common = {"DOT_FP32": False, "INPUT_PRECISION": precision, "TF32": precision == "tf32"}
     suffix = "_ieee" if dtype == torch.float32 and precision == "ieee" else ""
     for ks, cin, cout, dropout in ((1, c_in, mid, False), (3, mid, k, True)):
-        cfg = configs.conv_fwd_gpu(cin, cout, dtype, cap)
+        cfg = configs.conv_fwd_gpu(m, cin, cout, dtype, cap, _SMS)
         yield (
-            f"fwd_ks{ks}{suffix}",
+            f"fwd_ks{ks}{suffix}_m{cfg.block_m}",
             _bn_relu_conv_fwd_kernel,
             dtype,
             {
@@ -175,10 +188,10 @@ def _conv_variants(cap, dtype, precision, c_in, mid, k, m):
             cfg.num_warps,
             cfg.num_stages,
         )
-        cfg = configs.conv_dgrad_gpu(cin, cout, dtype, cap)
+        cfg = configs.conv_dgrad_gpu(m, cin, cout, dtype, cap, _SMS)
         for apply in (False, True):
             yield (
-                f"dgrad_ks{ks}_{'apply' if apply else 'reduce'}{suffix}",
+                f"dgrad_ks{ks}_{'apply' if apply else 'reduce'}{suffix}_m{cfg.block_m}",
                 _conv_dgrad_bn_relu_bwd_kernel,
                 dtype,
                 {
@@ -194,7 +207,7 @@ def _conv_variants(cap, dtype, precision, c_in, mid, k, m):
                 cfg.num_warps,
                 cfg.num_stages,
             )
-        cfg = configs.conv_wgrad_gpu(m, cin, cout, ks * ks, dtype, cap, 132)
+        cfg = configs.conv_wgrad_gpu(m, cin, cout, ks * ks, dtype, cap, _SMS)
         yield (
             f"wgrad_ks{ks}{suffix}",
             _bn_relu_conv_wgrad_kernel,
@@ -240,16 +253,17 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     dtypes = [getattr(torch, d) for d in args.dtypes]
-    failures = 0
+    failures = total = 0
     for arch in args.arch:
         cap = divmod(arch, 10)
         for name, kernel, dtype, constexprs, warps, stages in variants(cap, dtypes):
             start = time.time()
+            total += 1
             try:
                 compiled, problems = check_variant(cap, kernel, dtype, constexprs, warps, stages)
             except Exception as exc:  # report every failure, not only the first
                 compiled, problems = None, [f"{type(exc).__name__}: {str(exc)[:2000]}"]
-            head = f"sm_{arch} {name:<22} {str(dtype):<15}"
+            head = f"sm_{arch} {name:<30} {str(dtype):<15}"
             if problems:
                 failures += 1
                 print(f"{head} FAILED: {'; '.join(problems)}", flush=True)
@@ -259,6 +273,7 @@ def main(argv=None) -> int:
                 f"local={compiled.local} B ({time.time() - start:.1f}s)",
                 flush=True,
             )
+    print(f"{total} variants, {failures} failed", flush=True)
     return 1 if failures else 0
 
 

@@ -70,19 +70,32 @@ def conv_fwd_config(
 ) -> Config:
     if _on_cpu(device):
         return Config(64, 16, 16)
-    return conv_fwd_gpu(c_in, c_out, dtype, _gpu(device)[0])
+    cap, sms = _gpu(device)
+    return conv_fwd_gpu(m, c_in, c_out, dtype, cap, sms)
 
 
-def conv_fwd_gpu(c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, int]) -> Config:
+def _row_tile(m: int, column_tiles: int, sms: int) -> int:
+    """128 rows per tile, halved (down to 32) while the grid would leave SMs idle: at 7x7 and
+    8x8 a batch of 64 has 25-32 row tiles of 128 for 132 SMs."""
+    block_m = 128
+    while block_m > 32 and cdiv(m, block_m) * column_tiles < sms:
+        block_m //= 2
+    return block_m
+
+
+def conv_fwd_gpu(
+    m: int, c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, int], sms: int
+) -> Config:
     if dtype == torch.float64:
         return Config(64, _width(c_out, 32), 16, num_warps=4, num_stages=2)
     wide = dtype != torch.float32
     block_n = _width(c_out, 128 if wide else 64)
     block_k = _width(c_in, 64 if wide else 32)
+    block_m = _row_tile(m, cdiv(c_out, block_n), sms)
     stages = _stages(cap)
     # 8 warps: the BN-ReLU prologue holds a [128, BLOCK_K] float32 tile in registers; with 4
     # warps the 3x3 variants spill (compile_check reads the cubin's local memory).
-    return Config(128, block_n, block_k, num_warps=8, num_stages=stages)
+    return Config(block_m, block_n, block_k, num_warps=8 if block_m >= 64 else 4, num_stages=stages)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -92,10 +105,13 @@ def conv_dgrad_config(
     """``block_n`` tiles the reduced (gradient-source) channels, ``block_k`` the produced ones."""
     if _on_cpu(device):
         return Config(64, 16, 16)
-    return conv_dgrad_gpu(c_in, c_out, dtype, _gpu(device)[0])
+    cap, sms = _gpu(device)
+    return conv_dgrad_gpu(m, c_in, c_out, dtype, cap, sms)
 
 
-def conv_dgrad_gpu(c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, int]) -> Config:
+def conv_dgrad_gpu(
+    m: int, c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, int], sms: int
+) -> Config:
     if dtype == torch.float64:
         return Config(64, _width(c_out, 32), _width(c_in, 32), num_warps=4, num_stages=2)
     wide = dtype != torch.float32
@@ -103,11 +119,12 @@ def conv_dgrad_gpu(c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, in
     # BLOCK_K <= 64: the apply pass keeps several [128, BLOCK_K] float32 tiles live (dZ, X,
     # xhat, dX); at 128 channels they spill.
     block_k = _width(c_in, 64)
+    block_m = _row_tile(m, cdiv(c_in, block_k), sms)
     return Config(
-        128,
+        block_m,
         _width(c_out, 64 if wide else 32),
         block_k,
-        num_warps=8 if block_k >= 64 else 4,
+        num_warps=8 if block_k >= 64 and block_m >= 64 else 4,
         num_stages=stages,
     )
 

@@ -75,8 +75,11 @@ def _conv_dgrad_bn_relu_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    # Channel tiles vary fastest: the CTAs that share a row tile of dY (the reduction operand,
+    # re-read once per channel tile) run together, so the re-reads hit L2 even when dY is
+    # larger than L2 (the 1x1 dgrad of a wide layer).
+    pid_c = tl.program_id(0)
+    pid_m = tl.program_id(1)
     acc_t = MEAN_ptr.dtype.element_ty
     op_t = W_ptr.dtype.element_ty
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -156,7 +159,7 @@ def _launch(
     cfg = conv_dgrad_config(m, c_in, c_out, x.dtype, x.device)
     dot_fp32, precision, tf32 = dot_config(x.dtype, x.device)
     dy_col, x_col, dx_col = cols
-    grid = (cdiv(m, cfg.block_m), cdiv(c_in, cfg.block_k))
+    grid = (cdiv(c_in, cfg.block_k), cdiv(m, cfg.block_m))
     wrap(_conv_dgrad_bn_relu_bwd_kernel)[grid](
         dy,
         w_taps,
