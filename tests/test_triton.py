@@ -845,6 +845,7 @@ def test_ops_are_registered_with_torch_library():
         "conv_dgrad_bn_relu_reduce",
         "conv_dgrad_bn_relu_apply",
         "bn_relu_conv_wgrad",
+        "dropout_backward",
     ):
         schema = str(getattr(ns, op).default._schema)
         assert schema.startswith(f"dense_ext_triton::{op}"), schema
@@ -852,6 +853,9 @@ def test_ops_are_registered_with_torch_library():
     assert re.search(r"Tensor\(a\d*!\)\? stats,", str(ns.bn_relu_conv_fwd.default._schema))
     assert re.search(r"Tensor\(a\d*!\) dx,", str(ns.conv_dgrad_bn_relu_apply.default._schema))
     assert "!" not in str(ns.bn_relu_conv_wgrad.default._schema)
+    assert re.search(r"Tensor\(a\d*!\) grad,", str(ns.dropout_backward.default._schema))
+    # integers are keyword-only, after the tensors
+    assert re.search(r", \*, SymInt x_col", str(ns.bn_relu_conv_fwd.default._schema))
 
 
 _COMPILE_SCRIPT = """
