@@ -219,6 +219,20 @@ def test_block_matches_naive_float64(bn_size, memory):
     check_against(step(naive, x, grad, 3), step(block, x, grad, 3), TOLERANCE[torch.float64])
 
 
+def test_weights_changed_through_data_are_used():
+    """The backend reuses its weight transposes only from a forward to its backward: a weight
+    changed through ``.data`` between steps (no version bump) is seen by the next forward."""
+    triton_cpu_or_skip()
+    naive, block = make_pair(4, 0.0, "min", torch.float64)
+    x, grad = inputs(torch.float64)
+    check_against(step(naive, x, grad, 0), step(block, x, grad, 0), TOLERANCE[torch.float64])
+    for model in (naive, block):
+        for name, p in model.named_parameters():
+            if "conv" in name:
+                p.data.mul_(-0.5)
+    check_against(step(naive, x, grad, 0), step(block, x, grad, 0), TOLERANCE[torch.float64])
+
+
 def test_three_layers_odd_image_and_batch_of_one():
     """N=1, 5x3 image (3x3 taps clipped on every side), three layers."""
     triton_cpu_or_skip()

@@ -58,26 +58,28 @@ def _ops() -> SimpleNamespace:
 
 
 def _vec(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t.detach().to(dtype).contiguous()
+    t = t.detach()
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
 class _WeightCache:
-    """``conv_weight_taps`` of each weight, reused while the weight is unchanged.
+    """``conv_weight_taps`` of each weight, computed in forward and reused by its backward.
 
-    Forward and backward of one step transform the same weights; an entry is keyed by the
-    parameter's identity (held weakly, dropped with the parameter) and checked against its
-    version counter, so an optimizer step (in place) invalidates it.
+    Forward always transforms afresh (a weight changed through ``.data`` keeps its version
+    counter, so nothing could tell a stale entry across steps); backward takes the forward's
+    entry when the weight's version is unchanged. Entries are keyed by the parameter's
+    identity, held weakly and dropped with the parameter.
     """
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple] = {}
 
-    def taps(self, weight: Tensor, dtype: torch.dtype, tf32: bool) -> Tensor:
+    def taps(self, weight: Tensor, dtype: torch.dtype, tf32: bool, fresh: bool) -> Tensor:
         if _tracing():
             return conv_fwd.conv_weight_taps(weight, dtype, tf32)
         key = (weight._version, dtype, tf32)
         entry = self._entries.get(id(weight))
-        if entry is not None and entry[0]() is weight and entry[1] == key:
+        if not fresh and entry is not None and entry[0]() is weight and entry[1] == key:
             return entry[2]
         taps = conv_fwd.conv_weight_taps(weight, dtype, tf32)
         self._entries[id(weight)] = (weakref.ref(weight, self._forget(id(weight))), key, taps)
@@ -134,10 +136,10 @@ class TritonBackend(Backend):
         if x.device.type == "cpu" and not INTERPRETED:
             raise RuntimeError("dense_ext triton backend: CPU tensors need TRITON_INTERPRET=1")
 
-    def _layer(self, layer, params, running, eps, spec, state, batch_stats, dtype) -> _Layer:
+    def _layer(self, layer, params, running, eps, spec, state, batch_stats, dtype, fresh) -> _Layer:
         lv = LayerView(layer, params, running, eps, spec, state, batch_stats)
         tf32 = dot_config(dtype, state.stats1.device)[2]
-        return _Layer(lv, stats_dtype(dtype), lambda w: self._weights.taps(w, dtype, tf32))
+        return _Layer(lv, stats_dtype(dtype), lambda w: self._weights.taps(w, dtype, tf32, fresh))
 
     def forward(self, x, params, running, eps, spec, batch_stats, save, sync=LOCAL):
         if sync is not LOCAL:
@@ -174,7 +176,9 @@ class TritonBackend(Backend):
         mid, c_total = spec.mid_channels, spec.num_features
         geometry = {"height": h, "width": w}
         for index in range(spec.num_layers):
-            layer = self._layer(index, params, running, eps, spec, state, batch_stats, x.dtype)
+            layer = self._layer(
+                index, params, running, eps, spec, state, batch_stats, x.dtype, fresh=True
+            )
             c_in = layer.c_in
             new = {  # the 3x3 convolution's output: the layer's channels of the buffer
                 "y_col": c_in,
@@ -231,7 +235,9 @@ class TritonBackend(Backend):
             if not spec.keeps_bottleneck:
                 y1_scratch = torch.empty((m, mid), dtype=dtype, device=dev)
         for index in reversed(range(spec.num_layers)):
-            layer = self._layer(index, params, running, eps, spec, state, batch_stats, dtype)
+            layer = self._layer(
+                index, params, running, eps, spec, state, batch_stats, dtype, fresh=False
+            )
             c_in = layer.c_in
             if state.dropout is not None and rates[index] > 0:
                 ops.dropout(
