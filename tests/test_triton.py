@@ -806,8 +806,8 @@ def test_package_imports_without_triton_interpret_and_defines_no_kernel():
 
 @pytest.mark.slow
 def test_kernels_compile_for_the_gpu_without_a_gpu():
-    """Every kernel variant a block launches compiles to a cubin for sm_90 (float32 with TF32
-    and IEEE, float64), fits the shared memory, spills nothing, and the TF32 variants round
+    """Every kernel variant a block launches compiles to a cubin for sm_80 and sm_90 (float32
+    with TF32 and IEEE, float64), fits the shared memory, spills nothing, and the TF32 variants round
     their operands (``cvt.rna.tf32.f32`` in the PTX): the compiled path the interpreter does
     not exercise.
     ``python -m dense_ext.backends.triton.compile_check`` runs the whole matrix (sm_80/86/90,
@@ -821,6 +821,7 @@ def test_kernels_compile_for_the_gpu_without_a_gpu():
         "-m",
         "dense_ext.backends.triton.compile_check",
         "--arch",
+        "80",
         "90",
         "--dtypes",
         "float32",
@@ -937,6 +938,77 @@ after = [buffer_clones(gm, feat.numel()) for gm in graphs]
 assert after == [[], []], after
 print("ok", before, launched)
 """
+
+
+_FAST_LAUNCH_SCRIPT = """
+import torch
+import triton
+
+from dense_ext.backends.triton import _common
+from dense_ext.backends.triton.conv_fwd import bn_relu_conv_fwd_, conv_weight_taps
+from dense_ext.backends.triton.mock_gpu import mocked_gpu
+
+buf = torch.randn(3 * 40 * 16 + 1).clone()
+bn = [torch.rand(24) for _ in range(4)]
+w = conv_weight_taps(torch.randn(16, 24, 1, 1), torch.float32)
+
+outputs = {32: torch.empty(32, 16), 48: torch.empty(48, 16)}
+
+def launch(x, rows):
+    y = outputs[rows]
+    bn_relu_conv_fwd_(x, *bn, w, y, None, None, x_col=0, c_in=24, y_col=0, height=4, width=4)
+    return mock.last["_bn_relu_conv_fwd_kernel"]
+
+def same(a, b):
+    return len(a) == len(b) and all(
+        u is v if isinstance(u, torch.Tensor) else (type(u) is type(v) and u == v)
+        for u, v in zip(a, b))
+
+calls = []
+original = triton.runtime.jit.JITFunction.run
+def counting_run(self, *args, **kwargs):
+    calls.append(self.fn.__name__)
+    return original(self, *args, **kwargs)
+triton.runtime.jit.JITFunction.run = counting_run
+
+with mocked_gpu() as mock:
+    aligned = buf[: 2 * 40 * 16].view(2, 4, 4, 40).permute(0, 3, 1, 2)
+    first = launch(aligned, 32)       # through Triton (compiles)
+    second = launch(aligned, 32)      # fast path: the same launch arguments
+    assert calls == ["_bn_relu_conv_fwd_kernel"], calls
+    assert first[0] == second[0] and same(first[2], second[2]), (first, second)
+    # a batch of 3 (M = 48): row counts are not specialised, still the fast path
+    odd = buf[: 3 * 40 * 16].view(3, 4, 4, 40).permute(0, 3, 1, 2)
+    third = launch(odd, 48)
+    assert len(calls) == 1 and third[2][13] == 48, (calls, third[2][13])
+    # a 4-byte misaligned input: a different specialisation, so Triton's path again
+    shifted = buf[1 : 1 + 2 * 40 * 16].view(2, 4, 4, 40).permute(0, 3, 1, 2)
+    launch(shifted, 32)
+    assert len(calls) == 2, calls
+    fast = _common._fast(__import__("dense_ext.backends.triton.conv_fwd",
+                                    fromlist=["_"])._bn_relu_conv_fwd_kernel)
+    kernels = {id(v[2]) for v in fast.compiled.values()}
+    assert len(fast.compiled) == 2 and len(kernels) == 2, fast.compiled.keys()
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_fast_launch_matches_triton_launch():
+    """``FastLaunch`` skips Triton's per-launch binding only for a specialisation Triton has
+    launched: the direct launch passes the launcher the very arguments Triton's path passed; a
+    new batch size reuses it (row counts unspecialised); a misaligned pointer takes Triton's
+    path again and gets its own compiled kernel. Compiled kernels, launches mocked."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = (
+        str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _FAST_LAUNCH_SCRIPT], env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0 and "ok" in done.stdout, (done.stdout + done.stderr)[-4000:]
 
 
 @pytest.mark.slow

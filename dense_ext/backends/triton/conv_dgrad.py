@@ -28,6 +28,7 @@ from dense_ext.backends.triton._common import (
     dot,
     dot_config,
     kernel,
+    launch,
     load_bn_params,
     num_rows,
     on_tensor_device,
@@ -35,7 +36,6 @@ from dense_ext.backends.triton._common import (
     round_to,
     rows_stride,
     tap_source,
-    wrap,
 )
 from dense_ext.backends.triton.configs import conv_dgrad_config
 
@@ -160,7 +160,9 @@ def _launch(
     dot_fp32, precision, tf32 = dot_config(x.dtype, x.device)
     dy_col, x_col, dx_col = cols
     grid = (cdiv(c_in, cfg.block_k), cdiv(m, cfg.block_m))
-    wrap(_conv_dgrad_bn_relu_bwd_kernel)[grid](
+    launch(
+        _conv_dgrad_bn_relu_bwd_kernel,
+        grid,
         dy,
         w_taps,
         x,

@@ -26,6 +26,7 @@ from dense_ext.backends.triton._common import (
     dot,
     dot_config,
     kernel,
+    launch,
     load_bn_params,
     mma_operand,
     num_rows,
@@ -35,7 +36,6 @@ from dense_ext.backends.triton._common import (
     round_to,
     rows_stride,
     tap_source,
-    wrap,
 )
 from dense_ext.backends.triton.configs import conv_fwd_config
 from dense_ext.backends.triton.dropout import (
@@ -142,7 +142,7 @@ def conv_weight_taps(weight: torch.Tensor, dtype: torch.dtype, tf32: bool = Fals
     return taps
 
 
-_NO_DROPOUT = {"layer": 0, "p": 0.0, "scale_hi": 1.0, "scale_mid": 0.0, "scale_lo": 0.0}
+_NO_DROPOUT = (0, 0.0, 1.0, 0.0, 0.0)  # layer, p, scale hi/mid/lo
 
 
 @on_tensor_device
@@ -178,9 +178,11 @@ def bn_relu_conv_fwd_(
     drop = _NO_DROPOUT
     if seeds is not None:
         check_size(m, c_out)
-        drop = kernel_args(layer, drop_p)
+        drop = tuple(kernel_args(layer, drop_p).values())
     dot_fp32, precision, tf32 = dot_config(y.dtype, y.device)
-    wrap(_bn_relu_conv_fwd_kernel)[(tiles, cdiv(c_out, cfg.block_n))](
+    launch(
+        _bn_relu_conv_fwd_kernel,
+        (tiles, cdiv(c_out, cfg.block_n)),
         x,
         mean,
         invstd,
@@ -199,7 +201,7 @@ def bn_relu_conv_fwd_(
         width,
         c_in,
         c_out,
-        **drop,
+        *drop,
         KS=3 if taps == 9 else 1,
         DROPOUT=seeds is not None,
         COMPUTE_STATS=stats is not None,

@@ -19,6 +19,7 @@ from dense_ext.backends.triton._common import (
     dot,
     dot_config,
     kernel,
+    launch,
     load_bn_params,
     mma_operand,
     num_rows,
@@ -27,7 +28,6 @@ from dense_ext.backends.triton._common import (
     round_tf32,
     rows_stride,
     tap_source,
-    wrap,
 )
 from dense_ext.backends.triton.configs import conv_wgrad_config
 
@@ -116,7 +116,9 @@ def bn_relu_conv_wgrad_(
     part = torch.empty((split, c_out, c_in, ks, ks), dtype=acc_dtype(x.dtype), device=x.device)
     dot_fp32, precision, tf32 = dot_config(x.dtype, x.device)
     grid = (cdiv(c_in, cfg.block_k), cdiv(c_out, cfg.block_n), split * taps)
-    wrap(_bn_relu_conv_wgrad_kernel)[grid](
+    launch(
+        _bn_relu_conv_wgrad_kernel,
+        grid,
         dy,
         x,
         mean,

@@ -25,12 +25,12 @@ import triton.language as tl
 from dense_ext.backends.triton._common import (
     cdiv,
     kernel,
+    launch,
     next_pow2,
     num_rows,
     on_tensor_device,
     round_to,
     rows_stride,
-    wrap,
 )
 
 _SEED_HIGH = 2**31 - 1
@@ -133,14 +133,16 @@ def dropout_backward_(
     check_size(m, channels)
     block_c = next_pow2(max(channels, 1))
     block_m = max(16, min(256, 4096 // block_c))
-    wrap(_dropout_backward_kernel)[(cdiv(m, block_m),)](
+    launch(
+        _dropout_backward_kernel,
+        (cdiv(m, block_m),),
         grad,
         seeds,
         rows_stride(grad, "grad"),
         col,
         m,
         channels,
-        **kernel_args(layer, p),
+        *kernel_args(layer, p).values(),
         ACC_FP64=grad.dtype == torch.float64,
         BLOCK_M=block_m,
         BLOCK_C=block_c,

@@ -27,6 +27,7 @@ class MockDriver:
     arch: int = 90
     device: int = 0
     launches: Counter = field(default_factory=Counter)
+    last: dict = field(default_factory=dict)  # kernel name -> (grid, stream, arguments)
 
     def __post_init__(self) -> None:
         from types import SimpleNamespace
@@ -62,6 +63,7 @@ class MockDriver:
 
         def launch(grid_x, grid_y, grid_z, stream, function, packed, meta, enter, exit_, *args):
             driver.launches[name] += 1
+            driver.last[name] = ((grid_x, grid_y, grid_z), stream, args)
 
         return launch
 

@@ -21,11 +21,11 @@ from dense_ext.backends.triton._common import (
     acc_dtype,
     cdiv,
     kernel,
+    launch,
     next_pow2,
     num_rows,
     on_tensor_device,
     rows_stride,
-    wrap,
 )
 from dense_ext.backends.triton.configs import stats_config
 
@@ -135,7 +135,9 @@ def merge_partials(
     tiles, _, c = part.shape
     block_c = 16 if c <= 16 else 32
     block_t = max(2, min(64, next_pow2(tiles)))
-    wrap(_merge_stats_kernel)[(cdiv(c, block_c),)](
+    launch(
+        _merge_stats_kernel,
+        (cdiv(c, block_c),),
         part,
         out,
         mean_off,
@@ -160,7 +162,9 @@ def channel_stats_(
     cfg = stats_config(m, channels, x.device)
     tiles = cdiv(m, cfg.block_m)
     part = torch.empty((tiles, 3, channels), dtype=acc_dtype(x.dtype), device=x.device)
-    wrap(_tile_stats_kernel)[(tiles, cdiv(channels, cfg.block_n))](
+    launch(
+        _tile_stats_kernel,
+        (tiles, cdiv(channels, cfg.block_n)),
         x,
         part,
         rows_stride(x, "x"),
