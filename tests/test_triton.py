@@ -807,9 +807,9 @@ def test_package_imports_without_triton_interpret_and_defines_no_kernel():
 @pytest.mark.slow
 def test_kernels_compile_for_the_gpu_without_a_gpu():
     """Every kernel variant a block launches compiles to a cubin for sm_80 and sm_90 (float32
-    with TF32 and IEEE, float64), fits the shared memory, spills nothing, and the TF32 variants round
-    their operands (``cvt.rna.tf32.f32`` in the PTX): the compiled path the interpreter does
-    not exercise.
+    with TF32 and IEEE, float64), fits the shared memory, spills nothing, and the TF32
+    variants round their operands (``cvt.rna.tf32.f32`` in the PTX): the compiled path the
+    interpreter does not exercise.
     ``python -m dense_ext.backends.triton.compile_check`` runs the whole matrix (sm_80/86/90,
     four dtypes)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
