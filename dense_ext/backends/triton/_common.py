@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 import triton
@@ -147,6 +148,29 @@ def tap_source(rm, row_ok, hh, ww, H, W, dy, dx, KS: tl.constexpr):
         src = rm + dy * W + dx
         ok = row_ok & (hh + dy >= 0) & (hh + dy < H) & (ww + dx >= 0) & (ww + dx < W)
         return src, ok
+
+
+@triton.jit
+def row_offsets(rows, row_stride, col, ALIGN: tl.constexpr):
+    """Element offsets ``rows * row_stride + col`` (int64) of a rows operand's channel ``col``,
+    declared multiples of ``ALIGN`` (``vec_align`` of stride and column, computed on the host)
+    so that loads and stores along the channels vectorise: Triton itself only knows about
+    integers divisible by 16, and DenseNet channel counts (216, 300, ...) rarely are."""
+    offsets = rows.to(tl.int64) * row_stride + col
+    if ALIGN > 1:
+        offsets = tl.multiple_of(offsets, ALIGN)
+    return offsets
+
+
+@triton.jit
+def channels_ok(rc, C, ALIGN: tl.constexpr):
+    """``rc < C``, written so that Triton sees the mask constant over groups of ``ALIGN``
+    channels (else it cannot vectorise a masked load): the host's ``ALIGN`` divides ``C``, and
+    channel tiles start at multiples of their (>= 16) width."""
+    if ALIGN > 1:
+        return (rc // ALIGN) < (C // ALIGN)
+    else:
+        return rc < C
 
 
 @triton.jit
@@ -357,6 +381,15 @@ def rows_stride(t: torch.Tensor, what: str) -> int:
     raise ValueError(
         f"dense_ext triton: {what} must be [N, C, H, W] or [M, C], got {tuple(t.shape)}"
     )
+
+
+def vec_align(*values: int) -> int:
+    """The largest power of two <= 16 dividing every value: the ``ALIGN`` of ``row_offsets`` and
+    ``channels_ok`` for an operand's row stride, first channel and channel count."""
+    common = 0
+    for v in values:
+        common = math.gcd(common, v)
+    return 16 if common == 0 else min(16, common & -common)
 
 
 def num_rows(t: torch.Tensor) -> int:

@@ -8,6 +8,8 @@ checks per variant:
 * its shared memory fits the target (``configs.shared_limit``);
 * it does not spill: local memory (``cuobjdump --dump-resource-usage``: ``LOCAL``/``STACK``) at
   most ``SPILL_LIMIT_BYTES``;
+* half precision with activation offsets and channel counts that are multiples of 8 elements
+  (``row_offsets``/``channels_ok``): the PTX moves activations in 16-byte accesses;
 * float32 with TF32: the PTX rounds the operands (``cvt.rna.tf32.f32``) before the tensor-core
   instruction (``mma``/``wgmma`` ``.tf32``); float32 IEEE has neither.
 
@@ -72,7 +74,7 @@ _FLOAT_ARGS = {"count", "p", "scale_hi", "scale_mid", "scale_lo"}
 class Compiled:
     shared: int  # bytes of shared memory
     registers: int
-    local: int  # bytes of local memory (spills + stack)
+    local: int  # bytes of local memory per thread (register spills)
     ptx: str
 
 
@@ -80,6 +82,13 @@ def _compile(kernel, dtype, constexprs, cap, num_warps, num_stages) -> Compiled:
     buf = _TRITON_TYPES[dtype]
     acc = "fp64" if dtype == torch.float64 else "fp32"
     signature = {}
+    # At run time every pointer is 16-byte aligned (fresh allocations), and Triton specialises
+    # on that: compile the same way, so registers, spills and vector widths are the real ones.
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, param in enumerate(kernel.params)
+        if param.name.endswith("_ptr")
+    }
     for param in kernel.params:
         name = param.name
         if param.is_constexpr:
@@ -92,7 +101,7 @@ def _compile(kernel, dtype, constexprs, cap, num_warps, num_stages) -> Compiled:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    src = ASTSource(kernel, signature, constexprs=constexprs)
+    src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", cap[0] * 10 + cap[1], 32)
     compiled = triton.compile(
         src, target=target, options={"num_warps": num_warps, "num_stages": num_stages}
@@ -102,7 +111,9 @@ def _compile(kernel, dtype, constexprs, cap, num_warps, num_stages) -> Compiled:
 
 
 def resource_usage(cubin: bytes) -> tuple[int, int]:
-    """``(registers, local bytes)`` of the one kernel in ``cubin``, read by ``cuobjdump``."""
+    """``(registers, local memory bytes)`` of the one kernel in ``cubin``, read by
+    ``cuobjdump``: register spills go to local memory (its call-stack frame, ``STACK``, is a
+    different thing and not counted)."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -114,7 +125,7 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     if usage is None:
         raise RuntimeError(f"cuobjdump printed no resource usage: {out}")
     registers, stack, local = (int(v) for v in usage.groups())
-    return registers, stack + local
+    return registers, local
 
 
 def check_tf32(ptx: str, tf32: bool) -> str | None:
@@ -128,9 +139,10 @@ def check_tf32(ptx: str, tf32: bool) -> str | None:
     return None
 
 
-# (C_in, bottleneck width, k, M): a 32x32 layer at batch 64, and a 7x7 one (small grids: the
-# row tile shrinks, see configs._row_tile).
-SHAPES = ((256, 128, 32, 64 * 32 * 32), (992, 128, 32, 64 * 7 * 7))
+# (C_in, bottleneck width, k, M, ALIGN): a 32x32 layer at batch 64 whose buffer and channel
+# offsets are multiples of 8 (``row_offsets``), and a 7x7 one (small grids: the row tile
+# shrinks, see configs._row_tile) with DenseNet-BC's multiples of 4 (k=12).
+SHAPES = ((256, 128, 32, 64 * 32 * 32, 8), (992, 128, 32, 64 * 7 * 7, 4))
 
 
 def variants(cap, dtypes):
@@ -151,7 +163,7 @@ def variants(cap, dtypes):
         "tile_stats",
         _tile_stats_kernel,
         torch.float32,
-        {"BLOCK_M": stats.block_m, "BLOCK_C": stats.block_n},
+        {"X_ALIGN": 8, "BLOCK_M": stats.block_m, "BLOCK_C": stats.block_n},
         stats.num_warps,
         2,
     )
@@ -167,7 +179,7 @@ def variants(cap, dtypes):
         )
 
 
-def _conv_variants(cap, dtype, precision, c_in, mid, k, m):
+def _conv_variants(cap, dtype, precision, c_in, mid, k, m, align):
     common = {"DOT_FP32": False, "INPUT_PRECISION": precision, "TF32": precision == "tf32"}
     suffix = "_ieee" if dtype == torch.float32 and precision == "ieee" else ""
     for ks, cin, cout, dropout in ((1, c_in, mid, False), (3, mid, k, True)):
@@ -181,6 +193,8 @@ def _conv_variants(cap, dtype, precision, c_in, mid, k, m):
                 "DROPOUT": dropout,
                 "COMPUTE_STATS": True,
                 **common,
+                "X_ALIGN": align,
+                "Y_ALIGN": align,
                 "BLOCK_M": cfg.block_m,
                 "BLOCK_N": cfg.block_n,
                 "BLOCK_K": cfg.block_k,
@@ -200,6 +214,9 @@ def _conv_variants(cap, dtype, precision, c_in, mid, k, m):
                     "BATCH_STATS": True,
                     "ACCUMULATE": ks == 1,
                     **common,
+                    "DY_ALIGN": align,
+                    "X_ALIGN": align,
+                    "DX_ALIGN": align,
                     "BLOCK_M": cfg.block_m,
                     "BLOCK_N": cfg.block_n,
                     "BLOCK_C": cfg.block_k,
@@ -215,6 +232,8 @@ def _conv_variants(cap, dtype, precision, c_in, mid, k, m):
             {
                 "KS": ks,
                 **common,
+                "DY_ALIGN": align,
+                "X_ALIGN": align,
                 "BLOCK_M": cfg.block_m,
                 "BLOCK_N": cfg.block_n,
                 "BLOCK_C": cfg.block_k,
@@ -238,6 +257,12 @@ def check_variant(cap, kernel, dtype, constexprs, warps, stages) -> tuple[Compil
             f"spills: {compiled.local} B local memory > {SPILL_LIMIT_BYTES} B "
             f"({compiled.registers} registers)"
         )
+    if constexprs.get("X_ALIGN", 1) >= 8 and dtype in (torch.bfloat16, torch.float16):
+        sixteen_bytes = (
+            r"cp\.async\.cg\.shared\.global[^;]*, 0x10;|[ls][dt]\.global(\.\w+)*\.v4\.b32"
+        )
+        if not re.search(sixteen_bytes, compiled.ptx):
+            problems.append("no 16-byte access although the activation offsets are multiples of 8")
     if "TF32" in constexprs and dtype == torch.float32:
         tf32 = check_tf32(compiled.ptx, constexprs["TF32"])
         if tf32 is not None:

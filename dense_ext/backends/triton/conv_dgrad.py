@@ -25,6 +25,7 @@ import triton.language as tl
 
 from dense_ext.backends.triton._common import (
     cdiv,
+    channels_ok,
     dot,
     dot_config,
     kernel,
@@ -34,8 +35,10 @@ from dense_ext.backends.triton._common import (
     on_tensor_device,
     round_tf32,
     round_to,
+    row_offsets,
     rows_stride,
     tap_source,
+    vec_align,
 )
 from dense_ext.backends.triton.configs import conv_dgrad_config
 
@@ -71,6 +74,9 @@ def _conv_dgrad_bn_relu_bwd_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     TF32: tl.constexpr,
+    DY_ALIGN: tl.constexpr,
+    X_ALIGN: tl.constexpr,
+    DX_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -85,7 +91,7 @@ def _conv_dgrad_bn_relu_bwd_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rm < M
-    c_ok = rc < C_IN
+    c_ok = channels_ok(rc, C_IN, X_ALIGN)  # X_ALIGN divides C_IN (and so does DX_ALIGN)
     hh = (rm // W) % H
     ww = rm % W
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=acc_t)
@@ -96,10 +102,10 @@ def _conv_dgrad_bn_relu_bwd_kernel(
         tap = it // num_n
         rn = (it - tap * num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         src, ok = tap_source(rm, row_ok, hh, ww, H, W, KS // 2 - tap // KS, KS // 2 - tap % KS, KS)
-        n_ok = rn < C_OUT
+        n_ok = channels_ok(rn, C_OUT, DY_ALIGN)
         valid = ok[:, None] & n_ok[None, :]
         dy = tl.load(
-            DY_ptr + src.to(tl.int64)[:, None] * DY_row_stride + (dy_col + rn)[None, :],
+            DY_ptr + row_offsets(src, DY_row_stride, dy_col, DY_ALIGN)[:, None] + rn[None, :],
             mask=valid,
             other=0.0,
         )
@@ -115,7 +121,7 @@ def _conv_dgrad_bn_relu_bwd_kernel(
     # The conv consumed Z rounded to the buffer dtype; its gradient arrives in that dtype too.
     dz = round_to(acc, op_t).to(acc_t)
     mean, invstd, scale, beta = load_bn_params(MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rc, c_ok)
-    x_ptrs = X_ptr + rm.to(tl.int64)[:, None] * X_row_stride + (x_col + rc)[None, :]
+    x_ptrs = X_ptr + row_offsets(rm, X_row_stride, x_col, X_ALIGN)[:, None] + rc[None, :]
     x = tl.load(x_ptrs, mask=tile_ok, other=0.0).to(acc_t)
     z = (x - mean[None, :]) * scale[None, :] + beta[None, :]
     # torch's ReLU backward zeroes where the output is <= 0, so NaN lets the gradient through
@@ -128,7 +134,7 @@ def _conv_dgrad_bn_relu_bwd_kernel(
             dx = (g - mean_g[None, :] - xhat * mean_gx[None, :]) * scale[None, :]
         else:
             dx = g * scale[None, :]
-        dx_ptrs = DX_ptr + rm.to(tl.int64)[:, None] * DX_row_stride + (dx_col + rc)[None, :]
+        dx_ptrs = DX_ptr + row_offsets(rm, DX_row_stride, dx_col, DX_ALIGN)[:, None] + rc[None, :]
         if ACCUMULATE:
             dx = dx + tl.load(dx_ptrs, mask=tile_ok, other=0.0).to(acc_t)
         tl.store(dx_ptrs, round_to(dx, DX_ptr.dtype.element_ty), mask=tile_ok)
@@ -159,6 +165,8 @@ def _launch(
     cfg = conv_dgrad_config(m, c_in, c_out, x.dtype, x.device)
     dot_fp32, precision, tf32 = dot_config(x.dtype, x.device)
     dy_col, x_col, dx_col = cols
+    dy_stride, x_stride = rows_stride(dy, "dy"), rows_stride(x, "x")
+    dx_stride = rows_stride(dx, "dx") if dx is not None else 0
     grid = (cdiv(c_in, cfg.block_k), cdiv(m, cfg.block_m))
     launch(
         _conv_dgrad_bn_relu_bwd_kernel,
@@ -173,11 +181,11 @@ def _launch(
         sums if sums is not None else mean,
         part if part is not None else mean,
         dx if dx is not None else x,
-        rows_stride(dy, "dy"),
+        dy_stride,
         dy_col,
-        rows_stride(x, "x"),
+        x_stride,
         x_col,
-        rows_stride(dx, "dx") if dx is not None else 0,
+        dx_stride,
         dx_col,
         m,
         hw[0],
@@ -192,6 +200,9 @@ def _launch(
         DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision,
         TF32=tf32,
+        DY_ALIGN=vec_align(dy_stride, dy_col, c_out),
+        X_ALIGN=vec_align(x_stride, x_col, c_in),
+        DX_ALIGN=vec_align(dx_stride, dx_col, c_in),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_C=cfg.block_k,

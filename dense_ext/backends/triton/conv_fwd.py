@@ -23,6 +23,7 @@ import triton.language as tl
 from dense_ext.backends.triton._common import (
     acc_dtype,
     cdiv,
+    channels_ok,
     dot,
     dot_config,
     kernel,
@@ -34,8 +35,10 @@ from dense_ext.backends.triton._common import (
     relu,
     round_tf32_,
     round_to,
+    row_offsets,
     rows_stride,
     tap_source,
+    vec_align,
 )
 from dense_ext.backends.triton.configs import conv_fwd_config
 from dense_ext.backends.triton.dropout import (
@@ -78,6 +81,8 @@ def _bn_relu_conv_fwd_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     TF32: tl.constexpr,
+    X_ALIGN: tl.constexpr,
+    Y_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -89,7 +94,7 @@ def _bn_relu_conv_fwd_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rm < M
-    n_ok = rn < C_OUT
+    n_ok = channels_ok(rn, C_OUT, Y_ALIGN)
     hh = (rm // W) % H
     ww = rm % W
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_t)
@@ -100,13 +105,13 @@ def _bn_relu_conv_fwd_kernel(
         tap = it // num_k
         rk = (it - tap * num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
         src, ok = tap_source(rm, row_ok, hh, ww, H, W, tap // KS - KS // 2, tap % KS - KS // 2, KS)
-        k_ok = rk < C_IN
+        k_ok = channels_ok(rk, C_IN, X_ALIGN)
         mean, invstd, scale, beta = load_bn_params(
             MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rk, k_ok
         )
         valid = ok[:, None] & k_ok[None, :]
         x = tl.load(
-            X_ptr + src.to(tl.int64)[:, None] * X_row_stride + (x_col + rk)[None, :],
+            X_ptr + row_offsets(src, X_row_stride, x_col, X_ALIGN)[:, None] + rk[None, :],
             mask=valid,
             other=0.0,
         ).to(acc_t)
@@ -123,7 +128,7 @@ def _bn_relu_conv_fwd_kernel(
         keep = dropout_keep(SEED_ptr, layer, rm[:, None], rn[None, :], C_OUT, p)
         acc = tl.where(keep, acc * dropout_scale(scale_hi, scale_mid, scale_lo, acc_t), 0.0)
     out = round_to(acc, Y_ptr.dtype.element_ty)
-    y_ptrs = Y_ptr + rm.to(tl.int64)[:, None] * Y_row_stride + (y_col + rn)[None, :]
+    y_ptrs = Y_ptr + row_offsets(rm, Y_row_stride, y_col, Y_ALIGN)[:, None] + rn[None, :]
     tl.store(y_ptrs, out, mask=store_ok)
     if COMPUTE_STATS:
         tile_stats_epilogue(PART_ptr, out.to(acc_t), row_ok, rn, n_ok, pid_m, M, C_OUT, BLOCK_M)
@@ -180,6 +185,7 @@ def bn_relu_conv_fwd_(
         check_size(m, c_out)
         drop = tuple(kernel_args(layer, drop_p).values())
     dot_fp32, precision, tf32 = dot_config(y.dtype, y.device)
+    x_stride, y_stride = rows_stride(x, "x"), rows_stride(y, "y")
     launch(
         _bn_relu_conv_fwd_kernel,
         (tiles, cdiv(c_out, cfg.block_n)),
@@ -192,9 +198,9 @@ def bn_relu_conv_fwd_(
         y,
         part if part is not None else mean,
         seeds if seeds is not None else mean,
-        rows_stride(x, "x"),
+        x_stride,
         x_col,
-        rows_stride(y, "y"),
+        y_stride,
         y_col,
         m,
         height,
@@ -208,6 +214,8 @@ def bn_relu_conv_fwd_(
         DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision,
         TF32=tf32,
+        X_ALIGN=vec_align(x_stride, x_col, c_in),
+        Y_ALIGN=vec_align(y_stride, y_col, c_out),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,

@@ -16,6 +16,7 @@ import triton.language as tl
 from dense_ext.backends.triton._common import (
     acc_dtype,
     cdiv,
+    channels_ok,
     dot,
     dot_config,
     kernel,
@@ -26,8 +27,10 @@ from dense_ext.backends.triton._common import (
     on_tensor_device,
     relu,
     round_tf32,
+    row_offsets,
     rows_stride,
     tap_source,
+    vec_align,
 )
 from dense_ext.backends.triton.configs import conv_wgrad_config
 
@@ -55,6 +58,8 @@ def _bn_relu_conv_wgrad_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     TF32: tl.constexpr,
+    DY_ALIGN: tl.constexpr,
+    X_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -70,8 +75,8 @@ def _bn_relu_conv_wgrad_kernel(
     op_t = X_ptr.dtype.element_ty
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ok = rc < C_IN
-    n_ok = rn < C_OUT
+    c_ok = channels_ok(rc, C_IN, X_ALIGN)
+    n_ok = channels_ok(rn, C_OUT, DY_ALIGN)
     mean, invstd, scale, beta = load_bn_params(MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rc, c_ok)
     acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=acc_t)
     m_lo = split * rows_per_split
@@ -83,14 +88,14 @@ def _bn_relu_conv_wgrad_kernel(
         # activation operand, transposed: [BLOCK_C, BLOCK_M]
         valid_x = c_ok[:, None] & ok[None, :]
         x = tl.load(
-            X_ptr + src.to(tl.int64)[None, :] * X_row_stride + (x_col + rc)[:, None],
+            X_ptr + row_offsets(src, X_row_stride, x_col, X_ALIGN)[None, :] + rc[:, None],
             mask=valid_x,
             other=0.0,
         ).to(acc_t)
         z = relu((x - mean[:, None]) * scale[:, None] + beta[:, None])
         z = mma_operand(tl.where(valid_x, z, 0.0), op_t, TF32)
         dy = tl.load(
-            DY_ptr + rm.to(tl.int64)[:, None] * DY_row_stride + (dy_col + rn)[None, :],
+            DY_ptr + row_offsets(rm, DY_row_stride, dy_col, DY_ALIGN)[:, None] + rn[None, :],
             mask=row_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
@@ -115,6 +120,7 @@ def bn_relu_conv_wgrad_(
     split = cdiv(m, rows_per_split)
     part = torch.empty((split, c_out, c_in, ks, ks), dtype=acc_dtype(x.dtype), device=x.device)
     dot_fp32, precision, tf32 = dot_config(x.dtype, x.device)
+    dy_stride, x_stride = rows_stride(dy, "dy"), rows_stride(x, "x")
     grid = (cdiv(c_in, cfg.block_k), cdiv(c_out, cfg.block_n), split * taps)
     launch(
         _bn_relu_conv_wgrad_kernel,
@@ -126,9 +132,9 @@ def bn_relu_conv_wgrad_(
         gamma,
         beta,
         part,
-        rows_stride(dy, "dy"),
+        dy_stride,
         dy_col,
-        rows_stride(x, "x"),
+        x_stride,
         x_col,
         m,
         height,
@@ -140,6 +146,8 @@ def bn_relu_conv_wgrad_(
         DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision,
         TF32=tf32,
+        DY_ALIGN=vec_align(dy_stride, dy_col, c_out),
+        X_ALIGN=vec_align(x_stride, x_col, c_in),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_C=cfg.block_k,

@@ -20,12 +20,15 @@ import triton.language as tl
 from dense_ext.backends.triton._common import (
     acc_dtype,
     cdiv,
+    channels_ok,
     kernel,
     launch,
     next_pow2,
     num_rows,
     on_tensor_device,
+    row_offsets,
     rows_stride,
+    vec_align,
 )
 from dense_ext.backends.triton.configs import stats_config
 
@@ -61,6 +64,7 @@ def _tile_stats_kernel(
     x_col,
     M,
     C,
+    X_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -69,8 +73,8 @@ def _tile_stats_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rm < M
-    c_ok = rc < C
-    ptrs = X_ptr + rm.to(tl.int64)[:, None] * X_row_stride + (x_col + rc)[None, :]
+    c_ok = channels_ok(rc, C, X_ALIGN)
+    ptrs = X_ptr + row_offsets(rm, X_row_stride, x_col, X_ALIGN)[:, None] + rc[None, :]
     x = tl.load(ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
     x = x.to(PART_ptr.dtype.element_ty)
     tile_stats_epilogue(PART_ptr, x, row_ok, rc, c_ok, pid_m, M, C, BLOCK_M)
@@ -171,6 +175,7 @@ def channel_stats_(
         x_col,
         m,
         channels,
+        X_ALIGN=vec_align(rows_stride(x, "x"), x_col, channels),
         BLOCK_M=cfg.block_m,
         BLOCK_C=cfg.block_n,
         num_warps=cfg.num_warps,
