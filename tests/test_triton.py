@@ -251,12 +251,15 @@ def test_three_layers_odd_image_and_batch_of_one():
 # ----------------------------------------------------------------------------------------------
 
 
-def backend_call(name, spec, x, params, batch_stats=True, save=True):
+def backend_call(name, spec, x, params, save=True):
+    """One backend forward with batch statistics for every BN, no dropout."""
+    from dense_ext import BlockCall, NormCall
     from dense_ext.backends import get_backend
 
     backend = get_backend(name, x.device)
-    eps = [1e-5] * (spec.num_layers * spec.bns_per_layer)
-    return backend.forward(x, params, [], eps, spec, batch_stats, save)
+    norms = [NormCall(eps=1e-5, batch_stats=True)] * (spec.num_layers * spec.bns_per_layer)
+    call = BlockCall(spec, backend, norms, [0.0] * spec.num_layers, save=save)
+    return backend.forward(x, params, call)
 
 
 def random_params(spec, dtype, seed=0):
@@ -303,7 +306,7 @@ def test_eval_forward_without_save_keeps_nothing():
     spec = BlockSpec(L, C0, K, bn_size=4, memory="bottleneck")
     x, _ = inputs(torch.float32)
     params = random_params(spec, torch.float32)
-    _, state = backend_call("triton", spec, x, params, batch_stats=True, save=False)
+    _, state = backend_call("triton", spec, x, params, save=False)
     assert state.bottlenecks == []
 
 
@@ -879,6 +882,7 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch._dynamo.backends.common import aot_autograd
 from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
 
+from dense_ext import BlockCall, NormCall
 from dense_ext.backends.base import ForwardState
 from dense_ext.backends.triton import backend as tb
 from dense_ext.backends.triton.mock_gpu import mocked_gpu
@@ -886,11 +890,12 @@ from dense_ext.spec import BlockSpec
 
 tb.TritonBackend._check = staticmethod(lambda x: None)  # CPU tensors stand in for CUDA ones
 backend = tb.get_backend()
-spec = BlockSpec(2, 8, 4, bn_size=4, drop_rate=0.2, memory="min")
+spec = BlockSpec(2, 8, 4, bn_size=4, memory="min")
 g = torch.Generator().manual_seed(0)
 params = [torch.rand(s, generator=g) + 0.5 if len(s) == 1 else torch.randn(s, generator=g)
           for s in spec.param_shapes()]
-eps = [1e-5] * (spec.num_layers * spec.bns_per_layer)
+norms = [NormCall(eps=1e-5, batch_stats=True)] * (spec.num_layers * spec.bns_per_layer)
+call = BlockCall(spec, backend, norms, [0.2] * spec.num_layers)
 graphs = []
 
 def capture(gm, example_inputs):
@@ -898,7 +903,7 @@ def capture(gm, example_inputs):
     return gm.forward
 
 def forward(x, *p):
-    feat, state = backend.forward(x, p, [], eps, spec, True, True)
+    feat, state = backend.forward(x, p, call)
     return feat, state.stats1, state.stats2, state.dropout
 
 def backward(grad_out, feat, stats1, stats2, seeds, *p):
@@ -906,7 +911,7 @@ def backward(grad_out, feat, stats1, stats2, seeds, *p):
     grad_feat = torch.empty_like(feat, memory_format=torch.channels_last)
     grad_feat.copy_(grad_out)
     state = ForwardState(stats1, stats2, [], seeds)
-    grads = backend.backward(grad_feat, feat, state, p, [], eps, spec, True)
+    grads = backend.backward(grad_feat, feat, state, p, call)
     return grad_feat[:, :8].clone(), grads
 
 def buffer_clones(gm, numel):

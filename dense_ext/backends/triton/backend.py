@@ -25,8 +25,15 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from dense_ext.backends.base import LOCAL, Backend, ForwardState, new_feature_buffer, stats_dtype
-from dense_ext.backends.reference import LayerView
+from dense_ext.backends.base import (
+    LOCAL,
+    Backend,
+    BlockCall,
+    LayerView,
+    new_feature_buffer,
+    new_stats,
+    stats_dtype,
+)
 from dense_ext.backends.triton import conv_dgrad, conv_fwd, conv_wgrad, dropout, stats
 from dense_ext.backends.triton._common import INTERPRETED, _tracing, device_guard, dot_config
 
@@ -136,37 +143,30 @@ class TritonBackend(Backend):
         if x.device.type == "cpu" and not INTERPRETED:
             raise RuntimeError("dense_ext triton backend: CPU tensors need TRITON_INTERPRET=1")
 
-    def _layer(self, layer, params, running, eps, spec, state, batch_stats, dtype, fresh) -> _Layer:
-        lv = LayerView(layer, params, running, eps, spec, state, batch_stats)
+    def _layer(self, layer, params, call, state, dtype, fresh) -> _Layer:
+        lv = LayerView(layer, params, call, state)
         tf32 = dot_config(dtype, state.stats1.device)[2]
         return _Layer(lv, stats_dtype(dtype), lambda w: self._weights.taps(w, dtype, tf32, fresh))
 
-    def forward(self, x, params, running, eps, spec, batch_stats, save, sync=LOCAL):
-        if sync is not LOCAL:
+    def forward(self, x, params, call: BlockCall):
+        if call.sync is not LOCAL:
             raise ValueError("dense_ext triton backend does not support synchronised batch norm")
         self._check(x)
-        rates = [spec.drop_rate] * spec.num_layers
         with device_guard(x.device):
-            return self._forward(x, params, running, eps, spec, batch_stats, save, rates)
+            return self._forward(x, params, call)
 
-    def _forward(self, x, params, running, eps, spec, batch_stats, save, rates):
+    def _forward(self, x, params, call: BlockCall):
         ops = _ops()
+        spec, save, rates = call.spec, call.save, call.drop_rates
         feat = new_feature_buffer(x, spec)
-        acc = stats_dtype(x.dtype)
         dev = x.device
         n, c0, h, w = x.shape
         m = n * h * w
-        empty = torch.empty(0, dtype=acc, device=dev)
-        state = ForwardState(stats1=empty, stats2=empty)
-        if batch_stats:
-            state.stats1 = torch.empty((2, spec.num_features), dtype=acc, device=dev)
+        state = new_stats(x, call)
+        if call.stats1_needed:
             ops.stats(
                 feat, state.stats1, x_col=0, channels=c0, mean_off=0, var_off=spec.num_features
             )
-            if spec.bottleneck:
-                state.stats2 = torch.empty(
-                    (spec.num_layers, 2, spec.mid_channels), dtype=acc, device=dev
-                )
         drop = dropout.new_dropout(rates, dev)
         state.dropout = None if drop is None else drop.seeds
         keep = save and spec.keeps_bottleneck
@@ -176,9 +176,7 @@ class TritonBackend(Backend):
         mid, c_total = spec.mid_channels, spec.num_features
         geometry = {"height": h, "width": w}
         for index in range(spec.num_layers):
-            layer = self._layer(
-                index, params, running, eps, spec, state, batch_stats, x.dtype, fresh=True
-            )
+            layer = self._layer(index, params, call, state, x.dtype, fresh=True)
             c_in = layer.c_in
             new = {  # the 3x3 convolution's output: the layer's channels of the buffer
                 "y_col": c_in,
@@ -188,7 +186,7 @@ class TritonBackend(Backend):
                 "drop_p": rates[index],
             }
             seeds = state.dropout if rates[index] > 0 else None
-            stats1 = state.stats1 if batch_stats else None
+            stats1 = state.stats1 if call.stats1_needed else None
             if not spec.bottleneck:
                 ops.fwd(
                     feat, *layer.bn1, layer.w1, feat, stats1, seeds, x_col=0, c_in=c_in,
@@ -196,7 +194,7 @@ class TritonBackend(Backend):
                 )  # fmt: skip
                 continue
             y1 = torch.empty((m, mid), dtype=x.dtype, device=dev) if keep else scratch
-            stats2 = state.stats2 if batch_stats else None
+            stats2 = state.stats2 if layer.lv.norm2.batch_stats else None
             ops.fwd(
                 feat, *layer.bn1, layer.w1, y1, stats2, None, x_col=0, c_in=c_in, y_col=0,
                 mean_off=index * 2 * mid, var_off=index * 2 * mid + mid, **geometry,
@@ -209,20 +207,18 @@ class TritonBackend(Backend):
             )  # fmt: skip
         return feat, state
 
-    def backward(self, grad_feat, feat, state, params, running, eps, spec, batch_stats, sync=LOCAL):
-        if sync is not LOCAL:
+    def backward(self, grad_feat, feat, state, params, call: BlockCall):
+        if call.sync is not LOCAL:
             raise ValueError("dense_ext triton backend does not support synchronised batch norm")
         self._check(feat)
         if not grad_feat.is_contiguous(memory_format=torch.channels_last):
             raise ValueError("dense_ext triton backend: grad_feat must be channels_last")
-        rates = [spec.drop_rate] * spec.num_layers
         with device_guard(feat.device):
-            return self._backward(
-                grad_feat, feat, state, params, running, eps, spec, batch_stats, rates
-            )
+            return self._backward(grad_feat, feat, state, params, call)
 
-    def _backward(self, grad_feat, feat, state, params, running, eps, spec, batch_stats, rates):
+    def _backward(self, grad_feat, feat, state, params, call: BlockCall):
         ops = _ops()
+        spec, rates = call.spec, call.drop_rates
         grads: list[Tensor | None] = [None] * len(params)
         dtype, dev = feat.dtype, feat.device
         n, _, h, w = feat.shape
@@ -235,16 +231,18 @@ class TritonBackend(Backend):
             if not spec.keeps_bottleneck:
                 y1_scratch = torch.empty((m, mid), dtype=dtype, device=dev)
         for index in reversed(range(spec.num_layers)):
-            layer = self._layer(
-                index, params, running, eps, spec, state, batch_stats, dtype, fresh=False
-            )
+            layer = self._layer(index, params, call, state, dtype, fresh=False)
             c_in = layer.c_in
             if state.dropout is not None and rates[index] > 0:
                 ops.dropout(
                     grad_feat, state.dropout, col=c_in, channels=k, layer=index, p=rates[index]
                 )
             # The input gradient of conv1's BN-ReLU goes into the prefix of the buffer.
-            into_prefix = {"dx_col": 0, "batch_stats": batch_stats, "accumulate": True}
+            into_prefix = {
+                "dx_col": 0,
+                "batch_stats": layer.lv.norm1.batch_stats,
+                "accumulate": True,
+            }
             if spec.bottleneck:
                 if spec.keeps_bottleneck:
                     y1 = state.bottlenecks[index]
@@ -259,7 +257,7 @@ class TritonBackend(Backend):
                 sums2 = ops.reduce(grad_feat, layer.w2, y1, *layer.bn2(), **from_new)
                 ops.apply(
                     grad_feat, layer.w2, y1, *layer.bn2(), sums2, grad_y1, dx_col=0,
-                    batch_stats=batch_stats, accumulate=False, **from_new,
+                    batch_stats=layer.lv.norm2.batch_stats, accumulate=False, **from_new,
                 )  # fmt: skip
                 from_y1 = {"dy_col": 0, "x_col": 0, "c_in": c_in, **geometry}
                 grad_w1 = ops.wgrad(grad_y1, feat, *layer.bn1, c_out=mid, kernel_size=1, **from_y1)
