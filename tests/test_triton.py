@@ -219,6 +219,18 @@ def test_block_matches_naive_float64(bn_size, memory):
     check_against(step(naive, x, grad, 3), step(block, x, grad, 3), TOLERANCE[torch.float64])
 
 
+@pytest.mark.parametrize("frozen", ["norm1", "norm2"])
+def test_per_bn_train_eval_flags(frozen):
+    """Each BN behaves as its own ``nn.BatchNorm2d``: in a training block, one layer's BN in
+    eval mode normalises with its running statistics and updates nothing (float64)."""
+    triton_cpu_or_skip()
+    naive, block = make_pair(4, 0.0, "min", torch.float64)
+    for model in (naive, block):
+        getattr(model.denselayer2, frozen).eval()
+    x, grad = inputs(torch.float64)
+    check_against(step(naive, x, grad, 0), step(block, x, grad, 0), TOLERANCE[torch.float64])
+
+
 def test_weights_changed_through_data_are_used():
     """The backend reuses its weight transposes only from a forward to its backward: a weight
     changed through ``.data`` between steps (no version bump) is seen by the next forward."""
