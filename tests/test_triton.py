@@ -953,6 +953,21 @@ with enable_python_dispatcher():
         reinplace_inplaceable_ops_core(gm.graph)
 after = [buffer_clones(gm, feat.numel()) for gm in graphs]
 assert after == [[], []], after
+
+# The whole block, as a user compiles it: fullgraph forward and backward.
+import dense_ext.backends.triton as triton_package
+from dense_ext import EfficientDenseBlock
+
+triton_package.unavailable_reason = lambda device: None  # CPU tensors stand in for CUDA ones
+torch.manual_seed(0)
+block = EfficientDenseBlock(2, 8, 4, 4, 0.2, memory="min", backend="triton")
+xb = torch.randn(2, 8, 5, 5, requires_grad=True)
+first = mock  # compiled kernels keep the launcher of the driver that loaded them
+with mocked_gpu():
+    out = torch.compile(block, fullgraph=True, backend="aot_eager")(xb)
+    out.sum().backward()
+block_launches = sum(first.launches.values()) - launched
+assert xb.grad is not None and block_launches >= 20, dict(first.launches)
 print("ok", before, launched)
 """
 
@@ -1034,7 +1049,8 @@ def test_triton_ops_trace_with_fullgraph_and_reinplace():
     ``triton_op``s (no graph break, so no host sync either: a ``.item()`` would break the
     graph), with the dropout seeds drawn inside the graph (fresh under CUDA-graph replay). The
     functional graph clones the feature buffer per kernel; Inductor's reinplacing pass removes
-    every such clone. Compiled kernels, launches mocked (``mock_gpu``), CPU tensors."""
+    every such clone. Then the whole block compiles with ``fullgraph=True``, forward and
+    backward. Compiled kernels, launches mocked (``mock_gpu``), CPU tensors."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_INTERPRET"] = "0"
     env["CUDA_VISIBLE_DEVICES"] = ""

@@ -6,7 +6,8 @@ specialisation, cache lookup, the first compile to an sm_90 cubin with Triton's 
 only loading the cubin and the driver's launch call are replaced by a recorder. With CPU tensors
 standing in for CUDA ones this measures the host overhead of the backend and counts its launches
 on a machine without a GPU (``bench/triton_roofline.py --host``). Needs ``TRITON_INTERPRET``
-unset or 0 (compiled kernels).
+unset or 0 (compiled kernels). A compiled kernel keeps the launcher of the driver that was
+active when it was first launched: launches are counted by that ``MockDriver``.
 """
 
 from __future__ import annotations
