@@ -6,7 +6,7 @@ STAMP := $(VENV)/.requirements-installed
 BUILD_STAMP := $(VENV)/.package-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test bench bench-micro gpu-suite lint format clean
+.PHONY: venv build test bench bench-scale bench-micro gpu-suite lint format clean
 
 venv: $(STAMP)
 
@@ -25,8 +25,14 @@ $(BUILD_STAMP): $(STAMP) setup.py pyproject.toml $(CSRC)
 test: build lint
 	$(PY) -m pytest -q tests
 
+# Naive vs efficient on this machine (CPU when there is no GPU): bench/README.md.
 bench: build
-	$(PY) bench/run.py
+	$(PY) -m bench.run
+
+# DenseNet-BC-1000 at batch 64 (one measured step), naive estimated, and the deepest
+# DenseNet-BC whose activations fit 4 GiB; about 15 minutes on a 2-core CPU.
+bench-scale: build
+	$(PY) -m bench.run --suites scale
 
 # pytest-benchmark microbenchmarks of one block forward+backward per backend.
 bench-micro: build
