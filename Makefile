@@ -6,7 +6,7 @@ STAMP := $(VENV)/.requirements-installed
 BUILD_STAMP := $(VENV)/.package-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test bench bench-scale bench-micro gpu-suite lint format clean
+.PHONY: venv build test bench bench-scale bench-micro gpu-suite lint typecheck format clean
 
 venv: $(STAMP)
 
@@ -22,7 +22,7 @@ $(BUILD_STAMP): $(STAMP) setup.py pyproject.toml $(CSRC)
 	$(PY) -m pip install -q -e . --no-build-isolation --no-deps
 	touch $@
 
-test: build lint
+test: build lint typecheck
 	$(PY) -m pytest -q tests
 
 # Naive vs efficient on this machine (CPU when there is no GPU): bench/README.md.
@@ -51,6 +51,10 @@ lint: venv
 	$(PY) -m ruff check $(PY_SOURCES)
 	$(PY) -m ruff format --check $(PY_SOURCES)
 	$(VENV)/bin/clang-format --dry-run --Werror $(C_SOURCES)
+
+# Static types of the package (config: [tool.mypy] in pyproject.toml).
+typecheck: venv
+	$(PY) -m mypy
 
 format: venv
 	$(PY) -m ruff format $(PY_SOURCES)
