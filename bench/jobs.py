@@ -182,7 +182,9 @@ def _comparison_jobs(s: Settings, backends: list[str], best: str, suite: str) ->
     warmup, steps = (s.main_warmup, s.main_steps) if main else (s.imagenet_warmup, s.imagenet_steps)
     jobs = []
     for dtype in s.dtypes:
-        for v in variant_names(backends, s.compile, best):
+        # Compiled rows in fp32 only: compiling costs minutes per row (GPU: bf16 eager only).
+        compiled = s.compile and dtype == "fp32"
+        for v in variant_names(backends, compiled, best):
             # The search resizes the batch, which would recompile a compiled model.
             search = main and s.max_batch and dtype == "fp32" and not v.endswith("-compile")
             jobs.append(

@@ -195,7 +195,7 @@ def merge(docs: list[dict]) -> dict:
     if len(names) != 1:
         raise SystemExit(f"refusing to merge results of different machines: {sorted(names)}")
     doc = dict(docs[0])
-    doc["rows"] = [r for d in docs for r in d["rows"]]
+    doc["rows"] = _latest_rows([r for d in docs for r in d["rows"]])
     doc["derived"] = [r for d in docs for r in d.get("derived") or []]
     doc["estimator_check"] = [e for d in docs for e in d.get("estimator_check") or []]
     doc["measuring_seconds"] = sum(d["measuring_seconds"] for d in docs)
@@ -206,6 +206,23 @@ def merge(docs: list[dict]) -> dict:
     doc["complete"] = all(d.get("complete", True) for d in docs)
     add_ratios(doc["rows"])
     return doc
+
+
+def _latest_rows(rows: list[dict]) -> list[dict]:
+    """One row per measurement (suite, model, variant, batch, dtype): a later run's row
+    replaces an earlier one, unless the later one was skipped or failed and the earlier one
+    was not (a re-run of what a device call's deadline cut off fills the gap)."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        key = (*_group_key(r), r.get("variant"))
+        old = out.get(key)
+        if old is None or not _incomplete(r) or _incomplete(old):
+            out[key] = r
+    return list(out.values())
+
+
+def _incomplete(r: dict) -> bool:
+    return bool(r.get("skipped") or r.get("error"))
 
 
 def device_slug(device: str, name: str) -> str:

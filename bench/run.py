@@ -284,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(DenseNet-BC-1000 at batch 64; not in the default run)",
     )
     p.add_argument("--backends", default=None, help="comma list (default: all available)")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma list: run only these variants of the plan (e.g. to re-run rows a deadline "
+        "skipped, then --merge)",
+    )
     p.add_argument("--model", dest="main_model", help="main suite's model (densenet_bc_100)")
     p.add_argument("--batch", type=int, dest="main_batch", help="DenseNet-BC-100 batch")
     p.add_argument("--steps", type=int, dest="main_steps", help="timed DenseNet-BC-100 steps")
@@ -386,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(args, device)
     suites = [s for s in args.suites.split(",") if s]
     jobs = plan(settings, backends, suites)
+    if args.variants:
+        wanted = set(args.variants.split(","))
+        jobs = [j for j in jobs if j.variant in wanted]
     if args.dry_run:
         for job in jobs:
             flags = [k for k in ("optional", "extrapolate", "estimate_only") if getattr(job, k)]

@@ -41,6 +41,18 @@ def test_plan_has_every_peer_next_to_the_efficient_rows():
     assert main["efficient-cpp-min-compile"].max_batch_bytes is None
 
 
+def test_gpu_plan_compiles_in_fp32_only():
+    jobs = plan(Settings.for_device("cuda"), ["reference", "cpp", "triton"], ["main"])
+    compiled = [j for j in jobs if j.variant.endswith("-compile")]
+    assert {j.dtype for j in compiled} == {"fp32"}
+    assert {j.variant for j in compiled} == {
+        "naive-compile",
+        "efficient-triton-min-compile",
+        "efficient-triton-bottleneck-compile",
+    }
+    assert {j.dtype for j in jobs} == {"fp32", "bf16"}
+
+
 def test_plan_without_compile_and_unknown_suite():
     settings = Settings.for_device("cpu", compile=False)
     variants = {j.variant for j in plan(settings, ["cpp"], ["main"])}
@@ -260,6 +272,20 @@ def test_merge_refuses_two_machines_and_combines_one():
     assert merged["rows"][1]["step_time_ratio"] == pytest.approx(0.6)
     with pytest.raises(SystemExit, match="different machines"):
         report.merge([a, _doc([], name="Other CPU")])
+
+
+def test_merge_fills_rows_a_deadline_skipped_from_a_later_run():
+    skipped = {**_row("naive-compile", 0, 0), "skipped": "deadline (--deadline-s) reached"}
+    del skipped["step_time_s"], skipped["peak_activation_bytes"]
+    first = _doc([_row("naive", 0.5, 500), skipped])
+    rerun = _doc([_row("naive-compile", 0.4, 400)])
+    merged = report.merge([first, rerun])
+    assert [(r["variant"], r.get("step_time_s")) for r in merged["rows"]] == [
+        ("naive", 0.5),
+        ("naive-compile", 0.4),
+    ]
+    # ... and a later skip never hides an earlier measurement.
+    assert report.merge([rerun, _doc([skipped])])["rows"][0]["step_time_s"] == 0.4
 
 
 def test_write_outputs_without_matplotlib(tmp_path):
