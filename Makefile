@@ -39,9 +39,12 @@ bench-micro: build
 	$(PY) -m pytest bench/ --benchmark-only
 
 # On a GPU machine without network: builds in place against the installed torch, runs the
-# CUDA and compiled-Triton tests and the benchmarks into $(OUT) (see bench/gpu_suite.sh).
+# CUDA and compiled-Triton tests, a profile and the benchmarks into $(DIR); STEPS picks steps,
+# PACK packs $(DIR) there (bench/README.md, "GPU suite": which steps in which call).
+DIR ?= bench/scratch/gpu-suite
+STEPS ?= env,build,backends,tests,profile,bench-main,bench-imagenet,bench-depth,bench-scale,micro,roofline,merge
 gpu-suite:
-	bash bench/gpu_suite.sh $(OUT)
+	bash bench/gpu_suite.sh $(DIR) $(STEPS) $(PACK)
 
 PY_SOURCES := dense_ext python_models tests bench setup.py
 C_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)

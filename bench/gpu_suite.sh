@@ -23,9 +23,9 @@
 #   roofline   bench/triton_roofline.py
 #   merge      one JSON + markdown (+ plots) of the bench-* results in DIR
 #
-# Every step has a time budget (seconds, STEP_BUDGET below; BUDGET_<step> overrides, e.g.
-# BUDGET_tests=400), enforced with `timeout`; a step whose budget does not fit in what is left
-# of CALL_BUDGET (default 570 s) is not started and says so. A failing step is recorded and
+# Every step runs under `timeout` with its budget (STEP_BUDGET below; BUDGET_<step> overrides,
+# e.g. BUDGET_tests=400) or what is left of CALL_BUDGET (default 570 s), whichever is less; with
+# less than a minute left a step is not started, and says so. A failing step is recorded and
 # the later steps still run; the exit status is the number of failed steps. Optional packages
 # (hypothesis, tqdm, matplotlib, pytest-benchmark) may be missing: their tests skip, the bench
 # prints no progress bar and draws no plots.
@@ -50,10 +50,11 @@ if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
     export CUDA_HOME
 fi
 
+# Upper limits per step (seconds); a step also stops where its call's budget ends.
 declare -A STEP_BUDGET=(
-    [env]=30 [build]=300 [backends]=60 [tests]=420 [profile]=180
-    [bench-main]=540 [bench-imagenet]=270 [bench-depth]=270 [bench-scale]=240
-    [micro]=150 [roofline]=200 [merge]=60
+    [env]=30 [build]=300 [backends]=60 [tests]=360 [profile]=120
+    [bench-main]=540 [bench-imagenet]=180 [bench-depth]=180 [bench-scale]=120
+    [micro]=90 [roofline]=120 [merge]=60
 )
 START=$SECONDS
 failed=0
@@ -64,20 +65,23 @@ budget() {  # budget STEP: seconds for STEP (BUDGET_<step with _ for ->) overrid
 }
 
 step() {  # step NAME COMMAND...: runs COMMAND within NAME's budget, output to DIR/NAME.log
+    # The step gets its budget or what is left of the call, whichever is less; with less than
+    # a minute left it is not started. COMMAND sees its limit as STEP_LIMIT.
     local name=$1; shift
     local limit left t0 rc
+    left=$((CALL_BUDGET - (SECONDS - START) - 10))
     limit=$(budget "$name")
-    left=$((CALL_BUDGET - (SECONDS - START)))
-    if [ "$limit" -gt "$left" ]; then
-        echo "== $name: not started (budget ${limit} s, ${left} s left of this call's ${CALL_BUDGET} s)" \
+    [ "$limit" -gt "$left" ] && limit=$left
+    if [ "$limit" -lt 60 ]; then
+        echo "== $name: not started (${left} s left of this call's ${CALL_BUDGET} s)" \
             | tee -a "$DIR/steps.log"
         failed=$((failed + 1))
         return
     fi
-    echo "== $name (budget ${limit} s): $*"
+    echo "== $name (limit ${limit} s): $*"
     t0=$SECONDS
     # Through bash -c: the command may be one of the functions below (exported).
-    timeout --kill-after=20 "$limit" bash -c '"$@"' _ "$@" >"$DIR/$name.log" 2>&1
+    STEP_LIMIT=$limit timeout --kill-after=20 "$limit" bash -c '"$@"' _ "$@" >"$DIR/$name.log" 2>&1
     rc=$?
     if [ "$rc" -eq 0 ]; then
         echo "   ok ($((SECONDS - t0)) s)"
@@ -131,14 +135,18 @@ gpu_tests() {
     files=$(grep -l -E "pytest\.mark\.cuda|cuda_or_skip\(" tests/test_*.py)
     echo "files: $files"
     # shellcheck disable=SC2086
-    "$PY" -m pytest -q -ra -p no:cacheprovider -m "cuda or triton" $files \
+    "$PY" -m pytest -v -ra -p no:cacheprovider -m "cuda or triton" $files \
         --junitxml="$DIR/tests-gpu.xml"
 }
 
-bench_suite() {  # bench_suite SUITE BUDGET: one result file per suite, deadline inside BUDGET
+bench_suite() {  # bench_suite SUITE: one result file per run, its deadline inside the step's
+    local name="suite-$1" n=2
+    while [ -e "$DIR/$name.json" ] || [ -e "$DIR/$name.partial.json" ]; do  # a re-run: keep both
+        name="suite-$1-$n"; n=$((n + 1))
+    done
     # shellcheck disable=SC2086
-    "$PY" -m bench.run --device cuda --suites "$1" --out "$DIR" --name "suite-$1" \
-        --deadline-s $(($2 - 30)) ${BENCH_ARGS:-}
+    "$PY" -m bench.run --device cuda --suites "$1" --out "$DIR" --name "$name" \
+        --deadline-s $((STEP_LIMIT - 30)) ${BENCH_ARGS:-}
 }
 
 merge() {  # finished suites, and what a deadline or a timeout left of the others
@@ -172,8 +180,7 @@ for s in "${WANT[@]}"; do
         backends) step backends backends ;;
         tests) step tests gpu_tests ;;
         profile) step profile "$PY" -m bench.profile_step --device cuda --out "$DIR/profile" ;;
-        bench-main | bench-imagenet | bench-depth | bench-scale)
-            step "$s" bench_suite "${s#bench-}" "$(budget "$s")" ;;
+        bench-main | bench-imagenet | bench-depth | bench-scale) step "$s" bench_suite "${s#bench-}" ;;
         micro) step micro micro ;;
         roofline) step roofline roofline ;;
         merge) step merge merge ;;

@@ -59,7 +59,7 @@ def test_suite_keeps_to_its_call_budget_and_packs_what_it_has(tmp_path):
         timeout=300,
     )
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "tests: not started (budget 420 s" in (results / "steps.log").read_text()
+    assert "tests: not started" in (results / "steps.log").read_text()
     assert "hypothesis: present" in (results / "environment.txt").read_text()
     with tarfile.open(pack / "gpu-suite-upto-tests.tgz") as tgz:
         names = tgz.getnames()
