@@ -498,7 +498,7 @@ def measure(args, settings, backends, suites, jobs, commit, argv) -> int:
 def _probe_self_test(device: str) -> dict | None:
     if device != "cpu":
         return None
-    from bench.memory import self_test
+    from python_models.memory import self_test
 
     check = self_test()
     print(

@@ -173,6 +173,20 @@ def test_worker_measures_a_tiny_job_in_its_own_process():
     assert row["job_wall_s"] > 0
 
 
+def test_worker_searches_the_max_batch_with_the_shared_search():
+    """The benchmark's max batch is python_models.max_batch's search over measured steps: the
+    batch found fits the budget and the next one, also measured, does not."""
+    budget = 24 * MIB
+    job = Job("main", "densenet_bc_10", "naive", 2, "fp32", "cpu", 1, 0, max_batch_bytes=budget)
+    row = run.run_worker(job, timeout=600)
+    assert not row.get("error"), row.get("stderr_tail")
+    found = row["max_batch"]
+    probes = {p["batch"]: p for p in found["probes"]}
+    best = found["max_batch"]
+    assert best > 2 and probes[best]["fits"] and probes[best]["bytes"] <= budget
+    assert not probes[best + 1]["fits"]
+
+
 def test_worker_reports_a_failure_as_a_row():
     job = Job("main", "densenet_bc_10", "efficient-nosuch-min", 2, "fp32", "cpu", 1, 1)
     row = run.run_worker(job, timeout=300)
