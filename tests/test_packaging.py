@@ -17,6 +17,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _restore_build_variables(monkeypatch):
+    """setup.py's extensions() sets CUDA_HOME and TORCH_CUDA_ARCH_LIST if unset; undo it."""
+    for name in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:  # set, then delete: monkeypatch records "was unset" only through a set
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
+
+
 def _setup_module() -> dict:
     return runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
 
