@@ -144,19 +144,22 @@ def table_rows(doc: dict, suites=SUITE_ORDER) -> list[list[str]]:
 
 
 def render_text(doc: dict) -> str:
-    rows = table_rows(doc)
+    """The table as aligned text, a blank line between suites and between models."""
+    groups = [(suite, table_rows(doc, (suite,))) for suite in SUITE_ORDER]
+    rows = [r for _, suite_rows in groups for r in suite_rows]
     widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(COLUMNS)]
 
     def line(cells):
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
     out = [line(COLUMNS), line(["-" * w for w in widths])]
-    last = None
-    for r in rows:
-        if last is not None and r[0] != last:
-            out.append("")
-        out.append(line(r))
-        last = r[0]
+    for _, suite_rows in groups:
+        last = None
+        for r in suite_rows:
+            if r[0] != last and len(out) > 2:
+                out.append("")
+            out.append(line(r))
+            last = r[0]
     return "\n".join(out)
 
 

@@ -423,7 +423,15 @@ def _measure_limit(settings: Settings) -> float | None:
     return None
 
 
-def measure(args, settings, backends, suites, jobs, commit, argv) -> int:
+def measure(
+    args: argparse.Namespace,
+    settings: Settings,
+    backends: list[str],
+    suites: list[str],
+    jobs: list[Job],
+    commit: str,
+    argv: list[str] | None,
+) -> int:
     """Runs the plan, writing the document after every job; the exit status."""
     import torch
 
@@ -436,34 +444,8 @@ def measure(args, settings, backends, suites, jobs, commit, argv) -> int:
         slug += "-" + "-".join(suites)
     stem = args.name or f"{slug}-{now.date().isoformat()}"
     out = Path(args.out)
-    doc = {
-        "schema": SCHEMA,
-        "created": now.isoformat(timespec="seconds"),
-        "device": settings.device,
-        "device_name": dev_name,
-        "torch_version": torch.__version__,
-        "git_commit": commit,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "command": " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]),
-        "backends": backends,
-        "suites": suites,
-        "settings": settings.to_dict(),
-        "memory_method": (
-            "torch.profiler memory events of the c10 CPU allocator (sees allocations inside "
-            "C++ ops)"
-            if settings.device == "cpu"
-            else "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
-        ),
-        "time_method": (
-            "median of time.perf_counter per step"
-            if settings.device == "cpu"
-            else "median of CUDA-event time per step"
-        ),
-        "complete": False,
-        "rows": [],
-    }
+    command = " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])])
+    doc = _new_document(settings, dev_name, now, commit, command, backends, suites)
 
     def checkpoint(rows: list[dict]) -> None:
         doc["measuring_seconds"] = runner.elapsed()
@@ -493,6 +475,47 @@ def measure(args, settings, backends, suites, jobs, commit, argv) -> int:
     doc["measuring_seconds"] = runner.elapsed()
     doc["complete"] = True
     return write_outputs(doc, out, stem, plots=not args.no_plots)
+
+
+def _new_document(
+    settings: Settings,
+    dev_name: str,
+    now: dt.datetime,
+    commit: str,
+    command: str,
+    backends: list[str],
+    suites: list[str],
+) -> dict:
+    """The result document before any row: where, with what, how (bench/README.md, schema)."""
+    import torch
+
+    cpu = settings.device == "cpu"
+    return {
+        "schema": SCHEMA,
+        "created": now.isoformat(timespec="seconds"),
+        "device": settings.device,
+        "device_name": dev_name,
+        "torch_version": torch.__version__,
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "command": command,
+        "backends": backends,
+        "suites": suites,
+        "settings": settings.to_dict(),
+        "memory_method": (
+            "torch.profiler memory events of the c10 CPU allocator (sees allocations inside "
+            "C++ ops)"
+            if cpu
+            else "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
+        ),
+        "time_method": (
+            "median of time.perf_counter per step" if cpu else "median of CUDA-event time per step"
+        ),
+        "complete": False,
+        "rows": [],
+    }
 
 
 def _probe_self_test(device: str) -> dict | None:
