@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 from bench.variants import MEMORY_MODES, variant_names
 
@@ -62,6 +62,10 @@ class Settings:
     scale_batch: int = 64
     scale_fit_depths: list[int] = field(default_factory=lambda: [100, 250, 400])
     scale_budget_gib: float = 4.0
+    # The scale suite's warm-up batch: it only has to create the optimizer state, which does
+    # not depend on the batch, and a batch-64 step of a 1000-layer network takes minutes on a
+    # CPU. None: warm up at the measured batch (GPU).
+    scale_warmup_batch: int | None = 2
 
     @classmethod
     def for_device(cls, device: str, **overrides) -> Settings:
@@ -80,6 +84,7 @@ class Settings:
                 sweep_extra_depths=[1000],
                 measure_limit_gib=None,
                 time_budget_s=None,
+                scale_warmup_batch=None,
                 dtypes=["fp32", "bf16"],
             )
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -96,6 +101,7 @@ class Job:
     Attributes:
         suite, model, variant, batch, dtype, device: what runs (``bench/variants.py``).
         warmup: untimed steps before measuring (the first creates the optimizer state).
+        warmup_batch: the batch of those steps (None: ``batch``).
         steps: timed steps (0: memory only).
         memory: measure activation memory with the probe (``bench/memory.py``).
         max_batch_bytes: also search the largest batch fitting this many bytes (None: no).
@@ -114,7 +120,9 @@ class Job:
     batch: int
     dtype: str
     device: str
+    _: KW_ONLY
     warmup: int = 2
+    warmup_batch: int | None = None
     steps: int = 0
     memory: bool = True
     max_batch_bytes: int | None = None
@@ -218,7 +226,13 @@ def _depth_jobs(s: Settings, best: str) -> list[Job]:
 
 
 def _scale_jobs(s: Settings, best: str) -> list[Job]:
-    common = dict(suite="scale", batch=s.scale_batch, dtype="fp32", device=s.device)
+    common = dict(
+        suite="scale",
+        batch=s.scale_batch,
+        dtype="fp32",
+        device=s.device,
+        warmup_batch=s.scale_warmup_batch,
+    )
     efficient = f"efficient-{best}-min"
     jobs = [
         Job(model=f"densenet_bc_{d}", variant=efficient, warmup=1, **common)

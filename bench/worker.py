@@ -126,18 +126,12 @@ def run_job(job: Job) -> dict:
     step = TrainStep(config, job.variant, job.batch, job.dtype, device, seed=job.seed)
     row["params"] = step.params
     row["torch_threads"] = torch.get_num_threads()
-    t0 = time.perf_counter()
-    for i in range(job.warmup):
-        step()
-        _sync(device)
-        if i == 0:
-            row["first_step_s"] = time.perf_counter() - t0
-    row["warmup_s"] = time.perf_counter() - t0
-    row["floor_bytes"] = step.floor_bytes
+    _warm_up(step, job, row)
     if job.memory:
         result = probe_peak(step, device)
         row["peak_activation_bytes"] = result.peak_bytes
         row["memory_method"] = result.method
+        row["floor_bytes"] = step.floor_bytes  # of the probed step, at the job's batch
         if job.max_batch_bytes:
             row["max_batch"] = _max_batch(step, job.max_batch_bytes, (job.batch, result.peak_bytes))
     if job.steps > 0:
@@ -149,7 +143,25 @@ def run_job(job: Job) -> dict:
         if v.compile and "first_step_s" in row:
             # What the first call costs beyond a steady-state step: tracing and compiling.
             row["compile_s"] = row["first_step_s"] - row["step_time_s"]
+    row.setdefault("floor_bytes", step.floor_bytes)
     return row
+
+
+def _warm_up(step: TrainStep, job: Job, row: dict) -> None:
+    """``job.warmup`` steps (at ``job.warmup_batch`` if set), then back to the job's batch."""
+    if job.warmup_batch is not None:
+        step.set_batch(job.warmup_batch)
+        row["warmup_batch"] = job.warmup_batch
+    t0 = time.perf_counter()
+    for i in range(job.warmup):
+        step()
+        _sync(step.device)
+        if i == 0:
+            row["first_step_s"] = time.perf_counter() - t0
+    row["warmup_s"] = time.perf_counter() - t0
+    if job.warmup_batch is not None:
+        step.set_batch(job.batch)
+        step.block_out_bytes.clear()  # the floor is of the job's batch
 
 
 def _sync(device: torch.device) -> None:

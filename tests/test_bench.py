@@ -68,7 +68,9 @@ def test_scale_plan_measures_the_1000_layer_step_and_estimates_naive():
         ("efficient-cpp-min", False, 1),
         ("naive", True, 0),
     }
-    assert all(j.batch == 64 for j in jobs)
+    assert all(j.batch == 64 and j.warmup_batch == 2 for j in jobs)
+    gpu = plan(Settings.for_device("cuda"), ["cpp", "triton"], ["scale"])
+    assert all(j.warmup_batch is None for j in gpu)
     fit = [scale.depth_of(j.model) for j in jobs if j.model != "densenet_bc_1000"]
     assert fit == [100, 250, 400]
 
@@ -164,7 +166,9 @@ def test_estimator_refuses_compiled_variants():
 
 # ----------------------------------------------------------------------------- worker
 def test_worker_measures_a_tiny_job_in_its_own_process():
-    job = Job("main", "densenet_bc_10", "efficient-reference-min", 2, "fp32", "cpu", 1, 2)
+    job = Job(
+        "main", "densenet_bc_10", "efficient-reference-min", 2, "fp32", "cpu", warmup=1, steps=2
+    )
     row = run.run_worker(job, timeout=300)
     assert not row.get("error"), row.get("stderr_tail")
     assert row["peak_activation_bytes"] > row["floor_bytes"] > 0
@@ -177,7 +181,7 @@ def test_worker_searches_the_max_batch_with_the_shared_search():
     """The benchmark's max batch is python_models.max_batch's search over measured steps: the
     batch found fits the budget and the next one, also measured, does not."""
     budget = 24 * MIB
-    job = Job("main", "densenet_bc_10", "naive", 2, "fp32", "cpu", 1, 0, max_batch_bytes=budget)
+    job = Job("main", "densenet_bc_10", "naive", 2, "fp32", "cpu", warmup=1, max_batch_bytes=budget)
     row = run.run_worker(job, timeout=600)
     assert not row.get("error"), row.get("stderr_tail")
     found = row["max_batch"]
@@ -187,8 +191,21 @@ def test_worker_searches_the_max_batch_with_the_shared_search():
     assert not probes[best + 1]["fits"]
 
 
+def test_worker_warms_up_at_a_small_batch_and_measures_the_job_batch():
+    """The scale suite's warm-up batch: the probe and the floor are of the job's batch."""
+    job = Job(
+        "scale", "densenet_bc_10", "naive", 4, "fp32", "cpu", warmup=1, steps=1, warmup_batch=1
+    )
+    row = run.run_worker(job, timeout=300)
+    assert not row.get("error"), row.get("stderr_tail")
+    full = run.run_worker(job.replace(warmup_batch=None), timeout=300)
+    assert row["warmup_batch"] == 1 and "warmup_batch" not in full
+    assert row["floor_bytes"] == full["floor_bytes"] > 0
+    assert row["peak_activation_bytes"] == pytest.approx(full["peak_activation_bytes"], rel=0.05)
+
+
 def test_worker_reports_a_failure_as_a_row():
-    job = Job("main", "densenet_bc_10", "efficient-nosuch-min", 2, "fp32", "cpu", 1, 1)
+    job = Job("main", "densenet_bc_10", "efficient-nosuch-min", 2, "fp32", "cpu", warmup=1, steps=1)
     row = run.run_worker(job, timeout=300)
     assert "BackendUnavailableError" in row["error"] or "unknown backend" in row["error"]
 
