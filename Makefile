@@ -30,7 +30,8 @@ bench: build
 	$(PY) -m bench.run
 
 # DenseNet-BC-1000 at batch 64 (one measured step), naive estimated, and the deepest
-# DenseNet-BC whose activations fit 4 GiB; about 15 minutes on a 2-core CPU.
+# DenseNet-BC whose activations fit 4 GiB; estimated 6-10 minutes on a quiet 2-core CPU
+# (bench/README.md).
 bench-scale: build
 	$(PY) -m bench.run --suites scale
 
