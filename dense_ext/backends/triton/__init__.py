@@ -1,4 +1,5 @@
-"""The ``triton`` backend: fused Triton kernels for the dense block (docs/triton_kernels.md).
+"""The ``triton`` backend: fused Triton kernels for the dense block (docs/design.md, 7;
+docs/triton_kernels.md).
 
 Importing this package defines no kernel and touches no GPU: ``get_backend()`` imports the
 kernel modules on first use. That matters because Triton decides at *definition* time whether a
