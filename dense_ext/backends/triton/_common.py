@@ -334,7 +334,9 @@ def conv_fp32_precision() -> str:
     conv = getattr(getattr(backends.cudnn, "conv", None), "fp32_precision", None)
     if conv is None:  # torch without the fp32_precision API
         return "tf32" if backends.cudnn.allow_tf32 else "ieee"
-    for level in (conv, backends.cudnn.fp32_precision, backends.fp32_precision):
+    # torch.backends.fp32_precision is set up at run time (unknown to the type stubs)
+    top = getattr(backends, "fp32_precision", "none")
+    for level in (conv, backends.cudnn.fp32_precision, top):
         if level != "none":
             return "tf32" if level == "tf32" else "ieee"
     return "ieee"
