@@ -37,11 +37,23 @@ def _flag(name: str) -> str | None:
     return value if value in ("0", "1") else None
 
 
+def is_cuda_home(home: str) -> bool:
+    """Whether ``home`` looks like a CUDA toolkit: ``bin/nvcc`` and a CUDA runtime library."""
+    libs = [os.path.join(home, d) for d in ("lib64", "lib")]
+    libs += glob.glob(os.path.join(home, "targets", "*", "lib"))
+    has_runtime = any(glob.glob(os.path.join(d, "libcudart*")) for d in libs)
+    return os.path.exists(os.path.join(home, "bin", "nvcc")) and has_runtime
+
+
 def default_cuda_home() -> str:
-    """The toolkit of the ``nvcc`` on PATH (``<home>/bin/nvcc``), else /usr/local/cuda."""
+    """The toolkit of the ``nvcc`` on PATH (``<home>/bin/nvcc``) if it is one, else
+    /usr/local/cuda. (An ``nvcc`` on PATH may be a wrapper script in /usr/local/bin, whose
+    parent folder holds no CUDA runtime.)"""
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if is_cuda_home(home):
+            return home
     return "/usr/local/cuda"
 
 

@@ -70,14 +70,29 @@ def test_no_openmp_flags_on_macos(monkeypatch):
     assert "-fopenmp" not in ext.extra_link_args
 
 
-def test_cuda_home_is_the_toolkit_of_the_nvcc_on_path(tmp_path, monkeypatch):
-    nvcc = tmp_path / "cuda-13.0" / "bin" / "nvcc"
-    nvcc.parent.mkdir(parents=True)
+def _fake_nvcc(folder):
+    folder.mkdir(parents=True)
+    nvcc = folder / "nvcc"
     nvcc.write_text("#!/bin/sh\n")
     nvcc.chmod(0o755)
-    monkeypatch.setenv("PATH", str(nvcc.parent))
-    assert _setup_module()["default_cuda_home"]() == str(tmp_path / "cuda-13.0")
+
+
+def test_cuda_home_is_the_toolkit_of_the_nvcc_on_path(tmp_path, monkeypatch):
+    home = tmp_path / "cuda-13.0"
+    _fake_nvcc(home / "bin")
+    (home / "lib64").mkdir()
+    (home / "lib64" / "libcudart.so").write_text("")
+    monkeypatch.setenv("PATH", str(home / "bin"))
+    assert _setup_module()["default_cuda_home"]() == str(home)
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc anywhere
+    assert _setup_module()["default_cuda_home"]() == "/usr/local/cuda"
+
+
+def test_an_nvcc_wrapper_outside_a_toolkit_is_not_taken_for_one(tmp_path, monkeypatch):
+    """This machine's /usr/local/bin/nvcc is a script calling /usr/local/cuda-13.0/bin/nvcc;
+    /usr/local has no CUDA runtime to link against."""
+    _fake_nvcc(tmp_path / "bin")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     assert _setup_module()["default_cuda_home"]() == "/usr/local/cuda"
 
 
