@@ -6,7 +6,7 @@ STAMP := $(VENV)/.requirements-installed
 BUILD_STAMP := $(VENV)/.package-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test bench bench-scale bench-micro gpu-suite lint typecheck format clean
+.PHONY: venv build test test-gpu-image bench bench-scale bench-micro gpu-suite lint typecheck format clean
 
 venv: $(STAMP)
 
@@ -46,6 +46,11 @@ DIR ?= bench/scratch/gpu-suite
 STEPS ?= env,build,backends,tests,profile,bench-main,bench-imagenet,bench-depth,bench-scale,micro,roofline,merge
 gpu-suite:
 	bash bench/gpu_suite.sh $(DIR) $(STEPS) $(PACK)
+
+# The Triton backend against the GPU image's torch 2.11.0 + triton 3.6.0 on this machine (a
+# throwaway venv from PyPI, ~3 GB download, ~15 min): AOT compile check + interpreter tests.
+test-gpu-image:
+	bash tools/triton_gpu_image_check.sh
 
 PY_SOURCES := dense_ext python_models tests bench setup.py
 C_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
