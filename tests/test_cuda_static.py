@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-ARCHS = ("sm_80", "sm_90")
+ARCHS = ("sm_80", "sm_90")  # the default build's; a test of one the build lacks skips
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -61,8 +61,17 @@ _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A
 
 
 @functools.cache
+def built_archs() -> list[str]:
+    """The SASS architectures in the fatbin, e.g. ["sm_80", "sm_90"]."""
+    return sorted(set(re.findall(r"kernels\.(sm_\d+)\.cubin", run_cuobjdump("-lelf"))))
+
+
+@functools.cache
 def sass_with_addresses(arch: str) -> dict[str, list[tuple[int, str, str]]]:
-    """Kernel (mangled name) -> its SASS as (address, opcode with modifiers, operands)."""
+    """Kernel (mangled name) -> its SASS as (address, opcode with modifiers, operands). Skips
+    when the build has no SASS for ``arch`` (a TORCH_CUDA_ARCH_LIST without it)."""
+    if arch not in built_archs():
+        pytest.skip(f"no {arch} SASS in this build ({built_archs()}): TORCH_CUDA_ARCH_LIST")
     kernels: dict[str, list[tuple[int, str, str]]] = {}
     current = None
     for line in run_cuobjdump("-sass", "-arch", arch).splitlines():
@@ -134,8 +143,11 @@ def test_fatbin_embeds_ptx_of_the_newest_arch():
     from dense_ext import _C
 
     listing = run_cuobjdump("-lptx")
-    newest = max(ARCHS, key=lambda a: int(a[3:]))
-    assert re.search(rf"kernels\.{newest}\.ptx", listing), listing
+    newest = max(built_archs(), key=lambda a: int(a[3:]))
+    assert re.search(rf"kernels\.{newest}\.ptx", listing), (
+        f"no PTX for {newest}: the extension would not run on newer GPUs; build with "
+        f"TORCH_CUDA_ARCH_LIST ending in +PTX (setup.py's default). {listing}"
+    )
     ptx = run_cuobjdump("-ptx")
     assert ".entry" in ptx and "bn_relu_kernel" in ptx
     # The arch list compiled into the module (the runtime device check) matches the fatbin.
@@ -149,7 +161,7 @@ def test_fatbin_embeds_ptx_of_the_newest_arch():
 def test_no_kernel_spills_registers():
     rows = resource_usage()
     kernels = [r for r in rows if "_kernel" in r[1]]
-    assert len({arch for arch, _, _ in kernels}) == len(ARCHS) and len(kernels) >= 20, rows[:3]
+    assert {arch for arch, _, _ in kernels} == set(built_archs()) and len(kernels) >= 20, rows[:3]
     for arch, name, usage in kernels:
         assert usage["LOCAL"] == 0 and usage["STACK"] == 0, (arch, name, usage)
         assert usage["REG"] <= MAX_REGISTERS, (arch, name, usage)
@@ -283,7 +295,7 @@ def test_finalize_kernels_merge_partials_as_a_block_tree(arch):
 def test_dropout_kernels_take_the_seed_by_pointer():
     """The seed is a device pointer argument (`const long*`, PKl in the mangled name), read by
     the kernel: a kernel parameter would be frozen into a captured CUDA graph."""
-    for arch in ARCHS:
+    for arch in built_archs():
         names = kernels_named(arch, "dropout_store_kernel")
         assert all(re.search(r"TilingEPKl", name) for name in names), list(names)
 
@@ -314,7 +326,7 @@ def test_host_emulation_of_the_cuda_grid(tmp_path):
 
 def test_sass_parser_sees_the_kernels():
     """The checks above read real instructions (guards against a parser that finds nothing)."""
-    for arch in ARCHS:
+    for arch in built_archs():
         code = kernels_named(arch, "bn_relu_kernel")
         assert all(len(c) > 20 for c in code.values())
         assert any(op.startswith("STG") for c in code.values() for _, op, _ in c)
