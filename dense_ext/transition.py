@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from dense_ext.block import DenseDtypeError, DenseInputError
 from dense_ext.donation import donate
 from dense_ext.function import suggest_format
+from dense_ext.grad_layout import ensure_grad_layout, keep_grad_layout
 from dense_ext.norm import NormCall, norm_call
 
 POOLS = ("avg2x2", "global")
@@ -232,6 +233,7 @@ class EfficientTransition(nn.Module):
             num_input_features, num_output_features, kernel_size=1, stride=1, bias=False
         )
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        keep_grad_layout(self.conv.weight)
 
     @classmethod
     def from_modules(
@@ -241,9 +243,12 @@ class EfficientTransition(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.norm, self.relu, self.conv, self.pool = norm, relu, conv, pool
+        keep_grad_layout(conv.weight)
         return self
 
     def forward(self, x: Tensor) -> Tensor:
         """[N, C_in, H, W] -> [N, C_out, H // 2, W // 2]."""
         _check_input(x, self.norm.num_features, "EfficientTransition")
+        # The conv's weight gradient comes from ATen in the input's channels_last layout.
+        ensure_grad_layout(self.conv.weight)
         return self.conv(norm_relu_pool(x, self.norm, "avg2x2"))
