@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dense_ext.backends.base import LOCAL
-from dense_ext.distributed import (
+from dense_ext.sync_bn import (
     DistributedStatsSync,
     SyncBatchNorm,
     SyncTransition,

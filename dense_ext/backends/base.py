@@ -61,7 +61,7 @@ class ForwardState:
 class StatsSync:
     """How batch statistics combine across processes; this base class is local (no sync).
 
-    Synchronised BN (``dense_ext.distributed``) overrides the three methods with collectives:
+    Synchronised BN (``dense_ext.sync_bn``) overrides the three methods with collectives:
     forward statistics become those of the global batch, and the two BN-backward reductions
     are summed over processes (parameter gradients stay local, as in ``nn.SyncBatchNorm``).
     """
