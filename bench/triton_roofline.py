@@ -1,21 +1,24 @@
-"""Microbenchmark of each Triton kernel of the dense block against its roofline (GPU).
+"""The Triton kernels against their roofline: measured on a GPU, predicted without one.
 
-For dense-layer shapes of DenseNet-BC-100 (k=12, CIFAR, batch 64) and DenseNet-121 (k=32,
-ImageNet block 1, batch 64), every op the triton backend launches per layer is timed with
-``triton.testing.do_bench`` (median and 20/80 % quantiles) and set against
+Three modes (docs/triton_kernels.md explains the model and what only a GPU can confirm):
 
-* its roofline time ``max(bytes / BW, flops / PEAK)``, where ``bytes`` is the compulsory traffic
-  (each operand read once, each output written once) and ``BW``/``PEAK`` are *measured* on this
-  GPU in the same run (a large device-to-device copy; a large ``torch.mm`` in the same dtype and
-  TF32 setting), so the percentages do not rely on datasheet numbers;
-* for the forward ops, the unfused PyTorch sequence computing the same thing
-  (``batch_norm -> relu -> conv2d`` on channels_last tensors: cuDNN).
-
+    python bench/triton_roofline.py --predict            # no GPU: bytes, FLOPs and H100
+                                                          # roofline per kernel for one training
+                                                          # step, triton vs cuDNN naive, and
+                                                          # the host overhead (mocked launches)
+    TRITON_INTERPRET=0 python bench/triton_roofline.py --host   # host time per layer, mocked
     python bench/triton_roofline.py [--dtype float32|bfloat16|float16] [--out bench/results]
-    TRITON_INTERPRET=1 python bench/triton_roofline.py --smoke   # CPU: run every op once, no timing
+                                                          # GPU: time every op of a layer
+    TRITON_INTERPRET=1 python bench/triton_roofline.py --smoke  # CPU: run every op once
 
-Rows record GPU name, dtype, torch/triton versions and the git commit. Results go to
-``<out>/triton_roofline_<gpu>_<dtype>.{json,md}``.
+GPU mode: for dense-layer shapes of DenseNet-BC-100 (k=12, CIFAR, batch 64) and DenseNet-121
+(k=32, ImageNet, batch 64) every op the triton backend launches per layer is timed with
+``triton.testing.do_bench_cudagraph`` (replays of a captured CUDA graph: GPU time without the
+host's launch overhead, which for these small kernels would otherwise be most of the number)
+and set against its roofline ``max(bytes / BW, flops / PEAK)``: ``bytes`` is the compulsory
+traffic, ``BW`` a large device-to-device copy and ``PEAK`` a large ``torch.mm`` in the *same
+arithmetic as the kernels* (TF32 tensor cores for float32 when the fp32 precision setting allows
+TF32, as the kernels do), both measured in the same run.
 """
 
 from __future__ import annotations
@@ -26,19 +29,19 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # (label, N, H, W, C_in, k, bn_size): first, middle and last layer of a block
 SHAPES = [
     ("BC-100 blk1 l1", 64, 32, 32, 24, 12, 4),
     ("BC-100 blk1 l16", 64, 32, 32, 204, 12, 4),
-    ("BC-100 blk3 l16", 64, 8, 8, 444, 12, 4),
+    ("BC-100 blk3 l16", 64, 8, 8, 330, 12, 4),
     ("D-121 blk1 l1", 64, 56, 56, 64, 32, 4),
     ("D-121 blk1 l6", 64, 56, 56, 224, 32, 4),
     ("D-121 blk3 l24", 64, 14, 14, 992, 32, 4),
@@ -60,9 +63,198 @@ def git_commit() -> str:
         return "unknown"
 
 
-def measured_peaks(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
-    """(bytes/s of a large copy counted as read + write, flop/s of a large mm in ``dtype``)."""
+# ----------------------------------------------------------------------------------------------
+# The per-layer op list: what the backend launches, with compulsory bytes and FLOPs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    bytes: int
+    flops: int
+
+
+def triton_layer_ops(m: int, c_in: int, k: int, bn_size: int, s: int, drop: bool) -> list[Op]:
+    """One layer's forward + backward (``memory="min"``, batch statistics) as the triton
+    backend runs it; ``s`` bytes per element. Each operand is read once, each output written
+    once (tap re-reads of 3x3 convolutions hit L1/L2); statistics partials are negligible."""
+    mid = bn_size * k
+    ops = []
+    if bn_size:
+        f1, f3 = 2 * m * c_in * mid, 2 * 9 * m * mid * k
+        ops += [
+            Op("fwd 1x1 (+bn1 relu, stats)", (m * c_in + m * mid) * s, f1),
+            Op("fwd 3x3 (+bn2 relu, dropout, stats)", (m * mid + m * k) * s, f3),
+        ]
+        if drop:
+            ops.append(Op("dropout backward", 2 * m * k * s, 0))
+        ops += [
+            Op("fwd 1x1 recompute", (m * c_in + m * mid) * s, f1),
+            Op("wgrad 3x3", (m * k + m * mid) * s, f3),
+            Op("dgrad 3x3 reduce", (m * k + m * mid) * s, f3),
+            Op("dgrad 3x3 apply", (m * k + 2 * m * mid) * s, f3),
+            Op("wgrad 1x1", (m * mid + m * c_in) * s, f1),
+            Op("dgrad 1x1 reduce", (m * mid + m * c_in) * s, f1),
+            Op("dgrad 1x1 apply (+=)", (m * mid + 3 * m * c_in) * s, f1),
+        ]
+    else:
+        f3 = 2 * 9 * m * c_in * k
+        ops += [Op("fwd 3x3 (+bn1 relu, dropout, stats)", (m * c_in + m * k) * s, f3)]
+        if drop:
+            ops.append(Op("dropout backward", 2 * m * k * s, 0))
+        ops += [
+            Op("wgrad 3x3", (m * k + m * c_in) * s, f3),
+            Op("dgrad 3x3 reduce", (m * k + m * c_in) * s, f3),
+            Op("dgrad 3x3 apply (+=)", (m * k + 3 * m * c_in) * s, f3),
+        ]
+    return ops
+
+
+def naive_layer_ops(m: int, c_in: int, k: int, bn_size: int, s: int) -> list[Op]:
+    """The same layer as torchvision's ``_DenseLayer`` runs it on cuDNN (cat, BN, ReLU, conv as
+    separate kernels; training-mode BN reads its input twice; autograd adds each layer's
+    concatenated-input gradient into the earlier features)."""
+    mid = bn_size * k
+    f1, f3 = 2 * m * c_in * mid, 2 * 9 * m * mid * k
+    ops = [
+        Op("cat", 2 * m * c_in * s, 0),
+        Op("bn1 fwd", 3 * m * c_in * s, 0),
+        Op("relu1", 2 * m * c_in * s, 0),
+        Op("conv1", (m * c_in + m * mid) * s, f1),
+        Op("bn2 fwd", 3 * m * mid * s, 0),
+        Op("relu2", 2 * m * mid * s, 0),
+        Op("conv2", (m * mid + m * k) * s, f3),
+        Op("conv2 dgrad", (m * k + m * mid) * s, f3),
+        Op("conv2 wgrad", (m * k + m * mid) * s, f3),
+        Op("relu2 bwd", 3 * m * mid * s, 0),
+        Op("bn2 bwd", 5 * m * mid * s, 0),
+        Op("conv1 dgrad", (m * mid + m * c_in) * s, f1),
+        Op("conv1 wgrad", (m * mid + m * c_in) * s, f1),
+        Op("relu1 bwd", 3 * m * c_in * s, 0),
+        Op("bn1 bwd", 5 * m * c_in * s, 0),
+        Op("cat bwd (grad accumulation)", 3 * m * c_in * s, 0),
+    ]
+    return ops
+
+
+# DenseNet-121 (224x224) and DenseNet-BC-100 (32x32, k=12): (C0, layers, resolution) per block.
+NETWORKS = {
+    "DenseNet-121 224x224 b64": (32, 4, [(64, 6, 56), (128, 12, 28), (256, 24, 14), (512, 16, 7)]),
+    "DenseNet-BC-100 32x32 b64": (12, 4, [(24, 16, 32), (108, 16, 16), (150, 16, 8)]),
+}
+
+# H100 SXM datasheet peaks (dense): HBM3 bandwidth, tensor-core and CUDA-core throughput.
+H100 = {"bandwidth": 3.35e12, "bf16": 989e12, "tf32": 494e12, "fp32": 67e12, "fp64": 67e12}
+
+
+def roofline_s(op: Op, peak_flops: float) -> float:
+    return max(op.bytes / H100["bandwidth"], op.flops / peak_flops)
+
+
+def predict_network(name: str, batch: int, s: int, peak: float, host_us_per_layer: float | None):
+    """Rows per op kind (summed over every layer of every block) for both implementations."""
+    k, bn_size, blocks = NETWORKS[name]
+    totals = {"triton": {}, "naive cuDNN": {}}
+    layers = 0
+    for c0, num_layers, res in blocks:
+        m = batch * res * res
+        for layer in range(num_layers):
+            c_in = c0 + layer * k
+            layers += 1
+            for backend, ops in (
+                ("triton", triton_layer_ops(m, c_in, k, bn_size, s, drop=False)),
+                ("naive cuDNN", naive_layer_ops(m, c_in, k, bn_size, s)),
+            ):
+                for op in ops:
+                    row = totals[backend].setdefault(op.name, [0, 0, 0.0, 0])
+                    row[0] += op.bytes
+                    row[1] += op.flops
+                    row[2] += roofline_s(op, peak)
+                    row[3] += 1
+    lines = [f"## {name} ({layers} dense layers), one training step, dense blocks only", ""]
+    for backend, rows in totals.items():
+        lines += [
+            f"{backend}:",
+            f"  {'kernel':<38} {'launches':>8} {'GB':>8} {'GFLOP':>9} {'roofline ms':>12}",
+        ]
+        for op_name, (b, f, t, count) in rows.items():
+            lines.append(
+                f"  {op_name:<38} {count:>8} {b / 1e9:>8.2f} {f / 1e9:>9.1f} {t * 1e3:>12.3f}"
+            )
+        b = sum(r[0] for r in rows.values())
+        f = sum(r[1] for r in rows.values())
+        t = sum(r[2] for r in rows.values())
+        n = sum(r[3] for r in rows.values())
+        lines.append(f"  {'total':<38} {n:>8} {b / 1e9:>8.2f} {f / 1e9:>9.1f} {t * 1e3:>12.3f}")
+        if backend == "triton" and host_us_per_layer is not None:
+            host = host_us_per_layer * layers / 1e3
+            lines.append(
+                f"  host time (measured, mocked launches): {host:.2f} ms -> predicted step "
+                f"max(GPU, host) = {max(t * 1e3, host):.2f} ms"
+            )
+        lines.append("")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Host overhead with mocked launches (no GPU)
+# ----------------------------------------------------------------------------------------------
+
+
+def host_us_per_layer(trials: int = 7, reps: int = 10) -> tuple[float, float]:
+    """CPU microseconds per layer forward + backward of an efficient block on the triton
+    backend with every kernel launch mocked (``mock_gpu``), and Triton launches per layer.
+
+    Per layer = difference of a 10-layer and a 2-layer block over 8, so block-level work
+    cancels; best of ``trials`` (``time.process_time``), since other processes share the CPU.
+    Tensors are tiny CPU tensors: torch ops cost their fixed dispatch overhead only.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("--host needs compiled kernels: run with TRITON_INTERPRET=0")
+    import dense_ext.backends.triton as triton_package
+    from dense_ext import EfficientDenseBlock
+    from dense_ext.backends.triton import backend as triton_backend
+    from dense_ext.backends.triton.mock_gpu import mocked_gpu
+
+    # CPU tensors stand in for CUDA ones: let the compiled backend accept them.
+    triton_backend.TritonBackend._check = staticmethod(lambda x: None)
+    triton_package.unavailable_reason = lambda device: None
+
+    def step_time(layers: int) -> float:
+        torch.manual_seed(0)
+        block = EfficientDenseBlock(layers, 8, 4, 4, 0.2, memory="min", backend="triton")
+        x = torch.randn(1, 8, 4, 4, requires_grad=True)
+        out = block(x)
+        grad = torch.ones_like(out)
+        out.backward(grad)  # compiles every variant (cached on disk afterwards)
+        best = float("inf")
+        for _ in range(trials):
+            start = time.process_time()
+            for _ in range(reps):
+                block(x).backward(grad)
+            best = min(best, (time.process_time() - start) / reps)
+        return best
+
+    with mocked_gpu() as mock:
+        small, large = step_time(2), step_time(10)
+        mock.launches.clear()
+        step_time(10)
+    launches = sum(mock.launches.values()) / (10 * (1 + 7 * 10))
+    return (large - small) / 8 * 1e6, launches
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU measurement
+# ----------------------------------------------------------------------------------------------
+
+
+def measured_peaks(dtype: torch.dtype, device: torch.device) -> tuple[float, float, str]:
+    """(bytes/s of a large copy counted as read + write, flop/s of a large mm in the kernels'
+    arithmetic, which arithmetic)."""
     from triton.testing import do_bench
+
+    from dense_ext.backends.triton._common import dot_config
 
     src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
@@ -71,28 +263,36 @@ def measured_peaks(dtype: torch.dtype, device: torch.device) -> tuple[float, flo
     n = 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = do_bench(lambda: torch.mm(a, b), warmup=25, rep=200)
-    return bw, 2 * n**3 / (ms * 1e-3)
+    tf32 = dot_config(dtype, device)[2]
+    arithmetic = "tf32" if tf32 else str(dtype).replace("torch.", "")
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "tf32" if tf32 else "ieee"
+    try:
+        ms = do_bench(lambda: torch.mm(a, b), warmup=25, rep=200)
+    finally:
+        matmul.fp32_precision = saved
+    return bw, 2 * n**3 / (ms * 1e-3), arithmetic
 
 
 def layer_ops(label, n, h, w, c_in, k, bn_size, dtype, device):
     """(op name, callable, bytes, flops, baseline callable or None) for one layer's kernels."""
     from dense_ext.backends.triton.conv_dgrad import (
-        conv_dgrad_bn_relu_apply,
-        conv_dgrad_bn_relu_reduce,
+        conv_dgrad_bn_relu_apply_,
+        conv_dgrad_bn_relu_reduce_,
     )
-    from dense_ext.backends.triton.conv_fwd import bn_relu_conv_fwd, conv_weight_taps
-    from dense_ext.backends.triton.conv_wgrad import bn_relu_conv_wgrad
-    from dense_ext.backends.triton.stats import channel_stats
+    from dense_ext.backends.triton.conv_fwd import bn_relu_conv_fwd_, conv_weight_taps
+    from dense_ext.backends.triton.conv_wgrad import bn_relu_conv_wgrad_
+    from dense_ext.backends.triton.stats import channel_stats_
 
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     s = torch.tensor([], dtype=dtype).element_size()
     m = n * h * w
     c_total = c_in + k
     mid = bn_size * k
-    feat = torch.randn(n, c_total, h, w, device=device, dtype=dtype).contiguous(
-        memory_format=torch.channels_last
-    )
+    hw = {"height": h, "width": w}
+    feat = torch.randn(n, c_total, h, w, device=device, dtype=dtype)
+    feat = feat.contiguous(memory_format=torch.channels_last)
     grad = torch.randn_like(feat)
     stats = torch.empty(2, c_total, device=device, dtype=acc)
 
@@ -104,19 +304,28 @@ def layer_ops(label, n, h, w, c_in, k, bn_size, dtype, device):
             torch.randn(c, device=device, dtype=acc) * 0.1,
         )
 
-    def unfused(x, c, bnp, weight, pad):
+    def unfused(x, bnp, weight, pad):
         mean, invstd, gamma, beta = bnp
         var = invstd.pow(-2) - 1e-5
         return lambda: F.conv2d(
             F.relu(F.batch_norm(x, mean, var, gamma, beta, False, 0.0, 1e-5)), weight, padding=pad
         )
 
-    ops = []
     bn1 = bn(c_in)
-    prefix = feat[:, :c_in]
-    ops.append(
-        ("stats", lambda: channel_stats(feat, 0, c_in, stats, 0, c_total), m * c_in * s, 0, None)
-    )
+    ops = [
+        (
+            "stats",
+            lambda: channel_stats_(
+                feat, stats, x_col=0, channels=c_in, mean_off=0, var_off=c_total
+            ),
+            m * c_in * s,
+            0,
+            None,
+        )
+    ]
+    new = {"y_col": c_in, "mean_off": c_in, "var_off": c_total + c_in}
+    for op in triton_layer_ops(m, c_in, k, bn_size, s, drop=False):
+        ops.append([op.name, None, op.bytes, op.flops, None])
     if bn_size:
         w1 = torch.randn(mid, c_in, 1, 1, device=device, dtype=dtype) * 0.1
         w2 = torch.randn(k, mid, 3, 3, device=device, dtype=dtype) * 0.1
@@ -126,178 +335,162 @@ def layer_ops(label, n, h, w, c_in, k, bn_size, dtype, device):
         dy1 = torch.empty_like(y1)
         stats2 = torch.empty(2, mid, device=device, dtype=acc)
         bn2 = bn(mid)
-        f1, f3 = 2 * m * c_in * mid, 2 * m * 9 * mid * k
-        sums2 = torch.zeros(2, mid, device=device, dtype=acc)
-        sums1 = torch.zeros(2, c_in, device=device, dtype=acc)
-        ops += [
+        sums1, sums2 = (
+            torch.zeros(2, c_in, device=device, dtype=acc),
+            torch.zeros(2, mid, device=device, dtype=acc),
+        )
+        from_new = {"dy_col": c_in, "x_col": 0, "c_in": mid, **hw}
+        from_y1 = {"dy_col": 0, "x_col": 0, "c_in": c_in, **hw}
+        calls = [
             (
-                "fwd 1x1 (+bn1 relu, stats)",
-                lambda: bn_relu_conv_fwd(
-                    feat, 0, c_in, *bn1, w1t, y1, 0, None, stats2, 0, mid, h, w
+                lambda: bn_relu_conv_fwd_(
+                    feat,
+                    *bn1,
+                    w1t,
+                    y1,
+                    stats2,
+                    None,
+                    x_col=0,
+                    c_in=c_in,
+                    y_col=0,
+                    mean_off=0,
+                    var_off=mid,
+                    **hw,
                 ),
-                (m * c_in + m * mid) * s,
-                f1,
-                unfused(prefix, c_in, bn1, w1, 0),
-            ),
+                unfused(feat[:, :c_in], bn1, w1, 0),
+            ),  # noqa: E501
             (
-                "fwd 3x3 (+bn2 relu, stats)",
-                lambda: bn_relu_conv_fwd(
-                    y1, 0, mid, *bn2, w2t, feat, c_in, None, stats, c_in, c_total + c_in, h, w
+                lambda: bn_relu_conv_fwd_(
+                    y1, *bn2, w2t, feat, stats, None, x_col=0, c_in=mid, **new, **hw
                 ),
-                (m * mid + m * k) * s,
-                f3,
-                unfused(y1_4d, mid, bn2, w2, 1),
-            ),
+                unfused(y1_4d, bn2, w2, 1),
+            ),  # noqa: E501
             (
-                "wgrad 3x3",
-                lambda: bn_relu_conv_wgrad(grad, c_in, k, None, y1, 0, mid, *bn2, 3, h, w),
-                (m * mid + m * k) * s,
-                f3,
-                None,
-            ),
-            (
-                "dgrad 3x3 reduce",
-                lambda: conv_dgrad_bn_relu_reduce(grad, c_in, None, w2t, y1, 0, mid, *bn2, h, w),
-                (m * mid + m * k) * s,
-                f3,
-                None,
-            ),
-            (
-                "dgrad 3x3 apply",
-                lambda: conv_dgrad_bn_relu_apply(
-                    grad, c_in, None, w2t, y1, 0, mid, *bn2, sums2, dy1, 0, True, False, h, w
+                lambda: bn_relu_conv_fwd_(
+                    feat, *bn1, w1t, y1, None, None, x_col=0, c_in=c_in, y_col=0, **hw
                 ),
-                (2 * m * mid + m * k) * s,
-                f3,
                 None,
-            ),
+            ),  # noqa: E501
+            (lambda: bn_relu_conv_wgrad_(grad, y1, *bn2, c_out=k, kernel_size=3, **from_new), None),
+            (lambda: conv_dgrad_bn_relu_reduce_(grad, w2t, y1, *bn2, **from_new), None),
             (
-                "wgrad 1x1",
-                lambda: bn_relu_conv_wgrad(dy1, 0, mid, None, feat, 0, c_in, *bn1, 1, h, w),
-                (m * mid + m * c_in) * s,
-                f1,
-                None,
-            ),
-            (
-                "dgrad 1x1 reduce",
-                lambda: conv_dgrad_bn_relu_reduce(dy1, 0, None, w1t, feat, 0, c_in, *bn1, h, w),
-                (m * mid + m * c_in) * s,
-                f1,
-                None,
-            ),
-            (
-                "dgrad 1x1 apply (+=)",
-                lambda: conv_dgrad_bn_relu_apply(
-                    dy1, 0, None, w1t, feat, 0, c_in, *bn1, sums1, grad, 0, True, True, h, w
+                lambda: conv_dgrad_bn_relu_apply_(
+                    grad,
+                    w2t,
+                    y1,
+                    *bn2,
+                    sums2,
+                    dy1,
+                    dx_col=0,
+                    batch_stats=True,
+                    accumulate=False,
+                    **from_new,
                 ),
-                (m * mid + 3 * m * c_in) * s,
-                f1,
+                None,
+            ),  # noqa: E501
+            (
+                lambda: bn_relu_conv_wgrad_(dy1, feat, *bn1, c_out=mid, kernel_size=1, **from_y1),
                 None,
             ),
+            (lambda: conv_dgrad_bn_relu_reduce_(dy1, w1t, feat, *bn1, **from_y1), None),
+            (
+                lambda: conv_dgrad_bn_relu_apply_(
+                    dy1,
+                    w1t,
+                    feat,
+                    *bn1,
+                    sums1,
+                    grad,
+                    dx_col=0,
+                    batch_stats=True,
+                    accumulate=True,
+                    **from_y1,
+                ),
+                None,
+            ),  # noqa: E501
         ]
     else:
         wc = torch.randn(k, c_in, 3, 3, device=device, dtype=dtype) * 0.1
         wct = conv_weight_taps(wc, dtype)
-        f3 = 2 * m * 9 * c_in * k
         sums1 = torch.zeros(2, c_in, device=device, dtype=acc)
-        ops += [
+        from_new = {"dy_col": c_in, "x_col": 0, "c_in": c_in, **hw}
+        calls = [
             (
-                "fwd 3x3 (+bn1 relu, stats)",
-                lambda: bn_relu_conv_fwd(
-                    feat, 0, c_in, *bn1, wct, feat, c_in, None, stats, c_in, c_total + c_in, h, w
+                lambda: bn_relu_conv_fwd_(
+                    feat, *bn1, wct, feat, stats, None, x_col=0, c_in=c_in, **new, **hw
                 ),
-                (m * c_in + m * k) * s,
-                f3,
-                unfused(prefix, c_in, bn1, wc, 1),
-            ),
+                unfused(feat[:, :c_in], bn1, wc, 1),
+            ),  # noqa: E501
             (
-                "wgrad 3x3",
-                lambda: bn_relu_conv_wgrad(grad, c_in, k, None, feat, 0, c_in, *bn1, 3, h, w),
-                (m * c_in + m * k) * s,
-                f3,
+                lambda: bn_relu_conv_wgrad_(grad, feat, *bn1, c_out=k, kernel_size=3, **from_new),
                 None,
             ),
+            (lambda: conv_dgrad_bn_relu_reduce_(grad, wct, feat, *bn1, **from_new), None),
             (
-                "dgrad 3x3 reduce",
-                lambda: conv_dgrad_bn_relu_reduce(grad, c_in, None, wct, feat, 0, c_in, *bn1, h, w),
-                (m * c_in + m * k) * s,
-                f3,
-                None,
-            ),
-            (
-                "dgrad 3x3 apply (+=)",
-                lambda: conv_dgrad_bn_relu_apply(
-                    grad, c_in, None, wct, feat, 0, c_in, *bn1, sums1, grad, 0, True, True, h, w
+                lambda: conv_dgrad_bn_relu_apply_(
+                    grad,
+                    wct,
+                    feat,
+                    *bn1,
+                    sums1,
+                    grad,
+                    dx_col=0,
+                    batch_stats=True,
+                    accumulate=True,
+                    **from_new,
                 ),
-                (3 * m * c_in + m * k) * s,
-                f3,
                 None,
-            ),
+            ),  # noqa: E501
         ]
-    return ops
+    for row, (fn, baseline) in zip(ops[1:], calls):
+        row[1], row[4] = fn, baseline
+    return [tuple(r) for r in ops]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--smoke", action="store_true", help="run every op once on tiny CPU shapes")
-    args = parser.parse_args(argv)
-    dtype = getattr(torch, args.dtype)
-
-    if args.smoke:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            sys.exit("--smoke runs the interpreted kernels: set TRITON_INTERPRET=1")
-        for shape in SMOKE_SHAPES:
-            for name, fn, _, _, baseline in layer_ops(*shape, dtype, torch.device("cpu")):
-                fn()
-                if baseline is not None:
-                    baseline()
-                print(f"smoke {shape[0]:<12} {name}: ran")
-        return 0
-
+def gpu_main(args) -> int:
     if not torch.cuda.is_available():
-        sys.exit("triton_roofline needs a CUDA GPU (use --smoke on CPU)")
+        sys.exit("triton_roofline needs a CUDA GPU (use --predict or --smoke without one)")
     import triton
-    from triton.testing import do_bench
+    from triton.testing import do_bench_cudagraph
 
+    dtype = getattr(torch, args.dtype)
     device = torch.device("cuda")
-    bw, peak = measured_peaks(dtype, device)
+    bw, peak, arithmetic = measured_peaks(dtype, device)
     gpu = torch.cuda.get_device_name(device)
     meta = {
         "gpu": gpu,
         "dtype": args.dtype,
+        "arithmetic": arithmetic,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "commit": git_commit(),
-        "tf32": torch.backends.cudnn.allow_tf32,
         "measured_copy_bandwidth_GBps": bw / 1e9,
         "measured_mm_TFLOPs": peak / 1e12,
+        "timing": "do_bench_cudagraph (GPU time, host launch overhead excluded)",
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     print(json.dumps(meta))
     rows = []
     for shape in SHAPES:
         for name, fn, nbytes, flops, baseline in layer_ops(*shape, dtype, device):
-            med, lo, hi = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+            fn()  # compile outside the graph capture
+            ms = do_bench_cudagraph(fn, rep=100)
             roof = max(nbytes / bw, flops / peak) * 1e3
             row = {
                 "shape": shape[0],
                 "op": name,
-                "ms": med,
-                "ms_p20": lo,
-                "ms_p80": hi,
+                "ms": ms,
                 "roofline_ms": roof,
-                "pct_of_roofline": 100 * roof / med,
-                "GBps": nbytes / (med * 1e-3) / 1e9,
-                "TFLOPs": flops / (med * 1e-3) / 1e12,
+                "pct_of_roofline": 100 * roof / ms,
+                "GBps": nbytes / (ms * 1e-3) / 1e9,
+                "TFLOPs": flops / (ms * 1e-3) / 1e12,
             }
             if baseline is not None:
-                row["unfused_torch_ms"] = do_bench(baseline, warmup=25, rep=100)
+                row["unfused_torch_ms"] = do_bench_cudagraph(baseline, rep=100)
             rows.append(row)
             extra = f"  unfused {row['unfused_torch_ms']:.4f} ms" if baseline is not None else ""
             print(
-                f"{shape[0]:<16} {name:<30} {med:.4f} ms  roofline {roof:.4f} ms "
+                f"{shape[0]:<16} {name:<36} {ms:.4f} ms  roofline {roof:.4f} ms "
                 f"({row['pct_of_roofline']:.0f} %){extra}",
                 flush=True,
             )
@@ -306,24 +499,87 @@ def main(argv=None) -> int:
     stem = f"triton_roofline_{gpu.replace(' ', '_')}_{args.dtype}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
-        f"# Triton kernels vs roofline: {gpu}, {args.dtype}, torch {torch.__version__}, "
-        f"triton {triton.__version__}, commit {meta['commit']}",
+        f"# Triton kernels vs roofline: {gpu}, {args.dtype} ({arithmetic}), torch "
+        f"{torch.__version__}, triton {triton.__version__}, commit {meta['commit']}",
         "",
-        f"Measured copy bandwidth {bw / 1e9:.0f} GB/s, mm {peak / 1e12:.1f} TFLOP/s.",
+        f"Measured copy bandwidth {bw / 1e9:.0f} GB/s, mm ({arithmetic}) {peak / 1e12:.1f} "
+        "TFLOP/s. Times: CUDA-graph replays (no host overhead).",
         "",
-        "| shape | op | ms (p20-p80) | roofline ms | % of roofline | unfused torch ms |",
+        "| shape | op | ms | roofline ms | % of roofline | unfused torch ms |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = f"{r['unfused_torch_ms']:.4f}" if "unfused_torch_ms" in r else ""
         lines.append(
-            f"| {r['shape']} | {r['op']} | {r['ms']:.4f} ({r['ms_p20']:.4f}-{r['ms_p80']:.4f}) | "
-            f"{r['roofline_ms']:.4f} | {r['pct_of_roofline']:.0f} | {base} |"
+            f"| {r['shape']} | {r['op']} | {r['ms']:.4f} | {r['roofline_ms']:.4f} | "
+            f"{r['pct_of_roofline']:.0f} | {base} |"
         )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / stem}.json/.md")
     return 0
 
 
+def predict_main(args) -> int:
+    host = None
+    launches = None
+    if not args.no_host:
+        host, launches = host_us_per_layer()
+    lines = [
+        "# Predicted H100 SXM roofline of one training step (datasheet peaks: "
+        f"{H100['bandwidth'] / 1e12:.2f} TB/s, bf16 {H100['bf16'] / 1e12:.0f} / TF32 "
+        f"{H100['tf32'] / 1e12:.0f} TFLOP/s dense)",
+        "",
+    ]
+    if host is not None:
+        lines += [
+            f"Host overhead, triton backend, measured here with mocked launches: {host:.0f} us "
+            f"per layer forward+backward ({launches:.1f} Triton launches per layer).",
+            "",
+        ]
+    for name, dtype, s, peak in (
+        ("DenseNet-121 224x224 b64", "bf16 autocast", 2, H100["bf16"]),
+        ("DenseNet-BC-100 32x32 b64", "bf16 autocast", 2, H100["bf16"]),
+        ("DenseNet-BC-100 32x32 b64", "float32 (TF32)", 4, H100["tf32"]),
+    ):
+        lines.append(f"# {name}, {dtype}")
+        lines += predict_network(name, 64, s, peak, host)
+    print("\n".join(lines))
+    return 0
+
+
+def smoke_main(args) -> int:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("--smoke runs the interpreted kernels: set TRITON_INTERPRET=1")
+    for shape in SMOKE_SHAPES:
+        for name, fn, _, _, baseline in layer_ops(*shape, getattr(torch, args.dtype), "cpu"):
+            fn()
+            if baseline is not None:
+                baseline()
+            print(f"smoke {shape[0]:<12} {name}: ran")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="run every op once on tiny CPU shapes")
+    mode.add_argument("--predict", action="store_true", help="roofline prediction, no GPU")
+    mode.add_argument("--host", action="store_true", help="host time per layer, mocked launches")
+    parser.add_argument("--no-host", action="store_true", help="--predict without host timing")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        return smoke_main(args)
+    if args.predict:
+        return predict_main(args)
+    if args.host:
+        us, launches = host_us_per_layer()
+        print(f"host time per layer forward+backward: {us:.0f} us ({launches:.1f} launches)")
+        return 0
+    return gpu_main(args)
+
+
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -11,6 +11,9 @@ Public names:
     available_backends   backends that can run on a device.
 """
 
+# Loads the C++/CUDA extension when it is built, so that torch.ops.dense_ext.* (and their fake
+# kernels) exist after `import dense_ext`; without it this import still succeeds.
+import dense_ext.backends.cpp  # noqa: F401
 from dense_ext.backends import BackendUnavailableError, available_backends
 from dense_ext.backends.base import BlockCall
 from dense_ext.block import (

@@ -14,8 +14,7 @@ from collections import OrderedDict
 import pytest
 import torch
 from conftest import TOLERANCE, assert_close
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis_compat import HealthCheck, given, settings, st
 from naive import NaiveDenseBlock, randomize_bn
 from torch import nn
 

@@ -103,7 +103,11 @@ def _resolve(name: str, device_type: str, device_index: int) -> str:
     key = (name, os.environ.get(_ENV, ""), device_type, device_index)
     resolved = _RESOLVED.get(key)
     if resolved is None:
-        device = torch.device(device_type, None if device_index < 0 else device_index)
+        device = (
+            torch.device(device_type)
+            if device_index < 0
+            else torch.device(device_type, device_index)
+        )
         resolved = _RESOLVED[key] = resolve_backend_name(name, device)
     if resolved not in _INSTANCES:
         _INSTANCES[resolved] = importlib.import_module(_MODULES[resolved]).get_backend()

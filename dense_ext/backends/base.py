@@ -158,6 +158,8 @@ class BlockCall:
                 empty = like.new_empty(0)
                 out += [empty, empty]
             else:
+                if norm.running_mean is None or norm.running_var is None:  # as F.batch_norm
+                    raise ValueError("running_mean and running_var must be defined in eval mode")
                 out += [norm.running_mean, norm.running_var]
         return out
 

@@ -1,4 +1,5 @@
-"""The ``triton`` backend: fused Triton kernels for the dense block (DESIGN.md section 5).
+"""The ``triton`` backend: fused Triton kernels for the dense block (docs/design.md, 7;
+docs/triton_kernels.md).
 
 Importing this package defines no kernel and touches no GPU: ``get_backend()`` imports the
 kernel modules on first use. That matters because Triton decides at *definition* time whether a
@@ -7,15 +8,19 @@ kernels run on CPU tensors (tests without a GPU), the compiled ones on CUDA tens
 
 Layout (Liger order inside every file: kernels, host launchers, op registration):
 
-* ``_common.py``   shared ``@triton.jit`` helpers (3x3 tap geometry, BN parameters, dropout
-                   mask, rounding);
+* ``_common.py``   shared ``@triton.jit`` helpers (3x3 tap geometry, BN parameters, TF32 and
+                   bfloat16 rounding, NaN-keeping ReLU) and the host side of a launch (fp32
+                   precision setting, device guard, ``launch``/``FastLaunch``);
 * ``stats.py``     per-channel batch statistics: per-tile mean/M2, merged with Chan's formula;
 * ``conv_fwd.py``  BN-ReLU prologue + implicit-GEMM convolution (1x1 = the bottleneck GEMM, 3x3)
                    + dropout-mask and channel-statistics epilogue;
 * ``conv_dgrad.py`` data gradient of the convolution fused with BN-ReLU backward (reduce pass,
                    then apply pass that stores or accumulates into the gradient buffer);
 * ``conv_wgrad.py`` weight gradient with the BN-ReLU operand recomputed as it is loaded;
-* ``compile_check.py`` ahead-of-time compile of every kernel to a cubin (no GPU needed);
+* ``dropout.py``   the dropout mask stream (philox of a per-layer seed) and its backward;
+* ``mock_gpu.py``  a Triton driver that launches nothing (host-time measurements, tests);
+* ``compile_check.py`` ahead-of-time compile of every kernel to a cubin (no GPU needed):
+                   shared memory, spills, TF32 rounding in the PTX;
 * ``configs.py``   block sizes per problem shape and GPU generation (sm_80, sm_90) or interpreter;
 * ``backend.py``   the layer loop (``TritonBackend``), the glue to ``DenseBlockFunction``.
 """
@@ -65,7 +70,8 @@ def unavailable_reason(device: torch.device) -> str | None:
     if loaded is True or (loaded is None and interpret_requested()):
         return (
             "the Triton kernels are interpreted (TRITON_INTERPRET=1 was set when they were "
-            "defined); CUDA tensors need compiled kernels: unset TRITON_INTERPRET"
+            "defined); CUDA tensors need compiled kernels: set TRITON_INTERPRET=0 before they "
+            "are first used"
         )
     if not torch.cuda.is_available():
         return "CUDA is not available"

@@ -1,17 +1,26 @@
-"""``TritonBackend``: the block's layer loop over the fused Triton ops (DESIGN.md sections 4-5).
+"""``TritonBackend``: the block's layer loop over the fused Triton ops (docs/triton_kernels.md).
 
 Per layer, forward (bottleneck layer):
   1. ``bn_relu_conv_fwd`` KS=1: ``Y1 = relu(bn1(prefix)) @ W1^T`` + statistics of ``Y1``;
   2. ``bn_relu_conv_fwd`` KS=3 over ``relu(bn2(Y1))`` straight into ``feat[:, C_in:C_in+k]``
      (dropout mask applied in the epilogue) + statistics of the new channels.
-A plain layer is step 2 over ``relu(bn1(prefix))``. Backward, in reverse layer order:
-  ``Y1`` (kept, or recomputed by step 1 with ``memory="min"``); ``dW2`` by
-  ``bn_relu_conv_wgrad``; ``dY1`` by ``conv_dgrad_bn_relu_reduce/apply`` (BN2-ReLU backward
-  fused); ``dW1``; ``grad_feat[:, :C_in] += dX`` by the same dgrad pair with KS=1.
-The only per-layer temporaries are ``Y1``-sized scratch (``[M, 4k]``), allocated once per call.
+A plain layer is step 2 over ``relu(bn1(prefix))``. Backward, in reverse layer order: the
+dropout mask applied in place to ``grad_feat[:, C_in:C_in+k]``; ``Y1`` (kept, or recomputed by
+step 1 with ``memory="min"``); ``dW2`` by ``bn_relu_conv_wgrad``; ``dY1`` by
+``conv_dgrad_bn_relu_reduce/apply`` (BN2-ReLU backward fused); ``dW1``; ``grad_feat[:, :C_in]
++= dX`` by the same dgrad pair with KS=1. The only per-layer temporaries are ``Y1``-sized
+scratch (``[M, 4k]``), allocated once per call.
+
+In eager mode the launchers are called directly (no custom-op dispatch, no ``wrap_triton``:
+host time per launch matters at these kernel sizes); while ``torch.compile`` traces, the same
+launchers are called through their ``torch.library.triton_op`` registrations so the kernels
+become graph nodes.
 """
 
 from __future__ import annotations
+
+import weakref
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -20,25 +29,102 @@ from dense_ext.backends.base import (
     LOCAL,
     Backend,
     BlockCall,
-    DropoutReplay,
     LayerView,
     new_feature_buffer,
     new_stats,
     stats_dtype,
 )
-from dense_ext.backends.triton._common import INTERPRETED
-from dense_ext.backends.triton.conv_dgrad import conv_dgrad_bn_relu_apply, conv_dgrad_bn_relu_reduce
-from dense_ext.backends.triton.conv_fwd import bn_relu_conv_fwd, conv_weight_taps
-from dense_ext.backends.triton.conv_wgrad import bn_relu_conv_wgrad
-from dense_ext.backends.triton.stats import channel_stats
+from dense_ext.backends.triton import conv_dgrad, conv_fwd, conv_wgrad, dropout, stats
+from dense_ext.backends.triton._common import INTERPRETED, _tracing, device_guard, dot_config
 
 __all__ = ["INTERPRETED", "TritonBackend", "get_backend"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+# The same launchers, called directly (eager) or through their torch.library ops (tracing).
+_EAGER = SimpleNamespace(
+    stats=stats.channel_stats_,
+    fwd=conv_fwd.bn_relu_conv_fwd_,
+    wgrad=conv_wgrad.bn_relu_conv_wgrad_,
+    reduce=conv_dgrad.conv_dgrad_bn_relu_reduce_,
+    apply=conv_dgrad.conv_dgrad_bn_relu_apply_,
+    dropout=dropout.dropout_backward_,
+)
+_TRACED = SimpleNamespace(
+    stats=stats.channel_stats,
+    fwd=conv_fwd.bn_relu_conv_fwd,
+    wgrad=conv_wgrad.bn_relu_conv_wgrad,
+    reduce=conv_dgrad.conv_dgrad_bn_relu_reduce,
+    apply=conv_dgrad.conv_dgrad_bn_relu_apply,
+    dropout=dropout.dropout_backward,
+)
+
+
+def _ops() -> SimpleNamespace:
+    return _TRACED if torch.compiler.is_compiling() else _EAGER
+
 
 def _vec(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t.detach().to(dtype).contiguous()
+    t = t.detach()
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
+class _WeightCache:
+    """``conv_weight_taps`` of each weight, computed in forward and reused by its backward.
+
+    Forward always transforms afresh (a weight changed through ``.data`` keeps its version
+    counter, so nothing could tell a stale entry across steps); backward takes the forward's
+    entry when the weight's version is unchanged. Entries are keyed by the parameter's
+    identity, held weakly and dropped with the parameter.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple] = {}
+
+    def taps(self, weight: Tensor, dtype: torch.dtype, tf32: bool, fresh: bool) -> Tensor:
+        if _tracing():
+            return conv_fwd.conv_weight_taps(weight, dtype, tf32)
+        key = (weight._version, dtype, tf32)
+        entry = self._entries.get(id(weight))
+        if not fresh and entry is not None and entry[0]() is weight and entry[1] == key:
+            return entry[2]
+        taps = conv_fwd.conv_weight_taps(weight, dtype, tf32)
+        self._entries[id(weight)] = (weakref.ref(weight, self._forget(id(weight))), key, taps)
+        return taps
+
+    def _forget(self, ident: int):
+        def callback(ref) -> None:
+            entry = self._entries.get(ident)
+            if entry is not None and entry[0] is ref:
+                del self._entries[ident]
+
+        return callback
+
+
+class _Layer:
+    """One layer's operands in the form the kernels take."""
+
+    def __init__(self, lv: LayerView, acc: torch.dtype, taps) -> None:
+        p = lv.params
+        self.lv, self.acc, self.c_in = lv, acc, lv.c_in
+        self.bn1 = (
+            lv.mean1.contiguous(),
+            lv.invstd1.contiguous(),
+            _vec(p[0], acc),
+            _vec(p[1], acc),
+        )
+        self.w1 = taps(p[2])
+        self.w2 = taps(p[5]) if len(p) > 3 else None
+        self._bn2 = None
+
+    def bn2(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """BN2's operands; in forward only valid once conv1 has written the batch statistics.
+        (Computed on first use and kept: not a cached_property, whose lock dynamo refuses.)"""
+        if self._bn2 is None:
+            mean2, invstd2 = self.lv.bn2()
+            p, acc = self.lv.params, self.acc
+            self._bn2 = (mean2.contiguous(), invstd2.contiguous(), _vec(p[3], acc), _vec(p[4], acc))
+        return self._bn2
 
 
 class TritonBackend(Backend):
@@ -47,6 +133,9 @@ class TritonBackend(Backend):
     name = "triton"
     supports_sync = False
 
+    def __init__(self) -> None:
+        self._weights = _WeightCache()
+
     @staticmethod
     def _check(x: Tensor) -> None:
         if x.dtype not in _DTYPES:
@@ -54,189 +143,139 @@ class TritonBackend(Backend):
         if x.device.type == "cpu" and not INTERPRETED:
             raise RuntimeError("dense_ext triton backend: CPU tensors need TRITON_INTERPRET=1")
 
+    def _layer(self, layer, params, call, state, dtype, fresh) -> _Layer:
+        lv = LayerView(layer, params, call, state)
+        tf32 = dot_config(dtype, state.stats1.device)[2]
+        return _Layer(lv, stats_dtype(dtype), lambda w: self._weights.taps(w, dtype, tf32, fresh))
+
     def forward(self, x, params, call: BlockCall):
-        spec, save = call.spec, call.save
         if call.sync is not LOCAL:
             raise ValueError("dense_ext triton backend does not support synchronised batch norm")
         self._check(x)
+        with device_guard(x.device):
+            return self._forward(x, params, call)
+
+    def _forward(self, x, params, call: BlockCall):
+        ops = _ops()
+        spec, save, rates = call.spec, call.save, call.drop_rates
         feat = new_feature_buffer(x, spec)
-        acc = stats_dtype(x.dtype)
         dev = x.device
         n, c0, h, w = x.shape
         m = n * h * w
         state = new_stats(x, call)
         if call.stats1_needed:
-            channel_stats(feat, 0, c0, state.stats1, 0, spec.num_features)
-        if call.dropout:
-            state.dropout = DropoutReplay(dev)
+            ops.stats(
+                feat, state.stats1, x_col=0, channels=c0, mean_off=0, var_off=spec.num_features
+            )
+        drop = dropout.new_dropout(rates, dev)
+        state.dropout = None if drop is None else drop.seeds
         keep = save and spec.keeps_bottleneck
         scratch = None
         if spec.bottleneck and not keep:
             scratch = torch.empty((m, spec.mid_channels), dtype=x.dtype, device=dev)
-        k, mid, c_total = spec.growth_rate, spec.mid_channels, spec.num_features
-        for layer in range(spec.num_layers):
-            lv = LayerView(layer, params, call, state)
-            p = lv.params
-            mask = None
-            if lv.drop_rate > 0:
-                mask = state.dropout.draw(layer, (n, k, h, w), lv.drop_rate, x.dtype)
+        mid, c_total = spec.mid_channels, spec.num_features
+        geometry = {"height": h, "width": w}
+        for index in range(spec.num_layers):
+            layer = self._layer(index, params, call, state, x.dtype, fresh=True)
+            c_in = layer.c_in
+            new = {  # the 3x3 convolution's output: the layer's channels of the buffer
+                "y_col": c_in,
+                "mean_off": c_in,
+                "var_off": c_total + c_in,
+                "layer": index,
+                "drop_p": rates[index],
+            }
+            seeds = state.dropout if rates[index] > 0 else None
             stats1 = state.stats1 if call.stats1_needed else None
-            bn1 = (lv.mean1.contiguous(), lv.invstd1.contiguous(), _vec(p[0], acc), _vec(p[1], acc))
-            if spec.bottleneck:
-                y1 = torch.empty((m, mid), dtype=x.dtype, device=dev) if keep else scratch
-                stats2 = state.stats2 if lv.norm2.batch_stats else None
-                off2 = layer * 2 * mid
-                bn_relu_conv_fwd(
-                    feat,
-                    0,
-                    lv.c_in,
-                    *bn1,
-                    conv_weight_taps(p[2], x.dtype),
-                    y1,
-                    0,
-                    None,
-                    stats2,
-                    off2,
-                    off2 + mid,
-                    h,
-                    w,
-                )
-                if keep:
-                    state.bottlenecks.append(y1)
-                mean2, invstd2 = lv.bn2()
-                bn2 = (mean2.contiguous(), invstd2.contiguous(), _vec(p[3], acc), _vec(p[4], acc))
-                bn_relu_conv_fwd(
-                    y1,
-                    0,
-                    mid,
-                    *bn2,
-                    conv_weight_taps(p[5], x.dtype),
-                    feat,
-                    lv.c_in,
-                    mask,
-                    stats1,
-                    lv.c_in,
-                    c_total + lv.c_in,
-                    h,
-                    w,
-                )
-            else:
-                bn_relu_conv_fwd(
-                    feat,
-                    0,
-                    lv.c_in,
-                    *bn1,
-                    conv_weight_taps(p[2], x.dtype),
-                    feat,
-                    lv.c_in,
-                    mask,
-                    stats1,
-                    lv.c_in,
-                    c_total + lv.c_in,
-                    h,
-                    w,
-                )
+            if not spec.bottleneck:
+                ops.fwd(
+                    feat, *layer.bn1, layer.w1, feat, stats1, seeds, x_col=0, c_in=c_in,
+                    **new, **geometry,
+                )  # fmt: skip
+                continue
+            y1 = torch.empty((m, mid), dtype=x.dtype, device=dev) if keep else scratch
+            stats2 = state.stats2 if layer.lv.norm2.batch_stats else None
+            ops.fwd(
+                feat, *layer.bn1, layer.w1, y1, stats2, None, x_col=0, c_in=c_in, y_col=0,
+                mean_off=index * 2 * mid, var_off=index * 2 * mid + mid, **geometry,
+            )  # fmt: skip
+            if keep:
+                state.bottlenecks.append(y1)
+            ops.fwd(
+                y1, *layer.bn2(), layer.w2, feat, stats1, seeds, x_col=0, c_in=mid,
+                **new, **geometry,
+            )  # fmt: skip
         return feat, state
 
     def backward(self, grad_feat, feat, state, params, call: BlockCall):
-        spec = call.spec
         if call.sync is not LOCAL:
             raise ValueError("dense_ext triton backend does not support synchronised batch norm")
         self._check(feat)
+        if not grad_feat.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError("dense_ext triton backend: grad_feat must be channels_last")
+        with device_guard(feat.device):
+            return self._backward(grad_feat, feat, state, params, call)
+
+    def _backward(self, grad_feat, feat, state, params, call: BlockCall):
+        ops = _ops()
+        spec, rates = call.spec, call.drop_rates
         grads: list[Tensor | None] = [None] * len(params)
         dtype, dev = feat.dtype, feat.device
-        acc = stats_dtype(dtype)
         n, _, h, w = feat.shape
         m = n * h * w
         k, mid = spec.growth_rate, spec.mid_channels
-        if not grad_feat.is_contiguous(memory_format=torch.channels_last):
-            raise ValueError("dense_ext triton backend: grad_feat must be channels_last")
+        geometry = {"height": h, "width": w}
         grad_y1 = y1_scratch = None
         if spec.bottleneck:
             grad_y1 = torch.empty((m, mid), dtype=dtype, device=dev)
             if not spec.keeps_bottleneck:
                 y1_scratch = torch.empty((m, mid), dtype=dtype, device=dev)
-        for layer in reversed(range(spec.num_layers)):
-            lv = LayerView(layer, params, call, state)
-            p = lv.params
-            c_in = lv.c_in
-            mask = None
-            if lv.drop_rate > 0:
-                mask = state.dropout.replay(layer, (n, k, h, w), lv.drop_rate, dtype)
-            bn1 = (lv.mean1.contiguous(), lv.invstd1.contiguous(), _vec(p[0], acc), _vec(p[1], acc))
-            w1 = conv_weight_taps(p[2], dtype)
+        for index in reversed(range(spec.num_layers)):
+            layer = self._layer(index, params, call, state, dtype, fresh=False)
+            c_in = layer.c_in
+            if state.dropout is not None and rates[index] > 0:
+                ops.dropout(
+                    grad_feat, state.dropout, col=c_in, channels=k, layer=index, p=rates[index]
+                )
+            # The input gradient of conv1's BN-ReLU goes into the prefix of the buffer.
+            into_prefix = {
+                "dx_col": 0,
+                "batch_stats": layer.lv.norm1.batch_stats,
+                "accumulate": True,
+            }
             if spec.bottleneck:
                 if spec.keeps_bottleneck:
-                    y1 = state.bottlenecks[layer]
+                    y1 = state.bottlenecks[index]
                 else:
                     y1 = y1_scratch
-                    bn_relu_conv_fwd(feat, 0, c_in, *bn1, w1, y1, 0, None, None, 0, 0, h, w)
-                mean2, invstd2 = lv.bn2()
-                bn2 = (mean2.contiguous(), invstd2.contiguous(), _vec(p[3], acc), _vec(p[4], acc))
-                w2 = conv_weight_taps(p[5], dtype)
-                grad_w2 = bn_relu_conv_wgrad(grad_feat, c_in, k, mask, y1, 0, mid, *bn2, 3, h, w)
-                sums2 = conv_dgrad_bn_relu_reduce(grad_feat, c_in, mask, w2, y1, 0, mid, *bn2, h, w)
-                conv_dgrad_bn_relu_apply(
-                    grad_feat,
-                    c_in,
-                    mask,
-                    w2,
-                    y1,
-                    0,
-                    mid,
-                    *bn2,
-                    sums2,
-                    grad_y1,
-                    0,
-                    lv.norm2.batch_stats,
-                    False,
-                    h,
-                    w,
-                )
-                grad_w1 = bn_relu_conv_wgrad(grad_y1, 0, mid, None, feat, 0, c_in, *bn1, 1, h, w)
-                sums1 = conv_dgrad_bn_relu_reduce(grad_y1, 0, None, w1, feat, 0, c_in, *bn1, h, w)
-                conv_dgrad_bn_relu_apply(
-                    grad_y1,
-                    0,
-                    None,
-                    w1,
-                    feat,
-                    0,
-                    c_in,
-                    *bn1,
-                    sums1,
-                    grad_feat,
-                    0,
-                    lv.norm1.batch_stats,
-                    True,
-                    h,
-                    w,
+                    ops.fwd(
+                        feat, *layer.bn1, layer.w1, y1, None, None, x_col=0, c_in=c_in, y_col=0,
+                        **geometry,
+                    )  # fmt: skip
+                from_new = {"dy_col": c_in, "x_col": 0, "c_in": mid, **geometry}
+                grad_w2 = ops.wgrad(grad_feat, y1, *layer.bn2(), c_out=k, kernel_size=3, **from_new)
+                sums2 = ops.reduce(grad_feat, layer.w2, y1, *layer.bn2(), **from_new)
+                ops.apply(
+                    grad_feat, layer.w2, y1, *layer.bn2(), sums2, grad_y1, dx_col=0,
+                    batch_stats=layer.lv.norm2.batch_stats, accumulate=False, **from_new,
+                )  # fmt: skip
+                from_y1 = {"dy_col": 0, "x_col": 0, "c_in": c_in, **geometry}
+                grad_w1 = ops.wgrad(grad_y1, feat, *layer.bn1, c_out=mid, kernel_size=1, **from_y1)
+                sums1 = ops.reduce(grad_y1, layer.w1, feat, *layer.bn1, **from_y1)
+                ops.apply(
+                    grad_y1, layer.w1, feat, *layer.bn1, sums1, grad_feat, **into_prefix, **from_y1
                 )
                 layer_grads = [sums1[1], sums1[0], grad_w1, sums2[1], sums2[0], grad_w2]
             else:
-                grad_w1 = bn_relu_conv_wgrad(grad_feat, c_in, k, mask, feat, 0, c_in, *bn1, 3, h, w)
-                sums1 = conv_dgrad_bn_relu_reduce(
-                    grad_feat, c_in, mask, w1, feat, 0, c_in, *bn1, h, w
-                )
-                conv_dgrad_bn_relu_apply(
-                    grad_feat,
-                    c_in,
-                    mask,
-                    w1,
-                    feat,
-                    0,
-                    c_in,
-                    *bn1,
-                    sums1,
-                    grad_feat,
-                    0,
-                    lv.norm1.batch_stats,
-                    True,
-                    h,
-                    w,
-                )
+                from_new = {"dy_col": c_in, "x_col": 0, "c_in": c_in, **geometry}
+                grad_w1 = ops.wgrad(grad_feat, feat, *layer.bn1, c_out=k, kernel_size=3, **from_new)
+                sums1 = ops.reduce(grad_feat, layer.w1, feat, *layer.bn1, **from_new)
+                ops.apply(
+                    grad_feat, layer.w1, feat, *layer.bn1, sums1, grad_feat, **into_prefix,
+                    **from_new,
+                )  # fmt: skip
                 layer_grads = [sums1[1], sums1[0], grad_w1]
-            first = layer * spec.params_per_layer
+            first = index * spec.params_per_layer
             for i, g in enumerate(layer_grads):
                 grads[first + i] = g.to(params[first + i].dtype)
         return grads

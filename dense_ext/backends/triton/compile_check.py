@@ -1,20 +1,33 @@
 """Ahead-of-time compile of every kernel for sm_80, sm_86 and sm_90, on any machine (no GPU needed).
 
-Triton ships ``ptxas``, so ``triton.compile`` can lower a kernel all the way to a cubin for a
-given target without a device. This catches what the interpreter cannot: type errors of the
-compiled path (e.g. float64 ``tl.dot``, constexpr globals, layouts) and shared-memory overflow
-of the configurations in ``configs.py`` at the target's limits.
+Triton ships ``ptxas`` and ``cuobjdump``, so ``triton.compile`` can lower a kernel all the way
+to a cubin for a given target without a device. This catches what the interpreter cannot, and
+checks per variant:
 
-    python -m dense_ext.backends.triton.compile_check [--arch 80 90] [--quick]
+* it compiles (type errors of the compiled path: float64 ``tl.dot``, constexpr globals, layouts);
+* its shared memory fits the target (``configs.shared_limit``);
+* it does not spill: local memory (``cuobjdump --dump-resource-usage``: ``LOCAL``/``STACK``) at
+  most ``SPILL_LIMIT_BYTES``;
+* half precision with activation offsets and channel counts that are multiples of 8 elements
+  (``row_offsets``/``channels_ok``): the PTX moves activations in 16-byte accesses;
+* float32 with TF32: the PTX rounds the operands (``cvt.rna.tf32.f32``) before the tensor-core
+  instruction (``mma``/``wgmma`` ``.tf32``); float32 IEEE has neither.
 
-Must run with ``TRITON_INTERPRET`` unset (kernels defined for compilation).
+    python -m dense_ext.backends.triton.compile_check [--arch 80 90] [--dtypes float32 ...]
+
+Must run with ``TRITON_INTERPRET`` unset or 0 (kernels defined for compilation).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -31,6 +44,7 @@ from dense_ext.backends.triton import configs  # noqa: E402
 from dense_ext.backends.triton.conv_dgrad import _conv_dgrad_bn_relu_bwd_kernel  # noqa: E402
 from dense_ext.backends.triton.conv_fwd import _bn_relu_conv_fwd_kernel  # noqa: E402
 from dense_ext.backends.triton.conv_wgrad import _bn_relu_conv_wgrad_kernel  # noqa: E402
+from dense_ext.backends.triton.dropout import _dropout_backward_kernel  # noqa: E402
 from dense_ext.backends.triton.stats import _merge_stats_kernel, _tile_stats_kernel  # noqa: E402
 
 _TRITON_TYPES = {
@@ -50,59 +64,137 @@ _ACC_POINTERS = {
 }
 
 
-def _compile(kernel, dtype, constexprs, cap, num_warps, num_stages):
+_SMS = 132  # H100 SXM
+# Local memory (spills) a kernel may use; every variant today uses none.
+SPILL_LIMIT_BYTES = 0
+_FLOAT_ARGS = {"count", "p", "scale_hi", "scale_mid", "scale_lo"}
+
+
+@dataclass
+class Compiled:
+    shared: int  # bytes of shared memory
+    registers: int
+    local: int  # bytes of local memory per thread (register spills)
+    ptx: str
+
+
+def _compile(kernel, dtype, constexprs, cap, num_warps, num_stages) -> Compiled:
     buf = _TRITON_TYPES[dtype]
     acc = "fp64" if dtype == torch.float64 else "fp32"
     signature = {}
+    # At run time every pointer is 16-byte aligned (fresh allocations), and Triton specialises
+    # on that: compile the same way, so registers, spills and vector widths are the real ones.
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, param in enumerate(kernel.params)
+        if param.name.endswith("_ptr")
+    }
     for param in kernel.params:
         name = param.name
         if param.is_constexpr:
             signature[name] = "constexpr"
+        elif name == "SEED_ptr":
+            signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = "*" + (acc if name in _ACC_POINTERS else buf)
-        elif name == "count":
+        elif name in _FLOAT_ARGS:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    src = ASTSource(kernel, signature, constexprs=constexprs)
+    src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", cap[0] * 10 + cap[1], 32)
     compiled = triton.compile(
         src, target=target, options={"num_warps": num_warps, "num_stages": num_stages}
     )
-    return compiled.metadata.shared
+    registers, local = resource_usage(compiled.asm["cubin"])
+    return Compiled(compiled.metadata.shared, registers, local, compiled.asm["ptx"])
 
 
-def variants(cap, dtypes, c_in=256, mid=128, k=32, m=64 * 32 * 32):
-    """(name, kernel, dtype, constexprs, num_warps, num_stages) of the kernels a block launches."""
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """``(registers, local memory bytes)`` of the one kernel in ``cubin``, read by
+    ``cuobjdump``: register spills go to local memory (its call-stack frame, ``STACK``, is a
+    different thing and not counted)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    if usage is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage: {out}")
+    registers, stack, local = (int(v) for v in usage.groups())
+    return registers, local
+
+
+def check_tf32(ptx: str, tf32: bool) -> str | None:
+    """Why the PTX does not round TF32 operands as it should, or None."""
+    rounds = ptx.count("cvt.rna.tf32.f32")
+    tf32_mma = re.search(r"\bw?gmma\S*\.tf32|\bmma\.sync\S*\.tf32", ptx) is not None
+    if tf32 and not (rounds and tf32_mma):
+        return f"TF32 expected: {rounds} cvt.rna.tf32.f32, tf32 mma {tf32_mma}"
+    if not tf32 and (rounds or tf32_mma):
+        return f"IEEE float32 expected, found {rounds} cvt.rna.tf32.f32, tf32 mma {tf32_mma}"
+    return None
+
+
+# (C_in, bottleneck width, k, M, ALIGN): a 32x32 layer at batch 64 whose buffer and channel
+# offsets are multiples of 8 (``row_offsets``), and a 7x7 one (small grids: the row tile
+# shrinks, see configs._row_tile) with DenseNet-BC's multiples of 4 (k=12).
+SHAPES = ((256, 128, 32, 64 * 32 * 32, 8), (992, 128, 32, 64 * 7 * 7, 4))
+
+
+def variants(cap, dtypes):
+    """(name, kernel, dtype, constexprs, num_warps, num_stages) of the kernels a block launches,
+    each distinct variant once."""
+    seen = set()
     for dtype in dtypes:
-        dot_fp32 = False
-        precision = "tf32" if dtype == torch.float32 else "ieee"
-        yield from _conv_variants(cap, dtype, dot_fp32, precision, c_in, mid, k, m)
-    stats = configs.stats_gpu(k)
+        precisions = ["tf32", "ieee"] if dtype == torch.float32 else ["ieee"]
+        for precision in precisions:
+            for shape in SHAPES:
+                for v in _conv_variants(cap, dtype, precision, *shape):
+                    key = (v[1].fn.__name__, v[2], tuple(sorted(v[3].items())), v[4], v[5])
+                    if key not in seen:
+                        seen.add(key)
+                        yield v
+    stats = configs.stats_gpu(32)
     yield (
         "tile_stats",
         _tile_stats_kernel,
         torch.float32,
-        {"BLOCK_M": stats.block_m, "BLOCK_C": stats.block_n},
+        {"X_ALIGN": 8, "BLOCK_M": stats.block_m, "BLOCK_C": stats.block_n},
         stats.num_warps,
         2,
     )
-    yield ("merge_stats", _merge_stats_kernel, torch.float32, {"BLOCK_C": 32}, 4, 2)
-
-
-def _conv_variants(cap, dtype, dot_fp32, precision, c_in, mid, k, m):
-    common = {"DOT_FP32": dot_fp32, "INPUT_PRECISION": precision}
-    for ks, cin, cout, mask in ((1, c_in, mid, False), (3, mid, k, True)):
-        cfg = configs.conv_fwd_gpu(cin, cout, dtype, cap)
+    yield ("merge_stats", _merge_stats_kernel, torch.float32, {"BLOCK_T": 64, "BLOCK_C": 32}, 4, 2)
+    for dtype in dtypes:
         yield (
-            f"fwd_ks{ks}",
+            "dropout_bwd",
+            _dropout_backward_kernel,
+            dtype,
+            {"ACC_FP64": dtype == torch.float64, "BLOCK_M": 128, "BLOCK_C": 32},
+            4,
+            2,
+        )
+
+
+def _conv_variants(cap, dtype, precision, c_in, mid, k, m, align):
+    common = {"DOT_FP32": False, "INPUT_PRECISION": precision, "TF32": precision == "tf32"}
+    suffix = "_ieee" if dtype == torch.float32 and precision == "ieee" else ""
+    for ks, cin, cout, dropout in ((1, c_in, mid, False), (3, mid, k, True)):
+        cfg = configs.conv_fwd_gpu(m, cin, cout, dtype, cap, _SMS)
+        yield (
+            f"fwd_ks{ks}{suffix}_m{cfg.block_m}",
             _bn_relu_conv_fwd_kernel,
             dtype,
             {
                 "KS": ks,
-                "HAS_MASK": mask,
+                "DROPOUT": dropout,
                 "COMPUTE_STATS": True,
                 **common,
+                "X_ALIGN": align,
+                "Y_ALIGN": align,
                 "BLOCK_M": cfg.block_m,
                 "BLOCK_N": cfg.block_n,
                 "BLOCK_K": cfg.block_k,
@@ -110,19 +202,21 @@ def _conv_variants(cap, dtype, dot_fp32, precision, c_in, mid, k, m):
             cfg.num_warps,
             cfg.num_stages,
         )
-        cfg = configs.conv_dgrad_gpu(cin, cout, dtype, cap)
+        cfg = configs.conv_dgrad_gpu(m, cin, cout, dtype, cap, _SMS)
         for apply in (False, True):
             yield (
-                f"dgrad_ks{ks}_{'apply' if apply else 'reduce'}",
+                f"dgrad_ks{ks}_{'apply' if apply else 'reduce'}{suffix}_m{cfg.block_m}",
                 _conv_dgrad_bn_relu_bwd_kernel,
                 dtype,
                 {
                     "KS": ks,
-                    "HAS_MASK": mask,
                     "APPLY": apply,
                     "BATCH_STATS": True,
                     "ACCUMULATE": ks == 1,
                     **common,
+                    "DY_ALIGN": align,
+                    "X_ALIGN": align,
+                    "DX_ALIGN": align,
                     "BLOCK_M": cfg.block_m,
                     "BLOCK_N": cfg.block_n,
                     "BLOCK_C": cfg.block_k,
@@ -130,15 +224,16 @@ def _conv_variants(cap, dtype, dot_fp32, precision, c_in, mid, k, m):
                 cfg.num_warps,
                 cfg.num_stages,
             )
-        cfg = configs.conv_wgrad_gpu(m, cin, cout, ks * ks, dtype, cap, 132)
+        cfg = configs.conv_wgrad_gpu(m, cin, cout, ks * ks, dtype, cap, _SMS)
         yield (
-            f"wgrad_ks{ks}",
+            f"wgrad_ks{ks}{suffix}",
             _bn_relu_conv_wgrad_kernel,
             dtype,
             {
                 "KS": ks,
-                "HAS_MASK": mask,
                 **common,
+                "DY_ALIGN": align,
+                "X_ALIGN": align,
                 "BLOCK_M": cfg.block_m,
                 "BLOCK_N": cfg.block_n,
                 "BLOCK_C": cfg.block_k,
@@ -146,6 +241,33 @@ def _conv_variants(cap, dtype, dot_fp32, precision, c_in, mid, k, m):
             cfg.num_warps,
             cfg.num_stages,
         )
+
+
+def check_variant(cap, kernel, dtype, constexprs, warps, stages) -> tuple[Compiled, list[str]]:
+    """Compile one variant; the list of its problems (empty when it passes every check)."""
+    compiled = _compile(kernel, dtype, constexprs, cap, warps, stages)
+    problems = []
+    if compiled.shared > configs.shared_limit(cap):
+        problems.append(
+            f"needs {compiled.shared} B shared memory, sm_{cap[0]}{cap[1]} has "
+            f"{configs.shared_limit(cap)} B"
+        )
+    if compiled.local > SPILL_LIMIT_BYTES:
+        problems.append(
+            f"spills: {compiled.local} B local memory > {SPILL_LIMIT_BYTES} B "
+            f"({compiled.registers} registers)"
+        )
+    if constexprs.get("X_ALIGN", 1) >= 8 and dtype in (torch.bfloat16, torch.float16):
+        sixteen_bytes = (
+            r"cp\.async\.cg\.shared\.global[^;]*, 0x10;|[ls][dt]\.global(\.\w+)*\.v4\.b32"
+        )
+        if not re.search(sixteen_bytes, compiled.ptx):
+            problems.append("no 16-byte access although the activation offsets are multiples of 8")
+    if "TF32" in constexprs and dtype == torch.float32:
+        tf32 = check_tf32(compiled.ptx, constexprs["TF32"])
+        if tf32 is not None:
+            problems.append(tf32)
+    return compiled, problems
 
 
 def main(argv=None) -> int:
@@ -156,30 +278,27 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     dtypes = [getattr(torch, d) for d in args.dtypes]
-    failures = 0
+    failures = total = 0
     for arch in args.arch:
         cap = divmod(arch, 10)
         for name, kernel, dtype, constexprs, warps, stages in variants(cap, dtypes):
             start = time.time()
+            total += 1
             try:
-                shared = _compile(kernel, dtype, constexprs, cap, warps, stages)
-                if shared > configs.shared_limit(cap):
-                    raise RuntimeError(
-                        f"needs {shared} B shared memory, sm_{arch} has "
-                        f"{configs.shared_limit(cap)} B"
-                    )
-                print(
-                    f"sm_{arch} {name:<20} {str(dtype):<15} ok  shared={shared:>6} B "
-                    f"({time.time() - start:.1f}s)",
-                    flush=True,
-                )
+                compiled, problems = check_variant(cap, kernel, dtype, constexprs, warps, stages)
             except Exception as exc:  # report every failure, not only the first
+                compiled, problems = None, [f"{type(exc).__name__}: {str(exc)[:2000]}"]
+            head = f"sm_{arch} {name:<30} {str(dtype):<15}"
+            if problems:
                 failures += 1
-                print(
-                    f"sm_{arch} {name:<20} {str(dtype):<15} FAILED: {type(exc).__name__}: "
-                    f"{str(exc)[:2000]}",
-                    flush=True,
-                )
+                print(f"{head} FAILED: {'; '.join(problems)}", flush=True)
+                continue
+            print(
+                f"{head} ok  shared={compiled.shared:>6} B regs={compiled.registers:>3} "
+                f"local={compiled.local} B ({time.time() - start:.1f}s)",
+                flush=True,
+            )
+    print(f"{total} variants, {failures} failed", flush=True)
     return 1 if failures else 0
 
 

@@ -6,20 +6,21 @@ to ~1000). So tiles are long in M (128 rows) and as wide in channels as the (pow
 rounded) channel count allows, capped where register pressure starts to hurt. The reduction
 over M of the weight gradient is split across programs so the grid fills the GPU.
 
-Choices are static (no run-time autotuning): ``triton.autotune`` would re-benchmark every new
-``C_in`` of every layer, and a block has dozens. sm_90 gets one more pipeline stage than sm_80
+Choices are static (no run-time autotuning: ``triton.autotune`` would re-benchmark every new
+``C_in`` of every layer, and a block has dozens) and cached per shape, since host time per
+launch counts at these kernel sizes. sm_90 gets one more pipeline stage than sm_80
 (larger shared memory); float64 gets smaller tiles. Under the interpreter, tiles are small so
 that tests with a few dozen channels exercise several tiles and masked edges.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
-import triton
 
-from dense_ext.backends.triton._common import INTERPRETED
+from dense_ext.backends.triton._common import INTERPRETED, cdiv, next_pow2
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,10 @@ def _stages(cap: tuple[int, int]) -> int:
 
 
 def _width(channels: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(channels)))
+    return max(16, min(cap, next_pow2(channels)))
 
 
+@functools.lru_cache(maxsize=4096)
 def _gpu(device: torch.device) -> tuple[tuple[int, int], int]:
     props = torch.cuda.get_device_properties(device)
     return (props.major, props.minor), props.multi_processor_count
@@ -62,48 +64,72 @@ def _on_cpu(device: torch.device) -> bool:
     return INTERPRETED or device.type != "cuda"
 
 
+@functools.lru_cache(maxsize=4096)
 def conv_fwd_config(
     m: int, c_in: int, c_out: int, dtype: torch.dtype, device: torch.device
 ) -> Config:
     if _on_cpu(device):
         return Config(64, 16, 16)
-    return conv_fwd_gpu(c_in, c_out, dtype, _gpu(device)[0])
+    cap, sms = _gpu(device)
+    return conv_fwd_gpu(m, c_in, c_out, dtype, cap, sms)
 
 
-def conv_fwd_gpu(c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, int]) -> Config:
+def _row_tile(m: int, column_tiles: int, sms: int) -> int:
+    """128 rows per tile, halved (down to 32) while the grid would leave SMs idle: at 7x7 and
+    8x8 a batch of 64 has 25-32 row tiles of 128 for 132 SMs."""
+    block_m = 128
+    while block_m > 32 and cdiv(m, block_m) * column_tiles < sms:
+        block_m //= 2
+    return block_m
+
+
+def conv_fwd_gpu(
+    m: int, c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, int], sms: int
+) -> Config:
     if dtype == torch.float64:
         return Config(64, _width(c_out, 32), 16, num_warps=4, num_stages=2)
     wide = dtype != torch.float32
     block_n = _width(c_out, 128 if wide else 64)
     block_k = _width(c_in, 64 if wide else 32)
+    block_m = _row_tile(m, cdiv(c_out, block_n), sms)
     stages = _stages(cap)
-    return Config(128, block_n, block_k, num_warps=8 if block_n >= 64 else 4, num_stages=stages)
+    # 8 warps: the BN-ReLU prologue holds a [128, BLOCK_K] float32 tile in registers; with 4
+    # warps the 3x3 variants spill (compile_check reads the cubin's local memory).
+    return Config(block_m, block_n, block_k, num_warps=8 if block_m >= 64 else 4, num_stages=stages)
 
 
+@functools.lru_cache(maxsize=4096)
 def conv_dgrad_config(
     m: int, c_in: int, c_out: int, dtype: torch.dtype, device: torch.device
 ) -> Config:
     """``block_n`` tiles the reduced (gradient-source) channels, ``block_k`` the produced ones."""
     if _on_cpu(device):
         return Config(64, 16, 16)
-    return conv_dgrad_gpu(c_in, c_out, dtype, _gpu(device)[0])
+    cap, sms = _gpu(device)
+    return conv_dgrad_gpu(m, c_in, c_out, dtype, cap, sms)
 
 
-def conv_dgrad_gpu(c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, int]) -> Config:
+def conv_dgrad_gpu(
+    m: int, c_in: int, c_out: int, dtype: torch.dtype, cap: tuple[int, int], sms: int
+) -> Config:
     if dtype == torch.float64:
         return Config(64, _width(c_out, 32), _width(c_in, 32), num_warps=4, num_stages=2)
     wide = dtype != torch.float32
     stages = _stages(cap)
-    block_k = _width(c_in, 128 if wide else 64)
+    # BLOCK_K <= 64: the apply pass keeps several [128, BLOCK_K] float32 tiles live (dZ, X,
+    # xhat, dX); at 128 channels they spill.
+    block_k = _width(c_in, 64)
+    block_m = _row_tile(m, cdiv(c_in, block_k), sms)
     return Config(
-        128,
+        block_m,
         _width(c_out, 64 if wide else 32),
         block_k,
-        num_warps=8 if block_k >= 64 else 4,
+        num_warps=8 if block_k >= 64 and block_m >= 64 else 4,
         num_stages=stages,
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def conv_wgrad_config(
     m: int, c_in: int, c_out: int, taps: int, dtype: torch.dtype, device: torch.device
 ) -> Config:
@@ -121,12 +147,14 @@ def conv_wgrad_gpu(
         block_n, block_k, block_m = _width(c_out, 32), _width(c_in, 32), 32
     else:
         block_n, block_k, block_m = _width(c_out, 64), _width(c_in, 64), 64
-    tiles = triton.cdiv(c_out, block_n) * triton.cdiv(c_in, block_k) * taps
-    split = max(1, min(triton.cdiv(m, 8 * block_m), triton.cdiv(4 * sms, tiles)))
+    tiles = cdiv(c_out, block_n) * cdiv(c_in, block_k) * taps
+    split = max(1, min(cdiv(m, 8 * block_m), cdiv(4 * sms, tiles)))
     stages = _stages(cap)
-    return Config(block_m, block_n, block_k, num_warps=4, num_stages=stages, split_m=split)
+    warps = 8 if dtype == torch.float32 and taps == 9 else 4  # 4 warps spill there
+    return Config(block_m, block_n, block_k, num_warps=warps, num_stages=stages, split_m=split)
 
 
+@functools.lru_cache(maxsize=4096)
 def stats_config(m: int, c: int, device: torch.device) -> Config:
     if _on_cpu(device):
         return Config(64, 16, 16)

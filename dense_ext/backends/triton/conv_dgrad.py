@@ -1,11 +1,11 @@
 """Data gradient of the convolution fused with the backward of the BN-ReLU before it.
 
 For a layer step ``Z = relu(bn(X))``, ``Y = conv_KS(Z, W)`` and an incoming gradient ``dY``
-(times the replayed dropout mask), the kernel computes a tile of ``dZ = conv_KS^T(dY, W)`` in
-registers (implicit GEMM; ``KS=1`` is ``dZ1 = dY1 @ W1``) and, still in registers, turns it into
-the BN-ReLU gradient. ``g = dZ * (Z > 0)`` with ``Z`` recomputed from ``X``. With batch
-statistics ``dX = scale * (g - mean(g) - xhat * mean(g * xhat))`` needs two channel sums
-over all M rows, so the kernel runs twice:
+(the dropout mask already applied in place, ``dropout.py``), the kernel computes a tile of
+``dZ = conv_KS^T(dY, W)`` in registers (implicit GEMM; ``KS=1`` is ``dZ1 = dY1 @ W1``) and,
+still in registers, turns it into the BN-ReLU gradient. ``g = dZ * !(Z <= 0)`` with ``Z``
+recomputed from ``X``. With batch statistics ``dX = scale * (g - mean(g) - xhat * mean(g *
+xhat))`` needs two channel sums over all M rows, so the kernel runs twice:
 
 * ``REDUCE``: per-tile sums of ``g`` and ``g * xhat`` to a ``[tiles, 2, C]`` buffer (summed in
   tile order on the host: deterministic). They are also ``grad_beta`` and ``grad_gamma``.
@@ -18,27 +18,34 @@ Recomputing the GEMM instead of storing ``dZ`` keeps the per-layer scratch at ze
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import triton
 import triton.language as tl
 
 from dense_ext.backends.triton._common import (
+    cdiv,
+    channels_ok,
+    dot,
     dot_config,
-    dropout_mask,
+    kernel,
+    launch,
     load_bn_params,
     num_rows,
+    on_tensor_device,
+    round_tf32,
     round_to,
+    row_offsets,
     rows_stride,
     tap_source,
-    wrap,
+    vec_align,
 )
 from dense_ext.backends.triton.configs import conv_dgrad_config
 
 
-@triton.jit
+@kernel
 def _conv_dgrad_bn_relu_bwd_kernel(
     DY_ptr,  # rows [M, >= dy_col + C_OUT], row stride DY_row_stride: gradient of the conv output
-    MASK_ptr,  # [N, C_OUT, H, W] dropout multipliers of the conv output (if HAS_MASK)
     W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous
     X_ptr,  # rows [M, >= x_col + C_IN]: the BN input
     MEAN_ptr,
@@ -61,24 +68,30 @@ def _conv_dgrad_bn_relu_bwd_kernel(
     C_OUT,
     count,
     KS: tl.constexpr,
-    HAS_MASK: tl.constexpr,
     APPLY: tl.constexpr,
     BATCH_STATS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    TF32: tl.constexpr,
+    DY_ALIGN: tl.constexpr,
+    X_ALIGN: tl.constexpr,
+    DX_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    # Channel tiles vary fastest: the CTAs that share a row tile of dY (the reduction operand,
+    # re-read once per channel tile) run together, so the re-reads hit L2 even when dY is
+    # larger than L2 (the 1x1 dgrad of a wide layer).
+    pid_c = tl.program_id(0)
+    pid_m = tl.program_id(1)
     acc_t = MEAN_ptr.dtype.element_ty
     op_t = W_ptr.dtype.element_ty
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rm < M
-    c_ok = rc < C_IN
+    c_ok = channels_ok(rc, C_IN, X_ALIGN)  # X_ALIGN divides C_IN (and so does DX_ALIGN)
     hh = (rm // W) % H
     ww = rm % W
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=acc_t)
@@ -89,35 +102,30 @@ def _conv_dgrad_bn_relu_bwd_kernel(
         tap = it // num_n
         rn = (it - tap * num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         src, ok = tap_source(rm, row_ok, hh, ww, H, W, KS // 2 - tap // KS, KS // 2 - tap % KS, KS)
-        n_ok = rn < C_OUT
+        n_ok = channels_ok(rn, C_OUT, DY_ALIGN)
         valid = ok[:, None] & n_ok[None, :]
         dy = tl.load(
-            DY_ptr + src.to(tl.int64)[:, None] * DY_row_stride + (dy_col + rn)[None, :],
+            DY_ptr + row_offsets(src, DY_row_stride, dy_col, DY_ALIGN)[:, None] + rn[None, :],
             mask=valid,
             other=0.0,
-        ).to(acc_t)
-        if HAS_MASK:
-            dy = dy * dropout_mask(MASK_ptr, src[:, None], rn[None, :], valid, H * W, C_OUT).to(
-                acc_t
-            )
-        dy = round_to(dy, op_t)
+        )
+        if TF32:
+            dy = round_tf32(dy)
         w = tl.load(
             W_ptr + (tap * C_IN + rc)[None, :] * C_OUT + rn[:, None],
             mask=n_ok[:, None] & c_ok[None, :],
             other=0.0,
         )
-        if DOT_FP32:
-            acc = tl.dot(dy.to(tl.float32), w.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
+        acc = dot(dy, w, acc, DOT_FP32, INPUT_PRECISION)
     tile_ok = row_ok[:, None] & c_ok[None, :]
     # The conv consumed Z rounded to the buffer dtype; its gradient arrives in that dtype too.
     dz = round_to(acc, op_t).to(acc_t)
     mean, invstd, scale, beta = load_bn_params(MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rc, c_ok)
-    x_ptrs = X_ptr + rm.to(tl.int64)[:, None] * X_row_stride + (x_col + rc)[None, :]
+    x_ptrs = X_ptr + row_offsets(rm, X_row_stride, x_col, X_ALIGN)[:, None] + rc[None, :]
     x = tl.load(x_ptrs, mask=tile_ok, other=0.0).to(acc_t)
     z = (x - mean[None, :]) * scale[None, :] + beta[None, :]
-    g = tl.where(tile_ok & (z > 0), dz, 0.0)
+    # torch's ReLU backward zeroes where the output is <= 0, so NaN lets the gradient through
+    g = tl.where(tile_ok & ~(z <= 0), dz, 0.0)
     xhat = (x - mean[None, :]) * invstd[None, :]
     if APPLY:
         if BATCH_STATS:
@@ -126,7 +134,7 @@ def _conv_dgrad_bn_relu_bwd_kernel(
             dx = (g - mean_g[None, :] - xhat * mean_gx[None, :]) * scale[None, :]
         else:
             dx = g * scale[None, :]
-        dx_ptrs = DX_ptr + rm.to(tl.int64)[:, None] * DX_row_stride + (dx_col + rc)[None, :]
+        dx_ptrs = DX_ptr + row_offsets(rm, DX_row_stride, dx_col, DX_ALIGN)[:, None] + rc[None, :]
         if ACCUMULATE:
             dx = dx + tl.load(dx_ptrs, mask=tile_ok, other=0.0).to(acc_t)
         tl.store(dx_ptrs, round_to(dx, DX_ptr.dtype.element_ty), mask=tile_ok)
@@ -136,36 +144,34 @@ def _conv_dgrad_bn_relu_bwd_kernel(
         tl.store(base + C_IN + rc, tl.sum(tl.where(tile_ok, g * xhat, 0.0), axis=0), mask=c_ok)
 
 
+@dataclass(frozen=True)
+class _Pass:
+    """What one launch of the dgrad kernel does (see the module docstring)."""
+
+    apply: bool  # False: the reduce pass (channel sums); True: the apply pass (writes dX)
+    batch_stats: bool = False  # apply: subtract the two batch-statistics terms
+    accumulate: bool = False  # apply: add into dX instead of storing
+
+
+_REDUCE = _Pass(apply=False)
+
+
 def _launch(
-    dy,
-    dy_col,
-    mask,
-    w_taps,
-    x,
-    x_col,
-    c_in,
-    mean,
-    invstd,
-    gamma,
-    beta,
-    sums,
-    part,
-    dx,
-    dx_col,
-    height,
-    width,
-    apply,
-    batch_stats,
-    accumulate,
+    dy, w_taps, x, mean, invstd, gamma, beta, sums, part, dx, *, what: _Pass, cols, c_in, hw
 ):
+    """One launch; ``cols = (dy_col, x_col, dx_col)``, ``hw = (height, width)``."""
     taps, _, c_out = w_taps.shape
     m = num_rows(x)
     cfg = conv_dgrad_config(m, c_in, c_out, x.dtype, x.device)
-    dot_fp32, precision = dot_config(x.dtype)
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(c_in, cfg.block_k))
-    wrap(_conv_dgrad_bn_relu_bwd_kernel)[grid](
+    dot_fp32, precision, tf32 = dot_config(x.dtype, x.device)
+    dy_col, x_col, dx_col = cols
+    dy_stride, x_stride = rows_stride(dy, "dy"), rows_stride(x, "x")
+    dx_stride = rows_stride(dx, "dx") if dx is not None else 0
+    grid = (cdiv(c_in, cfg.block_k), cdiv(m, cfg.block_m))
+    launch(
+        _conv_dgrad_bn_relu_bwd_kernel,
+        grid,
         dy,
-        mask if mask is not None else w_taps,
         w_taps,
         x,
         mean,
@@ -175,25 +181,28 @@ def _launch(
         sums if sums is not None else mean,
         part if part is not None else mean,
         dx if dx is not None else x,
-        rows_stride(dy, "dy"),
+        dy_stride,
         dy_col,
-        rows_stride(x, "x"),
+        x_stride,
         x_col,
-        rows_stride(dx, "dx") if dx is not None else 0,
+        dx_stride,
         dx_col,
         m,
-        height,
-        width,
+        hw[0],
+        hw[1],
         c_in,
         c_out,
         float(m),
         KS=3 if taps == 9 else 1,
-        HAS_MASK=mask is not None,
-        APPLY=apply,
-        BATCH_STATS=batch_stats,
-        ACCUMULATE=accumulate,
+        APPLY=what.apply,
+        BATCH_STATS=what.batch_stats,
+        ACCUMULATE=what.accumulate,
         DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision,
+        TF32=tf32,
+        DY_ALIGN=vec_align(dy_stride, dy_col, c_out),
+        X_ALIGN=vec_align(x_stride, x_col, c_in),
+        DX_ALIGN=vec_align(dx_stride, dx_col, c_in),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_C=cfg.block_k,
@@ -203,35 +212,18 @@ def _launch(
     return cfg
 
 
-@torch.library.triton_op("dense_ext_triton::conv_dgrad_bn_relu_reduce", mutates_args={})
-def conv_dgrad_bn_relu_reduce(
-    dy: torch.Tensor,
-    dy_col: int,
-    mask: torch.Tensor | None,
-    w_taps: torch.Tensor,
-    x: torch.Tensor,
-    x_col: int,
-    c_in: int,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    height: int,
-    width: int,
+@on_tensor_device
+def conv_dgrad_bn_relu_reduce_(
+    dy, w_taps, x, mean, invstd, gamma, beta, *, dy_col, x_col, c_in, height, width
 ) -> torch.Tensor:
-    """``[2, c_in]``: ``sum(g)`` (= grad_beta) and ``sum(g * xhat)`` (= grad_gamma) over all rows,
-    where ``g = conv^T(dy * mask) * (relu(bn(x)) > 0)``."""
+    """The launcher behind ``conv_dgrad_bn_relu_reduce`` (called directly in eager mode)."""
     m = num_rows(x)
     cfg = conv_dgrad_config(m, c_in, w_taps.shape[2], x.dtype, x.device)
-    part = torch.empty((triton.cdiv(m, cfg.block_m), 2, c_in), dtype=mean.dtype, device=x.device)
+    part = torch.empty((cdiv(m, cfg.block_m), 2, c_in), dtype=mean.dtype, device=x.device)
     _launch(
         dy,
-        dy_col,
-        mask,
         w_taps,
         x,
-        x_col,
-        c_in,
         mean,
         invstd,
         gamma,
@@ -239,31 +231,105 @@ def conv_dgrad_bn_relu_reduce(
         None,
         part,
         None,
-        0,
-        height,
-        width,
-        False,
-        False,
-        False,
+        what=_REDUCE,
+        cols=(dy_col, x_col, 0),
+        c_in=c_in,
+        hw=(height, width),
     )
     return part.sum(dim=0)
+
+
+@torch.library.triton_op("dense_ext_triton::conv_dgrad_bn_relu_reduce", mutates_args={})
+def conv_dgrad_bn_relu_reduce(
+    dy: torch.Tensor,
+    w_taps: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    dy_col: int,
+    x_col: int,
+    c_in: int,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """``[2, c_in]``: ``sum(g)`` (= grad_beta) and ``sum(g * xhat)`` (= grad_gamma) over all rows,
+    where ``g = conv^T(dy[:, dy_col:]) * (relu(bn(x[:, x_col:x_col+c_in])) > 0)``."""
+    return conv_dgrad_bn_relu_reduce_(
+        dy,
+        w_taps,
+        x,
+        mean,
+        invstd,
+        gamma,
+        beta,
+        dy_col=dy_col,
+        x_col=x_col,
+        c_in=c_in,
+        height=height,
+        width=width,
+    )
+
+
+@on_tensor_device
+def conv_dgrad_bn_relu_apply_(
+    dy,
+    w_taps,
+    x,
+    mean,
+    invstd,
+    gamma,
+    beta,
+    sums,
+    dx,
+    *,
+    dy_col,
+    x_col,
+    c_in,
+    dx_col,
+    batch_stats,
+    accumulate,
+    height,
+    width,
+) -> None:
+    """The launcher behind ``conv_dgrad_bn_relu_apply`` (called directly in eager mode)."""
+    if dx.dtype != x.dtype:
+        raise ValueError(f"dense_ext triton: dx dtype {dx.dtype} != x dtype {x.dtype}")
+    _launch(
+        dy,
+        w_taps,
+        x,
+        mean,
+        invstd,
+        gamma,
+        beta,
+        sums.contiguous(),
+        None,
+        dx,
+        what=_Pass(apply=True, batch_stats=batch_stats, accumulate=accumulate),
+        cols=(dy_col, x_col, dx_col),
+        c_in=c_in,
+        hw=(height, width),
+    )
 
 
 @torch.library.triton_op("dense_ext_triton::conv_dgrad_bn_relu_apply", mutates_args={"dx"})
 def conv_dgrad_bn_relu_apply(
     dy: torch.Tensor,
-    dy_col: int,
-    mask: torch.Tensor | None,
     w_taps: torch.Tensor,
     x: torch.Tensor,
-    x_col: int,
-    c_in: int,
     mean: torch.Tensor,
     invstd: torch.Tensor,
     gamma: torch.Tensor,
     beta: torch.Tensor,
     sums: torch.Tensor,
     dx: torch.Tensor,
+    *,
+    dy_col: int,
+    x_col: int,
+    c_in: int,
     dx_col: int,
     batch_stats: bool,
     accumulate: bool,
@@ -272,27 +338,22 @@ def conv_dgrad_bn_relu_apply(
 ) -> None:
     """Write (or, with ``accumulate``, add) the BN-ReLU input gradient into
     ``dx[:, dx_col:dx_col+c_in]``; ``sums`` comes from ``conv_dgrad_bn_relu_reduce``."""
-    if dx.dtype != x.dtype:
-        raise ValueError(f"dense_ext triton: dx dtype {dx.dtype} != x dtype {x.dtype}")
-    _launch(
+    conv_dgrad_bn_relu_apply_(
         dy,
-        dy_col,
-        mask,
         w_taps,
         x,
-        x_col,
-        c_in,
         mean,
         invstd,
         gamma,
         beta,
-        sums.contiguous(),
-        None,
+        sums,
         dx,
-        dx_col,
-        height,
-        width,
-        True,
-        batch_stats,
-        accumulate,
+        dy_col=dy_col,
+        x_col=x_col,
+        c_in=c_in,
+        dx_col=dx_col,
+        batch_stats=batch_stats,
+        accumulate=accumulate,
+        height=height,
+        width=width,
     )

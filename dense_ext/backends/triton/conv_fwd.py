@@ -1,6 +1,6 @@
 """Forward convolution with the BN-ReLU prologue and the statistics epilogue.
 
-``Y[:, y_col:y_col+C_out] = conv_KS(relu(bn(X[:, x_col:x_col+C_in])), W) (* dropout mask)``
+``Y[:, y_col:y_col+C_out] = conv_KS(relu(bn(X[:, x_col:x_col+C_in]))) (* dropout mask)``
 
 One implicit-GEMM kernel serves both convolutions of a dense layer: ``KS=1`` is the bottleneck
 GEMM ``Y1 = relu(X*scale1 + shift1) @ W1^T`` over the buffer prefix, ``KS=3`` the 3x3
@@ -9,43 +9,58 @@ constant, so the 1x1 instance has no tap loop and no bounds arithmetic. What it 
 
 * prologue: the activation operand is loaded from the buffer and normalised + rectified in
   registers; ``relu(bn(X))`` never exists in memory. Taps outside the image contribute 0.
-* epilogue: the dropout mask (if any) is applied, the tile is stored straight into its
-  channel slice of the destination (the shared feature buffer for the 3x3 convolution), and the
-  per-tile channel mean/M2 of the *stored* values are written for the statistics merge.
+* epilogue: the dropout mask (``dropout.py``, computed from the layer's seed) is applied, the
+  tile is stored straight into its channel slice of the destination (the shared feature buffer
+  for the 3x3 convolution), and the per-tile channel mean/M2 of the *stored* values are written
+  for the statistics merge.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from dense_ext.backends.triton._common import (
     acc_dtype,
+    cdiv,
+    channels_ok,
+    dot,
     dot_config,
-    dropout_mask,
+    kernel,
+    launch,
     load_bn_params,
+    mma_operand,
     num_rows,
+    on_tensor_device,
+    relu,
+    round_tf32_,
     round_to,
+    row_offsets,
     rows_stride,
     tap_source,
-    wrap,
+    vec_align,
 )
 from dense_ext.backends.triton.configs import conv_fwd_config
+from dense_ext.backends.triton.dropout import (
+    check_size,
+    dropout_keep,
+    dropout_scale,
+    kernel_args,
+)
 from dense_ext.backends.triton.stats import merge_partials, tile_stats_epilogue
 
 
-@triton.jit
+@kernel
 def _bn_relu_conv_fwd_kernel(
     X_ptr,  # rows [M, >= x_col + C_IN], row stride X_row_stride (buffer dtype)
     MEAN_ptr,
     INVSTD_ptr,
     GAMMA_ptr,
     BETA_ptr,  # [C_IN] accumulation dtype
-    W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous (buffer dtype)
+    W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous (buffer dtype; TF32-rounded when TF32)
     Y_ptr,  # rows [M, >= y_col + C_OUT], row stride Y_row_stride (buffer dtype)
-    MASK_ptr,  # [N, C_OUT, H, W] contiguous dropout multipliers (if HAS_MASK)
     PART_ptr,  # [cdiv(M, BLOCK_M), 3, C_OUT] accumulation dtype (if COMPUTE_STATS)
+    SEED_ptr,  # [L] int64 dropout seeds (if DROPOUT)
     X_row_stride,
     x_col,
     Y_row_stride,
@@ -55,11 +70,19 @@ def _bn_relu_conv_fwd_kernel(
     W,
     C_IN,
     C_OUT,
+    layer,
+    p,
+    scale_hi,
+    scale_mid,
+    scale_lo,
     KS: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
     COMPUTE_STATS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    TF32: tl.constexpr,
+    X_ALIGN: tl.constexpr,
+    Y_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -71,7 +94,7 @@ def _bn_relu_conv_fwd_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rm < M
-    n_ok = rn < C_OUT
+    n_ok = channels_ok(rn, C_OUT, Y_ALIGN)
     hh = (rm // W) % H
     ww = rm % W
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_t)
@@ -82,81 +105,90 @@ def _bn_relu_conv_fwd_kernel(
         tap = it // num_k
         rk = (it - tap * num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
         src, ok = tap_source(rm, row_ok, hh, ww, H, W, tap // KS - KS // 2, tap % KS - KS // 2, KS)
-        k_ok = rk < C_IN
+        k_ok = channels_ok(rk, C_IN, X_ALIGN)
         mean, invstd, scale, beta = load_bn_params(
             MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rk, k_ok
         )
         valid = ok[:, None] & k_ok[None, :]
         x = tl.load(
-            X_ptr + src.to(tl.int64)[:, None] * X_row_stride + (x_col + rk)[None, :],
+            X_ptr + row_offsets(src, X_row_stride, x_col, X_ALIGN)[:, None] + rk[None, :],
             mask=valid,
             other=0.0,
         ).to(acc_t)
-        z = tl.maximum((x - mean[None, :]) * scale[None, :] + beta[None, :], 0.0)
-        z = round_to(tl.where(valid, z, 0.0), op_t)
+        z = relu((x - mean[None, :]) * scale[None, :] + beta[None, :])
+        z = mma_operand(tl.where(valid, z, 0.0), op_t, TF32)
         w = tl.load(
             W_ptr + (tap * C_IN + rk)[:, None] * C_OUT + rn[None, :],
             mask=k_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-        if DOT_FP32:
-            acc = tl.dot(z.to(tl.float32), w.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(z, w, acc, input_precision=INPUT_PRECISION)
+        acc = dot(z, w, acc, DOT_FP32, INPUT_PRECISION)
     store_ok = row_ok[:, None] & n_ok[None, :]
-    if HAS_MASK:
-        acc = acc * dropout_mask(MASK_ptr, rm[:, None], rn[None, :], store_ok, H * W, C_OUT).to(
-            acc_t
-        )
+    if DROPOUT:
+        keep = dropout_keep(SEED_ptr, layer, rm[:, None], rn[None, :], C_OUT, p)
+        acc = tl.where(keep, acc * dropout_scale(scale_hi, scale_mid, scale_lo, acc_t), 0.0)
     out = round_to(acc, Y_ptr.dtype.element_ty)
-    y_ptrs = Y_ptr + rm.to(tl.int64)[:, None] * Y_row_stride + (y_col + rn)[None, :]
+    y_ptrs = Y_ptr + row_offsets(rm, Y_row_stride, y_col, Y_ALIGN)[:, None] + rn[None, :]
     tl.store(y_ptrs, out, mask=store_ok)
     if COMPUTE_STATS:
         tile_stats_epilogue(PART_ptr, out.to(acc_t), row_ok, rn, n_ok, pid_m, M, C_OUT, BLOCK_M)
 
 
-def conv_weight_taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[C_out, C_in, KS, KS]`` -> ``[KS*KS, C_in, C_out]`` contiguous, in the buffer dtype."""
+def conv_weight_taps(weight: torch.Tensor, dtype: torch.dtype, tf32: bool = False) -> torch.Tensor:
+    """``[C_out, C_in, KS, KS]`` -> ``[KS*KS, C_in, C_out]`` contiguous, in the buffer dtype;
+    with ``tf32`` rounded to TF32 like the in-kernel operands (``_common.round_tf32``)."""
     c_out, c_in, kh, kw = weight.shape
-    return weight.detach().to(dtype).permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out).contiguous()
+    taps = weight.detach().to(dtype).permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out)
+    taps = taps.contiguous()
+    if tf32:
+        if taps.data_ptr() == weight.data_ptr():  # a 1x1 [C_out, C_in] weight may be a view
+            taps = taps.clone()
+        round_tf32_(taps)
+    return taps
 
 
-@torch.library.triton_op("dense_ext_triton::bn_relu_conv_fwd", mutates_args={"y", "stats"})
-def bn_relu_conv_fwd(
+_NO_DROPOUT = (0, 0.0, 1.0, 0.0, 0.0)  # layer, p, scale hi/mid/lo
+
+
+@on_tensor_device
+def bn_relu_conv_fwd_(
     x: torch.Tensor,
-    x_col: int,
-    c_in: int,
     mean: torch.Tensor,
     invstd: torch.Tensor,
     gamma: torch.Tensor,
     beta: torch.Tensor,
     w_taps: torch.Tensor,
     y: torch.Tensor,
-    y_col: int,
-    mask: torch.Tensor | None,
     stats: torch.Tensor | None,
-    mean_off: int,
-    var_off: int,
+    seeds: torch.Tensor | None,
+    *,
+    x_col: int,
+    c_in: int,
+    y_col: int,
+    mean_off: int = 0,
+    var_off: int = 0,
     height: int,
     width: int,
+    layer: int = 0,
+    drop_p: float = 0.0,
 ) -> None:
-    """``y[:, y_col:y_col+C_out] = conv(relu(bn(x[:, x_col:x_col+c_in]))) (* mask)``.
-
-    ``w_taps`` is ``[KS*KS, c_in, C_out]`` (``conv_weight_taps``); ``mean, invstd, gamma, beta``
-    are ``[c_in]`` in the accumulation dtype. With ``stats`` given, the batch mean and biased
-    variance of the stored channels are written at flat offsets ``mean_off``/``var_off``.
-    """
+    """The launcher behind ``bn_relu_conv_fwd`` (called directly in eager mode)."""
     taps, _, c_out = w_taps.shape
-    ks = 3 if taps == 9 else 1
     m = num_rows(x)
     cfg = conv_fwd_config(m, c_in, c_out, y.dtype, y.device)
-    tiles = triton.cdiv(m, cfg.block_m)
+    tiles = cdiv(m, cfg.block_m)
     part = None
     if stats is not None:
         part = torch.empty((tiles, 3, c_out), dtype=acc_dtype(y.dtype), device=y.device)
-    dot_fp32, precision = dot_config(y.dtype)
-    grid = (tiles, triton.cdiv(c_out, cfg.block_n))
-    wrap(_bn_relu_conv_fwd_kernel)[grid](
+    drop = _NO_DROPOUT
+    if seeds is not None:
+        check_size(m, c_out)
+        drop = tuple(kernel_args(layer, drop_p).values())
+    dot_fp32, precision, tf32 = dot_config(y.dtype, y.device)
+    x_stride, y_stride = rows_stride(x, "x"), rows_stride(y, "y")
+    launch(
+        _bn_relu_conv_fwd_kernel,
+        (tiles, cdiv(c_out, cfg.block_n)),
         x,
         mean,
         invstd,
@@ -164,22 +196,26 @@ def bn_relu_conv_fwd(
         beta,
         w_taps,
         y,
-        mask if mask is not None else w_taps,
         part if part is not None else mean,
-        rows_stride(x, "x"),
+        seeds if seeds is not None else mean,
+        x_stride,
         x_col,
-        rows_stride(y, "y"),
+        y_stride,
         y_col,
         m,
         height,
         width,
         c_in,
         c_out,
-        KS=ks,
-        HAS_MASK=mask is not None,
+        *drop,
+        KS=3 if taps == 9 else 1,
+        DROPOUT=seeds is not None,
         COMPUTE_STATS=stats is not None,
         DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision,
+        TF32=tf32,
+        X_ALIGN=vec_align(x_stride, x_col, c_in),
+        Y_ALIGN=vec_align(y_stride, y_col, c_out),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -187,4 +223,55 @@ def bn_relu_conv_fwd(
         num_stages=cfg.num_stages,
     )
     if part is not None:
-        merge_partials(part, m, cfg.block_m, stats, mean_off, var_off)
+        merge_partials(part, m, cfg.block_m, stats, mean_off=mean_off, var_off=var_off)
+
+
+@torch.library.triton_op("dense_ext_triton::bn_relu_conv_fwd", mutates_args={"y", "stats"})
+def bn_relu_conv_fwd(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    w_taps: torch.Tensor,
+    y: torch.Tensor,
+    stats: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    *,
+    x_col: int,
+    c_in: int,
+    y_col: int,
+    mean_off: int = 0,
+    var_off: int = 0,
+    height: int,
+    width: int,
+    layer: int = 0,
+    drop_p: float = 0.0,
+) -> None:
+    """``y[:, y_col:y_col+C_out] = conv(relu(bn(x[:, x_col:x_col+c_in]))) (* dropout mask)``.
+
+    ``w_taps`` is ``[KS*KS, c_in, C_out]`` (``conv_weight_taps``); ``mean, invstd, gamma, beta``
+    are ``[c_in]`` in the accumulation dtype. With ``stats`` given, the batch mean and biased
+    variance of the stored channels are written at flat offsets ``mean_off``/``var_off``. With
+    ``seeds`` given, layer ``layer``'s dropout mask of rate ``drop_p`` is applied.
+    """
+    bn_relu_conv_fwd_(
+        x,
+        mean,
+        invstd,
+        gamma,
+        beta,
+        w_taps,
+        y,
+        stats,
+        seeds,
+        x_col=x_col,
+        c_in=c_in,
+        y_col=y_col,
+        mean_off=mean_off,
+        var_off=var_off,
+        height=height,
+        width=width,
+        layer=layer,
+        drop_p=drop_p,
+    )

@@ -3,7 +3,7 @@
 ``dW[o, c, ky, kx] = sum_m (dY * mask)[m, o] * relu(bn(X))[m + d(ky, kx), c]`` with padded taps
 contributing 0. ``relu(bn(X))`` is recomputed in registers from the buffer prefix (``dW1``) or
 from ``Y1`` (``dW2``), so neither activation is ever stored. The reduction over M is split over
-``split_m`` programs per output tile; each writes its partial ``[KS*KS, C_in, C_out]`` block to a
+``split_m`` programs per output tile; each writes its partial ``[C_out, C_in, KS, KS]`` block to a
 ``[split_m, ...]`` buffer that the host sums in order (deterministic, no atomics; the buffer is
 weight-sized, i.e. tiny).
 """
@@ -11,32 +11,39 @@ weight-sized, i.e. tiny).
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from dense_ext.backends.triton._common import (
     acc_dtype,
+    cdiv,
+    channels_ok,
+    dot,
     dot_config,
-    dropout_mask,
+    kernel,
+    launch,
     load_bn_params,
+    mma_operand,
     num_rows,
-    round_to,
+    on_tensor_device,
+    relu,
+    round_tf32,
+    row_offsets,
     rows_stride,
-    wrap,
+    tap_source,
+    vec_align,
 )
 from dense_ext.backends.triton.configs import conv_wgrad_config
 
 
-@triton.jit
+@kernel
 def _bn_relu_conv_wgrad_kernel(
-    DY_ptr,  # rows [M, >= dy_col + C_OUT]: gradient of the conv output
-    MASK_ptr,  # [N, C_OUT, H, W] dropout multipliers (if HAS_MASK)
+    DY_ptr,  # rows [M, >= dy_col + C_OUT]: gradient of the conv output (dropout applied)
     X_ptr,  # rows [M, >= x_col + C_IN]: the BN input
     MEAN_ptr,
     INVSTD_ptr,
     GAMMA_ptr,
     BETA_ptr,  # [C_IN] accumulation dtype
-    PART_ptr,  # [SPLIT, KS*KS, C_IN, C_OUT] accumulation dtype
+    PART_ptr,  # [SPLIT, C_OUT, C_IN, KS, KS] accumulation dtype
     DY_row_stride,
     dy_col,
     X_row_stride,
@@ -48,9 +55,11 @@ def _bn_relu_conv_wgrad_kernel(
     C_OUT,
     rows_per_split,
     KS: tl.constexpr,
-    HAS_MASK: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    TF32: tl.constexpr,
+    DY_ALIGN: tl.constexpr,
+    X_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -66,8 +75,8 @@ def _bn_relu_conv_wgrad_kernel(
     op_t = X_ptr.dtype.element_ty
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ok = rc < C_IN
-    n_ok = rn < C_OUT
+    c_ok = channels_ok(rc, C_IN, X_ALIGN)
+    n_ok = channels_ok(rn, C_OUT, DY_ALIGN)
     mean, invstd, scale, beta = load_bn_params(MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rc, c_ok)
     acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=acc_t)
     m_lo = split * rows_per_split
@@ -75,89 +84,57 @@ def _bn_relu_conv_wgrad_kernel(
     for m0 in range(m_lo, m_hi, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         row_ok = rm < m_hi
-        if KS == 1:
-            src = rm
-            ok = row_ok
-        else:
-            hh = (rm // W) % H
-            ww = rm % W
-            src = rm + dy_off * W + dx_off
-            ok = (
-                row_ok
-                & (hh + dy_off >= 0)
-                & (hh + dy_off < H)
-                & (ww + dx_off >= 0)
-                & (ww + dx_off < W)
-            )
+        src, ok = tap_source(rm, row_ok, (rm // W) % H, rm % W, H, W, dy_off, dx_off, KS)
         # activation operand, transposed: [BLOCK_C, BLOCK_M]
         valid_x = c_ok[:, None] & ok[None, :]
         x = tl.load(
-            X_ptr + src.to(tl.int64)[None, :] * X_row_stride + (x_col + rc)[:, None],
+            X_ptr + row_offsets(src, X_row_stride, x_col, X_ALIGN)[None, :] + rc[:, None],
             mask=valid_x,
             other=0.0,
         ).to(acc_t)
-        z = tl.maximum((x - mean[:, None]) * scale[:, None] + beta[:, None], 0.0)
-        z = round_to(tl.where(valid_x, z, 0.0), op_t)
-        valid_y = row_ok[:, None] & n_ok[None, :]
+        z = relu((x - mean[:, None]) * scale[:, None] + beta[:, None])
+        z = mma_operand(tl.where(valid_x, z, 0.0), op_t, TF32)
         dy = tl.load(
-            DY_ptr + rm.to(tl.int64)[:, None] * DY_row_stride + (dy_col + rn)[None, :],
-            mask=valid_y,
+            DY_ptr + row_offsets(rm, DY_row_stride, dy_col, DY_ALIGN)[:, None] + rn[None, :],
+            mask=row_ok[:, None] & n_ok[None, :],
             other=0.0,
-        ).to(acc_t)
-        if HAS_MASK:
-            dy = dy * dropout_mask(MASK_ptr, rm[:, None], rn[None, :], valid_y, H * W, C_OUT).to(
-                acc_t
-            )
-        dy = round_to(dy, op_t)
-        if DOT_FP32:
-            acc = tl.dot(z.to(tl.float32), dy.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(z, dy, acc, input_precision=INPUT_PRECISION)
-    out = PART_ptr + ((split * KS * KS + tap) * C_IN + rc)[:, None] * C_OUT + rn[None, :]
+        )
+        if TF32:
+            dy = round_tf32(dy)
+        acc = dot(z, dy, acc, DOT_FP32, INPUT_PRECISION)
+    # Stored in the weight's own [C_OUT, C_IN, KS, KS] layout: no transpose on the host.
+    out = PART_ptr + ((split * C_OUT + rn)[None, :] * C_IN + rc[:, None]) * (KS * KS) + tap
     tl.store(out, acc, mask=c_ok[:, None] & n_ok[None, :])
 
 
-@torch.library.triton_op("dense_ext_triton::bn_relu_conv_wgrad", mutates_args={})
-def bn_relu_conv_wgrad(
-    dy: torch.Tensor,
-    dy_col: int,
-    c_out: int,
-    mask: torch.Tensor | None,
-    x: torch.Tensor,
-    x_col: int,
-    c_in: int,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    kernel_size: int,
-    height: int,
-    width: int,
+@on_tensor_device
+def bn_relu_conv_wgrad_(
+    dy, x, mean, invstd, gamma, beta, *, dy_col, c_out, x_col, c_in, kernel_size, height, width
 ) -> torch.Tensor:
-    """``[c_out, c_in, KS, KS]`` weight gradient (accumulation dtype) of
-    ``conv_KS(relu(bn(x[:, x_col:x_col+c_in])))`` given the output gradient
-    ``dy[:, dy_col:dy_col+c_out] (* mask)``."""
+    """The launcher behind ``bn_relu_conv_wgrad`` (called directly in eager mode)."""
     ks = kernel_size
     taps = ks * ks
     m = num_rows(x)
     cfg = conv_wgrad_config(m, c_in, c_out, taps, x.dtype, x.device)
-    rows_per_split = triton.cdiv(triton.cdiv(m, cfg.split_m), cfg.block_m) * cfg.block_m
-    split = triton.cdiv(m, rows_per_split)
-    part = torch.empty((split, taps, c_in, c_out), dtype=acc_dtype(x.dtype), device=x.device)
-    dot_fp32, precision = dot_config(x.dtype)
-    grid = (triton.cdiv(c_in, cfg.block_k), triton.cdiv(c_out, cfg.block_n), split * taps)
-    wrap(_bn_relu_conv_wgrad_kernel)[grid](
+    rows_per_split = cdiv(cdiv(m, cfg.split_m), cfg.block_m) * cfg.block_m
+    split = cdiv(m, rows_per_split)
+    part = torch.empty((split, c_out, c_in, ks, ks), dtype=acc_dtype(x.dtype), device=x.device)
+    dot_fp32, precision, tf32 = dot_config(x.dtype, x.device)
+    dy_stride, x_stride = rows_stride(dy, "dy"), rows_stride(x, "x")
+    grid = (cdiv(c_in, cfg.block_k), cdiv(c_out, cfg.block_n), split * taps)
+    launch(
+        _bn_relu_conv_wgrad_kernel,
+        grid,
         dy,
-        mask if mask is not None else mean,
         x,
         mean,
         invstd,
         gamma,
         beta,
         part,
-        rows_stride(dy, "dy"),
+        dy_stride,
         dy_col,
-        rows_stride(x, "x"),
+        x_stride,
         x_col,
         m,
         height,
@@ -166,14 +143,52 @@ def bn_relu_conv_wgrad(
         c_out,
         rows_per_split,
         KS=ks,
-        HAS_MASK=mask is not None,
         DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision,
+        TF32=tf32,
+        DY_ALIGN=vec_align(dy_stride, dy_col, c_out),
+        X_ALIGN=vec_align(x_stride, x_col, c_in),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_C=cfg.block_k,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    grad = part.sum(dim=0) if split > 1 else part[0]
-    return grad.permute(2, 1, 0).reshape(c_out, c_in, ks, ks).contiguous()
+    return part.sum(dim=0) if split > 1 else part[0]
+
+
+@torch.library.triton_op("dense_ext_triton::bn_relu_conv_wgrad", mutates_args={})
+def bn_relu_conv_wgrad(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    dy_col: int,
+    c_out: int,
+    x_col: int,
+    c_in: int,
+    kernel_size: int,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """``[c_out, c_in, KS, KS]`` weight gradient (accumulation dtype) of
+    ``conv_KS(relu(bn(x[:, x_col:x_col+c_in])))`` given the output gradient
+    ``dy[:, dy_col:dy_col+c_out]`` (dropout mask already applied)."""
+    return bn_relu_conv_wgrad_(
+        dy,
+        x,
+        mean,
+        invstd,
+        gamma,
+        beta,
+        dy_col=dy_col,
+        c_out=c_out,
+        x_col=x_col,
+        c_in=c_in,
+        kernel_size=kernel_size,
+        height=height,
+        width=width,
+    )
