@@ -316,3 +316,22 @@ def test_unsynchronised_shares_would_differ():
     err = (first["output 0"] - whole["output 0"][:n]).abs().max()
     assert err > 1e-3
     assert not F.mse_loss(first["evaluation output"], whole["evaluation output"][:n]) < 1e-20
+
+
+def test_bench_verdict_compares_like_for_like():
+    # bench/sync_bn.py: sync BN passes when each rank is within the tolerance of the single
+    # process on the same (synchronised) code path and not above the plain single process.
+    from bench.sync_bn import summarize
+
+    def rows(sync_bn_bytes):
+        single = [("single", 100), ("single-sync-path", 80), ("single-cpp", 50)]
+        return [{"setting": s, "rank": 0, "peak_activation_bytes": b} for s, b in single] + [
+            {"setting": "ddp-sync-bn", "rank": r, "peak_activation_bytes": b}
+            for r, b in enumerate(sync_bn_bytes)
+        ]
+
+    assert summarize(rows([80, 84]), 0.10)["within_tolerance"]
+    assert not summarize(rows([80, 97]), 0.10)["within_tolerance"]  # 1.21x the like-for-like
+    assert not summarize(rows([70, 80]), 0.10)["within_tolerance"]  # 0.875x: not equal either
+    summary = summarize(rows([80, 84]), 0.10)
+    assert summary["sync_bn_ratio_to_single"] == [0.8, 0.84]
