@@ -21,6 +21,7 @@ from helpers import cpu_backend_or_skip, free_port
 from torch import nn
 
 from dense_ext.grad_layout import grad_like_param
+from dense_ext.sync_bn import enable_sync_bn
 from python_models import MODEL_NAMES, DenseNet, densenet_bc, get_model
 
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -141,6 +142,9 @@ def _ddp_worker(rank: int, port: int) -> None:
                 _ddp_step(
                     get_model("densenet_bc_10", growth_rate=4, efficient=True, backend=backend)
                 )
+            # With synchronised BN (the --sync-bn run): fused transitions and head, synced.
+            model = get_model("densenet_bc_10", growth_rate=4, efficient=True, backend="reference")
+            _ddp_step(enable_sync_bn(model))
         layout = [str(w.message) for w in seen if "Grad strides" in str(w.message)]
         assert layout == [], layout[0]
         # The capture works: a stock 1x1 convolution on a channels_last input does warn
