@@ -6,7 +6,7 @@ STAMP := $(VENV)/.requirements-installed
 BUILD_STAMP := $(VENV)/.package-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test test-gpu-image bench bench-scale bench-micro gpu-suite lint typecheck format clean
+.PHONY: venv build test test-gpu-image bench bench-scale bench-sync-bn bench-micro gpu-suite lint typecheck format clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,11 @@ bench: build
 # (bench/README.md).
 bench-scale: build
 	$(PY) -m bench.run --suites scale
+
+# Activation memory per process of a 2-process DDP run with sync BN against one process
+# (about 3 minutes on the 2-core CPU; bench/README.md, "Sync BN").
+bench-sync-bn: build
+	$(PY) -m bench.sync_bn
 
 # pytest-benchmark microbenchmarks of one block forward+backward per backend.
 bench-micro: build

@@ -95,7 +95,7 @@ class EfficientDenseBlock(nn.ModuleDict):
             num_layers=num_layers,
             num_input_features=num_input_features,
             growth_rate=growth_rate,
-            bn_size=bn_size or 0,
+            bottleneck_factor=bn_size or 0,
             memory=memory,
         )
         if not 0.0 <= float(drop_rate) <= 1.0:
@@ -104,7 +104,7 @@ class EfficientDenseBlock(nn.ModuleDict):
         self.stats_sync = None
         for i in range(num_layers):
             layer = EfficientDenseLayer(
-                self.spec.in_channels(i), growth_rate, self.spec.bn_size, drop_rate
+                self.spec.in_channels(i), growth_rate, self.spec.bottleneck_factor, drop_rate
             )
             self.add_module(f"denselayer{i + 1}", layer)
 
@@ -131,7 +131,7 @@ class EfficientDenseBlock(nn.ModuleDict):
         s = self.spec
         return (
             f"num_layers={s.num_layers}, num_input_features={s.num_input_features}, "
-            f"growth_rate={s.growth_rate}, bn_size={s.bn_size or None}, "
+            f"growth_rate={s.growth_rate}, bn_size={s.bottleneck_factor or None}, "
             f"drop_rate={self.denselayer1.drop_rate}, memory={s.memory!r}, "
             f"backend={self.backend!r}"
         )

@@ -16,6 +16,7 @@ from torch.autograd.function import once_differentiable
 
 from dense_ext.backends.base import BlockCall, ForwardState, new_feature_buffer, new_stats
 from dense_ext.donation import take_donated
+from dense_ext.grad_layout import grad_like_param
 
 
 def update_running_stats(call: BlockCall, state: ForwardState, count: int) -> None:
@@ -121,7 +122,12 @@ class DenseBlockFunction(torch.autograd.Function):
             c0 = call.spec.num_input_features
             grad_x = grad_feat[:, :c0].clone(memory_format=ctx.x_format)
         del grad_feat
-        param_grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])]
+        # Backends return gradients in whatever layout their kernels write; autograd (and DDP's
+        # buckets) expect each parameter's own strides.
+        param_grads = [
+            grad_like_param(g, p) if need and g is not None else None
+            for g, p, need in zip(grads, params, ctx.needs_input_grad[2:])
+        ]
         return (grad_x, None, *param_grads)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -71,3 +72,18 @@ def norm_call(bn: _BatchNorm) -> NormCall:
         momentum=bn.momentum,
         num_batches_tracked=bn.num_batches_tracked,
     )
+
+
+@torch.no_grad()
+def fold_running_stats(norm: NormCall, mean: Tensor, var: Tensor, count: int) -> None:
+    """Fold a batch's ``mean`` and biased ``var`` over ``count`` values per channel into the
+    running statistics ``norm`` updates, as ``F.batch_norm`` does (unbiased variance, the BN's
+    momentum or ``1 / num_batches_tracked``). For statistics computed outside ATen's kernel:
+    synchronised BN, whose ``count`` is the global batch's."""
+    if not norm.update:
+        return
+    assert norm.running_mean is not None and norm.running_var is not None
+    factor = norm.factor()
+    unbiased = var * (count / (count - 1)) if count > 1 else torch.full_like(var, float("nan"))
+    norm.running_mean.mul_(1 - factor).add_(mean.to(norm.running_mean.dtype), alpha=factor)
+    norm.running_var.mul_(1 - factor).add_(unbiased.to(norm.running_var.dtype), alpha=factor)

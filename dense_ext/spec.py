@@ -6,22 +6,36 @@ prefix ``[0, C0 + l*k)`` and writes ``[C0 + l*k, C0 + (l+1)*k)``.
 
 Parameters are passed to backends as one flat tuple, layer after layer:
 
-* bottleneck layer (``bn_size > 0``): ``norm1.weight, norm1.bias,
-  conv1.weight [bn_size*k, C_in, 1, 1], norm2.weight, norm2.bias,
-  conv2.weight [k, bn_size*k, 3, 3]``;
-* plain layer (``bn_size == 0``): ``norm1.weight, norm1.bias, conv1.weight [k, C_in, 3, 3]``.
+* bottleneck layer (``bottleneck_factor > 0``): ``norm1.weight, norm1.bias,
+  conv1.weight [bottleneck_factor*k, C_in, 1, 1], norm2.weight, norm2.bias,
+  conv2.weight [k, bottleneck_factor*k, 3, 3]``;
+* plain layer (``bottleneck_factor == 0``): ``norm1.weight, norm1.bias,
+  conv1.weight [k, C_in, 3, 3]``.
 
 Batch-norm constants (``eps``) and running buffers follow the same order, one entry per BN.
+
+Names: inside dense_ext ``bn`` means batch norm only. torchvision's ``bn_size`` (the
+bottleneck factor) stays the keyword of the public modules (``EfficientDenseBlock``,
+``DenseNet``); here it is ``bottleneck_factor``. ``has_bottleneck`` says what the layers
+are (DenseNet-BC), ``saves_bottleneck_outputs`` what ``memory="bottleneck"`` keeps for
+backward.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 MEMORY_MODES = ("bottleneck", "min")
 
 
-@dataclass(frozen=True)
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"BlockSpec.{old} is deprecated; use BlockSpec.{new}", DeprecationWarning, stacklevel=3
+    )
+
+
+@dataclass(frozen=True, init=False)
 class BlockSpec:
     """Static configuration of a dense block.
 
@@ -29,37 +43,66 @@ class BlockSpec:
         num_layers: number of dense layers ``L``.
         num_input_features: channels of the block input ``C0``.
         growth_rate: channels each layer adds ``k``.
-        bn_size: bottleneck width factor; the 1x1 convolution has ``bn_size * k`` outputs.
-            ``0`` selects the plain layer BN-ReLU-Conv3x3.
-        memory: ``"bottleneck"`` keeps each layer's 1x1-conv output for backward,
-            ``"min"`` recomputes it (only the feature buffer is held).
+        bottleneck_factor: the 1x1 convolution has ``bottleneck_factor * k`` outputs
+            (torchvision's ``bn_size``); ``0`` selects the plain layer BN-ReLU-Conv3x3.
+        memory: ``"bottleneck"`` saves each layer's bottleneck (1x1-conv) output for
+            backward, ``"min"`` recomputes it (only the feature buffer is held).
+
+    ``BlockSpec(..., bn_size=n)`` and ``spec.bn_size`` still work, with a DeprecationWarning.
     """
 
     num_layers: int
     num_input_features: int
     growth_rate: int
-    bn_size: int = 4
+    bottleneck_factor: int = 4
     memory: str = "bottleneck"
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_input_features: int,
+        growth_rate: int,
+        bottleneck_factor: int = 4,
+        memory: str = "bottleneck",
+        *,
+        bn_size: int | None = None,
+    ) -> None:
+        if bn_size is not None:
+            _deprecated("bn_size", "bottleneck_factor")
+            bottleneck_factor = bn_size
+        for name, value in (
+            ("num_layers", num_layers),
+            ("num_input_features", num_input_features),
+            ("growth_rate", growth_rate),
+            ("bottleneck_factor", bottleneck_factor),
+            ("memory", memory),
+        ):
+            object.__setattr__(self, name, value)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_input_features", "growth_rate"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.bn_size, int) or self.bn_size < 0:
-            raise ValueError(f"bn_size must be None, 0 or a positive integer, got {self.bn_size!r}")
+        factor = self.bottleneck_factor
+        if not isinstance(factor, int) or factor < 0:
+            raise ValueError(
+                f"bn_size (the bottleneck factor) must be None, 0 or a positive integer, "
+                f"got {factor!r}"
+            )
         if self.memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
 
     @property
-    def bottleneck(self) -> bool:
+    def has_bottleneck(self) -> bool:
         """Whether layers are BN-ReLU-Conv1x1-BN-ReLU-Conv3x3 (DenseNet-BC) rather than plain."""
-        return self.bn_size > 0
+        return self.bottleneck_factor > 0
 
     @property
     def mid_channels(self) -> int:
         """Channels of the bottleneck (conv1 output); 0 for plain layers."""
-        return self.bn_size * self.growth_rate
+        return self.bottleneck_factor * self.growth_rate
 
     @property
     def num_features(self) -> int:
@@ -68,16 +111,44 @@ class BlockSpec:
 
     @property
     def params_per_layer(self) -> int:
-        return 6 if self.bottleneck else 3
+        """Entries of the flat parameter tuple per layer."""
+        return 6 if self.has_bottleneck else 3
 
     @property
     def bns_per_layer(self) -> int:
-        return 2 if self.bottleneck else 1
+        """Batch norms per layer."""
+        return 2 if self.has_bottleneck else 1
+
+    @property
+    def saves_bottleneck_outputs(self) -> bool:
+        """Whether forward saves each layer's conv1 output for backward (``memory="bottleneck"``
+        on bottleneck layers)."""
+        return self.has_bottleneck and self.memory == "bottleneck"
+
+    def __setstate__(self, state: dict) -> None:
+        # A spec pickled before the rename (a whole model saved with torch.save) holds bn_size.
+        state = dict(state)
+        if "bn_size" in state:
+            state["bottleneck_factor"] = state.pop("bn_size")
+        self.__dict__.update(state)
+
+    @property
+    def bn_size(self) -> int:
+        """Deprecated: ``bottleneck_factor``."""
+        _deprecated("bn_size", "bottleneck_factor")
+        return self.bottleneck_factor
+
+    @property
+    def bottleneck(self) -> bool:
+        """Deprecated: ``has_bottleneck``."""
+        _deprecated("bottleneck", "has_bottleneck")
+        return self.has_bottleneck
 
     @property
     def keeps_bottleneck(self) -> bool:
-        """Whether forward saves each layer's conv1 output for backward."""
-        return self.bottleneck and self.memory == "bottleneck"
+        """Deprecated: ``saves_bottleneck_outputs``."""
+        _deprecated("keeps_bottleneck", "saves_bottleneck_outputs")
+        return self.saves_bottleneck_outputs
 
     def in_channels(self, layer: int) -> int:
         """Input channels of layer ``layer`` (0-based)."""
@@ -89,7 +160,7 @@ class BlockSpec:
         k, mid = self.growth_rate, self.mid_channels
         for layer in range(self.num_layers):
             c_in = self.in_channels(layer)
-            if self.bottleneck:
+            if self.has_bottleneck:
                 shapes += [(c_in,), (c_in,), (mid, c_in, 1, 1), (mid,), (mid,), (k, mid, 3, 3)]
             else:
                 shapes += [(c_in,), (c_in,), (k, c_in, 3, 3)]

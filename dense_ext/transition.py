@@ -10,6 +10,10 @@ block's feature buffer, which the block already holds) and per-channel statistic
 recomputes ``relu(bn(x))``. The convolution saves its input, the pooled activation.
 
 The same function with global average pooling is the DenseNet head ``norm5-ReLU-avgpool``.
+
+Synchronised BN: both take a ``StatsSync`` (the dense block's hook), so under DDP with sync BN
+they stay fused: forward statistics are merged over processes, the two BN-backward reductions
+summed, the weight and bias gradients left local (``nn.SyncBatchNorm``'s semantics).
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dense_ext.backends.base import LOCAL, StatsSync, stats_dtype
 from dense_ext.block import DenseDtypeError, DenseInputError
 from dense_ext.donation import donate
 from dense_ext.function import suggest_format
-from dense_ext.norm import NormCall, norm_call
+from dense_ext.grad_layout import ensure_grad_layout, keep_grad_layout
+from dense_ext.norm import NormCall, fold_running_stats, norm_call
 
 POOLS = ("avg2x2", "global")
 
@@ -50,23 +56,29 @@ def _pool_backward(grad_p: Tensor, x: Tensor, pool: str) -> Tensor:
 
 
 class NormReluPoolFunction(torch.autograd.Function):
-    """``apply(x, weight, bias, call, pool) -> pool(relu(batch_norm(x)))``.
+    """``apply(x, weight, bias, call, pool, sync) -> pool(relu(batch_norm(x)))``.
 
     ``call`` is a ``NormCall``; ``pool`` is ``"avg2x2"`` (2x2 average pool, stride 2, floor)
-    or ``"global"`` (mean over H and W, output [N, C]). Saves ``x`` and the two per-channel
-    statistics vectors; the normalised map is recomputed in backward.
+    or ``"global"`` (mean over H and W, output [N, C]); ``sync`` a ``StatsSync`` that merges the
+    batch statistics across processes (``LOCAL``: none; only used with batch statistics).
+    Saves ``x`` and the two per-channel statistics vectors; the normalised map is recomputed
+    in backward.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, call: NormCall, pool: str):
+    def forward(ctx, x, weight, bias, call: NormCall, pool: str, sync: StatsSync = LOCAL):
+        synced = sync is not LOCAL and call.batch_stats and x.numel() > 0
         with torch.autocast(device_type=x.device.type, enabled=False):
-            z, mean, invstd = _native_batch_norm(x, weight, bias, call)
+            if synced:
+                z, mean, invstd, ctx.world_count = _synced_batch_norm(x, weight, bias, call, sync)
+            else:
+                z, mean, invstd = _native_batch_norm(x, weight, bias, call)
             if not call.batch_stats:
                 # Eval mode: keep copies, so a later change to the buffers cannot skew backward.
                 mean, invstd = call.running_mean.clone(), call.running_var.clone()
             out = _pool(z.relu_(), pool)
         del z
-        ctx.call, ctx.pool = call, pool
+        ctx.call, ctx.pool, ctx.sync = call, pool, sync if synced else LOCAL
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         return out
 
@@ -76,12 +88,16 @@ class NormReluPoolFunction(torch.autograd.Function):
         call: NormCall = ctx.call
         if x.numel() == 0:  # an empty batch: zero gradients, as F.batch_norm gives
             zeros = [None if t is None else torch.zeros_like(t) for t in (weight, bias)]
-            return torch.zeros_like(x), *zeros, None, None
+            return torch.zeros_like(x), *zeros, None, None, None
         with torch.autocast(device_type=x.device.type, enabled=False):
             invstd = invstd_or_var if call.batch_stats else torch.rsqrt(invstd_or_var + call.eps)
             grad_z = _pool_backward(grad_out, x, ctx.pool)
             del grad_out
-            if grad_z.dtype == x.dtype == mean.dtype:
+            if ctx.sync is not LOCAL:
+                grad_x, grad_w, grad_b = _bn_relu_backward_in_place(
+                    grad_z, x, weight, bias, mean, invstd, True, ctx.sync, ctx.world_count
+                )
+            elif grad_z.dtype == x.dtype == mean.dtype:
                 grad_x, grad_w, grad_b = _bn_relu_backward_in_place(
                     grad_z, x, weight, bias, mean, invstd, call.batch_stats
                 )
@@ -90,7 +106,7 @@ class NormReluPoolFunction(torch.autograd.Function):
                     ctx, grad_z, x, weight, bias, mean, invstd, invstd_or_var, call
                 )
         # grad_x is fresh and never read here again: the block below may accumulate into it.
-        return donate(grad_x) if grad_x is not None else None, grad_w, grad_b, None, None
+        return donate(grad_x) if grad_x is not None else None, grad_w, grad_b, None, None, None
 
 
 def _native_batch_norm(x: Tensor, weight, bias, call: NormCall):
@@ -111,6 +127,46 @@ def _native_batch_norm(x: Tensor, weight, bias, call: NormCall):
         call.factor(),
         call.eps,
     )
+
+
+def _synced_batch_norm(x: Tensor, weight, bias, call: NormCall, sync: StatsSync):
+    """``batch_norm(x)`` with the statistics of the global batch; updates the running statistics
+    with the global count. Returns the output, the mean, the inverse std and the global count."""
+    count = x.numel() // x.shape[1]
+    mean, var = sync.stats(*_local_mean_var(x), count)
+    world_count = sync.world_count(count)
+    if world_count < 2:
+        raise DenseInputError(
+            f"Expected more than 1 value per channel when training, got {world_count} in all"
+        )
+    fold_running_stats(call, mean, var, world_count)
+    # Normalising "with running statistics" that are the global batch's: ATen's kernel, as
+    # the local path uses, and no update.
+    z = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, call.eps)[0]
+    return z, mean, torch.rsqrt(var + call.eps), world_count
+
+
+def _local_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` in the statistics dtype. Low-precision
+    inputs go a batch slice at a time (Chan's merge), so no float32 copy of ``x`` is made."""
+    acc = stats_dtype(x.dtype)
+    if x.dtype == acc:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        return mean, var
+    chunk = max(1, (1 << 20) // max(1, x[0].numel()))
+    n, mean, m2 = 0, None, None
+    for xs in x.split(chunk):
+        var_s, mean_s = torch.var_mean(xs.to(acc), dim=(0, 2, 3), correction=0)
+        n_s = xs.numel() // xs.shape[1]
+        if mean is None:
+            n, mean, m2 = n_s, mean_s, var_s * n_s
+            continue
+        delta = mean_s - mean
+        total = n + n_s
+        mean = mean + delta * (n_s / total)
+        m2 = m2 + var_s * n_s + delta.square() * (n * n_s / total)
+        n = total
+    return mean, m2 / n
 
 
 def _bn_relu_backward_aten(ctx, grad_z, x, weight, bias, mean, invstd, invstd_or_var, call):
@@ -135,12 +191,17 @@ def _bn_relu_backward_aten(ctx, grad_z, x, weight, bias, mean, invstd, invstd_or
     )
 
 
-def _bn_relu_backward_in_place(g, x, weight, bias, mean, invstd, batch_stats):
+def _bn_relu_backward_in_place(
+    g, x, weight, bias, mean, invstd, batch_stats, sync: StatsSync = LOCAL, count=None
+):
     """BN-ReLU backward written into ``g`` (the pool's fresh gradient), batch by batch.
 
     The transition after a dense block runs at the peak of the model's backward pass; doing the
     two reductions and the apply in place, a slice of the batch at a time, holds one
     block-sized gradient instead of three (gradient, recomputed activation, input gradient).
+    With a ``sync``, the two reductions are summed over processes and ``count`` is the global
+    batch's; low-precision ``x`` and ``g`` are then handled a slice at a time in the
+    statistics dtype (the local path gives those to ATen's kernel).
     """
     acc = mean.dtype
     gamma = torch.ones_like(mean) if weight is None else weight.to(acc)
@@ -149,22 +210,29 @@ def _bn_relu_backward_in_place(g, x, weight, bias, mean, invstd, batch_stats):
     sum_g = torch.zeros_like(mean)
     sum_gxhat = torch.zeros_like(mean)
     for xs, gs in zip(x.split(chunk), g.split(chunk)):
-        xhat = (xs - _channel(mean)).mul_(_channel(invstd))
+        xhat = (xs.to(acc) - _channel(mean)).mul_(_channel(invstd))
         positive = torch.addcmul(_channel(beta), xhat, _channel(gamma)) > 0
         gs.mul_(positive)
         del positive
-        sum_g += gs.sum(dim=(0, 2, 3))
-        sum_gxhat += (gs * xhat).sum(dim=(0, 2, 3))
+        ga = gs.to(acc)
+        sum_g += ga.sum(dim=(0, 2, 3))
+        sum_gxhat += (ga * xhat).sum(dim=(0, 2, 3))
     scale = gamma * invstd
-    if batch_stats:
-        count = x.numel() // x.shape[1]
-        mean_g, mean_gxhat = sum_g / count, sum_gxhat / count
-        for xs, gs in zip(x.split(chunk), g.split(chunk)):
-            xhat = (xs - _channel(mean)).mul_(_channel(invstd))
-            gs.sub_(_channel(mean_g)).sub_(xhat.mul_(_channel(mean_gxhat)))
-    g.mul_(_channel(scale))
+    # The parameters' gradients are this process's sums (DDP averages them), as nn.SyncBatchNorm.
     grad_w = None if weight is None else sum_gxhat.to(weight.dtype)
     grad_b = None if bias is None else sum_g.to(bias.dtype)
+    if batch_stats:
+        sum_g, sum_gxhat = sync.grad_sums(torch.stack([sum_g, sum_gxhat]))
+        count = count if count is not None else x.numel() // x.shape[1]
+        mean_g, mean_gxhat = sum_g / count, sum_gxhat / count
+    for xs, gs in zip(x.split(chunk), g.split(chunk)):
+        ga = gs.to(acc)  # gs itself unless low precision
+        if batch_stats:
+            xhat = (xs.to(acc) - _channel(mean)).mul_(_channel(invstd))
+            ga.sub_(_channel(mean_g)).sub_(xhat.mul_(_channel(mean_gxhat)))
+        ga.mul_(_channel(scale))
+        if ga is not gs:
+            gs.copy_(ga)
     return g, grad_w, grad_b
 
 
@@ -190,24 +258,36 @@ def _check_input(x: Tensor, channels: int, who: str) -> None:
         raise DenseDtypeError(f"{who} expects a floating-point input, got {x.dtype}")
 
 
-def norm_relu_pool(x: Tensor, norm: nn.BatchNorm2d, pool: str = "avg2x2") -> Tensor:
+def norm_relu_pool(
+    x: Tensor, norm: nn.BatchNorm2d, pool: str = "avg2x2", sync: StatsSync | None = None
+) -> Tensor:
     """``pool(relu(norm(x)))`` keeping only ``x`` for backward; ``norm`` behaves as if called.
 
     ``pool="avg2x2"`` is ``nn.AvgPool2d(2)``; ``pool="global"`` averages over H and W and
     returns [N, C] (the DenseNet head). Running statistics of ``norm`` are updated once, with
     ``nn.BatchNorm2d``'s semantics (momentum, ``momentum=None``, eval mode,
     ``track_running_stats=False``).
+
+    ``sync`` (the hook of synchronised BN, see ``dense_ext.sync_bn``) merges the statistics
+    across processes while ``norm`` is in training mode, as ``nn.SyncBatchNorm`` does; None
+    takes ``norm.stats_sync`` when ``norm`` has one (a ``dense_ext.sync_bn.SyncBatchNorm``),
+    so a model's fused head follows ``enable_sync_bn`` without knowing about it.
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     _check_input(x, norm.num_features, "norm_relu_pool")
     if pool == "avg2x2" and (x.shape[2] < 2 or x.shape[3] < 2):
         raise DenseInputError(f"a 2x2 pool needs H, W >= 2, got input shape {tuple(x.shape)}")
-    if (norm.training or norm.running_mean is None) and x.numel() // x.shape[1] == 1:
+    if sync is None:
+        sync = getattr(norm, "stats_sync", None) or LOCAL
+    if not norm.training:  # nn.SyncBatchNorm: no sync in evaluation, even on batch statistics
+        sync = LOCAL
+    local_batch_stats = sync is LOCAL and (norm.training or norm.running_mean is None)
+    if local_batch_stats and x.numel() // x.shape[1] == 1:  # (synced: the global count decides)
         raise DenseInputError(
             f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
         )
-    return NormReluPoolFunction.apply(x, norm.weight, norm.bias, norm_call(norm), pool)
+    return NormReluPoolFunction.apply(x, norm.weight, norm.bias, norm_call(norm), pool, sync)
 
 
 class EfficientTransition(nn.Module):
@@ -222,6 +302,10 @@ class EfficientTransition(nn.Module):
     Args:
         num_input_features: channels of the input (the dense block's output).
         num_output_features: channels after the 1x1 convolution.
+
+    Attribute ``stats_sync`` (default None), like the dense block's, may hold a
+    ``dense_ext.backends.base.StatsSync`` that combines the BN's batch statistics across
+    processes (synchronised BN, set by ``dense_ext.sync_bn.enable_sync_bn``).
     """
 
     def __init__(self, num_input_features: int, num_output_features: int) -> None:
@@ -232,6 +316,8 @@ class EfficientTransition(nn.Module):
             num_input_features, num_output_features, kernel_size=1, stride=1, bias=False
         )
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.stats_sync: StatsSync | None = None
+        keep_grad_layout(self.conv.weight)
 
     @classmethod
     def from_modules(
@@ -241,9 +327,13 @@ class EfficientTransition(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.norm, self.relu, self.conv, self.pool = norm, relu, conv, pool
+        self.stats_sync = None
+        keep_grad_layout(conv.weight)
         return self
 
     def forward(self, x: Tensor) -> Tensor:
         """[N, C_in, H, W] -> [N, C_out, H // 2, W // 2]."""
         _check_input(x, self.norm.num_features, "EfficientTransition")
-        return self.conv(norm_relu_pool(x, self.norm, "avg2x2"))
+        # The conv's weight gradient comes from ATen in the input's channels_last layout.
+        ensure_grad_layout(self.conv.weight)
+        return self.conv(norm_relu_pool(x, self.norm, "avg2x2", self.stats_sync))

@@ -197,8 +197,10 @@ class DenseNet(nn.Module):
         backend: the efficient blocks' backend (``"auto"``, ``"reference"``, ...).
 
     Attribute ``efficient_head`` (default: ``efficient``) computes the final norm5-ReLU-
-    global-average-pool as one function that saves only its input, not the normalised map.
-    Set it after ``dense_ext.convert(model)`` to get the fused head on a converted model.
+    global-average-pool as one function that saves only its input, not the normalised map
+    (``dense_ext.transition.norm_relu_pool``; synchronised when ``features.norm5`` is a
+    ``dense_ext.sync_bn.SyncBatchNorm``). Set it after ``dense_ext.convert(model)`` to get
+    the fused head on a converted model.
     """
 
     def __init__(

@@ -418,7 +418,7 @@ def _setup_model(args, bundle, info: DistInfo, precision: Precision) -> nn.Modul
         if not info.distributed:
             print("--sync-bn: one process, nothing to synchronise; batch norm stays local")
         else:
-            from dense_ext.distributed import enable_sync_bn
+            from dense_ext.sync_bn import enable_sync_bn
 
             model = enable_sync_bn(model)
     return model

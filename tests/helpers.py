@@ -119,3 +119,12 @@ def assert_same_step(actual: Step, expected: Step, tol: float, what: str = "") -
                 assert torch.equal(act[name], value), (
                     f"{prefix}{name} ({stage}): {act[name]} != {value}"
                 )
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a test's process group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -263,7 +263,7 @@ def test_convert_python_models_densenet(memory, config):
         block = model.features.get_submodule(f"denseblock{i}")
         assert isinstance(block, EfficientDenseBlock) and block.memory == memory
         assert all(layer.drop_rate == config.get("drop_rate", 0.0) for layer in block.values())
-        assert block.spec.bn_size == (4 if config.get("bn_size", 4) else 0)
+        assert block.spec.bottleneck_factor == (4 if config.get("bn_size", 4) else 0)
     assert isinstance(model.features.transition1, EfficientTransition)
     ref, got = train_step_outputs(naive, x), train_step_outputs(model, x)
     for a, b, what in zip(got, ref, ("output", "input gradient")):
@@ -307,7 +307,7 @@ def test_convert_torchvision_style_modules():
     randomize_bn(net)
     reference = copy.deepcopy(net)
     convert(net, memory="min", backend="reference")
-    assert isinstance(net.block, EfficientDenseBlock) and net.block.spec.bn_size == 2
+    assert isinstance(net.block, EfficientDenseBlock) and net.block.spec.bottleneck_factor == 2
     assert isinstance(net.trans, EfficientTransition)
     assert isinstance(net.other, nn.Sequential)
     assert [n for n, _ in net.named_children()] == ["block", "trans", "other"]
@@ -322,7 +322,7 @@ def test_convert_torchvision_style_modules():
 def test_convert_root_block_returns_new_module():
     block = NaiveDenseBlock(2, 3, 2, bn_size=None)
     new = convert(block, backend="reference")
-    assert isinstance(new, EfficientDenseBlock) and new.spec.bn_size == 0
+    assert isinstance(new, EfficientDenseBlock) and new.spec.bottleneck_factor == 0
     assert new.denselayer2.conv1 is block.denselayer2.conv1
 
 

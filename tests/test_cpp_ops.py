@@ -104,7 +104,7 @@ def block_args(device="cpu", dtype=torch.float64, bn_size=2, batch_stats=True, d
     flags = [batch_stats if batch_stats != "mixed" else bool(i % 2) for i in range(nbn)]
     sizes = []
     for layer in range(spec.num_layers):
-        sizes += [spec.in_channels(layer)] + ([spec.mid_channels] if spec.bottleneck else [])
+        sizes += [spec.in_channels(layer)] + ([spec.mid_channels] if spec.has_bottleneck else [])
     running = []  # (mean, var) per BN; empty placeholders for BNs with batch statistics
     for c, flag in zip(sizes, flags):
         if flag:
@@ -118,7 +118,8 @@ def block_args(device="cpu", dtype=torch.float64, bn_size=2, batch_stats=True, d
     eps = [1e-5] * nbn
     drops = [drop] * spec.num_layers
     seed = torch.tensor([99], dtype=torch.int64, device=device)
-    fwd = (x, params, running, eps, flags, drops, seed, spec.growth_rate, spec.bn_size, keep, True)
+    factor = spec.bottleneck_factor
+    fwd = (x, params, running, eps, flags, drops, seed, spec.growth_rate, factor, keep, True)
     return spec, fwd
 
 

@@ -292,7 +292,7 @@ def test_forward_state_matches_reference(memory):
     triton_cpu_or_skip()
     from dense_ext.spec import BlockSpec
 
-    spec = BlockSpec(L, C0, K, bn_size=4, memory=memory)
+    spec = BlockSpec(L, C0, K, bottleneck_factor=4, memory=memory)
     x, _ = inputs(torch.float64)
     params = random_params(spec, torch.float64)
     feat_r, state_r = backend_call("reference", spec, x, params)
@@ -315,7 +315,7 @@ def test_eval_forward_without_save_keeps_nothing():
     triton_cpu_or_skip()
     from dense_ext.spec import BlockSpec
 
-    spec = BlockSpec(L, C0, K, bn_size=4, memory="bottleneck")
+    spec = BlockSpec(L, C0, K, bottleneck_factor=4, memory="bottleneck")
     x, _ = inputs(torch.float32)
     params = random_params(spec, torch.float32)
     _, state = backend_call("triton", spec, x, params, save=False)
@@ -353,7 +353,7 @@ def test_epilogue_statistics_are_stable_for_large_means():
     triton_cpu_or_skip()
     from dense_ext.spec import BlockSpec
 
-    spec = BlockSpec(L, C0, K, bn_size=4)
+    spec = BlockSpec(L, C0, K, bottleneck_factor=4)
     x, _ = inputs(torch.float32)
     params = random_params(spec, torch.float32)
     for layer in range(L):
@@ -902,7 +902,7 @@ from dense_ext.spec import BlockSpec
 
 tb.TritonBackend._check = staticmethod(lambda x: None)  # CPU tensors stand in for CUDA ones
 backend = tb.get_backend()
-spec = BlockSpec(2, 8, 4, bn_size=4, memory="min")
+spec = BlockSpec(2, 8, 4, bottleneck_factor=4, memory="min")
 g = torch.Generator().manual_seed(0)
 params = [torch.rand(s, generator=g) + 0.5 if len(s) == 1 else torch.randn(s, generator=g)
           for s in spec.param_shapes()]

@@ -42,9 +42,9 @@ class ForwardState:
         stats1: ``[2, C_total]`` batch mean and biased variance of every buffer channel
             (float32, float64 for float64 buffers) when some layer's first BN uses batch
             statistics; else empty.
-        stats2: ``[L, 2, bn_size*k]`` the same for each layer's bottleneck when some second BN
-            uses batch statistics (rows of layers whose BN uses running statistics are
-            unspecified); else empty.
+        stats2: ``[L, 2, bottleneck_factor*k]`` the same for each layer's bottleneck when some
+            second BN uses batch statistics (rows of layers whose BN uses running statistics
+            are unspecified); else empty.
         bottlenecks: each layer's conv1 output (``memory="bottleneck"``), else empty.
         dropout: backend-specific information to replay the dropout masks exactly.
     """
@@ -61,7 +61,7 @@ class ForwardState:
 class StatsSync:
     """How batch statistics combine across processes; this base class is local (no sync).
 
-    Synchronised BN (``dense_ext.distributed``) overrides the three methods with collectives:
+    Synchronised BN (``dense_ext.sync_bn``) overrides the three methods with collectives:
     forward statistics become those of the global batch, and the two BN-backward reductions
     are summed over processes (parameter gradients stay local, as in ``nn.SyncBatchNorm``).
     """
@@ -136,7 +136,7 @@ class BlockCall:
     @property
     def stats2_needed(self) -> bool:
         """Whether some bottleneck BN normalises with batch statistics."""
-        return self.spec.bottleneck and any(
+        return self.spec.has_bottleneck and any(
             self.bn2(layer).batch_stats for layer in range(self.spec.num_layers)
         )
 

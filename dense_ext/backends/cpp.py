@@ -174,8 +174,8 @@ class CppBackend(Backend):
             [float(p) for p in call.drop_rates],
             seed,
             spec.growth_rate,
-            spec.bn_size,
-            spec.keeps_bottleneck,
+            spec.bottleneck_factor,
+            spec.saves_bottleneck_outputs,
             call.save,
         )
         dropout = seed if call.dropout else None
@@ -197,7 +197,7 @@ class CppBackend(Backend):
             [float(p) for p in call.drop_rates],
             seed,
             spec.growth_rate,
-            spec.bn_size,
+            spec.bottleneck_factor,
         )
         return unflatten_grads(bn_grads, weight_grads, params)
 

@@ -147,7 +147,7 @@ class ReferenceBackend(Backend):
     def _layer_forward(self, feat, lv: LayerView, call: BlockCall, state: ForwardState):
         p = lv.params
         z1 = bn_relu(feat[:, : lv.c_in], lv.mean1, lv.invstd1, p[0], p[1])
-        if not call.spec.bottleneck:
+        if not call.spec.has_bottleneck:
             return F.conv2d(z1, p[2], padding=1)
         y1 = F.conv2d(z1, p[2])
         del z1
@@ -155,7 +155,7 @@ class ReferenceBackend(Backend):
             mean2, var2 = channel_stats(y1, state.stats2.dtype, call.sync)
             state.stats2[lv.layer, 0] = mean2
             state.stats2[lv.layer, 1] = var2
-        if call.save and call.spec.keeps_bottleneck:
+        if call.save and call.spec.saves_bottleneck_outputs:
             state.bottlenecks.append(y1)
         z2 = bn_relu(y1, *lv.bn2(), p[3], p[4])
         return F.conv2d(z2, p[5], padding=1)
@@ -186,8 +186,11 @@ class ReferenceBackend(Backend):
         p = lv.params
         z1 = bn_relu(prefix, lv.mean1, lv.invstd1, p[0], p[1])
         tail: list[Tensor] = []
-        if spec.bottleneck:
-            y1 = state.bottlenecks[lv.layer] if spec.keeps_bottleneck else F.conv2d(z1, p[2])
+        if spec.has_bottleneck:
+            if spec.saves_bottleneck_outputs:
+                y1 = state.bottlenecks[lv.layer]
+            else:
+                y1 = F.conv2d(z1, p[2])
             mean2, invstd2 = lv.bn2()
             z2 = bn_relu(y1, mean2, invstd2, p[3], p[4])
             grad_z2, grad_w2 = conv_backward(grad_new, z2, p[5], padding=1)

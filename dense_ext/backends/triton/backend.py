@@ -169,9 +169,9 @@ class TritonBackend(Backend):
             )
         drop = dropout.new_dropout(rates, dev)
         state.dropout = None if drop is None else drop.seeds
-        keep = save and spec.keeps_bottleneck
+        keep = save and spec.saves_bottleneck_outputs
         scratch = None
-        if spec.bottleneck and not keep:
+        if spec.has_bottleneck and not keep:
             scratch = torch.empty((m, spec.mid_channels), dtype=x.dtype, device=dev)
         mid, c_total = spec.mid_channels, spec.num_features
         geometry = {"height": h, "width": w}
@@ -187,7 +187,7 @@ class TritonBackend(Backend):
             }
             seeds = state.dropout if rates[index] > 0 else None
             stats1 = state.stats1 if call.stats1_needed else None
-            if not spec.bottleneck:
+            if not spec.has_bottleneck:
                 ops.fwd(
                     feat, *layer.bn1, layer.w1, feat, stats1, seeds, x_col=0, c_in=c_in,
                     **new, **geometry,
@@ -226,9 +226,9 @@ class TritonBackend(Backend):
         k, mid = spec.growth_rate, spec.mid_channels
         geometry = {"height": h, "width": w}
         grad_y1 = y1_scratch = None
-        if spec.bottleneck:
+        if spec.has_bottleneck:
             grad_y1 = torch.empty((m, mid), dtype=dtype, device=dev)
-            if not spec.keeps_bottleneck:
+            if not spec.saves_bottleneck_outputs:
                 y1_scratch = torch.empty((m, mid), dtype=dtype, device=dev)
         for index in reversed(range(spec.num_layers)):
             layer = self._layer(index, params, call, state, dtype, fresh=False)
@@ -243,8 +243,8 @@ class TritonBackend(Backend):
                 "batch_stats": layer.lv.norm1.batch_stats,
                 "accumulate": True,
             }
-            if spec.bottleneck:
-                if spec.keeps_bottleneck:
+            if spec.has_bottleneck:
+                if spec.saves_bottleneck_outputs:
                     y1 = state.bottlenecks[index]
                 else:
                     y1 = y1_scratch

@@ -9,11 +9,11 @@ is one small collective per BN per pass, as with ``nn.SyncBatchNorm``.
 (stem, transitions, final norm). It is written here, on the same ``StatsSync``, because the
 stock ``nn.SyncBatchNorm`` refuses CPU tensors, and CPU (gloo) is where we test.
 
-``enable_sync_bn(model)`` wires both into a model in place. The fused transition
-(``EfficientTransition``) and head normalise with ``native_batch_norm`` and have no sync
-hook, so under sync BN a transition becomes a ``SyncTransition`` (the same modules and
-math, unfused: it keeps its normalised map for backward) and a model's fused head
-(``efficient_head``) is switched off.
+``enable_sync_bn(model)`` wires both into a model in place. The fused transitions
+(``EfficientTransition``) take the same hook as the blocks, and the fused head function
+(``dense_ext.transition.norm_relu_pool``) takes it from its BN once that is a
+``SyncBatchNorm``: under sync BN a model keeps every fused module, and each process holds the
+activation memory of a single-process run on its share of the batch.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from dense_ext.backends import get_backend
 from dense_ext.backends.base import LOCAL, StatsSync, stats_dtype
 from dense_ext.block import EfficientDenseBlock
-from dense_ext.transition import EfficientTransition
+from dense_ext.norm import fold_running_stats, norm_call
 
 
 class DistributedStatsSync(StatsSync):
@@ -144,9 +144,10 @@ class SyncBatchNorm(_BatchNorm):
     """Batch norm over the global batch of all processes, on CPU and CUDA.
 
     Same parameters and buffers as ``nn.BatchNorm2d`` (state_dicts move between them).
-    Training (or no running statistics) uses statistics merged by ``stats_sync``; the
-    running statistics are updated like ``nn.BatchNorm2d``'s with the global count for the
-    unbiased variance. Evaluation with running statistics is the plain ``F.batch_norm``.
+    Training uses statistics merged by ``stats_sync``; the running statistics are updated
+    like ``nn.BatchNorm2d``'s with the global count for the unbiased variance. Evaluation is
+    the plain, local ``F.batch_norm`` (on running statistics, or on this process's batch
+    when there are none), as in ``nn.SyncBatchNorm``.
     """
 
     def __init__(self, num_features: int, stats_sync: StatsSync = LOCAL, **kwargs) -> None:
@@ -159,13 +160,17 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        if not (self.training or self.running_mean is None):
+        if not self.training:
             return super().forward(x)
+        call = norm_call(self)
         weight, bias = self._affine(x)
         y, mean, var = _SyncBatchNormFunction.apply(x, weight, bias, self.eps, self.stats_sync)
-        if self.training and self.track_running_stats:
-            count = self.stats_sync.world_count(x.numel() // x.shape[1])
-            self._update_running(mean, var, count)
+        count = self.stats_sync.world_count(x.numel() // x.shape[1])
+        if count < 2:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got {count} in all"
+            )
+        fold_running_stats(call, mean, var, count)
         return y
 
     def _affine(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -173,20 +178,6 @@ class SyncBatchNorm(_BatchNorm):
             return self.weight, self.bias
         ones = torch.ones(self.num_features, device=x.device)
         return ones, torch.zeros_like(ones)
-
-    @torch.no_grad()
-    def _update_running(self, mean: Tensor, var: Tensor, count: int) -> None:
-        if count < 2:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got {count} in all"
-            )
-        self.num_batches_tracked.add_(1)
-        factor = self.momentum
-        if factor is None:  # cumulative moving average, as nn.BatchNorm2d
-            factor = 1.0 / float(self.num_batches_tracked)
-        unbiased = var * (count / (count - 1))
-        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
-        self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
 
     @classmethod
     def from_batch_norm(cls, bn: _BatchNorm, stats_sync: StatsSync) -> SyncBatchNorm:
@@ -206,69 +197,40 @@ class SyncBatchNorm(_BatchNorm):
         return new
 
 
-class SyncTransition(nn.Module):
-    """``conv(pool(relu(norm(x))))`` with a ``SyncBatchNorm``: the sync-BN EfficientTransition.
-
-    Same submodules and keys (``norm``, ``relu``, ``conv``, ``pool``) and the same
-    pool-before-conv order as ``EfficientTransition``, but built from ordinary modules, so
-    autograd keeps the normalised map (one block output's worth of memory per transition).
-    """
-
-    def __init__(
-        self, norm: SyncBatchNorm, relu: nn.Module, conv: nn.Conv2d, pool: nn.Module
-    ) -> None:
-        super().__init__()
-        self.norm, self.relu, self.conv, self.pool = norm, relu, conv, pool
-
-    @classmethod
-    def from_transition(cls, t: EfficientTransition, stats_sync: StatsSync) -> SyncTransition:
-        """A SyncTransition sharing ``t``'s parameters and buffers."""
-        return cls(SyncBatchNorm.from_batch_norm(t.norm, stats_sync), t.relu, t.conv, t.pool)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[N, C_in, H, W] -> [N, C_out, H // 2, W // 2]."""
-        return self.conv(self.pool(self.relu(self.norm(x))))
-
-
 def enable_sync_bn(model: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
     """Make every batch norm of ``model`` synchronised over ``process_group``, in place.
 
-    Efficient dense blocks (and any module with a ``stats_sync`` attribute, such as a fused
-    transition) get a ``DistributedStatsSync``; their BNs stay as they are, since the block
-    does the normalisation itself. Every other ``BatchNorm*d`` is replaced by a
-    ``SyncBatchNorm`` that shares its parameters and buffers, an ``EfficientTransition`` by a
-    ``SyncTransition``, and a module's ``efficient_head`` flag is set to False (the fused head
-    has no sync hook; the unfused one runs ``features.norm5`` as a module). A block whose backend is
-    ``"auto"`` but resolves to one without sync support is switched to ``"reference"``; a
-    block with such a backend named explicitly raises ``ValueError``. Returns ``model``.
+    Efficient dense blocks and fused transitions (any module with a ``stats_sync``
+    attribute) get a ``DistributedStatsSync``; their BNs stay as they are, since those modules
+    normalise themselves. Every other ``BatchNorm*d`` is replaced by a ``SyncBatchNorm`` that
+    shares its parameters and buffers; a fused head that normalises with such a BN
+    (``norm_relu_pool``) follows it. A block whose backend is ``"auto"`` but resolves to one
+    without sync support is switched to ``"reference"``; a block with such a backend named
+    explicitly raises ``ValueError``. Returns ``model``.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "enable_sync_bn needs an initialised torch.distributed process group "
             "(torch.distributed.init_process_group, e.g. under torchrun)"
         )
-    sync = DistributedStatsSync(process_group)
-    if isinstance(model, _BatchNorm):
-        return SyncBatchNorm.from_batch_norm(model, sync)
-    _convert(model, sync)
-    return model
+    return _convert(model, DistributedStatsSync(process_group), "model")
 
 
-def _convert(module: nn.Module, sync: StatsSync) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, EfficientDenseBlock):
-            _check_block_backend(child, name)
-            child.stats_sync = sync
-        elif hasattr(child, "stats_sync"):
-            child.stats_sync = sync
-        elif isinstance(child, EfficientTransition):
-            setattr(module, name, SyncTransition.from_transition(child, sync))
-        elif isinstance(child, _BatchNorm) and not isinstance(child, SyncBatchNorm):
-            setattr(module, name, SyncBatchNorm.from_batch_norm(child, sync))
-        else:
-            _convert(child, sync)
-    if getattr(module, "efficient_head", False):
-        module.efficient_head = False
+def _convert(module: nn.Module, sync: StatsSync, name: str) -> nn.Module:
+    """``module`` synchronised: the same module with its hook set, a new ``SyncBatchNorm``
+    for a plain BN, or the same module with its children converted."""
+    if isinstance(module, EfficientDenseBlock):
+        _check_block_backend(module, name)
+    if hasattr(module, "stats_sync"):  # a block, a fused transition, a SyncBatchNorm
+        module.stats_sync = sync
+    elif isinstance(module, _BatchNorm):
+        return SyncBatchNorm.from_batch_norm(module, sync)
+    else:
+        for child_name, child in module.named_children():
+            new = _convert(child, sync, child_name)
+            if new is not child:
+                setattr(module, child_name, new)
+    return module
 
 
 def _check_block_backend(block: EfficientDenseBlock, name: str) -> None:
