@@ -11,8 +11,11 @@ Switches (environment variables):
   them.
 * ``CUDA_HOME``: the CUDA toolkit; default: the one whose ``nvcc`` is on ``PATH``, else
   /usr/local/cuda.
-* ``TORCH_CUDA_ARCH_LIST``: architectures (default ``8.0;9.0``). The CUDA headers pip installs
-  with torch (``nvidia/cu*/include``) are added to the include path.
+* ``TORCH_CUDA_ARCH_LIST``: architectures (default ``8.0;9.0+PTX``: SASS for A100 and H100,
+  and PTX of the newest, which the driver JIT-compiles on any later GPU). The list is compiled
+  into the extension (``_C.cuda_sass``, ``_C.cuda_ptx``) so that the ``cpp`` backend can tell
+  whether the GPU at hand can run it. The CUDA headers pip installs with torch
+  (``nvidia/cu*/include``) are added to the include path.
 
 OpenMP (``-fopenmp``) is used on Linux only: Apple's clang has no ``-fopenmp``; the CPU
 kernels then run single-threaded loops inside ATen's thread pool.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import site
 import sys
@@ -77,6 +81,22 @@ def _pip_cuda_includes(torch) -> list[str]:
     return sorted(set(dirs))
 
 
+def _arch_macros() -> list[tuple[str, str]]:
+    """DENSE_EXT_CUDA_SASS / _PTX ("80_90" / "90") from TORCH_CUDA_ARCH_LIST, for the runtime
+    check of the device; none when an entry is not numeric (e.g. "Hopper"): then unknown."""
+    sass, ptx = [], []
+    for entry in re.split(r"[;\s]+", os.environ["TORCH_CUDA_ARCH_LIST"].strip()):
+        m = re.fullmatch(r"(\d+)\.(\d+)(\+PTX)?", entry)
+        if m is None:
+            return []
+        cc = str(int(m.group(1)) * 10 + int(m.group(2)))
+        sass.append(cc)
+        if m.group(3):
+            ptx.append(cc)
+    # "_"-separated: nvcc splits -D values at commas.
+    return [("DENSE_EXT_CUDA_SASS", "_".join(sass)), ("DENSE_EXT_CUDA_PTX", "_".join(ptx))]
+
+
 def _rel(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
@@ -87,7 +107,7 @@ def extensions(platform: str = sys.platform) -> list:
         return []
     # torch.utils.cpp_extension reads both variables when it is imported.
     os.environ.setdefault("CUDA_HOME", default_cuda_home())
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     import torch
     from torch.utils import cpp_extension
 
@@ -100,7 +120,7 @@ def extensions(platform: str = sys.platform) -> list:
     if _want_cuda(torch):
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         kwargs["include_dirs"] = _pip_cuda_includes(torch)
-        kwargs["define_macros"] = [("DENSE_EXT_WITH_CUDA", None)]
+        kwargs["define_macros"] = [("DENSE_EXT_WITH_CUDA", None), *_arch_macros()]
         sources += _rel("csrc/cuda/*.cu")
         return [cpp_extension.CUDAExtension("dense_ext._C", sources, **kwargs)]
     return [cpp_extension.CppExtension("dense_ext._C", sources, **kwargs)]

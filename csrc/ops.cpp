@@ -7,10 +7,23 @@
 #include <Python.h>
 #include <torch/library.h>
 
+// The CUDA architectures the build embedded (setup.py passes them from TORCH_CUDA_ARCH_LIST):
+// SASS for each of DENSE_EXT_CUDA_SASS, PTX for each of DENSE_EXT_CUDA_PTX, as "_"-separated
+// compute capabilities times ten (80_90, one preprocessing number). Empty when unknown or built
+// without CUDA.
+#define DENSE_EXT_STRINGIFY(x) #x
+#define DENSE_EXT_STRING(x) DENSE_EXT_STRINGIFY(x)
+#ifndef DENSE_EXT_CUDA_SASS
+#define DENSE_EXT_CUDA_SASS
+#endif
+#ifndef DENSE_EXT_CUDA_PTX
+#define DENSE_EXT_CUDA_PTX
+#endif
+
 extern "C" {
 // `import dense_ext._C` loads this library, which runs the registrations below. No Python
 // functions are exported: the ops are reached through torch.ops.dense_ext. `with_cuda` says
-// whether the CUDA kernels were compiled in.
+// whether the CUDA kernels were compiled in, `cuda_sass` and `cuda_ptx` for which GPUs.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
@@ -19,7 +32,11 @@ PyObject* PyInit__C(void) {
 #else
   const long with_cuda = 0;
 #endif
-  if (module != nullptr && PyModule_AddIntConstant(module, "with_cuda", with_cuda) != 0) {
+  if (module != nullptr &&
+      (PyModule_AddIntConstant(module, "with_cuda", with_cuda) != 0 ||
+       PyModule_AddStringConstant(module, "cuda_sass", DENSE_EXT_STRING(DENSE_EXT_CUDA_SASS)) !=
+           0 ||
+       PyModule_AddStringConstant(module, "cuda_ptx", DENSE_EXT_STRING(DENSE_EXT_CUDA_PTX)) != 0)) {
     Py_DECREF(module);
     return nullptr;
   }
@@ -42,23 +59,26 @@ TORCH_LIBRARY(dense_ext, m) {
       "bn_relu_backward(Tensor grad_z, Tensor x, Tensor mean, Tensor var, Tensor gamma, "
       "Tensor beta, float eps, bool batch_stats, bool accumulate, Tensor(a!) grad_x, "
       "Tensor(b!) grad_gamma, Tensor(c!) grad_beta) -> ()");
-  // The chunked form of bn_relu_backward, for a backward that visits the rows in chunks:
-  // bn_relu_grad_acc adds gamma*invstd*g to grad_x and the chunk's sums of g and g*xhat to
-  // sums ([2, C]); once every chunk is in, bn_grad_correct subtracts
-  // gamma*invstd*(mean(g) + xhat*mean(g*xhat)) (means = sums / count) from every row.
+  // bn_relu_backward in two phases, for a backward that visits the rows in chunks. Reduce (per
+  // chunk): grad_x += gamma*invstd*g and sums ([2, C]) += the chunk's sums of g and g*xhat.
+  // Apply (once every chunk is in): grad_x -= gamma*invstd*(mean(g) + xhat*mean(g*xhat)) on
+  // every row, means = sums / count.
   m.def(
-      "bn_relu_grad_acc(Tensor grad_z, Tensor x, Tensor mean, Tensor var, Tensor gamma, "
+      "bn_relu_backward_reduce(Tensor grad_z, Tensor x, Tensor mean, Tensor var, Tensor gamma, "
       "Tensor beta, float eps, Tensor(a!) grad_x, Tensor(b!) sums) -> ()");
   m.def(
-      "bn_grad_correct(Tensor x, Tensor mean, Tensor var, Tensor gamma, Tensor beta, "
+      "bn_relu_backward_apply(Tensor x, Tensor mean, Tensor var, Tensor gamma, Tensor beta, "
       "float eps, Tensor sums, int count, Tensor(a!) grad_x) -> ()");
   // dst = src * mask / (1 - p), mask a pure function of (seed, key, element index): the same
-  // call on the output gradient replays the forward mask. p = 0 copies.
-  m.def("dropout_store(Tensor src, float p, int seed, int key, Tensor(a!) dst) -> ()");
+  // call on the output gradient replays the forward mask. seed is a one-element int64 tensor on
+  // src's device that the kernel reads itself (no host sync), so a CUDA graph that redraws it
+  // (torch.randint inside the graph) draws a new mask on every replay. p = 0 copies.
+  m.def("dropout_store(Tensor src, float p, Tensor seed, int key, Tensor(a!) dst) -> ()");
   // The whole block forward: returns (feat, stats1, stats2, bottlenecks). Per BN (parameter
   // order): eps, batch_stats (normalise with batch statistics, else with running (mean, var),
   // which are empty placeholders for batch-statistics BNs); per layer: drop_rates. seed: a
-  // one-element int64 tensor, drawn per forward, from which every dropout mask derives.
+  // one-element int64 tensor on x's device, drawn per forward, from which every dropout mask
+  // derives (read by the dropout kernels, never by the host).
   m.def(
       "block_forward(Tensor x, Tensor[] params, Tensor[] running, float[] eps, "
       "bool[] batch_stats, float[] drop_rates, Tensor seed, int growth_rate, int bn_size, "

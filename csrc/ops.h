@@ -20,13 +20,15 @@ using BnReluBackwardFn = void(const at::Tensor& grad_z, const at::Tensor& x, con
                               const at::Tensor& beta, double eps, bool batch_stats, bool accumulate,
                               const at::Tensor& grad_x, const at::Tensor& grad_gamma,
                               const at::Tensor& grad_beta);
-using BnReluGradAccFn = void(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& mean,
-                             const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta,
-                             double eps, const at::Tensor& grad_x, const at::Tensor& sums);
-using BnGradCorrectFn = void(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
-                             const at::Tensor& gamma, const at::Tensor& beta, double eps,
-                             const at::Tensor& sums, int64_t count, const at::Tensor& grad_x);
-using DropoutStoreFn = void(const at::Tensor& src, double p, int64_t seed, int64_t key,
+using BnReluBackwardReduceFn = void(const at::Tensor& grad_z, const at::Tensor& x,
+                                    const at::Tensor& mean, const at::Tensor& var,
+                                    const at::Tensor& gamma, const at::Tensor& beta, double eps,
+                                    const at::Tensor& grad_x, const at::Tensor& sums);
+using BnReluBackwardApplyFn = void(const at::Tensor& x, const at::Tensor& mean,
+                                   const at::Tensor& var, const at::Tensor& gamma,
+                                   const at::Tensor& beta, double eps, const at::Tensor& sums,
+                                   int64_t count, const at::Tensor& grad_x);
+using DropoutStoreFn = void(const at::Tensor& src, double p, const at::Tensor& seed, int64_t key,
                             const at::Tensor& dst);
 
 // Block drivers (block.cpp): device-generic, registered for CPU there and for CUDA in

@@ -1,23 +1,33 @@
-// CPU kernels of the per-channel ops, parallelised over rows with at::parallel_for. The math is
-// in kernels/math.cuh, shared with the CUDA kernels.
+// CPU kernels of the per-channel ops, parallelised over rows with at::parallel_for. Argument
+// checks are in common/checks.h, the arithmetic in common/math.cuh (shared with the CUDA
+// kernels); this file only walks the rows.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
 
-#include "../kernels/math.cuh"
-#include "../layout.h"
+#include "../common/checks.h"
+#include "../common/math.cuh"
 #include "../ops.h"
 
 namespace dense_ext {
 namespace {
 
-// Rows per statistics tile: small enough that tiles feed both cores, large enough that the
-// per-tile partials are few.
+// Rows per reduction tile: small enough that tiles feed both cores, large enough that the
+// per-tile partials are few. Tiles are merged in tile order, so results are deterministic.
 constexpr int64_t kTileRows = 256;
 
+int64_t num_tiles(int64_t rows) { return (rows + kTileRows - 1) / kTileRows; }
+
+// Rows per parallel_for grain of the elementwise passes: about 32K elements.
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+
+#define DENSE_EXT_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// ---------------------------------------------------------------------------------------------
+// channel_stats
 
 template <typename scalar_t>
 void channel_stats_impl(const at::Tensor& x, const RowsView& v, const at::Tensor& stats,
@@ -25,9 +35,10 @@ void channel_stats_impl(const at::Tensor& x, const RowsView& v, const at::Tensor
   using acc = acc_t<scalar_t>;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const int64_t C = v.cols, ld = v.ld, M = v.rows;
-  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+  const int64_t tiles = num_tiles(M);
   std::vector<acc> mean(tiles * C), m2(tiles * C), shift(C);
-  // Welford runs on x - shift, shift = the channel's first value (see stats_shift in math.cuh).
+  // Welford runs on x - shift, shift = the channel's first value ("Shifted statistics" in
+  // common/math.cuh).
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc>(xp[c]);
   const acc* sh = shift.data();
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
@@ -59,12 +70,15 @@ void channel_stats_impl(const at::Tensor& x, const RowsView& v, const at::Tensor
 }
 
 void channel_stats_cpu(const at::Tensor& x, const at::Tensor& stats, int64_t lo) {
-  RowsView v = check_channel_stats(x, stats, lo);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_stats",
-                                  [&] { channel_stats_impl<scalar_t>(x, v, stats, lo); });
+  const RowsView v = check_channel_stats(x, stats, lo);
+  if (v.empty()) return;
+  DENSE_EXT_DISPATCH(x.scalar_type(), "channel_stats",
+                     [&] { channel_stats_impl<scalar_t>(x, v, stats, lo); });
 }
 
-// Per-channel constants of a BN: mean, scale = gamma * invstd, beta, invstd.
+// ---------------------------------------------------------------------------------------------
+// Per-channel constants of a BN: mean, scale = gamma * invstd, beta, invstd; computed once per
+// call, not per element.
 template <typename acc>
 struct BnConsts {
   std::vector<acc> mean, scale, beta, invstd;
@@ -83,18 +97,21 @@ struct BnConsts {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// bn_relu
+
 template <typename scalar_t>
-void bn_relu_impl(const at::Tensor& x, const RowsView& vx, const BnConsts<acc_t<scalar_t>>& k,
-                  const at::Tensor& out, const RowsView& vo) {
+void bn_relu_impl(const at::Tensor& x, const at::Tensor& out, const BnReluViews& v,
+                  const BnConsts<acc_t<scalar_t>>& k) {
   using acc = acc_t<scalar_t>;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t C = vx.cols;
+  const int64_t C = v.x.cols;
   const acc *mean = k.mean.data(), *scale = k.scale.data(), *beta = k.beta.data();
-  at::parallel_for(0, vx.rows, row_grain(C), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, v.x.rows, row_grain(C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* xr = xp + r * vx.ld;
-      scalar_t* orow = op + r * vo.ld;
+      const scalar_t* xr = xp + r * v.x.ld;
+      scalar_t* orow = op + r * v.out.ld;
       for (int64_t c = 0; c < C; ++c) {
         orow[c] = static_cast<scalar_t>(
             relu(bn_pre(static_cast<acc>(xr[c]), mean[c], scale[c], beta[c])));
@@ -106,32 +123,32 @@ void bn_relu_impl(const at::Tensor& x, const RowsView& vx, const BnConsts<acc_t<
 void bn_relu_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                  const at::Tensor& gamma, const at::Tensor& beta, double eps,
                  const at::Tensor& out) {
-  check_floating(x, "x");
-  RowsView vx = rows_view(x, "x");
-  RowsView vo = rows_view(out, "out");
-  check_same(out, "out", x, "x");
-  check_bn_params(x, mean, var, gamma, beta, vx.cols);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu", [&] {
+  const BnReluViews v = check_bn_relu(x, mean, var, gamma, beta, out);
+  if (v.x.empty()) return;
+  DENSE_EXT_DISPATCH(x.scalar_type(), "bn_relu", [&] {
     BnConsts<acc_t<scalar_t>> k(mean, var, gamma, beta, eps);
-    bn_relu_impl<scalar_t>(x, vx, k, out, vo);
+    bn_relu_impl<scalar_t>(x, out, v, k);
   });
 }
 
-template <typename scalar_t>
-void bn_relu_backward_impl(const at::Tensor& grad_z, const RowsView& vg, const at::Tensor& x,
-                           const RowsView& vx, const BnConsts<acc_t<scalar_t>>& k, bool batch_stats,
-                           bool accumulate, const at::Tensor& grad_x, const RowsView& vd,
-                           const at::Tensor& grad_gamma, const at::Tensor& grad_beta) {
+// ---------------------------------------------------------------------------------------------
+// BN backward. The reduce phase sums g = relu_grad(grad_z) and g * xhat per channel over all
+// rows (per-tile partials merged in tile order); with kAddScaledGrad it also adds scale * g to
+// grad_x on the way (bn_relu_backward_reduce: the fixed-statistics part of dx, before the sums
+// are complete). The apply phase adds the batch-mean terms once the sums are known.
+
+template <typename scalar_t, bool kAddScaledGrad>
+void bn_backward_reduce(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& grad_x,
+                        const BnBackwardViews& v, const BnConsts<acc_t<scalar_t>>& k,
+                        acc_t<scalar_t>* sum_g, acc_t<scalar_t>* sum_gxhat) {
   using acc = acc_t<scalar_t>;
   const scalar_t* gp = grad_z.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  scalar_t* dp = grad_x.data_ptr<scalar_t>();
-  const int64_t C = vx.cols, M = vx.rows;
+  scalar_t* dp = kAddScaledGrad ? grad_x.data_ptr<scalar_t>() : nullptr;
+  const int64_t C = v.x.cols, M = v.x.rows;
   const acc *mean = k.mean.data(), *scale = k.scale.data(), *beta = k.beta.data();
   const acc* invstd = k.invstd.data();
-
-  // Pass 1: per-tile sums of g and g*xhat, merged in tile order (deterministic).
-  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+  const int64_t tiles = num_tiles(M);
   std::vector<acc> sg(tiles * C), sgx(tiles * C);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -140,41 +157,53 @@ void bn_relu_backward_impl(const at::Tensor& grad_z, const RowsView& vg, const a
       for (int64_t c = 0; c < C; ++c) a[c] = b[c] = acc(0);
       const int64_t r1 = std::min(M, (t + 1) * kTileRows);
       for (int64_t r = t * kTileRows; r < r1; ++r) {
-        const scalar_t* xr = xp + r * vx.ld;
-        const scalar_t* gr = gp + r * vg.ld;
+        const scalar_t* xr = xp + r * v.x.ld;
+        const scalar_t* gr = gp + r * v.grad_z.ld;
         for (int64_t c = 0; c < C; ++c) {
           const acc xv = static_cast<acc>(xr[c]);
           const acc g = relu_grad(static_cast<acc>(gr[c]), bn_pre(xv, mean[c], scale[c], beta[c]));
           a[c] += g;
           b[c] += g * ((xv - mean[c]) * invstd[c]);
+          if constexpr (kAddScaledGrad) {
+            scalar_t* d = dp + r * v.grad_x.ld + c;
+            const acc dx = bn_grad_input(g, acc(0), scale[c], acc(0), acc(0), false);
+            *d = static_cast<scalar_t>(static_cast<acc>(*d) + dx);
+          }
         }
       }
     }
   });
-  acc* dgamma = grad_gamma.data_ptr<acc>();
-  acc* dbeta = grad_beta.data_ptr<acc>();
-  std::vector<acc> mean_g(C), mean_gx(C);
   for (int64_t c = 0; c < C; ++c) {
     acc a = 0, b = 0;
     for (int64_t t = 0; t < tiles; ++t) a += sg[t * C + c], b += sgx[t * C + c];
-    dbeta[c] = a;
-    dgamma[c] = b;
-    mean_g[c] = a / acc(M);
-    mean_gx[c] = b / acc(M);
+    sum_g[c] = a;
+    sum_gxhat[c] = b;
   }
+}
 
-  // Pass 2: dx, written or accumulated.
-  const acc *mg = mean_g.data(), *mgx = mean_gx.data();
-  at::parallel_for(0, M, row_grain(C), [&](int64_t r0, int64_t r1) {
+// dx of every element from the complete means of g and g*xhat: written, or accumulated.
+template <typename scalar_t>
+void bn_backward_input(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& grad_x,
+                       const BnBackwardViews& v, const BnConsts<acc_t<scalar_t>>& k,
+                       const acc_t<scalar_t>* mean_g, const acc_t<scalar_t>* mean_gxhat,
+                       bool batch_stats, bool accumulate) {
+  using acc = acc_t<scalar_t>;
+  const scalar_t* gp = grad_z.const_data_ptr<scalar_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* dp = grad_x.data_ptr<scalar_t>();
+  const int64_t C = v.x.cols;
+  const acc *mean = k.mean.data(), *scale = k.scale.data(), *beta = k.beta.data();
+  const acc* invstd = k.invstd.data();
+  at::parallel_for(0, v.x.rows, row_grain(C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* xr = xp + r * vx.ld;
-      const scalar_t* gr = gp + r * vg.ld;
-      scalar_t* dr = dp + r * vd.ld;
+      const scalar_t* xr = xp + r * v.x.ld;
+      const scalar_t* gr = gp + r * v.grad_z.ld;
+      scalar_t* dr = dp + r * v.grad_x.ld;
       for (int64_t c = 0; c < C; ++c) {
         const acc xv = static_cast<acc>(xr[c]);
         const acc g = relu_grad(static_cast<acc>(gr[c]), bn_pre(xv, mean[c], scale[c], beta[c]));
         const acc xhat = (xv - mean[c]) * invstd[c];
-        acc dx = bn_grad_input(g, xhat, scale[c], mg[c], mgx[c], batch_stats);
+        acc dx = bn_grad_input(g, xhat, scale[c], mean_g[c], mean_gxhat[c], batch_stats);
         if (accumulate) dx += static_cast<acc>(dr[c]);
         dr[c] = static_cast<scalar_t>(dx);
       }
@@ -186,148 +215,111 @@ void bn_relu_backward_cpu(const at::Tensor& grad_z, const at::Tensor& x, const a
                           const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta,
                           double eps, bool batch_stats, bool accumulate, const at::Tensor& grad_x,
                           const at::Tensor& grad_gamma, const at::Tensor& grad_beta) {
-  check_floating(x, "x");
-  RowsView vx = rows_view(x, "x");
-  RowsView vg = rows_view(grad_z, "grad_z");
-  RowsView vd = rows_view(grad_x, "grad_x");
-  check_same(grad_z, "grad_z", x, "x");
-  check_same(grad_x, "grad_x", x, "x");
-  check_bn_params(x, mean, var, gamma, beta, vx.cols);
-  auto acc = acc_dtype(x.scalar_type());
-  check_vector(grad_gamma, "grad_gamma", vx.cols, acc, x);
-  check_vector(grad_beta, "grad_beta", vx.cols, acc, x);
-  TORCH_CHECK(vx.rows > 0, "dense_ext: x has no rows (N*H*W == 0)");
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward", [&] {
-        BnConsts<acc_t<scalar_t>> k(mean, var, gamma, beta, eps);
-        bn_relu_backward_impl<scalar_t>(grad_z, vg, x, vx, k, batch_stats, accumulate, grad_x, vd,
-                                        grad_gamma, grad_beta);
-      });
+  const BnBackwardViews v =
+      check_bn_relu_backward(grad_z, x, mean, var, gamma, beta, grad_x, grad_gamma, grad_beta);
+  if (v.empty()) {  // sums over no rows are zero; dx has no elements
+    grad_gamma.zero_();
+    grad_beta.zero_();
+    return;
+  }
+  DENSE_EXT_DISPATCH(x.scalar_type(), "bn_relu_backward", [&] {
+    using acc = acc_t<scalar_t>;
+    BnConsts<acc> k(mean, var, gamma, beta, eps);
+    acc* dbeta = grad_beta.data_ptr<acc>();
+    acc* dgamma = grad_gamma.data_ptr<acc>();
+    bn_backward_reduce<scalar_t, false>(grad_z, x, grad_x, v, k, dbeta, dgamma);
+    const int64_t C = v.x.cols;
+    const acc m = acc(v.x.rows);
+    std::vector<acc> mean_g(C), mean_gxhat(C);
+    for (int64_t c = 0; c < C; ++c) mean_g[c] = dbeta[c] / m, mean_gxhat[c] = dgamma[c] / m;
+    bn_backward_input<scalar_t>(grad_z, x, grad_x, v, k, mean_g.data(), mean_gxhat.data(),
+                                batch_stats, accumulate);
+  });
 }
 
-template <typename scalar_t>
-void bn_relu_grad_acc_impl(const at::Tensor& grad_z, const at::Tensor& x,
-                           const BnConsts<acc_t<scalar_t>>& k, const at::Tensor& grad_x,
-                           const at::Tensor& sums) {
-  using acc = acc_t<scalar_t>;
-  const RowsView vg = rows_view(grad_z, "grad_z"), vx = rows_view(x, "x");
-  const RowsView vd = rows_view(grad_x, "grad_x");
-  const scalar_t* gp = grad_z.const_data_ptr<scalar_t>();
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  scalar_t* dp = grad_x.data_ptr<scalar_t>();
-  const int64_t C = vx.cols, M = vx.rows;
-  const acc *mean = k.mean.data(), *scale = k.scale.data(), *beta = k.beta.data();
-  const acc* invstd = k.invstd.data();
-  // One pass: per-tile sums of g and g*xhat, and grad_x += scale * g.
-  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
-  std::vector<acc> sg(tiles * C), sgx(tiles * C);
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      acc* a = sg.data() + t * C;
-      acc* b = sgx.data() + t * C;
-      for (int64_t c = 0; c < C; ++c) a[c] = b[c] = acc(0);
-      const int64_t r1 = std::min(M, (t + 1) * kTileRows);
-      for (int64_t r = t * kTileRows; r < r1; ++r) {
-        const scalar_t* xr = xp + r * vx.ld;
-        const scalar_t* gr = gp + r * vg.ld;
-        scalar_t* dr = dp + r * vd.ld;
+void bn_relu_backward_reduce_cpu(const at::Tensor& grad_z, const at::Tensor& x,
+                                 const at::Tensor& mean, const at::Tensor& var,
+                                 const at::Tensor& gamma, const at::Tensor& beta, double eps,
+                                 const at::Tensor& grad_x, const at::Tensor& sums) {
+  const BnBackwardViews v =
+      check_bn_relu_backward_reduce(grad_z, x, mean, var, gamma, beta, grad_x, sums);
+  if (v.empty()) return;
+  DENSE_EXT_DISPATCH(x.scalar_type(), "bn_relu_backward_reduce", [&] {
+    using acc = acc_t<scalar_t>;
+    BnConsts<acc> k(mean, var, gamma, beta, eps);
+    const int64_t C = v.x.cols;
+    std::vector<acc> sum_g(C), sum_gxhat(C);
+    bn_backward_reduce<scalar_t, true>(grad_z, x, grad_x, v, k, sum_g.data(), sum_gxhat.data());
+    acc* sp = sums.data_ptr<acc>();
+    for (int64_t c = 0; c < C; ++c) sp[c] += sum_g[c], sp[C + c] += sum_gxhat[c];
+  });
+}
+
+void bn_relu_backward_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                                const at::Tensor& gamma, const at::Tensor& beta, double eps,
+                                const at::Tensor& sums, int64_t count, const at::Tensor& grad_x) {
+  const BnBackwardViews v =
+      check_bn_relu_backward_apply(x, mean, var, gamma, beta, sums, count, grad_x);
+  if (v.empty()) return;
+  DENSE_EXT_DISPATCH(x.scalar_type(), "bn_relu_backward_apply", [&] {
+    using acc = acc_t<scalar_t>;
+    BnConsts<acc> k(mean, var, gamma, beta, eps);
+    const int64_t C = v.x.cols;
+    const acc* sp = sums.const_data_ptr<acc>();
+    std::vector<acc> mg(C), mgx(C);
+    for (int64_t c = 0; c < C; ++c) mg[c] = sp[c] / acc(count), mgx[c] = sp[C + c] / acc(count);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* dp = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, v.x.rows, row_grain(C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* xr = xp + r * v.x.ld;
+        scalar_t* dr = dp + r * v.grad_x.ld;
         for (int64_t c = 0; c < C; ++c) {
-          const acc xv = static_cast<acc>(xr[c]);
-          const acc g = relu_grad(static_cast<acc>(gr[c]), bn_pre(xv, mean[c], scale[c], beta[c]));
-          a[c] += g;
-          b[c] += g * ((xv - mean[c]) * invstd[c]);
-          const acc dx = bn_grad_input(g, acc(0), scale[c], acc(0), acc(0), false);
-          dr[c] = static_cast<scalar_t>(static_cast<acc>(dr[c]) + dx);
+          const acc xhat = (static_cast<acc>(xr[c]) - k.mean[c]) * k.invstd[c];
+          const acc terms = bn_grad_batch_terms(xhat, k.scale[c], mg[c], mgx[c]);
+          dr[c] = static_cast<scalar_t>(static_cast<acc>(dr[c]) + terms);
         }
       }
-    }
+    });
   });
-  acc* sp = sums.data_ptr<acc>();
-  for (int64_t c = 0; c < C; ++c) {
-    acc a = 0, b = 0;
-    for (int64_t t = 0; t < tiles; ++t) a += sg[t * C + c], b += sgx[t * C + c];
-    sp[c] += a;
-    sp[C + c] += b;
-  }
 }
 
-void bn_relu_grad_acc_cpu(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& mean,
-                          const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta,
-                          double eps, const at::Tensor& grad_x, const at::Tensor& sums) {
-  check_bn_grad_chunk(grad_z, x, mean, var, gamma, beta, grad_x, sums);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_grad_acc",
-                                  [&] {
-                                    BnConsts<acc_t<scalar_t>> k(mean, var, gamma, beta, eps);
-                                    bn_relu_grad_acc_impl<scalar_t>(grad_z, x, k, grad_x, sums);
-                                  });
-}
-
-void bn_grad_correct_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
-                         const at::Tensor& gamma, const at::Tensor& beta, double eps,
-                         const at::Tensor& sums, int64_t count, const at::Tensor& grad_x) {
-  check_bn_grad_chunk(at::Tensor(), x, mean, var, gamma, beta, grad_x, sums);
-  TORCH_CHECK(count > 0, "dense_ext: count must be positive, got ", count);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "bn_grad_correct", [&] {
-        using acc = acc_t<scalar_t>;
-        BnConsts<acc> k(mean, var, gamma, beta, eps);
-        const RowsView vx = rows_view(x, "x"), vd = rows_view(grad_x, "grad_x");
-        const int64_t C = vx.cols;
-        const acc* sp = sums.const_data_ptr<acc>();
-        std::vector<acc> mg(C), mgx(C);
-        for (int64_t c = 0; c < C; ++c) mg[c] = sp[c] / acc(count), mgx[c] = sp[C + c] / acc(count);
-        const scalar_t* xp = x.const_data_ptr<scalar_t>();
-        scalar_t* dp = grad_x.data_ptr<scalar_t>();
-        at::parallel_for(0, vx.rows, row_grain(C), [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) {
-            const scalar_t* xr = xp + r * vx.ld;
-            scalar_t* dr = dp + r * vd.ld;
-            for (int64_t c = 0; c < C; ++c) {
-              const acc xhat = (static_cast<acc>(xr[c]) - k.mean[c]) * k.invstd[c];
-              const acc corr = bn_grad_correction(xhat, k.scale[c], mg[c], mgx[c]);
-              dr[c] = static_cast<scalar_t>(static_cast<acc>(dr[c]) + corr);
-            }
-          }
-        });
-      });
-}
+// ---------------------------------------------------------------------------------------------
+// dropout_store
 
 template <typename scalar_t>
-void dropout_store_impl(const at::Tensor& src, const RowsView& vs, double p, uint64_t seed,
-                        int64_t key, const at::Tensor& dst, const RowsView& vd) {
+void dropout_store_impl(const at::Tensor& src, const at::Tensor& dst, const DropoutViews& v,
+                        double p, uint64_t seed, int64_t key) {
   using acc = acc_t<scalar_t>;
   const scalar_t* sp = src.const_data_ptr<scalar_t>();
   scalar_t* dp = dst.data_ptr<scalar_t>();
-  const int64_t C = vs.cols;
+  const int64_t C = v.src.cols;
   const uint64_t threshold = dropout_threshold(p);
   const acc scale = static_cast<acc>(1.0 / (1.0 - p));
   const bool drop = p > 0;
-  at::parallel_for(0, vs.rows, row_grain(C), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, v.src.rows, row_grain(C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* sr = sp + r * vs.ld;
-      scalar_t* dr = dp + r * vd.ld;
+      const scalar_t* sr = sp + r * v.src.ld;
+      scalar_t* dr = dp + r * v.dst.ld;
       if (!drop) {
         for (int64_t c = 0; c < C; ++c) dr[c] = sr[c];
         continue;
       }
       for (int64_t c = 0; c < C; ++c) {
         const bool keep = dropout_keep(seed, key, r * C + c, threshold);
-        dr[c] = keep ? static_cast<scalar_t>(static_cast<acc>(sr[c]) * scale) : scalar_t(0);
+        dr[c] = static_cast<scalar_t>(static_cast<acc>(sr[c]) * dropout_factor(keep, scale));
       }
     }
   });
 }
 
-void dropout_store_cpu(const at::Tensor& src, double p, int64_t seed, int64_t key,
+void dropout_store_cpu(const at::Tensor& src, double p, const at::Tensor& seed, int64_t key,
                        const at::Tensor& dst) {
-  check_floating(src, "src");
-  TORCH_CHECK(p >= 0 && p < 1, "dense_ext: dropout probability must be in [0, 1), got ", p);
-  RowsView vs = rows_view(src, "src");
-  RowsView vd = rows_view(dst, "dst");
-  check_same(dst, "dst", src, "src");
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, src.scalar_type(), "dropout_store",
-      [&] { dropout_store_impl<scalar_t>(src, vs, p, static_cast<uint64_t>(seed), key, dst, vd); });
+  const DropoutViews v = check_dropout_store(src, p, seed, dst);
+  if (v.src.empty()) return;
+  const uint64_t seed_value = static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());
+  DENSE_EXT_DISPATCH(src.scalar_type(), "dropout_store",
+                     [&] { dropout_store_impl<scalar_t>(src, dst, v, p, seed_value, key); });
 }
 
 }  // namespace
@@ -336,8 +328,10 @@ TORCH_LIBRARY_IMPL(dense_ext, CPU, m) {
   m.impl("channel_stats", static_cast<ChannelStatsFn*>(&channel_stats_cpu));
   m.impl("bn_relu", static_cast<BnReluFn*>(&bn_relu_cpu));
   m.impl("bn_relu_backward", static_cast<BnReluBackwardFn*>(&bn_relu_backward_cpu));
-  m.impl("bn_relu_grad_acc", static_cast<BnReluGradAccFn*>(&bn_relu_grad_acc_cpu));
-  m.impl("bn_grad_correct", static_cast<BnGradCorrectFn*>(&bn_grad_correct_cpu));
+  m.impl("bn_relu_backward_reduce",
+         static_cast<BnReluBackwardReduceFn*>(&bn_relu_backward_reduce_cpu));
+  m.impl("bn_relu_backward_apply",
+         static_cast<BnReluBackwardApplyFn*>(&bn_relu_backward_apply_cpu));
   m.impl("dropout_store", static_cast<DropoutStoreFn*>(&dropout_store_cpu));
 }
 

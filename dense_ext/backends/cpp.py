@@ -5,7 +5,7 @@ call the whole backward (csrc/block.cpp); no Python code runs per layer. The ext
 optional: if it is not built or fails to load, ``unavailable_reason`` says why and ``auto``
 falls back to the reference backend; importing this module never fails because of it.
 
-Dropout masks are a pure function of ``(seed, layer, element)`` (csrc/kernels/math.cuh), so
+Dropout masks are a pure function of ``(seed, layer, element)`` (csrc/common/math.cuh), so
 ``ForwardState.dropout`` is just the seed, a one-element int64 tensor drawn on the buffer's
 device from its default generator (so ``torch.manual_seed`` makes runs repeatable). They are
 not ``F.dropout``'s masks.
@@ -24,8 +24,8 @@ OPS = (
     "channel_stats",
     "bn_relu",
     "bn_relu_backward",
-    "bn_relu_grad_acc",
-    "bn_grad_correct",
+    "bn_relu_backward_reduce",
+    "bn_relu_backward_apply",
     "dropout_store",
     "block_forward",
     "block_backward",
@@ -47,6 +47,7 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 
 
 def unavailable_reason(device: torch.device) -> str | None:
+    """Why the extension cannot run on ``device``, or None if it can."""
     if _LOAD_ERROR is not None:
         return f"the C++ extension dense_ext._C is not built or failed to load ({_LOAD_ERROR})"
     if device.type == "cpu":
@@ -54,8 +55,62 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         if not all(has_kernel(op, "CUDA") for op in OPS):
             return "dense_ext._C was built without CUDA kernels"
-        return None
+        return cuda_device_reason(device)
     return f"dense_ext._C has no kernels for device type {device.type!r}"
+
+
+def _archs(text: str) -> list[int]:
+    return [int(a) for a in text.split("_") if a.strip()]
+
+
+def arch_reason(capability: tuple[int, int], sass: list[int], ptx: list[int]) -> str | None:
+    """Why kernels built as SASS for ``sass`` and PTX for ``ptx`` (compute capabilities times
+    ten) cannot run on a GPU of ``capability``, or None if they can. SASS runs on the same major
+    version at an equal or higher minor one (sm_80 on sm_86); PTX is JIT-compiled by the driver
+    for any GPU at least as new."""
+    cc = capability[0] * 10 + capability[1]
+    if any(a // 10 == capability[0] and a <= cc for a in sass) or any(a <= cc for a in ptx):
+        return None
+    built = ", ".join([f"sm_{a}" for a in sass] + [f"compute_{a} (PTX)" for a in ptx]) or "nothing"
+    return (
+        f"dense_ext._C has CUDA code for {built}, none of which runs on compute capability "
+        f"{capability[0]}.{capability[1]}; rebuild with TORCH_CUDA_ARCH_LIST including "
+        f'"{capability[0]}.{capability[1]}"'
+    )
+
+
+_PROBED: dict[int, str | None] = {}
+
+
+def cuda_device_reason(device: torch.device) -> str | None:
+    """Whether the CUDA kernels run on this GPU: its compute capability against the archs the
+    build embedded, then (once per device) a tiny launch that catches what the capability
+    cannot tell, e.g. a driver too old to JIT the PTX."""
+    from dense_ext import _C
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sass, ptx = _archs(getattr(_C, "cuda_sass", "")), _archs(getattr(_C, "cuda_ptx", ""))
+    reason = None  # archs unknown (a named TORCH_CUDA_ARCH_LIST entry): the probe decides
+    if sass or ptx:
+        reason = arch_reason(torch.cuda.get_device_capability(index), sass, ptx)
+    if reason is not None or torch.compiler.is_compiling():
+        return reason
+    if index not in _PROBED:
+        _PROBED[index] = probe_launch(torch.device("cuda", index))
+    return _PROBED[index]
+
+
+def probe_launch(device: torch.device) -> str | None:
+    """Runs one kernel of the extension on ``device``; the error it raises, or None."""
+    try:
+        x = torch.ones(1, 1, 1, 1, device=device)
+        one = torch.ones(1, device=device)
+        torch.ops.dense_ext.bn_relu(x, one, one, one, one, 0.0, torch.empty_like(x))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except RuntimeError as exc:
+        return f"a test launch of the CUDA kernels failed on {device}: {exc}"
+    return None
 
 
 def draw_seed(device: torch.device | str = "cpu") -> Tensor:
@@ -82,7 +137,9 @@ def dropout_mask(
         memory_format=torch.channels_last
     )
     mask = torch.empty_like(ones)
-    torch.ops.dense_ext.dropout_store(ones, p, int(seed), layer, mask)
+    if not isinstance(seed, Tensor):
+        seed = torch.tensor([seed], dtype=torch.int64, device=ones.device)
+    torch.ops.dense_ext.dropout_store(ones, p, seed, layer, mask)
     return mask
 
 
@@ -186,11 +243,11 @@ if _LOAD_ERROR is None:
     ):
         return None
 
-    @torch.library.register_fake("dense_ext::bn_relu_grad_acc")
+    @torch.library.register_fake("dense_ext::bn_relu_backward_reduce")
     def _(grad_z, x, mean, var, gamma, beta, eps, grad_x, sums):
         return None
 
-    @torch.library.register_fake("dense_ext::bn_grad_correct")
+    @torch.library.register_fake("dense_ext::bn_relu_backward_apply")
     def _(x, mean, var, gamma, beta, eps, sums, count, grad_x):
         return None
 

@@ -1,4 +1,6 @@
-// Host-side checks and views shared by the CPU and CUDA op implementations.
+// The argument checks of every op, shared by the CPU and CUDA implementations: each op calls
+// its check_<op> first and gets back the matrix views its kernels index with, so the device
+// files hold only arithmetic and every check is written once.
 //
 // Every buffer the ops touch is a [N, C, H, W] tensor laid out channels_last, possibly a channel
 // slice of a wider buffer: physically a row-major [M = N*H*W, C] matrix whose rows are `ld`
@@ -13,6 +15,9 @@ struct RowsView {
   int64_t rows;  // M = N * H * W
   int64_t cols;  // C
   int64_t ld;    // elements between consecutive rows
+
+  // Nothing to compute: the kernels return before any launch or division by a zero extent.
+  bool empty() const { return rows == 0 || cols == 0; }
 };
 
 // Checks that `t` is a channels_last [N, C, H, W] tensor (or channel slice of one) and returns
@@ -72,7 +77,10 @@ inline void check_floating(const at::Tensor& t, const char* name) {
               "dense_ext: ", name, " must be float64/float32/float16/bfloat16, got ", s);
 }
 
-// Argument checks of each op, shared by the CPU and CUDA implementations.
+// ---------------------------------------------------------------------------------------------
+// One check function per op.
+
+// channel_stats: statistics of no rows are undefined, so M = 0 is an error; C = 0 is empty.
 inline RowsView check_channel_stats(const at::Tensor& x, const at::Tensor& stats, int64_t lo) {
   check_floating(x, "x");
   RowsView v = rows_view(x, "x");
@@ -108,21 +116,93 @@ inline void check_sums(const at::Tensor& sums, const at::Tensor& x, int64_t c) {
               x.device());
 }
 
-// Checks of bn_relu_grad_acc / bn_grad_correct (grad_z undefined for the latter).
-inline void check_bn_grad_chunk(const at::Tensor& grad_z, const at::Tensor& x,
-                                const at::Tensor& mean, const at::Tensor& var,
-                                const at::Tensor& gamma, const at::Tensor& beta,
-                                const at::Tensor& grad_x, const at::Tensor& sums) {
+struct BnReluViews {
+  RowsView x, out;
+};
+
+inline BnReluViews check_bn_relu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                                 const at::Tensor& gamma, const at::Tensor& beta,
+                                 const at::Tensor& out) {
   check_floating(x, "x");
-  RowsView vx = rows_view(x, "x");
-  rows_view(grad_x, "grad_x");
+  BnReluViews v{rows_view(x, "x"), rows_view(out, "out")};
+  check_same(out, "out", x, "x");
+  check_bn_params(x, mean, var, gamma, beta, v.x.cols);
+  return v;
+}
+
+// The views of the three BN-backward ops; grad_z is absent (all zero) for bn_relu_backward_apply.
+struct BnBackwardViews {
+  RowsView grad_z, x, grad_x;
+
+  bool empty() const { return x.empty(); }
+};
+
+inline BnBackwardViews check_bn_backward_common(const at::Tensor& grad_z, const at::Tensor& x,
+                                                const at::Tensor& mean, const at::Tensor& var,
+                                                const at::Tensor& gamma, const at::Tensor& beta,
+                                                const at::Tensor& grad_x) {
+  check_floating(x, "x");
+  BnBackwardViews v{{0, 0, 0}, rows_view(x, "x"), rows_view(grad_x, "grad_x")};
   check_same(grad_x, "grad_x", x, "x");
   if (grad_z.defined()) {
-    rows_view(grad_z, "grad_z");
+    v.grad_z = rows_view(grad_z, "grad_z");
     check_same(grad_z, "grad_z", x, "x");
   }
-  check_bn_params(x, mean, var, gamma, beta, vx.cols);
-  check_sums(sums, x, vx.cols);
+  check_bn_params(x, mean, var, gamma, beta, v.x.cols);
+  return v;
+}
+
+// bn_relu_backward: M = 0 is fine (the sums of nothing are 0, dx has no elements).
+inline BnBackwardViews check_bn_relu_backward(const at::Tensor& grad_z, const at::Tensor& x,
+                                              const at::Tensor& mean, const at::Tensor& var,
+                                              const at::Tensor& gamma, const at::Tensor& beta,
+                                              const at::Tensor& grad_x,
+                                              const at::Tensor& grad_gamma,
+                                              const at::Tensor& grad_beta) {
+  BnBackwardViews v = check_bn_backward_common(grad_z, x, mean, var, gamma, beta, grad_x);
+  const auto acc = acc_dtype(x.scalar_type());
+  check_vector(grad_gamma, "grad_gamma", v.x.cols, acc, x);
+  check_vector(grad_beta, "grad_beta", v.x.cols, acc, x);
+  return v;
+}
+
+inline BnBackwardViews check_bn_relu_backward_reduce(const at::Tensor& grad_z, const at::Tensor& x,
+                                                     const at::Tensor& mean, const at::Tensor& var,
+                                                     const at::Tensor& gamma,
+                                                     const at::Tensor& beta,
+                                                     const at::Tensor& grad_x,
+                                                     const at::Tensor& sums) {
+  BnBackwardViews v = check_bn_backward_common(grad_z, x, mean, var, gamma, beta, grad_x);
+  check_sums(sums, x, v.x.cols);
+  return v;
+}
+
+inline BnBackwardViews check_bn_relu_backward_apply(const at::Tensor& x, const at::Tensor& mean,
+                                                    const at::Tensor& var, const at::Tensor& gamma,
+                                                    const at::Tensor& beta, const at::Tensor& sums,
+                                                    int64_t count, const at::Tensor& grad_x) {
+  BnBackwardViews v = check_bn_backward_common(at::Tensor(), x, mean, var, gamma, beta, grad_x);
+  check_sums(sums, x, v.x.cols);
+  TORCH_CHECK(count > 0, "dense_ext: count must be positive, got ", count);
+  return v;
+}
+
+struct DropoutViews {
+  RowsView src, dst;
+};
+
+inline DropoutViews check_dropout_store(const at::Tensor& src, double p, const at::Tensor& seed,
+                                        const at::Tensor& dst) {
+  check_floating(src, "src");
+  TORCH_CHECK(p >= 0 && p < 1, "dense_ext: dropout probability must be in [0, 1), got ", p);
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong,
+              "dense_ext: seed must be a one-element int64 tensor, got ", seed.scalar_type(),
+              " of shape ", seed.sizes());
+  TORCH_CHECK(seed.device() == src.device(), "dense_ext: seed is on ", seed.device(),
+              " but src is on ", src.device());
+  DropoutViews v{rows_view(src, "src"), rows_view(dst, "dst")};
+  check_same(dst, "dst", src, "src");
+  return v;
 }
 
 }  // namespace dense_ext
