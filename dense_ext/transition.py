@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from dense_ext.block import DenseDtypeError, DenseInputError
 from dense_ext.donation import donate
-from dense_ext.function import suggest_format
+from dense_ext.function import first_order, suggest_format
 from dense_ext.norm import NormCall, norm_call
 
 POOLS = ("avg2x2", "global")
@@ -71,6 +71,7 @@ class NormReluPoolFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_out):
         x, weight, bias, mean, invstd_or_var = ctx.saved_tensors
         call: NormCall = ctx.call
