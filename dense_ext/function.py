@@ -8,6 +8,7 @@ forward, with ``nn.BatchNorm2d``'s arithmetic; the backward recomputation never 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from collections.abc import Callable, Sequence
@@ -120,7 +121,7 @@ class DenseBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, call: BlockCall, *params: Tensor) -> Tensor:
         empty = x.numel() == 0
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             if empty:  # N*H*W == 0: like nn.BatchNorm2d, no statistics and no update
                 feat, state = new_feature_buffer(x, call.spec), new_stats(x, call)
             else:
@@ -157,7 +158,7 @@ class DenseBlockFunction(torch.autograd.Function):
             grad_feat = torch.empty_like(feat, memory_format=torch.channels_last)
             grad_feat.copy_(grad_out)
         del grad_out
-        with torch.autocast(device_type=feat.device.type, enabled=False):
+        with autocast_off(feat.device.type):
             if feat.numel() == 0:
                 grads = [torch.zeros_like(p) for p in params]
             else:
@@ -169,6 +170,14 @@ class DenseBlockFunction(torch.autograd.Function):
         del grad_feat
         param_grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])]
         return (grad_x, None, *param_grads)
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off for ``device_type`` (nothing to turn off on types without
+    autocast, such as meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def suggest_format(t: Tensor) -> torch.memory_format:

@@ -15,12 +15,19 @@ The same function with global average pooling is the DenseNet head ``norm5-ReLU-
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dense_ext.block import DenseDtypeError, DenseInputError
+from dense_ext.block import (
+    DenseDtypeError,
+    DenseInputError,
+    module_norm_call,
+    norm_channels,
+    unfused_reason,
+)
 from dense_ext.donation import donate
-from dense_ext.function import first_order, suggest_format
-from dense_ext.norm import NormCall, norm_call
+from dense_ext.function import autocast_off, first_order, suggest_format
+from dense_ext.norm import NormCall
 
 POOLS = ("avg2x2", "global")
 
@@ -59,7 +66,7 @@ class NormReluPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, call: NormCall, pool: str):
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             z, mean, invstd = _native_batch_norm(x, weight, bias, call)
             if not call.batch_stats:
                 # Eval mode: keep copies, so a later change to the buffers cannot skew backward.
@@ -78,7 +85,7 @@ class NormReluPoolFunction(torch.autograd.Function):
         if x.numel() == 0:  # an empty batch: zero gradients, as F.batch_norm gives
             zeros = [None if t is None else torch.zeros_like(t) for t in (weight, bias)]
             return torch.zeros_like(x), *zeros, None, None
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             invstd = invstd_or_var if call.batch_stats else torch.rsqrt(invstd_or_var + call.eps)
             grad_z = _pool_backward(grad_out, x, ctx.pool)
             del grad_out
@@ -197,18 +204,27 @@ def norm_relu_pool(x: Tensor, norm: nn.BatchNorm2d, pool: str = "avg2x2") -> Ten
     ``pool="avg2x2"`` is ``nn.AvgPool2d(2)``; ``pool="global"`` averages over H and W and
     returns [N, C] (the DenseNet head). Running statistics of ``norm`` are updated once, with
     ``nn.BatchNorm2d``'s semantics (momentum, ``momentum=None``, eval mode,
-    ``track_running_stats=False``).
+    ``track_running_stats=False``). ``norm`` is an ``nn.BatchNorm2d``, timm's ``BatchNormAct2d``
+    (ReLU) or torchvision's ``FrozenBatchNorm2d``; when ``norm`` has hooks, is of another kind
+    or under tracing and ``torch.func`` (``dense_ext.block.unfused_reason``), ``norm`` itself is
+    called, followed by a ReLU and the pool, as torchvision's DenseNet does.
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-    _check_input(x, norm.num_features, "norm_relu_pool")
+    if unfused_reason(norm, called=False) is not None:
+        out = F.relu(norm(x))
+        if pool == "avg2x2":
+            return F.avg_pool2d(out, kernel_size=2, stride=2)
+        return torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
+    _check_input(x, norm_channels(norm), "norm_relu_pool")
     if pool == "avg2x2" and (x.shape[2] < 2 or x.shape[3] < 2):
         raise DenseInputError(f"a 2x2 pool needs H, W >= 2, got input shape {tuple(x.shape)}")
-    if (norm.training or norm.running_mean is None) and x.numel() // x.shape[1] == 1:
+    call = module_norm_call(norm)
+    if call.batch_stats and x.numel() // x.shape[1] == 1:
         raise DenseInputError(
             f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
         )
-    return NormReluPoolFunction.apply(x, norm.weight, norm.bias, norm_call(norm), pool)
+    return NormReluPoolFunction.apply(x, norm.weight, norm.bias, call, pool)
 
 
 class EfficientTransition(nn.Module):
@@ -245,6 +261,10 @@ class EfficientTransition(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        """[N, C_in, H, W] -> [N, C_out, H // 2, W // 2]."""
-        _check_input(x, self.norm.num_features, "EfficientTransition")
+        """[N, C_in, H, W] -> [N, C_out, H // 2, W // 2]. Runs torchvision's order, module by
+        module, when ``dense_ext.block.unfused_reason`` says so (a hook on a submodule, tracing,
+        ``torch.func``)."""
+        if unfused_reason(self) is not None:
+            return self.pool(self.conv(self.relu(self.norm(x))))
+        _check_input(x, norm_channels(self.norm), "EfficientTransition")
         return self.conv(norm_relu_pool(x, self.norm, "avg2x2"))
