@@ -339,6 +339,16 @@ def module_norm_call(norm: nn.Module) -> NormCall:
 _FUSABLE_TYPES = (nn.Conv2d, nn.ReLU, nn.AvgPool2d, nn.Identity)
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward (pre) or backward (pre) hooks of its own."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
 def unfused_reason(module: nn.Module, called: bool = True) -> str | None:
     """Why ``module`` must call its submodules one by one rather than run fused, or None (see
     the module docstring). Hooks on ``module`` itself count only when it is not ``called``
@@ -361,13 +371,10 @@ def unfused_reason(module: nn.Module, called: bool = True) -> str | None:
     for name, child in module.named_modules():
         if child is module and called:
             continue
-        name = name or type(module).__name__
-        if child._forward_hooks or child._forward_pre_hooks:
-            return f"a forward hook on {name}"
-        if child._backward_hooks or child._backward_pre_hooks:
-            return f"a backward hook on {name}"
+        if has_hooks(child):
+            return f"a hook on {name or type(module).__name__}"
         if not _fusable(child):
-            return f"{name} is a {type(child).__name__}"
+            return f"{name or type(module).__name__} is a {type(child).__name__}"
     return None
 
 

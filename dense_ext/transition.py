@@ -87,6 +87,14 @@ class NormReluPoolFunction(torch.autograd.Function):
             return torch.zeros_like(x), *zeros, None, None
         with autocast_off(x.device.type):
             invstd = invstd_or_var if call.batch_stats else torch.rsqrt(invstd_or_var + call.eps)
+            if torch.compiler.is_compiling():
+                # One expression for the compiler to fuse into two passes over x, writing only
+                # the input gradient; the eager in-place, batch-sliced version below would be
+                # functionalized into copies of every slice.
+                grad_x, grad_w, grad_b = _bn_relu_pool_backward_traced(
+                    grad_out, x, weight, bias, mean, invstd, call.batch_stats, ctx.pool
+                )
+                return grad_x, grad_w, grad_b, None, None
             grad_z = _pool_backward(grad_out, x, ctx.pool)
             del grad_out
             if grad_z.dtype == x.dtype == mean.dtype:
@@ -158,7 +166,9 @@ def _bn_relu_backward_in_place(g, x, weight, bias, mean, invstd, batch_stats):
     sum_gxhat = torch.zeros_like(mean)
     for xs, gs in zip(x.split(chunk), g.split(chunk)):
         xhat = (xs - _channel(mean)).mul_(_channel(invstd))
-        positive = torch.addcmul(_channel(beta), xhat, _channel(gamma)) > 0
+        # ReLU's gradient mask as torch's (threshold_backward): not <= 0, so NaN passes.
+        positive = torch.addcmul(_channel(beta), xhat, _channel(gamma)) <= 0
+        positive.logical_not_()
         gs.mul_(positive)
         del positive
         sum_g += gs.sum(dim=(0, 2, 3))
@@ -176,12 +186,33 @@ def _bn_relu_backward_in_place(g, x, weight, bias, mean, invstd, batch_stats):
     return g, grad_w, grad_b
 
 
+def _bn_relu_pool_backward_traced(grad_out, x, weight, bias, mean, invstd, batch_stats, pool):
+    """The transition backward as plain tensor expressions (for torch.compile)."""
+    acc = mean.dtype
+    gamma = torch.ones_like(mean) if weight is None else weight.to(acc)
+    beta = torch.zeros_like(mean) if bias is None else bias.to(acc)
+    xhat = (x.to(acc) - _channel(mean)) * _channel(invstd)
+    z = xhat * _channel(gamma) + _channel(beta)
+    g = _pool_backward(grad_out, x, pool).to(acc)
+    g = torch.where(z <= 0, torch.zeros_like(g), g)  # torch's ReLU mask: NaN passes
+    sum_g = g.sum(dim=(0, 2, 3))
+    sum_gxhat = (g * xhat).sum(dim=(0, 2, 3))
+    if batch_stats:
+        count = x.numel() // x.shape[1]
+        g = g - _channel(sum_g / count) - xhat * _channel(sum_gxhat / count)
+    grad_x = (g * _channel(gamma * invstd)).to(x.dtype).contiguous(memory_format=suggest_format(x))
+    grad_w = None if weight is None else sum_gxhat.to(weight.dtype)
+    grad_b = None if bias is None else sum_g.to(bias.dtype)
+    return grad_x, grad_w, grad_b
+
+
 def _recompute_positive(x, weight, bias, mean, invstd) -> Tensor:
-    """Where ``bn(x) > 0``, from the statistics the forward used (the ReLU mask)."""
+    """Where ``bn(x)`` is not ``<= 0`` (positive or NaN: torch's ReLU gradient mask), from the
+    statistics the forward used."""
     scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
     shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
     z = x.to(invstd.dtype) * _channel(scale)
-    return z.add_(_channel(shift)) > 0
+    return (z.add_(_channel(shift)) <= 0).logical_not_()
 
 
 def _check_input(x: Tensor, channels: int, who: str) -> None:
