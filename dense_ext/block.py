@@ -1,14 +1,29 @@
-"""``EfficientDenseBlock``: a drop-in for torchvision's ``_DenseBlock`` in linear memory."""
+"""``EfficientDenseBlock``: a drop-in for torchvision's ``_DenseBlock`` in linear memory.
+
+The block normally runs fused: one autograd Function over a shared buffer, reading its layers'
+modules only for their parameters, buffers and flags. Some uses need the modules themselves to
+run, one call after another, as torchvision's block runs them; then the block does exactly that
+(``unfused_reason`` says when), with torchvision's numbers and memory:
+
+* a forward or backward hook on a module inside the block (a layer, a BN, a conv, a ReLU), or a
+  global module hook: hooks fire only on modules that are called;
+* a module inside replaced by a kind the fused block does not model (a LoRA wrapper around a
+  conv, ``nn.SyncBatchNorm``): its own forward must run;
+* ``torch.jit.trace``, ``torch.fx`` symbolic tracing (torchvision's ``create_feature_extractor``)
+  and ``torch.func`` transforms (``grad``, ``vmap``, ``functional_call`` under them), which
+  cannot see through an autograd Function with a hand-written backward.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dense_ext.backends import check_backend_name, get_backend
 from dense_ext.backends.base import LOCAL, BlockCall
 from dense_ext.function import DenseBlockFunction
-from dense_ext.norm import norm_call
+from dense_ext.norm import NormCall, norm_call
 from dense_ext.spec import BlockSpec
 
 
@@ -48,14 +63,22 @@ class EfficientDenseLayer(nn.Module):
             )
         self.drop_rate = float(drop_rate)
 
-    def norms(self) -> list[nn.BatchNorm2d]:
+    def norms(self) -> list[nn.Module]:
         return [self.norm1, self.norm2] if hasattr(self, "norm2") else [self.norm1]
 
-    def convs(self) -> list[nn.Conv2d]:
+    def convs(self) -> list[nn.Module]:
         return [self.conv1, self.conv2] if hasattr(self, "conv2") else [self.conv1]
 
-    def forward(self, *args, **kwargs):
-        raise RuntimeError("EfficientDenseLayer runs inside EfficientDenseBlock; call the block")
+    def forward(self, features: Tensor | list[Tensor]) -> Tensor:
+        """torchvision's ``_DenseLayer.forward``: the ``k`` new feature maps from the list of all
+        previous ones. The block calls it only when it runs unfused (see the module docstring)."""
+        inputs = [features] if isinstance(features, Tensor) else list(features)
+        out = self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
+        if hasattr(self, "conv2"):
+            out = self.conv2(self.relu2(self.norm2(out)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return out
 
 
 class EfficientDenseBlock(nn.ModuleDict):
@@ -140,6 +163,9 @@ class EfficientDenseBlock(nn.ModuleDict):
         return list(self.values())
 
     def forward(self, x: Tensor) -> Tensor:
+        reason = unfused_reason(self)
+        if reason is not None:
+            return self._forward_unfused(x, reason)
         self._check_input(x)
         dtype = _compute_dtype(x)
         call = self._block_call(x)
@@ -149,18 +175,32 @@ class EfficientDenseBlock(nn.ModuleDict):
         )
         return DenseBlockFunction.apply(x.to(dtype), call, *params)
 
+    def _forward_unfused(self, x: Tensor, reason: str) -> Tensor:
+        """torchvision's ``_DenseBlock.forward``: each layer called on the list of features."""
+        if self.stats_sync is not None:
+            raise RuntimeError(
+                f"EfficientDenseBlock: synchronised batch norm (stats_sync) is not available "
+                f"when the block runs its layers one by one ({reason})"
+            )
+        features = [x]
+        for layer in self.layers():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
     def _block_call(self, x: Tensor) -> BlockCall:
         """This call's decisions, read from each BN and layer as torchvision's modules would
         read them at forward time (each BN's own train/eval flag, momentum, eps; each layer's
         own drop_rate and training flag)."""
         layers = self.layers()
-        norms = [norm_call(bn) for layer in layers for bn in layer.norms()]
+        norms = [module_norm_call(bn) for layer in layers for bn in layer.norms()]
         batch_stats = any(norm.batch_stats for norm in norms)
         if batch_stats:
             _check_batch_size(x)
+        # Meta tensors carry shapes only: the pure-PyTorch backend propagates them.
+        backend = "reference" if x.device.type == "meta" else self.backend
         return BlockCall(
             spec=self.spec,
-            backend=get_backend(self.backend, x.device),
+            backend=get_backend(backend, x.device),
             norms=norms,
             drop_rates=[_drop_rate(layer) for layer in layers],
             sync=self.stats_sync if self.stats_sync is not None and batch_stats else LOCAL,
@@ -198,9 +238,14 @@ class EfficientDenseBlock(nn.ModuleDict):
             )
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for types without autocast: meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """The buffer dtype: autocast's when autocast is on for this device, else the input's."""
-    if torch.is_autocast_enabled(x.device.type) and x.dtype in (
+    if _autocast_enabled(x.device.type) and x.dtype in (
         torch.float32,
         torch.float16,
         torch.bfloat16,
@@ -238,9 +283,104 @@ def _weight(conv: nn.Conv2d, dtype: torch.dtype, x: Tensor) -> Tensor:
     weight = conv.weight
     if weight.dtype == dtype:
         return weight
-    if torch.is_autocast_enabled(x.device.type):
+    if _autocast_enabled(x.device.type):
         return weight.to(dtype)
     raise DenseDtypeError(
         f"EfficientDenseBlock: input dtype {x.dtype} does not match parameter dtype "
         f"{weight.dtype}; convert the module (e.g. .to({x.dtype})) or use torch.autocast"
     )
+
+
+# ----------------------------------------------------------------------------- fused or not
+
+
+def norm_kind(norm: nn.Module) -> str | None:
+    """How the fused kernels can model ``norm`` (a BN followed by a ReLU), or None.
+
+    ``"batch_norm"``: exactly ``nn.BatchNorm2d`` (the ReLU is a separate module);
+    ``"batch_norm_relu"``: timm's ``BatchNormAct2d`` with a ReLU and no dropout (its forward is
+    ``nn.BatchNorm2d``'s, then the ReLU); ``"frozen"``: torchvision's ``FrozenBatchNorm2d``
+    (running statistics and affine constants in buffers, never updated, no gradients).
+    Recognised by type and structure: neither timm nor torchvision is imported.
+    """
+    cls = type(norm)
+    if cls is nn.BatchNorm2d:
+        return "batch_norm"
+    if cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm."):
+        act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
+        if type(act) is nn.ReLU and type(drop) is nn.Identity:
+            return "batch_norm_relu"
+        return None
+    if cls.__name__ == "FrozenBatchNorm2d" and cls.__module__.startswith("torchvision."):
+        return "frozen"
+    return None
+
+
+def norm_channels(norm: nn.Module) -> int:
+    """Channels ``norm`` normalises (``FrozenBatchNorm2d`` has no ``num_features``)."""
+    if hasattr(norm, "num_features"):
+        return int(norm.num_features)
+    return int(norm.weight.shape[0])
+
+
+def module_norm_call(norm: nn.Module) -> NormCall:
+    """``norm``'s decisions for one call (``dense_ext.norm.norm_call``); a ``FrozenBatchNorm2d``
+    always normalises with its running statistics and updates nothing."""
+    if norm_kind(norm) == "frozen":
+        return NormCall(
+            eps=float(norm.eps),
+            batch_stats=False,
+            running_mean=norm.running_mean,
+            running_var=norm.running_var,
+        )
+    return norm_call(norm)
+
+
+_FUSABLE_TYPES = (nn.Conv2d, nn.ReLU, nn.AvgPool2d, nn.Identity)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward (pre) or backward (pre) hooks of its own."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+def unfused_reason(module: nn.Module, called: bool = True) -> str | None:
+    """Why ``module`` must call its submodules one by one rather than run fused, or None (see
+    the module docstring). Hooks on ``module`` itself count only when it is not ``called``
+    (a norm whose forward the fused head replaces); a called module's hooks fire either way."""
+    if not torch.compiler.is_compiling():
+        if torch.jit.is_tracing():
+            return "torch.jit.trace"
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            return "torch.fx symbolic tracing"
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return "a torch.func transform"
+    nn_module = torch.nn.modules.module
+    if (
+        nn_module._global_forward_hooks
+        or nn_module._global_forward_pre_hooks
+        or nn_module._global_backward_hooks
+        or nn_module._global_backward_pre_hooks
+    ):
+        return "a global module hook"
+    for name, child in module.named_modules():
+        if child is module and called:
+            continue
+        if has_hooks(child):
+            return f"a hook on {name or type(module).__name__}"
+        if not _fusable(child):
+            return f"{name or type(module).__name__} is a {type(child).__name__}"
+    return None
+
+
+def _fusable(child: nn.Module) -> bool:
+    if isinstance(child, EfficientDenseLayer):
+        return True
+    if type(child) in _FUSABLE_TYPES:
+        return True
+    return norm_kind(child) is not None

@@ -1,13 +1,19 @@
 """``convert(model)``: swap torchvision-structured dense blocks and transitions in place.
 
-Recognised by structure (duck typing; torchvision is never imported):
+Recognised by structure (duck typing; neither torchvision nor timm is imported):
 
 * a dense block is an ``nn.ModuleDict`` whose children are ``denselayer1 .. denselayerL``,
-  each with ``norm1`` (``nn.BatchNorm2d``) and ``conv1`` and, for DenseNet-BC, ``norm2`` and
-  ``conv2``, with the shapes of a dense block (torchvision's ``_DenseBlock`` and
-  ``python_models``' naive block);
-* a transition is an ``nn.Sequential`` of exactly ``norm`` (``nn.BatchNorm2d``), ``relu``
-  (``nn.ReLU``), ``conv`` (bias-free 1x1 ``nn.Conv2d``) and ``pool`` (``nn.AvgPool2d(2)``).
+  each with ``norm1`` and ``conv1`` and, for DenseNet-BC, ``norm2`` and ``conv2``, with the
+  shapes of a dense block: torchvision's ``_DenseBlock``, timm's ``DenseBlock`` and
+  ``python_models``' naive block;
+* a transition is an ``nn.Sequential`` of exactly ``norm``, ``relu`` (``nn.ReLU``), ``conv``
+  (bias-free 1x1 ``nn.Conv2d``) and ``pool`` (``nn.AvgPool2d(2)``) (torchvision), or of
+  ``norm``, ``conv`` and ``pool`` with a norm that applies the ReLU itself (timm).
+
+A norm is an ``nn.BatchNorm2d``, timm's ``BatchNormAct2d`` with a ReLU, or torchvision's
+``FrozenBatchNorm2d`` (``dense_ext.block.norm_kind``); a dense block with any other norm (a
+``SyncBatchNorm``, another activation) raises ``ValueError`` naming it. A transition of another
+form (timm's blur-pool transitions) is left as it is.
 
 The new modules reuse the original BN and convolution modules themselves, so every
 Parameter and buffer object is kept (an optimizer built before converting keeps working),
@@ -22,7 +28,7 @@ import re
 import torch
 from torch import nn
 
-from dense_ext.block import EfficientDenseBlock
+from dense_ext.block import EfficientDenseBlock, norm_channels, norm_kind
 from dense_ext.transition import EfficientTransition
 
 _LAYER_NAME = re.compile(r"denselayer(\d+)")
@@ -39,8 +45,8 @@ def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto")
     Returns ``model`` (converted in place); if ``model`` is itself a block or transition,
     the new module is returned instead. Growth rate, bottleneck size and dropout rate are
     inferred from the modules. Raises ValueError if nothing convertible is found, or if a
-    block looks like a dense block but cannot be represented (e.g. inconsistent shapes or
-    mixed train/eval modes).
+    block looks like a dense block but cannot be represented (inconsistent shapes, a norm the
+    fused block cannot model).
     """
     root = _convert_one(model, memory, backend)
     if root is not None:
@@ -78,7 +84,7 @@ def _is_dense_block(module: nn.Module) -> bool:
     if names != [f"denselayer{i + 1}" for i in range(len(names))]:
         return False
     return all(
-        isinstance(getattr(layer, "norm1", None), nn.BatchNorm2d)
+        isinstance(getattr(layer, "norm1", None), nn.Module)
         and isinstance(getattr(layer, "conv1", None), nn.Conv2d)
         for layer in module.values()
     )
@@ -88,14 +94,18 @@ def _is_transition(module: nn.Module) -> bool:
     if not isinstance(module, nn.Sequential):
         return False
     children = dict(module.named_children())
-    if list(children) != ["norm", "relu", "conv", "pool"]:
+    if list(children) == ["norm", "relu", "conv", "pool"]:
+        norm_ok = norm_kind(children["norm"]) is not None
+        relu_ok = isinstance(children["relu"], nn.ReLU)
+    elif list(children) == ["norm", "conv", "pool"]:
+        norm_ok = relu_ok = norm_kind(children["norm"]) == "batch_norm_relu"
+    else:
         return False
-    norm, relu, conv, pool = children.values()
     return (
-        type(norm) is nn.BatchNorm2d
-        and isinstance(relu, nn.ReLU)
-        and _is_conv(conv, 1, 0)
-        and _is_avg_pool_2x2(pool)
+        norm_ok
+        and relu_ok
+        and _is_conv(children["conv"], 1, 0)
+        and _is_avg_pool_2x2(children["pool"])
     )
 
 
@@ -129,7 +139,8 @@ def _is_avg_pool_2x2(pool: nn.Module) -> bool:
 
 
 def _convert_transition(module: nn.Sequential) -> EfficientTransition:
-    new = EfficientTransition.from_modules(module.norm, module.relu, module.conv, module.pool)
+    relu = getattr(module, "relu", None) or nn.ReLU(inplace=True)  # timm: the norm has it
+    new = EfficientTransition.from_modules(module.norm, relu, module.conv, module.pool)
     new.training = module.training
     return new
 
@@ -137,7 +148,7 @@ def _convert_transition(module: nn.Sequential) -> EfficientTransition:
 def _block_shape(block: nn.ModuleDict) -> tuple[int, int, int]:
     """(C0, growth rate, bn_size) of a naive block; ValueError if inconsistent."""
     first = block["denselayer1"]
-    c0 = first.norm1.num_features
+    c0 = norm_channels(first.norm1)
     bottleneck = hasattr(first, "conv2")
     k = (first.conv2 if bottleneck else first.conv1).out_channels
     mid = first.conv1.out_channels if bottleneck else 0
@@ -150,6 +161,14 @@ def _block_shape(block: nn.ModuleDict) -> tuple[int, int, int]:
 
 def _check_layer(layer: nn.Module, name: str, c_in: int, k: int, mid: int) -> None:
     norms = [layer.norm1] + ([getattr(layer, "norm2", None)] if mid else [])
+    for norm_name, norm in zip(("norm1", "norm2"), norms):
+        if norm is not None and norm_kind(norm) is None:
+            raise ValueError(
+                f"convert: {name}.{norm_name} is a {type(norm).__name__}, which a fused dense "
+                "block cannot model; it fuses nn.BatchNorm2d, timm's BatchNormAct2d with a ReLU "
+                "and torchvision's FrozenBatchNorm2d. (For synchronised BN, convert first, then "
+                "use dense_ext.distributed.enable_sync_bn.)"
+            )
     if mid:
         ok = (
             _is_conv(layer.conv1, 1, 0)
@@ -165,9 +184,8 @@ def _check_layer(layer: nn.Module, name: str, c_in: int, k: int, mid: int) -> No
         )
     relu_names = ("relu1", "relu2") if mid else ("relu1",)
     relus = [getattr(layer, name, nn.ReLU()) for name in relu_names]
-    ok = ok and all(type(bn) is nn.BatchNorm2d for bn in norms)
     ok = ok and all(isinstance(relu, nn.ReLU) for relu in relus)
-    ok = ok and [bn.num_features for bn in norms] == [c_in] + ([mid] if mid else [])
+    ok = ok and [norm_channels(bn) for bn in norms] == [c_in] + ([mid] if mid else [])
     if not ok:
         raise ValueError(
             f"convert: {name} does not have the shape of a dense layer with "

@@ -8,15 +8,62 @@ forward, with ``nn.BatchNorm2d``'s arithmetic; the backward recomputation never 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+from torch._C import _functions
 
+from dense_ext import donation
 from dense_ext.backends.base import BlockCall, ForwardState, new_feature_buffer, new_stats
 from dense_ext.donation import take_donated
 from dense_ext.grad_layout import grad_like_param
+
+NOT_TWICE_DIFFERENTIABLE = (
+    "dense_ext blocks are not twice differentiable: a gradient computed with create_graph=True "
+    "through an EfficientDenseBlock, EfficientTransition or the fused head cannot be "
+    "differentiated again (double backward, gradient penalties, Hessian-vector products). "
+    "Use the naive model (efficient=False) for higher-order gradients."
+)
+
+
+def first_order(backward: Callable) -> Callable:
+    """Decorates an autograd Function's backward that is not itself differentiable.
+
+    Without ``create_graph`` it just runs. With it, the backward runs without recording and its
+    gradients are returned through an error node that raises ``NOT_TWICE_DIFFERENTIABLE``
+    whenever anything differentiates through them. Unlike ``once_differentiable``, which attaches
+    that node only when an incoming gradient requires grad, the node here always hangs on the
+    tensors the Function saved (its inputs, parameters and output), so the second-order term
+    through them can never be dropped silently: a constant ``grad_outputs``
+    (``torch.autograd.grad(out, x, v, create_graph=True)``) followed by a backward through the
+    result raises too, also under ``torch.autograd.grad(..., inputs=...)``.
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        return _through_error_node(outputs, ctx.saved_tensors)
+
+    return wrapper
+
+
+def _through_error_node(outputs: Sequence[Tensor | None], anchors: Sequence[Tensor]):
+    """``outputs`` (aliases, no copy) with an error node for grad_fn whose inputs include every
+    ``anchor`` that requires grad."""
+    anchors = [t for t in anchors if t.requires_grad]
+    if not anchors:
+        return outputs
+    grads = [g.detach() if isinstance(g, Tensor) else None for g in outputs]
+    error = _functions.DelayedError(NOT_TWICE_DIFFERENTIABLE.encode(), len(grads) + len(anchors))
+    # A None input gives an undefined output, which autograd reads as None.
+    return tuple(error(*grads, *anchors)[: len(grads)])
 
 
 def update_running_stats(call: BlockCall, state: ForwardState, count: int) -> None:
@@ -75,7 +122,7 @@ class DenseBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, call: BlockCall, *params: Tensor) -> Tensor:
         empty = x.numel() == 0
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             if empty:  # N*H*W == 0: like nn.BatchNorm2d, no statistics and no update
                 feat, state = new_feature_buffer(x, call.spec), new_stats(x, call)
             else:
@@ -93,7 +140,7 @@ class DenseBlockFunction(torch.autograd.Function):
         return feat
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out: Tensor):
         # First statement: see dense_ext.donation. Compiled graphs never donate.
         refs = sys.getrefcount(grad_out) if not torch.compiler.is_compiling() else None
@@ -112,7 +159,7 @@ class DenseBlockFunction(torch.autograd.Function):
             grad_feat = torch.empty_like(feat, memory_format=torch.channels_last)
             grad_feat.copy_(grad_out)
         del grad_out
-        with torch.autocast(device_type=feat.device.type, enabled=False):
+        with autocast_off(feat.device.type):
             if feat.numel() == 0:
                 grads = [torch.zeros_like(p) for p in params]
             else:
@@ -131,8 +178,19 @@ class DenseBlockFunction(torch.autograd.Function):
         return (grad_x, None, *param_grads)
 
 
+def autocast_off(device_type: str):
+    """A context with autocast off for ``device_type`` (nothing to turn off on types without
+    autocast, such as meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def suggest_format(t: Tensor) -> torch.memory_format:
     """channels_last if ``t`` is laid out so (and is not also plain contiguous), else contiguous."""
     if t.is_contiguous() or not t.is_contiguous(memory_format=torch.channels_last):
         return torch.contiguous_format
     return torch.channels_last
+
+
+donation.measure_baseline(first_order)

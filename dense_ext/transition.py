@@ -19,14 +19,21 @@ summed, the weight and bias gradients left local (``nn.SyncBatchNorm``'s semanti
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dense_ext.backends.base import LOCAL, StatsSync, stats_dtype
-from dense_ext.block import DenseDtypeError, DenseInputError
+from dense_ext.block import (
+    DenseDtypeError,
+    DenseInputError,
+    module_norm_call,
+    norm_channels,
+    unfused_reason,
+)
 from dense_ext.donation import donate
-from dense_ext.function import suggest_format
+from dense_ext.function import autocast_off, first_order, suggest_format
 from dense_ext.grad_layout import ensure_grad_layout, keep_grad_layout
-from dense_ext.norm import NormCall, fold_running_stats, norm_call
+from dense_ext.norm import NormCall, fold_running_stats
 
 POOLS = ("avg2x2", "global")
 
@@ -68,7 +75,7 @@ class NormReluPoolFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, call: NormCall, pool: str, sync: StatsSync = LOCAL):
         synced = sync is not LOCAL and call.batch_stats and x.numel() > 0
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             if synced:
                 z, mean, invstd, ctx.world_count = _synced_batch_norm(x, weight, bias, call, sync)
             else:
@@ -83,14 +90,23 @@ class NormReluPoolFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_out):
         x, weight, bias, mean, invstd_or_var = ctx.saved_tensors
         call: NormCall = ctx.call
         if x.numel() == 0:  # an empty batch: zero gradients, as F.batch_norm gives
             zeros = [None if t is None else torch.zeros_like(t) for t in (weight, bias)]
             return torch.zeros_like(x), *zeros, None, None, None
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             invstd = invstd_or_var if call.batch_stats else torch.rsqrt(invstd_or_var + call.eps)
+            if torch.compiler.is_compiling() and ctx.sync is LOCAL:
+                # One expression for the compiler to fuse into two passes over x, writing only
+                # the input gradient; the eager in-place, batch-sliced version below would be
+                # functionalized into copies of every slice.
+                grad_x, grad_w, grad_b = _bn_relu_pool_backward_traced(
+                    grad_out, x, weight, bias, mean, invstd, call.batch_stats, ctx.pool
+                )
+                return grad_x, grad_w, grad_b, None, None, None
             grad_z = _pool_backward(grad_out, x, ctx.pool)
             del grad_out
             if ctx.sync is not LOCAL:
@@ -211,7 +227,9 @@ def _bn_relu_backward_in_place(
     sum_gxhat = torch.zeros_like(mean)
     for xs, gs in zip(x.split(chunk), g.split(chunk)):
         xhat = (xs.to(acc) - _channel(mean)).mul_(_channel(invstd))
-        positive = torch.addcmul(_channel(beta), xhat, _channel(gamma)) > 0
+        # ReLU's gradient mask as torch's (threshold_backward): not <= 0, so NaN passes.
+        positive = torch.addcmul(_channel(beta), xhat, _channel(gamma)) <= 0
+        positive.logical_not_()
         gs.mul_(positive)
         del positive
         ga = gs.to(acc)
@@ -236,12 +254,33 @@ def _bn_relu_backward_in_place(
     return g, grad_w, grad_b
 
 
+def _bn_relu_pool_backward_traced(grad_out, x, weight, bias, mean, invstd, batch_stats, pool):
+    """The transition backward as plain tensor expressions (for torch.compile)."""
+    acc = mean.dtype
+    gamma = torch.ones_like(mean) if weight is None else weight.to(acc)
+    beta = torch.zeros_like(mean) if bias is None else bias.to(acc)
+    xhat = (x.to(acc) - _channel(mean)) * _channel(invstd)
+    z = xhat * _channel(gamma) + _channel(beta)
+    g = _pool_backward(grad_out, x, pool).to(acc)
+    g = torch.where(z <= 0, torch.zeros_like(g), g)  # torch's ReLU mask: NaN passes
+    sum_g = g.sum(dim=(0, 2, 3))
+    sum_gxhat = (g * xhat).sum(dim=(0, 2, 3))
+    if batch_stats:
+        count = x.numel() // x.shape[1]
+        g = g - _channel(sum_g / count) - xhat * _channel(sum_gxhat / count)
+    grad_x = (g * _channel(gamma * invstd)).to(x.dtype).contiguous(memory_format=suggest_format(x))
+    grad_w = None if weight is None else sum_gxhat.to(weight.dtype)
+    grad_b = None if bias is None else sum_g.to(bias.dtype)
+    return grad_x, grad_w, grad_b
+
+
 def _recompute_positive(x, weight, bias, mean, invstd) -> Tensor:
-    """Where ``bn(x) > 0``, from the statistics the forward used (the ReLU mask)."""
+    """Where ``bn(x)`` is not ``<= 0`` (positive or NaN: torch's ReLU gradient mask), from the
+    statistics the forward used."""
     scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
     shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
     z = x.to(invstd.dtype) * _channel(scale)
-    return z.add_(_channel(shift)) > 0
+    return (z.add_(_channel(shift)) <= 0).logical_not_()
 
 
 def _check_input(x: Tensor, channels: int, who: str) -> None:
@@ -266,7 +305,10 @@ def norm_relu_pool(
     ``pool="avg2x2"`` is ``nn.AvgPool2d(2)``; ``pool="global"`` averages over H and W and
     returns [N, C] (the DenseNet head). Running statistics of ``norm`` are updated once, with
     ``nn.BatchNorm2d``'s semantics (momentum, ``momentum=None``, eval mode,
-    ``track_running_stats=False``).
+    ``track_running_stats=False``). ``norm`` is an ``nn.BatchNorm2d``, timm's ``BatchNormAct2d``
+    (ReLU) or torchvision's ``FrozenBatchNorm2d``; when ``norm`` has hooks, is of another kind
+    or under tracing and ``torch.func`` (``dense_ext.block.unfused_reason``), ``norm`` itself is
+    called, followed by a ReLU and the pool, as torchvision's DenseNet does.
 
     ``sync`` (the hook of synchronised BN, see ``dense_ext.sync_bn``) merges the statistics
     across processes while ``norm`` is in training mode, as ``nn.SyncBatchNorm`` does; None
@@ -275,19 +317,25 @@ def norm_relu_pool(
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-    _check_input(x, norm.num_features, "norm_relu_pool")
+    if unfused_reason(norm, called=False) is not None:
+        out = F.relu(norm(x))
+        if pool == "avg2x2":
+            return F.avg_pool2d(out, kernel_size=2, stride=2)
+        return torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
+    _check_input(x, norm_channels(norm), "norm_relu_pool")
     if pool == "avg2x2" and (x.shape[2] < 2 or x.shape[3] < 2):
         raise DenseInputError(f"a 2x2 pool needs H, W >= 2, got input shape {tuple(x.shape)}")
     if sync is None:
         sync = getattr(norm, "stats_sync", None) or LOCAL
     if not norm.training:  # nn.SyncBatchNorm: no sync in evaluation, even on batch statistics
         sync = LOCAL
-    local_batch_stats = sync is LOCAL and (norm.training or norm.running_mean is None)
-    if local_batch_stats and x.numel() // x.shape[1] == 1:  # (synced: the global count decides)
+    call = module_norm_call(norm)
+    if sync is LOCAL and call.batch_stats and x.numel() // x.shape[1] == 1:
+        # (synced: the global count decides)
         raise DenseInputError(
             f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
         )
-    return NormReluPoolFunction.apply(x, norm.weight, norm.bias, norm_call(norm), pool, sync)
+    return NormReluPoolFunction.apply(x, norm.weight, norm.bias, call, pool, sync)
 
 
 class EfficientTransition(nn.Module):
@@ -332,8 +380,12 @@ class EfficientTransition(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        """[N, C_in, H, W] -> [N, C_out, H // 2, W // 2]."""
-        _check_input(x, self.norm.num_features, "EfficientTransition")
+        """[N, C_in, H, W] -> [N, C_out, H // 2, W // 2]. Runs torchvision's order, module by
+        module, when ``dense_ext.block.unfused_reason`` says so (a hook on a submodule, tracing,
+        ``torch.func``)."""
+        if unfused_reason(self) is not None:
+            return self.pool(self.conv(self.relu(self.norm(x))))
+        _check_input(x, norm_channels(self.norm), "EfficientTransition")
         # The conv's weight gradient comes from ATen in the input's channels_last layout.
         ensure_grad_layout(self.conv.weight)
         return self.conv(norm_relu_pool(x, self.norm, "avg2x2", self.stats_sync))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
-from dense_ext.block import EfficientDenseBlock
+from dense_ext.block import EfficientDenseBlock, has_hooks, unfused_reason
 from dense_ext.transition import EfficientTransition, norm_relu_pool
 
 
@@ -257,8 +257,13 @@ class DenseNet(nn.Module):
         _init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Images [N, 3, H, W] -> logits [N, num_classes]."""
-        if self.efficient_head:
+        """Images [N, 3, H, W] -> logits [N, num_classes].
+
+        The fused head never calls ``features`` as a whole nor ``features.norm5``; when either
+        has hooks (or ``dense_ext.block.unfused_reason`` says so: tracing, ``torch.func``, a
+        global hook) the head runs as torchvision's does, so the hooks fire as there."""
+        fused = self.efficient_head and not has_hooks(self.features)
+        if fused and unfused_reason(self.features.norm5, called=False) is None:
             out = x
             for name, module in self.features.named_children():
                 if name != "norm5":

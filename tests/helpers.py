@@ -5,7 +5,7 @@ after forward and after backward). Nothing here touches a GPU at import time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -73,6 +73,7 @@ class Step:
     grads: dict[str, Tensor | None]
     buffers_after_forward: dict[str, Tensor]
     buffers_after_backward: dict[str, Tensor]
+    extras: dict[str, Tensor] = field(default_factory=dict)  # anything else a use observed
 
 
 def train_step(module: nn.Module, x: Tensor, grad: Tensor | None = None, seed: int = 0) -> Step:
@@ -97,7 +98,8 @@ def train_step(module: nn.Module, x: Tensor, grad: Tensor | None = None, seed: i
 
 def assert_same_step(actual: Step, expected: Step, tol: float, what: str = "") -> None:
     """``actual`` reproduces ``expected``: output, input gradient, every parameter's gradient
-    (the same parameters got one) and every buffer after forward and after backward."""
+    (the same parameters got one), every buffer after forward and after backward, and every
+    extra observation."""
     prefix = f"{what}: " if what else ""
     assert_close(actual.output, expected.output, tol, f"{prefix}output")
     if expected.input_grad is not None:
@@ -109,6 +111,9 @@ def assert_same_step(actual: Step, expected: Step, tol: float, what: str = "") -
         assert (a is None) == (g is None), f"{prefix}{name}: gradient presence differs"
         if g is not None:
             assert_close(a, g, tol, f"{prefix}grad of {name}")
+    assert actual.extras.keys() == expected.extras.keys(), f"{prefix}observations differ"
+    for name, value in expected.extras.items():
+        assert_close(actual.extras[name], value, tol, f"{prefix}{name}")
     for stage in ("buffers_after_forward", "buffers_after_backward"):
         exp, act = getattr(expected, stage), getattr(actual, stage)
         assert act.keys() == exp.keys(), f"{prefix}buffer names differ"

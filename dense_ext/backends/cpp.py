@@ -303,3 +303,54 @@ if _LOAD_ERROR is None:
         bn = sum(p.numel() for p in params if p.dim() == 1)
         weights = sum(p.numel() for p in params if p.dim() != 1)
         return feat.new_empty((bn,), dtype=stats_dtype(feat.dtype)), feat.new_empty((weights,))
+
+
+# Autograd for block_forward at the dispatcher. Eager training never uses it: DenseBlockFunction
+# calls the op with grad mode off and brings its own backward. It is what makes the op
+# differentiable where the Function is not in the way: a program from torch.export (whose graph
+# holds the op itself, the Function's forward traced through) run or trained with gradients.
+if _LOAD_ERROR is None:
+
+    def _setup_block_forward(ctx, inputs, output) -> None:
+        x, params, running, eps, batch_stats, drop_rates, seed, growth_rate, bn_size = inputs[:9]
+        feat, stats1, stats2, bottlenecks = output
+        ctx.c0 = x.shape[1]
+        ctx.x_channels_last = x.is_contiguous(memory_format=torch.channels_last) and not (
+            x.is_contiguous()
+        )
+        ctx.counts = (len(params), len(running))
+        ctx.constants = (list(eps), list(batch_stats), list(drop_rates), growth_rate, bn_size)
+        ctx.save_for_backward(feat, stats1, stats2, seed, *params, *running, *bottlenecks)
+
+    def _block_forward_backward(ctx, grad_feat, *unused):
+        feat, stats1, stats2, seed, *rest = ctx.saved_tensors
+        num_params, num_running = ctx.counts
+        params = rest[:num_params]
+        running = rest[num_params : num_params + num_running]
+        bottlenecks = rest[num_params + num_running :]
+        eps, batch_stats, drop_rates, growth_rate, bn_size = ctx.constants
+        grad = torch.empty_like(feat, memory_format=torch.channels_last)
+        grad.copy_(grad_feat)
+        bn_grads, weight_grads = torch.ops.dense_ext.block_backward(
+            grad,
+            feat,
+            stats1,
+            stats2,
+            list(bottlenecks),
+            list(params),
+            list(running),
+            eps,
+            batch_stats,
+            drop_rates,
+            seed,
+            growth_rate,
+            bn_size,
+        )
+        layout = torch.channels_last if ctx.x_channels_last else torch.contiguous_format
+        grad_x = grad[:, : ctx.c0].clone(memory_format=layout)
+        grads = unflatten_grads(bn_grads, weight_grads, params)
+        return (grad_x, grads, [None] * num_running, *([None] * 8))
+
+    torch.library.register_autograd(
+        "dense_ext::block_forward", _block_forward_backward, setup_context=_setup_block_forward
+    )

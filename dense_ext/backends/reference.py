@@ -46,6 +46,9 @@ def bn_relu(x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor
     acc = mean.dtype
     scale = gamma.to(acc) * invstd
     z = x.to(acc) - _channel(mean)
+    if torch.is_grad_enabled() or torch.compiler.is_exporting():
+        # Recorded by autograd, now or when an exported graph runs: out= is not differentiable.
+        return torch.addcmul(_channel(beta.to(acc)), z, _channel(scale)).relu().to(x.dtype)
     torch.addcmul(_channel(beta.to(acc)), z, _channel(scale), out=z)  # one temporary, not two
     return z.relu_().to(x.dtype)
 
