@@ -102,6 +102,15 @@ TORCH_LIBRARY(dense_ext, m) {
   m.def(
       "bn_relu_backward_apply(Tensor x, Tensor mean, Tensor var, Tensor gamma, Tensor beta, "
       "float eps, Tensor sums, int count, Tensor(a!) grad_x) -> ()");
+  // The batch-mean terms of bn_relu_backward_apply folded per channel, for BNs that normalise
+  // a channel with the same mean (the first BNs of a block's layers): bn_grad_fold adds one BN's
+  // terms, -gamma*invstd*(mean(g) + xhat*mean(g*xhat)) = coef[0] + coef[1]*(x - mean), to the
+  // coefficients (means = sums / count); bn_grad_fold_apply adds coef[0] + coef[1]*(x - mean)
+  // to grad_x, once for all of them.
+  m.def(
+      "bn_grad_fold(Tensor var, Tensor gamma, float eps, Tensor sums, int count, "
+      "Tensor(a!) coef) -> ()");
+  m.def("bn_grad_fold_apply(Tensor x, Tensor mean, Tensor coef, Tensor(a!) grad_x) -> ()");
   // dst = src * mask / (1 - p), mask a pure function of (seed, key, element index): the same
   // call on the output gradient replays the forward mask. p = 0 copies.
   m.def("dropout_store(Tensor src, float p, int seed, int key, Tensor(a!) dst) -> ()");

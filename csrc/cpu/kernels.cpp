@@ -390,6 +390,46 @@ void bn_relu_backward_apply_cpu(const at::Tensor& x, const at::Tensor& mean, con
 }
 
 // ---------------------------------------------------------------------------------------------
+// Folded batch-mean terms (common/math.cuh, bn_grad_fold_add)
+
+void bn_grad_fold_cpu(const at::Tensor& var, const at::Tensor& gamma, double eps,
+                      const at::Tensor& sums, int64_t count, const at::Tensor& coef) {
+  const int64_t C = check_bn_grad_fold(var, gamma, sums, count, coef);
+  AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "bn_grad_fold", [&] {
+    using acc = scalar_t;
+    const acc *vp = var.const_data_ptr<acc>(), *gp = gamma.const_data_ptr<acc>();
+    const acc* sp = sums.const_data_ptr<acc>();
+    acc* c0 = coef.data_ptr<acc>();
+    acc* c1 = c0 + coef.stride(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const acc invstd = bn_invstd(vp[c], eps);
+      bn_grad_fold_add(c0[c], c1[c], gp[c] * invstd, invstd, sp[c] / acc(count),
+                       sp[C + c] / acc(count));
+    }
+  });
+}
+
+void bn_grad_fold_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& coef,
+                            const at::Tensor& grad_x) {
+  const BnBackwardViews v = check_bn_grad_fold_apply(x, mean, coef, grad_x);
+  if (v.empty()) return;
+  DENSE_EXT_DISPATCH(x.scalar_type(), "bn_grad_fold_apply", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* dp = grad_x.data_ptr<scalar_t>();
+    const acc* mp = mean.const_data_ptr<acc>();
+    const acc* c0 = coef.const_data_ptr<acc>();
+    const acc* c1 = c0 + coef.stride(0);
+    const int64_t C = v.x.cols;
+    with_isa<scalar_t>([&](auto isa) {
+      at::parallel_for(0, v.x.rows, row_grain(C), [&](int64_t r0, int64_t r1) {
+        bn_grad_terms_rows(isa, xp, v.x.ld, dp, v.grad_x.ld, r0, r1, C, mp, c0, c1);
+      });
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // dropout_store
 
 template <typename scalar_t>
@@ -427,6 +467,8 @@ TORCH_LIBRARY_IMPL(dense_ext, CPU, m) {
          static_cast<BnReluBackwardReduceFn*>(&bn_relu_backward_reduce_cpu));
   m.impl("bn_relu_backward_apply",
          static_cast<BnReluBackwardApplyFn*>(&bn_relu_backward_apply_cpu));
+  m.impl("bn_grad_fold", static_cast<BnGradFoldFn*>(&bn_grad_fold_cpu));
+  m.impl("bn_grad_fold_apply", static_cast<BnGradFoldApplyFn*>(&bn_grad_fold_apply_cpu));
   m.impl("dropout_store", static_cast<DropoutStoreFn*>(&dropout_store_cpu));
 }
 
