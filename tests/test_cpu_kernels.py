@@ -196,3 +196,101 @@ def test_nan_propagates_on_every_isa(isa):
     pre_ = pre.clone().requires_grad_()
     (expected,) = torch.autograd.grad(torch.relu(pre_), pre_, grad_z.double())
     assert torch.equal(torch.isnan(grad_x), torch.isnan(expected))
+
+
+@pytest.mark.parametrize("c", CHANNELS)
+def test_folded_terms_equal_the_apply_of_each_bn(isa, c):
+    """Two BNs that normalise the same channels with the same batch mean (different gamma, eps
+    and sums): their terms folded by bn_grad_fold and added by one bn_grad_fold_apply equal
+    bn_relu_backward_apply of each, and the fold adds exactly common/math.cuh's coefficients."""
+    x, _, grad_x, mean, var, gamma, beta = problem(c)
+    g = torch.Generator().manual_seed(1)
+    bns = [
+        (gamma, beta, 1e-5, torch.randn(2, c, generator=g)),
+        (torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g), 1e-3, torch.randn(2, c)),
+    ]
+    count = x.numel() // c
+    expected = grad_x.clone()
+    for gam, bet, eps, sums in bns:
+        torch.ops.dense_ext.bn_relu_backward_apply(
+            x, mean, var, gam, bet, eps, sums, count, expected
+        )
+    wide = torch.zeros(2, c + 3)
+    coef = wide[:, 2 : 2 + c]
+    reference = torch.zeros(2, c, dtype=torch.float64)
+    for gam, _, eps, sums in bns:
+        torch.ops.dense_ext.bn_grad_fold(var, gam, eps, sums, count, coef)
+        invstd = torch.rsqrt(var.double() + eps)
+        reference[0] -= gam.double() * invstd * sums[0].double() / count
+        reference[1] -= gam.double() * invstd * invstd * sums[1].double() / count
+    assert_close(coef, reference, 1e-6, "coefficients")
+    assert (wide[:, :2] == 0).all() and (wide[:, 2 + c :] == 0).all()
+    ours = grad_x.clone()
+    torch.ops.dense_ext.bn_grad_fold_apply(x, mean, coef, ours)
+    assert_close(ours, expected, 1e-5, "grad_x")
+
+
+@pytest.mark.parametrize("c", CHANNELS)
+def test_reduce_then_fold_equals_bn_relu_backward(isa, c):
+    """The block's schedule: bn_relu_backward_reduce over chunks, bn_grad_fold, then one
+    bn_grad_fold_apply, equals bn_relu_backward with batch statistics, accumulated."""
+    x, grad_z, grad_x, _, _, gamma, beta = problem(c)
+    var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    var, mean = var.float(), mean.float()
+    args = (mean, var, gamma, beta, 1e-5)
+    expected = grad_x.clone()
+    dgamma, dbeta = torch.empty(c), torch.empty(c)
+    torch.ops.dense_ext.bn_relu_backward(grad_z, x, *args, True, True, expected, dgamma, dbeta)
+    ours, sums, coef = grad_x.clone(), torch.zeros(2, c), torch.zeros(2, c)
+    for n0, n1 in ((0, 2), (2, 3)):
+        torch.ops.dense_ext.bn_relu_backward_reduce(
+            grad_z[n0:n1], x[n0:n1], *args, ours[n0:n1], sums
+        )
+    torch.ops.dense_ext.bn_grad_fold(var, gamma, 1e-5, sums, x.numel() // c, coef)
+    torch.ops.dense_ext.bn_grad_fold_apply(x, mean, coef, ours)
+    assert_close(ours, expected, 1e-5, "grad_x")
+    assert_close(sums, torch.stack([dbeta, dgamma]), 1e-5, "sums")
+
+
+def test_fold_ops_check_their_arguments():
+    cpu_backend_or_skip("cpp")
+    x, _, grad_x, mean, var, gamma, _ = problem(5)
+    sums = torch.zeros(2, 5)
+    with pytest.raises(RuntimeError, match="coef must be a \\[2, 5\\] tensor"):
+        torch.ops.dense_ext.bn_grad_fold(var, gamma, 1e-5, sums, 10, torch.zeros(5, 2).t())
+    with pytest.raises(RuntimeError, match="count must be positive"):
+        torch.ops.dense_ext.bn_grad_fold(var, gamma, 1e-5, sums, 0, torch.zeros(2, 5))
+    with pytest.raises(RuntimeError, match="coef must be Float, got Double"):
+        torch.ops.dense_ext.bn_grad_fold_apply(x, mean, torch.zeros(2, 5).double(), grad_x)
+    with pytest.raises(RuntimeError, match="mean must have shape \\[5\\]"):
+        torch.ops.dense_ext.bn_grad_fold_apply(x, mean[:4], torch.zeros(2, 5), grad_x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("hw", [(8, 8), (9, 7), (2, 3)])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize(
+    "bn_kwargs", [{}, {"momentum": None}, {"track_running_stats": False}, {"affine": False}]
+)
+def test_transition_backward_through_the_extension_matches_naive(
+    monkeypatch, dtype, hw, train, bn_kwargs
+):
+    """EfficientTransition on channels_last CPU input (a block's output) runs its BN-ReLU
+    backward through dense_ext::bn_relu_backward in place; it must match torchvision's order as
+    the Python in-place path does (test_convert.py)."""
+    cpu_backend_or_skip("cpp")
+    import dense_ext.transition as transition
+    from conftest import TOLERANCE
+    from test_convert import compare_modules, transition_pair
+
+    calls = []
+    fused = transition._bn_relu_backward_fused
+    monkeypatch.setattr(
+        transition, "_bn_relu_backward_fused", lambda *a: calls.append(1) or fused(*a)
+    )
+    naive, efficient = transition_pair(7, 3, dtype, **bn_kwargs)
+    naive.train(train), efficient.train(train)
+    x = cl(torch.randn(3, 7, *hw, dtype=dtype) * 1.5 + 0.7)
+    compare_modules(naive, efficient, x, TOLERANCE[dtype])
+    compare_modules(naive, efficient, x - 0.3, TOLERANCE[dtype])
+    assert len(calls) == 2, "the extension's backward did not run"
