@@ -26,6 +26,9 @@ struct Ops {
       op<BnReluBackwardReduceFn>("dense_ext::bn_relu_backward_reduce");
   c10::TypedOperatorHandle<BnReluBackwardApplyFn> bn_relu_backward_apply =
       op<BnReluBackwardApplyFn>("dense_ext::bn_relu_backward_apply");
+  c10::TypedOperatorHandle<BnGradFoldFn> bn_grad_fold = op<BnGradFoldFn>("dense_ext::bn_grad_fold");
+  c10::TypedOperatorHandle<BnGradFoldApplyFn> bn_grad_fold_apply =
+      op<BnGradFoldApplyFn>("dense_ext::bn_grad_fold_apply");
   c10::TypedOperatorHandle<DropoutStoreFn> dropout_store =
       op<DropoutStoreFn>("dense_ext::dropout_store");
 };
@@ -409,12 +412,28 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
   }
   at::Tensor grad_new_scratch;
   if (norms.any_dropout()) grad_new_scratch = channels_last(feat, s.k, s);
+  // The batch-mean terms of the first BNs' backward, folded per channel (bn_grad_fold): every
+  // layer with batch statistics adds its terms for its prefix here, and they reach grad_feat
+  // in one pass per channel, when the channel's gradient is complete, instead of a pass over
+  // the prefix per layer. All these BNs normalise a channel with the same batch mean (stats1).
+  // Until some layer has folded its terms the coefficients are zero and nothing is added: 0 *
+  // (x - mean) would still turn a non-finite feature into NaN where the naive block adds nothing.
+  at::Tensor coef;
+  if (stats1_needed) coef = at::zeros({2, s.total}, acc_opts);
+  bool folded = false;
+  auto add_folded_terms = [&](int64_t lo, int64_t count) {
+    if (!folded) return;
+    o.bn_grad_fold_apply.call(feat.narrow(1, lo, count), stats1[0].narrow(0, lo, count),
+                              coef.narrow(1, lo, count), grad_feat.narrow(1, lo, count));
+  };
 
   for (int64_t l = s.layers - 1; l >= 0; --l) {
     const Layer layer = layer_view(l, s, params, vectors, norms, stats1, stats2);
     const int64_t p0 = l * s.per_layer;
     // Gradient of this layer's new features; complete now that all later layers have added
-    // their input gradients. The dropout mask is replayed from (seed, layer).
+    // their input gradients (and their folded batch-mean terms). The dropout mask is replayed
+    // from (seed, layer).
+    add_folded_terms(layer.c_in, s.k);
     at::Tensor grad_new = grad_feat.narrow(1, layer.c_in, s.k);
     if (layer.drop_rate >= 1) {
       grad_new = grad_new_scratch.zero_();
@@ -426,14 +445,25 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
     }
     at::Tensor prefix = feat.narrow(1, 0, layer.c_in);
     at::Tensor grad_prefix = grad_feat.narrow(1, 0, layer.c_in);
+    at::Tensor sums = at::zeros({2, layer.c_in}, acc_opts);  // of g and g*xhat over the batch
+    // BN1's backward once its sums are in: fold its batch-mean terms, and its parameter grads.
+    auto finish_bn1 = [&] {
+      if (layer.batch1) {
+        o.bn_grad_fold.call(layer.var1, layer.gamma1, layer.eps1, sums, s.m,
+                            coef.narrow(1, 0, layer.c_in));
+        folded = true;
+      }
+      grads[p0].copy_(sums[1]);
+      grads[p0 + 1].copy_(sums[0]);
+    };
     if (!s.bottleneck) {
       at::Tensor z1 = compact(z1_flat, s.n, layer.c_in, s);
       o.bn_relu.call(prefix, layer.mean1, layer.var1, layer.gamma1, layer.beta1, layer.eps1, z1);
       auto [gz1, grad_w1] = conv3x3_backward(grad_new, z1, layer.w1);
       grads[p0 + 2].copy_(grad_w1);
-      o.bn_relu_backward.call(as_cl(gz1), prefix, layer.mean1, layer.var1, layer.gamma1,
-                              layer.beta1, layer.eps1, layer.batch1, true, grad_prefix, grads[p0],
-                              grads[p0 + 1]);
+      o.bn_relu_backward_reduce.call(as_cl(gz1), prefix, layer.mean1, layer.var1, layer.gamma1,
+                                     layer.beta1, layer.eps1, grad_prefix, sums);
+      finish_bn1();
       continue;
     }
     // Bottleneck layer: conv2 and BN2 over the whole batch (bn_size*k channels) ...
@@ -447,10 +477,9 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
                             layer.eps2, layer.batch2, false, dy1, grads[p0 + 3], grads[p0 + 4]);
     // ... then conv1 and BN1 (C_in channels) chunk by chunk: Z1 recomputed, dW1 += dY1^T Z1,
     // dZ1 = dY1 W1 over Z1's scratch, grad_feat += gamma*invstd*g with the sums of g and g*xhat
-    // collected; the batch-mean terms of the BN backward follow in one pass once all sums are in.
+    // collected; the batch-mean terms of the BN backward are folded once all sums are in.
     const at::Tensor w1 = layer.w1.reshape({s.mid, layer.c_in});
     at::Tensor grad_w1 = grads[p0 + 2].view({s.mid, layer.c_in});
-    at::Tensor sums = at::zeros({2, layer.c_in}, acc_opts);
     for (int64_t n0 = 0; n0 < s.n; n0 += chunk) {
       const int64_t nc = std::min(chunk, s.n - n0);
       at::Tensor prefix_c = prefix.narrow(0, n0, nc);
@@ -467,15 +496,42 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
       o.bn_relu_backward_reduce.call(z1, prefix_c, layer.mean1, layer.var1, layer.gamma1,
                                      layer.beta1, layer.eps1, grad_prefix.narrow(0, n0, nc), sums);
     }
-    if (layer.batch1) {
-      o.bn_relu_backward_apply.call(prefix, layer.mean1, layer.var1, layer.gamma1, layer.beta1,
-                                    layer.eps1, sums, s.m, grad_prefix);
-    }
-    grads[p0].copy_(sums[1]);
-    grads[p0 + 1].copy_(sums[0]);
+    finish_bn1();
   }
+  add_folded_terms(0, s.c0);  // the block input's channels
   return {bn_grads, w_grads};
 }
+
+#ifdef DENSE_EXT_WITH_CUDA
+namespace {
+
+// The fold ops written with ATen ops, for devices without their own kernels (CUDA, until
+// cuda/kernels.cu has them): the same formulas as common/math.cuh's bn_grad_fold_add and
+// bn_grad_fold_terms, a few elementwise launches each.
+void bn_grad_fold_aten(const at::Tensor& var, const at::Tensor& gamma, double eps,
+                       const at::Tensor& sums, int64_t count, const at::Tensor& coef) {
+  check_bn_grad_fold(var, gamma, sums, count, coef);
+  const at::Tensor invstd = (var + eps).rsqrt();
+  const at::Tensor scale = gamma * invstd;
+  coef[0].sub_(scale * (sums[0] / static_cast<double>(count)));
+  coef[1].sub_(scale * invstd * (sums[1] / static_cast<double>(count)));
+}
+
+void bn_grad_fold_apply_aten(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& coef,
+                             const at::Tensor& grad_x) {
+  const BnBackwardViews v = check_bn_grad_fold_apply(x, mean, coef, grad_x);
+  if (v.empty()) return;
+  auto channel = [](const at::Tensor& t) { return t.view({1, -1, 1, 1}); };
+  grad_x.add_(channel(coef[0]) + channel(coef[1]) * (x.to(mean.scalar_type()) - channel(mean)));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dense_ext, CUDA, m) {
+  m.impl("bn_grad_fold", TORCH_FN(bn_grad_fold_aten));
+  m.impl("bn_grad_fold_apply", TORCH_FN(bn_grad_fold_apply_aten));
+}
+#endif
 
 TORCH_LIBRARY_IMPL(dense_ext, CPU, m) {
   m.impl("block_forward", TORCH_FN(block_forward));

@@ -7,6 +7,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/isa.h"
+
 // The CUDA architectures the build embedded (setup.py passes them from TORCH_CUDA_ARCH_LIST):
 // SASS for each of DENSE_EXT_CUDA_SASS, PTX for each of DENSE_EXT_CUDA_PTX, as "_"-separated
 // compute capabilities times ten (80_90, one preprocessing number). Empty when unknown or built
@@ -20,12 +22,43 @@
 #define DENSE_EXT_CUDA_PTX
 #endif
 
+namespace {
+
+// dense_ext._C.cpu_isa() -> str: the instruction set of the CPU kernels now (cpu/isa.h).
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(dense_ext::cpu::isa_name(dense_ext::cpu::active_isa()));
+}
+
+// dense_ext._C.supported_cpu_isa() -> str: the widest one this CPU and torch allow.
+PyObject* supported_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(dense_ext::cpu::isa_name(dense_ext::cpu::supported_isa()));
+}
+
+// dense_ext._C.set_cpu_isa(name) -> bool: use "portable", "avx2" or "avx512" from now on (tests
+// run every copy of the CPU loops this way); False if unknown or not supported here.
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  return PyBool_FromLong(dense_ext::cpu::set_active_isa(name));
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use."},
+    {"supported_cpu_isa", supported_cpu_isa, METH_NOARGS,
+     "The widest instruction set the CPU kernels may use here."},
+    {"set_cpu_isa", set_cpu_isa, METH_O,
+     "Use 'portable', 'avx2' or 'avx512' CPU kernels; False if not supported here."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
-// `import dense_ext._C` loads this library, which runs the registrations below. No Python
-// functions are exported: the ops are reached through torch.ops.dense_ext. `with_cuda` says
-// whether the CUDA kernels were compiled in, `cuda_sass` and `cuda_ptx` for which GPUs.
+// `import dense_ext._C` loads this library, which runs the registrations below. The ops are
+// reached through torch.ops.dense_ext; the module itself holds only facts about the build:
+// `with_cuda` says whether the CUDA kernels were compiled in, `cuda_sass` and `cuda_ptx` for
+// which GPUs, and the cpu_isa functions above which CPU loops run.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
 #ifdef DENSE_EXT_WITH_CUDA
   const long with_cuda = 1;
@@ -69,6 +102,15 @@ TORCH_LIBRARY(dense_ext, m) {
   m.def(
       "bn_relu_backward_apply(Tensor x, Tensor mean, Tensor var, Tensor gamma, Tensor beta, "
       "float eps, Tensor sums, int count, Tensor(a!) grad_x) -> ()");
+  // The batch-mean terms of bn_relu_backward_apply folded per channel, for BNs that normalise
+  // a channel with the same mean (the first BNs of a block's layers): bn_grad_fold adds one BN's
+  // terms, -gamma*invstd*(mean(g) + xhat*mean(g*xhat)) = coef[0] + coef[1]*(x - mean), to the
+  // coefficients (means = sums / count); bn_grad_fold_apply adds coef[0] + coef[1]*(x - mean)
+  // to grad_x, once for all of them.
+  m.def(
+      "bn_grad_fold(Tensor var, Tensor gamma, float eps, Tensor sums, int count, "
+      "Tensor(a!) coef) -> ()");
+  m.def("bn_grad_fold_apply(Tensor x, Tensor mean, Tensor coef, Tensor(a!) grad_x) -> ()");
   // dst = src * mask / (1 - p), mask a pure function of (seed, key, element index): the same
   // call on the output gradient replays the forward mask. seed is a one-element int64 tensor on
   // src's device that the kernel reads itself (no host sync), so a CUDA graph that redraws it

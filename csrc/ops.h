@@ -28,6 +28,10 @@ using BnReluBackwardApplyFn = void(const at::Tensor& x, const at::Tensor& mean,
                                    const at::Tensor& var, const at::Tensor& gamma,
                                    const at::Tensor& beta, double eps, const at::Tensor& sums,
                                    int64_t count, const at::Tensor& grad_x);
+using BnGradFoldFn = void(const at::Tensor& var, const at::Tensor& gamma, double eps,
+                          const at::Tensor& sums, int64_t count, const at::Tensor& coef);
+using BnGradFoldApplyFn = void(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& coef,
+                               const at::Tensor& grad_x);
 using DropoutStoreFn = void(const at::Tensor& src, double p, const at::Tensor& seed, int64_t key,
                             const at::Tensor& dst);
 

@@ -113,6 +113,11 @@ class NormReluPoolFunction(torch.autograd.Function):
                 grad_x, grad_w, grad_b = _bn_relu_backward_in_place(
                     grad_z, x, weight, bias, mean, invstd, True, ctx.sync, ctx.world_count
                 )
+            elif _fused_backward_applies(grad_z, x, mean):
+                var = invstd_or_var if not call.batch_stats else invstd.pow(-2) - call.eps
+                grad_x, grad_w, grad_b = _bn_relu_backward_fused(
+                    grad_z, x, weight, bias, mean, var, call.eps, call.batch_stats
+                )
             elif grad_z.dtype == x.dtype == mean.dtype:
                 grad_x, grad_w, grad_b = _bn_relu_backward_in_place(
                     grad_z, x, weight, bias, mean, invstd, call.batch_stats
@@ -205,6 +210,38 @@ def _bn_relu_backward_aten(ctx, grad_z, x, weight, bias, mean, invstd, invstd_or
             bias is not None and ctx.needs_input_grad[2],
         ],
     )
+
+
+def _fused_backward_applies(g: Tensor, x: Tensor, mean: Tensor) -> bool:
+    """Whether ``_bn_relu_backward_fused`` can run: CPU tensors in channels_last, float32 or
+    float64 throughout, and the C++ extension loaded."""
+    if x.device.type != "cpu" or not (g.dtype == x.dtype == mean.dtype):
+        return False
+    if x.dtype not in (torch.float32, torch.float64):
+        return False
+    cl = torch.channels_last
+    if not (x.is_contiguous(memory_format=cl) and g.is_contiguous(memory_format=cl)):
+        return False
+    from dense_ext.backends import cpp
+
+    return cpp.unavailable_reason(x.device) is None
+
+
+def _bn_relu_backward_fused(g, x, weight, bias, mean, var, eps, batch_stats):
+    """BN-ReLU backward written into ``g`` by one call of the extension's ``bn_relu_backward``
+    (two vectorised passes: the sums of g and g*xhat, then dx), the same result as
+    ``_bn_relu_backward_in_place`` up to rounding. ``var`` is what the BN normalised with
+    (recovered from ``invstd`` in training: ``invstd**-2 - eps``, within a few ulps)."""
+    acc = mean.dtype
+    gamma = torch.ones_like(mean) if weight is None else weight.to(acc).contiguous()
+    beta = torch.zeros_like(mean) if bias is None else bias.to(acc).contiguous()
+    sum_gxhat, sum_g = torch.empty_like(mean), torch.empty_like(mean)
+    torch.ops.dense_ext.bn_relu_backward(
+        g, x, mean, var.contiguous(), gamma, beta, eps, batch_stats, False, g, sum_gxhat, sum_g
+    )
+    grad_w = None if weight is None else sum_gxhat.to(weight.dtype)
+    grad_b = None if bias is None else sum_g.to(bias.dtype)
+    return g, grad_w, grad_b
 
 
 def _bn_relu_backward_in_place(

@@ -21,6 +21,8 @@ OPS = (
     "bn_relu_backward",
     "bn_relu_backward_reduce",
     "bn_relu_backward_apply",
+    "bn_grad_fold",
+    "bn_grad_fold_apply",
     "dropout_store",
     "block_forward",
     "block_backward",
@@ -137,6 +139,8 @@ def test_op_schemas_mark_written_buffers():
         "dropout_store": ["dst"],
         "bn_relu_backward_reduce": ["grad_x", "sums"],
         "bn_relu_backward_apply": ["grad_x"],
+        "bn_grad_fold": ["coef"],
+        "bn_grad_fold_apply": ["grad_x"],
         "block_backward": ["grad_feat"],
         "block_forward": [],
     }
@@ -195,6 +199,9 @@ def test_opcheck_kernels(dtype):
     )
     torch.library.opcheck(ops.dropout_store, (a["x"], 0.3, seed_of(a["x"], 17), 1, a["out"]))
     torch.library.opcheck(ops.dropout_store, (a["x"], 0.0, seed_of(a["x"], 17), 1, a["out"]))
+    coef = torch.randn(2, 8, dtype=acc_of(dtype))[:, 1:6]  # a channel range, rows contiguous
+    torch.library.opcheck(ops.bn_grad_fold, (a["var"], a["gamma"], 1e-5, a["sums"], 30, coef))
+    torch.library.opcheck(ops.bn_grad_fold_apply, (a["x"], a["mean"], coef, a["grad_x"]))
 
 
 @pytest.mark.parametrize("bn_size", [0, 2])
@@ -744,6 +751,7 @@ def empty_calls(shape, dtype=torch.float32):
         ("bn_relu_backward", (grad_z, x, *vec, 1e-5, True, True, grad_x, dgamma, dbeta)),
         ("bn_relu_backward_reduce", (grad_z, x, *vec, 1e-5, grad_x, sums)),
         ("bn_relu_backward_apply", (x, *vec, 1e-5, sums, 7, grad_x)),
+        ("bn_grad_fold_apply", (x, vec[0], torch.zeros(2, c, dtype=acc), grad_x)),
         ("dropout_store", (x, 0.5, seed_of(x, 3), 0, out)),
     ]
     if n * h * w > 0:  # statistics of no rows are an error (below)

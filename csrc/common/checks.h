@@ -205,4 +205,47 @@ inline DropoutViews check_dropout_store(const at::Tensor& src, double p, const a
   return v;
 }
 
+// bn_grad_fold: var, gamma [C]; sums [2, C] contiguous; coef [2, C] with contiguous rows (a
+// channel range of the block's [2, C_total] coefficients), all in the accumulation dtype.
+inline int64_t check_bn_grad_fold(const at::Tensor& var, const at::Tensor& gamma,
+                                  const at::Tensor& sums, int64_t count, const at::Tensor& coef) {
+  TORCH_CHECK(var.dim() == 1, "dense_ext: var must be a vector, got shape ", var.sizes());
+  const int64_t c = var.size(0);
+  const auto acc = var.scalar_type();
+  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble,
+              "dense_ext: var must be float32/float64, got ", acc);
+  check_vector(var, "var", c, acc, coef);
+  check_vector(gamma, "gamma", c, acc, coef);
+  check_sums(sums, var, c);
+  TORCH_CHECK(
+      coef.dim() == 2 && coef.size(0) == 2 && coef.size(1) == c && (c <= 1 || coef.stride(1) == 1),
+      "dense_ext: coef must be a [2, ", c, "] tensor with contiguous rows, got shape ",
+      coef.sizes(), " strides ", coef.strides());
+  TORCH_CHECK(coef.scalar_type() == acc, "dense_ext: coef must be ", acc, ", got ",
+              coef.scalar_type());
+  TORCH_CHECK(count > 0, "dense_ext: count must be positive, got ", count);
+  return c;
+}
+
+// bn_grad_fold_apply: x and grad_x as for the BN ops, mean [C] and coef [2, C] (contiguous
+// rows) in the accumulation dtype.
+inline BnBackwardViews check_bn_grad_fold_apply(const at::Tensor& x, const at::Tensor& mean,
+                                                const at::Tensor& coef, const at::Tensor& grad_x) {
+  check_floating(x, "x");
+  BnBackwardViews v{{0, 0, 0}, rows_view(x, "x"), rows_view(grad_x, "grad_x")};
+  check_same(grad_x, "grad_x", x, "x");
+  const auto acc = acc_dtype(x.scalar_type());
+  check_vector(mean, "mean", v.x.cols, acc, x);
+  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == 2 && coef.size(1) == v.x.cols &&
+                  (v.x.cols <= 1 || coef.stride(1) == 1),
+              "dense_ext: coef must be a [2, ", v.x.cols,
+              "] tensor with contiguous rows, got shape ", coef.sizes(), " strides ",
+              coef.strides());
+  TORCH_CHECK(coef.scalar_type() == acc, "dense_ext: coef must be ", acc, ", got ",
+              coef.scalar_type());
+  TORCH_CHECK(coef.device() == x.device(), "dense_ext: coef is on ", coef.device(), " but x is on ",
+              x.device());
+  return v;
+}
+
 }  // namespace dense_ext

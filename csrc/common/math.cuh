@@ -159,6 +159,24 @@ DENSE_EXT_HOST_DEVICE acc bn_grad_batch_terms(acc xhat, acc scale, acc mean_g, a
   return -scale * (mean_g + xhat * mean_gxhat);
 }
 
+// The same terms folded into two coefficients per channel, as an affine function of x - mean:
+// -scale * (mean_g + xhat * mean_gxhat) = coef0 + coef1 * (x - mean) with coef0 = -scale *
+// mean_g and coef1 = -scale * invstd * mean_gxhat. The first BNs of all layers of a block that
+// normalise a channel with batch statistics use the same mean, so their terms add up in the
+// coefficients (bn_grad_fold_add) and reach the gradient in one pass (bn_grad_fold_terms) once
+// every layer reading the channel is done, instead of one pass over the prefix per layer.
+template <typename acc>
+DENSE_EXT_HOST_DEVICE void bn_grad_fold_add(acc& coef0, acc& coef1, acc scale, acc invstd,
+                                            acc mean_g, acc mean_gxhat) {
+  coef0 -= scale * mean_g;
+  coef1 -= scale * invstd * mean_gxhat;
+}
+
+template <typename acc>
+DENSE_EXT_HOST_DEVICE acc bn_grad_fold_terms(acc x, acc mean, acc coef0, acc coef1) {
+  return coef0 + coef1 * (x - mean);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dropout with a counter-based mask: element `index` (row * C + channel of the layer's [M, C]
 // output) of the layer numbered `key` keeps its value iff hash(seed, key, index) < threshold,

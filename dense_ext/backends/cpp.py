@@ -26,6 +26,8 @@ OPS = (
     "bn_relu_backward",
     "bn_relu_backward_reduce",
     "bn_relu_backward_apply",
+    "bn_grad_fold",
+    "bn_grad_fold_apply",
     "dropout_store",
     "block_forward",
     "block_backward",
@@ -249,6 +251,14 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("dense_ext::bn_relu_backward_apply")
     def _(x, mean, var, gamma, beta, eps, sums, count, grad_x):
+        return None
+
+    @torch.library.register_fake("dense_ext::bn_grad_fold")
+    def _(var, gamma, eps, sums, count, coef):
+        return None
+
+    @torch.library.register_fake("dense_ext::bn_grad_fold_apply")
+    def _(x, mean, coef, grad_x):
         return None
 
     @torch.library.register_fake("dense_ext::dropout_store")
