@@ -99,12 +99,20 @@ class CrossLayerDepthwiseConv(nn.Module):
         running_var = self.running_var if use_running else None
         out = None
         for i, h in enumerate(inputs):
+            mean = None if running_mean is None else running_mean[:, i]
+            var = None if running_var is None else running_var[:, i]
+            # torch 2.14's CPU batch-norm backward misreads a strided weight or running
+            # statistic when input and gradient are channels_last (wrong input gradient):
+            # pass contiguous columns, except running statistics that batch statistics update
+            # in place (views; the backward never reads them then).
+            if mean is not None and not batch_stats:
+                mean, var = mean.contiguous(), var.contiguous()
             y = F.batch_norm(
                 h,
-                None if running_mean is None else running_mean[:, i],  # a view: updated in place
-                None if running_var is None else running_var[:, i],
-                self.weight[:, i],
-                self.bias[:, i],
+                mean,
+                var,
+                self.weight[:, i].contiguous(),
+                self.bias[:, i].contiguous(),
                 batch_stats,
                 factor,
                 self.eps,

@@ -11,7 +11,8 @@ import math
 
 import pytest
 import torch
-from conftest import TOLERANCE, assert_close
+import torch.nn.functional as F
+from conftest import TOLERANCE, assert_close, rel_err
 from torch import nn
 
 import python_models
@@ -40,9 +41,10 @@ def stock_bns(cldc: CrossLayerDepthwiseConv) -> list[nn.BatchNorm2d]:
     return bns
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("track", [True, False])
-def test_cldc_is_a_sum_of_batch_norms(momentum, track):
+def test_cldc_is_a_sum_of_batch_norms(momentum, track, fmt):
     torch.manual_seed(0)
     cldc = CrossLayerDepthwiseConv(5, 3, momentum=momentum, track_running_stats=track).double()
     with torch.no_grad():
@@ -57,13 +59,15 @@ def test_cldc_is_a_sum_of_batch_norms(momentum, track):
         for bn in bns:
             bn.train(training)
         xs = [
-            (torch.randn(2, 5, 3, 4, dtype=torch.float64) * (i + 1) + i).requires_grad_()
+            (torch.randn(2, 5, 3, 4, dtype=torch.float64) * (i + 1) + i)
+            .contiguous(memory_format=fmt)
+            .requires_grad_()
             for i in range(3)
         ]
         out = cldc(xs)
         expected = sum(bn(x) for bn, x in zip(bns, xs))
         assert_close(out, expected, TOLERANCE[torch.float64], "CLDC output")
-        grad = torch.randn_like(out)
+        grad = torch.randn_like(out).contiguous(memory_format=fmt)
         gx = torch.autograd.grad(out, [*xs, cldc.weight, cldc.bias], grad)
         params = [p for bn in bns for p in (bn.weight, bn.bias)]
         gy = torch.autograd.grad(expected, [*xs, *params], grad)
@@ -75,6 +79,28 @@ def test_cldc_is_a_sum_of_batch_norms(momentum, track):
                 assert_close(cldc.running_mean[:, i], bns[i].running_mean, 1e-12, "mean")
                 assert_close(cldc.running_var[:, i], bns[i].running_var, 1e-12, "var")
                 assert torch.equal(cldc.num_batches_tracked, bns[i].num_batches_tracked)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_channels_last_batch_norm_backward_misreads_strided_vectors(training):
+    """Why the naive CLDC passes contiguous columns: on the CPU, channels_last input and
+    gradient with a strided weight (or, in eval, strided running statistics) give a wrong input
+    gradient (torch 2.14). If this starts failing, torch fixed it and the copies in
+    CrossLayerDepthwiseConv.forward can go."""
+    torch.manual_seed(0)
+    table = torch.rand(2, 2, dtype=torch.float64) + 0.5
+    x = torch.randn(2, 2, 3, 2, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    grads = []
+    for column in (table[:, 0], table[:, 0].contiguous()):
+        xi = x.clone().requires_grad_()
+        if training:
+            y = F.batch_norm(xi, None, None, column, None, True)
+        else:
+            y = F.batch_norm(xi, column * 0.1, column, None, None, False)
+        y.backward(grad)
+        grads.append(xi.grad)
+    assert rel_err(grads[0], grads[1]) > 1e-3
 
 
 def test_cldc_wrong_number_of_inputs_raises():
