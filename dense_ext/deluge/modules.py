@@ -72,8 +72,9 @@ class EfficientCLDC(nn.Module):
         if norm.batch_stats:
             _check_batch_size(buf)
         call = CLDCCall(self.channels, get_backend(self.backend, buf.device), norm)
-        dtype = _compute_dtype(buf)
-        return CLDCFunction.apply(buf.to(dtype), call, self.weight, self.bias)
+        # A stage's buffer is channels_last already; anything else is copied once.
+        buf = buf.to(_compute_dtype(buf)).contiguous(memory_format=torch.channels_last)
+        return CLDCFunction.apply(buf, call, self.weight, self.bias)
 
 
 class EfficientCompositeLayer(nn.Module):
