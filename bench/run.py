@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import dense_ext
-    from bench.memory import self_test
+    from python_models.memory import self_test
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backends = args.backends.split(",") if args.backends else dense_ext.available_backends(device)

@@ -2,7 +2,7 @@
 
     pytest bench/test_memory_probe.py
 
-(``make bench`` also runs ``bench.memory.self_test`` first and records it in the JSON.)
+(``make bench`` also runs ``python_models.memory.self_test`` first and records it in the JSON.)
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.memory import cpu_peak, self_test
+from python_models.memory import cpu_peak, self_test
 
 
 def test_probe_self_test():

@@ -2,7 +2,7 @@
 
 ``python -m bench.worker '<job json>'`` prints one line ``RESULT <row json>`` on stdout.
 bench/run.py starts one such process per job, so no variant inherits another's allocator
-state, caches or compiled kernels (DESIGN.md section 7).
+state, caches or compiled kernels.
 
 Order inside the process: build (seeded), ``warmup`` steps (the first creates the optimizer's
 momentum buffers and primes kernel caches), then the memory pass (one step under the probe),
@@ -13,7 +13,6 @@ run together: the profiler slows a step down several times.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import sys
@@ -22,8 +21,9 @@ import traceback
 
 import torch
 
-from bench.memory import peak as probe_peak
 from bench.variants import TrainStep, model_config, parse_variant
+from python_models.max_batch import find_max_batch
+from python_models.memory import peak as probe_peak
 
 
 def _device_name(device: torch.device) -> str:
@@ -64,66 +64,25 @@ def _timed_steps(step: TrainStep, n: int) -> tuple[list[float], str]:
 def _max_batch(step: TrainStep, job: dict, first: tuple[int, int]) -> dict:
     """Largest batch whose measured activation peak fits ``budget_bytes``.
 
-    Method: activation memory is affine in the batch, so the probe at two batches gives a
-    line and its prediction ``n``; then the probe itself decides: a binary search over the
-    batch, started from the bracket around ``n`` (usually two probes: ``n`` fits, ``n+1`` does
-    not). Every probe is a full training step at that batch under the memory probe.
+    The training CLI's ``--batch-size auto`` search (``python_models.max_batch``), here with
+    the activation peak of this job's step as the measure, starting from the job's batch
+    (already measured: ``first``). Every probe is a full training step under the probe.
     """
     budget = int(job["max_batch"]["budget_bytes"])
-    probes: dict[int, int | None] = {first[0]: first[1]}  # None: out of device memory
 
-    def measure(n: int) -> float:
-        if n not in probes:
-            step.set_batch(n)
-            try:
-                probes[n] = probe_peak(step, step.device).peak_bytes
-            except torch.OutOfMemoryError:
-                step.opt.zero_grad(set_to_none=False)
-                torch.cuda.empty_cache()
-                probes[n] = None
-        return math.inf if probes[n] is None else probes[n]
+    def measure(n: int) -> int | None:
+        step.set_batch(n)
+        try:
+            return probe_peak(step, step.device).peak_bytes
+        except torch.OutOfMemoryError:
+            step.opt.zero_grad(set_to_none=False)
+            torch.cuda.empty_cache()
+            return None
 
-    def fits(n: int) -> bool:
-        return measure(n) <= budget
-
-    b1 = first[0]
-    b2 = max(1, b1 // 2) if b1 > 1 else 2
-    m1, m2 = measure(b1), measure(b2)
-    slope = (m1 - m2) / (b1 - b2)
-    intercept = m1 - slope * b1
-    predicted = max(1, math.floor((budget - intercept) / slope)) if slope > 0 else b1
-    limit = int(job["max_batch"].get("max_search", 1 << 16))
-    # Bracket [lo, hi): lo fits, hi does not (lo = 0 means nothing fits yet).
-    if fits(predicted):
-        lo, hi, gap = predicted, predicted + 1, 1
-        while hi <= limit and fits(hi):
-            lo, gap = hi, gap * 2
-            hi = lo + gap
-    else:
-        hi, lo, gap = predicted, predicted - 1, 1
-        while lo >= 1 and not fits(lo):
-            hi, gap = lo, gap * 2
-            lo = max(0, hi - gap)
-        lo = max(lo, 0)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
+    cap = int(job["max_batch"].get("max_search", 1 << 16))
+    result = find_max_batch(measure, budget, cap, start=first[0], known={first[0]: first[1]})
     step.set_batch(first[0])
-    return {
-        "budget_bytes": budget,
-        "max_batch": lo,
-        "linear_prediction": predicted,
-        "bytes_per_sample": slope,
-        "probes": [
-            {"batch": b, "peak_activation_bytes": p, "fits": p is not None and p <= budget}
-            for b, p in sorted(probes.items())
-        ],
-        "method": "probe at 2 batches -> affine fit -> binary search with the probe from the "
-        "predicted bracket; each probe one full training step",
-    }
+    return result.as_dict()
 
 
 def run_job(job: dict) -> dict:

@@ -189,12 +189,77 @@ def _train_single():
 def test_two_process_sync_bn_matches_one_process_on_the_whole_batch(tmp_path):
     out = str(tmp_path / "rank0.pt")
     mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-    got = torch.load(out)
+    got = torch.load(out, weights_only=True)
     want_losses, want_state = _train_single()
     torch.testing.assert_close(got["losses"], want_losses, rtol=1e-5, atol=1e-6)
     assert got["state"].keys() == want_state.keys()
     for key, want in want_state.items():
         torch.testing.assert_close(got["state"][key], want, rtol=1e-4, atol=1e-5, msg=key)
+
+
+class _Crash(Exception):
+    """The machine goes down (raised on every rank right after a checkpoint)."""
+
+
+def _phases(tmp: str) -> list[tuple[list[str], bool]]:
+    common = [
+        *("--model", "densenet_bc_10", "--growth-rate", "4", "--image-size", "8"),
+        *("--batch-size", "8", "--drop-rate", "0.2", "--epochs", "2", "--steps-per-epoch", "3"),
+        "--quiet",
+    ]
+    return [
+        ([*common, "--out-dir", f"{tmp}/full"], False),  # uninterrupted
+        ([*common, "--save-steps", "2", "--out-dir", f"{tmp}/run"], True),  # dies at step 2
+        (["--resume", f"{tmp}/run", "--quiet"], False),  # continues inside epoch 1
+    ]
+
+
+def _train_worker(rank: int, ports: list[int], tmp: str) -> None:
+    # Each rank runs the CLI in-process, as torchrun would start it, three times in a row.
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1"
+    )
+    from python_models import train, trainer
+
+    real_save = trainer.save_checkpoints
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise _Crash
+
+    for port, (argv, crash) in zip(ports, _phases(tmp)):
+        os.environ["MASTER_PORT"] = str(port)
+        trainer.save_checkpoints = save_then_crash if crash else real_save
+        try:
+            train.run(train.parse_args(argv))
+        except _Crash:
+            assert crash
+    trainer.save_checkpoints = real_save
+
+
+@pytest.mark.slow
+def test_two_process_resume_with_dropout_is_bit_for_bit_on_every_rank(tmp_path):
+    ports = [_free_port() for _ in range(3)]
+    mp.spawn(_train_worker, args=(ports, str(tmp_path)), nprocs=WORLD, join=True)
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert full["step"] == resumed["step"] == 6
+    # The global loss of every step: each rank's dropout masks and batches enter it.
+    assert _read_lines(tmp_path / "run" / "steps.csv") == _read_lines(
+        tmp_path / "full" / "steps.csv"
+    )
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    # Every rank's generators end where the uninterrupted run's did (and differ by rank).
+    states = [[r["rng"]["torch"] for r in s["ranks"]] for s in (full, resumed)]
+    assert len(states[0]) == len(states[1]) == WORLD
+    assert all(torch.equal(a, b) for a, b in zip(*states))
+    assert not torch.equal(states[0][0], states[0][1])
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
 
 
 def _read_losses(run_dir: Path) -> list[float]:

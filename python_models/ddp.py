@@ -35,6 +35,10 @@ class DistInfo:
         return self.rank == 0
 
 
+class LaunchError(ValueError):
+    """The device or the torchrun environment cannot be used."""
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -42,19 +46,33 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise LaunchError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """The device for ``--device`` (``auto``: this rank's GPU if there is one, else CPU)."""
+    """The device for ``--device`` (``auto``: this rank's GPU if there is one, else CPU).
+
+    Raises ``LaunchError`` for a name that is not a device, a device type other than cpu
+    and cuda, or a GPU this machine does not have.
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise LaunchError(
+            f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise LaunchError(f"--device {name}: only cpu and cuda devices are supported")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was requested but no CUDA GPU is available")
+            raise LaunchError(f"--device {name}: no CUDA GPU is available on this machine")
+        count = torch.cuda.device_count()
         if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            device = torch.device("cuda", local_rank % count)
+        elif device.index >= count:
+            raise LaunchError(f"--device {name}: this machine has {count} CUDA GPU(s)")
         torch.cuda.set_device(device)
     return device
 
@@ -116,6 +134,16 @@ def broadcast_int(value: int, info: DistInfo) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=_collective_device(info))
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+def gather_objects(obj: object, info: DistInfo) -> list | None:
+    """Every rank's ``obj`` in rank order on rank 0 (None on the others); pickled between
+    this run's own processes."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def barrier(info: DistInfo) -> None:

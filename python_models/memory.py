@@ -1,5 +1,8 @@
 """Memory probes: peak live allocator bytes during a piece of work, above what was live before.
 
+One instrument for the benchmark's activation memory and max batch (``bench``) and for the
+training CLI's ``--batch-size auto`` (``python_models.max_batch``).
+
 CPU: there is no ``torch.cuda.max_memory_allocated`` for the c10 CPU allocator, so the probe runs
 the work under ``torch.profiler.profile(profile_memory=True)``. The c10 CPU allocator reports every
 allocation and free to the profiler, whoever asked for it: Python, an ATen kernel's internal
@@ -14,7 +17,7 @@ What the probe does not see: memory that bypasses the c10 allocator (a library c
 the naive and the efficient model (same GEMM library), and small.
 
 GPU: ``torch.cuda.reset_peak_memory_stats()`` then ``max_memory_allocated() - memory_allocated()``
-around the synchronised work (DESIGN.md section 7).
+around the synchronised work.
 
 The profiler slows the work down several times: never time a step under the CPU probe.
 """
@@ -30,12 +33,16 @@ from dataclasses import dataclass
 
 import torch
 
+GIB = 1024**3
+
 
 @dataclass
 class ProbeResult:
+    """What a probe saw while the work ran."""
+
     peak_bytes: int  # max live bytes above the starting level during the work
     end_bytes: int  # net bytes still live (allocated during the work) at its end
-    events: int  # allocator events seen (allocations + frees)
+    events: int  # allocator events seen (allocations + frees); -1 on CUDA
     method: str
 
 
@@ -80,11 +87,12 @@ def cpu_peak(work: Callable[[], object]) -> ProbeResult:
         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
     ]
     deltas.sort()
-    live = peak = 0
+    live = peak_bytes = 0
     for _, _, nbytes in deltas:
         live += nbytes
-        peak = max(peak, live)
-    return ProbeResult(peak, live, len(deltas), "torch.profiler memory events (c10 CPU allocator)")
+        peak_bytes = max(peak_bytes, live)
+    method = "torch.profiler memory events (c10 CPU allocator)"
+    return ProbeResult(peak_bytes, live, len(deltas), method)
 
 
 def cuda_peak(work: Callable[[], object], device: torch.device) -> ProbeResult:
@@ -94,13 +102,14 @@ def cuda_peak(work: Callable[[], object], device: torch.device) -> ProbeResult:
     before = torch.cuda.memory_allocated(device)
     work()
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
+    peak_bytes = torch.cuda.max_memory_allocated(device) - before
     end = torch.cuda.memory_allocated(device) - before
     method = "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
-    return ProbeResult(peak, end, -1, method)
+    return ProbeResult(peak_bytes, end, -1, method)
 
 
 def peak(work: Callable[[], object], device: torch.device | str) -> ProbeResult:
+    """The probe of ``device``'s type (``cpu_peak`` or ``cuda_peak``) around ``work()``."""
     device = torch.device(device)
     if device.type == "cuda":
         return cuda_peak(work, device)
@@ -149,6 +158,40 @@ def self_test() -> dict:
         "aten_internal_lower_bound_bytes": out_bytes + columns,
         "passed": True,
     }
+
+
+# ----------------------------------------------------------------------------- budgets
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else total physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_budget(device: torch.device, processes: int = 1) -> int:
+    """The GPU's free memory, or half of the available RAM shared by ``processes``."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_ram_bytes() // 2 // processes
+
+
+def current_memory(device: torch.device) -> str:
+    """Memory for progress lines: peak allocated on CUDA, resident set size on CPU."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / GIB:.2f}G"
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return f"{pages * os.sysconf('SC_PAGE_SIZE') / GIB:.2f}G"
+    except (OSError, ValueError, IndexError):
+        return "?"
 
 
 if __name__ == "__main__":
