@@ -229,6 +229,8 @@ class DelugeNet(nn.Module):
         efficient: stages, transitions and head over one shared slot buffer per stage
             (``dense_ext.deluge``), same parameter and buffer names.
         memory, backend: the efficient stages' memory mode and backend (``efficient`` only).
+        drop_rate: accepted for a uniform model interface; DelugeNets have no dropout, so
+            anything but 0 raises ValueError.
     """
 
     def __init__(
@@ -242,9 +244,12 @@ class DelugeNet(nn.Module):
         efficient: bool = False,
         memory: str = "min",
         backend: str = "auto",
+        drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
         _check_config(stage_slots, stage_channels, stem_channels, num_classes)
+        if drop_rate:
+            raise ValueError(f"DelugeNets have no dropout; drop_rate must be 0, got {drop_rate!r}")
         self.stage_slots = tuple(stage_slots)
         self.stage_channels = tuple(stage_channels)
         self.efficient = efficient
@@ -357,7 +362,8 @@ def delugenet_cifar(
     """The CIFAR DelugeNet with ``n`` (depth 18n + 2) and ``width``: stem 32w channels, stages of
     ``n``, ``2n+1`` and ``3n+1`` slots with 64w, 128w and 256w channels at 32, 16 and 8 pixels.
 
-    ``block_kwargs`` (``memory``, ``backend``) configure the efficient stages.
+    ``block_kwargs`` (``memory``, ``backend``) configure the efficient stages; ``small_inputs``
+    (default True) and ``drop_rate`` go to ``DelugeNet``.
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -370,9 +376,8 @@ def delugenet_cifar(
         stage_channels=(2 * stem, 4 * stem, 8 * stem),
         stem_channels=stem,
         num_classes=num_classes,
-        small_inputs=True,
         efficient=efficient,
-        **block_kwargs,
+        **{"small_inputs": True, **block_kwargs},
     )
 
 
@@ -399,9 +404,8 @@ def _delugenet_imagenet(
         stage_channels=(128, 256, 512, 1024),
         stem_channels=64,
         num_classes=num_classes,
-        small_inputs=False,
         efficient=efficient,
-        **kwargs,
+        **{"small_inputs": False, **kwargs},
     )
 
 

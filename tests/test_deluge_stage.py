@@ -424,6 +424,20 @@ def test_bad_input_raises(shape, dtype, error, match):
         cldc(torch.ones(buffer_shape, dtype=dtype))
 
 
+def test_synchronised_batch_norm_is_refused():
+    """enable_sync_bn marks modules with a stats_sync attribute; a DelugeNet stage or CLDC
+    that cannot synchronise must refuse to train rather than normalise locally."""
+    for module, x in (
+        (EfficientDelugeStage(4, 3, backend="reference"), torch.randn(2, 4, 3, 3)),
+        (EfficientCLDC(4, 3, backend="reference"), torch.randn(2, 12, 3, 3)),
+    ):
+        module.stats_sync = object()
+        with pytest.raises(RuntimeError, match="synchronised batch norm is not implemented"):
+            module(x)
+        module.eval()
+        module(x)  # running statistics: nothing to synchronise
+
+
 def test_bad_constructor_arguments_raise():
     with pytest.raises(ValueError, match="memory"):
         EfficientDelugeStage(4, 3, memory="none")

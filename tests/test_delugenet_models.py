@@ -202,6 +202,9 @@ def test_registry():
         for name in names:
             assert isinstance(get_model(name), DelugeNet)
         assert get_model("delugenet146", num_classes=100).classifier.out_features == 100
+        # What the training CLI passes to every model.
+        small = get_model("delugenet92", small_inputs=True, drop_rate=0.0)
+        assert small.stem.conv.kernel_size == (3, 3) and len(small.stem) == 1
 
 
 @pytest.mark.parametrize(
@@ -213,6 +216,7 @@ def test_registry():
         lambda: DelugeNet((2, 0), (8, 16), 4),
         lambda: DelugeNet((2,), (7,), 4),
         lambda: DelugeNet((2, 3), (8,), 4),
+        lambda: python_models.delugenet146(drop_rate=0.2),
     ],
 )
 def test_bad_configurations_raise(call):

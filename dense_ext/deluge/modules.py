@@ -47,6 +47,7 @@ class EfficientCLDC(nn.Module):
         self.momentum = momentum
         self.track_running_stats = track_running_stats
         self.backend = backend
+        self.stats_sync = None  # see _refuse_sync
         self.weight = nn.Parameter(torch.full((channels, num_inputs), 1.0 / num_inputs))
         self.bias = nn.Parameter(torch.zeros(channels, num_inputs))
         if track_running_stats:
@@ -68,9 +69,10 @@ class EfficientCLDC(nn.Module):
     def forward(self, buf: Tensor) -> Tensor:
         """[N, S*C, H, W] slot buffer -> [N, C, H, W]."""
         _check_input(buf, self.num_inputs * self.channels, "EfficientCLDC", self.weight)
-        norm = norm_call(self)
-        if norm.batch_stats:
+        if _batch_stats(self):
+            _refuse_sync(self)
             _check_batch_size(buf)
+        norm = norm_call(self)
         call = CLDCCall(self.channels, get_backend(self.backend, buf.device), norm)
         # A stage's buffer is channels_last already; anything else is copied once.
         buf = buf.to(_compute_dtype(buf)).contiguous(memory_format=torch.channels_last)
@@ -132,6 +134,7 @@ class EfficientDelugeStage(nn.ModuleDict):
         super().__init__()
         self.spec = StageSpec(channels, num_slots, memory)
         self.backend = backend
+        self.stats_sync = None  # see _refuse_sync
         for k in range(1, num_slots):
             self.add_module(f"layer{k}", EfficientCompositeLayer(channels, k))
 
@@ -161,10 +164,12 @@ class EfficientDelugeStage(nn.ModuleDict):
         dtype = _compute_dtype(x)
         if not layers:  # a stage of one slot is its input
             return x.to(dtype).contiguous(memory_format=torch.channels_last)
+        if any(_batch_stats(m) for layer in layers for m in layer.norms()):
+            _refuse_sync(self)
+            _check_batch_size(x)
+        # Only now, with the input accepted: norm_call counts the batch in num_batches_tracked.
         norms = [LayerNorms(*[_norm_call(m) for m in _pad(layer.norms())]) for layer in layers]
         call = StageCall(self.spec, get_backend(self.backend, x.device), norms)
-        if call.any_batch_stats():
-            _check_batch_size(x)
         params = self._flat_params(x, dtype)
         call.save = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params)
@@ -226,6 +231,11 @@ def _pad(norms: list[nn.Module]) -> list[nn.Module | None]:
     return norms if len(norms) == 4 else [None, *norms]
 
 
+def _batch_stats(module: nn.Module) -> bool:
+    """Whether ``module`` (a BN or CLDC) normalises with batch statistics, as nn.BatchNorm2d."""
+    return module.training or (module.running_mean is None and module.running_var is None)
+
+
 def _norm_call(module: nn.Module | None):
     return None if module is None else norm_call(module)
 
@@ -252,6 +262,16 @@ def _check_input(x: Tensor, channels: int, who: str, param: Tensor | None) -> No
                 f"{who}: input dtype {x.dtype} does not match parameter dtype {param.dtype}; "
                 f"convert the module (e.g. .to({x.dtype})) or use torch.autocast"
             )
+
+
+def _refuse_sync(module: nn.Module) -> None:
+    """Synchronised batch norm (``dense_ext.distributed.enable_sync_bn`` sets ``stats_sync``)
+    is not implemented for DelugeNets: refuse rather than normalise with local statistics."""
+    if module.stats_sync is not None:
+        raise RuntimeError(
+            f"dense_ext: synchronised batch norm is not implemented for {type(module).__name__} "
+            "(DelugeNets); train without --sync-bn / enable_sync_bn"
+        )
 
 
 def _check_batch_size(x: Tensor) -> None:

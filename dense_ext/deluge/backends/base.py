@@ -165,14 +165,6 @@ class StageCall:
             ln.cldc is not None and ln.cldc.batch_stats for ln in self.layers[max(slot, 1) :]
         )
 
-    def any_batch_stats(self) -> bool:
-        return any(
-            n.batch_stats
-            for ln in self.layers
-            for n in (ln.cldc, ln.norm, ln.norm1, ln.norm2)
-            if n is not None
-        )
-
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of statistics: float64 for float64 buffers, else float32."""
