@@ -314,7 +314,6 @@ std::tuple<at::Tensor, at::Tensor> deluge_stage_backward(
     }
   }
   const Scratch sc(buf, s);
-  at::Tensor dz0 = channels_last(buf, s.c, s), dz2 = channels_last(buf, s.mid, s);
   // Layer views are built first to last (running tensors are consumed in that order).
   std::vector<Layer> layers;
   int64_t running_at = 0;
@@ -331,8 +330,11 @@ std::tuple<at::Tensor, at::Tensor> deluge_stage_backward(
     const at::Tensor g = as_matrix(slot(grad_buf, k, s.c), "grad_slot");
     const at::Tensor z2 = as_matrix(sc.z2, "z2");
     matmul(grads[p + 8].view({s.c, s.mid}), g.t(), z2);
-    matmul(as_matrix(dz2, "dz2"), g, L.w3.view({s.c, s.mid}));
-    // BN-ReLU backwards write their input gradient over their output gradient (elementwise).
+    // Each activation's gradient goes over the activation once its weight gradient has used it
+    // (dZ2 over Z2, dZ0 over Z0), and BN-ReLU backwards write their input gradient over their
+    // output gradient (elementwise): no gradient scratch of the layer's own.
+    const at::Tensor dz2 = sc.z2;
+    matmul(z2, g, L.w3.view({s.c, s.mid}));
     o.bn_relu_backward.call(dz2, t2, L.mean[2], L.var[2], L.gamma[2], L.beta[2], L.eps[kNorm2],
                             L.batch[kNorm2], false, dz2, grads[p + 6], grads[p + 7]);
     auto gz1 = at::convolution_backward(dz2, sc.z1, L.w2, std::nullopt, {1, 1}, {1, 1}, {1, 1},
@@ -342,8 +344,10 @@ std::tuple<at::Tensor, at::Tensor> deluge_stage_backward(
     o.bn_relu_backward.call(dz1, sc.t1, L.mean[1], L.var[1], L.gamma[1], L.beta[1], L.eps[kNorm1],
                             L.batch[kNorm1], false, dz1, grads[p + 3], grads[p + 4]);
     const at::Tensor dt1 = as_matrix(dz1, "dt1");
-    matmul(grads[p + 2].view({s.mid, s.c}), dt1.t(), as_matrix(sc.z0, "z0"));
-    matmul(as_matrix(dz0, "dz0"), dt1, L.w1.view({s.mid, s.c}));
+    const at::Tensor z0 = as_matrix(sc.z0, "z0");
+    matmul(grads[p + 2].view({s.mid, s.c}), dt1.t(), z0);
+    const at::Tensor dz0 = sc.z0;
+    matmul(z0, dt1, L.w1.view({s.mid, s.c}));
     o.bn_relu_backward.call(dz0, y, L.mean[0], L.var[0], L.gamma[0], L.beta[0], L.eps[kNorm],
                             L.batch[kNorm], false, dz0, grads[p], grads[p + 1]);
     if (k == 1) {

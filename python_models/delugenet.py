@@ -254,11 +254,13 @@ class DelugeNet(nn.Module):
         self.stage_channels = tuple(stage_channels)
         self.efficient = efficient
         c1 = stage_channels[0]
+        kinds = _efficient_kinds(memory, backend) if efficient else _NAIVE_KINDS
+        stage, transition, head, entry = kinds
         if small_inputs:
             self.stem = nn.Sequential(
                 OrderedDict(conv=nn.Conv2d(3, stem_channels, 3, padding=1, bias=False))
             )
-            self.entry = PreActBottleneck(stem_channels, c1 // 2, c1)
+            self.entry = entry(stem_channels, c1 // 2, c1)
         else:
             self.stem = nn.Sequential(
                 OrderedDict(
@@ -269,8 +271,6 @@ class DelugeNet(nn.Module):
                 )
             )
             self.entry = nn.Conv2d(stem_channels, c1, kernel_size=1, bias=False)
-        kinds = _efficient_kinds(memory, backend) if efficient else _NAIVE_KINDS
-        stage, transition, head = kinds
         last = len(stage_slots) - 1
         for s, (slots, channels) in enumerate(zip(stage_slots, stage_channels)):
             self.add_module(f"stage{s + 1}", stage(channels, slots))
@@ -300,7 +300,7 @@ class DelugeNet(nn.Module):
         return self.classifier(self.head(slots))
 
 
-_NAIVE_KINDS = (DelugeStage, DelugeTransition, DelugeHead)
+_NAIVE_KINDS = (DelugeStage, DelugeTransition, DelugeHead, PreActBottleneck)
 
 
 def _efficient_kinds(memory: str, backend: str):
@@ -308,6 +308,7 @@ def _efficient_kinds(memory: str, backend: str):
         EfficientDelugeHead,
         EfficientDelugeStage,
         EfficientDelugeTransition,
+        EfficientPreActBottleneck,
     )
 
     def stage(channels: int, slots: int) -> nn.Module:
@@ -319,7 +320,7 @@ def _efficient_kinds(memory: str, backend: str):
     def head(channels: int, slots: int) -> nn.Module:
         return EfficientDelugeHead(channels, slots, backend=backend)
 
-    return stage, transition, head
+    return stage, transition, head, EfficientPreActBottleneck
 
 
 def _check_config(stage_slots, stage_channels, stem_channels, num_classes) -> None:

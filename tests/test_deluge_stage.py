@@ -561,3 +561,66 @@ def test_cldc_gradcheck_float64(backend, training):
         return torch.func.functional_call(cldc, {"weight": w, "bias": b}, (inp,))
 
     assert torch.autograd.gradcheck(f, (buf, weight, bias), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("flags", ["train", "eval", "mixed"])
+def test_entry_matches_naive(flags):
+    """The CIFAR entry (a pre-activation bottleneck that keeps only its input)."""
+    from dense_ext.deluge import EfficientPreActBottleneck
+    from python_models.delugenet import PreActBottleneck
+
+    torch.manual_seed(0)
+    naive = PreActBottleneck(3, 2, 4).double()
+    randomize(naive)
+    efficient = EfficientPreActBottleneck(3, 2, 4).double()
+    efficient.load_state_dict(naive.state_dict())
+    for module in (naive, efficient):
+        module.train(flags != "eval")
+        if flags == "mixed":
+            module.norm2.eval()
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64) * 2 + 1
+    grad = torch.randn(2, 4, 5, 4, dtype=torch.float64)
+    expected, _ = observe(naive, x, grad)
+    actual, _ = observe(efficient, x, grad)
+    check(actual, expected, 1e-10, {})
+    assert torch.autograd.gradcheck(efficient, (x.clone().requires_grad_(),), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transition_mixed_flags_and_gradcheck(backend):
+    backend_or_skip(backend)
+    torch.manual_seed(0)
+    naive = DelugeTransition(2, 3, 4).double()
+    randomize(naive)
+    efficient = EfficientDelugeTransition(2, 3, 4, backend=backend).double()
+    efficient.load_state_dict(naive.state_dict())
+    for module in (naive, efficient):
+        module.cldc.eval()  # frozen CLDC, training BN
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    grad = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    expected, scales = observe(naive, x, grad, as_input=lambda buf: list(buf.split(2, 1)))
+    actual, _ = observe(efficient, x, grad)
+    check(actual, expected, 1e-10, scales)
+    assert torch.autograd.gradcheck(efficient, (x.clone().requires_grad_(),), eps=1e-6, atol=1e-7)
+
+
+def test_efficient_model_saves_only_slot_buffers():
+    """Linear memory, all of it: besides the image, autograd keeps the stem output (the entry's
+    input), each stage's slot buffer and the head's CLDC output, plus O(channels) statistics."""
+    _, efficient = make_model_pair("reference", torch.float32)
+    x = torch.randn(2, 3, 8, 8)
+    params = {p.untyped_storage().data_ptr() for p in efficient.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and t.numel() > 100:
+            saved[ptr] = tuple(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        efficient(x)
+    # stem: 3 channels; stage 1: 3 slots of 4 at 8x8; stage 2: 4 slots of 8 at 4x4;
+    # head: the CLDC output, 8 channels at 4x4.
+    expected = [(2, 3, 8, 8), (2, 3, 8, 8), (2, 12, 8, 8), (2, 32, 4, 4), (2, 8, 4, 4)]
+    assert sorted(saved.values()) == sorted(expected)

@@ -6,6 +6,7 @@ Public names:
     EfficientDelugeHead        CLDC -> BN -> ReLU -> global average pool over a stage's buffer.
     EfficientCLDC              the cross-layer depthwise convolution over a stage's buffer.
     EfficientCompositeLayer    holds one composite layer's modules (the stage runs it).
+    EfficientPreActBottleneck  the CIFAR entry, keeping only its input for backward.
     DelugeStageFunction        the whole stage as one ``torch.autograd.Function``.
     CLDCFunction               the CLDC over a buffer as a ``torch.autograd.Function``.
     StageSpec                  a stage's static configuration.
@@ -20,6 +21,7 @@ from dense_ext.deluge.modules import (
     EfficientDelugeHead,
     EfficientDelugeStage,
     EfficientDelugeTransition,
+    EfficientPreActBottleneck,
 )
 from dense_ext.deluge.spec import StageSpec
 
@@ -31,6 +33,7 @@ __all__ = [
     "EfficientDelugeHead",
     "EfficientDelugeStage",
     "EfficientDelugeTransition",
+    "EfficientPreActBottleneck",
     "StageSpec",
     "available_backends",
 ]

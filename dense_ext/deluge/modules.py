@@ -16,6 +16,11 @@ from dense_ext.block import DenseDtypeError, DenseInputError
 from dense_ext.deluge.backends import get_backend
 from dense_ext.deluge.backends.base import LayerNorms, StageCall
 from dense_ext.deluge.function import CLDCCall, CLDCFunction, DelugeStageFunction, norm_call
+from dense_ext.deluge.recompute import (
+    PreActBottleneckFunction,
+    TransitionCall,
+    TransitionFunction,
+)
 from dense_ext.deluge.spec import StageSpec
 from dense_ext.transition import norm_relu_pool
 
@@ -189,7 +194,9 @@ class EfficientDelugeStage(nn.ModuleDict):
 class EfficientDelugeTransition(nn.Module):
     """``CLDC(C, S) -> BN -> conv3x3 stride 2 (C -> out)`` over a stage's slot buffer.
 
-    Same modules and names as the naive transition: ``cldc``, ``norm``, ``conv``.
+    Same modules and names as the naive transition: ``cldc``, ``norm``, ``conv``. Keeps only
+    the buffer (the stage's) for backward and recomputes the CLDC and BN outputs
+    (``dense_ext.deluge.recompute.TransitionFunction``).
     """
 
     def __init__(
@@ -204,7 +211,58 @@ class EfficientDelugeTransition(nn.Module):
 
     def forward(self, buf: Tensor) -> Tensor:
         """[N, S*C, H, W] -> [N, out, ceil(H/2), ceil(W/2)]."""
-        return self.conv(self.norm(self.cldc(buf)))
+        cldc = self.cldc
+        _check_input(buf, cldc.num_inputs * cldc.channels, "EfficientDelugeTransition", cldc.weight)
+        if buf.shape[0] * buf.shape[2] * buf.shape[3] == 0:  # empty: the stock modules' answer
+            return self.conv(self.norm(cldc(buf)))
+        if _batch_stats(cldc) or _batch_stats(self.norm):
+            _refuse_sync(cldc)
+            _check_batch_size(buf)
+        dtype = _compute_dtype(buf)
+        call = TransitionCall(
+            get_backend(cldc.backend, buf.device), norm_call(cldc), norm_call(self.norm)
+        )
+        return TransitionFunction.apply(
+            buf.to(dtype).contiguous(memory_format=torch.channels_last),
+            call,
+            cldc.weight,
+            cldc.bias,
+            *_affine(self.norm, buf.device),
+            _weight(self.conv, dtype, buf),
+        )
+
+
+class EfficientPreActBottleneck(nn.Module):
+    """The CIFAR DelugeNet's entry (slot 0 of the first stage): BN-ReLU-conv1x1 (in -> mid),
+    BN-ReLU-conv3x3 (mid), BN-ReLU-conv1x1 (mid -> out), no shortcut; keeps only its input for
+    backward (``dense_ext.deluge.recompute.PreActBottleneckFunction``). Same names as the naive
+    entry: ``norm1, conv1, norm2, conv2, norm3, conv3``.
+    """
+
+    def __init__(self, in_channels: int, mid: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, kernel_size=3, padding=1, bias=False)
+        self.norm3 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, out_channels, kernel_size=1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(x, self.norm1.num_features, "EfficientPreActBottleneck", self.conv1.weight)
+        pairs = ((self.norm1, self.conv1), (self.norm2, self.conv2), (self.norm3, self.conv3))
+        if x.shape[0] * x.shape[2] * x.shape[3] == 0:  # empty: the stock modules' answer
+            for norm, conv in pairs:
+                x = conv(torch.relu(norm(x)))
+            return x
+        if any(_batch_stats(norm) for norm, _ in pairs):
+            _check_batch_size(x)
+        dtype = _compute_dtype(x)
+        norms = [norm_call(norm) for norm, _ in pairs]
+        params = [
+            t for norm, conv in pairs for t in (*_affine(norm, x.device), _weight(conv, dtype, x))
+        ]
+        return PreActBottleneckFunction.apply(x.to(dtype), norms, *params)
 
 
 class EfficientDelugeHead(nn.Module):
