@@ -9,8 +9,6 @@
 // four normalisations (cldc, norm, norm1, norm2), each with its own batch_stats flag and eps.
 #include <torch/library.h>
 
-#include <algorithm>
-
 #include "deluge_ops.h"
 #include "ops.h"
 
@@ -77,9 +75,6 @@ StageShape check_stage(const at::Tensor& x0, at::TensorList params, at::TensorLi
                x0.size(1), x0.size(1) / 2, num_slots};
   TORCH_CHECK(s.c >= 2 && s.c % 2 == 0, "dense_ext: stage channels must be even, got ", s.c);
   TORCH_CHECK(num_slots >= 2, "dense_ext: a stage driver needs at least 2 slots, got ", num_slots);
-  TORCH_CHECK(
-      s.m > 1 || !std::any_of(batch_stats.begin(), batch_stats.end(), [](bool b) { return b; }),
-      "dense_ext: batch statistics need more than 1 value per channel, input ", x0.sizes());
   int64_t expected = 0;
   for (int64_t k = 1; k < num_slots; ++k) expected += params_per_layer(k);
   TORCH_CHECK(static_cast<int64_t>(params.size()) == expected, "dense_ext: params must hold ",
@@ -90,11 +85,16 @@ StageShape check_stage(const at::Tensor& x0, at::TensorList params, at::TensorLi
               "dense_ext: eps and batch_stats must hold ", norms, " values (4 per layer), got ",
               eps.size(), " and ", batch_stats.size());
   int64_t running_needed = 0;
+  bool any_batch = false;
   for (int64_t k = 1; k < num_slots; ++k) {
-    for (int j = k >= 2 ? 0 : 1; j < kNorms; ++j) {
-      if (!batch_stats.get(kNorms * (k - 1) + j)) running_needed += 2;
+    for (int j = k >= 2 ? 0 : 1; j < kNorms; ++j) {  // layer 1 has no CLDC (entry 0 unused)
+      const bool batch = batch_stats.get(kNorms * (k - 1) + j);
+      any_batch = any_batch || batch;
+      if (!batch) running_needed += 2;
     }
   }
+  TORCH_CHECK(s.m > 1 || !any_batch,
+              "dense_ext: batch statistics need more than 1 value per channel, input ", x0.sizes());
   TORCH_CHECK(static_cast<int64_t>(running.size()) == running_needed, "dense_ext: running must ",
               "hold (mean, var) of each of the ", running_needed / 2,
               " normalisations without batch statistics, got ", running.size(), " tensors");

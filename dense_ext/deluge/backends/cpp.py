@@ -49,9 +49,9 @@ def norm_arguments(call: StageCall) -> tuple[list[Tensor], list[float], list[boo
     flags: list[bool] = []
     for ln in call.layers:
         for norm in (ln.cldc, ln.norm, ln.norm1, ln.norm2):
-            if norm is None:
+            if norm is None:  # layer 1 has no CLDC
                 eps.append(0.0)
-                flags.append(True)
+                flags.append(False)
                 continue
             eps.append(norm.eps)
             flags.append(norm.batch_stats)

@@ -123,7 +123,8 @@ def cldc_backward(
 
 
 class ReferenceStageBackend(StageBackend):
-    """Pure-PyTorch stage; runs on any device."""
+    """Pure-PyTorch stage; runs on any device. Subclasses may replace the CLDC and the slot
+    statistics (``cldc_forward``, ``cldc_backward``, ``slot_stats``) and keep the layer loop."""
 
     name = "reference"
 
@@ -163,7 +164,7 @@ class ReferenceStageBackend(StageBackend):
         norms = call.layers[k - 1]
         lv = LayerView(k, params, call, state)
         if spec.has_cldc(k):
-            y = cldc_forward(buf, lv.cldc_mean, lv.cldc_invstd, lv.cldc_weight, lv.cldc_bias)
+            y = self.cldc_forward(buf, lv.cldc_mean, lv.cldc_invstd, lv.cldc_weight, lv.cldc_bias)
             if norms.norm.batch_stats:
                 write_stats(stats, y, 0)
         else:
@@ -203,7 +204,7 @@ class ReferenceStageBackend(StageBackend):
         k = lv.k
         grad_new = _slot(grad_buf, k, c)
         if lv.cldc_weight is not None:
-            y = cldc_forward(buf, lv.cldc_mean, lv.cldc_invstd, lv.cldc_weight, lv.cldc_bias)
+            y = self.cldc_forward(buf, lv.cldc_mean, lv.cldc_invstd, lv.cldc_weight, lv.cldc_bias)
         else:
             y = _slot(buf, 0, c)
         z0 = bn_relu(y, *lv.bn(0), lv.gamma, lv.beta)
@@ -238,7 +239,7 @@ class ReferenceStageBackend(StageBackend):
         if lv.cldc_weight is None:
             _slot(grad_buf, 0, c).add_(grad_y)
             return tail
-        grad_cw, grad_cb = cldc_backward(
+        grad_cw, grad_cb = self.cldc_backward(
             grad_y,
             buf,
             lv.cldc_mean,
