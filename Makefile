@@ -6,7 +6,7 @@ STAMP := $(VENV)/.requirements-installed
 BUILD_STAMP := $(VENV)/.package-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test bench bench-micro gpu-suite lint format clean
+.PHONY: venv build test bench bench-scale bench-micro gpu-suite lint typecheck format clean
 
 venv: $(STAMP)
 
@@ -22,20 +22,30 @@ $(BUILD_STAMP): $(STAMP) setup.py pyproject.toml $(CSRC)
 	$(PY) -m pip install -q -e . --no-build-isolation --no-deps
 	touch $@
 
-test: build lint
+test: build lint typecheck
 	$(PY) -m pytest -q tests
 
+# Naive vs efficient on this machine (CPU when there is no GPU): bench/README.md.
 bench: build
-	$(PY) bench/run.py
+	$(PY) -m bench.run
+
+# DenseNet-BC-1000 at batch 64 (one measured step), naive estimated, and the deepest
+# DenseNet-BC whose activations fit 4 GiB; estimated 6-10 minutes on a quiet 2-core CPU
+# (bench/README.md).
+bench-scale: build
+	$(PY) -m bench.run --suites scale
 
 # pytest-benchmark microbenchmarks of one block forward+backward per backend.
 bench-micro: build
 	$(PY) -m pytest bench/ --benchmark-only
 
 # On a GPU machine without network: builds in place against the installed torch, runs the
-# CUDA and compiled-Triton tests and the benchmarks into $(OUT) (see bench/gpu_suite.sh).
+# CUDA and compiled-Triton tests, a profile and the benchmarks into $(DIR); STEPS picks steps,
+# PACK packs $(DIR) there (bench/README.md, "GPU suite": which steps in which call).
+DIR ?= bench/scratch/gpu-suite
+STEPS ?= env,build,backends,tests,profile,bench-main,bench-imagenet,bench-depth,bench-scale,micro,roofline,merge
 gpu-suite:
-	bash bench/gpu_suite.sh $(OUT)
+	bash bench/gpu_suite.sh $(DIR) $(STEPS) $(PACK)
 
 PY_SOURCES := dense_ext python_models tests bench setup.py
 C_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
@@ -45,6 +55,10 @@ lint: venv
 	$(PY) -m ruff check $(PY_SOURCES)
 	$(PY) -m ruff format --check $(PY_SOURCES)
 	$(VENV)/bin/clang-format --dry-run --Werror $(C_SOURCES)
+
+# Static types of the package (config: [tool.mypy] in pyproject.toml).
+typecheck: venv
+	$(PY) -m mypy
 
 format: venv
 	$(PY) -m ruff format $(PY_SOURCES)

@@ -2,11 +2,19 @@
 
 A variant is a way to run the same DenseNet:
 
-* ``naive``: eager PyTorch, ``torch.cat`` per layer (quadratic activation memory).
+* ``naive``: eager PyTorch, ``torch.cat`` per layer (quadratic activation memory), contiguous
+  (NCHW) tensors: the model as torchvision and python_models build it.
+* ``naive-channels_last``: the same model and input converted to channels_last (NHWC), which
+  oneDNN (CPU) and cuDNN (GPU) often run faster.
 * ``naive-checkpoint``: torchvision's ``memory_efficient=True``: concat-norm1-relu1-conv1 of
   each layer under ``torch.utils.checkpoint``.
-* ``naive-compile``: the naive model under ``torch.compile`` (default options).
-* ``efficient-<backend>-<memory>``: ``EfficientDenseBlock`` with that backend and memory mode.
+* ``naive-compile``: the naive model under ``torch.compile`` (default options); the first
+  step's compile time is reported apart from the steady-state step.
+* ``efficient-<backend>-<memory>``: ``EfficientDenseBlock`` with that backend and memory mode;
+  ``efficient-<backend>-<memory>-compile`` the same model under ``torch.compile``.
+
+The grammar: ``naive[-checkpoint][-channels_last][-compile]`` and
+``efficient-<backend>-<bottleneck|min>[-compile]``.
 
 The training step is the one a user runs: forward (optionally under bf16 autocast),
 cross-entropy loss, backward, SGD with Nesterov momentum 0.9 and weight decay 1e-4 (the
@@ -55,32 +63,64 @@ def model_config(name: str) -> ModelConfig:
     raise ValueError(f"unknown benchmark model {name!r}")
 
 
-def variant_names(backends: list[str], compile_naive: bool) -> list[str]:
-    names = [BASELINE, "naive-checkpoint"]
-    if compile_naive:
+@dataclass(frozen=True)
+class Variant:
+    """A parsed variant name; see the module docstring for the grammar."""
+
+    name: str
+    efficient: bool
+    backend: str | None = None  # efficient only
+    memory: str | None = None  # efficient only
+    checkpoint: bool = False  # naive only: torchvision's memory_efficient=True
+    channels_last: bool = False  # naive only: model and input in channels_last
+    compile: bool = False  # the model under torch.compile
+
+
+_NAIVE = re.compile(
+    r"naive(?P<checkpoint>-checkpoint)?(?P<cl>-channels_last)?(?P<compile>-compile)?"
+)
+_EFFICIENT = re.compile(
+    r"efficient-(?P<backend>\w+?)-(?P<memory>bottleneck|min)(?P<compile>-compile)?"
+)
+
+
+def parse_variant(variant: str) -> Variant:
+    """The ``Variant`` a name stands for; ValueError for a name outside the grammar."""
+    m = _NAIVE.fullmatch(variant)
+    if m:
+        return Variant(
+            variant,
+            efficient=False,
+            checkpoint=bool(m["checkpoint"]),
+            channels_last=bool(m["cl"]),
+            compile=bool(m["compile"]),
+        )
+    m = _EFFICIENT.fullmatch(variant)
+    if m:
+        return Variant(
+            variant,
+            efficient=True,
+            backend=m["backend"],
+            memory=m["memory"],
+            compile=bool(m["compile"]),
+        )
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def variant_names(backends: list[str], compiled: bool, compiled_backend: str | None) -> list[str]:
+    """The variants of the main and imagenet suites, in table order.
+
+    The naive peers a user would pick instead (eager contiguous, channels_last, torchvision's
+    checkpointing and, with ``compiled``, ``torch.compile``), then every backend in both
+    memory modes and, with ``compiled``, ``compiled_backend``'s two modes under torch.compile.
+    """
+    names = [BASELINE, "naive-channels_last", "naive-checkpoint"]
+    if compiled:
         names.append("naive-compile")
     names += [f"efficient-{b}-{m}" for b in backends for m in MEMORY_MODES]
+    if compiled and compiled_backend is not None:
+        names += [f"efficient-{compiled_backend}-{m}-compile" for m in MEMORY_MODES]
     return names
-
-
-def parse_variant(variant: str) -> dict:
-    """``{"efficient": bool, "backend": str | None, "memory": str | None, ...}``."""
-    if variant == "naive":
-        return {"efficient": False, "checkpoint": False, "compile": False}
-    if variant == "naive-checkpoint":
-        return {"efficient": False, "checkpoint": True, "compile": False}
-    if variant == "naive-compile":
-        return {"efficient": False, "checkpoint": False, "compile": True}
-    m = re.fullmatch(r"efficient-(\w+)-(bottleneck|min)", variant)
-    if not m:
-        raise ValueError(f"unknown variant {variant!r}")
-    return {
-        "efficient": True,
-        "backend": m.group(1),
-        "memory": m.group(2),
-        "checkpoint": False,
-        "compile": False,
-    }
 
 
 def build_model(config: ModelConfig, variant: str) -> nn.Module:
@@ -89,22 +129,26 @@ def build_model(config: ModelConfig, variant: str) -> nn.Module:
 
     v = parse_variant(variant)
     kwargs: dict = {}
-    if v["efficient"]:
-        kwargs = {"efficient": True, "memory": v["memory"], "backend": v["backend"]}
-    elif v["checkpoint"]:
+    if v.efficient:
+        kwargs = {"efficient": True, "memory": v.memory, "backend": v.backend}
+    elif v.checkpoint:
         kwargs = {"memory_efficient": True}
     m = re.fullmatch(r"densenet_bc_(\d+)", config.name)
     if m:
-        return python_models.densenet_bc(
+        model = python_models.densenet_bc(
             depth=int(m.group(1)), growth_rate=12, num_classes=config.num_classes, **kwargs
         )
-    return python_models.get_model(config.name, **kwargs)
+    else:
+        model = python_models.get_model(config.name, **kwargs)
+    if v.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 class TrainStep:
     """One full training step of a model on a fixed random batch; ``floor_bytes`` after a call.
 
-    The floor (DESIGN.md section 7) is the bytes of the dense blocks' outputs, i.e.
+    The floor (docs/design.md, "Memory") is the bytes of the dense blocks' outputs, i.e.
     ``sum over blocks of N*H*W*C_total*bytes``: it is recorded by forward hooks on the modules
     named ``...denseblock<i>`` during a step, in the dtype the blocks actually produce.
     """
@@ -121,7 +165,7 @@ class TrainStep:
         torch.manual_seed(seed)
         self.config = config
         self.device = device
-        self.variant = variant
+        self.variant = parse_variant(variant)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[dtype]
         model = build_model(config, variant).train()
         if next(model.parameters()).device != device:
@@ -132,7 +176,7 @@ class TrainStep:
         for name, module in model.named_modules():
             if re.search(r"(^|\.)denseblock\d+$", name):
                 module.register_forward_hook(self._record(name))
-        self.run = torch.compile(model) if parse_variant(variant)["compile"] else model
+        self.run = torch.compile(model) if self.variant.compile else model
         self.opt = torch.optim.SGD(
             model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4
         )
@@ -141,7 +185,10 @@ class TrainStep:
     def set_batch(self, batch: int) -> None:
         g = torch.Generator().manual_seed(batch)
         size = self.config.image_size
-        self.x = torch.randn(batch, 3, size, size, generator=g).to(self.device)
+        x = torch.randn(batch, 3, size, size, generator=g).to(self.device)
+        if self.variant.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.x = x
         self.y = torch.randint(0, self.config.num_classes, (batch,), generator=g).to(self.device)
         self.batch = batch
 

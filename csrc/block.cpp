@@ -35,6 +35,66 @@ const Ops& ops() {
   return instance;
 }
 
+// Per-call decisions of every BN (in parameter order) and layer: whether the BN normalises with
+// batch statistics or with its running (mean, var), its eps, and each layer's dropout rate.
+struct Norms {
+  at::TensorList running;  // (mean, var) per BN; empty placeholders for batch-statistics BNs
+  at::ArrayRef<double> eps;
+  const c10::List<bool>& batch_stats;
+  at::ArrayRef<double> drop_rates;
+
+  bool batch(int64_t bn) const { return batch_stats.get(bn); }
+  // Whether some BN of the given kind (0: first BN of a layer, 1: bottleneck BN) uses batch
+  // statistics, i.e. whether the statistics cache of that kind must be computed.
+  bool any_batch(int64_t kind, int64_t bns) const {
+    for (size_t i = kind; i < batch_stats.size(); i += bns) {
+      if (batch_stats.get(i)) return true;
+    }
+    return false;
+  }
+  bool any_dropout() const {
+    for (double p : drop_rates) {
+      if (p > 0) return true;
+    }
+    return false;
+  }
+
+  void check(int64_t layers, int64_t bns) const {
+    const int64_t count = layers * bns;
+    TORCH_CHECK(static_cast<int64_t>(eps.size()) == count, "dense_ext: eps must hold ", count,
+                " values (one per BN), got ", eps.size());
+    TORCH_CHECK(static_cast<int64_t>(batch_stats.size()) == count,
+                "dense_ext: batch_stats must hold ", count, " flags (one per BN), got ",
+                batch_stats.size());
+    TORCH_CHECK(static_cast<int64_t>(running.size()) == 2 * count,
+                "dense_ext: running must hold (mean, var) for each of the ", count,
+                " BNs (empty tensors for BNs with batch statistics), got ", running.size(),
+                " tensors");
+    TORCH_CHECK(static_cast<int64_t>(drop_rates.size()) == layers,
+                "dense_ext: drop_rates must hold one value per layer (", layers, "), got ",
+                drop_rates.size());
+    for (double p : drop_rates) {
+      TORCH_CHECK(p >= 0 && p <= 1, "dense_ext: drop rates must be in [0, 1], got ", p);
+    }
+    for (int64_t b = 0; b < count; ++b) {
+      if (batch(b)) continue;
+      for (int64_t j = 0; j < 2; ++j) {
+        TORCH_CHECK(running[2 * b + j].dim() == 1, "dense_ext: running[", 2 * b + j,
+                    "] must be a vector: BN ", b, " normalises with running statistics");
+      }
+    }
+  }
+};
+
+// The dropout seed as a host integer (0 without dropout).
+int64_t seed_value(const at::Tensor& seed, const Norms& norms) {
+  if (!norms.any_dropout()) return 0;
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong,
+              "dense_ext: seed must be a one-element int64 tensor, got ", seed.sizes(), " ",
+              seed.scalar_type());
+  return seed.item<int64_t>();
+}
+
 // The block's static shape, derived from the inputs and checked once.
 struct Shape {
   int64_t n, h, w, m;  // m = n*h*w rows
@@ -44,13 +104,11 @@ struct Shape {
   int64_t c_in(int64_t layer) const { return c0 + layer * k; }
 };
 
-Shape check_block(const at::Tensor& x, at::TensorList params, at::TensorList running,
-                  at::ArrayRef<double> eps, int64_t k, int64_t bn_size, double drop_rate,
-                  bool batch_stats) {
+Shape check_block(const at::Tensor& x, at::TensorList params, const Norms& norms, int64_t k,
+                  int64_t bn_size) {
   TORCH_CHECK(x.dim() == 4, "dense_ext: block input x must be [N, C, H, W], got ", x.sizes());
   check_floating(x, "x");
   TORCH_CHECK(k > 0 && bn_size >= 0, "dense_ext: growth_rate must be > 0 and bn_size >= 0");
-  TORCH_CHECK(drop_rate >= 0 && drop_rate < 1, "dense_ext: drop_rate must be in [0, 1)");
   Shape s;
   s.n = x.size(0), s.h = x.size(2), s.w = x.size(3), s.m = s.n * s.h * s.w;
   s.c0 = x.size(1), s.k = k, s.mid = bn_size * k, s.bottleneck = bn_size > 0;
@@ -61,11 +119,7 @@ Shape check_block(const at::Tensor& x, at::TensorList params, at::TensorList run
   s.layers = params.size() / s.per_layer;
   s.total = s.c0 + s.layers * k;
   TORCH_CHECK(s.m > 0, "dense_ext: block input x is empty: ", x.sizes());
-  TORCH_CHECK(static_cast<int64_t>(eps.size()) == s.layers * s.bns, "dense_ext: eps must hold ",
-              s.layers * s.bns, " values, got ", eps.size());
-  TORCH_CHECK(batch_stats || static_cast<int64_t>(running.size()) == 2 * s.layers * s.bns,
-              "dense_ext: running must hold (mean, var) for each of the ", s.layers * s.bns,
-              " BNs without batch statistics, got ", running.size(), " tensors");
+  norms.check(s.layers, s.bns);
   for (int64_t l = 0; l < s.layers; ++l) {
     const int64_t c_in = s.c_in(l);
     std::vector<std::vector<int64_t>> shapes;
@@ -117,11 +171,13 @@ struct Layer {
   at::Tensor gamma1, beta1, mean1, var1, w1;
   at::Tensor gamma2, beta2, mean2, var2, w2;
   double eps1 = 0, eps2 = 0;
+  bool batch1 = true, batch2 = true;  // normalise with batch statistics
+  double drop_rate = 0;
 };
 
-Layer layer_view(int64_t l, const Shape& s, at::TensorList params, at::TensorList running,
-                 at::ArrayRef<double> eps, const at::Tensor& stats1, const at::Tensor& stats2,
-                 bool batch_stats) {
+Layer layer_view(int64_t l, const Shape& s, at::TensorList params, const Norms& norms,
+                 const at::Tensor& stats1, const at::Tensor& stats2) {
+  const at::TensorList running = norms.running;
   const auto acc = stats1.scalar_type();
   Layer L;
   L.index = l;
@@ -130,8 +186,10 @@ Layer layer_view(int64_t l, const Shape& s, at::TensorList params, at::TensorLis
   L.gamma1 = params[p0].to(acc);
   L.beta1 = params[p0 + 1].to(acc);
   L.w1 = params[p0 + 2];
-  L.eps1 = eps[b0];
-  if (batch_stats) {
+  L.eps1 = norms.eps[b0];
+  L.batch1 = norms.batch(b0);
+  L.drop_rate = norms.drop_rates[l];
+  if (L.batch1) {
     L.mean1 = stats1[0].narrow(0, 0, L.c_in);
     L.var1 = stats1[1].narrow(0, 0, L.c_in);
   } else {
@@ -142,8 +200,9 @@ Layer layer_view(int64_t l, const Shape& s, at::TensorList params, at::TensorLis
     L.gamma2 = params[p0 + 3].to(acc);
     L.beta2 = params[p0 + 4].to(acc);
     L.w2 = params[p0 + 5];
-    L.eps2 = eps[b0 + 1];
-    if (batch_stats) {
+    L.eps2 = norms.eps[b0 + 1];
+    L.batch2 = norms.batch(b0 + 1);
+    if (L.batch2) {
       L.mean2 = stats2[l][0];
       L.var2 = stats2[l][1];
     } else {
@@ -186,19 +245,22 @@ void conv1_forward(const Ops& o, const at::Tensor& feat, const Layer& L, const S
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_forward(
     const at::Tensor& x, at::TensorList params, at::TensorList running, at::ArrayRef<double> eps,
-    int64_t growth_rate, int64_t bn_size, double drop_rate, int64_t seed, bool keep_bottleneck,
-    bool batch_stats, bool save) {
-  const Shape s =
-      check_block(x, params, running, eps, growth_rate, bn_size, drop_rate, batch_stats);
+    const c10::List<bool>& batch_stats, at::ArrayRef<double> drop_rates, const at::Tensor& seed,
+    int64_t growth_rate, int64_t bn_size, bool keep_bottleneck, bool save) {
+  const Norms norms{running, eps, batch_stats, drop_rates};
+  const Shape s = check_block(x, params, norms, growth_rate, bn_size);
+  const int64_t seed_v = seed_value(seed, norms);
   const Ops& o = ops();
   const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
   at::Tensor feat = channels_last(x, s.total, s);
   feat.narrow(1, 0, s.c0).copy_(x);
-  // Empty statistics without batch statistics, as ForwardState describes.
-  at::Tensor stats1 = batch_stats ? at::empty({2, s.total}, acc_opts) : at::empty({0}, acc_opts);
-  at::Tensor stats2 = batch_stats && s.bottleneck ? at::empty({s.layers, 2, s.mid}, acc_opts)
-                                                  : at::empty({0}, acc_opts);
-  if (batch_stats) o.channel_stats.call(feat.narrow(1, 0, s.c0), stats1, 0);
+  // Statistics caches only where some BN normalises with batch statistics (ForwardState).
+  const bool stats1_needed = norms.any_batch(0, s.bns);
+  const bool stats2_needed = s.bottleneck && norms.any_batch(1, s.bns);
+  at::Tensor stats1 = stats1_needed ? at::empty({2, s.total}, acc_opts) : at::empty({0}, acc_opts);
+  at::Tensor stats2 =
+      stats2_needed ? at::empty({s.layers, 2, s.mid}, acc_opts) : at::empty({0}, acc_opts);
+  if (stats1_needed) o.channel_stats.call(feat.narrow(1, 0, s.c0), stats1, 0);
 
   const bool keep = keep_bottleneck && save && s.bottleneck;
   std::vector<at::Tensor> bottlenecks;
@@ -213,12 +275,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_fo
     if (!keep) y1_scratch = channels_last(x, s.mid, s);
   }
   for (int64_t l = 0; l < s.layers; ++l) {
-    const Layer L = layer_view(l, s, params, running, eps, stats1, stats2, batch_stats);
+    const Layer L = layer_view(l, s, params, norms, stats1, stats2);
     at::Tensor out;
     if (s.bottleneck) {
       at::Tensor y1 = keep ? channels_last(x, s.mid, s) : y1_scratch;
       conv1_forward(o, feat, L, s, chunk, z1_flat, y1);
-      if (batch_stats) o.channel_stats.call(y1, stats2[l], 0);
+      if (L.batch2) o.channel_stats.call(y1, stats2[l], 0);
       if (keep) bottlenecks.push_back(y1);
       o.bn_relu.call(y1, L.mean2, L.var2, L.gamma2, L.beta2, L.eps2, z2);
       out = conv3x3(z2, L.w2);
@@ -228,8 +290,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_fo
       out = conv3x3(z1, L.w1);
     }
     at::Tensor fresh = feat.narrow(1, L.c_in, s.k);
-    o.dropout_store.call(as_cl(out), drop_rate, seed, l, fresh);
-    if (batch_stats) o.channel_stats.call(fresh, stats1, L.c_in);
+    if (L.drop_rate >= 1) {
+      fresh.zero_();  // F.dropout with p = 1: zeros, no mask drawn
+    } else {
+      o.dropout_store.call(as_cl(out), L.drop_rate, seed_v, l, fresh);
+    }
+    if (stats1_needed) o.channel_stats.call(fresh, stats1, L.c_in);
   }
   return {feat, stats1, stats2, bottlenecks};
 }
@@ -237,8 +303,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_fo
 std::tuple<at::Tensor, at::Tensor> block_backward(
     const at::Tensor& grad_feat, const at::Tensor& feat, const at::Tensor& stats1,
     const at::Tensor& stats2, at::TensorList bottlenecks, at::TensorList params,
-    at::TensorList running, at::ArrayRef<double> eps, int64_t growth_rate, int64_t bn_size,
-    double drop_rate, int64_t seed, bool batch_stats) {
+    at::TensorList running, at::ArrayRef<double> eps, const c10::List<bool>& batch_stats,
+    at::ArrayRef<double> drop_rates, const at::Tensor& seed, int64_t growth_rate, int64_t bn_size) {
+  const Norms norms{running, eps, batch_stats, drop_rates};
   TORCH_CHECK(feat.dim() == 4, "dense_ext: feat must be [N, C, H, W], got ", feat.sizes());
   const int64_t per_layer = bn_size > 0 ? 6 : 3;
   const int64_t c0 = feat.size(1) - static_cast<int64_t>(params.size()) / per_layer * growth_rate;
@@ -247,18 +314,20 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
               " params with growth_rate ", growth_rate, " and bn_size ", bn_size);
   // The block input's shape, for the checks shared with forward.
   at::Tensor x_like = feat.narrow(1, 0, c0);
-  const Shape s =
-      check_block(x_like, params, running, eps, growth_rate, bn_size, drop_rate, batch_stats);
+  const Shape s = check_block(x_like, params, norms, growth_rate, bn_size);
+  const int64_t seed_v = seed_value(seed, norms);
   rows_view(feat, "feat");
   rows_view(grad_feat, "grad_feat");
   check_same(grad_feat, "grad_feat", feat, "feat");
   const auto acc = acc_dtype(feat.scalar_type());
+  const bool stats1_needed = norms.any_batch(0, s.bns);
+  const bool stats2_needed = s.bottleneck && norms.any_batch(1, s.bns);
   TORCH_CHECK(
-      !batch_stats || (stats1.dim() == 2 && stats1.size(0) == 2 && stats1.size(1) == s.total),
+      !stats1_needed || (stats1.dim() == 2 && stats1.size(0) == 2 && stats1.size(1) == s.total),
       "dense_ext: stats1 must be [2, ", s.total, "], got ", stats1.sizes());
   TORCH_CHECK(stats1.scalar_type() == acc, "dense_ext: stats1 must be ", acc, ", got ",
               stats1.scalar_type());
-  TORCH_CHECK(!batch_stats || !s.bottleneck ||
+  TORCH_CHECK(!stats2_needed ||
                   (stats2.dim() == 3 && stats2.size(0) == s.layers && stats2.size(2) == s.mid),
               "dense_ext: stats2 must be [", s.layers, ", 2, ", s.mid, "], got ", stats2.sizes());
   const bool keep = s.bottleneck && !bottlenecks.empty();
@@ -292,16 +361,18 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
     if (!keep) y1_scratch = channels_last(feat, s.mid, s);
   }
   at::Tensor grad_new_scratch;
-  if (drop_rate > 0) grad_new_scratch = channels_last(feat, s.k, s);
+  if (norms.any_dropout()) grad_new_scratch = channels_last(feat, s.k, s);
 
   for (int64_t l = s.layers - 1; l >= 0; --l) {
-    const Layer L = layer_view(l, s, params, running, eps, stats1, stats2, batch_stats);
+    const Layer L = layer_view(l, s, params, norms, stats1, stats2);
     const int64_t p0 = l * s.per_layer;
     // Gradient of this layer's new features; complete now that all later layers have added
     // their input gradients. The dropout mask is replayed from (seed, layer).
     at::Tensor grad_new = grad_feat.narrow(1, L.c_in, s.k);
-    if (drop_rate > 0) {
-      o.dropout_store.call(grad_new, drop_rate, seed, l, grad_new_scratch);
+    if (L.drop_rate >= 1) {
+      grad_new = grad_new_scratch.zero_();
+    } else if (L.drop_rate > 0) {
+      o.dropout_store.call(grad_new, L.drop_rate, seed_v, l, grad_new_scratch);
       grad_new = grad_new_scratch;
     } else {
       grad_new = as_cl(grad_new);
@@ -314,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
       auto [gz1, grad_w1] = conv3x3_backward(grad_new, z1, L.w1);
       grads[p0 + 2].copy_(grad_w1);
       o.bn_relu_backward.call(as_cl(gz1), prefix, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1,
-                              batch_stats, true, grad_prefix, grads[p0], grads[p0 + 1]);
+                              L.batch1, true, grad_prefix, grads[p0], grads[p0 + 1]);
       continue;
     }
     // Bottleneck layer: conv2 and BN2 over the whole batch (bn_size*k channels) ...
@@ -325,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
     grads[p0 + 5].copy_(grad_w2);
     at::Tensor dy1 = z2;  // dY1 over Z2: the conv2 backward was Z2's last use
     o.bn_relu_backward.call(as_cl(grad_z2), y1, L.mean2, L.var2, L.gamma2, L.beta2, L.eps2,
-                            batch_stats, false, dy1, grads[p0 + 3], grads[p0 + 4]);
+                            L.batch2, false, dy1, grads[p0 + 3], grads[p0 + 4]);
     // ... then conv1 and BN1 (C_in channels) chunk by chunk: Z1 recomputed, dW1 += dY1^T Z1,
     // dZ1 = dY1 W1 over Z1's scratch, grad_feat += gamma*invstd*g with the sums of g and g*xhat
     // collected; the batch-mean terms of the BN backward follow in one pass once all sums are in.
@@ -348,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
       o.bn_relu_grad_acc.call(z1, prefix_c, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1,
                               grad_prefix.narrow(0, n0, nc), sums);
     }
-    if (batch_stats) {
+    if (L.batch1) {
       o.bn_grad_correct.call(prefix, L.mean1, L.var1, L.gamma1, L.beta1, L.eps1, sums, s.m,
                              grad_prefix);
     }

@@ -55,11 +55,14 @@ TORCH_LIBRARY(dense_ext, m) {
   // dst = src * mask / (1 - p), mask a pure function of (seed, key, element index): the same
   // call on the output gradient replays the forward mask. p = 0 copies.
   m.def("dropout_store(Tensor src, float p, int seed, int key, Tensor(a!) dst) -> ()");
-  // The whole block forward: returns (feat, stats1, stats2, bottlenecks).
+  // The whole block forward: returns (feat, stats1, stats2, bottlenecks). Per BN (parameter
+  // order): eps, batch_stats (normalise with batch statistics, else with running (mean, var),
+  // which are empty placeholders for batch-statistics BNs); per layer: drop_rates. seed: a
+  // one-element int64 tensor, drawn per forward, from which every dropout mask derives.
   m.def(
       "block_forward(Tensor x, Tensor[] params, Tensor[] running, float[] eps, "
-      "int growth_rate, int bn_size, float drop_rate, int seed, bool keep_bottleneck, "
-      "bool batch_stats, bool save) -> (Tensor, Tensor, Tensor, Tensor[])");
+      "bool[] batch_stats, float[] drop_rates, Tensor seed, int growth_rate, int bn_size, "
+      "bool keep_bottleneck, bool save) -> (Tensor, Tensor, Tensor, Tensor[])");
   // The whole block backward: accumulates into grad_feat (on return grad_feat[:, :C0] is the
   // input gradient) and returns the parameter gradients as two flat tensors, in parameter
   // order: (gamma/beta gradients in the accumulation dtype, conv weight gradients in the buffer
@@ -67,6 +70,6 @@ TORCH_LIBRARY(dense_ext, m) {
   // support a Tensor[] return from an op that mutates an argument.
   m.def(
       "block_backward(Tensor(a!) grad_feat, Tensor feat, Tensor stats1, Tensor stats2, "
-      "Tensor[] bottlenecks, Tensor[] params, Tensor[] running, float[] eps, int growth_rate, "
-      "int bn_size, float drop_rate, int seed, bool batch_stats) -> (Tensor, Tensor)");
+      "Tensor[] bottlenecks, Tensor[] params, Tensor[] running, float[] eps, bool[] batch_stats, "
+      "float[] drop_rates, Tensor seed, int growth_rate, int bn_size) -> (Tensor, Tensor)");
 }

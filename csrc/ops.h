@@ -33,15 +33,13 @@ using DropoutStoreFn = void(const at::Tensor& src, double p, int64_t seed, int64
 // cuda/block.cu.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_forward(
     const at::Tensor& x, at::TensorList params, at::TensorList running, at::ArrayRef<double> eps,
-    int64_t growth_rate, int64_t bn_size, double drop_rate, int64_t seed, bool keep_bottleneck,
-    bool batch_stats, bool save);
+    const c10::List<bool>& batch_stats, at::ArrayRef<double> drop_rates, const at::Tensor& seed,
+    int64_t growth_rate, int64_t bn_size, bool keep_bottleneck, bool save);
 
-std::tuple<at::Tensor, at::Tensor> block_backward(const at::Tensor& grad_feat,
-                                                  const at::Tensor& feat, const at::Tensor& stats1,
-                                                  const at::Tensor& stats2,
-                                                  at::TensorList bottlenecks, at::TensorList params,
-                                                  at::TensorList running, at::ArrayRef<double> eps,
-                                                  int64_t growth_rate, int64_t bn_size,
-                                                  double drop_rate, int64_t seed, bool batch_stats);
+std::tuple<at::Tensor, at::Tensor> block_backward(
+    const at::Tensor& grad_feat, const at::Tensor& feat, const at::Tensor& stats1,
+    const at::Tensor& stats2, at::TensorList bottlenecks, at::TensorList params,
+    at::TensorList running, at::ArrayRef<double> eps, const c10::List<bool>& batch_stats,
+    at::ArrayRef<double> drop_rates, const at::Tensor& seed, int64_t growth_rate, int64_t bn_size);
 
 }  // namespace dense_ext

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dense_ext.backends import get_backend
-from dense_ext.backends.base import LOCAL
-from dense_ext.function import BlockCall, DenseBlockFunction, RunningStats
+from dense_ext.backends import check_backend_name, get_backend
+from dense_ext.backends.base import LOCAL, BlockCall
+from dense_ext.function import DenseBlockFunction
+from dense_ext.norm import norm_call
 from dense_ext.spec import BlockSpec
 
 
@@ -95,9 +96,10 @@ class EfficientDenseBlock(nn.ModuleDict):
             num_input_features=num_input_features,
             growth_rate=growth_rate,
             bn_size=bn_size or 0,
-            drop_rate=float(drop_rate),
             memory=memory,
         )
+        if not 0.0 <= float(drop_rate) <= 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate!r}")
         self.backend = backend
         self.stats_sync = None
         for i in range(num_layers):
@@ -105,6 +107,17 @@ class EfficientDenseBlock(nn.ModuleDict):
                 self.spec.in_channels(i), growth_rate, self.spec.bn_size, drop_rate
             )
             self.add_module(f"denselayer{i + 1}", layer)
+
+    @property
+    def backend(self) -> str:
+        """The backend name: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"`` (checked
+        when set; availability is checked at the first forward on a device)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        check_backend_name(name)
+        self._backend = name
 
     @property
     def memory(self) -> str:
@@ -119,7 +132,8 @@ class EfficientDenseBlock(nn.ModuleDict):
         return (
             f"num_layers={s.num_layers}, num_input_features={s.num_input_features}, "
             f"growth_rate={s.growth_rate}, bn_size={s.bn_size or None}, "
-            f"drop_rate={s.drop_rate}, memory={s.memory!r}, backend={self.backend!r}"
+            f"drop_rate={self.denselayer1.drop_rate}, memory={s.memory!r}, "
+            f"backend={self.backend!r}"
         )
 
     def layers(self) -> list[EfficientDenseLayer]:
@@ -128,38 +142,27 @@ class EfficientDenseBlock(nn.ModuleDict):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         dtype = _compute_dtype(x)
-        norms = [bn for layer in self.layers() for bn in layer.norms()]
-        call = self._block_call(x, norms)
+        call = self._block_call(x)
         params = self._flat_params(x, dtype)
         call.save = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params)
         )
         return DenseBlockFunction.apply(x.to(dtype), call, *params)
 
-    def _block_call(self, x: Tensor, norms: list[nn.BatchNorm2d]) -> BlockCall:
-        tracking = {bn.track_running_stats and bn.running_mean is not None for bn in norms}
-        if len(tracking) != 1:
-            raise ValueError("dense_ext: all BNs of a block must agree on track_running_stats")
-        tracks = tracking.pop()
-        batch_stats = self.training or not tracks
+    def _block_call(self, x: Tensor) -> BlockCall:
+        """This call's decisions, read from each BN and layer as torchvision's modules would
+        read them at forward time (each BN's own train/eval flag, momentum, eps; each layer's
+        own drop_rate and training flag)."""
+        layers = self.layers()
+        norms = [norm_call(bn) for layer in layers for bn in layer.norms()]
+        batch_stats = any(norm.batch_stats for norm in norms)
         if batch_stats:
             _check_batch_size(x)
-        spec = self.spec if self.training else self.spec.with_drop_rate(0.0)
-        running = (
-            [
-                RunningStats(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum)
-                for bn in norms
-            ]
-            if tracks
-            else []
-        )
         return BlockCall(
-            spec=spec,
+            spec=self.spec,
             backend=get_backend(self.backend, x.device),
-            eps=[float(bn.eps) for bn in norms],
-            batch_stats=batch_stats,
-            running=running,
-            update_running=self.training and tracks,
+            norms=norms,
+            drop_rates=[_drop_rate(layer) for layer in layers],
             sync=self.stats_sync if self.stats_sync is not None and batch_stats else LOCAL,
         )
 
@@ -187,10 +190,6 @@ class EfficientDenseBlock(nn.ModuleDict):
             raise DenseDtypeError(
                 f"EfficientDenseBlock expects a floating-point input, got {x.dtype}"
             )
-        if x.numel() == 0:
-            raise DenseInputError(
-                f"EfficientDenseBlock got an empty input of shape {tuple(x.shape)}"
-            )
         param = self.denselayer1.conv1.weight
         if param.device != x.device:
             raise RuntimeError(
@@ -208,6 +207,15 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     ):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def _drop_rate(layer: EfficientDenseLayer) -> float:
+    """The layer's dropout probability in this call, as torchvision's layer applies it:
+    ``F.dropout(new, p=layer.drop_rate, training=layer.training)``."""
+    p = float(layer.drop_rate)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    return p if layer.training else 0.0
 
 
 def _check_batch_size(x: Tensor) -> None:

@@ -11,7 +11,8 @@ Recognised by structure (duck typing; torchvision is never imported):
 
 The new modules reuse the original BN and convolution modules themselves, so every
 Parameter and buffer object is kept (an optimizer built before converting keeps working),
-with its device, dtype and values; training/eval mode is kept too.
+with its device, dtype and values; every module's training/eval flag and each layer's
+``drop_rate`` are kept too.
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ def _convert_transition(module: nn.Sequential) -> EfficientTransition:
     return new
 
 
-def _block_shape(block: nn.ModuleDict) -> tuple[int, int, int, float]:
-    """(C0, growth rate, bn_size, drop_rate) of a naive block; ValueError if inconsistent."""
+def _block_shape(block: nn.ModuleDict) -> tuple[int, int, int]:
+    """(C0, growth rate, bn_size) of a naive block; ValueError if inconsistent."""
     first = block["denselayer1"]
     c0 = first.norm1.num_features
     bottleneck = hasattr(first, "conv2")
@@ -142,13 +143,12 @@ def _block_shape(block: nn.ModuleDict) -> tuple[int, int, int, float]:
     mid = first.conv1.out_channels if bottleneck else 0
     if bottleneck and mid % k:
         raise ValueError(f"convert: bottleneck width {mid} is not a multiple of growth rate {k}")
-    drop_rate = float(getattr(first, "drop_rate", 0.0))
     for i, layer in enumerate(block.values()):
-        _check_layer(layer, f"denselayer{i + 1}", c0 + i * k, k, mid, drop_rate)
-    return c0, k, mid // k, drop_rate
+        _check_layer(layer, f"denselayer{i + 1}", c0 + i * k, k, mid)
+    return c0, k, mid // k
 
 
-def _check_layer(layer: nn.Module, name: str, c_in: int, k: int, mid: int, drop: float) -> None:
+def _check_layer(layer: nn.Module, name: str, c_in: int, k: int, mid: int) -> None:
     norms = [layer.norm1] + ([getattr(layer, "norm2", None)] if mid else [])
     if mid:
         ok = (
@@ -173,27 +173,22 @@ def _check_layer(layer: nn.Module, name: str, c_in: int, k: int, mid: int, drop:
             f"convert: {name} does not have the shape of a dense layer with "
             f"{c_in} inputs, growth rate {k} and bottleneck width {mid}"
         )
-    if float(getattr(layer, "drop_rate", 0.0)) != drop:
-        raise ValueError(f"convert: {name} has a different drop_rate than denselayer1")
 
 
 def _convert_block(block: nn.ModuleDict, memory: str, backend: str) -> EfficientDenseBlock:
-    c0, k, bn_size, drop_rate = _block_shape(block)
-    modules = [m for layer in block.values() for m in layer.modules()]
-    if any(m.training != block.training for m in modules):
-        raise ValueError(
-            "convert: a dense block mixes train and eval modes; an "
-            "EfficientDenseBlock has one mode (call .train() or .eval() first)"
-        )
+    c0, k, bn_size = _block_shape(block)
     # Built on the meta device: its own parameters are placeholders, replaced just below.
     with torch.device("meta"):
         new = EfficientDenseBlock(
-            len(block), c0, k, bn_size or None, drop_rate, memory=memory, backend=backend
+            len(block), c0, k, bn_size or None, memory=memory, backend=backend
         )
     for old_layer, new_layer in zip(block.values(), new.values()):
         for name in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
             # A missing ReLU module (a functional ReLU in forward) keeps the new one.
             if hasattr(new_layer, name) and hasattr(old_layer, name):
                 setattr(new_layer, name, getattr(old_layer, name))
-    new.train(block.training)
+        # Each layer keeps its own dropout rate and train/eval flag (the BNs, reused, keep theirs).
+        new_layer.drop_rate = float(getattr(old_layer, "drop_rate", 0.0))
+        new_layer.training = old_layer.training
+    new.training = block.training
     return new

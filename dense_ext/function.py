@@ -9,105 +9,57 @@ forward, with ``nn.BatchNorm2d``'s arithmetic; the backward recomputation never 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from dense_ext.backends.base import LOCAL, Backend, ForwardState, StatsSync
+from dense_ext.backends.base import BlockCall, ForwardState, new_feature_buffer, new_stats
 from dense_ext.donation import take_donated
-from dense_ext.spec import BlockSpec
-
-
-@dataclass
-class RunningStats:
-    """The running-statistics state of one BN, as ``nn.BatchNorm2d`` keeps it.
-
-    ``momentum=None`` selects the cumulative moving average (factor ``1/num_batches_tracked``).
-    """
-
-    mean: Tensor
-    var: Tensor
-    num_batches_tracked: Tensor | None
-    momentum: float | None
-
-
-@dataclass
-class BlockCall:
-    """Everything about one block call that is not a differentiable tensor.
-
-    Attributes:
-        spec: the block's static configuration (``drop_rate`` already 0 outside training).
-        backend: the backend that runs the layer loop.
-        eps: one epsilon per BN, in parameter order.
-        batch_stats: normalise with batch statistics (training, or no running statistics).
-        running: one ``RunningStats`` per BN, or empty when no BN tracks statistics.
-        update_running: update ``running`` from this batch (training with tracked stats).
-        save: keep what backward needs (grad enabled and something requires grad).
-        sync: how batch statistics combine across processes (``LOCAL``: not at all).
-    """
-
-    spec: BlockSpec
-    backend: Backend
-    eps: Sequence[float]
-    batch_stats: bool
-    running: Sequence[RunningStats] = field(default_factory=list)
-    update_running: bool = False
-    save: bool = True
-    sync: StatsSync = LOCAL
-
-    def __post_init__(self) -> None:
-        if self.sync is not LOCAL and not self.backend.supports_sync:
-            raise ValueError(
-                f"dense_ext backend {self.backend.name!r} does not support synchronised batch "
-                "norm; use backend='reference'"
-            )
-
-    def running_tensors(self) -> list[Tensor]:
-        """The flat ``(mean, var)`` per BN sequence that backends read in eval mode."""
-        if self.batch_stats:
-            return []
-        return [t for rs in self.running for t in (rs.mean, rs.var)]
 
 
 def update_running_stats(call: BlockCall, state: ForwardState, count: int) -> None:
-    """Fold this batch's statistics into every BN's running statistics.
+    """Fold this batch's statistics into the running statistics of every BN that updates.
 
-    Matches ``nn.BatchNorm2d``: ``running = (1 - f) * running + f * batch`` with the unbiased
-    batch variance and ``f = momentum`` (or ``1 / num_batches_tracked`` when momentum is None).
-    All BNs are updated with a handful of foreach kernels rather than a Python loop of ops.
+    Matches ``F.batch_norm``: ``running = (1 - f) * running + f * batch`` with the unbiased
+    batch variance and ``f`` the BN's momentum, or ``1 / num_batches_tracked`` when momentum
+    is None (computed on the device: no host sync). BNs with a momentum are updated with a
+    handful of foreach kernels rather than a Python loop of ops.
     """
     spec = call.spec
-    bessel = count / (count - 1)
-    batch_means: list[Tensor] = []
-    batch_vars: list[Tensor] = []
-    for layer in range(spec.num_layers):
-        c_in = spec.in_channels(layer)
-        batch_means.append(state.stats1[0, :c_in])
-        batch_vars.append(state.stats1[1, :c_in])
-        if spec.bottleneck:
-            batch_means.append(state.stats2[layer, 0])
-            batch_vars.append(state.stats2[layer, 1])
+    bessel = count / (count - 1) if count > 1 else float("nan")
+    running: list[Tensor] = []
+    batch: list[Tensor] = []
+    factors: list[float] = []
+    for i, norm in enumerate(call.norms):
+        if not norm.update:
+            continue
+        layer, second = divmod(i, spec.bns_per_layer)
+        if second:
+            mean, var = state.stats2[layer, 0], state.stats2[layer, 1]
+        else:
+            c_in = spec.in_channels(layer)
+            mean, var = state.stats1[0, :c_in], state.stats1[1, :c_in]
+        assert norm.running_mean is not None and norm.running_var is not None
+        dtype = norm.running_mean.dtype
+        if norm.momentum is None:
+            _cumulative_update(norm, mean.to(dtype), (var * bessel).to(dtype))
+            continue
+        running += [norm.running_mean, norm.running_var]
+        batch += [mean.to(dtype), (var * bessel).to(dtype)]
+        factors += [float(norm.momentum)] * 2
+    if running:
+        torch._foreach_mul_(running, [1.0 - f for f in factors])
+        torch._foreach_add_(running, torch._foreach_mul(batch, factors))
 
-    tracked = [rs.num_batches_tracked for rs in call.running if rs.num_batches_tracked is not None]
-    if tracked:
-        torch._foreach_add_(tracked, 1)
-    factors = [
-        rs.momentum if rs.momentum is not None else 1.0 / float(rs.num_batches_tracked)
-        for rs in call.running
-    ]
-    means = [rs.mean for rs in call.running]
-    variances = [rs.var for rs in call.running]
-    dtype = means[0].dtype
-    new_means = torch._foreach_mul([m.to(dtype) for m in batch_means], factors)
-    new_vars = torch._foreach_mul([(v * bessel).to(dtype) for v in batch_vars], factors)
-    keep = [1.0 - f for f in factors]
-    torch._foreach_mul_(means, keep)
-    torch._foreach_add_(means, new_means)
-    torch._foreach_mul_(variances, keep)
-    torch._foreach_add_(variances, new_vars)
+
+def _cumulative_update(norm, mean: Tensor, var: Tensor) -> None:
+    """``momentum=None``: factor ``1 / num_batches_tracked``, kept on the device."""
+    if norm.num_batches_tracked is None:  # nn.BatchNorm2d then uses factor 0: no change
+        return
+    factor = norm.num_batches_tracked.to(mean.dtype).reciprocal()
+    for buf, new in ((norm.running_mean, mean), (norm.running_var, var)):
+        buf.mul_(1 - factor).add_(new * factor)
 
 
 class DenseBlockFunction(torch.autograd.Function):
@@ -121,18 +73,13 @@ class DenseBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, call: BlockCall, *params: Tensor) -> Tensor:
+        empty = x.numel() == 0
         with torch.autocast(device_type=x.device.type, enabled=False):
-            feat, state = call.backend.forward(
-                x,
-                params,
-                call.running_tensors(),
-                call.eps,
-                call.spec,
-                call.batch_stats,
-                call.save,
-                call.sync,
-            )
-        if call.update_running:
+            if empty:  # N*H*W == 0: like nn.BatchNorm2d, no statistics and no update
+                feat, state = new_feature_buffer(x, call.spec), new_stats(x, call)
+            else:
+                feat, state = call.backend.forward(x, params, call)
+        if any(norm.update for norm in call.norms) and not empty:
             count = call.sync.world_count(feat.numel() // feat.shape[1])
             update_running_stats(call, state, count)
         ctx.call = call
@@ -165,17 +112,10 @@ class DenseBlockFunction(torch.autograd.Function):
             grad_feat.copy_(grad_out)
         del grad_out
         with torch.autocast(device_type=feat.device.type, enabled=False):
-            grads = call.backend.backward(
-                grad_feat,
-                feat,
-                state,
-                params,
-                call.running_tensors(),
-                call.eps,
-                call.spec,
-                call.batch_stats,
-                call.sync,
-            )
+            if feat.numel() == 0:
+                grads = [torch.zeros_like(p) for p in params]
+            else:
+                grads = call.backend.backward(grad_feat, feat, state, params, call)
         grad_x = None
         if ctx.needs_input_grad[0]:
             c0 = call.spec.num_input_features

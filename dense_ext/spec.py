@@ -16,7 +16,6 @@ Batch-norm constants (``eps``) and running buffers follow the same order, one en
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 MEMORY_MODES = ("bottleneck", "min")
@@ -32,7 +31,6 @@ class BlockSpec:
         growth_rate: channels each layer adds ``k``.
         bn_size: bottleneck width factor; the 1x1 convolution has ``bn_size * k`` outputs.
             ``0`` selects the plain layer BN-ReLU-Conv3x3.
-        drop_rate: dropout probability applied to each layer's new features (0 disables it).
         memory: ``"bottleneck"`` keeps each layer's 1x1-conv output for backward,
             ``"min"`` recomputes it (only the feature buffer is held).
     """
@@ -41,7 +39,6 @@ class BlockSpec:
     num_input_features: int
     growth_rate: int
     bn_size: int = 4
-    drop_rate: float = 0.0
     memory: str = "bottleneck"
 
     def __post_init__(self) -> None:
@@ -51,8 +48,6 @@ class BlockSpec:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.bn_size, int) or self.bn_size < 0:
             raise ValueError(f"bn_size must be None, 0 or a positive integer, got {self.bn_size!r}")
-        if not 0.0 <= float(self.drop_rate) < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
         if self.memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
 
@@ -87,9 +82,6 @@ class BlockSpec:
     def in_channels(self, layer: int) -> int:
         """Input channels of layer ``layer`` (0-based)."""
         return self.num_input_features + layer * self.growth_rate
-
-    def with_drop_rate(self, drop_rate: float) -> BlockSpec:
-        return dataclasses.replace(self, drop_rate=drop_rate)
 
     def param_shapes(self) -> list[tuple[int, ...]]:
         """Expected shape of every entry of the flat parameter tuple."""

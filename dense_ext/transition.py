@@ -14,48 +14,15 @@ The same function with global average pooling is the DenseNet head ``norm5-ReLU-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
 from dense_ext.block import DenseDtypeError, DenseInputError
 from dense_ext.donation import donate
 from dense_ext.function import suggest_format
+from dense_ext.norm import NormCall, norm_call
 
 POOLS = ("avg2x2", "global")
-
-
-@dataclass
-class _NormCall:
-    """How one call normalises: which statistics, and whether it updates running ones."""
-
-    eps: float
-    batch_stats: bool
-    running_mean: Tensor | None  # passed to the kernel: updated (batch stats) or used (eval)
-    running_var: Tensor | None
-    factor: float
-
-
-def _norm_call(bn: nn.BatchNorm2d) -> _NormCall:
-    """Mirror ``nn.BatchNorm2d.forward``'s choices, incrementing ``num_batches_tracked``.
-
-    This is the single place where running statistics of the call are touched, so they are
-    updated exactly once per forward.
-    """
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    use_running = not bn.training or bn.track_running_stats
-    return _NormCall(
-        eps=float(bn.eps),
-        batch_stats=batch_stats,
-        running_mean=bn.running_mean if use_running else None,
-        running_var=bn.running_var if use_running else None,
-        factor=factor,
-    )
 
 
 def _channel(v: Tensor) -> Tensor:
@@ -85,24 +52,15 @@ def _pool_backward(grad_p: Tensor, x: Tensor, pool: str) -> Tensor:
 class NormReluPoolFunction(torch.autograd.Function):
     """``apply(x, weight, bias, call, pool) -> pool(relu(batch_norm(x)))``.
 
-    ``call`` is a ``_NormCall``; ``pool`` is ``"avg2x2"`` (2x2 average pool, stride 2, floor)
+    ``call`` is a ``NormCall``; ``pool`` is ``"avg2x2"`` (2x2 average pool, stride 2, floor)
     or ``"global"`` (mean over H and W, output [N, C]). Saves ``x`` and the two per-channel
     statistics vectors; the normalised map is recomputed in backward.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, call: _NormCall, pool: str):
+    def forward(ctx, x, weight, bias, call: NormCall, pool: str):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            z, mean, invstd = torch.native_batch_norm(
-                x,
-                weight,
-                bias,
-                call.running_mean,
-                call.running_var,
-                call.batch_stats,
-                call.factor,
-                call.eps,
-            )
+            z, mean, invstd = _native_batch_norm(x, weight, bias, call)
             if not call.batch_stats:
                 # Eval mode: keep copies, so a later change to the buffers cannot skew backward.
                 mean, invstd = call.running_mean.clone(), call.running_var.clone()
@@ -115,7 +73,10 @@ class NormReluPoolFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, mean, invstd_or_var = ctx.saved_tensors
-        call: _NormCall = ctx.call
+        call: NormCall = ctx.call
+        if x.numel() == 0:  # an empty batch: zero gradients, as F.batch_norm gives
+            zeros = [None if t is None else torch.zeros_like(t) for t in (weight, bias)]
+            return torch.zeros_like(x), *zeros, None, None
         with torch.autocast(device_type=x.device.type, enabled=False):
             invstd = invstd_or_var if call.batch_stats else torch.rsqrt(invstd_or_var + call.eps)
             grad_z = _pool_backward(grad_out, x, ctx.pool)
@@ -130,6 +91,26 @@ class NormReluPoolFunction(torch.autograd.Function):
                 )
         # grad_x is fresh and never read here again: the block below may accumulate into it.
         return donate(grad_x) if grad_x is not None else None, grad_w, grad_b, None, None
+
+
+def _native_batch_norm(x: Tensor, weight, bias, call: NormCall):
+    """``torch.native_batch_norm`` as ``call`` says; an empty batch (which that kernel refuses)
+    gives an empty output and leaves the running statistics alone, as ``F.batch_norm`` does."""
+    if x.numel() == 0:
+        stats = x.new_zeros(
+            x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32
+        )
+        return torch.empty_like(x), stats, stats.clone()
+    return torch.native_batch_norm(
+        x,
+        weight,
+        bias,
+        call.running_mean,
+        call.running_var,
+        call.batch_stats,
+        call.factor(),
+        call.eps,
+    )
 
 
 def _bn_relu_backward_aten(ctx, grad_z, x, weight, bias, mean, invstd, invstd_or_var, call):
@@ -207,8 +188,6 @@ def _check_input(x: Tensor, channels: int, who: str) -> None:
         )
     if not x.is_floating_point():
         raise DenseDtypeError(f"{who} expects a floating-point input, got {x.dtype}")
-    if x.numel() == 0:
-        raise DenseInputError(f"{who} got an empty input of shape {tuple(x.shape)}")
 
 
 def norm_relu_pool(x: Tensor, norm: nn.BatchNorm2d, pool: str = "avg2x2") -> Tensor:
@@ -228,7 +207,7 @@ def norm_relu_pool(x: Tensor, norm: nn.BatchNorm2d, pool: str = "avg2x2") -> Ten
         raise DenseInputError(
             f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
         )
-    return NormReluPoolFunction.apply(x, norm.weight, norm.bias, _norm_call(norm), pool)
+    return NormReluPoolFunction.apply(x, norm.weight, norm.bias, norm_call(norm), pool)
 
 
 class EfficientTransition(nn.Module):

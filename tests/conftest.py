@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-# Relative tolerances of the acceptance criteria: exact up to rounding.
+# Relative tolerances against the naive oracle: exact up to rounding.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 

@@ -124,7 +124,8 @@ def test_dropout_matches_naive_with_the_backends_masks(dtype, memory, bn_size):
     p, (n, c0, h, w), k, layers = 0.3, (2, 4, 5, 3), 3, 3
     naive, blocks = make_blocks(layers, c0, k, bn_size, 0.0, memory, dtype)
     cpp = blocks["cpp"]
-    cpp.spec = cpp.spec.with_drop_rate(p)
+    for layer in cpp.values():
+        layer.drop_rate = p
     torch.manual_seed(2)
     x = torch.randn(n, c0, h, w, dtype=dtype)
     grad = torch.randn(n, c0 + layers * k, h, w, dtype=dtype)

@@ -13,8 +13,7 @@ import copy
 import pytest
 import torch
 from conftest import TOLERANCE, assert_close, cpu_backend_or_skip, rel_err
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis_compat import HealthCheck, given, settings, st
 from naive import NaiveDenseBlock, randomize_bn
 
 from dense_ext import EfficientDenseBlock

@@ -77,7 +77,10 @@ def sample_args(device="cpu", dtype=torch.float32, c=5):
     )
 
 
-def block_args(device="cpu", dtype=torch.float64, bn_size=2, batch_stats=True, keep=True, drop=0.0):
+def block_args(device="cpu", dtype=torch.float64, bn_size=2, batch_stats=True, drop=0.0, keep=True):
+    """The arguments of block_forward (and the pieces block_backward reuses) for a tiny block.
+
+    ``batch_stats``: True/False for every BN, or "mixed" (alternating per BN)."""
     from dense_ext.spec import BlockSpec
 
     torch.manual_seed(0)
@@ -89,18 +92,31 @@ def block_args(device="cpu", dtype=torch.float64, bn_size=2, batch_stats=True, k
         for s in spec.param_shapes()
     ]
     nbn = spec.num_layers * spec.bns_per_layer
-    running = []  # (mean, var) per BN, only without batch statistics
-    if not batch_stats:
-        for layer in range(spec.num_layers):
-            sizes = [spec.in_channels(layer)] + ([spec.mid_channels] if spec.bottleneck else [])
-            for c in sizes:
-                running += [
-                    torch.randn(c, dtype=dtype, device=device),
-                    torch.rand(c, dtype=dtype, device=device) + 0.5,
-                ]
+    flags = [batch_stats if batch_stats != "mixed" else bool(i % 2) for i in range(nbn)]
+    sizes = []
+    for layer in range(spec.num_layers):
+        sizes += [spec.in_channels(layer)] + ([spec.mid_channels] if spec.bottleneck else [])
+    running = []  # (mean, var) per BN; empty placeholders for BNs with batch statistics
+    for c, flag in zip(sizes, flags):
+        if flag:
+            running += [torch.empty(0, dtype=dtype, device=device)] * 2
+        else:
+            running += [
+                torch.randn(c, dtype=dtype, device=device),
+                torch.rand(c, dtype=dtype, device=device) + 0.5,
+            ]
     x = torch.randn(2, 3, 4, 5, dtype=dtype, device=device)
     eps = [1e-5] * nbn
-    return spec, x, params, running, eps, drop
+    drops = [drop] * spec.num_layers
+    seed = torch.tensor([99], dtype=torch.int64, device=device)
+    fwd = (x, params, running, eps, flags, drops, seed, spec.growth_rate, spec.bn_size, keep, True)
+    return spec, fwd
+
+
+def backward_args(fwd, grad, outputs):
+    x, params, running, eps, flags, drops, seed, k, bn_size, _, _ = fwd
+    feat, s1, s2, bott = outputs
+    return (grad, feat, s1, s2, bott, params, running, eps, flags, drops, seed, k, bn_size)
 
 
 def test_op_schemas_mark_written_buffers():
@@ -172,42 +188,15 @@ def test_opcheck_kernels(dtype):
 
 
 @pytest.mark.parametrize("bn_size", [0, 2])
-@pytest.mark.parametrize("batch_stats", [True, False])
+@pytest.mark.parametrize("batch_stats", [True, False, "mixed"])
 @pytest.mark.parametrize("keep", [True, False])
 def test_opcheck_block_ops(bn_size, batch_stats, keep):
-    spec, x, params, running, eps, _ = block_args(bn_size=bn_size, batch_stats=batch_stats)
     for drop in (0.0, 0.25):
-        fwd = (
-            x,
-            params,
-            running,
-            eps,
-            spec.growth_rate,
-            spec.bn_size,
-            drop,
-            99,
-            keep,
-            batch_stats,
-            True,
-        )
+        _, fwd = block_args(bn_size=bn_size, batch_stats=batch_stats, drop=drop, keep=keep)
         torch.library.opcheck(torch.ops.dense_ext.block_forward, fwd)
-        feat, s1, s2, bott = torch.ops.dense_ext.block_forward(*fwd)
-        grad = torch.randn_like(feat).contiguous(memory_format=torch.channels_last)
-        bwd = (
-            grad,
-            feat,
-            s1,
-            s2,
-            bott,
-            params,
-            running,
-            eps,
-            spec.growth_rate,
-            spec.bn_size,
-            drop,
-            99,
-            batch_stats,
-        )
+        outputs = torch.ops.dense_ext.block_forward(*fwd)
+        grad = torch.randn_like(outputs[0]).contiguous(memory_format=torch.channels_last)
+        bwd = backward_args(fwd, grad, outputs)
         torch.library.opcheck(torch.ops.dense_ext.block_backward, bwd)
 
 
@@ -393,8 +382,7 @@ def test_opcheck_kernels_cuda(dtype):
         (a["x"], a["mean"], a["var"], a["gamma"], a["beta"], 1e-5, a["sums"], 30, a["grad_x"]),
     )
     torch.library.opcheck(ops.dropout_store, (a["x"], 0.3, 17, 1, a["out"]))
-    spec, x, params, running, eps, _ = block_args(device="cuda", dtype=torch.float32)
-    fwd = (x, params, running, eps, spec.growth_rate, spec.bn_size, 0.2, 5, True, True, True)
+    _, fwd = block_args(device="cuda", dtype=torch.float32, drop=0.2)
     torch.library.opcheck(ops.block_forward, fwd)
 
 

@@ -161,12 +161,15 @@ def test_three_layers_odd_image_and_batch_of_one():
 # ----------------------------------------------------------------------------------------------
 
 
-def backend_call(name, spec, x, params, batch_stats=True, save=True):
+def backend_call(name, spec, x, params, save=True):
+    """One backend forward with batch statistics for every BN, no dropout."""
+    from dense_ext import BlockCall, NormCall
     from dense_ext.backends import get_backend
 
     backend = get_backend(name, x.device)
-    eps = [1e-5] * (spec.num_layers * spec.bns_per_layer)
-    return backend.forward(x, params, [], eps, spec, batch_stats, save)
+    norms = [NormCall(eps=1e-5, batch_stats=True)] * (spec.num_layers * spec.bns_per_layer)
+    call = BlockCall(spec, backend, norms, [0.0] * spec.num_layers, save=save)
+    return backend.forward(x, params, call)
 
 
 def random_params(spec, dtype, seed=0):
@@ -213,7 +216,7 @@ def test_eval_forward_without_save_keeps_nothing():
     spec = BlockSpec(L, C0, K, bn_size=4, memory="bottleneck")
     x, _ = inputs(torch.float32)
     params = random_params(spec, torch.float32)
-    _, state = backend_call("triton", spec, x, params, batch_stats=True, save=False)
+    _, state = backend_call("triton", spec, x, params, save=False)
     assert state.bottlenecks == []
 
 

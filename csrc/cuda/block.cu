@@ -12,21 +12,21 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_forward_cuda(
     const at::Tensor& x, at::TensorList params, at::TensorList running, at::ArrayRef<double> eps,
-    int64_t growth_rate, int64_t bn_size, double drop_rate, int64_t seed, bool keep_bottleneck,
-    bool batch_stats, bool save) {
+    const c10::List<bool>& batch_stats, at::ArrayRef<double> drop_rates, const at::Tensor& seed,
+    int64_t growth_rate, int64_t bn_size, bool keep_bottleneck, bool save) {
   c10::cuda::CUDAGuard guard(x.device());
-  return block_forward(x, params, running, eps, growth_rate, bn_size, drop_rate, seed,
-                       keep_bottleneck, batch_stats, save);
+  return block_forward(x, params, running, eps, batch_stats, drop_rates, seed, growth_rate, bn_size,
+                       keep_bottleneck, save);
 }
 
 std::tuple<at::Tensor, at::Tensor> block_backward_cuda(
     const at::Tensor& grad_feat, const at::Tensor& feat, const at::Tensor& stats1,
     const at::Tensor& stats2, at::TensorList bottlenecks, at::TensorList params,
-    at::TensorList running, at::ArrayRef<double> eps, int64_t growth_rate, int64_t bn_size,
-    double drop_rate, int64_t seed, bool batch_stats) {
+    at::TensorList running, at::ArrayRef<double> eps, const c10::List<bool>& batch_stats,
+    at::ArrayRef<double> drop_rates, const at::Tensor& seed, int64_t growth_rate, int64_t bn_size) {
   c10::cuda::CUDAGuard guard(feat.device());
   return block_backward(grad_feat, feat, stats1, stats2, bottlenecks, params, running, eps,
-                        growth_rate, bn_size, drop_rate, seed, batch_stats);
+                        batch_stats, drop_rates, seed, growth_rate, bn_size);
 }
 
 }  // namespace

@@ -6,8 +6,9 @@ optional: if it is not built or fails to load, ``unavailable_reason`` says why a
 falls back to the reference backend; importing this module never fails because of it.
 
 Dropout masks are a pure function of ``(seed, layer, element)`` (csrc/kernels/math.cuh), so
-``ForwardState.dropout`` is just the seed, drawn from torch's default CPU generator (so that
-``torch.manual_seed`` makes runs repeatable). They are not ``F.dropout``'s masks.
+``ForwardState.dropout`` is just the seed, a one-element int64 tensor drawn on the buffer's
+device from its default generator (so ``torch.manual_seed`` makes runs repeatable). They are
+not ``F.dropout``'s masks.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from dense_ext.backends.base import LOCAL, Backend, ForwardState, StatsSync, stats_dtype
-from dense_ext.spec import BlockSpec
+from dense_ext.backends.base import Backend, BlockCall, ForwardState, stats_dtype
 
 OPS = (
     "channel_stats",
@@ -58,20 +58,31 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"dense_ext._C has no kernels for device type {device.type!r}"
 
 
-def draw_seed() -> int:
-    """A dropout seed from torch's default CPU generator (repeatable under torch.manual_seed)."""
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+def draw_seed(device: torch.device | str = "cpu") -> Tensor:
+    """A one-element int64 dropout seed on ``device``, drawn from that device's default
+    generator (repeatable under ``torch.manual_seed``; a tensor rather than a Python int, so
+    ``torch.compile`` and CUDA-graph replays draw a fresh seed every step)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def _no_seed(like: Tensor) -> Tensor:
+    return like.new_zeros((1,), dtype=torch.int64)
 
 
 def dropout_mask(
-    seed: int, layer: int, shape: Sequence[int], p: float, dtype=torch.float32, device="cpu"
+    seed: int | Tensor,
+    layer: int,
+    shape: Sequence[int],
+    p: float,
+    dtype=torch.float32,
+    device="cpu",
 ) -> Tensor:
     """The mask (0 or 1/(1-p)) the backend applies to layer ``layer``'s new features."""
     ones = torch.ones(shape, dtype=dtype, device=device).contiguous(
         memory_format=torch.channels_last
     )
     mask = torch.empty_like(ones)
-    torch.ops.dense_ext.dropout_store(ones, p, seed, layer, mask)
+    torch.ops.dense_ext.dropout_store(ones, p, int(seed), layer, mask)
     return mask
 
 
@@ -94,39 +105,28 @@ class CppBackend(Backend):
     name = "cpp"
     supports_sync = False
 
-    def forward(
-        self, x, params, running, eps, spec: BlockSpec, batch_stats, save, sync: StatsSync = LOCAL
-    ):
-        seed = draw_seed() if spec.drop_rate > 0 else 0
+    def forward(self, x, params, call: BlockCall):
+        spec = call.spec
+        seed = draw_seed(x.device) if call.dropout else _no_seed(x)
         feat, stats1, stats2, bottlenecks = torch.ops.dense_ext.block_forward(
             x,
             list(params),
-            list(running),
-            [float(e) for e in eps],
+            call.running_tensors(x),
+            [norm.eps for norm in call.norms],
+            [norm.batch_stats for norm in call.norms],
+            [float(p) for p in call.drop_rates],
+            seed,
             spec.growth_rate,
             spec.bn_size,
-            float(spec.drop_rate),
-            seed,
             spec.keeps_bottleneck,
-            batch_stats,
-            save,
+            call.save,
         )
-        dropout = seed if spec.drop_rate > 0 else None
+        dropout = seed if call.dropout else None
         return feat, ForwardState(stats1, stats2, list(bottlenecks), dropout)
 
-    def backward(
-        self,
-        grad_feat,
-        feat,
-        state: ForwardState,
-        params,
-        running,
-        eps,
-        spec: BlockSpec,
-        batch_stats,
-        sync: StatsSync = LOCAL,
-    ):
-        seed = state.dropout if state.dropout is not None else 0
+    def backward(self, grad_feat, feat, state: ForwardState, params, call: BlockCall):
+        spec = call.spec
+        seed = state.dropout if state.dropout is not None else _no_seed(feat)
         bn_grads, weight_grads = torch.ops.dense_ext.block_backward(
             grad_feat,
             feat,
@@ -134,13 +134,13 @@ class CppBackend(Backend):
             state.stats2,
             list(state.bottlenecks),
             list(params),
-            list(running),
-            [float(e) for e in eps],
+            call.running_tensors(feat),
+            [norm.eps for norm in call.norms],
+            [norm.batch_stats for norm in call.norms],
+            [float(p) for p in call.drop_rates],
+            seed,
             spec.growth_rate,
             spec.bn_size,
-            float(spec.drop_rate),
-            seed,
-            batch_stats,
         )
         return unflatten_grads(bn_grads, weight_grads, params)
 
@@ -204,12 +204,12 @@ if _LOAD_ERROR is None:
         params,
         running,
         eps,
+        batch_stats,
+        drop_rates,
+        seed,
         growth_rate,
         bn_size,
-        drop_rate,
-        seed,
         keep_bottleneck,
-        batch_stats,
         save,
     ):
         n, c0, h, w = x.shape
@@ -218,8 +218,11 @@ if _LOAD_ERROR is None:
         total, mid = c0 + layers * growth_rate, bn_size * growth_rate
         acc = stats_dtype(x.dtype)
         feat = _cl((n, total, h, w), x)
-        stats1 = x.new_empty((2, total) if batch_stats else (0,), dtype=acc)
-        stats2 = x.new_empty((layers, 2, mid) if batch_stats and bn_size > 0 else (0,), dtype=acc)
+        bns = 2 if bn_size > 0 else 1
+        stats1_needed = any(batch_stats[0::bns])
+        stats2_needed = bn_size > 0 and any(batch_stats[1::bns])
+        stats1 = x.new_empty((2, total) if stats1_needed else (0,), dtype=acc)
+        stats2 = x.new_empty((layers, 2, mid) if stats2_needed else (0,), dtype=acc)
         keep = keep_bottleneck and save and bn_size > 0
         bottlenecks = [_cl((n, mid, h, w), x) for _ in range(layers)] if keep else []
         return feat, stats1, stats2, bottlenecks
@@ -234,11 +237,11 @@ if _LOAD_ERROR is None:
         params,
         running,
         eps,
+        batch_stats,
+        drop_rates,
+        seed,
         growth_rate,
         bn_size,
-        drop_rate,
-        seed,
-        batch_stats,
     ):
         bn = sum(p.numel() for p in params if p.dim() == 1)
         weights = sum(p.numel() for p in params if p.dim() != 1)

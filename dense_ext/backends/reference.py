@@ -14,10 +14,13 @@ from torch import Tensor
 from dense_ext.backends.base import (
     LOCAL,
     Backend,
+    BlockCall,
+    DropoutReplay,
     ForwardState,
+    LayerView,
     StatsSync,
     new_feature_buffer,
-    stats_dtype,
+    new_stats,
 )
 
 
@@ -108,104 +111,29 @@ def conv_backward(
     return grad_in, grad_w
 
 
-class DropoutReplay:
-    """Draws each layer's dropout mask and replays it exactly in backward.
-
-    The mask is drawn like ``F.dropout`` draws it on the CPU (a contiguous [N, k, H, W]
-    tensor filled by ``bernoulli_(1 - p)`` and divided by ``1 - p``), from the device's
-    default generator, so a seeded naive model and the block use the same masks. Instead of
-    keeping the masks, the generator state before each draw is kept (a few KiB per layer).
-    """
-
-    def __init__(self, device: torch.device, p: float) -> None:
-        self.device = device
-        self.p = p
-        self.states: dict[int, Tensor] = {}
-
-    def _get_state(self) -> Tensor:
-        if self.device.type == "cuda":
-            return torch.cuda.get_rng_state(self.device)
-        return torch.get_rng_state()
-
-    def _draw(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        mask = torch.empty(shape, dtype=dtype, device=self.device).bernoulli_(1 - self.p)
-        return mask.div_(1 - self.p)
-
-    def draw(self, layer: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        self.states[layer] = self._get_state()
-        return self._draw(shape, dtype)
-
-    def replay(self, layer: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        cuda = self.device.type == "cuda"
-        devices = [self.device] if cuda else []
-        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
-            if cuda:
-                torch.cuda.set_rng_state(self.states[layer], self.device)
-            else:
-                torch.set_rng_state(self.states[layer])
-            return self._draw(shape, dtype)
-
-
-class LayerView:
-    """One layer's parameters, normalisation statistics and channel range."""
-
-    def __init__(self, layer, params, running, eps, spec, state, batch_stats):
-        self.layer = layer
-        self.c_in = spec.in_channels(layer)
-        self.c_out = self.c_in + spec.growth_rate
-        first = layer * spec.params_per_layer
-        self.params = params[first : first + spec.params_per_layer]
-        self.batch_stats = batch_stats
-        self._state, self._running = state, running
-        self._bn1 = layer * spec.bns_per_layer
-        self._eps = eps
-        if batch_stats:
-            mean1, var1 = state.stats1[0, : self.c_in], state.stats1[1, : self.c_in]
-        else:
-            mean1, var1 = running[2 * self._bn1], running[2 * self._bn1 + 1]
-        self.mean1, self.invstd1 = self._normaliser(mean1, var1, eps[self._bn1])
-
-    def _normaliser(self, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-        acc = self._state.stats1.dtype
-        return mean.to(acc), torch.rsqrt(var.to(acc) + eps)
-
-    def bn2(self) -> tuple[Tensor, Tensor]:
-        """Mean and inverse std of the bottleneck BN (batch statistics must be written)."""
-        if self.batch_stats:
-            mean2, var2 = self._state.stats2[self.layer]
-        else:
-            mean2, var2 = self._running[2 * self._bn1 + 2], self._running[2 * self._bn1 + 3]
-        return self._normaliser(mean2, var2, self._eps[self._bn1 + 1])
-
-
 class ReferenceBackend(Backend):
     """Pure-PyTorch implementation of the block; runs on any device."""
 
     name = "reference"
     supports_sync = True
 
-    def forward(self, x, params, running, eps, spec, batch_stats, save, sync=LOCAL):
+    def forward(self, x, params, call: BlockCall):
+        spec, sync = call.spec, call.sync
         feat = new_feature_buffer(x, spec)
-        acc = stats_dtype(x.dtype)
-        dev = x.device
         n, _, h, w = x.shape
-        empty = torch.empty(0, dtype=acc, device=dev)
-        state = ForwardState(stats1=empty, stats2=empty)
-        if batch_stats:
-            state.stats1 = torch.empty((2, spec.num_features), dtype=acc, device=dev)
+        state = new_stats(x, call)
+        if call.stats1_needed:
             self._write_stats(state.stats1, x, 0, spec.num_input_features, sync)
-            if spec.bottleneck:
-                shape = (spec.num_layers, 2, spec.mid_channels)
-                state.stats2 = torch.empty(shape, dtype=acc, device=dev)
-        if spec.drop_rate > 0:
-            state.dropout = DropoutReplay(dev, spec.drop_rate)
+        if call.dropout:
+            state.dropout = DropoutReplay(x.device)
         for layer in range(spec.num_layers):
-            lv = LayerView(layer, params, running, eps, spec, state, batch_stats)
-            new = self._layer_forward(feat, lv, spec, state, save, sync)
-            if state.dropout is not None:
-                new = new * state.dropout.draw(layer, (n, spec.growth_rate, h, w), new.dtype)
+            lv = LayerView(layer, params, call, state)
+            new = self._layer_forward(feat, lv, call, state)
+            if lv.drop_rate > 0:
+                shape = (n, spec.growth_rate, h, w)
+                new = new * state.dropout.draw(layer, shape, lv.drop_rate, new.dtype)
             feat[:, lv.c_in : lv.c_out].copy_(new)
-            if batch_stats:
+            if call.stats1_needed:
                 self._write_stats(state.stats1, new, lv.c_in, lv.c_out, sync)
         return feat, state
 
@@ -216,40 +144,44 @@ class ReferenceBackend(Backend):
         stats[0, lo:hi] = mean
         stats[1, lo:hi] = var
 
-    def _layer_forward(self, feat, lv, spec, state, save, sync):
+    def _layer_forward(self, feat, lv: LayerView, call: BlockCall, state: ForwardState):
         p = lv.params
         z1 = bn_relu(feat[:, : lv.c_in], lv.mean1, lv.invstd1, p[0], p[1])
-        if not spec.bottleneck:
+        if not call.spec.bottleneck:
             return F.conv2d(z1, p[2], padding=1)
         y1 = F.conv2d(z1, p[2])
         del z1
-        if lv.batch_stats:
-            mean2, var2 = channel_stats(y1, state.stats2.dtype, sync)
+        if lv.norm2.batch_stats:
+            mean2, var2 = channel_stats(y1, state.stats2.dtype, call.sync)
             state.stats2[lv.layer, 0] = mean2
             state.stats2[lv.layer, 1] = var2
-        if save and spec.keeps_bottleneck:
+        if call.save and call.spec.keeps_bottleneck:
             state.bottlenecks.append(y1)
         z2 = bn_relu(y1, *lv.bn2(), p[3], p[4])
         return F.conv2d(z2, p[5], padding=1)
 
-    def backward(self, grad_feat, feat, state, params, running, eps, spec, batch_stats, sync=LOCAL):
+    def backward(self, grad_feat, feat, state, params, call: BlockCall):
+        spec = call.spec
         grads: list[Tensor | None] = [None] * len(params)
         n, _, h, w = feat.shape
         for layer in reversed(range(spec.num_layers)):
-            lv = LayerView(layer, params, running, eps, spec, state, batch_stats)
+            lv = LayerView(layer, params, call, state)
             grad_new = grad_feat[:, lv.c_in : lv.c_out]
-            if state.dropout is not None:
-                mask = state.dropout.replay(layer, (n, spec.growth_rate, h, w), grad_new.dtype)
-                grad_new = grad_new * mask
-            layer_grads = self._layer_backward(grad_feat, grad_new, feat, lv, spec, state, sync)
+            if lv.drop_rate > 0:
+                shape = (n, spec.growth_rate, h, w)
+                grad_new = grad_new * state.dropout.replay(
+                    layer, shape, lv.drop_rate, grad_new.dtype
+                )
+            layer_grads = self._layer_backward(grad_feat, grad_new, feat, lv, call, state)
             first = layer * spec.params_per_layer
             for i, g in enumerate(layer_grads):
                 grads[first + i] = g.to(params[first + i].dtype)
         return grads
 
-    def _layer_backward(self, grad_feat, grad_new, feat, lv, spec, state, sync):
+    def _layer_backward(self, grad_feat, grad_new, feat, lv: LayerView, call, state):
         # Temporaries are dropped as soon as they are dead: the peak of this loop is the peak
         # of the whole backward, and each one is as large as the layer's input.
+        spec, sync = call.spec, call.sync
         prefix = feat[:, : lv.c_in]
         p = lv.params
         z1 = bn_relu(prefix, lv.mean1, lv.invstd1, p[0], p[1])
@@ -262,7 +194,7 @@ class ReferenceBackend(Backend):
             grad_z2 = relu_backward_(grad_z2, z2)
             del z2
             grad_y1, grad_g2, grad_b2 = bn_backward(
-                grad_z2, y1, mean2, invstd2, p[3], lv.batch_stats, sync
+                grad_z2, y1, mean2, invstd2, p[3], lv.norm2.batch_stats, sync
             )
             del grad_z2, y1
             grad_z1, grad_w1 = conv_backward(grad_y1, z1, p[2], padding=0)
@@ -273,7 +205,7 @@ class ReferenceBackend(Backend):
         grad_z1 = relu_backward_(grad_z1, z1)
         del z1
         grad_x, grad_g1, grad_b1 = bn_backward(
-            grad_z1, prefix, lv.mean1, lv.invstd1, p[0], lv.batch_stats, sync
+            grad_z1, prefix, lv.mean1, lv.invstd1, p[0], lv.norm1.batch_stats, sync
         )
         del grad_z1
         grad_feat[:, : lv.c_in].add_(grad_x)

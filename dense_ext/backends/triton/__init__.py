@@ -1,4 +1,4 @@
-"""The ``triton`` backend: fused Triton kernels for the dense block (DESIGN.md section 5).
+"""The ``triton`` backend: fused Triton kernels for the dense block (docs/design.md, 7).
 
 Importing this package defines no kernel and touches no GPU: ``get_backend()`` imports the
 kernel modules on first use. That matters because Triton decides at *definition* time whether a

@@ -16,8 +16,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dense_ext.backends.base import LOCAL, Backend, ForwardState, new_feature_buffer, stats_dtype
-from dense_ext.backends.reference import DropoutReplay, LayerView
+from dense_ext.backends.base import (
+    LOCAL,
+    Backend,
+    BlockCall,
+    DropoutReplay,
+    LayerView,
+    new_feature_buffer,
+    new_stats,
+    stats_dtype,
+)
 from dense_ext.backends.triton._common import INTERPRETED
 from dense_ext.backends.triton.conv_dgrad import conv_dgrad_bn_relu_apply, conv_dgrad_bn_relu_reduce
 from dense_ext.backends.triton.conv_fwd import bn_relu_conv_fwd, conv_weight_taps
@@ -46,8 +54,9 @@ class TritonBackend(Backend):
         if x.device.type == "cpu" and not INTERPRETED:
             raise RuntimeError("dense_ext triton backend: CPU tensors need TRITON_INTERPRET=1")
 
-    def forward(self, x, params, running, eps, spec, batch_stats, save, sync=LOCAL):
-        if sync is not LOCAL:
+    def forward(self, x, params, call: BlockCall):
+        spec, save = call.spec, call.save
+        if call.sync is not LOCAL:
             raise ValueError("dense_ext triton backend does not support synchronised batch norm")
         self._check(x)
         feat = new_feature_buffer(x, spec)
@@ -55,33 +64,27 @@ class TritonBackend(Backend):
         dev = x.device
         n, c0, h, w = x.shape
         m = n * h * w
-        empty = torch.empty(0, dtype=acc, device=dev)
-        state = ForwardState(stats1=empty, stats2=empty)
-        if batch_stats:
-            state.stats1 = torch.empty((2, spec.num_features), dtype=acc, device=dev)
+        state = new_stats(x, call)
+        if call.stats1_needed:
             channel_stats(feat, 0, c0, state.stats1, 0, spec.num_features)
-            if spec.bottleneck:
-                state.stats2 = torch.empty(
-                    (spec.num_layers, 2, spec.mid_channels), dtype=acc, device=dev
-                )
-        if spec.drop_rate > 0:
-            state.dropout = DropoutReplay(dev, spec.drop_rate)
+        if call.dropout:
+            state.dropout = DropoutReplay(dev)
         keep = save and spec.keeps_bottleneck
         scratch = None
         if spec.bottleneck and not keep:
             scratch = torch.empty((m, spec.mid_channels), dtype=x.dtype, device=dev)
         k, mid, c_total = spec.growth_rate, spec.mid_channels, spec.num_features
         for layer in range(spec.num_layers):
-            lv = LayerView(layer, params, running, eps, spec, state, batch_stats)
+            lv = LayerView(layer, params, call, state)
             p = lv.params
             mask = None
-            if state.dropout is not None:
-                mask = state.dropout.draw(layer, (n, k, h, w), x.dtype)
-            stats1 = state.stats1 if batch_stats else None
+            if lv.drop_rate > 0:
+                mask = state.dropout.draw(layer, (n, k, h, w), lv.drop_rate, x.dtype)
+            stats1 = state.stats1 if call.stats1_needed else None
             bn1 = (lv.mean1.contiguous(), lv.invstd1.contiguous(), _vec(p[0], acc), _vec(p[1], acc))
             if spec.bottleneck:
                 y1 = torch.empty((m, mid), dtype=x.dtype, device=dev) if keep else scratch
-                stats2 = state.stats2 if batch_stats else None
+                stats2 = state.stats2 if lv.norm2.batch_stats else None
                 off2 = layer * 2 * mid
                 bn_relu_conv_fwd(
                     feat,
@@ -135,8 +138,9 @@ class TritonBackend(Backend):
                 )
         return feat, state
 
-    def backward(self, grad_feat, feat, state, params, running, eps, spec, batch_stats, sync=LOCAL):
-        if sync is not LOCAL:
+    def backward(self, grad_feat, feat, state, params, call: BlockCall):
+        spec = call.spec
+        if call.sync is not LOCAL:
             raise ValueError("dense_ext triton backend does not support synchronised batch norm")
         self._check(feat)
         grads: list[Tensor | None] = [None] * len(params)
@@ -153,12 +157,12 @@ class TritonBackend(Backend):
             if not spec.keeps_bottleneck:
                 y1_scratch = torch.empty((m, mid), dtype=dtype, device=dev)
         for layer in reversed(range(spec.num_layers)):
-            lv = LayerView(layer, params, running, eps, spec, state, batch_stats)
+            lv = LayerView(layer, params, call, state)
             p = lv.params
             c_in = lv.c_in
             mask = None
-            if state.dropout is not None:
-                mask = state.dropout.replay(layer, (n, k, h, w), dtype)
+            if lv.drop_rate > 0:
+                mask = state.dropout.replay(layer, (n, k, h, w), lv.drop_rate, dtype)
             bn1 = (lv.mean1.contiguous(), lv.invstd1.contiguous(), _vec(p[0], acc), _vec(p[1], acc))
             w1 = conv_weight_taps(p[2], dtype)
             if spec.bottleneck:
@@ -184,7 +188,7 @@ class TritonBackend(Backend):
                     sums2,
                     grad_y1,
                     0,
-                    batch_stats,
+                    lv.norm2.batch_stats,
                     False,
                     h,
                     w,
@@ -203,7 +207,7 @@ class TritonBackend(Backend):
                     sums1,
                     grad_feat,
                     0,
-                    batch_stats,
+                    lv.norm1.batch_stats,
                     True,
                     h,
                     w,
@@ -226,7 +230,7 @@ class TritonBackend(Backend):
                     sums1,
                     grad_feat,
                     0,
-                    batch_stats,
+                    lv.norm1.batch_stats,
                     True,
                     h,
                     w,

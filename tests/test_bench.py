@@ -1,0 +1,397 @@
+"""The benchmark's own machinery (bench/): plan, worker, estimator, report, scale fit, runner.
+
+These check that the instruments measure what they claim on cases with known answers; they
+time nothing (performance is shown by ``make bench``, never asserted in a test).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import jobs as bench_jobs
+from bench import report, run, scale
+from bench.estimate import LiveBytes, estimate_activation_bytes
+from bench.jobs import Job, Settings, plan
+from bench.variants import build_model, model_config, parse_variant
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+
+
+# ----------------------------------------------------------------------------- plan
+def test_plan_has_every_peer_next_to_the_efficient_rows():
+    jobs = plan(Settings.for_device("cpu"), ["reference", "cpp"], ["main", "imagenet"])
+    for suite in ("main", "imagenet"):
+        variants = [j.variant for j in jobs if j.suite == suite]
+        for peer in ("naive", "naive-channels_last", "naive-compile", "naive-checkpoint"):
+            assert peer in variants
+        assert "efficient-cpp-min-compile" in variants
+        assert "efficient-cpp-bottleneck-compile" in variants
+        assert "efficient-reference-min" in variants
+    # The max-batch search resizes the batch, which would recompile a compiled model.
+    main = {j.variant: j for j in jobs if j.suite == "main"}
+    assert main["naive"].max_batch_bytes == 1 << 30
+    assert main["naive-compile"].max_batch_bytes is None
+    assert main["efficient-cpp-min-compile"].max_batch_bytes is None
+
+
+def test_gpu_plan_compiles_in_fp32_only():
+    jobs = plan(Settings.for_device("cuda"), ["reference", "cpp", "triton"], ["main"])
+    compiled = [j for j in jobs if j.variant.endswith("-compile")]
+    assert {j.dtype for j in compiled} == {"fp32"}
+    assert {j.variant for j in compiled} == {
+        "naive-compile",
+        "efficient-triton-min-compile",
+        "efficient-triton-bottleneck-compile",
+    }
+    assert {j.dtype for j in jobs} == {"fp32", "bf16"}
+
+
+def test_plan_without_compile_and_unknown_suite():
+    settings = Settings.for_device("cpu", compile=False)
+    variants = {j.variant for j in plan(settings, ["cpp"], ["main"])}
+    assert not any(v.endswith("-compile") for v in variants)
+    with pytest.raises(ValueError, match="unknown suites"):
+        plan(settings, ["cpp"], ["mian"])
+
+
+def test_scale_plan_measures_the_1000_layer_step_and_estimates_naive():
+    jobs = plan(Settings.for_device("cpu"), ["reference", "cpp"], ["scale"])
+    deep = [j for j in jobs if j.model == "densenet_bc_1000"]
+    assert {(j.variant, j.estimate_only, j.steps) for j in deep} == {
+        ("efficient-cpp-min", False, 1),
+        ("naive", True, 0),
+    }
+    assert all(j.batch == 64 and j.warmup_batch == 2 for j in jobs)
+    gpu = plan(Settings.for_device("cuda"), ["cpp", "triton"], ["scale"])
+    assert all(j.warmup_batch is None for j in gpu)
+    fit = [scale.depth_of(j.model) for j in jobs if j.model != "densenet_bc_1000"]
+    assert fit == [100, 250, 400]
+
+
+def test_job_round_trips_through_json():
+    job = Job("depth", "densenet_bc_40", "naive", 8, "fp32", "cpu", optional=True, seed=3)
+    assert Job.from_json(job.to_json()) == job
+    assert json.loads(job.to_json())["optional"] is True
+
+
+def test_settings_for_cuda_and_overrides():
+    s = Settings.for_device("cuda", main_batch=32, sweep_depths=None)
+    assert s.main_batch == 32 and s.dtypes == ["fp32", "bf16"] and s.sweep_extra_depths == [1000]
+    assert s.sweep_depths == Settings.for_device("cpu").sweep_depths  # None keeps the default
+
+
+# ----------------------------------------------------------------------------- variants
+@pytest.mark.parametrize(
+    "name,fields",
+    [
+        ("naive", dict(efficient=False, channels_last=False, compile=False, checkpoint=False)),
+        ("naive-channels_last", dict(efficient=False, channels_last=True, compile=False)),
+        ("naive-compile", dict(efficient=False, channels_last=False, compile=True)),
+        ("naive-checkpoint", dict(efficient=False, checkpoint=True, compile=False)),
+        ("efficient-cpp-min", dict(efficient=True, backend="cpp", memory="min", compile=False)),
+        (
+            "efficient-triton-bottleneck-compile",
+            dict(efficient=True, backend="triton", memory="bottleneck", compile=True),
+        ),
+    ],
+)
+def test_variant_grammar(name, fields):
+    v = parse_variant(name)
+    assert {k: getattr(v, k) for k in fields} == fields
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="unknown variant"):
+        parse_variant("naive-fast")
+
+
+def test_channels_last_variant_converts_the_model():
+    model = build_model(model_config("densenet_bc_10"), "naive-channels_last")
+    conv = model.features.conv0.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+# ----------------------------------------------------------------------------- estimator
+def test_live_bytes_counts_known_allocations():
+    """1 MiB, then 3 MiB, the 1 MiB freed, then 2 MiB: the peak is 5 MiB, nothing remains."""
+    tracker = LiveBytes()
+    with tracker:
+        a = torch.empty(MIB, dtype=torch.uint8)
+        b = torch.empty(3 * MIB, dtype=torch.uint8)
+        view = b[: MIB // 2]  # a view: no new storage
+        del a
+        c = torch.empty(2 * MIB, dtype=torch.uint8)
+        del b, c, view
+    assert tracker.peak == 5 * MIB
+    assert tracker.live == 0
+
+
+def test_estimator_agrees_with_torch_memtracker():
+    """The same bookkeeping as torch's MemTracker (which is quadratic in the op count)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from bench.variants import TrainStep
+
+    config = model_config("densenet_bc_16")
+    ours = estimate_activation_bytes(config, "naive", 4, "fp32", torch.device("cpu"))
+    with FakeTensorMode():
+        step = TrainStep(config, "naive", 4, "fp32", torch.device("cpu"))
+        step()
+        tracker = MemTracker()
+        tracker.track_external(step.model, step.opt, step.x, step.y)
+        with tracker:
+            before = tracker.get_tracker_snapshot("current")
+            step()
+            peak = tracker.get_tracker_snapshot("peak")
+    total = lambda snap: next(s["Total"] for d, s in snap.items() if torch.device(d).type == "cpu")
+    theirs = total(peak) - total(before)
+    assert ours["peak_activation_bytes"] == pytest.approx(theirs, rel=1e-3)
+    assert ours["floor_bytes"] > 0
+
+
+def test_estimator_refuses_compiled_variants():
+    with pytest.raises(ValueError, match="compiled"):
+        estimate_activation_bytes(
+            model_config("densenet_bc_10"), "naive-compile", 2, "fp32", torch.device("cpu")
+        )
+
+
+# ----------------------------------------------------------------------------- worker
+def test_worker_measures_a_tiny_job_in_its_own_process():
+    job = Job(
+        "main", "densenet_bc_10", "efficient-reference-min", 2, "fp32", "cpu", warmup=1, steps=2
+    )
+    row = run.run_worker(job, timeout=300)
+    assert not row.get("error"), row.get("stderr_tail")
+    assert row["peak_activation_bytes"] > row["floor_bytes"] > 0
+    assert len(row["step_times_s"]) == 2 and row["step_time_s"] > 0
+    assert row["first_step_s"] > 0 and "compile_s" not in row
+    assert row["job_wall_s"] > 0
+
+
+def test_worker_searches_the_max_batch_with_the_shared_search():
+    """The benchmark's max batch is python_models.max_batch's search over measured steps: the
+    batch found fits the budget and the next one, also measured, does not."""
+    budget = 24 * MIB
+    job = Job("main", "densenet_bc_10", "naive", 2, "fp32", "cpu", warmup=1, max_batch_bytes=budget)
+    row = run.run_worker(job, timeout=600)
+    assert not row.get("error"), row.get("stderr_tail")
+    found = row["max_batch"]
+    probes = {p["batch"]: p for p in found["probes"]}
+    best = found["max_batch"]
+    assert best > 2 and probes[best]["fits"] and probes[best]["bytes"] <= budget
+    assert not probes[best + 1]["fits"]
+
+
+def test_worker_warms_up_at_a_small_batch_and_measures_the_job_batch():
+    """The scale suite's warm-up batch: the probe and the floor are of the job's batch."""
+    job = Job(
+        "scale", "densenet_bc_10", "naive", 4, "fp32", "cpu", warmup=1, steps=1, warmup_batch=1
+    )
+    row = run.run_worker(job, timeout=300)
+    assert not row.get("error"), row.get("stderr_tail")
+    full = run.run_worker(job.replace(warmup_batch=None), timeout=300)
+    assert row["warmup_batch"] == 1 and "warmup_batch" not in full
+    assert row["floor_bytes"] == full["floor_bytes"] > 0
+    assert row["peak_activation_bytes"] == pytest.approx(full["peak_activation_bytes"], rel=0.05)
+
+
+def test_worker_reports_a_failure_as_a_row():
+    job = Job("main", "densenet_bc_10", "efficient-nosuch-min", 2, "fp32", "cpu", warmup=1, steps=1)
+    row = run.run_worker(job, timeout=300)
+    assert "BackendUnavailableError" in row["error"] or "unknown backend" in row["error"]
+
+
+# ----------------------------------------------------------------------------- runner
+def _fake_worker(calls):
+    def worker(job, timeout):
+        calls.append(job)
+        return {**job.ident(), "peak_activation_bytes": 1, "estimated": job.estimate_only}
+
+    return worker
+
+
+def test_runner_estimates_a_deep_point_predicted_over_the_limit(monkeypatch):
+    calls: list[Job] = []
+    monkeypatch.setattr(run, "run_worker", _fake_worker(calls))
+    measured = [
+        {
+            "suite": "depth",
+            "model": f"densenet_bc_{d}",
+            "variant": "naive",
+            "batch": 8,
+            "peak_activation_bytes": d * d * MIB,
+        }  # fmt: skip
+        for d in (40, 64, 100)
+    ]
+    runner = run.Runner(Settings.for_device("cpu"), "abc", 60, measure_limit_bytes=2 << 30)
+    deep = Job("depth", "densenet_bc_400", "naive", 8, "fp32", "cpu", extrapolate=True)
+    runner.run_one(deep, measured)
+    assert calls[-1].estimate_only and "over the measuring limit" in calls[-1].reason
+    shallow = deep.replace(model="densenet_bc_40")  # 1.6 GiB predicted: measured
+    runner.run_one(shallow, measured)
+    assert not calls[-1].estimate_only
+
+
+def test_runner_skips_after_the_deadline_and_optional_jobs_past_the_budget(monkeypatch):
+    calls: list[Job] = []
+    monkeypatch.setattr(run, "run_worker", _fake_worker(calls))
+    job = Job("main", "densenet_bc_10", "naive", 2, "fp32", "cpu")
+    runner = run.Runner(Settings.for_device("cpu"), "abc", 60, None, deadline_s=0)
+    assert "deadline" in runner.run_one(job, [])["skipped"]
+    runner = run.Runner(Settings.for_device("cpu", time_budget_s=1e-9), "abc", 60, None)
+    assert "time budget" in runner.run_one(job.replace(optional=True), [])["skipped"]
+    assert not runner.run_one(job, []).get("skipped")
+    assert len(calls) == 1
+
+
+# ----------------------------------------------------------------------------- report
+def _row(variant, step, mem, suite="main"):
+    return {"suite": suite, "model": "densenet_bc_100", "variant": variant, "batch": 16,
+            "dtype": "fp32", "device": "cpu", "step_time_s": step,
+            "peak_activation_bytes": mem, "floor_bytes": mem / 10}  # fmt: skip
+
+
+def test_ratios_to_naive_and_to_the_fastest_naive_peer():
+    rows = [
+        _row("naive", 0.5, 500),
+        _row("naive-channels_last", 0.4, 600),
+        _row("naive-compile", 0.45, 400),
+        _row("naive-checkpoint", 0.3, 200),  # not a speed peer
+        _row("efficient-cpp-min", 0.36, 50),
+    ]
+    report.add_ratios(rows)
+    eff = rows[-1]
+    assert eff["step_time_ratio"] == pytest.approx(0.36 / 0.5)
+    assert eff["step_time_vs_best_naive"] == pytest.approx(0.36 / 0.4)
+    assert eff["best_naive_variant"] == "naive-channels_last"
+    assert eff["peak_activation_ratio"] == pytest.approx(0.1)
+    assert eff["peak_over_floor"] == pytest.approx(10)
+
+
+def _doc(rows, name="Some CPU"):
+    return {"schema": report.SCHEMA, "created": "2026-11-25T00:00:00+00:00", "device": "cpu",
+            "device_name": name, "torch_version": "x", "git_commit": "abc",
+            "command": "python -m bench.run", "settings": {"budget_gib": 1.0},
+            "measuring_seconds": 1.0, "memory_method": "m", "time_method": "t",
+            "rows": rows}  # fmt: skip
+
+
+def test_markdown_table_shows_every_row_and_the_compile_time():
+    rows = [_row("naive", 0.5, 500), {**_row("naive-compile", 0.4, 400), "compile_s": 61.2}]
+    rows.append({**_row("efficient-cpp-min", 0, 0), "error": "RuntimeError: boom"})
+    report.add_ratios(rows)
+    md = report.render_markdown(_doc(rows))
+    lines = [ln for ln in md.splitlines() if ln.startswith("| densenet_bc_100")]
+    assert len(lines) == 3
+    assert "| 61 |" in lines[1] and "0.80x" in lines[1]
+    assert "error: RuntimeError: boom" in lines[2]
+
+
+def test_merge_refuses_two_machines_and_combines_one():
+    a, b = _doc([_row("naive", 0.5, 500)]), _doc([_row("efficient-cpp-min", 0.3, 50)])
+    merged = report.merge([a, b])
+    assert [r["variant"] for r in merged["rows"]] == ["naive", "efficient-cpp-min"]
+    assert merged["rows"][1]["step_time_ratio"] == pytest.approx(0.6)
+    with pytest.raises(SystemExit, match="different machines"):
+        report.merge([a, _doc([], name="Other CPU")])
+
+
+def test_merge_fills_rows_a_deadline_skipped_from_a_later_run():
+    skipped = {**_row("naive-compile", 0, 0), "skipped": "deadline (--deadline-s) reached"}
+    del skipped["step_time_s"], skipped["peak_activation_bytes"]
+    first = _doc([_row("naive", 0.5, 500), skipped])
+    rerun = _doc([_row("naive-compile", 0.4, 400)])
+    merged = report.merge([first, rerun])
+    assert [(r["variant"], r.get("step_time_s")) for r in merged["rows"]] == [
+        ("naive", 0.5),
+        ("naive-compile", 0.4),
+    ]
+    # ... and a later skip never hides an earlier measurement.
+    assert report.merge([rerun, _doc([skipped])])["rows"][0]["step_time_s"] == 0.4
+
+
+def test_write_outputs_without_matplotlib(tmp_path):
+    """A machine without matplotlib gets the JSON and the table, and says the plots are
+    skipped (the GPU image may lack it)."""
+    code = f"""
+import sys, importlib.abc, json
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("matplotlib", "tqdm"):
+            raise ImportError("blocked " + name)
+sys.meta_path.insert(0, Block())
+from pathlib import Path
+from bench import report, run
+from bench.jobs import Job
+doc = json.loads({json.dumps(json.dumps(_doc([_row("naive", 0.5, 500)])))})
+assert report.write_outputs(doc, Path({str(tmp_path)!r}), "t") == 0
+print(list(run._progress([Job("main", "m", "naive", 1, "fp32", "cpu")])))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "plots skipped" in out.stdout and "[1/1]" in out.stdout
+    assert (tmp_path / "t.json").exists() and (tmp_path / "t.md").exists()
+
+
+def test_partial_document_is_replaced_by_the_final_one(tmp_path):
+    doc = _doc([_row("naive", 0.5, 500)])
+    report.write_partial(doc, tmp_path, "run")
+    assert json.loads((tmp_path / "run.partial.json").read_text())["rows"][0]["variant"] == "naive"
+    report.write_outputs(doc, tmp_path, "run", plots=False)
+    assert not (tmp_path / "run.partial.json").exists() and (tmp_path / "run.json").exists()
+
+
+# ----------------------------------------------------------------------------- scale
+def test_deepest_fitting_on_an_exact_line():
+    per_layer, base = 3 * MIB, 100 * MIB
+    points = [(d, per_layer * d + base) for d in (100, 250, 400, 1000)]
+    fit = scale.deepest_fitting(points, 4 << 30)
+    expected = scale.valid_bc_depth(int(((4 << 30) - base) // per_layer))
+    assert fit["depth"] == expected and (expected - 4) % 6 == 0
+    assert fit["predicted_bytes"] <= 4 << 30 < per_layer * (expected + 6) + base
+    assert fit["holdout"]["relative_error"] == pytest.approx(0, abs=1e-12)
+
+
+def test_deepest_fitting_reports_a_bent_line_in_its_holdout():
+    points = [(d, d * d * 1e3) for d in (100, 250, 400, 1000)]  # quadratic, not affine
+    assert scale.deepest_fitting(points, 4 << 30)["holdout"]["relative_error"] < -0.2
+
+
+def test_scale_analysis_derives_one_predicted_row():
+    rows = [
+        {"suite": "scale", "model": f"densenet_bc_{d}", "variant": "efficient-cpp-min",
+         "batch": 64, "device": "cpu", "peak_activation_bytes": 2 * MIB * d + 50 * MIB}
+        for d in (100, 250, 400)
+    ] + [{"suite": "scale", "model": "densenet_bc_1000", "variant": "naive", "batch": 64,
+          "device": "cpu", "estimated": True, "peak_activation_bytes": 1 << 40}]  # fmt: skip
+    (derived,) = scale.analyse(rows, 4.0)
+    assert derived["predicted"] and derived["variant"] == "efficient-cpp-min"
+    assert derived["model"] == f"densenet_bc_{derived['deepest_fitting']['depth']}"
+    cells = report.table_rows({"settings": {}, "rows": [], "derived": [derived]})
+    assert "predicted" in cells[0][-1]
+
+
+def test_valid_bc_depth():
+    assert [scale.valid_bc_depth(d) for d in (10, 15, 16, 1000, 2731)] == [10, 10, 16, 1000, 2728]
+    with pytest.raises(ValueError):
+        scale.valid_bc_depth(9)
+
+
+def test_bench_modules_do_not_edit_sys_path():
+    """bench is a package run with ``python -m`` from the repository root."""
+    # TODO(triton): triton_roofline.py still inserts the repository root into sys.path.
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        if path.name != "triton_roofline.py":
+            assert "sys.path" not in path.read_text(), path
+    assert bench_jobs.__name__ == "bench.jobs"
