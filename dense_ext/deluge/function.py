@@ -19,10 +19,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from dense_ext.deluge.backends.base import (
     LayerNorms,
@@ -34,29 +36,25 @@ from dense_ext.deluge.backends.base import (
     stats_dtype,
 )
 from dense_ext.donation import donate, take_donated
+from dense_ext.norm import norm_call as shared_norm_call
 
 
 def norm_call(module: nn.Module) -> NormCall:
     """How ``module`` (an ``nn.BatchNorm2d`` or a CLDC) normalises in this call.
 
-    Mirrors ``nn.BatchNorm2d.forward``, including its side effect: in training with tracked
-    statistics ``num_batches_tracked`` is incremented here, once per forward.
+    The decisions are ``dense_ext.norm.norm_call``'s, i.e. ``nn.BatchNorm2d.forward``'s (a CLDC
+    carries the same attributes), including the side effect: in training with tracked
+    statistics ``num_batches_tracked`` is incremented here, once per forward. Without batch
+    statistics the running ones are snapshotted, so that a later change of the buffers cannot
+    skew backward.
     """
-    factor = 0.0 if module.momentum is None else module.momentum
-    if module.training and module.track_running_stats:
-        if module.num_batches_tracked is not None:
-            module.num_batches_tracked.add_(1)
-            if module.momentum is None:
-                factor = 1.0 / float(module.num_batches_tracked)
-    batch_stats = module.training or (module.running_mean is None and module.running_var is None)
-    use_running = not module.training or module.track_running_stats
-    running_mean = module.running_mean if use_running else None
-    running_var = module.running_var if use_running else None
-    call = NormCall(eps=float(module.eps), batch_stats=batch_stats, factor=factor)
-    if batch_stats:
-        call.running_mean, call.running_var = running_mean, running_var
-    else:
-        call.eval_mean, call.eval_var = running_mean.clone(), running_var.clone()
+    decided = shared_norm_call(cast(_BatchNorm, module))
+    call = NormCall(eps=decided.eps, batch_stats=decided.batch_stats, factor=decided.factor())
+    if decided.batch_stats:
+        call.running_mean, call.running_var = decided.running_mean, decided.running_var
+    elif decided.running_mean is not None and decided.running_var is not None:
+        call.eval_mean = decided.running_mean.clone()
+        call.eval_var = decided.running_var.clone()
     return call
 
 
@@ -72,8 +70,9 @@ def update_running_stats(updates: Sequence[tuple[NormCall, Tensor, Tensor]], cou
     if count < 1 or not updates:
         return
     bessel = count / (count - 1)
-    means = [norm.running_mean for norm, _, _ in updates]
-    variances = [norm.running_var for norm, _, _ in updates]
+    buffers = [norm.updated() for norm, _, _ in updates]
+    means = [mean for mean, _ in buffers]
+    variances = [var for _, var in buffers]
     factors = [norm.factor for norm, _, _ in updates]
     new_means = torch._foreach_mul([m.to(r.dtype) for (_, m, _), r in zip(updates, means)], factors)
     new_vars = torch._foreach_mul(
@@ -81,9 +80,9 @@ def update_running_stats(updates: Sequence[tuple[NormCall, Tensor, Tensor]], cou
     )
     keep = [1.0 - f for f in factors]
     torch._foreach_mul_(means, keep)
-    torch._foreach_add_(means, new_means)
+    torch._foreach_add_(means, list(new_means))
     torch._foreach_mul_(variances, keep)
-    torch._foreach_add_(variances, new_vars)
+    torch._foreach_add_(variances, list(new_vars))
 
 
 def stage_updates(call: StageCall, state: StageState) -> list[tuple[NormCall, Tensor, Tensor]]:

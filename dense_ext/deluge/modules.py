@@ -9,6 +9,8 @@ state_dicts move between the naive and the efficient model.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -159,7 +161,7 @@ class EfficientDelugeStage(nn.ModuleDict):
         )
 
     def layers(self) -> list[EfficientCompositeLayer]:
-        return list(self.values())
+        return [cast(EfficientCompositeLayer, layer) for layer in self.values()]
 
     def forward(self, x: Tensor) -> Tensor:
         """[N, C, H, W] slot 0 -> [N, S*C, H, W] slot buffer."""
@@ -286,7 +288,9 @@ class EfficientDelugeHead(nn.Module):
 
 
 def _pad(norms: list[nn.Module]) -> list[nn.Module | None]:
-    return norms if len(norms) == 4 else [None, *norms]
+    """The four normalisations of a layer, None for layer 1's missing CLDC."""
+    padded: list[nn.Module | None] = [None] if len(norms) == 3 else []
+    return padded + list(norms)
 
 
 def _batch_stats(module: nn.Module) -> bool:

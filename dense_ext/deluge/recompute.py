@@ -48,7 +48,8 @@ def normalise_stats(norm: NormCall, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mean, var = channel_stats(x, acc)
         update_running_stats([(norm, mean, var)], _rows(x))
     else:
-        mean, var = norm.eval_mean.to(acc), norm.eval_var.to(acc)
+        running_mean, running_var = norm.running()
+        mean, var = running_mean.to(acc), running_var.to(acc)
     return mean, var, torch.rsqrt(var + norm.eps)
 
 

@@ -63,6 +63,20 @@ class NormCall:
         """Whether this batch is folded into the running statistics."""
         return self.batch_stats and self.running_mean is not None
 
+    def running(self) -> tuple[Tensor, Tensor]:
+        """The running ``(mean, var)`` snapshot this call normalises with."""
+        if self.eval_mean is None or self.eval_var is None:
+            raise ValueError(
+                "dense_ext: a normalisation without batch statistics needs running ones"
+            )
+        return self.eval_mean, self.eval_var
+
+    def updated(self) -> tuple[Tensor, Tensor]:
+        """The live running ``(mean, var)`` buffers this call updates."""
+        if self.running_mean is None or self.running_var is None:
+            raise ValueError("dense_ext: this normalisation has no running statistics to update")
+        return self.running_mean, self.running_var
+
 
 @dataclass
 class LayerNorms:
@@ -171,22 +185,27 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def normaliser(norm: NormCall, batch_mean: Tensor, batch_var: Tensor, acc: torch.dtype):
+def normaliser(
+    norm: NormCall, batch_mean: Tensor, batch_var: Tensor, acc: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """``(mean, invstd)`` a BN normalises with: this batch's, or its running snapshot's."""
-    mean, var = (batch_mean, batch_var) if norm.batch_stats else (norm.eval_mean, norm.eval_var)
+    mean, var = (batch_mean, batch_var) if norm.batch_stats else norm.running()
     return mean.to(acc), torch.rsqrt(var.to(acc) + norm.eps)
 
 
 def cldc_normaliser(
     norm: NormCall, slot_stats: Tensor | None, num_inputs: int, channels: int, acc: torch.dtype
-):
+) -> tuple[Tensor, Tensor]:
     """``(mean, invstd)``, both [k, C], of a CLDC over the first ``k`` slots: the slots' batch
     statistics (``slot_stats``, [2, >= k*C]) or the CLDC's running snapshot."""
     if norm.batch_stats:
+        if slot_stats is None:
+            raise ValueError("dense_ext: a CLDC with batch statistics needs the slots' statistics")
         stats = slot_stats[:, : num_inputs * channels].view(2, num_inputs, channels)
         mean, var = stats[0], stats[1]
     else:
-        mean, var = norm.eval_mean.t().to(acc), norm.eval_var.t().to(acc)
+        running_mean, running_var = norm.running()
+        mean, var = running_mean.t().to(acc), running_var.t().to(acc)
     return mean.contiguous(), torch.rsqrt(var + norm.eps).contiguous()
 
 

@@ -56,7 +56,7 @@ def norm_arguments(call: StageCall) -> tuple[list[Tensor], list[float], list[boo
             eps.append(norm.eps)
             flags.append(norm.batch_stats)
             if not norm.batch_stats:
-                running += [norm.eval_mean, norm.eval_var]
+                running += list(norm.running())
     return running, eps, flags
 
 

@@ -46,7 +46,8 @@ class LayerView:
         p = list(params[first : first + spec.params_per_layer(k)])
         self.k = k
         self.norms = call.layers[k - 1]
-        self.cldc_weight, self.cldc_bias = (p[0], p[1]) if spec.has_cldc(k) else (None, None)
+        self.cldc_weight: Tensor | None = p[0] if spec.has_cldc(k) else None
+        self.cldc_bias: Tensor | None = p[1] if spec.has_cldc(k) else None
         (self.gamma, self.beta, self.w1, self.gamma1, self.beta1, self.w2) = p[-9:-3]
         (self.gamma2, self.beta2, self.w3) = p[-3:]
         self._stats = state.layer_stats[k - 1]
