@@ -28,10 +28,10 @@ struct Ops {
       op<BnReluBackwardFn>("dense_ext::bn_relu_backward");
   c10::TypedOperatorHandle<CldcForwardFn> cldc_forward =
       op<CldcForwardFn>("dense_ext::cldc_forward");
-  c10::TypedOperatorHandle<CldcGradSumsFn> cldc_grad_sums =
-      op<CldcGradSumsFn>("dense_ext::cldc_grad_sums");
-  c10::TypedOperatorHandle<CldcGradApplyFn> cldc_grad_apply =
-      op<CldcGradApplyFn>("dense_ext::cldc_grad_apply");
+  c10::TypedOperatorHandle<CldcGradStepFn> cldc_grad_step =
+      op<CldcGradStepFn>("dense_ext::cldc_grad_step");
+  c10::TypedOperatorHandle<CldcGradCorrectFn> cldc_grad_correct =
+      op<CldcGradCorrectFn>("dense_ext::cldc_grad_correct");
 };
 
 const Ops& ops() {
@@ -212,15 +212,18 @@ void matmul(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_o
 // Layer k up to z2 = relu(bn2(t2)), in forward or recomputed in backward; returns (y, t2), y the
 // input of `norm` (the CLDC output in scratch, or slot 0 for k = 1), t2 the 3x3 output (`kept`
 // if defined, else computed). With `stats` defined (forward), the batch statistics of the
-// layer's normalisations are written into it as they become available.
+// layer's normalisations are written into it as they become available. `y_ready`: the CLDC
+// output is already in the scratch y (computed by the later layer's backward pass).
 std::pair<at::Tensor, at::Tensor> layer_up_to_z2(const Ops& o, const at::Tensor& buf,
                                                  const Layer& L, const StageShape& s,
                                                  const Scratch& sc, const at::Tensor& kept,
-                                                 const at::Tensor& stats) {
+                                                 const at::Tensor& stats, bool y_ready = false) {
   const bool forward = stats.defined();
   at::Tensor y = sc.y;
   if (L.k >= 2) {
-    o.cldc_forward.call(buf.narrow(1, 0, L.k * s.c), L.cldc_mean, L.cldc_scale, L.cldc_shift, y);
+    if (!y_ready) {
+      o.cldc_forward.call(buf.narrow(1, 0, L.k * s.c), L.cldc_mean, L.cldc_scale, L.cldc_shift, y);
+    }
     if (forward && L.batch[kNorm]) o.channel_stats.call(y, stats, 0);
   } else {
     y = slot(buf, 0, s.c);
@@ -321,12 +324,27 @@ std::tuple<at::Tensor, at::Tensor> deluge_stage_backward(
     layers.push_back(
         layer_view(k, s, params, running, running_at, eps, batch_stats, slot_stats, layer_stats));
   }
+  // The batch-mean terms of the CLDC backwards, deferred: for each slot, the sum over its
+  // batch-statistics readers of beta and gamma (kernels/cldc_math.cuh), subtracted once when
+  // the slot's gradient is next needed. Each CLDC backward is then one pass over its slots,
+  // which also recomputes the next layer's CLDC output (y_ready).
+  at::Tensor corr_beta = at::zeros({s.slots, s.c}, acc_opts);
+  at::Tensor corr_gamma = at::zeros({s.slots, s.c}, acc_opts);
+  std::vector<bool> pending(s.slots, false);
+  auto correct = [&](int64_t i) {
+    if (!pending[i]) return;
+    at::Tensor mean = slot_stats[0].narrow(0, i * s.c, s.c).view({1, s.c});
+    o.cldc_grad_correct.call(slot(buf, i, s.c), mean, corr_beta[i].view({1, s.c}),
+                             corr_gamma[i].view({1, s.c}), slot(grad_buf, i, s.c));
+  };
+  bool y_ready = false;
   for (int64_t k = s.slots - 1; k >= 1; --k) {
     const Layer& L = layers[k - 1];
     const int64_t p = L.first + (k >= 2 ? 2 : 0);  // the layer's norm.weight
-    auto [y, t2] =
-        layer_up_to_z2(o, buf, L, s, sc, kept.empty() ? at::Tensor() : kept[k - 1], at::Tensor());
+    auto [y, t2] = layer_up_to_z2(o, buf, L, s, sc, kept.empty() ? at::Tensor() : kept[k - 1],
+                                  at::Tensor(), y_ready);
     // The new slot's gradient is complete: every later reader has added to it.
+    correct(k);
     const at::Tensor g = as_matrix(slot(grad_buf, k, s.c), "grad_slot");
     const at::Tensor z2 = as_matrix(sc.z2, "z2");
     matmul(grads[p + 8].view({s.c, s.mid}), g.t(), z2);
@@ -354,25 +372,30 @@ std::tuple<at::Tensor, at::Tensor> deluge_stage_backward(
       slot(grad_buf, 0, s.c).add_(dz0);
       continue;
     }
-    // The CLDC backward: per-(slot, channel) sums, then every slot's input gradient.
+    // The CLDC backward in one pass: sums, alpha * g into every slot read, and the next layer's
+    // CLDC output (the scratch y is free: this layer's BN backward was its last use).
     at::Tensor x = buf.narrow(1, 0, k * s.c);
     at::Tensor sums = at::empty({k + 1, s.c}, acc_opts);
-    o.cldc_grad_sums.call(dz0, x, L.cldc_mean, sums);
+    y_ready = k - 1 >= 2;
+    std::optional<at::Tensor> next_mean, next_scale, next_shift, next_out;
+    if (y_ready) {
+      const Layer& N = layers[k - 2];
+      next_mean = N.cldc_mean, next_scale = N.cldc_scale, next_shift = N.cldc_shift;
+      next_out = sc.y;
+    }
+    o.cldc_grad_step.call(dz0, x, L.cldc_mean, L.cldc_scale, grad_buf.narrow(1, 0, k * s.c), sums,
+                          next_mean, next_scale, next_shift, next_out);
     const at::Tensor sum_x = sums.narrow(0, 0, k), sum_g = sums[k];
-    const at::Tensor& alpha = L.cldc_scale;
-    at::Tensor beta, gamma;
     if (L.batch[kCldc]) {
       const double inv_m = 1.0 / static_cast<double>(s.m);
-      beta = (alpha * (sum_g * inv_m)).contiguous();
-      gamma = (alpha * L.cldc_invstd * L.cldc_invstd * sum_x * inv_m).contiguous();
-    } else {
-      beta = at::zeros_like(alpha);
-      gamma = at::zeros_like(alpha);
+      corr_beta.narrow(0, 0, k).add_(L.cldc_scale * (sum_g * inv_m));
+      corr_gamma.narrow(0, 0, k).add_(L.cldc_scale * L.cldc_invstd * L.cldc_invstd * sum_x * inv_m);
+      std::fill(pending.begin(), pending.begin() + k, true);
     }
-    o.cldc_grad_apply.call(dz0, x, L.cldc_mean, alpha, beta, gamma, grad_buf.narrow(1, 0, k * s.c));
     grads[L.first].copy_((L.cldc_invstd * sum_x).t());
     grads[L.first + 1].copy_(sum_g.unsqueeze(1).expand({s.c, k}));
   }
+  correct(0);
   return {affine_grads, weight_grads};
 }
 

@@ -16,6 +16,18 @@ TORCH_LIBRARY_FRAGMENT(dense_ext, m) {
   m.def(
       "cldc_grad_apply(Tensor grad_y, Tensor x, Tensor mean, Tensor alpha, Tensor beta, "
       "Tensor gamma, Tensor(a!) grad_x) -> ()");
+  // One pass of the stage backward over the k slots a CLDC read: the sums of cldc_grad_sums
+  // and grad_x_i += alpha[i, c] * grad_y (the batch-mean terms are left to cldc_grad_correct,
+  // once per slot); with next_out, also the previous layer's CLDC forward over the first
+  // next_mean.size(0) slots into next_out (its recomputation, sharing this pass's reads).
+  m.def(
+      "cldc_grad_step(Tensor grad_y, Tensor x, Tensor mean, Tensor alpha, Tensor(a!) grad_x, "
+      "Tensor(b!) sums, Tensor? next_mean, Tensor? next_scale, Tensor? next_shift, "
+      "Tensor(c!)? next_out) -> ()");
+  // grad_x_i[c] -= beta[i, c] + gamma[i, c] * (x_i[c] - mean[i, c]).
+  m.def(
+      "cldc_grad_correct(Tensor x, Tensor mean, Tensor beta, Tensor gamma, Tensor(a!) grad_x) "
+      "-> ()");
   // The whole stage forward: x0 is slot 0; returns (buf, slot_stats, layer_stats, kept). Per
   // normalisation (4 per layer: cldc, norm, norm1, norm2; the cldc entry of layer 1 unused):
   // eps and batch_stats; running holds (mean, var) of each normalisation without batch

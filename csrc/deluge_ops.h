@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -20,6 +21,15 @@ using CldcGradSumsFn = void(const at::Tensor& grad_y, const at::Tensor& x, const
 using CldcGradApplyFn = void(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
                              const at::Tensor& alpha, const at::Tensor& beta,
                              const at::Tensor& gamma, const at::Tensor& grad_x);
+
+using CldcGradStepFn = void(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+                            const at::Tensor& alpha, const at::Tensor& grad_x,
+                            const at::Tensor& sums, const std::optional<at::Tensor>& next_mean,
+                            const std::optional<at::Tensor>& next_scale,
+                            const std::optional<at::Tensor>& next_shift,
+                            const std::optional<at::Tensor>& next_out);
+using CldcGradCorrectFn = void(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& beta,
+                               const at::Tensor& gamma, const at::Tensor& grad_x);
 
 // Stage drivers (deluge.cpp): device-generic, registered for CPU there and for CUDA in
 // cuda/deluge.cu.
@@ -109,6 +119,46 @@ inline CldcShape check_cldc_grad_apply(const at::Tensor& grad_y, const at::Tenso
                                        const at::Tensor& grad_x) {
   CldcShape s = check_cldc_tables(x, mean, {{&alpha, "alpha"}, {&beta, "beta"}, {&gamma, "gamma"}});
   check_cldc_slot(grad_y, "grad_y", x, s);
+  rows_view(grad_x, "grad_x");
+  check_same(grad_x, "grad_x", x, "x");
+  return s;
+}
+
+// The optional "next" CLDC of cldc_grad_step: all four given or none; k' <= k slots.
+inline int64_t check_cldc_next(const at::Tensor& x, const CldcShape& s,
+                               const std::optional<at::Tensor>& next_mean,
+                               const std::optional<at::Tensor>& next_scale,
+                               const std::optional<at::Tensor>& next_shift,
+                               const std::optional<at::Tensor>& next_out) {
+  const int given = next_mean.has_value() + next_scale.has_value() + next_shift.has_value() +
+                    next_out.has_value();
+  TORCH_CHECK(given == 0 || given == 4,
+              "dense_ext: next_mean, next_scale, next_shift and next_out go together");
+  if (given == 0) return 0;
+  const int64_t kn = next_mean->dim() == 2 ? next_mean->size(0) : 0;
+  TORCH_CHECK(kn >= 1 && kn <= s.k && next_mean->size(1) == s.c,
+              "dense_ext: next_mean must be [k', ", s.c, "] with 1 <= k' <= ", s.k, ", got ",
+              next_mean->sizes());
+  check_cldc_tables(x.narrow(1, 0, kn * s.c), *next_mean, {{&next_scale.value(), "next_scale"}});
+  check_vector(*next_shift, "next_shift", s.c, acc_dtype(x.scalar_type()), x);
+  check_cldc_slot(*next_out, "next_out", x, s);
+  return kn;
+}
+
+inline CldcShape check_cldc_grad_step(const at::Tensor& grad_y, const at::Tensor& x,
+                                      const at::Tensor& mean, const at::Tensor& alpha,
+                                      const at::Tensor& grad_x, const at::Tensor& sums) {
+  CldcShape s = check_cldc_grad_sums(grad_y, x, mean, sums);
+  check_cldc_tables(x, mean, {{&alpha, "alpha"}});
+  rows_view(grad_x, "grad_x");
+  check_same(grad_x, "grad_x", x, "x");
+  return s;
+}
+
+inline CldcShape check_cldc_grad_correct(const at::Tensor& x, const at::Tensor& mean,
+                                         const at::Tensor& beta, const at::Tensor& gamma,
+                                         const at::Tensor& grad_x) {
+  CldcShape s = check_cldc_tables(x, mean, {{&beta, "beta"}, {&gamma, "gamma"}});
   rows_view(grad_x, "grad_x");
   check_same(grad_x, "grad_x", x, "x");
   return s;

@@ -92,6 +92,47 @@ def test_ops_against_torch_formulas(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("next_slots", [0, 1, 2])
+def test_grad_step_and_correct_against_torch_formulas(dtype, next_slots):
+    """The stage backward's one pass over a CLDC's slots (sums, alpha * g into every slot,
+    optionally the forward of a CLDC over the first slots) and the deferred correction."""
+    a = cldc_args(dtype)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    xs, g, acc = slots(a), a["grad_y"].to(ACC[dtype]), ACC[dtype]
+    before = a["grad_x"].to(acc).clone()
+    nxt = [None] * 4
+    if next_slots:
+        nxt = [
+            a["beta"][:next_slots].contiguous(),
+            a["gamma"][:next_slots].contiguous(),
+            a["shift"] * 2,
+            cl(torch.empty_like(a["out"])),
+        ]
+    torch.ops.dense_ext.cldc_grad_step(
+        a["grad_y"], a["x"], a["mean"], a["alpha"], a["grad_x"], a["sums"], *nxt
+    )
+    for i in range(a["k"]):
+        ref = (g * (xs[i] - channel(a["mean"][i]))).sum(dim=(0, 2, 3))
+        assert_close(a["sums"][i], ref, tol, f"sums[{i}]")
+        part = slice(i * a["c"], (i + 1) * a["c"])
+        step = before[:, part] + channel(a["alpha"][i]) * g
+        assert_close(a["grad_x"][:, part], step, tol, f"grad_x[{i}]")
+    assert_close(a["sums"][a["k"]], g.sum(dim=(0, 2, 3)), tol, "sums[k]")
+    if next_slots:
+        mean, scale, shift, out = nxt
+        expected = channel(shift) + sum(
+            channel(scale[i]) * (xs[i] - channel(mean[i])) for i in range(next_slots)
+        )
+        assert_close(out, expected, tol, "next_out")
+    before = a["grad_x"].to(acc).clone()
+    torch.ops.dense_ext.cldc_grad_correct(a["x"], a["mean"], a["beta"], a["gamma"], a["grad_x"])
+    for i in range(a["k"]):
+        part = slice(i * a["c"], (i + 1) * a["c"])
+        delta = -channel(a["beta"][i]) - channel(a["gamma"][i]) * (xs[i] - channel(a["mean"][i]))
+        assert_close(a["grad_x"][:, part], before[:, part] + delta, tol, f"correct[{i}]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_opcheck_cldc_ops(dtype):
     a = cldc_args(dtype)
     ops = torch.ops.dense_ext
@@ -100,6 +141,13 @@ def test_opcheck_cldc_ops(dtype):
     torch.library.opcheck(
         ops.cldc_grad_apply,
         (a["grad_y"], a["x"], a["mean"], a["alpha"], a["beta"], a["gamma"], a["grad_x"]),
+    )
+    step = (a["grad_y"], a["x"], a["mean"], a["alpha"], a["grad_x"], a["sums"])
+    torch.library.opcheck(ops.cldc_grad_step, (*step, None, None, None, None))
+    nxt = (a["beta"][:2].contiguous(), a["gamma"][:2].contiguous(), a["shift"], a["out"])
+    torch.library.opcheck(ops.cldc_grad_step, (*step, *nxt))
+    torch.library.opcheck(
+        ops.cldc_grad_correct, (a["x"], a["mean"], a["beta"], a["gamma"], a["grad_x"])
     )
 
 
@@ -171,6 +219,16 @@ def test_grad_ops_bad_arguments():
         torch.ops.dense_ext.cldc_grad_apply(
             a["grad_y"], a["x"], a["mean"], a["alpha"], a["beta"], a["gamma"], a["out"]
         )
+
+
+def test_grad_step_next_arguments_go_together():
+    a = cldc_args(torch.float32)
+    step = (a["grad_y"], a["x"], a["mean"], a["alpha"], a["grad_x"], a["sums"])
+    with pytest.raises(RuntimeError, match="go together"):
+        torch.ops.dense_ext.cldc_grad_step(*step, a["beta"], None, None, None)
+    too_many = torch.zeros(4, 5)
+    with pytest.raises(RuntimeError, match="next_mean must be \\[k', 5\\] with 1 <= k' <= 3"):
+        torch.ops.dense_ext.cldc_grad_step(*step, too_many, too_many, a["shift"], a["out"])
 
 
 def test_stage_driver_bad_arguments():

@@ -71,12 +71,15 @@ void cldc_forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Te
   });
 }
 
-template <typename scalar_t, typename acc>
+// ACCUMULATE (cldc_grad_step): each block also adds alpha[i, c] * g to grad_x for its rows.
+template <typename scalar_t, typename acc, bool ACCUMULATE>
 __global__ void cldc_sums_partial_kernel(const scalar_t* __restrict__ g, int64_t ldg,
                                          const scalar_t* __restrict__ x, int64_t ldx, int64_t M,
                                          int64_t C, int64_t k, int64_t rows_per_block,
                                          const acc* __restrict__ mean,
-                                         acc* __restrict__ part) {  // [k + 1, G, C]
+                                         acc* __restrict__ part,  // [k + 1, G, C]
+                                         const acc* __restrict__ alpha,
+                                         scalar_t* __restrict__ grad_x, int64_t ldd) {
   __shared__ acc sh[kRowsY][kWarp];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c = int64_t(blockIdx.x) * kWarp + tx;
@@ -86,9 +89,14 @@ __global__ void cldc_sums_partial_kernel(const scalar_t* __restrict__ g, int64_t
     const acc m = i < k ? mean[i * C + c] : acc(0);
     const int64_t r0 = int64_t(blockIdx.y) * rows_per_block;
     const int64_t r1 = min(M, r0 + rows_per_block);
+    const acc a = ACCUMULATE && i < k ? alpha[i * C + c] : acc(0);
     for (int64_t r = r0 + ty; r < r1; r += kRowsY) {
       const acc gv = static_cast<acc>(g[r * ldg + c]);
       sum += i < k ? gv * (static_cast<acc>(x[r * ldx + i * C + c]) - m) : gv;
+      if (ACCUMULATE && i < k) {
+        scalar_t* d = grad_x + r * ldd + i * C + c;
+        *d = static_cast<scalar_t>(static_cast<acc>(*d) + a * gv);
+      }
     }
   }
   sh[ty][tx] = sum;
@@ -128,9 +136,10 @@ void cldc_grad_sums_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cldc_grad_sums", [&] {
     using acc = acc_t<scalar_t>;
     dim3 block(kWarp, kRowsY), grid(channel_blocks, G, s.k + 1);
-    cldc_sums_partial_kernel<scalar_t, acc><<<grid, block, 0, stream>>>(
+    cldc_sums_partial_kernel<scalar_t, acc, false><<<grid, block, 0, stream>>>(
         grad_y.const_data_ptr<scalar_t>(), vg.ld, x.const_data_ptr<scalar_t>(), s.x.ld, s.x.rows,
-        s.c, s.k, rows_per_block, mean.const_data_ptr<acc>(), part.data_ptr<acc>());
+        s.c, s.k, rows_per_block, mean.const_data_ptr<acc>(), part.data_ptr<acc>(), nullptr,
+        nullptr, 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t width = (s.k + 1) * s.c;
     cldc_sums_finalize_kernel<acc><<<(width + 127) / 128, 128, 0, stream>>>(
@@ -180,9 +189,92 @@ void cldc_grad_apply_cuda(const at::Tensor& grad_y, const at::Tensor& x, const a
       });
 }
 
+// cldc_grad_step: the sums kernel with the alpha * g accumulation, then (with next_out) the
+// forward kernel over the first k' slots: the same values, read a second time from L2/HBM.
+void cldc_grad_step_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+                         const at::Tensor& alpha, const at::Tensor& grad_x, const at::Tensor& sums,
+                         const std::optional<at::Tensor>& next_mean,
+                         const std::optional<at::Tensor>& next_scale,
+                         const std::optional<at::Tensor>& next_shift,
+                         const std::optional<at::Tensor>& next_out) {
+  const CldcShape s = check_cldc_grad_step(grad_y, x, mean, alpha, grad_x, sums);
+  const int64_t kn = check_cldc_next(x, s, next_mean, next_scale, next_shift, next_out);
+  const RowsView vg = rows_view(grad_y, "grad_y"), vd = rows_view(grad_x, "grad_x");
+  if (s.x.rows == 0) {
+    sums.zero_();
+    return;
+  }
+  c10::cuda::CUDAGuard guard(x.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t channel_blocks = (s.c + kWarp - 1) / kWarp;
+  const int64_t G = row_blocks(s.x.rows, channel_blocks * (s.k + 1));
+  const int64_t rows_per_block = (s.x.rows + G - 1) / G;
+  TORCH_CHECK(s.k + 1 <= 65535, "dense_ext: cldc_grad_step supports at most 65534 slots");
+  at::Tensor part = at::empty({s.k + 1, G, s.c}, sums.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cldc_grad_step", [&] {
+    using acc = acc_t<scalar_t>;
+    dim3 block(kWarp, kRowsY), grid(channel_blocks, G, s.k + 1);
+    cldc_sums_partial_kernel<scalar_t, acc, true><<<grid, block, 0, stream>>>(
+        grad_y.const_data_ptr<scalar_t>(), vg.ld, x.const_data_ptr<scalar_t>(), s.x.ld, s.x.rows,
+        s.c, s.k, rows_per_block, mean.const_data_ptr<acc>(), part.data_ptr<acc>(),
+        alpha.const_data_ptr<acc>(), grad_x.data_ptr<scalar_t>(), vd.ld);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t width = (s.k + 1) * s.c;
+    cldc_sums_finalize_kernel<acc><<<(width + 127) / 128, 128, 0, stream>>>(
+        part.data_ptr<acc>(), G, width, s.c, sums.data_ptr<acc>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (kn > 0) {
+      const RowsView vo = rows_view(*next_out, "next_out");
+      cldc_forward_kernel<scalar_t, acc>
+          <<<elementwise_blocks(s.x.rows * s.c), kThreads, 0, stream>>>(
+              x.const_data_ptr<scalar_t>(), s.x.ld, next_out->data_ptr<scalar_t>(), vo.ld, s.x.rows,
+              s.c, kn, next_mean->const_data_ptr<acc>(), next_scale->const_data_ptr<acc>(),
+              next_shift->const_data_ptr<acc>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+template <typename scalar_t, typename acc>
+__global__ void cldc_grad_correct_kernel(const scalar_t* __restrict__ x, int64_t ldx,
+                                         scalar_t* __restrict__ grad_x, int64_t ldd, int64_t M,
+                                         int64_t width, const acc* __restrict__ mean,
+                                         const acc* __restrict__ beta,
+                                         const acc* __restrict__ gamma) {
+  const int64_t n = M * width;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = e / width, j = e - r * width;
+    const acc xc = static_cast<acc>(x[r * ldx + j]) - mean[j];
+    scalar_t* d = grad_x + r * ldd + j;
+    *d = static_cast<scalar_t>(static_cast<acc>(*d) + cldc_grad_correction(xc, beta[j], gamma[j]));
+  }
+}
+
+void cldc_grad_correct_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& beta,
+                            const at::Tensor& gamma, const at::Tensor& grad_x) {
+  const CldcShape s = check_cldc_grad_correct(x, mean, beta, gamma, grad_x);
+  const RowsView vd = rows_view(grad_x, "grad_x");
+  if (s.x.rows == 0) return;
+  c10::cuda::CUDAGuard guard(x.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "cldc_grad_correct", [&] {
+        using acc = acc_t<scalar_t>;
+        cldc_grad_correct_kernel<scalar_t, acc>
+            <<<elementwise_blocks(s.x.rows * s.k * s.c), kThreads, 0, stream>>>(
+                x.const_data_ptr<scalar_t>(), s.x.ld, grad_x.data_ptr<scalar_t>(), vd.ld, s.x.rows,
+                s.k * s.c, mean.const_data_ptr<acc>(), beta.const_data_ptr<acc>(),
+                gamma.const_data_ptr<acc>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dense_ext, CUDA, m) {
+  m.impl("cldc_grad_step", static_cast<CldcGradStepFn*>(&cldc_grad_step_cuda));
+  m.impl("cldc_grad_correct", static_cast<CldcGradCorrectFn*>(&cldc_grad_correct_cuda));
   m.impl("cldc_forward", static_cast<CldcForwardFn*>(&cldc_forward_cuda));
   m.impl("cldc_grad_sums", static_cast<CldcGradSumsFn*>(&cldc_grad_sums_cuda));
   m.impl("cldc_grad_apply", static_cast<CldcGradApplyFn*>(&cldc_grad_apply_cuda));

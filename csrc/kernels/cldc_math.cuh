@@ -13,6 +13,11 @@
 //   dx_i = alpha * g - beta - gamma * xc_i,
 // alpha = scale; with batch statistics beta = alpha * S_g / M, gamma = alpha * invstd^2 * S_i / M
 // (the BN backward's two batch-mean terms), with running statistics beta = gamma = 0.
+//
+// The stage backward splits dx_i: one pass per CLDC adds alpha * g to every slot it read (and
+// collects the sums), and the batch-mean terms of all readers of slot i, which are affine in
+// xc_i, are summed into one (beta_i, gamma_i) per slot and subtracted once, when slot i's
+// gradient is next needed (cldc_grad_correction).
 #pragma once
 
 #include "math.cuh"
@@ -27,6 +32,11 @@ DX_HD acc cldc_term(acc x, acc mean, acc scale) {
 template <typename acc>
 DX_HD acc cldc_grad_input(acc g, acc xc, acc alpha, acc beta, acc gamma) {
   return alpha * g - beta - gamma * xc;
+}
+
+template <typename acc>
+DX_HD acc cldc_grad_correction(acc xc, acc beta, acc gamma) {
+  return -beta - gamma * xc;
 }
 
 }  // namespace dense_ext

@@ -24,6 +24,8 @@ OPS = (
     "cldc_forward",
     "cldc_grad_sums",
     "cldc_grad_apply",
+    "cldc_grad_step",
+    "cldc_grad_correct",
     "deluge_stage_forward",
     "deluge_stage_backward",
 )
@@ -160,6 +162,14 @@ if block_cpp._LOAD_ERROR is None and hasattr(torch.ops.dense_ext, "cldc_forward"
 
     @torch.library.register_fake("dense_ext::cldc_grad_apply")
     def _(grad_y, x, mean, alpha, beta, gamma, grad_x):
+        return None
+
+    @torch.library.register_fake("dense_ext::cldc_grad_step")
+    def _(grad_y, x, mean, alpha, grad_x, sums, next_mean, next_scale, next_shift, next_out):
+        return None
+
+    @torch.library.register_fake("dense_ext::cldc_grad_correct")
+    def _(x, mean, beta, gamma, grad_x):
         return None
 
     @torch.library.register_fake("dense_ext::deluge_stage_forward")
