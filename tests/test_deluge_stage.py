@@ -14,7 +14,7 @@ import random
 
 import pytest
 import torch
-from conftest import TOLERANCE, assert_close
+from conftest import TOLERANCE, assert_close, rel_err
 from deluge_helpers import (
     NORMS,
     backend_or_skip,
@@ -511,3 +511,26 @@ def test_efficient_model_saves_only_slot_buffers():
     # head: the CLDC output, 8 channels at 4x4.
     expected = [(2, 3, 8, 8), (2, 3, 8, 8), (2, 12, 8, 8), (2, 32, 4, 4), (2, 8, 4, 4)]
     assert sorted(saved.values()) == sorted(expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_autocast_within_twice_torch_error(backend):
+    """Under CPU bf16 autocast the efficient model (bf16 slots, float32 statistics) misses the
+    float64 oracle by at most twice what the naive model under the same autocast misses it by:
+    outputs and input gradients."""
+    backend_or_skip(backend)
+    naive, efficient = make_model_pair(backend, torch.float32)
+    oracle = copy.deepcopy(naive).double()
+    x = torch.randn(4, 3, 8, 8)
+    grad = torch.randn(4, 5)
+    results = []
+    for model in (oracle, naive, efficient):
+        xi = x.clone().to(torch.float64 if model is oracle else torch.float32).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=model is not oracle):
+            out = model(xi)
+        out.backward(grad.to(out.dtype))
+        results.append((out.detach().double(), xi.grad.double()))
+    for j, what in enumerate(("output", "input gradient")):
+        torch_error = rel_err(results[1][j], results[0][j])
+        our_error = rel_err(results[2][j], results[0][j])
+        assert our_error <= 2 * torch_error + 1e-6, (what, our_error, torch_error)
