@@ -124,7 +124,7 @@ def cat_slots(slots):
 def compare_stage(naive, efficient, x, tol, seed=1):
     torch.manual_seed(seed)
     s, c = efficient.spec.num_slots, efficient.spec.channels
-    grad = torch.randn(x.shape[0], s * c, *x.shape[2:], dtype=x.dtype)
+    grad = torch.randn(x.shape[0], s * c, *x.shape[2:], dtype=x.dtype, device=x.device)
     expected, scales = observe(naive, x, grad, cat_slots)
     actual, _ = observe(efficient, x, grad)
     check(actual, expected, tol, scales)
@@ -143,7 +143,7 @@ def make_model_pair(backend, dtype=torch.float64, memory="min", small_inputs=Tru
 
 
 def compare_models(naive, efficient, x, tol):
-    grad = torch.randn(x.shape[0], naive.classifier.out_features, dtype=x.dtype)
+    grad = torch.randn(x.shape[0], naive.classifier.out_features, dtype=x.dtype, device=x.device)
     expected, scales = observe(naive, x, grad)
     actual, _ = observe(efficient, x, grad)
     check(actual, expected, tol, scales)

@@ -244,3 +244,27 @@ def test_stage_driver_bad_arguments():
         ops.deluge_stage_forward(x0, bad, running, eps, flags, 3, False, True)
     with pytest.raises(RuntimeError, match="more than 1 value per channel"):
         ops.deluge_stage_forward(x0[:1, :, :1, :1], params, running, eps, flags, 3, False, True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_stage_and_model_match_naive(training):
+    """The CUDA kernels and the CUDA registration of the stage driver, against the naive model
+    on the same GPU (float64)."""
+    from conftest import cuda_or_skip
+    from deluge_helpers import compare_models, compare_stage, make_model_pair, make_stage_pair
+
+    from dense_ext.deluge.backends import unavailable_reason
+
+    cuda_or_skip()
+    if unavailable_reason("cpp", "cuda") is not None:
+        pytest.skip(unavailable_reason("cpp", "cuda"))
+    naive, efficient = make_stage_pair(40, 5, "cpp")
+    naive.cuda().train(training), efficient.cuda().train(training)
+    x = torch.randn(3, 40, 9, 7, dtype=torch.float64, device="cuda")
+    compare_stage(naive, efficient, x, 1e-10)
+    naive, efficient = make_model_pair("cpp")
+    naive.cuda().train(training), efficient.cuda().train(training)
+    compare_models(
+        naive, efficient, torch.randn(2, 3, 8, 8, dtype=torch.float64, device="cuda"), 1e-10
+    )
