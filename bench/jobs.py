@@ -14,7 +14,12 @@ Suites:
 * ``scale`` (not in the default run: ``make bench-scale``): DenseNet-BC with 1000 layers at
   batch 64 with the best backend's ``min`` mode, measured, beside naive estimated, and the
   measured points from which the deepest DenseNet-BC fitting ``scale_budget_gib`` is derived
-  (``bench/scale.py``).
+  (``bench/scale.py``);
+* ``deluge``: DelugeNet-146 (CIFAR, 32x32): naive (a list of slots, one ``F.batch_norm`` per
+  CLDC input) and its channels_last peer against every stage backend in both memory modes:
+  memory, time and max batch;
+* ``deluge-depth``: DelugeNet memory against depth (``delugenet_cifar_<n>``, depth 18n+2),
+  naive and the best backend's two memory modes; the floor is every stage's slots.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from dataclasses import KW_ONLY, dataclass, field
 from bench.variants import MEMORY_MODES, variant_names
 
 GIB = 1 << 30
-SUITES = ("main", "imagenet", "depth", "scale")
-DEFAULT_SUITES = ("main", "imagenet", "depth")
+SUITES = ("main", "imagenet", "depth", "scale", "deluge", "deluge-depth")
+DEFAULT_SUITES = ("main", "imagenet", "depth", "deluge", "deluge-depth")
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,12 @@ class Settings:
     # not depend on the batch, and a batch-64 step of a 1000-layer network takes minutes on a
     # CPU. None: warm up at the measured batch (GPU).
     scale_warmup_batch: int | None = 2
+    deluge_model: str = "delugenet146"
+    deluge_batch: int = 16
+    deluge_warmup: int = 1
+    deluge_steps: int = 3
+    deluge_sweep_ns: list[int] = field(default_factory=lambda: [2, 4, 8, 12, 16])
+    deluge_sweep_batch: int = 8
 
     @classmethod
     def for_device(cls, device: str, **overrides) -> Settings:
@@ -85,6 +96,10 @@ class Settings:
                 measure_limit_gib=None,
                 time_budget_s=None,
                 scale_warmup_batch=None,
+                deluge_batch=64,
+                deluge_warmup=3,
+                deluge_steps=20,
+                deluge_sweep_batch=64,
                 dtypes=["fp32", "bf16"],
             )
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -181,6 +196,10 @@ def plan(settings: Settings, backends: list[str], suites: list[str]) -> list[Job
         jobs += _depth_jobs(settings, best)
     if "scale" in suites:
         jobs += _scale_jobs(settings, best)
+    if "deluge" in suites:
+        jobs += _deluge_jobs(settings, backends)
+    if "deluge-depth" in suites:
+        jobs += _deluge_depth_jobs(settings, best)
     return jobs
 
 
@@ -252,3 +271,40 @@ def _scale_jobs(s: Settings, best: str) -> list[Job]:
         )
     )
     return jobs
+
+
+def _deluge_jobs(s: Settings, backends: list[str]) -> list[Job]:
+    """DelugeNet-146: the naive peers (no checkpointing or torch.compile variant: neither is a
+    DelugeNet option users have) and every backend in both memory modes."""
+    names = ["naive", "naive-channels_last"]
+    names += [f"efficient-{b}-{m}" for b in backends for m in MEMORY_MODES]
+    jobs = []
+    for dtype in s.dtypes:
+        for v in names:
+            search = s.max_batch and dtype == "fp32"
+            jobs.append(
+                Job(
+                    suite="deluge",
+                    model=s.deluge_model,
+                    variant=v,
+                    batch=s.deluge_batch,
+                    dtype=dtype,
+                    device=s.device,
+                    warmup=s.deluge_warmup,
+                    steps=s.deluge_steps,
+                    max_batch_bytes=int(s.budget_gib * GIB) if search else None,
+                )
+            )
+    return jobs
+
+
+def _deluge_depth_jobs(s: Settings, best: str) -> list[Job]:
+    sweep = ["naive", *(f"efficient-{best}-{m}" for m in MEMORY_MODES)]
+    common = dict(
+        suite="deluge-depth", batch=s.deluge_sweep_batch, dtype="fp32", device=s.device, warmup=1
+    )
+    return [
+        Job(model=f"delugenet_cifar_{n}", variant=v, **common)
+        for n in s.deluge_sweep_ns
+        for v in sweep
+    ]

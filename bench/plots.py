@@ -4,6 +4,7 @@
   DenseNet-BC (k=12), one line per variant, in the style of Pleiss et al. 2017 (Figure 4):
   naive grows quadratically, the shared-buffer implementation linearly. Estimated points are
   hollow markers; the floor (the features themselves) is the dashed line.
+  ``<stem>-deluge-memory-vs-depth.png``: the same for CIFAR DelugeNets (floor: all slots).
 * ``<stem>-time-per-step.png``: median step time per variant, for each model and dtype,
   with the ratio to naive on each bar.
 * ``<stem>-memory.png``: activation memory per variant beside the floor, same grouping.
@@ -31,15 +32,23 @@ def _color(variant: str, order: list[str]) -> str:
 
 
 def _depth(row: dict) -> int:
-    return int(row["model"].rsplit("_", 1)[-1])
+    """Layers of the model: DenseNet-BC's depth, or a CIFAR DelugeNet's 18n + 2."""
+    number = int(row["model"].rsplit("_", 1)[-1])
+    return 18 * number + 2 if row["model"].startswith("delugenet_cifar_") else number
 
 
 def _subtitle(doc: dict) -> str:
     return f"{doc['device_name']}, torch {doc['torch_version']}, {doc['git_commit'][:12]}"
 
 
-def plot_memory_vs_depth(doc: dict, path: Path) -> Path | None:
-    rows = [r for r in doc["rows"] if r.get("suite") == "depth" and r.get("peak_activation_bytes")]
+def plot_memory_vs_depth(
+    doc: dict,
+    path: Path,
+    suite: str = "depth",
+    xlabel: str = "depth (layers), DenseNet-BC k=12, 32x32",
+    floor_label: str = "floor (features only)",
+) -> Path | None:
+    rows = [r for r in doc["rows"] if r.get("suite") == suite and r.get("peak_activation_bytes")]
     if not rows:
         return None
     variants = list(dict.fromkeys(r["variant"] for r in rows))
@@ -56,13 +65,11 @@ def plot_memory_vs_depth(doc: dict, path: Path) -> Path | None:
             ax.plot(d, m, "o", color=c, mfc="white" if est else c, ms=6)
     floor = sorted({(_depth(r), r["floor_bytes"] / MIB) for r in rows if r.get("floor_bytes")})
     if floor:
-        ax.plot(
-            [f[0] for f in floor], [f[1] for f in floor], "k--", lw=1, label="floor (features only)"
-        )
+        ax.plot([f[0] for f in floor], [f[1] for f in floor], "k--", lw=1, label=floor_label)
     if any(r.get("estimated") for r in rows):
         ax.plot([], [], "o", color="gray", mfc="white", label="estimated (not allocated)")
     batch = rows[0]["batch"]
-    ax.set_xlabel("depth (layers), DenseNet-BC k=12, 32x32")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("activation memory per training step (MiB)")
     ax.set_title(f"Memory vs depth, batch {batch}\n{_subtitle(doc)}", fontsize=9)
     ax.grid(alpha=0.3)
@@ -84,7 +91,7 @@ def _grouped_bars(
     floor: bool = False,
 ) -> Path | None:
     groups = []
-    for suite in ("main", "imagenet"):
+    for suite in ("main", "imagenet", "deluge"):
         for dtype in ("fp32", "bf16"):
             rs = [
                 r
@@ -129,6 +136,13 @@ def _grouped_bars(
 def plot_all(doc: dict, out: Path, stem: str) -> list[Path]:
     made = [
         plot_memory_vs_depth(doc, out / f"{stem}-memory-vs-depth.png"),
+        plot_memory_vs_depth(
+            doc,
+            out / f"{stem}-deluge-memory-vs-depth.png",
+            suite="deluge-depth",
+            xlabel="depth 18n+2 (layers), CIFAR DelugeNet, width 1, 32x32",
+            floor_label="floor (all slots)",
+        ),
         _grouped_bars(
             doc,
             out / f"{stem}-time-per-step.png",

@@ -75,7 +75,7 @@ COLUMNS = [
     "vs naive",
     "note",
 ]
-SUITE_ORDER = ("main", "imagenet", "depth", "scale")
+SUITE_ORDER = ("main", "imagenet", "depth", "scale", "deluge", "deluge-depth")
 
 
 def _mib(b) -> str:
@@ -173,7 +173,8 @@ def render_markdown(doc: dict) -> str:
         "Activation memory = peak live bytes during one full training step (forward, loss, "
         f"backward, SGD step) above the bytes held before it; {doc['memory_method']}. "
         f"Step time = {doc['time_method']} after warm-up. Floor = sum over dense blocks of "
-        "N*H*W*C_total*bytes. Max batch: largest batch whose measured activation memory fits "
+        "N*H*W*C_total*bytes (DelugeNets: every stage's slots, N*H*W*S*C*bytes). "
+        "Max batch: largest batch whose measured activation memory fits "
         f"{s.get('budget_gib', 0):g} GiB. Ratios are to the naive model measured in the same "
         'run; "vs best naive" to the fastest of naive, naive-channels_last and naive-compile. '
         "Compile s: the first step's time beyond a steady-state step (compiled variants).",

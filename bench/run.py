@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--suites",
         default=",".join(DEFAULT_SUITES),
         help="comma list of main (DenseNet-BC-100), imagenet (DenseNet-121), depth, scale "
-        "(DenseNet-BC-1000 at batch 64; not in the default run)",
+        "(DenseNet-BC-1000 at batch 64; not in the default run), deluge (DelugeNet-146), "
+        "deluge-depth (DelugeNet memory vs depth)",
     )
     p.add_argument("--backends", default=None, help="comma list (default: all available)")
     p.add_argument(
@@ -294,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, dest="main_batch", help="DenseNet-BC-100 batch")
     p.add_argument("--steps", type=int, dest="main_steps", help="timed DenseNet-BC-100 steps")
     p.add_argument("--imagenet-batch", type=int, help="DenseNet-121 batch (CPU 4, GPU 32)")
+    p.add_argument("--deluge-batch", type=int, help="DelugeNet-146 batch (CPU 16, GPU 64)")
+    p.add_argument("--deluge-steps", type=int, help="timed DelugeNet-146 steps (CPU 3, GPU 20)")
+    p.add_argument(
+        "--deluge-ns", type=_ints, dest="deluge_sweep_ns", help="DelugeNet sweep n, e.g. 2,4,8"
+    )
     p.add_argument("--sweep-batch", type=int, help="depth sweep batch (CPU 8, GPU 64)")
     p.add_argument("--depths", type=_ints, dest="sweep_depths", help="e.g. 40,64,100")
     p.add_argument(
@@ -357,6 +363,9 @@ def settings_from_args(args: argparse.Namespace, device: str) -> Settings:
         "scale_batch",
         "scale_fit_depths",
         "scale_budget_gib",
+        "deluge_batch",
+        "deluge_steps",
+        "deluge_sweep_ns",
     )
     settings = Settings.for_device(device, **{n: getattr(args, n) for n in names})
     changes: dict = {}

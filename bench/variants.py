@@ -1,6 +1,6 @@
 """What is compared: the variants, the models, and one training step.
 
-A variant is a way to run the same DenseNet:
+A variant is a way to run the same DenseNet (or DelugeNet):
 
 * ``naive``: eager PyTorch, ``torch.cat`` per layer (quadratic activation memory), contiguous
   (NCHW) tensors: the model as torchvision and python_models build it.
@@ -47,12 +47,22 @@ class ModelConfig:
 
     @property
     def label(self) -> str:
+        size = f"{self.image_size}x{self.image_size}"
         m = re.fullmatch(r"densenet_bc_(\d+)", self.name)
         if m:
-            return f"DenseNet-BC-{m.group(1)} (k=12, {self.image_size}x{self.image_size})"
+            return f"DenseNet-BC-{m.group(1)} (k=12, {size})"
         if self.name == "densenet121":
-            return f"DenseNet-121 ({self.image_size}x{self.image_size})"
-        return f"{self.name} ({self.image_size}x{self.image_size})"
+            return f"DenseNet-121 ({size})"
+        m = re.fullmatch(r"delugenet_cifar_(\d+)", self.name)
+        if m:
+            return f"DelugeNet-{18 * int(m.group(1)) + 2} (n={m.group(1)}, {size})"
+        m = re.fullmatch(r"(wide_)?delugenet(\d+)", self.name)
+        if m:
+            return f"{'Wide-' if m.group(1) else ''}DelugeNet-{m.group(2)} ({size})"
+        return f"{self.name} ({size})"
+
+
+_CIFAR_DELUGENETS = ("delugenet146", "delugenet218", "wide_delugenet146")
 
 
 def model_config(name: str) -> ModelConfig:
@@ -60,6 +70,10 @@ def model_config(name: str) -> ModelConfig:
         return ModelConfig(name, 32, 10)
     if name.startswith("densenet") and name[len("densenet") :].isdigit():
         return ModelConfig(name, 224, 1000)  # ImageNet DenseNet-121/169/201/161/264
+    if name in _CIFAR_DELUGENETS or re.fullmatch(r"delugenet_cifar_\d+", name):
+        return ModelConfig(name, 32, 10)  # width 1 CIFAR DelugeNet, n slots in stage 1
+    if name in ("delugenet92", "delugenet104", "delugenet122"):
+        return ModelConfig(name, 224, 1000)
     raise ValueError(f"unknown benchmark model {name!r}")
 
 
@@ -134,9 +148,16 @@ def build_model(config: ModelConfig, variant: str) -> nn.Module:
     elif v.checkpoint:
         kwargs = {"memory_efficient": True}
     m = re.fullmatch(r"densenet_bc_(\d+)", config.name)
+    d = re.fullmatch(r"delugenet_cifar_(\d+)", config.name)
+    if "delugenet" in config.name and v.checkpoint:
+        raise ValueError("DelugeNets have no checkpointing variant")
     if m:
         model = python_models.densenet_bc(
             depth=int(m.group(1)), growth_rate=12, num_classes=config.num_classes, **kwargs
+        )
+    elif d:
+        model = python_models.delugenet_cifar(
+            int(d.group(1)), 1.0, num_classes=config.num_classes, **kwargs
         )
     else:
         model = python_models.get_model(config.name, **kwargs)
@@ -150,7 +171,8 @@ class TrainStep:
 
     The floor (docs/design.md, "Memory") is the bytes of the dense blocks' outputs, i.e.
     ``sum over blocks of N*H*W*C_total*bytes``: it is recorded by forward hooks on the modules
-    named ``...denseblock<i>`` during a step, in the dtype the blocks actually produce.
+    named ``...denseblock<i>`` during a step, in the dtype the blocks actually produce. For a
+    DelugeNet, the same of its stages (``stage<i>``): all slots, a list (naive) or one buffer.
     """
 
     def __init__(
@@ -174,7 +196,7 @@ class TrainStep:
         self.params = sum(p.numel() for p in model.parameters())
         self.block_out_bytes: dict[str, int] = {}
         for name, module in model.named_modules():
-            if re.search(r"(^|\.)denseblock\d+$", name):
+            if re.search(r"(^|\.)(denseblock|stage)\d+$", name):
                 module.register_forward_hook(self._record(name))
         self.run = torch.compile(model) if self.variant.compile else model
         self.opt = torch.optim.SGD(
@@ -194,7 +216,8 @@ class TrainStep:
 
     def _record(self, name: str):
         def hook(module, inputs, output):
-            self.block_out_bytes[name] = output.numel() * output.element_size()
+            outputs = output if isinstance(output, (list, tuple)) else [output]
+            self.block_out_bytes[name] = sum(t.numel() * t.element_size() for t in outputs)
 
         return hook
 

@@ -1,4 +1,4 @@
-"""DenseNet models (naive and efficient) and a registry of named configurations.
+"""DenseNet and DelugeNet models (naive and efficient) and a registry of named configurations.
 
 ``get_model(name, **kwargs)`` builds a model by name; ``MODEL_NAMES`` lists the named
 configurations. Besides those, any ``densenet_bc_<depth>`` (depth = 6n+4) and
@@ -11,6 +11,18 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from torch import nn
+
+from python_models.delugenet import (
+    DelugeNet,
+    delugenet92,
+    delugenet104,
+    delugenet122,
+    delugenet146,
+    delugenet218,
+    delugenet_cifar,
+    wide_delugenet146,
+)
 from python_models.densenet import (
     DenseNet,
     densenet,
@@ -37,16 +49,27 @@ _CIFAR: dict[str, tuple[Callable[..., DenseNet], int, int]] = {
     "densenet_40": (densenet, 40, 12),
     "densenet_100": (densenet, 100, 12),
 }
-MODEL_NAMES: tuple[str, ...] = (*_CIFAR, *_IMAGENET)
+_DELUGENETS: dict[str, Callable[..., DelugeNet]] = {
+    "delugenet146": delugenet146,
+    "delugenet218": delugenet218,
+    "wide_delugenet146": wide_delugenet146,
+    "delugenet92": delugenet92,
+    "delugenet104": delugenet104,
+    "delugenet122": delugenet122,
+}
+MODEL_NAMES: tuple[str, ...] = (*_CIFAR, *_IMAGENET, *_DELUGENETS)
 _PATTERN = re.compile(r"densenet(_bc)?_(\d+)")
 
 
-def get_model(name: str, **kwargs: Any) -> DenseNet:
+def get_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the model ``name`` (see ``MODEL_NAMES``); ``kwargs`` go to its builder.
 
-    ``growth_rate``, ``num_classes``, ``efficient``, ``memory``, ``backend``, ``drop_rate``
-    and the other ``DenseNet`` arguments may be given. Raises ValueError for unknown names.
+    DenseNets take ``growth_rate``, ``num_classes``, ``efficient``, ``memory``, ``backend``,
+    ``drop_rate`` and the other ``DenseNet`` arguments; DelugeNets ``num_classes``,
+    ``efficient``, ``memory`` and ``backend``. Raises ValueError for unknown names.
     """
+    if name in _DELUGENETS:
+        return _DELUGENETS[name](**kwargs)
     if name in _IMAGENET:
         return _IMAGENET[name](**kwargs)
     if name in _CIFAR:
@@ -64,6 +87,7 @@ def get_model(name: str, **kwargs: Any) -> DenseNet:
 
 __all__ = [
     "MODEL_NAMES",
+    "DelugeNet",
     "DenseNet",
     "densenet",
     "densenet121",
@@ -72,5 +96,12 @@ __all__ = [
     "densenet201",
     "densenet264",
     "densenet_bc",
+    "delugenet92",
+    "delugenet104",
+    "delugenet122",
+    "delugenet146",
+    "delugenet218",
+    "delugenet_cifar",
     "get_model",
+    "wide_delugenet146",
 ]

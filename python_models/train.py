@@ -1,4 +1,5 @@
-"""Train a DenseNet: ``python -m python_models.train`` (console script ``dense-ext-train``).
+"""Train a DenseNet or DelugeNet: ``python -m python_models.train`` (console script
+``dense-ext-train``).
 
 With no arguments it trains a small efficient DenseNet-BC on scikit-learn's bundled digits
 (no download) for a few epochs on whatever device there is. See ``--help`` for the rest:
@@ -362,13 +363,17 @@ def resume_args(args: argparse.Namespace, saved: dict | None) -> None:
 
 
 def _block_backend(model: nn.Module, device: torch.device) -> str:
-    """The backend the model's first efficient block resolves to."""
+    """The backend the model's first efficient block (or DelugeNet stage) resolves to."""
     from dense_ext.backends import resolve_backend_name
     from dense_ext.block import EfficientDenseBlock
+    from dense_ext.deluge import EfficientDelugeStage
+    from dense_ext.deluge.backends import resolve_backend_name as resolve_stage_backend_name
 
     for module in model.modules():
         if isinstance(module, EfficientDenseBlock):
             return resolve_backend_name(module.backend, device)
+        if isinstance(module, EfficientDelugeStage):
+            return resolve_stage_backend_name(module.backend, device)
     return "no efficient block"
 
 
@@ -414,11 +419,30 @@ def run(args: argparse.Namespace) -> dict:
             log.write_json("config.json", _config(args, trainer))
         summary = fit(trainer, log)
         if info.is_main:
+            summary["reuse_picture"] = _draw_reuse(trainer, out_dir)
             log.write_json("summary.json", summary)
             print(summary_line(summary), flush=True)
         return summary
     finally:
         ddp.cleanup(info)
+
+
+def _draw_reuse(trainer: Trainer, out_dir: Path) -> str | None:
+    """The trained model's feature-reuse heat maps (``python_models.reuse``) in
+    ``out_dir/reuse.png``; the path, or None when there is nothing to draw."""
+    from python_models import reuse
+
+    if trainer.step == 0:
+        return None  # untrained weights say nothing about reuse
+    try:
+        maps = reuse.reuse_maps(ddp.unwrap(trainer.model).state_dict())
+        title = f"feature reuse: {trainer.args.model}, epoch {trainer.epoch}"
+        path = reuse.draw(maps, out_dir / "reuse.png", title=title)
+    except (ValueError, ImportError) as exc:  # not a DenseNet/DelugeNet, or no matplotlib
+        print(f"feature reuse: not drawn ({exc})", flush=True)
+        return None
+    print(f"feature reuse: {path}", flush=True)
+    return str(path)
 
 
 def _config(args: argparse.Namespace, trainer: Trainer) -> dict:

@@ -21,7 +21,7 @@ import python_models
 from dense_ext.backends import available_backends
 from dense_ext.block import EfficientDenseBlock
 from dense_ext.transition import EfficientTransition
-from python_models import MODEL_NAMES, DenseNet, get_model
+from python_models import MODEL_NAMES, DelugeNet, DenseNet, get_model
 from python_models.densenet import _DenseBlock, _Transition
 
 TINY = dict(growth_rate=4, block_config=(2, 3), num_init_features=6, num_classes=5)
@@ -369,7 +369,7 @@ def test_registry():
     assert {"densenet_bc_100", "densenet_40", "densenet121", "densenet264"} <= set(MODEL_NAMES)
     with torch.device("meta"):
         for name in MODEL_NAMES:
-            assert isinstance(get_model(name), DenseNet)
+            assert isinstance(get_model(name), (DenseNet, DelugeNet))
         bc190 = get_model("densenet_bc_190")
         assert bc190.features.denseblock1.denselayer1.conv2.out_channels == 40
         m = get_model(

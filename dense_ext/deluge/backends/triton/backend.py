@@ -1,0 +1,56 @@
+"""``TritonStageBackend``: the reference layer loop with the CLDC in Triton kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from dense_ext.deluge.backends.reference import ReferenceStageBackend
+from dense_ext.deluge.backends.triton import kernels
+
+__all__ = ["TritonStageBackend", "get_backend"]
+
+
+class TritonStageBackend(ReferenceStageBackend):
+    """CLDC forward and backward as Triton kernels; CUDA (sm_80+) compiled, or CPU tensors
+    under ``TRITON_INTERPRET=1``."""
+
+    name = "triton"
+
+    def cldc_forward(self, buf, mean, invstd, weight, bias):
+        acc = mean.dtype
+        c, k = weight.shape
+        scale = (weight.to(acc).t() * invstd).contiguous()
+        shift = bias.to(acc).sum(dim=1).contiguous()
+        n, _, h, w = buf.shape
+        out = torch.empty((n, c, h, w), dtype=buf.dtype, device=buf.device)
+        out = out.contiguous(memory_format=torch.channels_last)
+        kernels.cldc_forward(buf[:, : k * c], mean.contiguous(), scale, shift, out)
+        return out
+
+    def cldc_backward(self, grad_y, buf, mean, invstd, weight, batch_stats, grad_buf):
+        c, k = weight.shape
+        acc = mean.dtype
+        mean = mean.contiguous()
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+        sums = torch.empty((k + 1, c), dtype=acc, device=buf.device)
+        x = buf[:, : k * c]
+        kernels.cldc_grad_sums(grad_y, x, mean, sums)
+        sum_x, sum_g = sums[:k], sums[k]
+        alpha = (weight.to(acc).t() * invstd).contiguous()
+        if batch_stats:
+            count = grad_y.numel() // c
+            beta = (alpha * (sum_g / count)).contiguous()
+            gamma = (alpha * invstd * invstd * sum_x / count).contiguous()
+        else:
+            beta = gamma = torch.zeros_like(alpha)
+        kernels.cldc_grad_apply(grad_y, x, mean, alpha, beta, gamma, grad_buf[:, : k * c])
+        grad_w = (invstd * sum_x).t().contiguous()
+        grad_b = sum_g[:, None].expand(c, k).contiguous()
+        return grad_w, grad_b
+
+
+_BACKEND = TritonStageBackend()
+
+
+def get_backend() -> TritonStageBackend:
+    return _BACKEND

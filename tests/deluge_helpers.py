@@ -1,0 +1,149 @@
+"""Helpers of the DelugeNet tests: naive/efficient pairs and the step-and-compare harness.
+
+The naive modules of python_models.delugenet are the oracle. ``observe`` runs one forward and
+backward and returns every observable (output, input gradient, parameter gradients, running
+statistics after forward and after backward); ``check`` compares two such records.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close
+from torch import nn
+
+from dense_ext.deluge import EfficientCLDC, EfficientDelugeStage
+from dense_ext.deluge.backends import unavailable_reason
+from python_models.delugenet import CrossLayerDepthwiseConv, DelugeNet, DelugeStage
+
+NORMS = (nn.BatchNorm2d, CrossLayerDepthwiseConv, EfficientCLDC)
+
+
+def backend_or_skip(name: str) -> str:
+    reason = unavailable_reason(name, "cpu")
+    if reason is not None:
+        pytest.skip(f"stage backend {name} unavailable: {reason}")
+    return name
+
+
+def randomize(module: nn.Module, seed: int = 0) -> None:
+    """Non-trivial affine parameters and running statistics in every BN and CLDC."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, NORMS):
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=gen) - 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) - 0.5)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) * 1.5 + 0.5)
+
+
+def make_stage_pair(channels, slots, backend, dtype=torch.float64, memory="min", seed=0):
+    torch.manual_seed(seed)
+    naive = DelugeStage(channels, slots).to(dtype)
+    randomize(naive, seed)
+    efficient = EfficientDelugeStage(channels, slots, memory=memory, backend=backend).to(dtype)
+    efficient.load_state_dict(naive.state_dict())
+    return naive, efficient
+
+
+def buffers(module):
+    state = module.state_dict()
+    return {k: v.clone() for k, v in state.items() if "running" in k or "num_batches" in k}
+
+
+def record_cldc_term_scales(module: nn.Module) -> tuple[dict[str, float], list]:
+    """Hooks that record, for every naive CLDC, ``max_c sum_r |dL/dy[r, c]|``: the size of the
+    terms its bias gradient sums. Where a batch-statistics BN follows the CLDC that gradient is
+    zero up to rounding, so only an error against the size of its terms means anything."""
+    scales: dict[str, float] = {}
+
+    def forward_hook(name):
+        def hook(mod, inputs, output):
+            if output.requires_grad:
+                output.register_hook(lambda g: scales.__setitem__(name, term_scale(g)))
+
+        return hook
+
+    def term_scale(g):
+        return g.abs().sum(dim=(0, 2, 3)).max().item() if g.numel() else 0.0
+
+    handles = [
+        m.register_forward_hook(forward_hook(f"grad of {name}.bias"))
+        for name, m in module.named_modules()
+        if isinstance(m, CrossLayerDepthwiseConv)
+    ]
+    return scales, handles
+
+
+def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equal, NaN where the other is NaN."""
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan], b[~nan])
+
+
+def check(actual: dict, expected: dict, tol: float, scales: dict[str, float]) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        if value.numel() == 0:
+            assert actual[key].shape == value.shape, f"{key}: shape {actual[key].shape}"
+        elif key in scales:
+            scale = max(scales[key], value.abs().max().item())
+            err = (actual[key] - value).abs().max().item()
+            assert err <= tol * scale, f"{key}: error {err:.3e} > {tol:.0e} * {scale:.3e}"
+        else:
+            assert_close(actual[key], value, tol, key)
+
+
+def observe(module, x, grad, as_output=lambda out: out, as_input=lambda x: x):
+    """Output, gradients and running statistics after forward and after backward; for a naive
+    module also the term scales of its CLDC bias gradients (key "scales")."""
+    module.zero_grad(set_to_none=True)
+    scales, handles = record_cldc_term_scales(module)
+    x = x.clone().requires_grad_()
+    out = as_output(module(as_input(x)))
+    seen = {f"{k} after forward": v for k, v in buffers(module).items()}
+    out.backward(grad)
+    seen.update({"output": out.detach(), "input gradient": x.grad})
+    for name, p in module.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        seen[f"grad of {name}"] = p.grad.clone()
+    for name, value in buffers(module).items():
+        assert identical(value, seen[f"{name} after forward"]), f"{name} changed in backward"
+    for h in handles:
+        h.remove()
+    return seen, scales
+
+
+def cat_slots(slots):
+    return torch.cat(slots, 1)
+
+
+def compare_stage(naive, efficient, x, tol, seed=1):
+    torch.manual_seed(seed)
+    s, c = efficient.spec.num_slots, efficient.spec.channels
+    grad = torch.randn(x.shape[0], s * c, *x.shape[2:], dtype=x.dtype, device=x.device)
+    expected, scales = observe(naive, x, grad, cat_slots)
+    actual, _ = observe(efficient, x, grad)
+    check(actual, expected, tol, scales)
+
+
+def make_model_pair(backend, dtype=torch.float64, memory="min", small_inputs=True):
+    torch.manual_seed(0)
+    config = dict(stage_slots=(3, 4), stage_channels=(4, 8), stem_channels=3, num_classes=5)
+    naive = DelugeNet(**config, small_inputs=small_inputs).to(dtype)
+    randomize(naive)
+    efficient = DelugeNet(
+        **config, small_inputs=small_inputs, efficient=True, memory=memory, backend=backend
+    ).to(dtype)
+    efficient.load_state_dict(naive.state_dict())
+    return naive, efficient
+
+
+def compare_models(naive, efficient, x, tol):
+    grad = torch.randn(x.shape[0], naive.classifier.out_features, dtype=x.dtype, device=x.device)
+    expected, scales = observe(naive, x, grad)
+    actual, _ = observe(efficient, x, grad)
+    check(actual, expected, tol, scales)
