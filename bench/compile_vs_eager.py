@@ -1,7 +1,7 @@
 """Eager vs torch.compile of the efficient DenseNet, activation memory and step time, one run.
 
-    python bench/compile_vs_eager.py                       # DenseNet-BC-100, batch 16, CPU, cpp min
-    python bench/compile_vs_eager.py --backend reference --memory bottleneck --batch 8
+    python -m bench.compile_vs_eager                       # DenseNet-BC-100, batch 16, CPU, cpp min
+    python -m bench.compile_vs_eager --backend reference --memory bottleneck --batch 8
 
 Each variant runs in its own process (no shared allocator state or compile caches), one after
 the other: build (seeded), ``--warmup`` training steps (compilation happens here), one step
@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("eager", "compiled")
 
@@ -90,7 +88,7 @@ def main() -> None:
         return
     rows = {}
     for variant in VARIANTS:
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
+        cmd = [sys.executable, "-m", "bench.compile_vs_eager", *sys.argv[1:], "--variant", variant]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
         line = next(line for line in out.splitlines() if line.startswith("RESULT "))
         rows[variant] = json.loads(line[len("RESULT ") :])

@@ -325,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> deluge_stage_backward(
         layer_view(k, s, params, running, running_at, eps, batch_stats, slot_stats, layer_stats));
   }
   // The batch-mean terms of the CLDC backwards, deferred: for each slot, the sum over its
-  // batch-statistics readers of beta and gamma (kernels/cldc_math.cuh), subtracted once when
+  // batch-statistics readers of beta and gamma (common/cldc_math.cuh), subtracted once when
   // the slot's gradient is next needed. Each CLDC backward is then one pass over its slots,
   // which also recomputes the next layer's CLDC output (y_ready).
   at::Tensor corr_beta = at::zeros({s.slots, s.c}, acc_opts);

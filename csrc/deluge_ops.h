@@ -10,7 +10,7 @@
 #include <utility>
 #include <vector>
 
-#include "layout.h"
+#include "common/checks.h"
 
 namespace dense_ext {
 
@@ -61,6 +61,9 @@ inline CldcShape check_cldc_tables(const at::Tensor& x, const at::Tensor& mean, 
   TORCH_CHECK(mean.dim() == 2 && s.k > 0 && s.c > 0 && s.k * s.c == s.x.cols,
               "dense_ext: mean must be [k, C] with k*C = ", s.x.cols,
               " (the channels of x), got shape ", mean.sizes());
+  // (k + 1) * C < 2^31: the kernels index a slot row's channels in 32 bits.
+  TORCH_CHECK((s.k + 1) * s.c < (int64_t(1) << 31), "dense_ext: a CLDC over ", s.k, " slots of ",
+              s.c, " channels is too wide (k*C must stay below 2^31)");
   auto check_table = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.dim() == 2 && t.size(0) == s.k && t.size(1) == s.c && t.is_contiguous(),
                 "dense_ext: ", name, " must be a contiguous [", s.k, ", ", s.c, "] tensor, got ",

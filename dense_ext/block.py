@@ -297,7 +297,8 @@ def _weight(conv: nn.Conv2d, dtype: torch.dtype, x: Tensor) -> Tensor:
 def norm_kind(norm: nn.Module) -> str | None:
     """How the fused kernels can model ``norm`` (a BN followed by a ReLU), or None.
 
-    ``"batch_norm"``: exactly ``nn.BatchNorm2d`` (the ReLU is a separate module);
+    ``"batch_norm"``: exactly ``nn.BatchNorm2d`` or ``dense_ext.sync_bn.SyncBatchNorm`` (the
+    ReLU is a separate module);
     ``"batch_norm_relu"``: timm's ``BatchNormAct2d`` with a ReLU and no dropout (its forward is
     ``nn.BatchNorm2d``'s, then the ReLU); ``"frozen"``: torchvision's ``FrozenBatchNorm2d``
     (running statistics and affine constants in buffers, never updated, no gradients).
@@ -305,6 +306,10 @@ def norm_kind(norm: nn.Module) -> str | None:
     """
     cls = type(norm)
     if cls is nn.BatchNorm2d:
+        return "batch_norm"
+    if cls.__name__ == "SyncBatchNorm" and cls.__module__ == "dense_ext.sync_bn":
+        # nn.BatchNorm2d's rules with statistics merged through its stats_sync, which the
+        # fused modules read (dense_ext.sync_bn; importing it here would be circular).
         return "batch_norm"
     if cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm."):
         act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
@@ -320,7 +325,9 @@ def norm_channels(norm: nn.Module) -> int:
     """Channels ``norm`` normalises (``FrozenBatchNorm2d`` has no ``num_features``)."""
     if hasattr(norm, "num_features"):
         return int(norm.num_features)
-    return int(norm.weight.shape[0])
+    weight = norm.weight
+    assert isinstance(weight, Tensor), f"{type(norm).__name__} has no weight tensor"
+    return int(weight.shape[0])
 
 
 def module_norm_call(norm: nn.Module) -> NormCall:

@@ -65,7 +65,7 @@ def holders(grad: Tensor, python_refs: int) -> Holders:
     storage = grad.untyped_storage()
     return Holders(
         python_refs=python_refs,
-        tensor_refs=grad._use_count(),
+        tensor_refs=grad._use_count(),  # type: ignore[attr-defined]  # (private, not in stubs)
         storage_refs=torch._C._storage_Use_Count(storage._cdata),
         storage_python_refs=sys.getrefcount(storage),
     )

@@ -99,9 +99,14 @@ def init_distributed(device_name: str = "auto", timeout_s: float = 3600.0) -> Di
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def cleanup(info: DistInfo) -> None:
-    """Leave the process group (if this process joined one)."""
+def cleanup(info: DistInfo, finished: bool = False) -> None:
+    """Leave the process group (if this process joined one). After a run every rank
+    ``finished``, the ranks first meet at a barrier, so that none tears its connections down
+    while a peer still uses them (gloo can abort a process then); after a failure a peer may
+    never arrive, so the rank just leaves."""
     if info.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

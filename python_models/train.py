@@ -401,6 +401,7 @@ def _describe(t: Trainer, out_dir: Path) -> str:
 def run(args: argparse.Namespace) -> dict:
     """Train as ``args`` says; returns the summary (also written to summary.json)."""
     info = ddp.init_distributed(args.device)
+    finished = False
     try:
         out_dir = Path(args.out_dir) if args.out_dir else None
         state = None
@@ -422,9 +423,10 @@ def run(args: argparse.Namespace) -> dict:
             summary["reuse_picture"] = _draw_reuse(trainer, out_dir)
             log.write_json("summary.json", summary)
             print(summary_line(summary), flush=True)
+        finished = True
         return summary
     finally:
-        ddp.cleanup(info)
+        ddp.cleanup(info, finished)
 
 
 def _draw_reuse(trainer: Trainer, out_dir: Path) -> str | None:

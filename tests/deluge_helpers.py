@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close
+from helpers import assert_close
 from torch import nn
 
 from dense_ext.deluge import EfficientCLDC, EfficientDelugeStage

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TOLERANCE, assert_close, cpu_backend_or_skip
+from helpers import TOLERANCE, assert_close, cpu_backend_or_skip
 from naive import NaiveDenseBlock, randomize_bn
 
 from dense_ext import EfficientDenseBlock
@@ -201,7 +201,7 @@ def test_two_steps_match_reference_including_running_stats():
 
 def test_bf16_and_half_run_close_to_float32():
     """Low precision buffers accumulate in float32: error at most ~2x PyTorch's own."""
-    from conftest import rel_err
+    from helpers import rel_err
 
     naive, blocks = make_blocks(2, 4, 3, 4, 0.0, "min", torch.float32)
     x = torch.randn(2, 4, 6, 6)

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TOLERANCE, assert_close, cpu_backend_or_skip, rel_err
+from helpers import TOLERANCE, assert_close, cpu_backend_or_skip, rel_err
 from hypothesis_compat import HealthCheck, given, settings, st
 from naive import NaiveDenseBlock, randomize_bn
 

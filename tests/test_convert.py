@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from conftest import TOLERANCE, assert_close
+from helpers import TOLERANCE, assert_close
 from hypothesis_compat import HealthCheck, given, settings, st
 from naive import NaiveDenseBlock, randomize_bn
 from torch import nn

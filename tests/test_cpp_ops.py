@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_close, cpu_backend_or_skip, cuda_or_skip
+from helpers import assert_close, cpu_backend_or_skip, cuda_or_skip
 
 OPS = (
     "channel_stats",
@@ -551,7 +551,7 @@ def test_cuda_backend_matches_reference(dtype, memory, bn_size):
     """cpp on CUDA vs the reference backend on CUDA. float32: 1e-4 (TF32 off, restored after);
     bfloat16: error against the float32 reference at most ~2x the reference's own error."""
     cuda_or_skip()
-    from conftest import rel_err
+    from helpers import rel_err
 
     from dense_ext import EfficientDenseBlock
 

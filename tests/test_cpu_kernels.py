@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, cpu_backend_or_skip
+from helpers import assert_close, cpu_backend_or_skip
 
 ISAS = ("portable", "avx2", "avx512")
 CHANNELS = (1, 7, 8, 17, 33, 100)
@@ -35,6 +35,10 @@ def cl(t):
 
 def ch(v):
     return v.view(1, -1, 1, 1)
+
+
+# dropout_store's seed: a one-element int64 tensor (read on the device, as CUDA graphs need).
+SEED = torch.tensor([11], dtype=torch.int64)
 
 
 def problem(c, seed=0, shape=(3, 5, 37)):
@@ -163,12 +167,12 @@ def test_dropout_store_is_the_same_on_every_isa(isa, c, p):
 
     src = problem(c)[0]
     ours = cl(torch.zeros(src.shape))
-    torch.ops.dense_ext.dropout_store(src, p, 11, 4, ours)
+    torch.ops.dense_ext.dropout_store(src, p, SEED, 4, ours)
     current = _C.cpu_isa()
     _C.set_cpu_isa("portable")
     try:
         expected = cl(torch.zeros(src.shape))
-        torch.ops.dense_ext.dropout_store(src, p, 11, 4, expected)
+        torch.ops.dense_ext.dropout_store(src, p, SEED, 4, expected)
     finally:
         _C.set_cpu_isa(current)
     assert torch.equal(ours, expected)
@@ -279,9 +283,10 @@ def test_transition_backward_through_the_extension_matches_naive(
     backward through dense_ext::bn_relu_backward in place; it must match torchvision's order as
     the Python in-place path does (test_convert.py)."""
     cpu_backend_or_skip("cpp")
-    import dense_ext.transition as transition
-    from conftest import TOLERANCE
+    from helpers import TOLERANCE
     from test_convert import compare_modules, transition_pair
+
+    import dense_ext.transition as transition
 
     calls = []
     fused = transition._bn_relu_backward_fused

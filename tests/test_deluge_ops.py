@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close
 from deluge_helpers import backend_or_skip
+from helpers import assert_close
 
 from dense_ext.backends import cpp as block_cpp
 from dense_ext.deluge import EfficientDelugeStage
@@ -251,8 +251,8 @@ def test_stage_driver_bad_arguments():
 def test_cuda_stage_and_model_match_naive(training):
     """The CUDA kernels and the CUDA registration of the stage driver, against the naive model
     on the same GPU (float64)."""
-    from conftest import cuda_or_skip
     from deluge_helpers import compare_models, compare_stage, make_model_pair, make_stage_pair
+    from helpers import cuda_or_skip
 
     from dense_ext.deluge.backends import unavailable_reason
 

@@ -14,7 +14,6 @@ import random
 
 import pytest
 import torch
-from conftest import TOLERANCE, assert_close, rel_err
 from deluge_helpers import (
     NORMS,
     backend_or_skip,
@@ -27,6 +26,7 @@ from deluge_helpers import (
     observe,
     randomize,
 )
+from helpers import TOLERANCE, assert_close, rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn

@@ -19,7 +19,6 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import TOLERANCE, cuda_or_skip  # noqa: E402
 from deluge_helpers import (  # noqa: E402
     check,
     compare_models,
@@ -29,6 +28,7 @@ from deluge_helpers import (  # noqa: E402
     observe,
     randomize,
 )
+from helpers import TOLERANCE, cuda_or_skip  # noqa: E402
 
 from dense_ext.deluge import EfficientCLDC, EfficientDelugeHead  # noqa: E402
 from dense_ext.deluge.backends import unavailable_reason  # noqa: E402

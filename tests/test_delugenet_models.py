@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCE, assert_close, rel_err
+from helpers import TOLERANCE, assert_close, rel_err
 from torch import nn
 
 import python_models

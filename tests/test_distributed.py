@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from helpers import free_port
+from ranks import spawn_ranks
 from torch import nn
 
 from dense_ext.sync_bn import SyncBatchNorm, enable_sync_bn
@@ -40,17 +41,10 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------- two processes
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
-        losses, state = _train_ddp(rank)
-        if rank == 0:
-            torch.save({"losses": losses, "state": state}, out)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, out: str) -> None:
+    losses, state = _train_ddp(rank)
+    if rank == 0:
+        torch.save({"losses": losses, "state": state}, out)
 
 
 def _train_ddp(rank: int):
@@ -92,7 +86,7 @@ def _train_single():
 @pytest.mark.slow
 def test_two_process_sync_bn_matches_one_process_on_the_whole_batch(tmp_path):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, out, world=WORLD)
     got = torch.load(out, weights_only=True)
     want_losses, want_state = _train_single()
     torch.testing.assert_close(got["losses"], want_losses, rtol=1e-5, atol=1e-6)
@@ -232,3 +226,15 @@ def test_torchrun_sync_bn_matches_one_process(tmp_path):
     want, got = _read_losses(tmp_path / "single"), _read_losses(tmp_path / "ddp")
     assert len(got) == len(want) == 3
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _failing_worker(rank: int) -> None:
+    if rank == 1:
+        raise AssertionError("rank 1 fails on purpose")
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_spawning_test():
+    # tests/ranks.py leaves successful ranks with os._exit(0): a failure must still surface.
+    with pytest.raises(Exception, match="rank 1 fails on purpose"):
+        spawn_ranks(_failing_worker, world=WORLD)

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import cpu_backend_or_skip, rel_err
+from helpers import cpu_backend_or_skip, rel_err
 from naive import NaiveDenseBlock, randomize_bn
 
 from dense_ext import BackendUnavailableError, EfficientDenseBlock

@@ -14,15 +14,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import cpu_backend_or_skip, free_port
+from helpers import cpu_backend_or_skip
+from ranks import spawn_ranks
 from torch import nn
 
 from dense_ext.grad_layout import grad_like_param
 from dense_ext.sync_bn import enable_sync_bn
-from python_models import MODEL_NAMES, DenseNet, densenet_bc, get_model
+from python_models import MODEL_NAMES, DenseNet, delugenet_cifar, densenet_bc, get_model
 
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 IMAGENET = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264")
@@ -62,9 +61,25 @@ def check_model(model: nn.Module, size: int, fmt: str) -> None:
     assert mismatched_strides(model, x) == []
 
 
+DENSENETS = tuple(name for name in MODEL_NAMES if "deluge" not in name)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("variant", ["naive", "reference", "cpp"])
-@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_delugenet_parameter_gradients_have_the_parameter_strides(variant, fmt):
+    # The CIFAR DelugeNet at its smallest (n=1, a quarter of the width): every layer type of
+    # the named DelugeNets (stem, entry, CLDC stages, transitions, head) is in it.
+    kwargs: dict = {}
+    if variant != "naive":
+        cpu_backend_or_skip(variant)
+        kwargs.update(efficient=True, backend=variant, memory="min")
+    torch.manual_seed(0)
+    check_model(delugenet_cifar(1, width=0.25, **kwargs), 8, fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("variant", ["naive", "reference", "cpp"])
+@pytest.mark.parametrize("name", DENSENETS)
 def test_every_parameter_gradient_has_the_parameter_strides(name, variant, fmt):
     # Every named configuration at its full depth, narrowed (growth rate 2) to stay fast: the
     # layouts depend on the layer types and the backend, not on the widths.
@@ -130,32 +145,23 @@ def test_copied_models_keep_the_layout():
 WORLD = 2
 
 
-def _ddp_worker(rank: int, port: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            for backend in ("reference", "cpp"):
-                _ddp_step(
-                    get_model("densenet_bc_10", growth_rate=4, efficient=True, backend=backend)
-                )
-            # With synchronised BN (the --sync-bn run): fused transitions and head, synced.
-            model = get_model("densenet_bc_10", growth_rate=4, efficient=True, backend="reference")
-            _ddp_step(enable_sync_bn(model))
-        layout = [str(w.message) for w in seen if "Grad strides" in str(w.message)]
-        assert layout == [], layout[0]
-        # The capture works: a stock 1x1 convolution on a channels_last input does warn
-        # (pytorch/pytorch#157862; the warning is once per process, hence last).
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            conv = nn.Sequential(nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 64, 3))
-            _ddp_step(conv, channels=8, channels_last=True)
-        assert any("Grad strides" in str(w.message) for w in seen)
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int) -> None:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for backend in ("reference", "cpp"):
+            _ddp_step(get_model("densenet_bc_10", growth_rate=4, efficient=True, backend=backend))
+        # With synchronised BN (the --sync-bn run): fused transitions and head, synced.
+        model = get_model("densenet_bc_10", growth_rate=4, efficient=True, backend="reference")
+        _ddp_step(enable_sync_bn(model))
+    layout = [str(w.message) for w in seen if "Grad strides" in str(w.message)]
+    assert layout == [], layout[0]
+    # The capture works: a stock 1x1 convolution on a channels_last input does warn
+    # (pytorch/pytorch#157862; the warning is once per process, hence last).
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        conv = nn.Sequential(nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 64, 3))
+        _ddp_step(conv, channels=8, channels_last=True)
+    assert any("Grad strides" in str(w.message) for w in seen)
 
 
 def _ddp_step(model: nn.Module, channels: int = 3, channels_last: bool = False) -> None:
@@ -169,4 +175,4 @@ def _ddp_step(model: nn.Module, channels: int = 3, channels_last: bool = False) 
 @pytest.mark.slow
 def test_two_process_ddp_step_prints_no_layout_warning():
     cpu_backend_or_skip("cpp")
-    mp.spawn(_ddp_worker, args=(free_port(),), nprocs=WORLD, join=True)
+    spawn_ranks(_ddp_worker, world=WORLD)

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCE, assert_close, cpu_backend_or_skip
+from helpers import TOLERANCE, assert_close, cpu_backend_or_skip
 from naive import randomize_bn
 from torch import nn
 

@@ -15,11 +15,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import TOLERANCE, assert_close, free_port
+from helpers import TOLERANCE, assert_close
 from naive import randomize_bn
+from ranks import spawn_ranks
 from torch import nn
 
 from dense_ext import EfficientDenseBlock, EfficientTransition
@@ -221,19 +220,12 @@ def test_enable_sync_bn_needs_a_process_group():
 # ----------------------------------------------------------------------------- two processes
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
-        _check_stats_merge(rank)
-        _check_backend_refusal()
-        results = {name: _run(enable_sync_bn(_build(name)), name, rank) for name in CASES}
-        results["structure"] = _check_fused_and_saved_bytes(rank)
-        torch.save(results, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, out: str) -> None:
+    _check_stats_merge(rank)
+    _check_backend_refusal()
+    results = {name: _run(enable_sync_bn(_build(name)), name, rank) for name in CASES}
+    results["structure"] = _check_fused_and_saved_bytes(rank)
+    torch.save(results, f"{out}/rank{rank}.pt")
 
 
 def _check_stats_merge(rank: int) -> None:
@@ -280,7 +272,7 @@ def _check_fused_and_saved_bytes(rank: int) -> dict:
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, str(tmp_path), world=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for name in CASES:
         want = _run(_build(name), name, None)

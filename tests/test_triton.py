@@ -31,7 +31,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from conftest import TOLERANCE, assert_close, cuda_or_skip, rel_err  # noqa: E402
+from helpers import TOLERANCE, assert_close, cuda_or_skip, rel_err  # noqa: E402
 from naive import NaiveDenseBlock, randomize_bn  # noqa: E402
 
 from dense_ext import EfficientDenseBlock  # noqa: E402

@@ -1,5 +1,5 @@
 // CPU kernels of the CLDC ops, parallelised over rows with at::parallel_for. The arithmetic is
-// in kernels/cldc_math.cuh, shared with the CUDA kernels.
+// in common/cldc_math.cuh, shared with the CUDA kernels.
 //
 // Every kernel walks the rows of the slot buffer: row r holds the k slots of one pixel side by
 // side (k*C contiguous values), so each pass reads each slot once, sequentially, and the inner
@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "../deluge_ops.h"
-#include "../kernels/cldc_math.cuh"
+#include "../common/cldc_math.cuh"
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define CLDC_CPU_CLONES \

@@ -1,4 +1,4 @@
-// CUDA kernels of the CLDC ops. Same arithmetic as cpu/cldc.cpp (kernels/cldc_math.cuh),
+// CUDA kernels of the CLDC ops. Same arithmetic as cpu/cldc.cpp (common/cldc_math.cuh),
 // launched on the current stream of the tensors' device.
 //
 // cldc_forward and cldc_grad_apply are elementwise over (row, channel) [and slot]: consecutive
@@ -14,18 +14,25 @@
 #include <torch/library.h>
 
 #include "../deluge_ops.h"
-#include "../kernels/cldc_math.cuh"
+#include "../common/cldc_math.cuh"
 
 namespace dense_ext {
 namespace {
 
 constexpr int kWarp = 32;
 constexpr int kRowsY = 8;
-constexpr int kThreads = 256;
 
-int64_t elementwise_blocks(int64_t n) {
+// The elementwise kernels run on a 2-D grid over [rows, width]: a block is 32 columns x 8 rows,
+// blockIdx.x picks the columns, blockIdx.y strides over the rows. A column index never needs a
+// 64-bit division by the width (a ~70-instruction call per element; tests/test_cuda_static.py).
+const dim3 kTile(kWarp, kRowsY);
+
+dim3 rows_grid(int64_t rows, int64_t width) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 32 * sms));
+  const int64_t gx = (width + kWarp - 1) / kWarp;
+  int64_t gy = std::max<int64_t>(1, 32 * sms / gx);
+  gy = std::min<int64_t>({gy, (rows + kRowsY - 1) / kRowsY, int64_t(65535)});
+  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(std::max<int64_t>(1, gy)));
 }
 
 // Row ranges of the reduction: about 4 blocks per SM over all channel blocks and slots, each
@@ -42,10 +49,12 @@ __global__ void cldc_forward_kernel(const scalar_t* __restrict__ x, int64_t ldx,
                                     scalar_t* __restrict__ out, int64_t ldo, int64_t M, int64_t C,
                                     int64_t k, const acc* __restrict__ mean,
                                     const acc* __restrict__ scale, const acc* __restrict__ shift) {
-  const int64_t n = M * C;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = e / C, c = e - r * C;
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  // Not unrolled: the unroller's trip count would be a 64-bit division per thread.
+  DENSE_EXT_NO_UNROLL
+  for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < M;
+       r += int64_t(gridDim.y) * blockDim.y) {
     const scalar_t* xr = x + r * ldx + c;
     acc y = shift[c];
     for (int64_t i = 0; i < k; ++i) {
@@ -64,7 +73,7 @@ void cldc_forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Te
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cldc_forward", [&] {
     using acc = acc_t<scalar_t>;
-    cldc_forward_kernel<scalar_t, acc><<<elementwise_blocks(s.x.rows * s.c), kThreads, 0, stream>>>(
+    cldc_forward_kernel<scalar_t, acc><<<rows_grid(s.x.rows, s.c), kTile, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), s.x.ld, out.data_ptr<scalar_t>(), vo.ld, s.x.rows, s.c, s.k,
         mean.const_data_ptr<acc>(), scale.const_data_ptr<acc>(), shift.const_data_ptr<acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -112,7 +121,8 @@ __global__ void cldc_sums_finalize_kernel(const acc* __restrict__ part, int64_t 
                                           int64_t C, acc* __restrict__ sums) {
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // j = i * C + c
   if (j >= width) return;
-  const int64_t i = j / C, c = j - i * C;
+  // j < k * C < 2^31 (checked on the host): 32-bit arithmetic.
+  const int64_t i = static_cast<int>(j) / static_cast<int>(C), c = j - i * C;
   acc total = 0;
   for (int64_t b = 0; b < G; ++b) total += part[(i * G + b) * C + c];
   sums[j] = total;
@@ -155,11 +165,13 @@ __global__ void cldc_grad_apply_kernel(const scalar_t* __restrict__ g, int64_t l
                                        int64_t C, int64_t k, const acc* __restrict__ mean,
                                        const acc* __restrict__ alpha, const acc* __restrict__ beta,
                                        const acc* __restrict__ gamma) {
-  const int64_t width = k * C, n = M * width;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = e / width, j = e - r * width;  // j = i * C + c
-    const int64_t c = j % C;
+  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // j = i * C + c
+  if (j >= k * C) return;
+  const int64_t c = static_cast<int>(j) % static_cast<int>(C);  // 32-bit: k * C < 2^31
+  // Not unrolled: the unroller's trip count would be a 64-bit division per thread.
+  DENSE_EXT_NO_UNROLL
+  for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < M;
+       r += int64_t(gridDim.y) * blockDim.y) {
     const acc xc = static_cast<acc>(x[r * ldx + j]) - mean[j];
     const acc dx =
         cldc_grad_input(static_cast<acc>(g[r * ldg + c]), xc, alpha[j], beta[j], gamma[j]);
@@ -179,12 +191,10 @@ void cldc_grad_apply_cuda(const at::Tensor& grad_y, const at::Tensor& x, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "cldc_grad_apply", [&] {
         using acc = acc_t<scalar_t>;
-        cldc_grad_apply_kernel<scalar_t, acc>
-            <<<elementwise_blocks(s.x.rows * s.k * s.c), kThreads, 0, stream>>>(
-                grad_y.const_data_ptr<scalar_t>(), vg.ld, x.const_data_ptr<scalar_t>(), s.x.ld,
-                grad_x.data_ptr<scalar_t>(), vd.ld, s.x.rows, s.c, s.k, mean.const_data_ptr<acc>(),
-                alpha.const_data_ptr<acc>(), beta.const_data_ptr<acc>(),
-                gamma.const_data_ptr<acc>());
+        cldc_grad_apply_kernel<scalar_t, acc><<<rows_grid(s.x.rows, s.k * s.c), kTile, 0, stream>>>(
+            grad_y.const_data_ptr<scalar_t>(), vg.ld, x.const_data_ptr<scalar_t>(), s.x.ld,
+            grad_x.data_ptr<scalar_t>(), vd.ld, s.x.rows, s.c, s.k, mean.const_data_ptr<acc>(),
+            alpha.const_data_ptr<acc>(), beta.const_data_ptr<acc>(), gamma.const_data_ptr<acc>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
@@ -225,11 +235,10 @@ void cldc_grad_step_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (kn > 0) {
       const RowsView vo = rows_view(*next_out, "next_out");
-      cldc_forward_kernel<scalar_t, acc>
-          <<<elementwise_blocks(s.x.rows * s.c), kThreads, 0, stream>>>(
-              x.const_data_ptr<scalar_t>(), s.x.ld, next_out->data_ptr<scalar_t>(), vo.ld, s.x.rows,
-              s.c, kn, next_mean->const_data_ptr<acc>(), next_scale->const_data_ptr<acc>(),
-              next_shift->const_data_ptr<acc>());
+      cldc_forward_kernel<scalar_t, acc><<<rows_grid(s.x.rows, s.c), kTile, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), s.x.ld, next_out->data_ptr<scalar_t>(), vo.ld, s.x.rows,
+          s.c, kn, next_mean->const_data_ptr<acc>(), next_scale->const_data_ptr<acc>(),
+          next_shift->const_data_ptr<acc>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -241,10 +250,12 @@ __global__ void cldc_grad_correct_kernel(const scalar_t* __restrict__ x, int64_t
                                          int64_t width, const acc* __restrict__ mean,
                                          const acc* __restrict__ beta,
                                          const acc* __restrict__ gamma) {
-  const int64_t n = M * width;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = e / width, j = e - r * width;
+  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= width) return;
+  // Not unrolled: the unroller's trip count would be a 64-bit division per thread.
+  DENSE_EXT_NO_UNROLL
+  for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < M;
+       r += int64_t(gridDim.y) * blockDim.y) {
     const acc xc = static_cast<acc>(x[r * ldx + j]) - mean[j];
     scalar_t* d = grad_x + r * ldd + j;
     *d = static_cast<scalar_t>(static_cast<acc>(*d) + cldc_grad_correction(xc, beta[j], gamma[j]));
@@ -262,7 +273,7 @@ void cldc_grad_correct_cuda(const at::Tensor& x, const at::Tensor& mean, const a
       at::kHalf, at::kBFloat16, x.scalar_type(), "cldc_grad_correct", [&] {
         using acc = acc_t<scalar_t>;
         cldc_grad_correct_kernel<scalar_t, acc>
-            <<<elementwise_blocks(s.x.rows * s.k * s.c), kThreads, 0, stream>>>(
+            <<<rows_grid(s.x.rows, s.k * s.c), kTile, 0, stream>>>(
                 x.const_data_ptr<scalar_t>(), s.x.ld, grad_x.data_ptr<scalar_t>(), vd.ld, s.x.rows,
                 s.k * s.c, mean.const_data_ptr<acc>(), beta.const_data_ptr<acc>(),
                 gamma.const_data_ptr<acc>());

@@ -36,6 +36,7 @@ from dense_ext.deluge.backends.base import (
     stats_dtype,
 )
 from dense_ext.donation import donate, take_donated
+from dense_ext.grad_layout import grad_like_param
 from dense_ext.norm import norm_call as shared_norm_call
 
 
@@ -172,7 +173,10 @@ class DelugeStageFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_buf[:, :c].clone(memory_format=ctx.x_format)
         del grad_buf
-        param_grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])]
+        param_grads = [
+            grad_like_param(g, p) if need and g is not None else None
+            for g, p, need in zip(grads, params, ctx.needs_input_grad[2:])
+        ]
         return (grad_x, None, *param_grads)
 
 
@@ -227,7 +231,8 @@ class CLDCFunction(torch.autograd.Function):
                 grad_y, buf, mean, invstd, weight, call.norm.batch_stats, grad_buf
             )
         # grad_buf is fresh and never read here again: the stage below may accumulate into it.
-        return donate(grad_buf), None, grad_w.to(weight.dtype), grad_b.to(weight.dtype)
+        grad_w, grad_b = (grad_like_param(g.to(weight.dtype), weight) for g in (grad_w, grad_b))
+        return donate(grad_buf), None, grad_w, grad_b
 
 
 __all__ = [

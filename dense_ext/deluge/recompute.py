@@ -30,6 +30,7 @@ from dense_ext.backends.reference import (
 from dense_ext.deluge.backends.base import NormCall, StageBackend, cldc_normaliser, stats_dtype
 from dense_ext.deluge.function import update_running_stats
 from dense_ext.donation import donate
+from dense_ext.grad_layout import grad_like_param
 
 
 def _channel(v: Tensor) -> Tensor:
@@ -132,11 +133,11 @@ class TransitionFunction(torch.autograd.Function):
         return (
             donate(grad_buf),  # fresh and never read here again: the stage may accumulate into it
             None,
-            grad_cw.to(cldc_weight.dtype),
-            grad_cb.to(cldc_bias.dtype),
-            grad_gamma.to(gamma.dtype),
-            grad_beta.to(beta.dtype),
-            grad_conv,
+            grad_like_param(grad_cw.to(cldc_weight.dtype), cldc_weight),
+            grad_like_param(grad_cb.to(cldc_bias.dtype), cldc_bias),
+            grad_like_param(grad_gamma.to(gamma.dtype), gamma),
+            grad_like_param(grad_beta.to(beta.dtype), beta),
+            grad_like_param(grad_conv, conv_weight),
         )
 
 
@@ -185,6 +186,11 @@ class PreActBottleneckFunction(torch.autograd.Function):
                 grad, grad_gamma, grad_beta = bn_backward(
                     grad_z, inputs[j], mean, invstd, gamma, ctx.norms[j].batch_stats
                 )
-                grads = [grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype), grad_w, *grads]
+                grads = [
+                    grad_like_param(grad_gamma.to(gamma.dtype), gamma),
+                    grad_like_param(grad_beta.to(beta.dtype), beta),
+                    grad_like_param(grad_w, weight),
+                    *grads,
+                ]
                 inputs.pop()
         return (grad, None, *grads)

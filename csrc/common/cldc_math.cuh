@@ -25,17 +25,17 @@
 namespace dense_ext {
 
 template <typename acc>
-DX_HD acc cldc_term(acc x, acc mean, acc scale) {
+DENSE_EXT_HOST_DEVICE acc cldc_term(acc x, acc mean, acc scale) {
   return scale * (x - mean);
 }
 
 template <typename acc>
-DX_HD acc cldc_grad_input(acc g, acc xc, acc alpha, acc beta, acc gamma) {
+DENSE_EXT_HOST_DEVICE acc cldc_grad_input(acc g, acc xc, acc alpha, acc beta, acc gamma) {
   return alpha * g - beta - gamma * xc;
 }
 
 template <typename acc>
-DX_HD acc cldc_grad_correction(acc xc, acc beta, acc gamma) {
+DENSE_EXT_HOST_DEVICE acc cldc_grad_correction(acc xc, acc beta, acc gamma) {
   return -beta - gamma * xc;
 }
 
