@@ -10,16 +10,15 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
+import torchvision
 from helpers import TOLERANCE, assert_close, assert_same_step, cpu_backend_or_skip, train_step
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import dense_ext
 from dense_ext import EfficientDenseBlock, EfficientTransition
-
-timm = pytest.importorskip("timm")
-torchvision = pytest.importorskip("torchvision")
-from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 
 BACKENDS = [("reference", "min"), ("cpp", "min"), ("cpp", "bottleneck")]
 # 64x64: the last block sees 2x2 pixels, so its training-mode BNs average 8 values, not 2
