@@ -1,18 +1,31 @@
 """The one test harness: tolerances, comparisons and a training step that records everything a
 drop-in module must reproduce (output, input gradient, every parameter gradient, every buffer
 after forward and after backward). Nothing here touches a GPU at import time.
+
+Two ways to agree with an independent implementation, and only these two:
+
+* float64 against float64: relative error at most ``TOLERANCE[torch.float64]`` (1e-10), i.e.
+  exact up to rounding (``assert_close``, ``assert_same_step``);
+* any lower precision (float32, bfloat16, float16, autocast, TF32): the tolerance rule of
+  ``assert_within_torch_error`` against a float64 oracle (``assert_step_within_torch_error``).
+
+``check_step`` runs a module and its naive twin for one step and picks between the two by the
+input's dtype.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-# Relative tolerances for "exact up to rounding" against an independent implementation.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+# Relative error of a float64 result against a float64 oracle: exact up to rounding. Lower
+# precisions have no entry on purpose: they follow ``assert_within_torch_error``.
+TOLERANCE = {torch.float64: 1e-10}
 
 
 def rel_err(actual: Tensor, expected: Tensor) -> float:
@@ -35,12 +48,84 @@ def rel_err(actual: Tensor, expected: Tensor) -> float:
 
 
 def assert_close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
+    """``rel_err(actual, expected) <= tol``, shapes equal."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     err = rel_err(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
 
 
+def assert_within_torch_error(
+    actual: Tensor,
+    torch_lowp: Tensor | Sequence[Tensor],
+    oracle: Tensor,
+    what: str,
+    *,
+    precision: torch.dtype | None = None,
+) -> None:
+    """The tolerance rule for every comparison below float64 (flash-attention's rule).
+
+    ``actual`` is our result at some precision (float32, bfloat16, float16, or under autocast),
+    ``torch_lowp`` PyTorch's own result for the same computation at the same precision (the
+    naive module: stock ops), or several equally valid such results (``torch_steps``: the
+    input in both memory formats), and ``oracle`` the same computation in float64 from the
+    same rounded inputs and weights. Errors are ``rel_err`` against the oracle (largest
+    absolute error over the oracle's largest value); PyTorch's error is the largest of its
+    results' errors. The rule::
+
+        rel_err(actual, oracle) <= 2 * rel_err(torch_lowp, oracle) + slack
+
+    We may be at most twice as far from the exact result as PyTorch itself is, plus one small
+    term for results PyTorch happens to get (nearly) exact: ``slack``, the machine epsilon of
+    the tested ``precision`` (``actual``'s dtype unless given, e.g. the autocast dtype for a
+    float32 result computed from bfloat16 operands), i.e. two roundings of the largest value
+    (flash-attention's ``fwd_atol``: twice the rounding error of the reference at the tested
+    precision). A result
+    whose errors cancel (BN gradients summed over many terms, large means, TF32 operands)
+    thus gets the room PyTorch itself needs and no more; no test sets its own epsilon.
+    """
+    torch_results = [torch_lowp] if isinstance(torch_lowp, Tensor) else list(torch_lowp)
+    for name, t in [("oracle", oracle)] + [("PyTorch's result", t) for t in torch_results]:
+        assert actual.shape == t.shape, f"{what}: shape {actual.shape} != {name} {t.shape}"
+    assert oracle.dtype == torch.float64, f"{what}: the oracle must be float64, not {oracle.dtype}"
+    slack = torch.finfo(precision or actual.dtype).eps
+    err = rel_err(actual, oracle)
+    torch_err = max(rel_err(t, oracle) for t in torch_results)
+    assert torch_err != float("inf"), f"{what}: PyTorch's own result is not finite where ours is"
+    assert err <= 2 * torch_err + slack, (
+        f"{what}: error {err:.3e} > 2 x PyTorch's {torch_err:.3e} + {slack:.1e}"
+    )
+
+
+# Known failures of the tolerance rule, kept visible: a test that hits one is marked
+# ``xfail(strict=True)`` through ``expect_rule_failure``, so it fails the run once it passes.
+CPP_FLOAT32_SUMS = (
+    "cpp on the CPU sums float32 BN statistics and gradients in float32 (AccType<float> in "
+    "csrc/common/math.cuh), PyTorch's CPU batch norm in double: BN running means and "
+    "weight/bias gradients exceed 2x PyTorch's error (docs/decisions.md, tolerance rule)"
+)
+RELU_FLIP = (
+    "float16/bfloat16 training: a ReLU input within rounding of zero falls on the other side "
+    "of zero than in float64, which moves every gradient upstream by O(1); the rule has no "
+    "room for such flips (docs/decisions.md, tolerance rule)"
+)
+
+DELUGE_FLOAT32 = (
+    "DelugeNet stages in float32: the reference stage misses one BN weight gradient by 5x "
+    "PyTorch's error, the cpp stage most BN bias and convolution weight gradients by 3-4x; "
+    "not investigated (docs/decisions.md, tolerance rule)"
+)
+
+
+def expect_rule_failure(request: pytest.FixtureRequest, when: bool, reason: str) -> None:
+    """Mark the running test an expected failure of the tolerance rule when ``when`` holds:
+    strict, so that it fails once the cause is fixed and the mark must go."""
+    if when:
+        mark = pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
+        request.applymarker(mark)
+
+
 def cpu_backend_or_skip(name: str) -> str:
+    """``name`` when that backend runs on the CPU here; else the test is skipped."""
     from dense_ext.backends import unavailable_reason
 
     reason = unavailable_reason(name, "cpu")
@@ -50,6 +135,7 @@ def cpu_backend_or_skip(name: str) -> str:
 
 
 def cuda_or_skip() -> None:
+    """Skip the test without a CUDA device."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
 
@@ -64,9 +150,15 @@ def buffers(module: nn.Module) -> dict[str, Tensor]:
     return {_name(name): b.detach().clone() for name, b in module.named_buffers()}
 
 
+def float64_oracle(module: nn.Module) -> nn.Module:
+    """A float64 copy of ``module`` (the same parameters and buffers, exactly): the oracle of
+    a lower-precision run. Make it before the first step; it then steps alongside."""
+    return copy.deepcopy(module).double()
+
+
 @dataclass
 class Step:
-    """Everything one training step of a module produced."""
+    """Everything one training step of a module produced, and the output gradient it got."""
 
     output: Tensor
     input_grad: Tensor | None
@@ -74,56 +166,193 @@ class Step:
     buffers_after_forward: dict[str, Tensor]
     buffers_after_backward: dict[str, Tensor]
     extras: dict[str, Tensor] = field(default_factory=dict)  # anything else a use observed
+    grad_output: Tensor | None = None
 
 
-def train_step(module: nn.Module, x: Tensor, grad: Tensor | None = None, seed: int = 0) -> Step:
-    """Forward ``x`` (seeded with ``seed``, so dropout draws repeat), backward ``grad`` (a
-    seeded random tensor shaped like the output when None)."""
+def train_step(
+    module: nn.Module,
+    x: Tensor,
+    grad: Tensor | None = None,
+    seed: int = 0,
+    *,
+    as_input: Callable[[Tensor], object] = lambda x: x,
+    as_output: Callable[[object], Tensor] = lambda out: out,
+) -> Step:
+    """Forward ``x`` (seeded with ``seed``, so dropout draws repeat), backward ``grad`` (when
+    None, a seeded float64 random tensor shaped like the output, rounded to its dtype).
+    ``as_input`` turns ``x`` into what the module takes (e.g. splits it into a list of
+    slots), ``as_output`` what it returns into one tensor (e.g. concatenates a list)."""
     x = x.detach().clone().requires_grad_()
     for p in module.parameters():
         p.grad = None
     torch.manual_seed(seed)
-    out = module(x)
+    out = as_output(module(as_input(x)))
     after_forward = buffers(module)
     if grad is None:
         generator = torch.Generator().manual_seed(seed + 1)
-        grad = torch.randn(out.shape, dtype=out.dtype, generator=generator).to(out.device)
+        grad = torch.randn(out.shape, dtype=torch.float64, generator=generator)
+    grad = grad.to(device=out.device, dtype=out.dtype)
     out.backward(grad)
     grads = {
         _name(name): None if p.grad is None else p.grad.clone()
         for name, p in module.named_parameters()
     }
-    return Step(out.detach(), x.grad, grads, after_forward, buffers(module))
+    return Step(out.detach(), x.grad, grads, after_forward, buffers(module), grad_output=grad)
 
 
-def assert_same_step(actual: Step, expected: Step, tol: float, what: str = "") -> None:
-    """``actual`` reproduces ``expected``: output, input gradient, every parameter's gradient
-    (the same parameters got one), every buffer after forward and after backward, and every
-    extra observation."""
-    prefix = f"{what}: " if what else ""
-    assert_close(actual.output, expected.output, tol, f"{prefix}output")
-    if expected.input_grad is not None:
-        assert actual.input_grad is not None, f"{prefix}no input gradient"
-        assert_close(actual.input_grad, expected.input_grad, tol, f"{prefix}input gradient")
+def observables(step: Step) -> dict[str, Tensor]:
+    """Every tensor a step shows, by a readable name: output, input gradient, each
+    parameter's gradient, each buffer after forward and after backward, each extra."""
+    seen = {"output": step.output}
+    if step.input_grad is not None:
+        seen["input gradient"] = step.input_grad
+    seen.update({f"grad of {n}": g for n, g in step.grads.items() if g is not None})
+    for stage, bufs in (
+        ("after forward", step.buffers_after_forward),
+        ("after backward", step.buffers_after_backward),
+    ):
+        seen.update({f"{n} {stage}": b for n, b in bufs.items()})
+    seen.update(step.extras)
+    return seen
+
+
+def _same_structure(actual: Step, expected: Step, prefix: str) -> None:
+    """The same parameters got a gradient, the same buffers and extras exist, integer buffers
+    (counters) are equal."""
+    assert (actual.input_grad is None) == (expected.input_grad is None), (
+        f"{prefix}input gradient presence differs"
+    )
     assert actual.grads.keys() == expected.grads.keys(), f"{prefix}parameter names differ"
     for name, g in expected.grads.items():
-        a = actual.grads[name]
-        assert (a is None) == (g is None), f"{prefix}{name}: gradient presence differs"
-        if g is not None:
-            assert_close(a, g, tol, f"{prefix}grad of {name}")
+        assert (actual.grads[name] is None) == (g is None), (
+            f"{prefix}{name}: gradient presence differs"
+        )
     assert actual.extras.keys() == expected.extras.keys(), f"{prefix}observations differ"
-    for name, value in expected.extras.items():
-        assert_close(actual.extras[name], value, tol, f"{prefix}{name}")
-    for stage in ("buffers_after_forward", "buffers_after_backward"):
-        exp, act = getattr(expected, stage), getattr(actual, stage)
-        assert act.keys() == exp.keys(), f"{prefix}buffer names differ"
-        for name, value in exp.items():
-            if value.is_floating_point():
-                assert_close(act[name], value, tol, f"{prefix}{name} ({stage})")
-            else:
-                assert torch.equal(act[name], value), (
-                    f"{prefix}{name} ({stage}): {act[name]} != {value}"
+    for a, e in (
+        (actual.buffers_after_forward, expected.buffers_after_forward),
+        (actual.buffers_after_backward, expected.buffers_after_backward),
+    ):
+        assert a.keys() == e.keys(), f"{prefix}buffer names differ"
+        for name, value in e.items():
+            if not value.is_floating_point():
+                assert torch.equal(a[name].cpu(), value.cpu()), (
+                    f"{prefix}{name}: {a[name]} != {value}"
                 )
+
+
+def assert_same_step(
+    actual: Step,
+    expected: Step,
+    tol: float,
+    what: str = "",
+    *,
+    scales: dict[str, float] | None = None,
+) -> None:
+    """``actual`` reproduces ``expected`` to ``tol`` (float64: ``TOLERANCE``): output, input
+    gradient, every parameter's gradient (the same parameters got one), every buffer after
+    forward and after backward and every extra observation.
+
+    ``scales`` names observables that vanish up to rounding (a gradient summed over terms that
+    cancel exactly, e.g. the bias gradient of a layer that a batch-statistics BN follows):
+    their error is measured against the size of those terms, ``max(scale, max |expected|)``,
+    since against the rounding noise it is made of it means nothing."""
+    prefix = f"{what}: " if what else ""
+    _same_structure(actual, expected, prefix)
+    seen = observables(actual)
+    for name, value in observables(expected).items():
+        if not value.is_floating_point():
+            continue
+        if scales and name in scales and value.numel():
+            scale = max(scales[name], value.abs().max().item())
+            err = (seen[name].double() - value.double()).abs().max().item()
+            assert err <= tol * scale, f"{prefix}{name}: error {err:.3e} > {tol:.0e} * {scale:.3e}"
+        else:
+            assert_close(seen[name], value, tol, f"{prefix}{name}")
+
+
+def torch_steps(
+    naive: nn.Module,
+    x: Tensor,
+    grad: Tensor | None = None,
+    seed: int = 0,
+    *,
+    as_output: Callable[[object], Tensor] = lambda out: out,
+) -> list[Step]:
+    """PyTorch's own steps at the tested precision: ``naive`` on ``x`` as given (``naive``
+    keeps the running statistics of this step) and a copy of ``naive`` on ``x`` in the other
+    memory format, from the same state and output gradient. Both are equally valid results of
+    stock PyTorch; they differ in the order of their sums (other convolution kernels), as an
+    efficient block working on channels_last buffers does. The rule's "PyTorch's own error" is
+    the larger of the two, so that it measures accuracy, not one summation order."""
+    if x.dim() != 4:
+        return [train_step(naive, x, grad, seed, as_output=as_output)]
+    fmt = torch.contiguous_format if not x.is_contiguous() else torch.channels_last
+    other = copy.deepcopy(naive).to(memory_format=fmt)
+    first = train_step(naive, x, grad, seed, as_output=as_output)
+    second = train_step(
+        other, x.contiguous(memory_format=fmt), first.grad_output, seed, as_output=as_output
+    )
+    return [first, second]
+
+
+def assert_step_within_torch_error(
+    actual: Step,
+    torch_lowp: Step | Sequence[Step],
+    oracle: Step,
+    what: str = "",
+    *,
+    precision: torch.dtype | None = None,
+) -> None:
+    """``assert_within_torch_error`` on every observable of a lower-precision step: ``actual``
+    and ``torch_lowp`` (PyTorch's step, or several: ``torch_steps``) at the tested
+    ``precision``, ``oracle`` the float64 step from the same (rounded) input and output
+    gradient."""
+    prefix = f"{what}: " if what else ""
+    torch_lowp = [torch_lowp] if isinstance(torch_lowp, Step) else list(torch_lowp)
+    _same_structure(actual, oracle, prefix)
+    for step in torch_lowp:
+        _same_structure(step, oracle, prefix)
+    ours, torchs = observables(actual), [observables(step) for step in torch_lowp]
+    for name, exact in observables(oracle).items():
+        if exact.is_floating_point():
+            theirs = [seen[name] for seen in torchs]
+            what_ = f"{prefix}{name}"
+            assert_within_torch_error(ours[name], theirs, exact, what_, precision=precision)
+
+
+def check_step(
+    module: nn.Module,
+    naive: nn.Module,
+    x: Tensor,
+    *,
+    oracle: nn.Module | None = None,
+    grad: Tensor | None = None,
+    seed: int = 0,
+    what: str = "",
+    as_output: Callable[[object], Tensor] = lambda out: out,
+) -> Step:
+    """One training step of ``module`` against ``naive`` (loaded with the same state), each
+    keeping its own running statistics for the next step.
+
+    float64 ``x``: ``assert_same_step`` at ``TOLERANCE``. Lower precision: ``oracle`` (a
+    ``float64_oracle(naive)`` made with the pair) steps on ``x`` in float64 too, and every
+    observable follows ``assert_within_torch_error`` with ``naive``'s steps (``torch_steps``)
+    as PyTorch's own result. ``as_output`` applies to what ``naive`` returns. Returns
+    ``module``'s step.
+    """
+    if x.dtype == torch.float64:
+        expected = train_step(naive, x, grad, seed, as_output=as_output)
+        actual = train_step(module, x, expected.grad_output, seed)
+        assert_same_step(actual, expected, TOLERANCE[torch.float64], what)
+        return actual
+    assert oracle is not None, "a lower-precision step needs a float64 oracle"
+    theirs = torch_steps(naive, x, grad, seed, as_output=as_output)
+    grad_output = theirs[0].grad_output
+    assert grad_output is not None
+    actual = train_step(module, x, grad_output, seed)
+    exact = train_step(oracle, x.double(), grad_output.double(), seed, as_output=as_output)
+    assert_step_within_torch_error(actual, theirs, exact, what)
+    return actual
 
 
 def free_port() -> int:

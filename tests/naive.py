@@ -44,12 +44,26 @@ class NaiveDenseBlock(nn.ModuleDict):
             c_in = num_input_features + i * growth_rate
             layer = NaiveDenseLayer(c_in, growth_rate, bn_size, drop_rate)
             self.add_module(f"denselayer{i + 1}", layer)
+        # Per-layer dropout multipliers [N, k, H, W] applied to each layer's new features:
+        # a backend that draws its own masks is compared with the naive block given them.
+        self.masks: list[Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         features = [x]
-        for layer in self.values():
-            features.append(layer(features))
+        for i, layer in enumerate(self.values()):
+            new = layer(features)
+            if self.masks is not None:
+                new = new * self.masks[i].to(new)
+            features.append(new)
         return torch.cat(features, 1)
+
+
+def with_masks(naive: NaiveDenseBlock, masks: list[Tensor]) -> NaiveDenseBlock:
+    """``naive`` with the given dropout multipliers instead of ``F.dropout``'s."""
+    for layer in naive.values():
+        layer.drop_rate = 0.0
+    naive.masks = masks
+    return naive
 
 
 def randomize_bn(module: nn.Module, generator: torch.Generator | None = None) -> None:

@@ -8,11 +8,16 @@ Each CPU backend runs the same matrix.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from helpers import TOLERANCE, assert_close, cpu_backend_or_skip, rel_err
+from helpers import (
+    CPP_FLOAT32_SUMS,
+    assert_within_torch_error,
+    check_step,
+    cpu_backend_or_skip,
+    expect_rule_failure,
+    float64_oracle,
+)
 from hypothesis_compat import HealthCheck, given, settings, st
 from naive import NaiveDenseBlock, randomize_bn
 
@@ -32,65 +37,31 @@ def make_pair(num_layers, c0, k, bn_size, drop_rate, memory, backend, dtype, see
     return naive, efficient
 
 
-def run_step(block, x, grad, seed):
-    x = x.clone().requires_grad_()
-    torch.manual_seed(seed)
-    out = block(x)
-    stats_after_forward = copy.deepcopy(buffers(block))
-    out.backward(grad)
-    return out.detach(), x.grad, stats_after_forward
-
-
-def buffers(block):
-    state = block.state_dict()
-    return {k: v.clone() for k, v in state.items() if "running" in k or "num_batches" in k}
-
-
-def compare(naive, efficient, x, tol, seed=123):
-    torch.manual_seed(seed + 1)
-    grad = torch.randn(
-        x.shape[0], efficient.spec.num_features, x.shape[2], x.shape[3], dtype=x.dtype
-    )
-    out_n, gx_n, stats_n = run_step(naive, x, grad, seed)
-    out_e, gx_e, stats_e = run_step(efficient, x, grad, seed)
-    assert_close(out_e, out_n, tol, "output")
-    assert_close(gx_e, gx_n, tol, "input gradient")
-    named_n = dict(naive.named_parameters())
-    for name, p in efficient.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        assert_close(p.grad, named_n[name].grad, tol, f"grad of {name}")
-    for name, value in stats_n.items():
-        assert_close(stats_e[name], value, tol, f"{name} after forward")
-    after_backward_n, after_backward_e = buffers(naive), buffers(efficient)
-    for name, value in after_backward_n.items():
-        assert torch.equal(after_backward_e[name], stats_e[name]), f"{name} changed in backward"
-        assert_close(after_backward_e[name], value, tol, f"{name} after backward")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("memory", ["bottleneck", "min"])
 @pytest.mark.parametrize("bn_size", [None, 4])
-def test_matches_naive_training(backend, dtype, memory, bn_size):
+def test_matches_naive_training(backend, dtype, memory, bn_size, request):
     cpu_backend_or_skip(backend)
+    expect_rule_failure(request, backend == "cpp" and dtype == torch.float32, CPP_FLOAT32_SUMS)
     naive, efficient = make_pair(3, 5, 4, bn_size, 0.0, memory, backend, dtype)
+    oracle = float64_oracle(naive)
     x = torch.randn(3, 5, 7, 6, dtype=dtype) * 2 + 1
-    compare(naive, efficient, x, TOLERANCE[dtype])
+    check_step(efficient, naive, x, oracle=oracle, seed=123)
     # A second step starts from the updated running statistics.
-    compare(naive, efficient, torch.randn_like(x), TOLERANCE[dtype], seed=7)
+    check_step(efficient, naive, torch.randn_like(x), oracle=oracle, seed=7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("memory", ["bottleneck", "min"])
 @pytest.mark.parametrize("bn_size", [None, 2])
-def test_dropout_replays_the_same_masks(backend, memory, bn_size):
-    """With the same seed, the efficient block draws the naive block's dropout masks."""
-    cpu_backend_or_skip(backend)
-    if backend != "reference":
-        pytest.skip("only the reference backend promises F.dropout's exact masks")
-    naive, efficient = make_pair(3, 4, 3, bn_size, 0.3, memory, backend, torch.float64)
+def test_dropout_replays_the_same_masks(memory, bn_size):
+    """With the same seed, the reference backend draws the naive block's dropout masks (the
+    cpp backend draws its own: tests/test_backend_cpp.py injects them into the naive block)."""
+    naive, efficient = make_pair(3, 4, 3, bn_size, 0.3, memory, "reference", torch.float64)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
-    compare(naive, efficient, x, TOLERANCE[torch.float64])
+    out = check_step(efficient, naive, x, seed=123).output
+    dropped = (out[:, 4:] == 0).double().mean().item()
+    assert 0.15 < dropped < 0.45, f"the masks drop {dropped:.2f} of the values, not about 0.3"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -119,7 +90,7 @@ def test_matches_naive_eval(backend, memory, bn_size):
     naive.eval()
     efficient.eval()
     x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
-    compare(naive, efficient, x, TOLERANCE[torch.float64])
+    check_step(efficient, naive, x)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -128,6 +99,7 @@ def test_eval_under_no_grad_saves_nothing(backend):
     naive, efficient = make_pair(2, 4, 3, 4, 0.0, "bottleneck", backend, torch.float32)
     efficient.eval()
     naive.eval()
+    oracle = float64_oracle(naive)
     x = torch.randn(2, 4, 6, 6)
     saved = []
     with (
@@ -136,9 +108,10 @@ def test_eval_under_no_grad_saves_nothing(backend):
     ):
         out = efficient(x)
         expected = naive(x)
+        exact = oracle(x.double())
     assert saved == []
     assert not out.requires_grad
-    assert_close(out, expected, 1e-5, "eval output")
+    assert_within_torch_error(out, expected, exact, "eval output")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -166,10 +139,10 @@ def test_bn_options(backend, momentum, track):
     efficient.load_state_dict(naive.state_dict())
     for step in range(3):
         x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
-        compare(naive, efficient, x, 1e-10, seed=step)
+        check_step(efficient, naive, x, seed=step)
     naive.eval()
     efficient.eval()
-    compare(naive, efficient, torch.randn(2, 3, 4, 5, dtype=torch.float64), 1e-10)
+    check_step(efficient, naive, torch.randn(2, 3, 4, 5, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -177,8 +150,8 @@ def test_channels_last_and_contiguous_inputs(backend):
     cpu_backend_or_skip(backend)
     naive, efficient = make_pair(2, 5, 3, 4, 0.0, "min", backend, torch.float64)
     x = torch.randn(2, 5, 6, 5, dtype=torch.float64)
-    compare(naive, efficient, x.contiguous(memory_format=torch.channels_last), 1e-10)
-    compare(naive, efficient, x, 1e-10, seed=3)
+    check_step(efficient, naive, x.contiguous(memory_format=torch.channels_last))
+    check_step(efficient, naive, x, seed=3)
 
 
 @pytest.mark.parametrize("memory", ["bottleneck", "min"])
@@ -216,21 +189,19 @@ def test_random_configurations(c0, k, layers, bn_size, n, h, w, memory, drop, ba
         layers, c0, k, bn_size, drop if exact_masks else 0.0, memory, backend, torch.float64
     )
     x = torch.randn(n, c0, h, w, dtype=torch.float64) * 3 - 1
-    compare(naive, efficient, x, 1e-10)
+    check_step(efficient, naive, x)
 
 
 def test_large_mean_statistics_float32():
     """Statistics stay accurate when the data has a large mean (no E[x^2]-E[x]^2 cancellation).
 
     A float32 mean of values near 1000 is itself only good to ~3e-5, i.e. ~3e-4 of a 0.1
-    standard deviation, so no float32 BN can match float64 to 1e-4 here. The bar is the
-    flash-attention one: at most twice the error of PyTorch's own float32 BN against float64.
+    standard deviation, so no float32 BN can match float64 to float32 rounding here: the
+    tolerance rule (tests/helpers.py) gives exactly the room PyTorch's own BN needs.
     """
     naive, efficient = make_pair(2, 4, 3, 4, 0.0, "min", "reference", torch.float32)
-    naive64 = copy.deepcopy(naive).double()
+    oracle = float64_oracle(naive)
     x = torch.randn(4, 4, 8, 8) * 0.1 + 1000.0
     with torch.no_grad():
-        expected = naive64(x.double())[:, 4:]
-        torch_error = rel_err(naive(x)[:, 4:], expected)
-        our_error = rel_err(efficient(x)[:, 4:], expected)
-    assert our_error <= 2 * torch_error + 1e-6, (our_error, torch_error)
+        exact = oracle(x.double())[:, 4:]
+        assert_within_torch_error(efficient(x)[:, 4:], naive(x)[:, 4:], exact, "new features")

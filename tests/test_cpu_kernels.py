@@ -283,7 +283,7 @@ def test_transition_backward_through_the_extension_matches_naive(
     backward through dense_ext::bn_relu_backward in place; it must match torchvision's order as
     the Python in-place path does (test_convert.py)."""
     cpu_backend_or_skip("cpp")
-    from helpers import TOLERANCE
+    from helpers import float64_oracle
     from test_convert import compare_modules, transition_pair
 
     import dense_ext.transition as transition
@@ -295,7 +295,8 @@ def test_transition_backward_through_the_extension_matches_naive(
     )
     naive, efficient = transition_pair(7, 3, dtype, **bn_kwargs)
     naive.train(train), efficient.train(train)
+    oracle = float64_oracle(naive)
     x = cl(torch.randn(3, 7, *hw, dtype=dtype) * 1.5 + 0.7)
-    compare_modules(naive, efficient, x, TOLERANCE[dtype])
-    compare_modules(naive, efficient, x - 0.3, TOLERANCE[dtype])
+    compare_modules(naive, efficient, x, oracle)
+    compare_modules(naive, efficient, x - 0.3, oracle)
     assert len(calls) == 2, "the extension's backward did not run"

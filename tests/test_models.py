@@ -12,8 +12,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import TOLERANCE, assert_close, cpu_backend_or_skip
+from helpers import TOLERANCE, assert_close, check_step, cpu_backend_or_skip, float64_oracle
 from naive import randomize_bn
 from torch import nn
 
@@ -38,116 +37,10 @@ def make_pair(dtype, memory="bottleneck", backend="reference", seed=0, **config)
     return naive, efficient
 
 
-def buffers(model):
-    return {
-        k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k
-    }
-
-
-def observe(model, x, grad, seed):
-    """Everything one forward+backward step shows: output, gradients, running statistics."""
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    torch.manual_seed(seed)  # dropout masks
-    out = model(x)
-    seen = {f"{k} after forward": v for k, v in buffers(model).items()}
-    out.backward(grad)
-    seen.update({"output": out.detach(), "input gradient": x.grad})
-    for name, p in model.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        seen[f"grad of {name}"] = p.grad
-    for name, value in buffers(model).items():
-        assert torch.equal(value, seen[f"{name} after forward"]), f"{name} changed in backward"
-    return seen
-
-
-def compare(naive, efficient, x, tol, seed=7):
-    """Assert one training step of both models agrees in every observable.
-
-    float64 models are compared directly. For float32 the oracle is the naive model in
-    float64 with the same weights. A BN weight/bias gradient is a sum over N*H*W terms that
-    nearly cancel where a training-mode BN follows (e.g. the stem's norm0: the naive float32
-    model itself misses the float64 value by up to ~1e-3 relative), so its error is measured
-    against the size of those terms (``affine_term_scales``), as a float32 sum's error is
-    bounded; every other observable against its largest value.
-    """
-    grad = torch.randn(x.shape[0], naive.classifier.out_features, dtype=torch.float64)
-    scales = {}
-    if x.dtype == torch.float64:
-        exact = observe(naive, x, grad, seed)
-    else:
-        scales = affine_term_scales(naive, x.double(), grad, seed)
-        oracle = copy.deepcopy(naive).double()
-        oracle.load_state_dict(naive.state_dict())  # the same weights, exactly
-        exact = observe(oracle, x.double(), grad, seed)
-        naive.load_state_dict(oracle.state_dict())  # running statistics of this step
-    seen = observe(efficient, x, grad.to(x.dtype), seed)
-    assert seen.keys() == exact.keys()
-    for what, value in exact.items():
-        scale = scales.get(what)
-        if scale is None:
-            assert_close(seen[what], value, tol, what)
-        else:
-            err = (seen[what].double() - value).abs().max().item()
-            assert err <= tol * scale, f"{what}: error {err:.3e} > {tol:.0e} * {scale:.3e}"
-
-
-class TermsBatchNorm(nn.Module):
-    """A BN whose weight and bias are expanded to one copy per element (same values), so
-    that their gradients are the individual terms that nn.BatchNorm2d's gradients sum."""
-
-    def __init__(self, bn: nn.BatchNorm2d, shape):
-        super().__init__()
-        self.bn = bn
-        self.gamma = bn.weight.detach().view(1, -1, 1, 1).expand(shape).clone().requires_grad_()
-        self.beta = bn.bias.detach().view(1, -1, 1, 1).expand(shape).clone().requires_grad_()
-
-    def forward(self, x):
-        bn = self.bn
-        batch_stats = bn.training or bn.running_mean is None
-        # momentum 0: the running statistics are used (eval) but never changed.
-        xhat = F.batch_norm(
-            x, bn.running_mean, bn.running_var, None, None, batch_stats, 0.0, bn.eps
-        )
-        return xhat * self.gamma + self.beta
-
-
-def affine_term_scales(naive, x, grad, seed):
-    """{"grad of <bn>.weight"/".bias": max over channels of sum |term|}, in float64."""
-    model = copy.deepcopy(naive).double()
-    model.load_state_dict(naive.state_dict())
-    shapes = {}
-
-    def record(name):
-        def hook(module, inputs, output):
-            shapes[name] = output.shape  # returns None: the output is left as it is
-
-        return hook
-
-    hooks = [
-        m.register_forward_hook(record(n))
-        for n, m in model.named_modules()
-        if isinstance(m, nn.BatchNorm2d)
-    ]
-    with torch.no_grad():
-        torch.manual_seed(seed)
-        model(x)
-    for h in hooks:
-        h.remove()
-    model.load_state_dict(naive.state_dict())  # undo the running-statistics update
-    wrapped = {}
-    for name, shape in shapes.items():
-        parent, _, child = name.rpartition(".")
-        wrapped[name] = TermsBatchNorm(model.get_submodule(name), shape)
-        setattr(model.get_submodule(parent), child, wrapped[name])
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    model(x).backward(grad)
-    scales = {}
-    for name, m in wrapped.items():
-        for param, t in (("weight", m.gamma), ("bias", m.beta)):
-            scales[f"grad of {name}.{param}"] = t.grad.abs().sum(dim=(0, 2, 3)).max().item()
-    return scales
+def compare(naive, efficient, x, oracle=None, seed=7):
+    """One training step of both models agrees in every observable, by the rule of x's dtype
+    (tests/helpers.py): float64 directly, lower precision against ``oracle``."""
+    check_step(efficient, naive, x, oracle=oracle, seed=seed)
 
 
 def image(shape, dtype, seed=1):
@@ -162,15 +55,16 @@ def test_efficient_matches_naive_cifar_stem(dtype, memory, bn_size):
     naive, efficient = make_pair(
         dtype, memory, bn_size=bn_size, small_inputs=True, compression=0.5 if bn_size else 1.0
     )
+    oracle = float64_oracle(naive)
     x = image((3, 3, 9, 7), dtype)  # odd H/W: the transition floors to 4x3
-    compare(naive, efficient, x, TOLERANCE[dtype])
-    compare(naive, efficient, x * 0.5, TOLERANCE[dtype])  # from updated running stats
+    compare(naive, efficient, x, oracle)
+    compare(naive, efficient, x * 0.5, oracle)  # from updated running stats
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_efficient_matches_naive_imagenet_stem(dtype):
     naive, efficient = make_pair(dtype, "min")
-    compare(naive, efficient, image((2, 3, 19, 17), dtype), TOLERANCE[dtype])
+    compare(naive, efficient, image((2, 3, 19, 17), dtype), float64_oracle(naive))
 
 
 @pytest.mark.parametrize("memory", ["bottleneck", "min"])
@@ -178,7 +72,7 @@ def test_efficient_matches_naive_eval(memory):
     naive, efficient = make_pair(torch.float64, memory, small_inputs=True)
     naive.eval()
     efficient.eval()
-    compare(naive, efficient, image((2, 3, 8, 8), torch.float64), TOLERANCE[torch.float64])
+    compare(naive, efficient, image((2, 3, 8, 8), torch.float64))
     with torch.no_grad():
         x = image((2, 3, 8, 8), torch.float64, seed=3)
         assert_close(efficient(x), naive(x), TOLERANCE[torch.float64], "no_grad eval output")
@@ -191,8 +85,8 @@ def test_cumulative_momentum_and_untracked_stats():
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = None
     x = image((2, 3, 8, 6), torch.float64)
-    compare(naive, efficient, x, TOLERANCE[torch.float64])
-    compare(naive, efficient, x - 1, TOLERANCE[torch.float64])
+    compare(naive, efficient, x)
+    compare(naive, efficient, x - 1)
     config = {**TINY, "small_inputs": True}
     torch.manual_seed(0)
     naive = DenseNet(**config)
@@ -205,20 +99,20 @@ def test_cumulative_momentum_and_untracked_stats():
     efficient.load_state_dict(naive.state_dict())
     naive.eval()
     efficient.eval()
-    compare(naive, efficient, image((2, 3, 8, 6), torch.float32), TOLERANCE[torch.float32])
+    compare(naive, efficient, image((2, 3, 8, 6), torch.float32), float64_oracle(naive))
 
 
 def test_dropout_masks_match_seeded_naive():
     # Both draw each layer's mask from the default generator in the same order.
     naive, efficient = make_pair(torch.float64, small_inputs=True, drop_rate=0.3)
-    compare(naive, efficient, image((2, 3, 8, 8), torch.float64), TOLERANCE[torch.float64])
+    compare(naive, efficient, image((2, 3, 8, 8), torch.float64))
 
 
 @pytest.mark.parametrize("backend", available_backends("cpu"))
 def test_every_cpu_backend(backend):
     cpu_backend_or_skip(backend)
     naive, efficient = make_pair(torch.float64, "min", backend=backend, small_inputs=True)
-    compare(naive, efficient, image((2, 3, 7, 9), torch.float64), TOLERANCE[torch.float64])
+    compare(naive, efficient, image((2, 3, 7, 9), torch.float64))
 
 
 @pytest.mark.parametrize("bn_size", [4, None])
@@ -230,7 +124,7 @@ def test_checkpointed_naive_matches_naive(bn_size):
     ckpt = DenseNet(**TINY, **config, memory_efficient=True).double()
     ckpt.load_state_dict(naive.state_dict())
     assert all(layer.memory_efficient for layer in ckpt.modules() if hasattr(layer, "bn_function"))
-    compare(naive, ckpt, image((2, 3, 8, 8), torch.float64), TOLERANCE[torch.float64])
+    compare(naive, ckpt, image((2, 3, 8, 8), torch.float64))
 
 
 def test_structure_and_types():
@@ -410,7 +304,7 @@ def test_bad_configurations_raise(call):
 def test_efficient_head_matches_naive_head_on_converted_features():
     naive, efficient = make_pair(torch.float64, small_inputs=True)
     efficient.efficient_head = False  # same blocks, naive head: must agree too
-    compare(naive, efficient, image((2, 3, 8, 8), torch.float64), TOLERANCE[torch.float64])
+    compare(naive, efficient, image((2, 3, 8, 8), torch.float64))
     twin = copy.deepcopy(efficient)
     twin.efficient_head = True
     x = image((2, 3, 8, 8), torch.float64, seed=5)
