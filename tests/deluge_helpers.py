@@ -1,15 +1,15 @@
-"""Helpers of the DelugeNet tests: naive/efficient pairs and the step-and-compare harness.
+"""Helpers of the DelugeNet tests: naive/efficient pairs, on the one harness of helpers.py.
 
-The naive modules of python_models.delugenet are the oracle. ``observe`` runs one forward and
-backward and returns every observable (output, input gradient, parameter gradients, running
-statistics after forward and after backward); ``check`` compares two such records.
+The naive modules of python_models.delugenet are the oracle. ``observe`` is ``train_step``
+(every observable of one forward and backward) plus, for a naive module, the size of the terms
+its CLDC bias gradients sum; ``check`` is ``assert_same_step`` with those sizes.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import TOLERANCE, Step, assert_same_step, check_step, train_step
 from torch import nn
 
 from dense_ext.deluge import EfficientCLDC, EfficientDelugeStage
@@ -49,11 +49,6 @@ def make_stage_pair(channels, slots, backend, dtype=torch.float64, memory="min",
     return naive, efficient
 
 
-def buffers(module):
-    state = module.state_dict()
-    return {k: v.clone() for k, v in state.items() if "running" in k or "num_batches" in k}
-
-
 def record_cldc_term_scales(module: nn.Module) -> tuple[dict[str, float], list]:
     """Hooks that record, for every naive CLDC, ``max_c sum_r |dL/dy[r, c]|``: the size of the
     terms its bias gradient sums. Where a batch-statistics BN follows the CLDC that gradient is
@@ -84,44 +79,35 @@ def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan], b[~nan])
 
 
-def check(actual: dict, expected: dict, tol: float, scales: dict[str, float]) -> None:
-    assert actual.keys() == expected.keys()
-    for key, value in expected.items():
-        if value.numel() == 0:
-            assert actual[key].shape == value.shape, f"{key}: shape {actual[key].shape}"
-        elif key in scales:
-            scale = max(scales[key], value.abs().max().item())
-            err = (actual[key] - value).abs().max().item()
-            assert err <= tol * scale, f"{key}: error {err:.3e} > {tol:.0e} * {scale:.3e}"
-        else:
-            assert_close(actual[key], value, tol, key)
+def check(actual: Step, expected: Step, tol: float, scales: dict[str, float]) -> None:
+    """``actual`` reproduces ``expected`` to ``tol``; CLDC bias gradients against the size of
+    their terms (``scales``, from ``observe``)."""
+    assert_same_step(actual, expected, tol, scales=scales)
 
 
 def observe(module, x, grad, as_output=lambda out: out, as_input=lambda x: x):
-    """Output, gradients and running statistics after forward and after backward; for a naive
-    module also the term scales of its CLDC bias gradients (key "scales")."""
-    module.zero_grad(set_to_none=True)
+    """``train_step`` of ``module``, and for a naive module the term scales of its CLDC bias
+    gradients (empty for an efficient one)."""
     scales, handles = record_cldc_term_scales(module)
-    x = x.clone().requires_grad_()
-    out = as_output(module(as_input(x)))
-    seen = {f"{k} after forward": v for k, v in buffers(module).items()}
-    out.backward(grad)
-    seen.update({"output": out.detach(), "input gradient": x.grad})
-    for name, p in module.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        seen[f"grad of {name}"] = p.grad.clone()
-    for name, value in buffers(module).items():
-        assert identical(value, seen[f"{name} after forward"]), f"{name} changed in backward"
-    for h in handles:
-        h.remove()
-    return seen, scales
+    try:
+        step = train_step(module, x, grad, as_input=as_input, as_output=as_output)
+    finally:
+        for h in handles:
+            h.remove()
+    return step, scales
 
 
 def cat_slots(slots):
     return torch.cat(slots, 1)
 
 
-def compare_stage(naive, efficient, x, tol, seed=1):
+def compare_stage(naive, efficient, x, tol=TOLERANCE[torch.float64], seed=1, oracle=None):
+    """One training step of a naive and an efficient stage: float64 to ``tol`` (CLDC bias
+    gradients against their terms); lower precision by the tolerance rule against ``oracle``
+    (tests/helpers.py)."""
+    if x.dtype != torch.float64:
+        check_step(efficient, naive, x, oracle=oracle, seed=seed, as_output=cat_slots)
+        return
     torch.manual_seed(seed)
     s, c = efficient.spec.num_slots, efficient.spec.channels
     grad = torch.randn(x.shape[0], s * c, *x.shape[2:], dtype=x.dtype, device=x.device)
@@ -142,7 +128,7 @@ def make_model_pair(backend, dtype=torch.float64, memory="min", small_inputs=Tru
     return naive, efficient
 
 
-def compare_models(naive, efficient, x, tol):
+def compare_models(naive, efficient, x, tol=TOLERANCE[torch.float64]):
     grad = torch.randn(x.shape[0], naive.classifier.out_features, dtype=x.dtype, device=x.device)
     expected, scales = observe(naive, x, grad)
     actual, _ = observe(efficient, x, grad)

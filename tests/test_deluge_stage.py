@@ -26,7 +26,16 @@ from deluge_helpers import (
     observe,
     randomize,
 )
-from helpers import TOLERANCE, assert_close, rel_err
+from helpers import (
+    DELUGE_FLOAT32,
+    TOLERANCE,
+    assert_close,
+    assert_step_within_torch_error,
+    expect_rule_failure,
+    float64_oracle,
+    observables,
+    train_step,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -51,13 +60,15 @@ BACKENDS = ["reference", "cpp"]
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("memory", ["min", "bottleneck"])
-def test_stage_matches_naive_training(backend, dtype, memory):
+def test_stage_matches_naive_training(backend, dtype, memory, request):
     backend_or_skip(backend)
+    expect_rule_failure(request, dtype == torch.float32, DELUGE_FLOAT32)
     naive, efficient = make_stage_pair(6, 4, backend, dtype, memory)
+    oracle = float64_oracle(naive)
     x = torch.randn(3, 6, 5, 7, dtype=dtype) * 2 + 1
-    compare_stage(naive, efficient, x, TOLERANCE[dtype])
+    compare_stage(naive, efficient, x, oracle=oracle)
     # A second step starts from the updated running statistics.
-    compare_stage(naive, efficient, torch.randn_like(x), TOLERANCE[dtype], seed=2)
+    compare_stage(naive, efficient, torch.randn_like(x), seed=2, oracle=oracle)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -210,11 +221,15 @@ def test_nan_propagates_like_batch_norm_and_relu(backend, training):
     grad = torch.randn(2, 16, 7, 7, dtype=torch.float64)
     expected, _ = observe(naive, x, grad, cat_slots)
     actual, _ = observe(efficient, x, grad)
-    for key, value in expected.items():
+    seen = observables(actual)
+    for key, value in observables(expected).items():
+        if not value.is_floating_point():
+            assert torch.equal(seen[key], value), key
+            continue
         nan = torch.isnan(value)
-        assert torch.equal(torch.isnan(actual[key]), nan), f"{key}: NaN pattern differs"
+        assert torch.equal(torch.isnan(seen[key]), nan), f"{key}: NaN pattern differs"
         if not nan.all():
-            assert_close(actual[key][~nan], value[~nan], 1e-10, key)
+            assert_close(seen[key][~nan], value[~nan], TOLERANCE[torch.float64], key)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -515,22 +530,15 @@ def test_efficient_model_saves_only_slot_buffers():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_autocast_within_twice_torch_error(backend):
-    """Under CPU bf16 autocast the efficient model (bf16 slots, float32 statistics) misses the
-    float64 oracle by at most twice what the naive model under the same autocast misses it by:
-    outputs and input gradients."""
+    """Under CPU bf16 autocast the efficient model (bf16 slots, float32 statistics) follows the
+    tolerance rule (tests/helpers.py) against the float64 oracle, with the naive model under
+    the same autocast as PyTorch's own result: every observable of a training step."""
     backend_or_skip(backend)
     naive, efficient = make_model_pair(backend, torch.float32)
-    oracle = copy.deepcopy(naive).double()
+    oracle = float64_oracle(naive)
     x = torch.randn(4, 3, 8, 8)
-    grad = torch.randn(4, 5)
-    results = []
-    for model in (oracle, naive, efficient):
-        xi = x.clone().to(torch.float64 if model is oracle else torch.float32).requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=model is not oracle):
-            out = model(xi)
-        out.backward(grad.to(out.dtype))
-        results.append((out.detach().double(), xi.grad.double()))
-    for j, what in enumerate(("output", "input gradient")):
-        torch_error = rel_err(results[1][j], results[0][j])
-        our_error = rel_err(results[2][j], results[0][j])
-        assert our_error <= 2 * torch_error + 1e-6, (what, our_error, torch_error)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs = train_step(naive, x)
+        ours = train_step(efficient, x, theirs.grad_output)
+    exact = train_step(oracle, x.double(), theirs.grad_output.double())
+    assert_step_within_torch_error(ours, theirs, exact, precision=torch.bfloat16)

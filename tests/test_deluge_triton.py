@@ -28,7 +28,7 @@ from deluge_helpers import (  # noqa: E402
     observe,
     randomize,
 )
-from helpers import TOLERANCE, cuda_or_skip  # noqa: E402
+from helpers import cuda_or_skip, float64_oracle  # noqa: E402
 
 from dense_ext.deluge import EfficientCLDC, EfficientDelugeHead  # noqa: E402
 from dense_ext.deluge.backends import unavailable_reason  # noqa: E402
@@ -48,11 +48,12 @@ def triton_cpu_or_skip() -> None:
 def test_stage_matches_naive(dtype, memory):
     triton_cpu_or_skip()
     naive, efficient = make_stage_pair(6, 4, "triton", dtype, memory)
+    oracle = float64_oracle(naive)
     x = torch.randn(2, 6, 5, 7, dtype=dtype) * 2 + 1
-    compare_stage(naive, efficient, x, TOLERANCE[dtype])
-    compare_stage(naive, efficient, torch.randn_like(x), TOLERANCE[dtype], seed=2)
-    naive.eval(), efficient.eval()
-    compare_stage(naive, efficient, torch.randn_like(x), TOLERANCE[dtype], seed=3)
+    compare_stage(naive, efficient, x, oracle=oracle)
+    compare_stage(naive, efficient, torch.randn_like(x), seed=2, oracle=oracle)
+    naive.eval(), efficient.eval(), oracle.eval()
+    compare_stage(naive, efficient, torch.randn_like(x), seed=3, oracle=oracle)
 
 
 def test_mixed_flags_and_odd_sizes():
