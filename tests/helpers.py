@@ -110,9 +110,9 @@ RELU_FLIP = (
 )
 
 DELUGE_FLOAT32 = (
-    "DelugeNet stages in float32: the reference stage misses one BN weight gradient by 5x "
-    "PyTorch's error, the cpp stage most BN bias and convolution weight gradients by 3-4x; "
-    "not investigated (docs/decisions.md, tolerance rule)"
+    "DelugeNet stages in float32 (every backend): the reference stage misses one BN weight "
+    "gradient by 5x PyTorch's error, the cpp stage most BN bias and convolution weight "
+    "gradients by 3-4x; not investigated (docs/decisions.md, tolerance rule)"
 )
 
 
