@@ -88,13 +88,16 @@ class _WeightCache:
         return self.eager_taps(weight, dtype, tf32, fresh)
 
     def eager_taps(self, weight: Tensor, dtype: torch.dtype, tf32: bool, fresh: bool) -> Tensor:
-        """``taps`` outside tracing."""
+        """``taps`` outside tracing, laid out ``[KS, KS, C_in, C_out]`` (the same memory as
+        ``[KS*KS, C_in, C_out]``; the eager loop passes only the pointer)."""
         key = (weight._version, dtype, tf32)
         entry = self._entries.get(id(weight))
-        if not fresh and entry is not None and entry[0]() is weight and entry[1] == key:
+        known = entry is not None and entry[0]() is weight
+        if not fresh and known and entry[1] == key:
             return entry[2]
-        taps = conv_fwd.conv_weight_taps(weight, dtype, tf32)
-        self._entries[id(weight)] = (weakref.ref(weight, self._forget(id(weight))), key, taps)
+        taps = conv_fwd.conv_weight_taps(weight, dtype, tf32, flat=False)
+        ref = entry[0] if known else weakref.ref(weight, self._forget(id(weight)))
+        self._entries[id(weight)] = (ref, key, taps)
         return taps
 
     def _forget(self, ident: int):

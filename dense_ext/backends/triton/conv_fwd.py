@@ -137,16 +137,21 @@ def _bn_relu_conv_fwd_kernel(
         tile_stats_epilogue(PART_ptr, out.to(acc_t), row_ok, rn, n_ok, pid_m, M, C_OUT, BLOCK_M)
 
 
-def conv_weight_taps(weight: torch.Tensor, dtype: torch.dtype, tf32: bool = False) -> torch.Tensor:
+def conv_weight_taps(
+    weight: torch.Tensor, dtype: torch.dtype, tf32: bool = False, *, flat: bool = True
+) -> torch.Tensor:
     """``[C_out, C_in, KS, KS]`` -> ``[KS*KS, C_in, C_out]`` contiguous, in the buffer dtype;
     with ``tf32`` rounded to TF32 like the in-kernel operands (``_common.round_tf32``). Always a
-    new tensor (``permute_copy``), never a view of ``weight``."""
+    new tensor (``permute_copy``), never a view of ``weight``. ``flat=False`` leaves it
+    ``[KS, KS, C_in, C_out]`` (the same memory; one operation less)."""
     c_out, c_in, kh, kw = weight.shape
     if torch.is_grad_enabled():
         weight = weight.detach()
     if weight.dtype != dtype:
         weight = weight.to(dtype)
-    taps = torch.permute_copy(weight, (2, 3, 1, 0)).view(kh * kw, c_in, c_out)
+    taps = torch.permute_copy(weight, (2, 3, 1, 0))
+    if flat:
+        taps = taps.view(kh * kw, c_in, c_out)
     if tf32:
         round_tf32_(taps)
     return taps

@@ -242,7 +242,10 @@ def run_forward(plan: BlockPlan, feat: Tensor, state: ForwardState, params, call
     scratch = torch.empty(plan.stats_scratch, dtype=acc, device=feat.device)
     stats1, stats2 = state.stats1, state.stats2
     var1 = stats1[1] if plan.layers and call.stats1_needed else None
-    rows2 = stats2.unbind(0) if spec.has_bottleneck and call.stats2_needed else ()
+    rows2: Sequence[Tensor] = ()
+    vars2: Sequence[Tensor] = ()
+    if spec.has_bottleneck and call.stats2_needed:
+        rows2, vars2 = stats2.unbind(0), stats2[:, 1].unbind(0)
     keep = call.save and spec.saves_bottleneck_outputs
     n, _, h, w = feat.shape
     y1_shape = (n * h * w, spec.mid_channels)
@@ -277,11 +280,11 @@ def run_forward(plan: BlockPlan, feat: Tensor, state: ForwardState, params, call
             go(layer.conv1.merge, scratch, stats2)
         if keep:
             state.bottlenecks.append(y1)
-        row = rows2[index] if rows2 else None
+        row, var2 = (rows2[index], vars2[index]) if rows2 else (None, None)
         if plan.uniform_bn2 is not None and row is not None:
-            mean2, inv2 = row, invstd(row[1], plan.uniform_bn2)
+            mean2, inv2 = row, invstd(var2, plan.uniform_bn2)
         else:
-            mean2, inv2 = normaliser(call.bn2(index), row, None if row is None else row[1], acc)
+            mean2, inv2 = normaliser(call.bn2(index), row, var2, acc)
         drop = seeds if conv2.conv.constexprs["DROPOUT"] else mean2
         go(conv2.conv, y1, mean2, inv2, bn_vector(p[3], acc), bn_vector(p[4], acc), taps(p[5]),
            feat, scratch, drop)  # fmt: skip
