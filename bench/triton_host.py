@@ -19,7 +19,8 @@ interpreter's whatever the shape, so the spatial size changes grid numbers, not 
 Per network: host time of one forward + backward of every dense block, over the number of
 layers (block-level work included); per block also the marginal time per layer (the block
 against the same block with half the layers, so block-level work cancels). Best of ``--trials``
-by process CPU time. Writes ``bench/results/cpu-triton-host-<date>.json``.
+by process CPU time, gradients set to None before each step as ``optimizer.zero_grad()`` does
+(not timed). Writes ``bench/results/cpu-triton-host-<date>.json``.
 """
 
 from __future__ import annotations
@@ -75,12 +76,17 @@ def _block_step_time(c0: int, layers: int, k: int, trials: int, reps: int, mock)
     mock.launches.clear()
     block(x).backward(grad)
     launches = sum(mock.launches.values())
+    params = list(block.parameters())
     best = float("inf")
     for _ in range(trials):
-        start = time.process_time()
+        spent = 0.0
         for _ in range(reps):
+            for p in (x, *params):  # as optimizer.zero_grad() leaves them (not timed)
+                p.grad = None
+            start = time.process_time()
             block(x).backward(grad)
-        best = min(best, (time.process_time() - start) / reps)
+            spent += time.process_time() - start
+        best = min(best, spent / reps)
     return best, launches
 
 
@@ -120,6 +126,61 @@ def measure(trials: int, reps: int) -> dict:
                 "launches_per_layer": launches / layers_total,
                 "blocks": rows,
             }
+    return results
+
+
+# Where the time of a step goes: (label, module, owner attribute or None, function name).
+_PIECES = [
+    ("backend forward loop", "dense_ext.backends.triton.eager", None, "run_forward"),
+    ("backend backward loop", "dense_ext.backends.triton.eager", None, "run_backward"),
+    ("running statistics update", "dense_ext.function", None, "update_running_stats"),
+    ("block: BN calls, drop rates", "dense_ext.block", "EfficientDenseBlock", "_block_call"),
+    ("block: parameter list", "dense_ext.block", "EfficientDenseBlock", "_flat_params"),
+    ("block: hook/fusability check", "dense_ext.block", None, "unfused_reason"),
+    ("gradient layouts", "dense_ext.function", None, "grad_like_param"),
+]
+BREAKDOWN_BLOCKS = {  # one block per network: (input channels, layers, growth rate)
+    "DenseNet-BC-100 block 1": (24, 16, 12),
+    "DenseNet-121 block 3": (256, 24, 32),
+}
+
+
+def breakdown(reps: int) -> dict:
+    """Per block of ``BREAKDOWN_BLOCKS``: us per layer of each piece of ``_PIECES`` (process
+    time around the calls) and of the rest (autograd, the Function, buffers), this tree only."""
+    import importlib
+
+    _setup()
+    from dense_ext.backends.triton.mock_gpu import mocked_gpu
+
+    spent: dict[str, float] = {}
+
+    def timed(label, fn):
+        def wrapper(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.process_time() - start
+
+        return wrapper
+
+    for label, module_name, owner, name in _PIECES:
+        module = importlib.import_module(module_name)
+        target = getattr(module, owner) if owner else module
+        setattr(target, name, timed(label, getattr(target, name)))
+    results = {}
+    with mocked_gpu() as mock:
+        for block_name, (c0, layers, k) in BREAKDOWN_BLOCKS.items():
+            _block_step_time(c0, layers, k, 1, 1, mock)  # compile, warm up
+            spent.clear()
+            total, _ = _block_step_time(c0, layers, k, 1, reps, mock)
+            steps = reps + 3  # _block_step_time's warm-up steps ran through the wrappers too
+            pieces = {label: t / steps / layers * 1e6 for label, t in spent.items()}
+            pieces["rest (autograd, Function, buffers)"] = total / layers * 1e6 - sum(
+                pieces.values()
+            )
+            results[block_name] = {"us_per_layer": total / layers * 1e6, "pieces": pieces}
     return results
 
 
@@ -172,10 +233,19 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="where a step's host time goes (this tree)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(measure(args.trials, args.reps)))
+        return 0
+    if args.breakdown:
+        for block_name, r in breakdown(20).items():
+            print(f"{block_name}: {r['us_per_layer']:.0f} us per layer forward+backward")
+            for label, us in r["pieces"].items():
+                print(f"  {label:38s} {us:6.1f}")
         return 0
     here = Path(__file__).resolve().parents[1]
     runs = {}
