@@ -92,11 +92,14 @@ class _WeightCache:
         ``[KS*KS, C_in, C_out]``; the eager loop passes only the pointer)."""
         key = (weight._version, dtype, tf32)
         entry = self._entries.get(id(weight))
-        known = entry is not None and entry[0]() is weight
-        if not fresh and known and entry[1] == key:
-            return entry[2]
+        ref = None
+        if entry is not None and entry[0]() is weight:
+            if not fresh and entry[1] == key:
+                return entry[2]
+            ref = entry[0]  # the same parameter: keep its weak reference
         taps = conv_fwd.conv_weight_taps(weight, dtype, tf32, flat=False)
-        ref = entry[0] if known else weakref.ref(weight, self._forget(id(weight)))
+        if ref is None:
+            ref = weakref.ref(weight, self._forget(id(weight)))
         self._entries[id(weight)] = (ref, key, taps)
         return taps
 
