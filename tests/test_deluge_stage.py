@@ -185,15 +185,6 @@ def test_channels_last_and_contiguous_inputs(backend):
         assert xi.grad.is_contiguous(memory_format=fmt)
 
 
-def _cpp_bn_relu_keeps_nan() -> bool:
-    """Whether the extension's bn_relu op maps NaN to NaN, as torch.relu does."""
-    x = torch.full((1, 1, 1, 2), float("nan"), dtype=torch.float64)
-    out = torch.empty_like(x)
-    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-    torch.ops.dense_ext.bn_relu(x, zero, one, one, zero, 0.0, out)
-    return bool(torch.isnan(out).all())
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 def test_nan_propagates_like_batch_norm_and_relu(backend, training):
@@ -201,8 +192,6 @@ def test_nan_propagates_like_batch_norm_and_relu(backend, training):
     convolutions' receptive fields (eval) carry it, ReLU included; so must we, in the output
     and in every gradient."""
     backend_or_skip(backend)
-    if backend == "cpp" and not _cpp_bn_relu_keeps_nan():
-        pytest.xfail("the dense block's shared bn_relu ops turn NaN into 0 (issue 9, item 3)")
     naive, efficient = make_stage_pair(4, 4, backend)
     naive.train(training), efficient.train(training)
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
