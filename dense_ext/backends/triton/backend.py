@@ -72,6 +72,7 @@ def _vec(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 class _WeightCache:
     """``conv_weight_taps`` of each weight, computed in forward and reused by its backward.
+    (Not rounded to TF32: the kernels round weights as they load them.)
 
     Forward always transforms afresh (a weight changed through ``.data`` keeps its version
     counter, so nothing could tell a stale entry across steps); backward takes the forward's
@@ -82,22 +83,22 @@ class _WeightCache:
     def __init__(self) -> None:
         self._entries: dict[int, tuple] = {}
 
-    def taps(self, weight: Tensor, dtype: torch.dtype, tf32: bool, fresh: bool) -> Tensor:
+    def taps(self, weight: Tensor, dtype: torch.dtype, fresh: bool) -> Tensor:
         if _tracing():
-            return conv_fwd.conv_weight_taps(weight, dtype, tf32)
-        return self.eager_taps(weight, dtype, tf32, fresh)
+            return conv_fwd.conv_weight_taps(weight, dtype)
+        return self.eager_taps(weight, dtype, fresh)
 
-    def eager_taps(self, weight: Tensor, dtype: torch.dtype, tf32: bool, fresh: bool) -> Tensor:
+    def eager_taps(self, weight: Tensor, dtype: torch.dtype, fresh: bool) -> Tensor:
         """``taps`` outside tracing, laid out ``[KS, KS, C_in, C_out]`` (the same memory as
         ``[KS*KS, C_in, C_out]``; the eager loop passes only the pointer)."""
-        key = (weight._version, dtype, tf32)
+        key = (weight._version, dtype)
         entry = self._entries.get(id(weight))
         ref = None
         if entry is not None and entry[0]() is weight:
             if not fresh and entry[1] == key:
                 return entry[2]
             ref = entry[0]  # the same parameter: keep its weak reference
-        taps = conv_fwd.conv_weight_taps(weight, dtype, tf32, flat=False)
+        taps = conv_fwd.conv_weight_taps(weight, dtype, flat=False)
         if ref is None:
             ref = weakref.ref(weight, self._forget(id(weight)))
         self._entries[id(weight)] = (ref, key, taps)
@@ -157,8 +158,7 @@ class TritonBackend(Backend):
 
     def _layer(self, layer, params, call, state, dtype, fresh) -> _Layer:
         lv = LayerView(layer, params, call, state)
-        tf32 = dot_config(dtype, state.stats1.device)[2]
-        return _Layer(lv, stats_dtype(dtype), lambda w: self._weights.taps(w, dtype, tf32, fresh))
+        return _Layer(lv, stats_dtype(dtype), lambda w: self._weights.taps(w, dtype, fresh))
 
     def forward(self, x, params, call: BlockCall):
         if call.sync is not LOCAL:
@@ -185,10 +185,10 @@ class TritonBackend(Backend):
         seeds = state.dropout = None if drop is None else drop.seeds
         dot = dot_config(x.dtype, x.device)
         plan = self._plan(call, feat.shape, x.dtype, x.device, dot, seeds is not None)
-        weights, dtype, tf32 = self._weights, x.dtype, dot[2]
+        weights, dtype = self._weights, x.dtype
 
         def taps(w: Tensor) -> Tensor:
-            return weights.eager_taps(w, dtype, tf32, fresh=True)
+            return weights.eager_taps(w, dtype, fresh=True)
 
         eager.run_forward(plan, feat, state, params, call, taps, seeds)
         return feat, state
@@ -261,10 +261,10 @@ class TritonBackend(Backend):
         dot = dot_config(feat.dtype, feat.device)
         seeds = state.dropout is not None
         plan = self._plan(call, feat.shape, feat.dtype, feat.device, dot, seeds)
-        weights, dtype, tf32 = self._weights, feat.dtype, dot[2]
+        weights, dtype = self._weights, feat.dtype
 
         def taps(w: Tensor) -> Tensor:
-            return weights.eager_taps(w, dtype, tf32, fresh=False)
+            return weights.eager_taps(w, dtype, fresh=False)
 
         return eager.run_backward(plan, grad_feat, feat, state, params, call, taps)
 

@@ -117,6 +117,8 @@ def _conv_dgrad_bn_relu_bwd_kernel(
             mask=n_ok[:, None] & c_ok[None, :],
             other=0.0,
         )
+        if TF32:
+            w = round_tf32(w)
         acc = dot(dy, w, acc, DOT_FP32, INPUT_PRECISION)
     tile_ok = row_ok[:, None] & c_ok[None, :]
     # The conv consumed Z rounded to the buffer dtype; its gradient arrives in that dtype too.

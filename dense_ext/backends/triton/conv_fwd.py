@@ -36,6 +36,7 @@ from dense_ext.backends.triton._common import (
     num_rows,
     on_tensor_device,
     relu,
+    round_tf32,
     round_tf32_,
     round_to,
     row_offsets,
@@ -60,7 +61,7 @@ def _bn_relu_conv_fwd_kernel(
     INVSTD_ptr,
     GAMMA_ptr,
     BETA_ptr,  # [C_IN] accumulation dtype
-    W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous (buffer dtype; TF32-rounded when TF32)
+    W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous (buffer dtype; rounded to TF32 here when TF32)
     Y_ptr,  # rows [M, >= y_col + C_OUT], row stride Y_row_stride (buffer dtype)
     PART_ptr,  # [cdiv(M, BLOCK_M), 3, C_OUT] accumulation dtype (if COMPUTE_STATS)
     SEED_ptr,  # [L] int64 dropout seeds (if DROPOUT)
@@ -125,6 +126,8 @@ def _bn_relu_conv_fwd_kernel(
             mask=k_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
+        if TF32:  # rounded here, not on the host: no tensor operations per weight and step
+            w = round_tf32(w)
         acc = dot(z, w, acc, DOT_FP32, INPUT_PRECISION)
     store_ok = row_ok[:, None] & n_ok[None, :]
     if DROPOUT:
