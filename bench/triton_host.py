@@ -11,12 +11,13 @@ Triton's launch path, and the dispatch of the tensor operations.
 
 The dense blocks of DenseNet-BC-100 (k=12, three blocks of 16 bottleneck layers) and
 DenseNet-121 (k=32, blocks of 6/12/24/16 bottleneck layers), each with its own input channels,
-at batch 64, ``memory="min"``, float32, training mode. The spatial size is 1x1 (64 rows): with
-CPU tensors the tensor operations the backend issues between launches (normalisers, weight
-transposes, the sums of partial results), which on a GPU are asynchronous kernels, would
-otherwise run their arithmetic on the CPU; and the block sizes on CPU tensors are the
-interpreter's whatever the shape, so the spatial size changes grid numbers, not host work.
-Per network: host time of one forward + backward of every dense block, over the number of
+at batch 64, ``memory="min"``, float32 with TF32 convolutions as on a GPU by default (the fp32
+precision setting; ``EMULATE_TF32_ON_CPU``), training mode, no dropout. The spatial size is
+1x1 (64 rows): with CPU tensors the tensor operations the backend issues between launches
+(normalisers, weight transposes, the sums of partial results), which on a GPU are asynchronous
+kernels, would otherwise run their arithmetic on the CPU; and the block sizes on CPU tensors
+are the interpreter's whatever the shape, so the spatial size changes grid numbers, not host
+work. Per network: host time of one forward + backward of every dense block, over the number of
 layers (block-level work included); per block also the marginal time per layer (the block
 against the same block with half the layers, so block-level work cancels). Best of ``--trials``
 by process CPU time, gradients set to None before each step as ``optimizer.zero_grad()`` does
@@ -58,10 +59,18 @@ def _setup():
 
     triton_backend.TritonBackend._check = staticmethod(lambda x: None)
     triton_package.unavailable_reason = lambda device: None
+    # float32 as on a GPU: TF32 when PyTorch's setting for cuDNN convolutions says so (its
+    # default), which CPU tensors otherwise never get (``dot_config``)
+    from dense_ext.backends.triton import _common
+
+    _common.EMULATE_TF32_ON_CPU = True
 
 
-def _block_step_time(c0: int, layers: int, k: int, trials: int, reps: int, mock) -> tuple:
-    """(best seconds per forward + backward, launches per step) of one block."""
+def _block_step_time(
+    c0: int, layers: int, k: int, trials: int, reps: int, mock, count_ops: bool = True
+) -> tuple:
+    """(best seconds per forward + backward, launches per step, torch operations per step)
+    of one block."""
     import torch
 
     from dense_ext import EfficientDenseBlock
@@ -87,7 +96,24 @@ def _block_step_time(c0: int, layers: int, k: int, trials: int, reps: int, mock)
             block(x).backward(grad)
             spent += time.process_time() - start
         best = min(best, spent / reps)
-    return best, launches
+    return best, launches, _torch_ops(block, x, grad, params) if count_ops else None
+
+
+def _torch_ops(block, x, grad, params) -> int:
+    """Top-level ATen operations of one step (not nested in another ATen operation): what
+    the host dispatches; on a GPU most of them launch a kernel (torch profiler, not timed)."""
+    import torch
+
+    for p in (x, *params):
+        p.grad = None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        block(x).backward(grad)
+    return sum(
+        1
+        for e in prof.events()
+        if e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
 
 
 def measure(trials: int, reps: int) -> dict:
@@ -100,11 +126,11 @@ def measure(trials: int, reps: int) -> dict:
     results: dict = {"dense_ext": str(Path(dense_ext.__file__).parent)}
     with mocked_gpu() as mock:
         for name, (k, blocks) in NETWORKS.items():
-            total = launches = layers_total = 0.0
+            total = launches = ops = layers_total = 0.0
             rows = []
             for c0, layers, size in blocks:
-                full, count = _block_step_time(c0, layers, k, trials, reps, mock)
-                half, _ = _block_step_time(c0, layers // 2, k, trials, reps, mock)
+                full, count, block_ops = _block_step_time(c0, layers, k, trials, reps, mock)
+                half, _, _ = _block_step_time(c0, layers // 2, k, trials, reps, mock)
                 marginal = (full - half) / (layers - layers // 2)
                 rows.append(
                     {
@@ -114,16 +140,19 @@ def measure(trials: int, reps: int) -> dict:
                         "us_per_block": full * 1e6,
                         "us_per_layer_marginal": marginal * 1e6,
                         "launches_per_layer": count / layers,
+                        "torch_ops_per_layer": block_ops / layers,
                     }
                 )
                 total += full
                 launches += count
+                ops += block_ops
                 layers_total += layers
             results[name] = {
                 "growth_rate": k,
                 "layers": int(layers_total),
                 "us_per_layer": total / layers_total * 1e6,
                 "launches_per_layer": launches / layers_total,
+                "torch_ops_per_layer": ops / layers_total,
                 "blocks": rows,
             }
     return results
@@ -172,10 +201,10 @@ def breakdown(reps: int) -> dict:
     results = {}
     with mocked_gpu() as mock:
         for block_name, (c0, layers, k) in BREAKDOWN_BLOCKS.items():
-            _block_step_time(c0, layers, k, 1, 1, mock)  # compile, warm up
+            _block_step_time(c0, layers, k, 1, 1, mock, count_ops=False)  # compile, warm up
             spent.clear()
-            total, _ = _block_step_time(c0, layers, k, 1, reps, mock)
-            steps = reps + 3  # _block_step_time's warm-up steps ran through the wrappers too
+            total, _, _ = _block_step_time(c0, layers, k, 1, reps, mock, count_ops=False)
+            steps = reps + 3  # its warm-up steps ran through the wrappers too
             pieces = {label: t / steps / layers * 1e6 for label, t in spent.items()}
             pieces["rest (autograd, Function, buffers)"] = total / layers * 1e6 - sum(
                 pieces.values()
@@ -222,7 +251,8 @@ def _print(label: str, results: dict) -> None:
             continue
         print(
             f"{label:9s} {name:24s} {r['us_per_layer']:7.0f} us per layer fwd+bwd "
-            f"({r['launches_per_layer']:.1f} launches per layer); marginal per block: "
+            f"({r['launches_per_layer']:.1f} launches, {r['torch_ops_per_layer']:.0f} torch "
+            "operations per layer); marginal per block: "
             + ", ".join(f"{b['us_per_layer_marginal']:.0f}" for b in r["blocks"])
         )
 
@@ -260,7 +290,8 @@ def main(argv=None) -> int:
         "command": "python -m bench.triton_host" + (" --baseline DIR" if args.baseline else ""),
         "machine": f"{os.cpu_count()}-core {_cpu_name()}, no GPU, launches mocked",
         "conditions": (
-            f"batch {BATCH}, spatial 1x1, float32, memory='min', training, best of {args.trials} "
+            f"batch {BATCH}, spatial 1x1, float32 (TF32 convolutions, the GPU default), "
+            f"memory='min', training, no dropout, best of {args.trials} "
             f"x {args.reps} steps by process CPU time"
         ),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
