@@ -196,6 +196,12 @@ class EfficientDenseBlock(nn.ModuleDict):
         batch_stats = any(norm.batch_stats for norm in norms)
         if batch_stats:
             _check_batch_size(x)
+        # nn.SyncBatchNorm merges statistics only in training mode; evaluation with batch
+        # statistics (no running statistics) stays local. The hook is per block: with some BNs
+        # training and others evaluating on batch statistics, all of them are merged.
+        synced = self.stats_sync is not None and any(
+            bn.training for layer in layers for bn in layer.norms()
+        )
         # Meta tensors carry shapes only: the pure-PyTorch backend propagates them.
         backend = "reference" if x.device.type == "meta" else self.backend
         return BlockCall(
@@ -203,7 +209,7 @@ class EfficientDenseBlock(nn.ModuleDict):
             backend=get_backend(backend, x.device),
             norms=norms,
             drop_rates=[_drop_rate(layer) for layer in layers],
-            sync=self.stats_sync if self.stats_sync is not None and batch_stats else LOCAL,
+            sync=self.stats_sync if synced and batch_stats else LOCAL,
         )
 
     def _flat_params(self, x: Tensor, dtype: torch.dtype) -> list[Tensor]:

@@ -22,7 +22,7 @@ from ranks import spawn_ranks
 from torch import nn
 
 from dense_ext import EfficientDenseBlock, EfficientTransition
-from dense_ext.backends.base import LOCAL
+from dense_ext.backends.base import LOCAL, StatsSync
 from dense_ext.sync_bn import DistributedStatsSync, SyncBatchNorm, enable_sync_bn
 from dense_ext.transition import norm_relu_pool
 from python_models import densenet_bc
@@ -327,3 +327,30 @@ def test_bench_verdict_compares_like_for_like():
     assert not summarize(rows([70, 80]), 0.10)["within_tolerance"]  # 0.875x: not equal either
     summary = summarize(rows([80, 84]), 0.10)
     assert summary["sync_bn_ratio_to_single"] == [0.8, 0.84]
+
+
+class _CountingSync(StatsSync):
+    """Merges nothing, counts the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def stats(self, mean, var, count):
+        self.calls += 1
+        return mean, var
+
+
+def test_block_syncs_only_while_training_like_sync_batch_norm():
+    # nn.SyncBatchNorm in eval with batch statistics (track_running_stats=False) stays local.
+    # (The reference backend is the one with the sync hook: enable_sync_bn refuses cpp.)
+    block = EfficientDenseBlock(2, 4, bn_size=2, growth_rate=3, drop_rate=0.0, backend="reference")
+    for bn in block.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.track_running_stats = False
+            bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+    block.stats_sync = _CountingSync()
+    x = torch.randn(3, 4, 5, 5)
+    block.eval()(x)
+    assert block.stats_sync.calls == 0
+    block.train()(x)
+    assert block.stats_sync.calls > 0
