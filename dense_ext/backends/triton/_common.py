@@ -317,6 +317,12 @@ class LaunchSite:
     def __call__(self, *tensors) -> tuple | None:
         return launch(self.kernel, self.grid, *tensors, *self.scalars, **self.constexprs)
 
+    def own(self) -> LaunchSite:
+        """The same launch with its own direct-launch entry: the builders' cache shares a site
+        between every caller with the same integers, whose tensors may be views at offsets of
+        different alignment (a bottleneck BN's statistics row of another layer index)."""
+        return LaunchSite(self.kernel, self.grid, self.scalars, self.constexprs)
+
     def bound(self, stream: int, *tensors) -> None:
         entry = self._entry
         if entry is None or INTERPRETED:

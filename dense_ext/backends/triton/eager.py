@@ -17,7 +17,7 @@ Triton's checked path. The arithmetic and the kernels are those of the traced lo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -82,7 +82,7 @@ def build_plan(call: BlockCall, shape, dtype, device, dot, seeds: bool) -> Block
         tile, merge, part_shape = stats.stats_sites(
             m, c_total, 0, spec.num_input_features, 0, c_total, device
         )
-        initial = (tile, merge)
+        initial = (tile.own(), merge.own())
         acc_elems = _numel(part_shape)
     layers = []
     for index in range(spec.num_layers):
@@ -91,25 +91,32 @@ def build_plan(call: BlockCall, shape, dtype, device, dot, seeds: bool) -> Block
         drop = (index, float(p)) if seeds and p > 0 else None
         stats1 = (c_in, c_total + c_in) if call.stats1_needed else None
 
+        # Every site of the plan is its own (LaunchSite.own): the direct launch may assume the
+        # alignments of this plan's tensors only.
         def fwd(x_stride, c_from, y_stride, y_col, c_out, ks, stats_offsets, dropout_of):
-            return conv_fwd.fwd_sites(
+            sites = conv_fwd.fwd_sites(
                 m, x_stride, 0, y_stride, y_col, c_from, c_out, ks, h, w, dtype, device, dot,
                 stats_offsets, dropout_of,
             )  # fmt: skip
+            merge = None if sites.merge is None else sites.merge.own()
+            return replace(sites, conv=sites.conv.own(), merge=merge)
 
         def dgrad(strides, cols, c_from, c_out, ks, what):
-            return conv_dgrad.dgrad_site(
+            site, part_shape = conv_dgrad.dgrad_site(
                 m, strides, cols, c_from, c_out, ks, hw, dtype, device, dot, what
             )
+            return site.own(), part_shape
 
         def wgrad(dy_stride, dy_col, x_stride, c_from, c_out, ks):
-            return conv_wgrad.wgrad_site(
+            site, part_shape = conv_wgrad.wgrad_site(
                 m, dy_stride, dy_col, x_stride, 0, c_from, c_out, ks, hw, dtype, device, dot
             )
+            return site.own(), part_shape
 
         drop_site = None
         if drop is not None:
-            drop_site = dropout.dropout_site(m, c_total, c_in, k, index, drop[1], _fp64(dtype))
+            fp64 = _fp64(dtype)
+            drop_site = dropout.dropout_site(m, c_total, c_in, k, index, drop[1], fp64).own()
         norm1 = call.bn1(index)
         prefix_pass = conv_dgrad._Pass(apply=True, batch_stats=norm1.batch_stats, accumulate=True)
         if spec.has_bottleneck:
