@@ -196,7 +196,7 @@ def _uniform_eps(norms: Sequence[NormCall]) -> float | None:
     return None
 
 
-def launcher(tensors: Sequence[Tensor], hooks_checked: bool = True):
+def launcher(tensors: Sequence[Tensor]):
     """``go(site, *tensors)``: the direct launch when every tensor in ``tensors`` (the buffers
     and parameters of the step; fresh allocations are aligned) is 16-byte aligned and nothing
     listens to Triton's launch hooks, else Triton's checked path."""
