@@ -191,10 +191,27 @@ class DenseBlockFunction(torch.autograd.Function):
         return (grad_x, None, *param_grads)
 
 
+# Whether each device type has autocast at all (meta has not), filled at import for the usual
+# types: compiled code then reads a constant from this dict, because torch 2.11's dynamo cannot
+# trace torch.amp.is_autocast_available (a graph break, an error under fullgraph=True). Not
+# torch.compiler.assume_constant_result: that imports torch._dynamo (and triton) with dense_ext.
+_AUTOCAST_AVAILABLE = {
+    t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "xpu", "mps", "meta")
+}
+
+
+def autocast_available(device_type: str) -> bool:
+    """Whether ``device_type`` has autocast (``torch.amp.is_autocast_available``), cached."""
+    known = _AUTOCAST_AVAILABLE.get(device_type)
+    if known is None:
+        known = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    return known
+
+
 def autocast_off(device_type: str):
     """A context with autocast off for ``device_type`` (nothing to turn off on types without
     autocast, such as meta)."""
-    if torch.amp.is_autocast_available(device_type):
+    if autocast_available(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
