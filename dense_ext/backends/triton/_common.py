@@ -78,43 +78,45 @@ def kernel(fn):
 # Triton's interpreter converts float32 to bfloat16 by truncation and has no inline PTX;
 # compiled kernels round to nearest even and round TF32 operands with ``cvt.rna``. Under the
 # interpreter both roundings are done by hand, bit for bit the same. The variant is picked here,
-# once, rather than by a constexpr global (Triton re-checks those on every launch).
+# once, rather than by a constexpr global (Triton re-checks those on every launch). Each variant
+# is defined under the name the kernels call: torch.compile (inductor) re-emits a user kernel's
+# helpers from their source under their function names, so an alias (``round_tf32 =
+# _round_tf32_compiled``) would leave the name the kernel calls undefined.
+if INTERPRETED:
 
+    @triton.jit
+    def round_to(x, dtype: tl.constexpr):
+        """``x.to(dtype)`` with round-to-nearest-even also under the interpreter."""
+        if dtype == tl.bfloat16 and x.dtype == tl.float32:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(dtype)
 
-@triton.jit
-def _round_to_by_hand(x, dtype: tl.constexpr):
-    if dtype == tl.bfloat16 and x.dtype == tl.float32:
+    @triton.jit
+    def round_tf32(x):
+        """float32 rounded to TF32 (10-bit mantissa), to nearest with ties away from zero, as
+        the PTX ``cvt.rna.tf32.f32`` does (by hand here: the interpreter has no inline PTX)."""
         bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
+        rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, rounded)
 
+else:
 
-@triton.jit
-def _round_to_compiled(x, dtype: tl.constexpr):
-    return x.to(dtype)
+    @triton.jit
+    def round_to(x, dtype: tl.constexpr):
+        """``x.to(dtype)``: compiled conversions round to nearest even."""
+        return x.to(dtype)
 
-
-@triton.jit
-def _round_tf32_by_hand(x):
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return tl.where(x != x, x, rounded)
-
-
-@triton.jit
-def _round_tf32_compiled(x):
-    return tl.inline_asm_elementwise(
-        "cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
-    )
-
-
-round_to = _round_to_by_hand if INTERPRETED else _round_to_compiled
-round_to.__doc__ = """``x.to(dtype)`` with round-to-nearest-even also under the interpreter."""
-round_tf32 = _round_tf32_by_hand if INTERPRETED else _round_tf32_compiled
-round_tf32.__doc__ = """float32 rounded to TF32 (10-bit mantissa), to nearest with ties away from
-zero: the PTX ``cvt.rna.tf32.f32``. The tensor cores read only the top 19 bits of an fp32
-operand, i.e. they *truncate*; rounding first halves the error (what cuDNN and cuBLAS do)."""
+    @triton.jit
+    def round_tf32(x):
+        """float32 rounded to TF32 (10-bit mantissa), to nearest with ties away from zero: the
+        PTX ``cvt.rna.tf32.f32``. The tensor cores read only the top 19 bits of an fp32
+        operand, i.e. they *truncate*; rounding first halves the error (what cuDNN and cuBLAS
+        do)."""
+        return tl.inline_asm_elementwise(
+            "cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
 
 
 @triton.jit
