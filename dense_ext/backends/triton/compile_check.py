@@ -14,10 +14,11 @@ checks per variant:
   instruction (``mma``/``wgmma`` ``.tf32``); float32 IEEE has neither.
 
 With ``--as-inductor`` each kernel is first re-emitted as ``torch.compile`` does with a
-user-defined Triton kernel (inductor's ``user_defined_triton_kernel_transitive_closure_source_code``:
-the kernel's source and its helpers' sources under the names it calls them by, written to a
-module and imported again) and that copy is compiled: a helper the copy cannot see (an alias,
-a Python global of a type inductor does not carry) fails here instead of on the first GPU run.
+user-defined Triton kernel (inductor's
+``user_defined_triton_kernel_transitive_closure_source_code``: the kernel's source and its
+helpers' sources under the names it calls them by, written to a module and imported again)
+and that copy is compiled: a helper the copy cannot see (an alias, a Python global of a type
+inductor does not carry) fails here instead of on the first GPU run.
 
     python -m dense_ext.backends.triton.compile_check [--arch 80 90] [--dtypes float32 ...]
         [--as-inductor]
