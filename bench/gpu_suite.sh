@@ -134,8 +134,12 @@ gpu_tests() {
     local files
     files=$(grep -l -E "pytest\.mark\.cuda|cuda_or_skip\(" tests/test_*.py)
     echo "files: $files"
+    # Triton's compiles are CPU-bound: with pytest-xdist, PYTEST_WORKERS processes share the
+    # GPU (and the on-disk kernel cache) and compile in parallel.
+    local workers=()
+    if [ "${PYTEST_WORKERS:-0}" -gt 1 ] && has xdist; then workers=(-n "$PYTEST_WORKERS"); fi
     # shellcheck disable=SC2086
-    "$PY" -m pytest -v -ra -p no:cacheprovider -m "cuda or triton" $files \
+    "$PY" -m pytest -v -ra -p no:cacheprovider "${workers[@]}" -m "cuda or triton" $files \
         --junitxml="$DIR/tests-gpu.xml"
 }
 
@@ -193,7 +197,11 @@ if [ -n "$PACK_DIR" ]; then
     # Named after the call's last step, so the packs of several calls do not collide.
     name="gpu-suite-upto-${WANT[${#WANT[@]} - 1]}"
     mkdir -p "$PACK_DIR"
-    tar czf "$PACK_DIR/$name.tgz" -C "$(dirname "$DIR")" "$(basename "$DIR")"
+    # Profiler traces in their own pack: one file over the device tool's 16 MiB would lose all.
+    tar czf "$PACK_DIR/$name.tgz" --exclude='trace-*.json.gz' -C "$(dirname "$DIR")" "$(basename "$DIR")"
+    if compgen -G "$DIR/profile/trace-*.json.gz" >/dev/null; then
+        tar cf "$PACK_DIR/$name-traces.tar" -C "$DIR" profile
+    fi
     cp "$DIR/steps.log" "$PACK_DIR/$name-steps.log" 2>/dev/null || true
     ls -l "$PACK_DIR"
 fi

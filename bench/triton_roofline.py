@@ -7,6 +7,7 @@ Three modes (docs/triton_kernels.md explains the model and what only a GPU can c
                                                           # step, triton vs cuDNN naive, and
                                                           # the host overhead (mocked launches)
     TRITON_INTERPRET=0 python bench/triton_roofline.py --host   # host time per layer, mocked
+                                                          # (bench.triton_host's measurement)
     python bench/triton_roofline.py [--dtype float32|bfloat16|float16] [--out bench/results]
                                                           # GPU: time every op of a layer
     TRITON_INTERPRET=1 python bench/triton_roofline.py --smoke  # CPU: run every op once
@@ -202,46 +203,28 @@ def predict_network(name: str, batch: int, s: int, peak: float, host_us_per_laye
 # ----------------------------------------------------------------------------------------------
 
 
-def host_us_per_layer(trials: int = 7, reps: int = 10) -> tuple[float, float]:
-    """CPU microseconds per layer forward + backward of an efficient block on the triton
-    backend with every kernel launch mocked (``mock_gpu``), and Triton launches per layer.
-
-    Per layer = difference of a 10-layer and a 2-layer block over 8, so block-level work
-    cancels; best of ``trials`` (``time.process_time``), since other processes share the CPU.
-    Tensors are tiny CPU tensors: torch ops cost their fixed dispatch overhead only.
-    """
+def host_us_per_layer(trials: int = 5, reps: int = 5) -> dict[str, tuple[float, float]]:
+    """Per network of ``bench.triton_host`` (DenseNet-BC-100, DenseNet-121; their dense blocks
+    at batch 64): CPU microseconds per layer forward + backward of the triton backend with
+    every kernel launch mocked (``mock_gpu``), and Triton launches per layer."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("--host needs compiled kernels: run with TRITON_INTERPRET=0")
-    import dense_ext.backends.triton as triton_package
-    from dense_ext import EfficientDenseBlock
-    from dense_ext.backends.triton import backend as triton_backend
-    from dense_ext.backends.triton.mock_gpu import mocked_gpu
+    from bench import triton_host
 
-    # CPU tensors stand in for CUDA ones: let the compiled backend accept them.
-    triton_backend.TritonBackend._check = staticmethod(lambda x: None)
-    triton_package.unavailable_reason = lambda device: None
+    results = triton_host.measure(trials, reps)
+    return {
+        name: (r["us_per_layer"], r["launches_per_layer"])
+        for name, r in results.items()
+        if name in triton_host.NETWORKS
+    }
 
-    def step_time(layers: int) -> float:
-        torch.manual_seed(0)
-        block = EfficientDenseBlock(layers, 8, 4, 4, 0.2, memory="min", backend="triton")
-        x = torch.randn(1, 8, 4, 4, requires_grad=True)
-        out = block(x)
-        grad = torch.ones_like(out)
-        out.backward(grad)  # compiles every variant (cached on disk afterwards)
-        best = float("inf")
-        for _ in range(trials):
-            start = time.process_time()
-            for _ in range(reps):
-                block(x).backward(grad)
-            best = min(best, (time.process_time() - start) / reps)
-        return best
 
-    with mocked_gpu() as mock:
-        small, large = step_time(2), step_time(10)
-        mock.launches.clear()
-        step_time(10)
-    launches = sum(mock.launches.values()) / (10 * (1 + 7 * 10))
-    return (large - small) / 8 * 1e6, launches
+def _host_of(hosts: dict[str, tuple[float, float]] | None, name: str) -> float | None:
+    """The measured host time per layer of the roofline network ``name``."""
+    if hosts is None:
+        return None
+    key = "DenseNet-121" if name.startswith("DenseNet-121") else "DenseNet-BC-100 (k=12)"
+    return hosts[key][0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,20 +503,18 @@ def gpu_main(args) -> int:
 
 
 def predict_main(args) -> int:
-    host = None
-    launches = None
-    if not args.no_host:
-        host, launches = host_us_per_layer()
+    hosts = None if args.no_host else host_us_per_layer()
     lines = [
         "# Predicted H100 SXM roofline of one training step (datasheet peaks: "
         f"{H100['bandwidth'] / 1e12:.2f} TB/s, bf16 {H100['bf16'] / 1e12:.0f} / TF32 "
         f"{H100['tf32'] / 1e12:.0f} TFLOP/s dense)",
         "",
     ]
-    if host is not None:
+    for net, (us, launches) in (hosts or {}).items():
         lines += [
-            f"Host overhead, triton backend, measured here with mocked launches: {host:.0f} us "
-            f"per layer forward+backward ({launches:.1f} Triton launches per layer).",
+            f"Host overhead, triton backend, {net} (python -m bench.triton_host, mocked "
+            f"launches): {us:.0f} us per layer forward+backward ({launches:.1f} Triton launches "
+            "per layer).",
             "",
         ]
     for name, dtype, s, peak in (
@@ -542,7 +523,7 @@ def predict_main(args) -> int:
         ("DenseNet-BC-100 32x32 b64", "float32 (TF32)", 4, H100["tf32"]),
     ):
         lines.append(f"# {name}, {dtype}")
-        lines += predict_network(name, 64, s, peak, host)
+        lines += predict_network(name, 64, s, peak, _host_of(hosts, name))
     print("\n".join(lines))
     return 0
 
@@ -574,8 +555,10 @@ def main(argv=None) -> int:
     if args.predict:
         return predict_main(args)
     if args.host:
-        us, launches = host_us_per_layer()
-        print(f"host time per layer forward+backward: {us:.0f} us ({launches:.1f} launches)")
+        for net, (us, launches) in host_us_per_layer().items():
+            print(
+                f"{net}: host time per layer forward+backward {us:.0f} us ({launches:.1f} launches)"
+            )
         return 0
     return gpu_main(args)
 

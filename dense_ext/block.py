@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from dense_ext.backends import check_backend_name, get_backend
 from dense_ext.backends.base import LOCAL, BlockCall
-from dense_ext.function import DenseBlockFunction
+from dense_ext.function import DenseBlockFunction, autocast_available
 from dense_ext.norm import NormCall, norm_call
 from dense_ext.spec import BlockSpec
 
@@ -246,7 +246,7 @@ class EfficientDenseBlock(nn.ModuleDict):
 
 def _autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` (False for types without autocast: meta)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:

@@ -79,22 +79,35 @@ def update_running_stats(call: BlockCall, state: ForwardState, count: int) -> No
     running: list[Tensor] = []
     batch: list[Tensor] = []
     factors: list[float] = []
+    # Each BN's batch statistics are a view of stats1 (a prefix of its two rows) or a row of
+    # stats2; the unbiased variances of all are computed in one operation per tensor and the
+    # views taken from those rows (a few operations per BN, not a dozen: host time per layer).
+    mean1 = unbiased1 = None
+    if call.stats1_needed:
+        mean1, unbiased1 = state.stats1[0], state.stats1[1] * bessel
+    means2: Sequence[Tensor] = ()
+    unbiased2: Sequence[Tensor] = ()
+    if call.stats2_needed:
+        means2, unbiased2 = state.stats2[:, 0].unbind(0), (state.stats2[:, 1] * bessel).unbind(0)
     for i, norm in enumerate(call.norms):
         if not norm.update:
             continue
         layer, second = divmod(i, spec.bns_per_layer)
         if second:
-            mean, var = state.stats2[layer, 0], state.stats2[layer, 1]
+            mean, var = means2[layer], unbiased2[layer]
         else:
+            assert mean1 is not None and unbiased1 is not None
             c_in = spec.in_channels(layer)
-            mean, var = state.stats1[0, :c_in], state.stats1[1, :c_in]
+            mean, var = mean1[:c_in], unbiased1[:c_in]
         assert norm.running_mean is not None and norm.running_var is not None
         dtype = norm.running_mean.dtype
+        if mean.dtype != dtype:
+            mean, var = mean.to(dtype), var.to(dtype)
         if norm.momentum is None:
-            _cumulative_update(norm, mean.to(dtype), (var * bessel).to(dtype))
+            _cumulative_update(norm, mean, var)
             continue
         running += [norm.running_mean, norm.running_var]
-        batch += [mean.to(dtype), (var * bessel).to(dtype)]
+        batch += [mean, var]
         factors += [float(norm.momentum)] * 2
     if running:
         torch._foreach_mul_(running, [1.0 - f for f in factors])
@@ -178,10 +191,27 @@ class DenseBlockFunction(torch.autograd.Function):
         return (grad_x, None, *param_grads)
 
 
+# Whether each device type has autocast at all (meta has not), filled at import for the usual
+# types: compiled code then reads a constant from this dict, because torch 2.11's dynamo cannot
+# trace torch.amp.is_autocast_available (a graph break, an error under fullgraph=True). Not
+# torch.compiler.assume_constant_result: that imports torch._dynamo (and triton) with dense_ext.
+_AUTOCAST_AVAILABLE = {
+    t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "xpu", "mps", "meta")
+}
+
+
+def autocast_available(device_type: str) -> bool:
+    """Whether ``device_type`` has autocast (``torch.amp.is_autocast_available``), cached."""
+    known = _AUTOCAST_AVAILABLE.get(device_type)
+    if known is None:
+        known = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    return known
+
+
 def autocast_off(device_type: str):
     """A context with autocast off for ``device_type`` (nothing to turn off on types without
     autocast, such as meta)."""
-    if torch.amp.is_autocast_available(device_type):
+    if autocast_available(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 

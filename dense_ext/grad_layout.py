@@ -14,6 +14,7 @@ the transition's stock 1x1 convolution gets ``keep_grad_layout``'s hook on its w
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -23,9 +24,15 @@ from torch import Tensor
 def is_dense(t: Tensor) -> bool:
     """Whether ``t``'s elements fill its memory without gaps or overlaps (in some dimension
     order), i.e. ATen's ``is_non_overlapping_and_dense``."""
+    return _dense_layout(t.shape, t.stride())
+
+
+@functools.lru_cache(maxsize=4096)
+def _dense_layout(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    # cached: every parameter gradient of every step asks about its parameter's layout
     expected = 1
-    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1):
-        if stride != expected:
+    for step, size in sorted((s, n) for n, s in zip(shape, stride) if n != 1):
+        if step != expected:
             return False
         expected *= size
     return True

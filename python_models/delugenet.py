@@ -99,14 +99,12 @@ class CrossLayerDepthwiseConv(nn.Module):
         running_var = self.running_var if use_running else None
         out = None
         for i, h in enumerate(inputs):
-            mean = None if running_mean is None else running_mean[:, i]
-            var = None if running_var is None else running_var[:, i]
-            # torch 2.14's CPU batch-norm backward misreads a strided weight or running
-            # statistic when input and gradient are channels_last (wrong input gradient):
-            # pass contiguous columns, except running statistics that batch statistics update
-            # in place (views; the backward never reads them then).
-            if mean is not None and not batch_stats:
-                mean, var = mean.contiguous(), var.contiguous()
+            # Contiguous columns: torch 2.14's CPU batch-norm backward misreads a strided weight
+            # or running statistic when input and gradient are channels_last, and cuDNN updates
+            # a contiguous copy of strided running statistics, dropping the update
+            # (pytorch/pytorch#33867). Updated columns are written back below.
+            mean = None if running_mean is None else running_mean[:, i].contiguous()
+            var = None if running_var is None else running_var[:, i].contiguous()
             y = F.batch_norm(
                 h,
                 mean,
@@ -117,6 +115,9 @@ class CrossLayerDepthwiseConv(nn.Module):
                 factor,
                 self.eps,
             )
+            if batch_stats and running_mean is not None and running_var is not None:
+                running_mean[:, i].copy_(mean)
+                running_var[:, i].copy_(var)
             out = y if out is None else out + y
         return out
 

@@ -1,4 +1,6 @@
-"""Compiles every CLDC Triton kernel to sm_80 and sm_90 cubins without a GPU; one line each.
+"""Compiles every CLDC Triton kernel to sm_80 and sm_90 cubins without a GPU, and each kernel
+once more for sm_90 as torch.compile re-emits it (see dense_ext.backends.triton.compile_check,
+``--as-inductor``); one line each.
 
 Run with TRITON_INTERPRET unset (the kernels must be defined for compilation); used by
 tests/test_deluge_triton.py.
@@ -56,7 +58,20 @@ def main() -> int:
     if kernels.INTERPRETED:
         print("TRITON_INTERPRET is set: kernels are defined for the interpreter")
         return 2
+    import tempfile
+    from pathlib import Path
+
+    from dense_ext.backends.triton.compile_check import as_inductor_emits
+
     failures = 0
+    folder = Path(tempfile.mkdtemp(prefix="dense_ext_inductor_"))
+    for name, kernel in KERNELS.items():
+        try:
+            compile_kernel(as_inductor_emits(kernel, folder), torch.float32, 90)
+            print(f"sm_90 inductor {name} {torch.float32} ok", flush=True)
+        except Exception as exc:  # report every failure
+            failures += 1
+            print(f"sm_90 inductor {name} {torch.float32} FAILED: {type(exc).__name__}: {exc}")
     for arch in (80, 90):
         for name, kernel in KERNELS.items():
             for dtype in TYPES:

@@ -567,7 +567,7 @@ def test_cuda_backend_matches_reference(dtype, memory, bn_size):
     grad = torch.randn(4, 48, 9, 11, device="cuda")
 
     def run(block, dt):
-        xx = x.to(dt).requires_grad_()
+        xx = x.detach().to(dt).requires_grad_()  # its own leaf (x.to(float32) is x)
         out = block(xx)
         out.backward(grad.to(dt))
         return [out.float(), xx.grad.float(), *[p.grad.float() for p in block.parameters()]]

@@ -23,9 +23,11 @@ import torch
 # Before anything defines the kernels. torch.cuda.is_available() creates no CUDA context.
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
+import copy  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from dataclasses import fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -33,6 +35,7 @@ import pytest  # noqa: E402
 from helpers import (  # noqa: E402
     RELU_FLIP,
     TOLERANCE,
+    Step,
     assert_close,
     assert_same_step,
     assert_step_within_torch_error,
@@ -216,10 +219,11 @@ def backend_call(name, spec, x, params, save=True):
     """One backend forward with batch statistics for every BN, no dropout."""
     from dense_ext import BlockCall, NormCall
     from dense_ext.backends import get_backend
+    from dense_ext.backends.base import LOCAL
 
     backend = get_backend(name, x.device)
     norms = [NormCall(eps=1e-5, batch_stats=True)] * (spec.num_layers * spec.bns_per_layer)
-    call = BlockCall(spec, backend, norms, [0.0] * spec.num_layers, save=save)
+    call = BlockCall(spec, backend, norms, [0.0] * spec.num_layers, LOCAL, save=save)
     return backend.forward(x, params, call)
 
 
@@ -781,6 +785,25 @@ def test_kernels_compile_for_the_gpu_without_a_gpu():
     assert done.stdout.count(" ok ") == int(summary.group(1)), done.stdout
 
 
+def test_kernels_compile_as_torch_compile_re_emits_them():
+    """``torch.compile`` does not launch a user-defined Triton kernel as defined: inductor
+    re-emits its source with its helpers' sources, under the names the kernel calls them by,
+    and compiles that copy. Every variant of that copy compiles for sm_90 (the first GPU run
+    found ``round_tf32`` undefined there: it was an alias of ``_round_tf32_compiled``)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = (
+        str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    )
+    module = "dense_ext.backends.triton.compile_check"
+    cmd = [sys.executable, "-m", module, "--arch", "90", "--as-inductor", "--dtypes"]
+    cmd += ["float32", "bfloat16", "float64"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = re.search(r"(\d+) variants, (\d+) failed", done.stdout)
+    assert summary is not None and summary.group(2) == "0", done.stdout
+    assert done.stdout.count(" ok ") == int(summary.group(1)) >= 3 * 8 + 2 + 3, done.stdout
+
+
 def test_cuda_device_with_interpreted_kernels_is_refused():
     triton_cpu_or_skip()
     from dense_ext.backends import get_backend
@@ -825,6 +848,7 @@ from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
 from dense_ext import BlockCall, NormCall
 from dense_ext.backends.base import ForwardState
 from dense_ext.backends.triton import backend as tb
+from dense_ext.backends.base import LOCAL
 from dense_ext.backends.triton.mock_gpu import mocked_gpu
 from dense_ext.spec import BlockSpec
 
@@ -835,7 +859,7 @@ g = torch.Generator().manual_seed(0)
 params = [torch.rand(s, generator=g) + 0.5 if len(s) == 1 else torch.randn(s, generator=g)
           for s in spec.param_shapes()]
 norms = [NormCall(eps=1e-5, batch_stats=True)] * (spec.num_layers * spec.bns_per_layer)
-call = BlockCall(spec, backend, norms, [0.2] * spec.num_layers)
+call = BlockCall(spec, backend, norms, [0.2] * spec.num_layers, LOCAL)
 graphs = []
 
 def capture(gm, example_inputs):
@@ -997,23 +1021,59 @@ def test_triton_ops_trace_with_fullgraph_and_reinplace():
 # ----------------------------------------------------------------------------------------------
 
 
+def _to_device(value, device):
+    """``value`` (tensors in nested tuples, lists, dicts and ``Step``s) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Step):
+        moved = {f.name: _to_device(getattr(value, f.name), device) for f in fields(Step)}
+        return Step(**moved)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+PRECISIONS = {
+    "ieee": torch.float32,
+    "tf32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("memory", ["bottleneck", "min"])
 @pytest.mark.parametrize("bn_size", [4, 0], ids=["bottleneck_layer", "plain_layer"])
-def test_cuda_within_twice_pytorch_error(bn_size, memory, dtype):
-    """Compiled kernels (TF32 for float32 when cuDNN may use it) against a float64 naive
-    block: at most 2x the error of the naive block (cuDNN) at the same precision. Dropout on:
-    the block's own masks are injected into both naive blocks (the backend's contract)."""
+def test_cuda_within_twice_pytorch_error(bn_size, memory, precision, restore_fp32_precision):
+    """Compiled kernels against a float64 naive block: at most 2x the error of the naive block
+    at the same precision. Dropout on: the block's own masks are injected into both naive
+    blocks (the backend's contract). float32 runs twice: "ieee" (TF32 off, against cuDNN in
+    IEEE float32) and "tf32" (TF32 allowed, so the kernels use it), against the naive block with
+    TF32-rounded convolutions (modelled on the CPU: cuDNN may choose non-TF32 algorithms even
+    when allowed, which would measure a precision the kernels were not asked for)."""
     triton_cuda_or_skip()
+    dtype = PRECISIONS[precision]
+    if dtype == torch.float32:
+        torch.backends.cudnn.conv.fp32_precision = precision
     p = 0.2
     naive, block = make_pair(bn_size, p, memory, dtype, device="cuda")
     shape = (4, C0, 16, 16)
     x, grad = inputs(dtype, "cuda", shape=shape)
     masks = block_masks(0, (4, K, 16, 16), p, torch.float64, "cuda")
     oracle = with_masks(float64_oracle(naive), masks)
-    naive = with_masks(naive, [m.to(dtype) for m in masks])
-    results = check_step(block, naive, x, oracle=oracle, grad=grad)
+    if precision == "tf32":
+        naive_tf32 = with_tf32_convolutions(copy.deepcopy(naive).cpu())
+        naive_tf32 = with_masks(naive_tf32, [m.cpu().float() for m in masks])
+        theirs = _to_device(train_step(naive_tf32, x.cpu(), grad.cpu()), "cuda")
+        results = train_step(block, x, grad)
+        exact = train_step(oracle, x.double(), grad.double())
+        assert_step_within_torch_error(results, theirs, exact, "tf32")
+    else:
+        naive = with_masks(naive, [m.to(dtype) for m in masks])
+        results = check_step(block, naive, x, oracle=oracle, grad=grad)
     assert torch.equal(results.output[:, C0:] == 0, oracle(x.double())[:, C0:] == 0), "masks"
 
 

@@ -131,6 +131,15 @@ bool set_active_isa(const char* name) {
 }  // namespace cpu
 
 namespace {
+// The row functions are found by argument-dependent lookup on the ISA tag. Before C++20 (P0846)
+// a call with explicit template arguments reaches that lookup only when some template of the
+// name is visible here; these are declared for that alone, never defined or chosen (torch 2.11
+// builds extensions with -std=c++17).
+struct NoIsaTag;
+template <bool>
+void bn_grad_sums_rows(NoIsaTag);
+template <bool, bool>
+void bn_grad_input_rows(NoIsaTag);
 
 // Calls fn with the instruction-set tag of the loops to use: the active one for float32 (the
 // training dtype), the portable loops for the other dtypes.

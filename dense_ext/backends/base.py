@@ -92,16 +92,18 @@ class BlockCall:
         norms: one ``NormCall`` per BN, in parameter order (``norm1``, then ``norm2`` for
             bottleneck layers, layer after layer).
         drop_rates: one dropout probability per layer (0 for layers in eval mode).
-        save: keep what backward needs (grad enabled and something requires grad).
         sync: how batch statistics combine across processes (``LOCAL``: not at all).
+        save: keep what backward needs (grad enabled and something requires grad).
     """
 
     spec: BlockSpec
     backend: Backend
     norms: Sequence[NormCall]
     drop_rates: Sequence[float]
+    # No default: torch 2.11's dynamo cannot wrap a default object (LOCAL) of a dataclass
+    # built inside a compiled forward (an error under fullgraph=True).
+    sync: StatsSync
     save: bool = True
-    sync: StatsSync = LOCAL
 
     def __post_init__(self) -> None:
         spec = self.spec

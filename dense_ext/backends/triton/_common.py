@@ -78,43 +78,45 @@ def kernel(fn):
 # Triton's interpreter converts float32 to bfloat16 by truncation and has no inline PTX;
 # compiled kernels round to nearest even and round TF32 operands with ``cvt.rna``. Under the
 # interpreter both roundings are done by hand, bit for bit the same. The variant is picked here,
-# once, rather than by a constexpr global (Triton re-checks those on every launch).
+# once, rather than by a constexpr global (Triton re-checks those on every launch). Each variant
+# is defined under the name the kernels call: torch.compile (inductor) re-emits a user kernel's
+# helpers from their source under their function names, so an alias (``round_tf32 =
+# _round_tf32_compiled``) would leave the name the kernel calls undefined.
+if INTERPRETED:
 
+    @triton.jit
+    def round_to(x, dtype: tl.constexpr):
+        """``x.to(dtype)`` with round-to-nearest-even also under the interpreter."""
+        if dtype == tl.bfloat16 and x.dtype == tl.float32:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(dtype)
 
-@triton.jit
-def _round_to_by_hand(x, dtype: tl.constexpr):
-    if dtype == tl.bfloat16 and x.dtype == tl.float32:
+    @triton.jit
+    def round_tf32(x):
+        """float32 rounded to TF32 (10-bit mantissa), to nearest with ties away from zero, as
+        the PTX ``cvt.rna.tf32.f32`` does (by hand here: the interpreter has no inline PTX)."""
         bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
+        rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, rounded)
 
+else:
 
-@triton.jit
-def _round_to_compiled(x, dtype: tl.constexpr):
-    return x.to(dtype)
+    @triton.jit
+    def round_to(x, dtype: tl.constexpr):
+        """``x.to(dtype)``: compiled conversions round to nearest even."""
+        return x.to(dtype)
 
-
-@triton.jit
-def _round_tf32_by_hand(x):
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return tl.where(x != x, x, rounded)
-
-
-@triton.jit
-def _round_tf32_compiled(x):
-    return tl.inline_asm_elementwise(
-        "cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
-    )
-
-
-round_to = _round_to_by_hand if INTERPRETED else _round_to_compiled
-round_to.__doc__ = """``x.to(dtype)`` with round-to-nearest-even also under the interpreter."""
-round_tf32 = _round_tf32_by_hand if INTERPRETED else _round_tf32_compiled
-round_tf32.__doc__ = """float32 rounded to TF32 (10-bit mantissa), to nearest with ties away from
-zero: the PTX ``cvt.rna.tf32.f32``. The tensor cores read only the top 19 bits of an fp32
-operand, i.e. they *truncate*; rounding first halves the error (what cuDNN and cuBLAS do)."""
+    @triton.jit
+    def round_tf32(x):
+        """float32 rounded to TF32 (10-bit mantissa), to nearest with ties away from zero: the
+        PTX ``cvt.rna.tf32.f32``. The tensor cores read only the top 19 bits of an fp32
+        operand, i.e. they *truncate*; rounding first halves the error (what cuDNN and cuBLAS
+        do)."""
+        return tl.inline_asm_elementwise(
+            "cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
 
 
 @triton.jit
@@ -198,19 +200,21 @@ def dot(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 
-def launch(kernel, grid: tuple[int, ...], *args, **constexprs) -> None:
+def launch(kernel, grid: tuple[int, ...], *args, **constexprs) -> tuple | None:
     """``kernel[grid](*args, **constexprs)``: every non-constexpr argument positional, in order.
 
     While torch traces or functionalises (``torch.compile``, ``make_fx``, fake tensors) the
     kernel goes through ``torch.library.wrap_triton`` so that the launch becomes a graph node;
-    under the interpreter it runs as is; otherwise through ``FastLaunch``.
+    under the interpreter it runs as is; otherwise through ``FastLaunch``, and the compiled
+    kernel's launch entry is returned (``LaunchSite`` keeps it).
     """
     if INTERPRETED:
         kernel[grid](*args, **constexprs)
     elif _tracing():
         _wrapped(kernel)[grid](*args, **constexprs)
     else:
-        _fast(kernel)(grid, args, constexprs)
+        return _fast(kernel)(grid, args, constexprs)
+    return None
 
 
 @functools.cache
@@ -265,7 +269,9 @@ class FastLaunch:
                 key.append(type(arg))
         return tuple(key)
 
-    def __call__(self, grid: tuple[int, ...], args: tuple, constexprs: dict) -> None:
+    def __call__(self, grid: tuple[int, ...], args: tuple, constexprs: dict) -> tuple:
+        """Launch; returns ``(run, function, packed metadata, constexpr values)`` of the compiled
+        kernel that ran (what a later direct launch of the same specialisation needs)."""
         if len(args) != self.num_args:
             raise TypeError(f"{self.kernel.fn.__name__}: {len(args)} of {self.num_args} arguments")
         key = self.key(args, constexprs)
@@ -273,12 +279,63 @@ class FastLaunch:
         if hit is None or _launch_hooks():
             compiled = self.kernel[grid](*args, **constexprs)
             tail = [constexprs[name] for name in self.constexpr_names]
-            self.compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
-            return
+            hit = (compiled.run, compiled.function, compiled.packed_metadata, tail)
+            self.compiled[key] = hit
+            return hit
         run, function, packed, tail = hit
         grid = (*grid, 1, 1)
-        stream = driver.active.get_current_stream(driver.active.get_current_device())
-        run(grid[0], grid[1], grid[2], stream, function, packed, None, None, None, *args, *tail)
+        run(grid[0], grid[1], grid[2], current_stream(), function, packed, None, None, None,
+            *args, *tail)  # fmt: skip
+        return hit
+
+
+def current_stream() -> int:
+    """The stream Triton launches on: the current stream of the current device."""
+    return driver.active.get_current_stream(driver.active.get_current_device())
+
+
+class LaunchSite:
+    """One launch of a kernel with everything but its tensors fixed: the grid, the scalar
+    arguments (which follow the tensors in every kernel here) and the constexprs.
+
+    The launchers build their sites from integers (``functools.lru_cache``), and the backend's
+    eager layer loop keeps them for a whole block, so a step's host work per launch is the
+    launch itself. ``site(*tensors)`` checks what Triton specialises on (through
+    ``launch``/``FastLaunch``); ``site.bound(stream, *tensors)`` calls the compiled kernel's
+    launcher directly, for tensors the caller guarantees to have the dtypes and 16-byte
+    alignments of the first ``bound`` launch of this site (the backend checks the alignment of
+    every buffer once per step; offsets of views into them are fixed by the shapes).
+    """
+
+    __slots__ = ("kernel", "grid", "scalars", "constexprs", "_entry")
+
+    def __init__(self, kernel, grid: tuple[int, ...], scalars: tuple, constexprs: dict) -> None:
+        self.kernel = kernel
+        self.grid = (*grid, 1, 1)[:3]
+        self.scalars = tuple(scalars)
+        self.constexprs = constexprs
+        self._entry: tuple | None = None
+
+    def __call__(self, *tensors) -> tuple | None:
+        return launch(self.kernel, self.grid, *tensors, *self.scalars, **self.constexprs)
+
+    def own(self) -> LaunchSite:
+        """The same launch with its own direct-launch entry: the builders' cache shares a site
+        between every caller with the same integers, whose tensors may be views at offsets of
+        different alignment (a bottleneck BN's statistics row of another layer index)."""
+        return LaunchSite(self.kernel, self.grid, self.scalars, self.constexprs)
+
+    def bound(self, stream: int, *tensors) -> None:
+        entry = self._entry
+        if entry is None or INTERPRETED:
+            hit = self(*tensors)
+            if hit is not None and not INTERPRETED:
+                run, function, packed, tail = hit
+                self._entry = (run, function, packed, (*self.scalars, *tail))
+            return
+        run, function, packed, tail = entry
+        g = self.grid
+        run(g[0], g[1], g[2], stream, function, packed, None, None, None, *tensors, *tail)
 
 
 def _tracing() -> bool:

@@ -34,12 +34,13 @@ from dense_ext.backends.base import (
     new_stats,
     stats_dtype,
 )
-from dense_ext.backends.triton import conv_dgrad, conv_fwd, conv_wgrad, dropout, stats
+from dense_ext.backends.triton import conv_dgrad, conv_fwd, conv_wgrad, dropout, eager, stats
 from dense_ext.backends.triton._common import INTERPRETED, _tracing, device_guard, dot_config
 
 __all__ = ["INTERPRETED", "TritonBackend", "get_backend"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MAX_PLANS = 64  # block shapes whose launches are kept (eager.BlockPlan)
 
 # The same launchers, called directly (eager) or through their torch.library ops (tracing).
 _EAGER = SimpleNamespace(
@@ -71,6 +72,7 @@ def _vec(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 class _WeightCache:
     """``conv_weight_taps`` of each weight, computed in forward and reused by its backward.
+    (Not rounded to TF32: the kernels round weights as they load them.)
 
     Forward always transforms afresh (a weight changed through ``.data`` keeps its version
     counter, so nothing could tell a stale entry across steps); backward takes the forward's
@@ -81,15 +83,25 @@ class _WeightCache:
     def __init__(self) -> None:
         self._entries: dict[int, tuple] = {}
 
-    def taps(self, weight: Tensor, dtype: torch.dtype, tf32: bool, fresh: bool) -> Tensor:
+    def taps(self, weight: Tensor, dtype: torch.dtype, fresh: bool) -> Tensor:
         if _tracing():
-            return conv_fwd.conv_weight_taps(weight, dtype, tf32)
-        key = (weight._version, dtype, tf32)
+            return conv_fwd.conv_weight_taps(weight, dtype)
+        return self.eager_taps(weight, dtype, fresh)
+
+    def eager_taps(self, weight: Tensor, dtype: torch.dtype, fresh: bool) -> Tensor:
+        """``taps`` outside tracing, laid out ``[KS, KS, C_in, C_out]`` (the same memory as
+        ``[KS*KS, C_in, C_out]``; the eager loop passes only the pointer)."""
+        key = (weight._version, dtype)
         entry = self._entries.get(id(weight))
-        if not fresh and entry is not None and entry[0]() is weight and entry[1] == key:
-            return entry[2]
-        taps = conv_fwd.conv_weight_taps(weight, dtype, tf32)
-        self._entries[id(weight)] = (weakref.ref(weight, self._forget(id(weight))), key, taps)
+        ref = None
+        if entry is not None and entry[0]() is weight:
+            if not fresh and entry[1] == key:
+                return entry[2]
+            ref = entry[0]  # the same parameter: keep its weak reference
+        taps = conv_fwd.conv_weight_taps(weight, dtype, flat=False)
+        if ref is None:
+            ref = weakref.ref(weight, self._forget(id(weight)))
+        self._entries[id(weight)] = (ref, key, taps)
         return taps
 
     def _forget(self, ident: int):
@@ -135,6 +147,7 @@ class TritonBackend(Backend):
 
     def __init__(self) -> None:
         self._weights = _WeightCache()
+        self._plans: dict[tuple, eager.BlockPlan] = {}
 
     @staticmethod
     def _check(x: Tensor) -> None:
@@ -145,8 +158,7 @@ class TritonBackend(Backend):
 
     def _layer(self, layer, params, call, state, dtype, fresh) -> _Layer:
         lv = LayerView(layer, params, call, state)
-        tf32 = dot_config(dtype, state.stats1.device)[2]
-        return _Layer(lv, stats_dtype(dtype), lambda w: self._weights.taps(w, dtype, tf32, fresh))
+        return _Layer(lv, stats_dtype(dtype), lambda w: self._weights.taps(w, dtype, fresh))
 
     def forward(self, x, params, call: BlockCall):
         if call.sync is not LOCAL:
@@ -155,7 +167,34 @@ class TritonBackend(Backend):
         with device_guard(x.device):
             return self._forward(x, params, call)
 
+    def _plan(self, call: BlockCall, shape, dtype, device, dot, seeds: bool) -> eager.BlockPlan:
+        key = eager.plan_key(call, shape, dtype, device, dot, seeds)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = eager.build_plan(call, shape, dtype, device, dot, seeds)
+        return plan
+
     def _forward(self, x, params, call: BlockCall):
+        if _tracing():
+            return self._forward_traced(x, params, call)
+        feat = new_feature_buffer(x, call.spec)
+        state = new_stats(x, call)
+        drop = dropout.new_dropout(call.drop_rates, x.device)
+        seeds = state.dropout = None if drop is None else drop.seeds
+        dot = dot_config(x.dtype, x.device)
+        plan = self._plan(call, feat.shape, x.dtype, x.device, dot, seeds is not None)
+        weights, dtype = self._weights, x.dtype
+
+        def taps(w: Tensor) -> Tensor:
+            return weights.eager_taps(w, dtype, fresh=True)
+
+        eager.run_forward(plan, feat, state, params, call, taps, seeds)
+        return feat, state
+
+    def _forward_traced(self, x, params, call: BlockCall):
+        """The layer loop through the ``triton_op``s (what ``torch.compile`` traces)."""
         ops = _ops()
         spec, save, rates = call.spec, call.save, call.drop_rates
         feat = new_feature_buffer(x, spec)
@@ -217,6 +256,20 @@ class TritonBackend(Backend):
             return self._backward(grad_feat, feat, state, params, call)
 
     def _backward(self, grad_feat, feat, state, params, call: BlockCall):
+        if _tracing():
+            return self._backward_traced(grad_feat, feat, state, params, call)
+        dot = dot_config(feat.dtype, feat.device)
+        seeds = state.dropout is not None
+        plan = self._plan(call, feat.shape, feat.dtype, feat.device, dot, seeds)
+        weights, dtype = self._weights, feat.dtype
+
+        def taps(w: Tensor) -> Tensor:
+            return weights.eager_taps(w, dtype, fresh=False)
+
+        return eager.run_backward(plan, grad_feat, feat, state, params, call, taps)
+
+    def _backward_traced(self, grad_feat, feat, state, params, call: BlockCall):
+        """The backward layer loop through the ``triton_op``s (what ``torch.compile`` traces)."""
         ops = _ops()
         spec, rates = call.spec, call.drop_rates
         grads: list[Tensor | None] = [None] * len(params)

@@ -13,7 +13,15 @@ checks per variant:
 * float32 with TF32: the PTX rounds the operands (``cvt.rna.tf32.f32``) before the tensor-core
   instruction (``mma``/``wgmma`` ``.tf32``); float32 IEEE has neither.
 
+With ``--as-inductor`` each kernel is first re-emitted as ``torch.compile`` does with a
+user-defined Triton kernel (inductor's
+``user_defined_triton_kernel_transitive_closure_source_code``: the kernel's source and its
+helpers' sources under the names it calls them by, written to a module and imported again)
+and that copy is compiled: a helper the copy cannot see (an alias, a Python global of a type
+inductor does not carry) fails here instead of on the first GPU run.
+
     python -m dense_ext.backends.triton.compile_check [--arch 80 90] [--dtypes float32 ...]
+        [--as-inductor]
 
 Must run with ``TRITON_INTERPRET`` unset or 0 (kernels defined for compilation).
 """
@@ -143,6 +151,26 @@ def check_tf32(ptx: str, tf32: bool) -> str | None:
 # offsets are multiples of 8 (``row_offsets``), and a 7x7 one (small grids: the row tile
 # shrinks, see configs._row_tile) with DenseNet-BC's multiples of 4 (k=12).
 SHAPES = ((256, 128, 32, 64 * 32 * 32, 8), (992, 128, 32, 64 * 7 * 7, 4))
+
+
+def as_inductor_emits(kernel, folder: Path):
+    """``kernel`` as inductor re-emits it for a compiled graph, imported from a file in
+    ``folder``."""
+    import importlib.util
+
+    from torch._inductor.codegen.wrapper import (
+        user_defined_triton_kernel_transitive_closure_source_code as closure_source,
+    )
+
+    name = kernel.fn.__name__
+    source = "import triton\nimport triton.language as tl\n\n@triton.jit\n" + closure_source(kernel)
+    path = folder / f"inductor_{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"inductor_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
 
 
 def variants(cap, dtypes):
@@ -276,7 +304,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--dtypes", nargs="+", default=["float32", "bfloat16", "float16", "float64"]
     )
+    parser.add_argument(
+        "--as-inductor",
+        action="store_true",
+        help="compile each kernel as torch.compile re-emits it (see the module docstring)",
+    )
     args = parser.parse_args(argv)
+    folder = Path(tempfile.mkdtemp(prefix="dense_ext_inductor_"))
     dtypes = [getattr(torch, d) for d in args.dtypes]
     failures = total = 0
     for arch in args.arch:
@@ -285,6 +319,8 @@ def main(argv=None) -> int:
             start = time.time()
             total += 1
             try:
+                if args.as_inductor:
+                    kernel = as_inductor_emits(kernel, folder)
                 compiled, problems = check_variant(cap, kernel, dtype, constexprs, warps, stages)
             except Exception as exc:  # report every failure, not only the first
                 compiled, problems = None, [f"{type(exc).__name__}: {str(exc)[:2000]}"]

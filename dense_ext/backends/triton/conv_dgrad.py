@@ -18,18 +18,19 @@ Recomputing the GEMM instead of storing ``dZ`` keeps the per-layer scratch at ze
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton.language as tl
 
 from dense_ext.backends.triton._common import (
+    LaunchSite,
     cdiv,
     channels_ok,
     dot,
     dot_config,
     kernel,
-    launch,
     load_bn_params,
     num_rows,
     on_tensor_device,
@@ -116,6 +117,8 @@ def _conv_dgrad_bn_relu_bwd_kernel(
             mask=n_ok[:, None] & c_ok[None, :],
             other=0.0,
         )
+        if TF32:
+            w = round_tf32(w)
         acc = dot(dy, w, acc, DOT_FP32, INPUT_PRECISION)
     tile_ok = row_ok[:, None] & c_ok[None, :]
     # The conv consumed Z rounded to the buffer dtype; its gradient arrives in that dtype too.
@@ -156,60 +159,61 @@ class _Pass:
 _REDUCE = _Pass(apply=False)
 
 
-def _launch(
-    dy, w_taps, x, mean, invstd, gamma, beta, sums, part, dx, *, what: _Pass, cols, c_in, hw
-):
-    """One launch; ``cols = (dy_col, x_col, dx_col)``, ``hw = (height, width)``."""
-    taps, _, c_out = w_taps.shape
-    m = num_rows(x)
-    cfg = conv_dgrad_config(m, c_in, c_out, x.dtype, x.device)
-    dot_fp32, precision, tf32 = dot_config(x.dtype, x.device)
+@functools.lru_cache(maxsize=4096)
+def dgrad_site(
+    m: int,
+    strides: tuple[int, int, int],
+    cols: tuple[int, int, int],
+    c_in: int,
+    c_out: int,
+    ks: int,
+    hw: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    dot: tuple[bool, str, bool],
+    what: _Pass,
+) -> tuple[LaunchSite, tuple[int, int, int]]:
+    """One pass of the dgrad kernel from integers, and the reduce pass's partials shape
+    ``[tiles, 2, c_in]``. ``strides``/``cols`` are the row strides and first channels of
+    ``(dy, x, dx)`` (``dx``: 0, 0 in the reduce pass), ``dot`` is ``dot_config(dtype, device)``.
+    Tensors: dy, w_taps, x, mean, invstd, gamma, beta, sums, partials, dx."""
+    cfg = conv_dgrad_config(m, c_in, c_out, dtype, device)
+    dot_fp32, precision, tf32 = dot
+    dy_stride, x_stride, dx_stride = strides
     dy_col, x_col, dx_col = cols
-    dy_stride, x_stride = rows_stride(dy, "dy"), rows_stride(x, "x")
-    dx_stride = rows_stride(dx, "dx") if dx is not None else 0
-    grid = (cdiv(c_in, cfg.block_k), cdiv(m, cfg.block_m))
-    launch(
+    site = LaunchSite(
         _conv_dgrad_bn_relu_bwd_kernel,
-        grid,
-        dy,
-        w_taps,
-        x,
-        mean,
-        invstd,
-        gamma,
-        beta,
-        sums if sums is not None else mean,
-        part if part is not None else mean,
-        dx if dx is not None else x,
-        dy_stride,
-        dy_col,
-        x_stride,
-        x_col,
-        dx_stride,
-        dx_col,
-        m,
-        hw[0],
-        hw[1],
-        c_in,
-        c_out,
-        float(m),
-        KS=3 if taps == 9 else 1,
-        APPLY=what.apply,
-        BATCH_STATS=what.batch_stats,
-        ACCUMULATE=what.accumulate,
-        DOT_FP32=dot_fp32,
-        INPUT_PRECISION=precision,
-        TF32=tf32,
-        DY_ALIGN=vec_align(dy_stride, dy_col, c_out),
-        X_ALIGN=vec_align(x_stride, x_col, c_in),
-        DX_ALIGN=vec_align(dx_stride, dx_col, c_in),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_C=cfg.block_k,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        (cdiv(c_in, cfg.block_k), cdiv(m, cfg.block_m)),
+        (dy_stride, dy_col, x_stride, x_col, dx_stride, dx_col, m, *hw, c_in, c_out, float(m)),
+        {
+            "KS": ks,
+            "APPLY": what.apply,
+            "BATCH_STATS": what.batch_stats,
+            "ACCUMULATE": what.accumulate,
+            "DOT_FP32": dot_fp32,
+            "INPUT_PRECISION": precision,
+            "TF32": tf32,
+            "DY_ALIGN": vec_align(dy_stride, dy_col, c_out),
+            "X_ALIGN": vec_align(x_stride, x_col, c_in),
+            "DX_ALIGN": vec_align(dx_stride, dx_col, c_in),
+            "BLOCK_M": cfg.block_m,
+            "BLOCK_N": cfg.block_n,
+            "BLOCK_C": cfg.block_k,
+            "num_warps": cfg.num_warps,
+            "num_stages": cfg.num_stages,
+        },
     )
-    return cfg
+    return site, (cdiv(m, cfg.block_m), 2, c_in)
+
+
+def _site(dy, w_taps, x, dx, *, what: _Pass, cols, c_in, hw):
+    """``dgrad_site`` of tensors; ``cols = (dy_col, x_col, dx_col)``, ``hw = (height, width)``."""
+    taps, _, c_out = w_taps.shape
+    dx_stride = rows_stride(dx, "dx") if dx is not None else 0
+    strides = (rows_stride(dy, "dy"), rows_stride(x, "x"), dx_stride)
+    ks = 3 if taps == 9 else 1
+    dot = dot_config(x.dtype, x.device)
+    return dgrad_site(num_rows(x), strides, cols, c_in, c_out, ks, hw, x.dtype, x.device, dot, what)
 
 
 @on_tensor_device
@@ -217,25 +221,11 @@ def conv_dgrad_bn_relu_reduce_(
     dy, w_taps, x, mean, invstd, gamma, beta, *, dy_col, x_col, c_in, height, width
 ) -> torch.Tensor:
     """The launcher behind ``conv_dgrad_bn_relu_reduce`` (called directly in eager mode)."""
-    m = num_rows(x)
-    cfg = conv_dgrad_config(m, c_in, w_taps.shape[2], x.dtype, x.device)
-    part = torch.empty((cdiv(m, cfg.block_m), 2, c_in), dtype=mean.dtype, device=x.device)
-    _launch(
-        dy,
-        w_taps,
-        x,
-        mean,
-        invstd,
-        gamma,
-        beta,
-        None,
-        part,
-        None,
-        what=_REDUCE,
-        cols=(dy_col, x_col, 0),
-        c_in=c_in,
-        hw=(height, width),
+    site, part_shape = _site(
+        dy, w_taps, x, None, what=_REDUCE, cols=(dy_col, x_col, 0), c_in=c_in, hw=(height, width)
     )
+    part = torch.empty(part_shape, dtype=mean.dtype, device=x.device)
+    site(dy, w_taps, x, mean, invstd, gamma, beta, mean, part, x)
     return part.sum(dim=0)
 
 
@@ -297,22 +287,11 @@ def conv_dgrad_bn_relu_apply_(
     """The launcher behind ``conv_dgrad_bn_relu_apply`` (called directly in eager mode)."""
     if dx.dtype != x.dtype:
         raise ValueError(f"dense_ext triton: dx dtype {dx.dtype} != x dtype {x.dtype}")
-    _launch(
-        dy,
-        w_taps,
-        x,
-        mean,
-        invstd,
-        gamma,
-        beta,
-        sums.contiguous(),
-        None,
-        dx,
-        what=_Pass(apply=True, batch_stats=batch_stats, accumulate=accumulate),
-        cols=(dy_col, x_col, dx_col),
-        c_in=c_in,
-        hw=(height, width),
+    what = _Pass(apply=True, batch_stats=batch_stats, accumulate=accumulate)
+    site, _ = _site(
+        dy, w_taps, x, dx, what=what, cols=(dy_col, x_col, dx_col), c_in=c_in, hw=(height, width)
     )
+    site(dy, w_taps, x, mean, invstd, gamma, beta, sums.contiguous(), mean, dx)
 
 
 @torch.library.triton_op("dense_ext_triton::conv_dgrad_bn_relu_apply", mutates_args={"dx"})

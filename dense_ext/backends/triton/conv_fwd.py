@@ -17,22 +17,26 @@ constant, so the 1x1 instance has no tap loop and no bounds arithmetic. What it 
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import triton.language as tl
 
 from dense_ext.backends.triton._common import (
+    LaunchSite,
     acc_dtype,
     cdiv,
     channels_ok,
     dot,
     dot_config,
     kernel,
-    launch,
     load_bn_params,
     mma_operand,
     num_rows,
     on_tensor_device,
     relu,
+    round_tf32,
     round_tf32_,
     round_to,
     row_offsets,
@@ -47,7 +51,7 @@ from dense_ext.backends.triton.dropout import (
     dropout_scale,
     kernel_args,
 )
-from dense_ext.backends.triton.stats import merge_partials, tile_stats_epilogue
+from dense_ext.backends.triton.stats import merge_site, tile_stats_epilogue
 
 
 @kernel
@@ -57,7 +61,7 @@ def _bn_relu_conv_fwd_kernel(
     INVSTD_ptr,
     GAMMA_ptr,
     BETA_ptr,  # [C_IN] accumulation dtype
-    W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous (buffer dtype; TF32-rounded when TF32)
+    W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous (buffer dtype; rounded to TF32 here when TF32)
     Y_ptr,  # rows [M, >= y_col + C_OUT], row stride Y_row_stride (buffer dtype)
     PART_ptr,  # [cdiv(M, BLOCK_M), 3, C_OUT] accumulation dtype (if COMPUTE_STATS)
     SEED_ptr,  # [L] int64 dropout seeds (if DROPOUT)
@@ -122,6 +126,8 @@ def _bn_relu_conv_fwd_kernel(
             mask=k_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
+        if TF32:  # rounded here, not on the host: no tensor operations per weight and step
+            w = round_tf32(w)
         acc = dot(z, w, acc, DOT_FP32, INPUT_PRECISION)
     store_ok = row_ok[:, None] & n_ok[None, :]
     if DROPOUT:
@@ -134,20 +140,90 @@ def _bn_relu_conv_fwd_kernel(
         tile_stats_epilogue(PART_ptr, out.to(acc_t), row_ok, rn, n_ok, pid_m, M, C_OUT, BLOCK_M)
 
 
-def conv_weight_taps(weight: torch.Tensor, dtype: torch.dtype, tf32: bool = False) -> torch.Tensor:
+def conv_weight_taps(
+    weight: torch.Tensor, dtype: torch.dtype, tf32: bool = False, *, flat: bool = True
+) -> torch.Tensor:
     """``[C_out, C_in, KS, KS]`` -> ``[KS*KS, C_in, C_out]`` contiguous, in the buffer dtype;
-    with ``tf32`` rounded to TF32 like the in-kernel operands (``_common.round_tf32``)."""
+    with ``tf32`` rounded to TF32 like the in-kernel operands (``_common.round_tf32``). Always a
+    new tensor (``permute_copy``), never a view of ``weight``. ``flat=False`` leaves it
+    ``[KS, KS, C_in, C_out]`` (the same memory; one operation less)."""
     c_out, c_in, kh, kw = weight.shape
-    taps = weight.detach().to(dtype).permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out)
-    taps = taps.contiguous()
+    if torch.is_grad_enabled():
+        weight = weight.detach()
+    if weight.dtype != dtype:
+        weight = weight.to(dtype)
+    taps = torch.permute_copy(weight, (2, 3, 1, 0))
+    if flat:
+        taps = taps.view(kh * kw, c_in, c_out)
     if tf32:
-        if taps.data_ptr() == weight.data_ptr():  # a 1x1 [C_out, C_in] weight may be a view
-            taps = taps.clone()
         round_tf32_(taps)
     return taps
 
 
 _NO_DROPOUT = (0, 0.0, 1.0, 0.0, 0.0)  # layer, p, scale hi/mid/lo
+
+
+@dataclass(frozen=True)
+class FwdSites:
+    """The launches of one ``bn_relu_conv_fwd_`` call (``fwd_sites``)."""
+
+    conv: LaunchSite  # tensors: x, mean, invstd, gamma, beta, w_taps, y, partials, seeds
+    merge: LaunchSite | None  # tensors: partials, statistics (None: no statistics)
+    part_shape: tuple[int, int, int]  # [tiles, 3, C_out] partial statistics
+
+
+@functools.lru_cache(maxsize=4096)
+def fwd_sites(
+    m: int,
+    x_stride: int,
+    x_col: int,
+    y_stride: int,
+    y_col: int,
+    c_in: int,
+    c_out: int,
+    ks: int,
+    height: int,
+    width: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    dot: tuple[bool, str, bool],
+    stats: tuple[int, int] | None,
+    dropout: tuple[int, float] | None,
+) -> FwdSites:
+    """The launches of ``bn_relu_conv_fwd_`` from integers: ``dot`` is ``dot_config(dtype,
+    device)``, ``stats`` the statistics offsets ``(mean_off, var_off)`` or None, ``dropout``
+    ``(layer, p)`` or None."""
+    cfg = conv_fwd_config(m, c_in, c_out, dtype, device)
+    tiles = cdiv(m, cfg.block_m)
+    drop = _NO_DROPOUT
+    if dropout is not None:
+        check_size(m, c_out)
+        drop = tuple(kernel_args(*dropout).values())
+    dot_fp32, precision, tf32 = dot
+    conv = LaunchSite(
+        _bn_relu_conv_fwd_kernel,
+        (tiles, cdiv(c_out, cfg.block_n)),
+        (x_stride, x_col, y_stride, y_col, m, height, width, c_in, c_out, *drop),
+        {
+            "KS": ks,
+            "DROPOUT": dropout is not None,
+            "COMPUTE_STATS": stats is not None,
+            "DOT_FP32": dot_fp32,
+            "INPUT_PRECISION": precision,
+            "TF32": tf32,
+            "X_ALIGN": vec_align(x_stride, x_col, c_in),
+            "Y_ALIGN": vec_align(y_stride, y_col, c_out),
+            "BLOCK_M": cfg.block_m,
+            "BLOCK_N": cfg.block_n,
+            "BLOCK_K": cfg.block_k,
+            "num_warps": cfg.num_warps,
+            "num_stages": cfg.num_stages,
+        },
+    )
+    merge = None
+    if stats is not None:
+        merge = merge_site(tiles, c_out, m, cfg.block_m, *stats)
+    return FwdSites(conv, merge, (tiles, 3, c_out))
 
 
 @on_tensor_device
@@ -174,56 +250,29 @@ def bn_relu_conv_fwd_(
 ) -> None:
     """The launcher behind ``bn_relu_conv_fwd`` (called directly in eager mode)."""
     taps, _, c_out = w_taps.shape
-    m = num_rows(x)
-    cfg = conv_fwd_config(m, c_in, c_out, y.dtype, y.device)
-    tiles = cdiv(m, cfg.block_m)
-    part = None
-    if stats is not None:
-        part = torch.empty((tiles, 3, c_out), dtype=acc_dtype(y.dtype), device=y.device)
-    drop = _NO_DROPOUT
-    if seeds is not None:
-        check_size(m, c_out)
-        drop = tuple(kernel_args(layer, drop_p).values())
-    dot_fp32, precision, tf32 = dot_config(y.dtype, y.device)
-    x_stride, y_stride = rows_stride(x, "x"), rows_stride(y, "y")
-    launch(
-        _bn_relu_conv_fwd_kernel,
-        (tiles, cdiv(c_out, cfg.block_n)),
-        x,
-        mean,
-        invstd,
-        gamma,
-        beta,
-        w_taps,
-        y,
-        part if part is not None else mean,
-        seeds if seeds is not None else mean,
-        x_stride,
+    sites = fwd_sites(
+        num_rows(x),
+        rows_stride(x, "x"),
         x_col,
-        y_stride,
+        rows_stride(y, "y"),
         y_col,
-        m,
-        height,
-        width,
         c_in,
         c_out,
-        *drop,
-        KS=3 if taps == 9 else 1,
-        DROPOUT=seeds is not None,
-        COMPUTE_STATS=stats is not None,
-        DOT_FP32=dot_fp32,
-        INPUT_PRECISION=precision,
-        TF32=tf32,
-        X_ALIGN=vec_align(x_stride, x_col, c_in),
-        Y_ALIGN=vec_align(y_stride, y_col, c_out),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        3 if taps == 9 else 1,
+        height,
+        width,
+        y.dtype,
+        y.device,
+        dot_config(y.dtype, y.device),
+        None if stats is None else (mean_off, var_off),
+        None if seeds is None else (layer, drop_p),
     )
-    if part is not None:
-        merge_partials(part, m, cfg.block_m, stats, mean_off=mean_off, var_off=var_off)
+    part = mean
+    if sites.merge is not None:
+        part = torch.empty(sites.part_shape, dtype=acc_dtype(y.dtype), device=y.device)
+    sites.conv(x, mean, invstd, gamma, beta, w_taps, y, part, seeds if seeds is not None else mean)
+    if sites.merge is not None:
+        sites.merge(part, stats)
 
 
 @torch.library.triton_op("dense_ext_triton::bn_relu_conv_fwd", mutates_args={"y", "stats"})

@@ -10,17 +10,19 @@ weight-sized, i.e. tiny).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton.language as tl
 
 from dense_ext.backends.triton._common import (
+    LaunchSite,
     acc_dtype,
     cdiv,
     channels_ok,
     dot,
     dot_config,
     kernel,
-    launch,
     load_bn_params,
     mma_operand,
     num_rows,
@@ -107,54 +109,77 @@ def _bn_relu_conv_wgrad_kernel(
     tl.store(out, acc, mask=c_ok[:, None] & n_ok[None, :])
 
 
+@functools.lru_cache(maxsize=4096)
+def wgrad_site(
+    m: int,
+    dy_stride: int,
+    dy_col: int,
+    x_stride: int,
+    x_col: int,
+    c_in: int,
+    c_out: int,
+    ks: int,
+    hw: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    dot: tuple[bool, str, bool],
+) -> tuple[LaunchSite, tuple[int, ...]]:
+    """The wgrad launch from integers and its partials shape ``[split, c_out, c_in, ks, ks]``;
+    ``dot`` is ``dot_config(dtype, device)``. Tensors: dy, x, mean, invstd, gamma, beta,
+    partials."""
+    taps = ks * ks
+    cfg = conv_wgrad_config(m, c_in, c_out, taps, dtype, device)
+    rows_per_split = cdiv(cdiv(m, cfg.split_m), cfg.block_m) * cfg.block_m
+    split = cdiv(m, rows_per_split)
+    dot_fp32, precision, tf32 = dot
+    site = LaunchSite(
+        _bn_relu_conv_wgrad_kernel,
+        (cdiv(c_in, cfg.block_k), cdiv(c_out, cfg.block_n), split * taps),
+        (dy_stride, dy_col, x_stride, x_col, m, *hw, c_in, c_out, rows_per_split),
+        {
+            "KS": ks,
+            "DOT_FP32": dot_fp32,
+            "INPUT_PRECISION": precision,
+            "TF32": tf32,
+            "DY_ALIGN": vec_align(dy_stride, dy_col, c_out),
+            "X_ALIGN": vec_align(x_stride, x_col, c_in),
+            "BLOCK_M": cfg.block_m,
+            "BLOCK_N": cfg.block_n,
+            "BLOCK_C": cfg.block_k,
+            "num_warps": cfg.num_warps,
+            "num_stages": cfg.num_stages,
+        },
+    )
+    return site, (split, c_out, c_in, ks, ks)
+
+
+def sum_splits(part: torch.Tensor) -> torch.Tensor:
+    """The weight gradient from the wgrad partials ``[split, ...]`` (summed in split order)."""
+    return part.sum(dim=0) if part.shape[0] > 1 else part[0]
+
+
 @on_tensor_device
 def bn_relu_conv_wgrad_(
     dy, x, mean, invstd, gamma, beta, *, dy_col, c_out, x_col, c_in, kernel_size, height, width
 ) -> torch.Tensor:
     """The launcher behind ``bn_relu_conv_wgrad`` (called directly in eager mode)."""
-    ks = kernel_size
-    taps = ks * ks
-    m = num_rows(x)
-    cfg = conv_wgrad_config(m, c_in, c_out, taps, x.dtype, x.device)
-    rows_per_split = cdiv(cdiv(m, cfg.split_m), cfg.block_m) * cfg.block_m
-    split = cdiv(m, rows_per_split)
-    part = torch.empty((split, c_out, c_in, ks, ks), dtype=acc_dtype(x.dtype), device=x.device)
-    dot_fp32, precision, tf32 = dot_config(x.dtype, x.device)
-    dy_stride, x_stride = rows_stride(dy, "dy"), rows_stride(x, "x")
-    grid = (cdiv(c_in, cfg.block_k), cdiv(c_out, cfg.block_n), split * taps)
-    launch(
-        _bn_relu_conv_wgrad_kernel,
-        grid,
-        dy,
-        x,
-        mean,
-        invstd,
-        gamma,
-        beta,
-        part,
-        dy_stride,
+    site, part_shape = wgrad_site(
+        num_rows(x),
+        rows_stride(dy, "dy"),
         dy_col,
-        x_stride,
+        rows_stride(x, "x"),
         x_col,
-        m,
-        height,
-        width,
         c_in,
         c_out,
-        rows_per_split,
-        KS=ks,
-        DOT_FP32=dot_fp32,
-        INPUT_PRECISION=precision,
-        TF32=tf32,
-        DY_ALIGN=vec_align(dy_stride, dy_col, c_out),
-        X_ALIGN=vec_align(x_stride, x_col, c_in),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_C=cfg.block_k,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        kernel_size,
+        (height, width),
+        x.dtype,
+        x.device,
+        dot_config(x.dtype, x.device),
     )
-    return part.sum(dim=0) if split > 1 else part[0]
+    part = torch.empty(part_shape, dtype=acc_dtype(x.dtype), device=x.device)
+    site(dy, x, mean, invstd, gamma, beta, part)
+    return sum_splits(part)
 
 
 @torch.library.triton_op("dense_ext_triton::bn_relu_conv_wgrad", mutates_args={})

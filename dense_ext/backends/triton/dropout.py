@@ -14,6 +14,7 @@ that inject it into a naive model.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,9 +24,9 @@ import triton
 import triton.language as tl
 
 from dense_ext.backends.triton._common import (
+    LaunchSite,
     cdiv,
     kernel,
-    launch,
     next_pow2,
     num_rows,
     on_tensor_device,
@@ -124,29 +125,28 @@ def check_size(rows: int, channels: int) -> None:
         )
 
 
+@functools.lru_cache(maxsize=4096)
+def dropout_site(m: int, g_stride: int, col: int, channels: int, layer: int, p: float, fp64: bool):
+    """The in-place backward mask launch from integers; tensors: the gradient, the seeds."""
+    check_size(m, channels)
+    block_c = next_pow2(max(channels, 1))
+    block_m = max(16, min(256, 4096 // block_c))
+    return LaunchSite(
+        _dropout_backward_kernel,
+        (cdiv(m, block_m),),
+        (g_stride, col, m, channels, *kernel_args(layer, p).values()),
+        {"ACC_FP64": fp64, "BLOCK_M": block_m, "BLOCK_C": block_c},
+    )
+
+
 @on_tensor_device
 def dropout_backward_(
     grad: torch.Tensor, seeds: torch.Tensor, *, col: int, channels: int, layer: int, p: float
 ) -> None:
     """The launcher behind ``dropout_backward`` (called directly in eager mode)."""
-    m = num_rows(grad)
-    check_size(m, channels)
-    block_c = next_pow2(max(channels, 1))
-    block_m = max(16, min(256, 4096 // block_c))
-    launch(
-        _dropout_backward_kernel,
-        (cdiv(m, block_m),),
-        grad,
-        seeds,
-        rows_stride(grad, "grad"),
-        col,
-        m,
-        channels,
-        *kernel_args(layer, p).values(),
-        ACC_FP64=grad.dtype == torch.float64,
-        BLOCK_M=block_m,
-        BLOCK_C=block_c,
-    )
+    fp64 = grad.dtype == torch.float64
+    site = dropout_site(num_rows(grad), rows_stride(grad, "grad"), col, channels, layer, p, fp64)
+    site(grad, seeds)
 
 
 @torch.library.triton_op("dense_ext_triton::dropout_backward", mutates_args={"grad"})

@@ -29,6 +29,7 @@ class MockDriver:
     device: int = 0
     launches: Counter = field(default_factory=Counter)
     last: dict = field(default_factory=dict)  # kernel name -> (grid, stream, arguments)
+    log: list | None = None  # when a list: every launch, as (kernel name, grid, arguments)
 
     def __post_init__(self) -> None:
         from types import SimpleNamespace
@@ -65,6 +66,8 @@ class MockDriver:
         def launch(grid_x, grid_y, grid_z, stream, function, packed, meta, enter, exit_, *args):
             driver.launches[name] += 1
             driver.last[name] = ((grid_x, grid_y, grid_z), stream, args)
+            if driver.log is not None:
+                driver.log.append((name, (grid_x, grid_y, grid_z), args))
 
         return launch
 

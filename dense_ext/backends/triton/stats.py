@@ -13,16 +13,18 @@ spread 0.1 in float32) costs no precision, unlike ``E[x^2] - E[x]^2``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from dense_ext.backends.triton._common import (
+    LaunchSite,
     acc_dtype,
     cdiv,
     channels_ok,
     kernel,
-    launch,
     next_pow2,
     num_rows,
     on_tensor_device,
@@ -126,33 +128,42 @@ def _tile_block(PART_ptr, t0, rc, c_ok, num_tiles, tile_rows, M, C, BLOCK_T: tl.
     return n_t, hi + lo, m2
 
 
-def merge_partials(
-    part: torch.Tensor,
-    m: int,
-    tile_rows: int,
-    out: torch.Tensor,
-    *,
-    mean_off: int,
-    var_off: int,
-) -> None:
-    """Merge ``part`` [tiles, 3, C] into ``out`` at element offsets mean_off, var_off."""
-    tiles, _, c = part.shape
+@functools.lru_cache(maxsize=4096)
+def merge_site(tiles: int, c: int, m: int, tile_rows: int, mean_off: int, var_off: int):
+    """The launch that merges partials ``[tiles, 3, c]`` (tiles of ``tile_rows`` of ``m`` rows)
+    into a statistics tensor at element offsets ``mean_off``, ``var_off``; tensors: the
+    partials, the statistics tensor."""
     block_c = 16 if c <= 16 else 32
     block_t = max(2, min(64, next_pow2(tiles)))
-    launch(
+    return LaunchSite(
         _merge_stats_kernel,
         (cdiv(c, block_c),),
-        part,
-        out,
-        mean_off,
-        var_off,
-        tiles,
-        tile_rows,
-        m,
-        c,
-        BLOCK_T=block_t,
-        BLOCK_C=block_c,
+        (mean_off, var_off, tiles, tile_rows, m, c),
+        {"BLOCK_T": block_t, "BLOCK_C": block_c},
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def stats_sites(
+    m: int, x_stride: int, x_col: int, channels: int, mean_off: int, var_off: int, device
+) -> tuple[LaunchSite, LaunchSite, tuple[int, int, int]]:
+    """``(tile statistics, merge, partials shape)`` of ``channel_stats_``; tensors: ``x`` and the
+    partials, then the partials and the output."""
+    cfg = stats_config(m, channels, device)
+    tiles = cdiv(m, cfg.block_m)
+    tile = LaunchSite(
+        _tile_stats_kernel,
+        (tiles, cdiv(channels, cfg.block_n)),
+        (x_stride, x_col, m, channels),
+        {
+            "X_ALIGN": vec_align(x_stride, x_col, channels),
+            "BLOCK_M": cfg.block_m,
+            "BLOCK_C": cfg.block_n,
+            "num_warps": cfg.num_warps,
+        },
+    )
+    merge = merge_site(tiles, channels, m, cfg.block_m, mean_off, var_off)
+    return tile, merge, (tiles, 3, channels)
 
 
 @on_tensor_device
@@ -162,25 +173,13 @@ def channel_stats_(
     """The launcher behind ``channel_stats`` (called directly in eager mode)."""
     if not out.is_contiguous():
         raise ValueError("dense_ext triton: statistics output must be contiguous")
-    m = num_rows(x)
-    cfg = stats_config(m, channels, x.device)
-    tiles = cdiv(m, cfg.block_m)
-    part = torch.empty((tiles, 3, channels), dtype=acc_dtype(x.dtype), device=x.device)
-    launch(
-        _tile_stats_kernel,
-        (tiles, cdiv(channels, cfg.block_n)),
-        x,
-        part,
-        rows_stride(x, "x"),
-        x_col,
-        m,
-        channels,
-        X_ALIGN=vec_align(rows_stride(x, "x"), x_col, channels),
-        BLOCK_M=cfg.block_m,
-        BLOCK_C=cfg.block_n,
-        num_warps=cfg.num_warps,
+    x_stride = rows_stride(x, "x")
+    tile, merge, part_shape = stats_sites(
+        num_rows(x), x_stride, x_col, channels, mean_off, var_off, x.device
     )
-    merge_partials(part, m, cfg.block_m, out, mean_off=mean_off, var_off=var_off)
+    part = torch.empty(part_shape, dtype=acc_dtype(x.dtype), device=x.device)
+    tile(x, part)
+    merge(part, out)
 
 
 @torch.library.triton_op("dense_ext_triton::channel_stats", mutates_args={"out"})
