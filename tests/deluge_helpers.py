@@ -101,12 +101,14 @@ def cat_slots(slots):
     return torch.cat(slots, 1)
 
 
-def compare_stage(naive, efficient, x, tol=TOLERANCE[torch.float64], seed=1, oracle=None):
+def compare_stage(
+    naive, efficient, x, tol=TOLERANCE[torch.float64], seed=1, oracle=None, miss=None
+):
     """One training step of a naive and an efficient stage: float64 to ``tol`` (CLDC bias
     gradients against their terms); lower precision by the tolerance rule against ``oracle``
     (tests/helpers.py)."""
     if x.dtype != torch.float64:
-        check_step(efficient, naive, x, oracle=oracle, seed=seed, as_output=cat_slots)
+        check_step(efficient, naive, x, oracle=oracle, seed=seed, as_output=cat_slots, miss=miss)
         return
     torch.manual_seed(seed)
     s, c = efficient.spec.num_slots, efficient.spec.channels

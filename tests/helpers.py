@@ -61,6 +61,7 @@ def assert_within_torch_error(
     what: str,
     *,
     precision: torch.dtype | None = None,
+    factor: float = 1.0,
 ) -> None:
     """The tolerance rule for every comparison below float64 (flash-attention's rule).
 
@@ -82,6 +83,7 @@ def assert_within_torch_error(
     precision). A result
     whose errors cancel (BN gradients summed over many terms, large means, TF32 operands)
     thus gets the room PyTorch itself needs and no more; no test sets its own epsilon.
+    ``factor`` multiplies the bound, for the secondary check of a ``KnownMiss`` only.
     """
     torch_results = [torch_lowp] if isinstance(torch_lowp, Tensor) else list(torch_lowp)
     for name, t in [("oracle", oracle)] + [("PyTorch's result", t) for t in torch_results]:
@@ -91,37 +93,66 @@ def assert_within_torch_error(
     err = rel_err(actual, oracle)
     torch_err = max(rel_err(t, oracle) for t in torch_results)
     assert torch_err != float("inf"), f"{what}: PyTorch's own result is not finite where ours is"
-    assert err <= 2 * torch_err + slack, (
-        f"{what}: error {err:.3e} > 2 x PyTorch's {torch_err:.3e} + {slack:.1e}"
+    bound = factor * (2 * torch_err + slack)
+    assert err <= bound, (
+        f"{what}: error {err:.3e} > {factor:g} x (2 x PyTorch's {torch_err:.3e} + {slack:.1e})"
     )
 
 
-# Known failures of the tolerance rule, kept visible: a test that hits one is marked
-# ``xfail(strict=True)`` through ``expect_rule_failure``, so it fails the run once it passes.
-CPP_FLOAT32_SUMS = (
-    "cpp on the CPU sums float32 BN statistics and gradients in float32 (AccType<float> in "
-    "csrc/common/math.cuh), PyTorch's CPU batch norm in double: BN running means and "
-    "weight/bias gradients exceed 2x PyTorch's error (docs/decisions.md, tolerance rule)"
+@dataclass(frozen=True)
+class KnownMiss:
+    """A case known to miss the tolerance rule, kept visible: ``expect_rule_failure`` marks the
+    test ``xfail(strict=True)`` (it fails the run once it passes, so the mark must go), and the
+    comparison still asserts, as a real failure that the xfail does not absorb, a secondary bound
+    that catches gross errors: every observable within ``factor`` times the rule's bound (NaN,
+    Inf, shapes and structure exactly), and with ``forward_within_rule`` the forward's
+    observables (output, buffers after forward) within the rule itself. ``reason`` names the
+    cause and the measured numbers."""
+
+    reason: str
+    factor: float = 10.0
+    forward_within_rule: bool = False
+
+
+# A batch norm over 2 values per channel (batch 2 of 1x1 images) in float32. A channel whose two
+# values nearly coincide amplifies every rounding before it: PyTorch's own error on a BN weight
+# gradient is 1.5e-4 there (1300 ulp), ours 3.8e-4 (bottleneck layers); and the block's
+# backward adds gamma * invstd * g to the input gradient before subtracting the batch-mean terms
+# (the folded two-phase BN backward), which over 2 values cancel it almost exactly, so those
+# roundings land on a gradient of 1: 2.0e-7 against PyTorch's 3.1e-8 + 1.2e-7 (plain layers).
+BN_OVER_TWO_VALUES = KnownMiss(
+    "float32 batch norm over 2 values per channel: rounding amplified by near-equal pairs "
+    "(BN weight gradient 3.8e-4 vs PyTorch's 1.5e-4) and by the folded BN backward's "
+    "cancellation (input gradient 2.0e-7 vs 2 x 3.1e-8 + 1.2e-7); docs/decisions.md"
 )
-RELU_FLIP = (
+# float16/bfloat16 training on the test's data: a ReLU input within rounding of zero lands on the
+# other side of zero than in float64, and that moves every gradient upstream of it by O(1) of
+# the gradient there, while the forward is unaffected (the output stays within the rule).
+RELU_FLIP = KnownMiss(
     "float16/bfloat16 training: a ReLU input within rounding of zero falls on the other side "
-    "of zero than in float64, which moves every gradient upstream by O(1); the rule has no "
-    "room for such flips (docs/decisions.md, tolerance rule)"
+    "of zero than in float64 (cpp float16: layer 2's norm2.bias gradient 0.22 vs PyTorch's "
+    "1e-3, 81x the rule's bound; triton float16 plain layers: input gradient 1.2e-2 vs 6.0e-4, "
+    "5.5x); the forward stays within the rule (docs/decisions.md, tolerance rule)",
+    factor=100.0,
+    forward_within_rule=True,
+)
+TRITON_DELUGE_FLOAT32 = KnownMiss(
+    "the triton DelugeNet stage in float32 sums BN gradients in float32, as on the GPU: "
+    "layer2.norm2.weight's gradient 1.58e-6 vs 2 x PyTorch's 5.14e-7 + 1.2e-7 (1.4x the "
+    "bound); docs/decisions.md, tolerance rule"
 )
 
-DELUGE_FLOAT32 = (
-    "DelugeNet stages in float32 (every backend): the reference stage misses one BN weight "
-    "gradient by 5x PyTorch's error, the cpp stage most BN bias and convolution weight "
-    "gradients by 3-4x; not investigated (docs/decisions.md, tolerance rule)"
-)
 
-
-def expect_rule_failure(request: pytest.FixtureRequest, when: bool, reason: str) -> None:
+def expect_rule_failure(
+    request: pytest.FixtureRequest, when: bool, miss: KnownMiss
+) -> KnownMiss | None:
     """Mark the running test an expected failure of the tolerance rule when ``when`` holds:
-    strict, so that it fails once the cause is fixed and the mark must go."""
-    if when:
-        mark = pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
-        request.applymarker(mark)
+    strict, so that it fails once the cause is fixed and the mark must go. Returns ``miss``
+    (pass it on to the comparison, which asserts its secondary bound) or None."""
+    if not when:
+        return None
+    request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=miss.reason))
+    return miss
 
 
 def cpu_backend_or_skip(name: str) -> str:
@@ -302,22 +333,40 @@ def assert_step_within_torch_error(
     what: str = "",
     *,
     precision: torch.dtype | None = None,
+    miss: KnownMiss | None = None,
 ) -> None:
     """``assert_within_torch_error`` on every observable of a lower-precision step: ``actual``
     and ``torch_lowp`` (PyTorch's step, or several: ``torch_steps``) at the tested
     ``precision``, ``oracle`` the float64 step from the same (rounded) input and output
-    gradient."""
+    gradient. With ``miss`` (a case that ``expect_rule_failure`` marked), its secondary bound is
+    asserted first, as a real failure (``pytest.fail``), then the rule (the expected failure)."""
     prefix = f"{what}: " if what else ""
     torch_lowp = [torch_lowp] if isinstance(torch_lowp, Step) else list(torch_lowp)
-    _same_structure(actual, oracle, prefix)
-    for step in torch_lowp:
-        _same_structure(step, oracle, prefix)
-    ours, torchs = observables(actual), [observables(step) for step in torch_lowp]
-    for name, exact in observables(oracle).items():
-        if exact.is_floating_point():
-            theirs = [seen[name] for seen in torchs]
-            what_ = f"{prefix}{name}"
-            assert_within_torch_error(ours[name], theirs, exact, what_, precision=precision)
+
+    def check(factor_of: Callable[[str], float]) -> None:
+        _same_structure(actual, oracle, prefix)
+        for step in torch_lowp:
+            _same_structure(step, oracle, prefix)
+        ours, torchs = observables(actual), [observables(step) for step in torch_lowp]
+        for name, exact in observables(oracle).items():
+            if exact.is_floating_point():
+                theirs = [seen[name] for seen in torchs]
+                assert_within_torch_error(
+                    ours[name], theirs, exact, f"{prefix}{name}", precision=precision,
+                    factor=factor_of(name),
+                )  # fmt: skip
+
+    if miss is not None:
+
+        def secondary(name: str) -> float:
+            forward = name == "output" or name.endswith(" after forward")
+            return 1.0 if forward and miss.forward_within_rule else miss.factor
+
+        try:
+            check(secondary)
+        except AssertionError as error:
+            pytest.fail(f"known rule miss beyond its secondary bound: {error}", pytrace=False)
+    check(lambda name: 1.0)
 
 
 def check_step(
@@ -330,6 +379,7 @@ def check_step(
     seed: int = 0,
     what: str = "",
     as_output: Callable[[object], Tensor] = lambda out: out,
+    miss: KnownMiss | None = None,
 ) -> Step:
     """One training step of ``module`` against ``naive`` (loaded with the same state), each
     keeping its own running statistics for the next step.
@@ -337,8 +387,8 @@ def check_step(
     float64 ``x``: ``assert_same_step`` at ``TOLERANCE``. Lower precision: ``oracle`` (a
     ``float64_oracle(naive)`` made with the pair) steps on ``x`` in float64 too, and every
     observable follows ``assert_within_torch_error`` with ``naive``'s steps (``torch_steps``)
-    as PyTorch's own result. ``as_output`` applies to what ``naive`` returns. Returns
-    ``module``'s step.
+    as PyTorch's own result. ``as_output`` applies to what ``naive`` returns; ``miss`` goes to
+    ``assert_step_within_torch_error``. Returns ``module``'s step.
     """
     if x.dtype == torch.float64:
         expected = train_step(naive, x, grad, seed, as_output=as_output)
@@ -351,7 +401,7 @@ def check_step(
     assert grad_output is not None
     actual = train_step(module, x, grad_output, seed)
     exact = train_step(oracle, x.double(), grad_output.double(), seed, as_output=as_output)
-    assert_step_within_torch_error(actual, theirs, exact, what)
+    assert_step_within_torch_error(actual, theirs, exact, what, miss=miss)
     return actual
 
 

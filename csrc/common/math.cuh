@@ -61,6 +61,16 @@ DENSE_EXT_HOST_DEVICE void welford_add(acc& mean, acc& m2, acc x, acc inv_n) {
   m2 += delta * (x - mean);
 }
 
+// Chan et al. with the counts given: (mean, m2) of n_a > 0 values absorbs (mean_b, m2_b) of n_b
+// values, frac = n_b / (n_a + n_b). For merges whose counts are the same for every channel.
+template <typename acc>
+DENSE_EXT_HOST_DEVICE void chan_merge_counts(acc& mean, acc& m2, acc mean_b, acc m2_b, acc n_a,
+                                             acc frac) {
+  acc delta = mean_b - mean;
+  mean += delta * frac;
+  m2 += m2_b + delta * delta * n_a * frac;
+}
+
 // Chan et al.: merge statistics b into a.
 template <typename acc>
 DENSE_EXT_HOST_DEVICE void chan_merge(MeanM2<acc>& a, const MeanM2<acc>& b) {
@@ -70,10 +80,7 @@ DENSE_EXT_HOST_DEVICE void chan_merge(MeanM2<acc>& a, const MeanM2<acc>& b) {
     return;
   }
   acc n = a.n + b.n;
-  acc delta = b.mean - a.mean;
-  acc frac = b.n / n;
-  a.mean += delta * frac;
-  a.m2 += b.m2 + delta * delta * a.n * frac;
+  chan_merge_counts(a.mean, a.m2, b.mean, b.m2, a.n, b.n / n);
   a.n = n;
 }
 

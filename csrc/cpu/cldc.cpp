@@ -30,6 +30,13 @@ namespace {
 // Rows per reduction tile: partial sums are per tile and merged in tile order (deterministic).
 constexpr int64_t kTileRows = 128;
 
+// Rows per short tile: grad_rows sums kSubRows rows in acc_t at full vector width, then the short
+// tile's partials move into the tile's partials in sum_t = double, which are merged in double and
+// rounded once to the tables' type, as the dense block's BN sums ("Accumulation precision" in
+// cpu/kernels.cpp).
+constexpr int64_t kSubRows = 16;
+using sum_t = double;
+
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
 
 // The [k, C] tables and shape of one CLDC, as raw pointers for the row kernels.
@@ -107,6 +114,12 @@ CLDC_CPU_CLONES void grad_rows(const scalar_t* g, int64_t ldg, const scalar_t* x
   }
 }
 
+// wide[j] += narrow[j], narrow[j] = 0: a short tile's partial sums moved into the wide sums.
+template <typename acc>
+CLDC_CPU_CLONES void widen_add(acc* narrow, sum_t* wide, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) wide[j] += static_cast<sum_t>(narrow[j]), narrow[j] = acc(0);
+}
+
 // grad_i += alpha_i * g - beta_i - gamma_i * (x_i - mean_i); g null: the correction alone.
 template <typename scalar_t, typename acc>
 CLDC_CPU_CLONES void apply_rows(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t ldx,
@@ -148,19 +161,23 @@ void grad_pass(const scalar_t* g, int64_t ldg, const scalar_t* x, int64_t ldx, s
                scalar_t* next_out, int64_t ld_next, acc* sums) {
   const int64_t width = (t.k + 1) * t.c;
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
-  std::vector<acc> part(tiles * width, acc(0));
+  std::vector<sum_t> part(tiles * width, sum_t(0));
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc> gv(t.c), y(t.c);
+    std::vector<acc> gv(t.c), y(t.c), sub(width, acc(0));
     for (int64_t tile = t0; tile < t1; ++tile) {
       const int64_t r0 = tile * kTileRows, r1 = std::min(rows, r0 + kTileRows);
-      grad_rows(g, ldg, x, ldx, grad, ldd, r0, r1, t, alpha, next, next_out, ld_next,
-                part.data() + tile * width, gv.data(), y.data());
+      for (int64_t s0 = r0; s0 < r1; s0 += kSubRows) {
+        const int64_t s1 = std::min(r1, s0 + kSubRows);
+        grad_rows(g, ldg, x, ldx, grad, ldd, s0, s1, t, alpha, next, next_out, ld_next, sub.data(),
+                  gv.data(), y.data());
+        widen_add(sub.data(), part.data() + tile * width, width);
+      }
     }
   });
   for (int64_t j = 0; j < width; ++j) {
-    acc total = 0;
+    sum_t total = 0;
     for (int64_t tile = 0; tile < tiles; ++tile) total += part[tile * width + j];
-    sums[j] = total;
+    sums[j] = static_cast<acc>(total);
   }
 }
 

@@ -165,6 +165,23 @@ void with_isa(Fn&& fn) {
 // independent of the thread count.
 constexpr int64_t kTileRows = 256;
 
+// Accumulation precision. The reductions over rows (channel statistics, the BN backward sums of
+// g and g * (x - mean)) run their vector loops in acc_t (float for float32 buffers, at full
+// vector width) over short tiles of kSubRows rows, and move each short tile's partials into the
+// tile's partials in sum_t = double (a Chan merge for the statistics, an addition for the sums);
+// tiles merge in double, and the per-channel constants derived from the results (mean, variance,
+// invstd, gamma * invstd, the means of the sums) are computed in double and rounded once to the
+// acc_t of the tables the ops exchange. Summing whole 256-row tiles in float left the BN
+// statistics and parameter gradients up to 3-7x further from the exact result than PyTorch's CPU
+// batch norm, which sums in double (the tolerance rule, docs/decisions.md); summing every
+// element in double made the loops mix widths and bn_relu_backward ran 10x slower. 16 rows: the
+// op-level errors are about half PyTorch's (medians over random cases, docs/decisions.md), and a
+// DenseNet-BC-100 training step takes the same time (bench/cpu_reductions.py). The elementwise
+// work (pre-activation, ReLU mask, dx) stays in acc_t, so the masks are the forward's. The CUDA
+// kernels keep float sums (docs/design.md).
+constexpr int64_t kSubRows = 16;
+using sum_t = double;
+
 int64_t num_tiles(int64_t rows) { return (rows + kTileRows - 1) / kTileRows; }
 
 // Rows per parallel_for grain of the elementwise passes: about 32K elements.
@@ -183,28 +200,35 @@ void channel_stats_impl(const at::Tensor& x, const RowsView& v, const at::Tensor
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const int64_t C = v.cols, ld = v.ld, M = v.rows;
   const int64_t tiles = num_tiles(M);
-  std::vector<acc> mean(tiles * C), m2(tiles * C), shift(C);
+  std::vector<sum_t> mean(tiles * C), m2(tiles * C);
   // Welford runs on x - shift, shift = the channel's first value ("Shifted statistics" in
   // common/math.cuh).
+  std::vector<acc> shift(C);
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc>(xp[c]);
   with_isa<scalar_t>([&](auto isa) {
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<acc> sub_mean(C), sub_m2(C);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * kTileRows, r1 = std::min(M, r0 + kTileRows);
-        welford_rows(isa, xp, ld, r0, r1, C, shift.data(), mean.data() + t * C, m2.data() + t * C);
+        for (int64_t s0 = r0; s0 < r1; s0 += kSubRows) {
+          const int64_t s1 = std::min(r1, s0 + kSubRows);
+          welford_rows(isa, xp, ld, s0, s1, C, shift.data(), sub_mean.data(), sub_m2.data());
+          chan_merge_rows(isa, s0 - r0, s1 - s0, sub_mean.data(), sub_m2.data(),
+                          mean.data() + t * C, m2.data() + t * C, C);
+        }
       }
     });
   });
   acc* sp = stats.data_ptr<acc>();
   const int64_t s1 = stats.stride(0);
   for (int64_t c = 0; c < C; ++c) {
-    MeanM2<acc> total = meanm2_empty<acc>();
+    MeanM2<sum_t> total = meanm2_empty<sum_t>();
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n = std::min(M, (t + 1) * kTileRows) - t * kTileRows;
-      chan_merge(total, MeanM2<acc>{acc(n), mean[t * C + c], m2[t * C + c]});
+      chan_merge(total, MeanM2<sum_t>{sum_t(n), mean[t * C + c], m2[t * C + c]});
     }
-    sp[lo + c] = shift[c] + total.mean;
-    sp[s1 + lo + c] = meanm2_var(total);
+    sp[lo + c] = static_cast<acc>(static_cast<sum_t>(shift[c]) + total.mean);
+    sp[s1 + lo + c] = static_cast<acc>(meanm2_var(total));
   }
 }
 
@@ -216,21 +240,23 @@ void channel_stats_cpu(const at::Tensor& x, const at::Tensor& stats, int64_t lo)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-channel constants of a BN: mean, scale = gamma * invstd, beta, invstd; computed once per
-// call, not per element.
+// Per-channel constants of a BN: mean, scale = gamma * invstd, beta; computed once per call, not
+// per element, in double and rounded once to acc (the elementwise loops' type); invstd also in
+// sum_t for the reductions.
 template <typename acc>
 struct BnConsts {
-  std::vector<acc> mean, scale, beta, invstd;
+  std::vector<acc> mean, scale, beta;
+  std::vector<sum_t> invstd_s;
   BnConsts(const at::Tensor& m, const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& b,
            double eps) {
     const int64_t C = m.numel();
-    mean.resize(C), scale.resize(C), beta.resize(C), invstd.resize(C);
+    mean.resize(C), scale.resize(C), beta.resize(C), invstd_s.resize(C);
     const acc *mp = m.const_data_ptr<acc>(), *vp = var.const_data_ptr<acc>();
     const acc *gp = gamma.const_data_ptr<acc>(), *bp = b.const_data_ptr<acc>();
     for (int64_t c = 0; c < C; ++c) {
       mean[c] = mp[c];
-      invstd[c] = bn_invstd(vp[c], eps);
-      scale[c] = gp[c] * invstd[c];
+      invstd_s[c] = bn_invstd(static_cast<sum_t>(vp[c]), eps);
+      scale[c] = static_cast<acc>(static_cast<sum_t>(gp[c]) * invstd_s[c]);
       beta[c] = bp[c];
     }
   }
@@ -266,36 +292,43 @@ void bn_relu_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& 
 
 // ---------------------------------------------------------------------------------------------
 // BN backward. The reduce phase sums g = relu_grad(grad_z) and g * xhat per channel over all
-// rows (per-tile partials merged in tile order); with kAddScaledGrad it also adds scale * g to
-// grad_x on the way (bn_relu_backward_reduce: the fixed-statistics part of dx, before the sums
-// are complete). The apply phase adds the batch-mean terms once the sums are known.
+// rows, in sum_t (per-tile partials merged in tile order); with kAddScaledGrad it also adds
+// scale * g to grad_x on the way (bn_relu_backward_reduce: the fixed-statistics part of dx,
+// before the sums are complete). The apply phase adds the batch-mean terms once the sums are
+// known.
 
 template <typename scalar_t, bool kAddScaledGrad>
 void bn_backward_reduce(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& grad_x,
-                        const BnBackwardViews& v, const BnConsts<acc_t<scalar_t>>& k,
-                        acc_t<scalar_t>* sum_g, acc_t<scalar_t>* sum_gxhat) {
+                        const BnBackwardViews& v, const BnConsts<acc_t<scalar_t>>& k, sum_t* sum_g,
+                        sum_t* sum_gxhat) {
   using acc = acc_t<scalar_t>;
   const scalar_t* gp = grad_z.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* dp = kAddScaledGrad ? grad_x.data_ptr<scalar_t>() : nullptr;
   const int64_t C = v.x.cols, M = v.x.rows;
   const int64_t tiles = num_tiles(M);
-  std::vector<acc> sg(tiles * C, acc(0)), sgx(tiles * C, acc(0));
+  std::vector<sum_t> sg(tiles * C, sum_t(0)), sgx(tiles * C, sum_t(0));
   with_isa<scalar_t>([&](auto isa) {
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<acc> sub_g(C, acc(0)), sub_gx(C, acc(0));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * kTileRows, r1 = std::min(M, r0 + kTileRows);
-        bn_grad_sums_rows<kAddScaledGrad>(isa, gp, v.grad_z.ld, xp, v.x.ld, dp, v.grad_x.ld, r0, r1,
-                                          C, k.mean.data(), k.scale.data(), k.beta.data(),
-                                          k.invstd.data(), sg.data() + t * C, sgx.data() + t * C);
+        for (int64_t s0 = r0; s0 < r1; s0 += kSubRows) {
+          const int64_t s1 = std::min(r1, s0 + kSubRows);
+          bn_grad_sums_rows<kAddScaledGrad>(isa, gp, v.grad_z.ld, xp, v.x.ld, dp, v.grad_x.ld, s0,
+                                            s1, C, k.mean.data(), k.scale.data(), k.beta.data(),
+                                            sub_g.data(), sub_gx.data());
+          widen_add_rows(isa, sub_g.data(), sg.data() + t * C, C);
+          widen_add_rows(isa, sub_gx.data(), sgx.data() + t * C, C);
+        }
       }
     });
   });
   for (int64_t c = 0; c < C; ++c) {
-    acc a = 0, b = 0;
+    sum_t a = 0, b = 0;
     for (int64_t t = 0; t < tiles; ++t) a += sg[t * C + c], b += sgx[t * C + c];
     sum_g[c] = a;
-    sum_gxhat[c] = b;
+    sum_gxhat[c] = b * k.invstd_s[c];  // sum of g * (x - mean), times invstd
   }
 }
 
@@ -303,16 +336,16 @@ void bn_backward_reduce(const at::Tensor& grad_z, const at::Tensor& x, const at:
 template <typename scalar_t, bool kBatchStats, bool kAccumulate>
 void bn_backward_input(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& grad_x,
                        const BnBackwardViews& v, const BnConsts<acc_t<scalar_t>>& k,
-                       const acc_t<scalar_t>* mean_g, const acc_t<scalar_t>* mean_gxhat) {
+                       const acc_t<scalar_t>* mean_g, const acc_t<scalar_t>* coef_xc) {
   const scalar_t* gp = grad_z.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* dp = grad_x.data_ptr<scalar_t>();
   const int64_t C = v.x.cols;
   with_isa<scalar_t>([&](auto isa) {
     at::parallel_for(0, v.x.rows, row_grain(C), [&](int64_t r0, int64_t r1) {
-      bn_grad_input_rows<kBatchStats, kAccumulate>(
-          isa, gp, v.grad_z.ld, xp, v.x.ld, dp, v.grad_x.ld, r0, r1, C, k.mean.data(),
-          k.scale.data(), k.beta.data(), k.invstd.data(), mean_g, mean_gxhat);
+      bn_grad_input_rows<kBatchStats, kAccumulate>(isa, gp, v.grad_z.ld, xp, v.x.ld, dp,
+                                                   v.grad_x.ld, r0, r1, C, k.mean.data(),
+                                                   k.scale.data(), k.beta.data(), mean_g, coef_xc);
     });
   });
 }
@@ -336,14 +369,20 @@ void bn_relu_backward_cpu(const at::Tensor& grad_z, const at::Tensor& x, const a
   DENSE_EXT_DISPATCH(x.scalar_type(), "bn_relu_backward", [&] {
     using acc = acc_t<scalar_t>;
     BnConsts<acc> k(mean, var, gamma, beta, eps);
+    const int64_t C = v.x.cols;
+    std::vector<sum_t> sum_g(C), sum_gxhat(C);
+    bn_backward_reduce<scalar_t, false>(grad_z, x, grad_x, v, k, sum_g.data(), sum_gxhat.data());
     acc* dbeta = grad_beta.data_ptr<acc>();
     acc* dgamma = grad_gamma.data_ptr<acc>();
-    bn_backward_reduce<scalar_t, false>(grad_z, x, grad_x, v, k, dbeta, dgamma);
-    const int64_t C = v.x.cols;
-    const acc m = acc(v.x.rows);
-    std::vector<acc> mean_g(C), mean_gxhat(C);
-    for (int64_t c = 0; c < C; ++c) mean_g[c] = dbeta[c] / m, mean_gxhat[c] = dgamma[c] / m;
-    const acc *mg = mean_g.data(), *mgx = mean_gxhat.data();
+    const sum_t m = sum_t(v.x.rows);
+    std::vector<acc> mean_g(C), coef_xc(C);  // coef_xc: bn_grad_input_rows in cpu/rows.h
+    for (int64_t c = 0; c < C; ++c) {
+      dbeta[c] = static_cast<acc>(sum_g[c]);
+      dgamma[c] = static_cast<acc>(sum_gxhat[c]);
+      mean_g[c] = static_cast<acc>(sum_g[c] / m);
+      coef_xc[c] = static_cast<acc>(sum_gxhat[c] / m * k.invstd_s[c]);
+    }
+    const acc *mg = mean_g.data(), *mgx = coef_xc.data();
     if (batch_stats && accumulate) {
       bn_backward_input<scalar_t, true, true>(grad_z, x, grad_x, v, k, mg, mgx);
     } else if (batch_stats) {
@@ -367,10 +406,13 @@ void bn_relu_backward_reduce_cpu(const at::Tensor& grad_z, const at::Tensor& x,
     using acc = acc_t<scalar_t>;
     BnConsts<acc> k(mean, var, gamma, beta, eps);
     const int64_t C = v.x.cols;
-    std::vector<acc> sum_g(C), sum_gxhat(C);
+    std::vector<sum_t> sum_g(C), sum_gxhat(C);
     bn_backward_reduce<scalar_t, true>(grad_z, x, grad_x, v, k, sum_g.data(), sum_gxhat.data());
     acc* sp = sums.data_ptr<acc>();
-    for (int64_t c = 0; c < C; ++c) sp[c] += sum_g[c], sp[C + c] += sum_gxhat[c];
+    for (int64_t c = 0; c < C; ++c) {
+      sp[c] = static_cast<acc>(static_cast<sum_t>(sp[c]) + sum_g[c]);
+      sp[C + c] = static_cast<acc>(static_cast<sum_t>(sp[C + c]) + sum_gxhat[c]);
+    }
   });
 }
 
@@ -385,14 +427,17 @@ void bn_relu_backward_apply_cpu(const at::Tensor& x, const at::Tensor& mean, con
     BnConsts<acc> k(mean, var, gamma, beta, eps);
     const int64_t C = v.x.cols;
     const acc* sp = sums.const_data_ptr<acc>();
-    std::vector<acc> mg(C), mgx(C);
-    for (int64_t c = 0; c < C; ++c) mg[c] = sp[c] / acc(count), mgx[c] = sp[C + c] / acc(count);
+    std::vector<acc> mg(C), coef_xc(C);  // coef_xc: bn_grad_input_rows in cpu/rows.h
+    for (int64_t c = 0; c < C; ++c) {
+      mg[c] = static_cast<acc>(static_cast<sum_t>(sp[c]) / sum_t(count));
+      coef_xc[c] = static_cast<acc>(static_cast<sum_t>(sp[C + c]) / sum_t(count) * k.invstd_s[c]);
+    }
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* dp = grad_x.data_ptr<scalar_t>();
     with_isa<scalar_t>([&](auto isa) {
       at::parallel_for(0, v.x.rows, row_grain(C), [&](int64_t r0, int64_t r1) {
         bn_grad_apply_rows(isa, xp, v.x.ld, dp, v.grad_x.ld, r0, r1, C, k.mean.data(),
-                           k.scale.data(), k.invstd.data(), mg.data(), mgx.data());
+                           k.scale.data(), mg.data(), coef_xc.data());
       });
     });
   });
@@ -410,10 +455,13 @@ void bn_grad_fold_cpu(const at::Tensor& var, const at::Tensor& gamma, double eps
     const acc* sp = sums.const_data_ptr<acc>();
     acc* c0 = coef.data_ptr<acc>();
     acc* c1 = c0 + coef.stride(0);
-    for (int64_t c = 0; c < C; ++c) {
-      const acc invstd = bn_invstd(vp[c], eps);
-      bn_grad_fold_add(c0[c], c1[c], gp[c] * invstd, invstd, sp[c] / acc(count),
-                       sp[C + c] / acc(count));
+    for (int64_t c = 0; c < C; ++c) {  // in sum_t, rounded once per coefficient
+      const sum_t invstd = bn_invstd(static_cast<sum_t>(vp[c]), eps);
+      sum_t coef0 = c0[c], coef1 = c1[c];
+      bn_grad_fold_add(coef0, coef1, static_cast<sum_t>(gp[c]) * invstd, invstd,
+                       static_cast<sum_t>(sp[c]) / sum_t(count),
+                       static_cast<sum_t>(sp[C + c]) / sum_t(count));
+      c0[c] = static_cast<acc>(coef0), c1[c] = static_cast<acc>(coef1);
     }
   });
 }

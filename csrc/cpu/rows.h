@@ -30,13 +30,15 @@ void bn_relu_rows(IsaTag, const T* x, int64_t ldx, T* out, int64_t ldo, int64_t 
   }
 }
 
-// Welford over the rows of one tile: (mean, m2) of x - shift per channel, starting from empty.
+// Welford over the rows [r0, r1) (r1 > r0) of one short tile: (mean, m2) of x - shift per channel,
+// starting from the first row's values; chan_merge_rows then merges them into the wide statistics.
 template <typename T, typename A>
 void welford_rows(IsaTag, const T* x, int64_t ld, int64_t r0, int64_t r1, int64_t C,
                   const A* __restrict shift, A* __restrict mean, A* __restrict m2) {
+  const T* __restrict x0 = x + r0 * ld;
   DENSE_EXT_IVDEP
-  for (int64_t c = 0; c < C; ++c) mean[c] = m2[c] = A(0);
-  for (int64_t r = r0; r < r1; ++r) {
+  for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<A>(x0[c]) - shift[c], m2[c] = A(0);
+  for (int64_t r = r0 + 1; r < r1; ++r) {
     const A inv_n = A(1) / A(r - r0 + 1);
     const T* __restrict xr = x + r * ld;
     DENSE_EXT_IVDEP
@@ -46,14 +48,40 @@ void welford_rows(IsaTag, const T* x, int64_t ld, int64_t r0, int64_t r1, int64_
   }
 }
 
-// The BN-ReLU backward sums of one tile, sum_g += g and sum_gxhat += g * xhat per channel
-// (g = relu_grad(grad_z, pre)); with kAddScaled also grad_x += scale * g on the way (the
-// fixed-statistics part of dx). grad_z and grad_x are different tensors.
+// Merges the statistics (mean_b, m2_b) of n_b rows into the wide (mean, m2) of the n_a rows before
+// them, per channel (Chan et al., common/math.cuh).
+template <typename A, typename S>
+void chan_merge_rows(IsaTag, int64_t n_a, int64_t n_b, const A* __restrict mean_b,
+                     const A* __restrict m2_b, S* __restrict mean, S* __restrict m2, int64_t C) {
+  if (n_a == 0) {
+    DENSE_EXT_IVDEP
+    for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<S>(mean_b[c]), m2[c] = m2_b[c];
+    return;
+  }
+  const S frac = S(n_b) / S(n_a + n_b), na = S(n_a);
+  DENSE_EXT_IVDEP
+  for (int64_t c = 0; c < C; ++c) {
+    chan_merge_counts(mean[c], m2[c], static_cast<S>(mean_b[c]), static_cast<S>(m2_b[c]), na, frac);
+  }
+}
+
+// wide[c] += narrow[c], narrow[c] = 0: a short tile's partial sums moved into the wide sums.
+template <typename A, typename S>
+void widen_add_rows(IsaTag, A* __restrict narrow, S* __restrict wide, int64_t C) {
+  DENSE_EXT_IVDEP
+  for (int64_t c = 0; c < C; ++c) wide[c] += static_cast<S>(narrow[c]), narrow[c] = A(0);
+}
+
+// The BN-ReLU backward sums of one short tile, sum_g += g and sum_gxc += g * (x - mean) per
+// channel (g = relu_grad(grad_z, pre)); the caller moves them into the wide sums
+// (widen_add_rows) and multiplies the sum of g * (x - mean) by invstd once. With kAddScaled also
+// grad_x += scale * g on the way (the fixed-statistics part of dx). grad_z and grad_x are
+// different tensors.
 template <bool kAddScaled, typename T, typename A>
 void bn_grad_sums_rows(IsaTag, const T* gz, int64_t ldg, const T* x, int64_t ldx, T* dx,
                        int64_t ldd, int64_t r0, int64_t r1, int64_t C, const A* __restrict mean,
-                       const A* __restrict scale, const A* __restrict beta,
-                       const A* __restrict invstd, A* __restrict sum_g, A* __restrict sum_gxhat) {
+                       const A* __restrict scale, const A* __restrict beta, A* __restrict sum_g,
+                       A* __restrict sum_gxc) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict xr = x + r * ldx;
     const T* __restrict gr = gz + r * ldg;
@@ -63,7 +91,7 @@ void bn_grad_sums_rows(IsaTag, const T* gz, int64_t ldg, const T* x, int64_t ldx
       const A xv = static_cast<A>(xr[c]);
       const A g = relu_grad(static_cast<A>(gr[c]), bn_pre(xv, mean[c], scale[c], beta[c]));
       sum_g[c] += g;
-      sum_gxhat[c] += g * ((xv - mean[c]) * invstd[c]);
+      sum_gxc[c] += g * (xv - mean[c]);
       if constexpr (kAddScaled) {
         const A d = bn_grad_input(g, A(0), scale[c], A(0), A(0), false);
         dr[c] = static_cast<T>(static_cast<A>(dr[c]) + d);
@@ -73,13 +101,15 @@ void bn_grad_sums_rows(IsaTag, const T* gz, int64_t ldg, const T* x, int64_t ldx
 }
 
 // dx of every element from the complete means of g and g*xhat: grad_x = dx, or grad_x += dx
-// (kAccumulate). grad_z may be grad_x itself (in place, without kAccumulate).
+// (kAccumulate). grad_z may be grad_x itself (in place, without kAccumulate). xhat * mean(g*xhat)
+// is evaluated as (x - mean) * coef_xc, coef_xc = invstd * mean(g*xhat) computed once per channel
+// in double: x - mean is exact for x near the mean, so the element carries two roundings fewer
+// than (x - mean) * invstd * mean(g*xhat), which matters where dx cancels (few rows per channel).
 template <bool kBatchStats, bool kAccumulate, typename T, typename A>
 void bn_grad_input_rows(IsaTag, const T* gz, int64_t ldg, const T* x, int64_t ldx, T* dx,
                         int64_t ldd, int64_t r0, int64_t r1, int64_t C, const A* __restrict mean,
                         const A* __restrict scale, const A* __restrict beta,
-                        const A* __restrict invstd, const A* __restrict mean_g,
-                        const A* __restrict mean_gxhat) {
+                        const A* __restrict mean_g, const A* __restrict coef_xc) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict xr = x + r * ldx;
     const T* gr = gz + r * ldg;
@@ -88,27 +118,26 @@ void bn_grad_input_rows(IsaTag, const T* gz, int64_t ldg, const T* x, int64_t ld
     for (int64_t c = 0; c < C; ++c) {
       const A xv = static_cast<A>(xr[c]);
       const A g = relu_grad(static_cast<A>(gr[c]), bn_pre(xv, mean[c], scale[c], beta[c]));
-      const A xhat = (xv - mean[c]) * invstd[c];
-      A d = bn_grad_input(g, xhat, scale[c], mean_g[c], mean_gxhat[c], kBatchStats);
+      A d = bn_grad_input(g, xv - mean[c], scale[c], mean_g[c], coef_xc[c], kBatchStats);
       if constexpr (kAccumulate) d += static_cast<A>(dr[c]);
       dr[c] = static_cast<T>(d);
     }
   }
 }
 
-// grad_x += bn_grad_batch_terms(...): the batch-mean terms of one BN, once its sums are complete.
+// grad_x += bn_grad_batch_terms(...): the batch-mean terms of one BN, once its sums are complete
+// (xhat * mean(g*xhat) as (x - mean) * coef_xc, as in bn_grad_input_rows).
 template <typename T, typename A>
 void bn_grad_apply_rows(IsaTag, const T* x, int64_t ldx, T* dx, int64_t ldd, int64_t r0, int64_t r1,
                         int64_t C, const A* __restrict mean, const A* __restrict scale,
-                        const A* __restrict invstd, const A* __restrict mean_g,
-                        const A* __restrict mean_gxhat) {
+                        const A* __restrict mean_g, const A* __restrict coef_xc) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict xr = x + r * ldx;
     T* __restrict dr = dx + r * ldd;
     DENSE_EXT_IVDEP
     for (int64_t c = 0; c < C; ++c) {
-      const A xhat = (static_cast<A>(xr[c]) - mean[c]) * invstd[c];
-      const A t = bn_grad_batch_terms(xhat, scale[c], mean_g[c], mean_gxhat[c]);
+      const A xc = static_cast<A>(xr[c]) - mean[c];
+      const A t = bn_grad_batch_terms(xc, scale[c], mean_g[c], coef_xc[c]);
       dr[c] = static_cast<T>(static_cast<A>(dr[c]) + t);
     }
   }
