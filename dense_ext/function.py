@@ -24,9 +24,10 @@ from dense_ext.grad_layout import grad_like_param
 
 NOT_TWICE_DIFFERENTIABLE = (
     "dense_ext blocks are not twice differentiable: a gradient computed with create_graph=True "
-    "through an EfficientDenseBlock, EfficientTransition or the fused head cannot be "
-    "differentiated again (double backward, gradient penalties, Hessian-vector products). "
-    "Use the naive model (efficient=False) for higher-order gradients."
+    "through an EfficientDenseBlock, EfficientTransition or the fused head (or an efficient "
+    "DelugeNet stage, CLDC, transition, head or entry) cannot be differentiated again (double "
+    "backward, gradient penalties, Hessian-vector products). Use the naive model "
+    "(efficient=False) for higher-order gradients."
 )
 
 

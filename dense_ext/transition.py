@@ -139,9 +139,11 @@ def _native_batch_norm(x: Tensor, weight, bias, call: NormCall):
         )
         return torch.empty_like(x), stats, stats.clone()
     batch_norm = torch.native_batch_norm
-    if torch.compiler.is_compiling() and x.device.type == "cpu":
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and call.batch_stats:
         # (Not for torch.export: its training IR differentiates the op, which, mutating the
-        # running statistics, can have no autograd formula.)
+        # running statistics, can have no autograd formula. Not in evaluation: the op declares
+        # the running statistics mutated, and inductor then wrote the weight gradient into
+        # running_mean's memory in backward (torch 2.14, CPU); evaluation needs no reduction.)
         if not torch.compiler.is_exporting():
             batch_norm = _opaque_batch_norm
     return batch_norm(

@@ -36,12 +36,13 @@ import math
 from collections import OrderedDict
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dense_ext.deluge.cldc_params import CLDCParameters
 
-class CrossLayerDepthwiseConv(nn.Module):
+
+class CrossLayerDepthwiseConv(CLDCParameters):
     """CLDC(C, S): a per-channel learned sum over ``S`` inputs, each batch-normalised on its own.
 
     Holds ``weight``, ``bias``, ``running_mean`` and ``running_var`` as ``[C, S]`` tensors
@@ -49,39 +50,6 @@ class CrossLayerDepthwiseConv(nn.Module):
     ``nn.BatchNorm2d`` modules (eps, momentum, ``momentum=None``, ``track_running_stats``, train
     and eval mode) whose outputs are summed. Init: ``weight = 1/S``, ``bias = 0``.
     """
-
-    def __init__(
-        self,
-        channels: int,
-        num_inputs: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        track_running_stats: bool = True,
-    ) -> None:
-        super().__init__()
-        if channels < 1 or num_inputs < 1:
-            raise ValueError(f"CLDC needs channels, num_inputs >= 1, got {channels}, {num_inputs}")
-        self.channels = channels
-        self.num_inputs = num_inputs
-        self.eps = eps
-        self.momentum = momentum
-        self.track_running_stats = track_running_stats
-        self.weight = nn.Parameter(torch.full((channels, num_inputs), 1.0 / num_inputs))
-        self.bias = nn.Parameter(torch.zeros(channels, num_inputs))
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(channels, num_inputs))
-            self.register_buffer("running_var", torch.ones(channels, num_inputs))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.channels}, num_inputs={self.num_inputs}, eps={self.eps}, "
-            f"momentum={self.momentum}, track_running_stats={self.track_running_stats}"
-        )
 
     def forward(self, inputs: list[Tensor]) -> Tensor:
         """``sum_i batch_norm_i(inputs[i])``; every input is [N, C, H, W]."""

@@ -375,7 +375,7 @@ def test_a_broken_extension_falls_back_to_reference(monkeypatch):
     import dense_ext.backends.cpp as cpp
 
     monkeypatch.setattr(cpp, "_LOAD_ERROR", "ImportError: simulated")
-    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends._REGISTRY, "_warned", set())
     monkeypatch.delenv("DENSE_EXT_BACKEND", raising=False)
     with pytest.warns(RuntimeWarning, match="simulated"):
         assert backends.resolve_backend_name("auto", "cpu") == "reference"
@@ -826,7 +826,7 @@ def test_auto_falls_back_when_the_gpu_cannot_run_the_build(monkeypatch):
     monkeypatch.setattr(cpp, "_PROBED", {})
     probes = []
     monkeypatch.setattr(cpp, "probe_launch", lambda device: probes.append(device))
-    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends._REGISTRY, "_warned", set())
     monkeypatch.delenv("DENSE_EXT_BACKEND", raising=False)
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))

@@ -222,3 +222,42 @@ def test_registry():
 def test_bad_configurations_raise(call):
     with pytest.raises(ValueError):
         call()
+
+
+def _double_backward_module(case: str, backend: str) -> tuple[nn.Module, tuple[int, ...]]:
+    from deluge_helpers import make_stage_pair
+
+    if case == "stage":
+        _, stage = make_stage_pair(4, 3, backend)
+        return stage, (2, 4, 5, 5)
+    model = delugenet_cifar(1, 0.25, efficient=True, backend=backend, memory="min").double()
+    return model, (2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("case", ["stage", "model"])
+@pytest.mark.parametrize("how", ["constant_v", "v_requires_grad", "penalty"])
+def test_double_backward_raises_one_clear_error(backend, case, how):
+    """As for dense blocks (tests/test_drop_in.py): second-order gradients through an efficient
+    DelugeNet raise NOT_TWICE_DIFFERENTIABLE in every form, never a silently wrong gradient
+    (the stage, CLDC, transition, head and entry Functions used ``once_differentiable``, which
+    drops the second-order term when the incoming gradient is a constant)."""
+    from helpers import cpu_backend_or_skip
+
+    cpu_backend_or_skip(backend)
+    torch.manual_seed(0)
+    module, shape = _double_backward_module(case, backend)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    out = module(x)
+    v = torch.randn_like(out)
+    with pytest.raises(RuntimeError, match="dense_ext blocks are not twice differentiable"):
+        if how == "constant_v":
+            (g,) = torch.autograd.grad(out, x, v, create_graph=True)
+            g.square().sum().backward()
+        elif how == "v_requires_grad":
+            (g,) = torch.autograd.grad((out * out).sum(), x, create_graph=True)
+            g.sum().backward()
+        else:  # a gradient penalty on the parameters
+            params = [p for p in module.parameters() if p.requires_grad]
+            grads = torch.autograd.grad((out * v).sum(), params, create_graph=True)
+            sum(g.square().sum() for g in grads).backward()

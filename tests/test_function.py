@@ -183,11 +183,11 @@ def test_explicit_unavailable_backend_raises_and_auto_falls_back(monkeypatch):
     import dense_ext.backends as backends
 
     monkeypatch.setattr(
-        backends,
+        backends._REGISTRY,
         "unavailable_reason",
         lambda name, device: None if name == "reference" else "not built in this test",
     )
-    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends._REGISTRY, "_warned", set())
     with pytest.raises(BackendUnavailableError, match="'cpp' is unavailable"):
         resolve_backend_name("cpp", "cpu")
     with pytest.warns(RuntimeWarning, match="falling back"):

@@ -23,7 +23,6 @@ from typing import cast
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dense_ext.deluge.backends.base import (
@@ -36,6 +35,7 @@ from dense_ext.deluge.backends.base import (
     stats_dtype,
 )
 from dense_ext.donation import donate, take_donated
+from dense_ext.function import first_order
 from dense_ext.grad_layout import grad_like_param
 from dense_ext.norm import norm_call as shared_norm_call
 
@@ -144,7 +144,7 @@ class DelugeStageFunction(torch.autograd.Function):
         return buf
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out: Tensor):
         # First statement: see dense_ext.donation. Compiled graphs never donate.
         refs = sys.getrefcount(grad_out) if not torch.compiler.is_compiling() else None
@@ -218,7 +218,7 @@ class CLDCFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_y: Tensor):
         buf, weight, mean, invstd = ctx.saved_tensors
         call: CLDCCall = ctx.call
@@ -231,7 +231,8 @@ class CLDCFunction(torch.autograd.Function):
                 grad_y, buf, mean, invstd, weight, call.norm.batch_stats, grad_buf
             )
         # grad_buf is fresh and never read here again: the stage below may accumulate into it.
-        grad_w, grad_b = (grad_like_param(g.to(weight.dtype), weight) for g in (grad_w, grad_b))
+        grad_w = grad_like_param(grad_w.to(weight.dtype), weight)
+        grad_b = grad_like_param(grad_b.to(weight.dtype), weight)
         return donate(grad_buf), None, grad_w, grad_b
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from dense_ext.block import DenseDtypeError, DenseInputError
 from dense_ext.deluge.backends import get_backend
 from dense_ext.deluge.backends.base import LayerNorms, StageCall
+from dense_ext.deluge.cldc_params import CLDCParameters
 from dense_ext.deluge.function import CLDCCall, CLDCFunction, DelugeStageFunction, norm_call
 from dense_ext.deluge.recompute import (
     PreActBottleneckFunction,
@@ -27,7 +28,7 @@ from dense_ext.deluge.spec import StageSpec
 from dense_ext.transition import norm_relu_pool
 
 
-class EfficientCLDC(nn.Module):
+class EfficientCLDC(CLDCParameters):
     """Cross-layer depthwise convolution CLDC(C, S) over a stage's slot buffer.
 
     Same parameters and buffers as the naive CLDC (``weight``, ``bias``, ``running_mean``,
@@ -45,33 +46,12 @@ class EfficientCLDC(nn.Module):
         track_running_stats: bool = True,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        if channels < 1 or num_inputs < 1:
-            raise ValueError(f"CLDC needs channels, num_inputs >= 1, got {channels}, {num_inputs}")
-        self.channels = channels
-        self.num_inputs = num_inputs
-        self.eps = eps
-        self.momentum = momentum
-        self.track_running_stats = track_running_stats
+        super().__init__(channels, num_inputs, eps, momentum, track_running_stats)
         self.backend = backend
         self.stats_sync = None  # see _refuse_sync
-        self.weight = nn.Parameter(torch.full((channels, num_inputs), 1.0 / num_inputs))
-        self.bias = nn.Parameter(torch.zeros(channels, num_inputs))
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(channels, num_inputs))
-            self.register_buffer("running_var", torch.ones(channels, num_inputs))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.channels}, num_inputs={self.num_inputs}, eps={self.eps}, "
-            f"momentum={self.momentum}, track_running_stats={self.track_running_stats}, "
-            f"backend={self.backend!r}"
-        )
+        return f"{super().extra_repr()}, backend={self.backend!r}"
 
     def forward(self, buf: Tensor) -> Tensor:
         """[N, S*C, H, W] slot buffer -> [N, C, H, W]."""

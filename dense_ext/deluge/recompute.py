@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from dense_ext.backends.reference import (
     bn_backward,
@@ -30,6 +29,7 @@ from dense_ext.backends.reference import (
 from dense_ext.deluge.backends.base import NormCall, StageBackend, cldc_normaliser, stats_dtype
 from dense_ext.deluge.function import update_running_stats
 from dense_ext.donation import donate
+from dense_ext.function import first_order
 from dense_ext.grad_layout import grad_like_param
 
 
@@ -99,7 +99,7 @@ class TransitionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out):
         buf, cldc_weight, cldc_bias, gamma, beta, conv_weight = ctx.saved_tensors
         cldc_mean, cldc_invstd, mean, invstd = ctx.stats
@@ -164,7 +164,7 @@ class PreActBottleneckFunction(torch.autograd.Function):
         return h
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out):
         x, *params = ctx.saved_tensors
         layers = [params[0:3], params[3:6], params[6:9]]
