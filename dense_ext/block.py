@@ -39,6 +39,27 @@ class DenseDtypeError(TypeError, RuntimeError):
     """An input whose dtype the block cannot take (integer, or not the parameters' dtype)."""
 
 
+def check_input(x: Tensor, channels: int, who: str, param: Tensor | None = None) -> None:
+    """The checks every efficient module makes of its input, with errors that name ``who``:
+    a Tensor, 4-D, ``channels`` channels, floating point, on the device of ``param`` (one of
+    the module's parameters, when given)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{who} expects a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise DenseInputError(f"{who} expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise DenseInputError(
+            f"{who} expects {channels} input channels, got {x.shape[1]} "
+            f"(input shape {tuple(x.shape)})"
+        )
+    if not x.is_floating_point():
+        raise DenseDtypeError(f"{who} expects a floating-point input, got {x.dtype}")
+    if param is not None and param.device != x.device:
+        raise RuntimeError(
+            f"{who}: input is on {x.device} but the parameters are on {param.device}"
+        )
+
+
 class EfficientDenseLayer(nn.Module):
     """Holds one dense layer's modules with torchvision's names; the block runs it.
 
@@ -221,27 +242,7 @@ class EfficientDenseBlock(nn.ModuleDict):
 
     def _check_input(self, x: Tensor) -> None:
         s = self.spec
-        if not isinstance(x, Tensor):
-            raise TypeError(f"EfficientDenseBlock expects a Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise DenseInputError(
-                f"EfficientDenseBlock expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != s.num_input_features:
-            raise DenseInputError(
-                f"EfficientDenseBlock expects {s.num_input_features} input channels, "
-                f"got {x.shape[1]} (input shape {tuple(x.shape)})"
-            )
-        if not x.is_floating_point():
-            raise DenseDtypeError(
-                f"EfficientDenseBlock expects a floating-point input, got {x.dtype}"
-            )
-        param = self.denselayer1.conv1.weight
-        if param.device != x.device:
-            raise RuntimeError(
-                f"EfficientDenseBlock: input is on {x.device} but the parameters are on "
-                f"{param.device}"
-            )
+        check_input(x, s.num_input_features, "EfficientDenseBlock", self.denselayer1.conv1.weight)
 
 
 def _autocast_enabled(device_type: str) -> bool:

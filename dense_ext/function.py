@@ -168,28 +168,45 @@ class DenseBlockFunction(torch.autograd.Function):
         params = rest[: ctx.num_params]
         stats1, stats2, *bottlenecks = rest[ctx.num_params :]
         state = ForwardState(stats1, stats2, list(bottlenecks), ctx.dropout)
-        grad_feat = take_donated(grad_out, refs, feat)
-        if grad_feat is None:
-            grad_feat = torch.empty_like(feat, memory_format=torch.channels_last)
-            grad_feat.copy_(grad_out)
+        grad_feat = writable_gradient(grad_out, refs, feat)
         del grad_out
         with autocast_off(feat.device.type):
             if feat.numel() == 0:
                 grads = [torch.zeros_like(p) for p in params]
             else:
                 grads = call.backend.backward(grad_feat, feat, state, params, call)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            c0 = call.spec.num_input_features
-            grad_x = grad_feat[:, :c0].clone(memory_format=ctx.x_format)
+        grad_x = input_gradient(ctx, grad_feat, call.spec.num_input_features)
         del grad_feat
-        # Backends return gradients in whatever layout their kernels write; autograd (and DDP's
-        # buckets) expect each parameter's own strides.
-        param_grads = [
-            grad_like_param(g, p) if need and g is not None else None
-            for g, p, need in zip(grads, params, ctx.needs_input_grad[2:])
-        ]
-        return (grad_x, None, *param_grads)
+        return (grad_x, None, *parameter_gradients(ctx, grads, params))
+
+
+def writable_gradient(grad_out: Tensor, refs: int | None, like: Tensor) -> Tensor:
+    """The buffer a backward accumulates its input gradients into: ``grad_out`` itself when its
+    producer donated it and nothing else holds it (``dense_ext.donation``; ``refs`` is its
+    reference count taken by the backward's first statement), else a channels_last copy."""
+    grad = take_donated(grad_out, refs, like)
+    if grad is None:
+        grad = torch.empty_like(like, memory_format=torch.channels_last)
+        grad.copy_(grad_out)
+    return grad
+
+
+def input_gradient(ctx, grad_buf: Tensor, channels: int) -> Tensor | None:
+    """The gradient of a Function's first input (the first ``channels`` channels of the
+    buffer), in the input's memory format (``ctx.x_format``); None when not needed."""
+    if not ctx.needs_input_grad[0]:
+        return None
+    return grad_buf[:, :channels].clone(memory_format=ctx.x_format)
+
+
+def parameter_gradients(ctx, grads, params) -> list[Tensor | None]:
+    """``grads`` for the parameters that need one (inputs 2.. of the Function), each laid out
+    like its parameter: backends return gradients in whatever layout their kernels write, and
+    autograd (and DDP's buckets) expect each parameter's own strides."""
+    return [
+        grad_like_param(g, p) if need and g is not None else None
+        for g, p, need in zip(grads, params, ctx.needs_input_grad[2:])
+    ]
 
 
 # Whether each device type has autocast at all (meta has not), filled at import for the usual

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from dense_ext.backends.base import LOCAL, StatsSync, stats_dtype
 from dense_ext.block import (
-    DenseDtypeError,
     DenseInputError,
+    check_input,
     module_norm_call,
     norm_channels,
     unfused_reason,
@@ -358,20 +358,6 @@ def _recompute_positive(x, weight, bias, mean, invstd) -> Tensor:
     return (z.add_(_channel(shift)) <= 0).logical_not_()
 
 
-def _check_input(x: Tensor, channels: int, who: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{who} expects a Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise DenseInputError(f"{who} expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
-    if x.shape[1] != channels:
-        raise DenseInputError(
-            f"{who} expects {channels} input channels, got {x.shape[1]} "
-            f"(input shape {tuple(x.shape)})"
-        )
-    if not x.is_floating_point():
-        raise DenseDtypeError(f"{who} expects a floating-point input, got {x.dtype}")
-
-
 def norm_relu_pool(
     x: Tensor, norm: nn.BatchNorm2d, pool: str = "avg2x2", sync: StatsSync | None = None
 ) -> Tensor:
@@ -397,7 +383,7 @@ def norm_relu_pool(
         if pool == "avg2x2":
             return F.avg_pool2d(out, kernel_size=2, stride=2)
         return torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
-    _check_input(x, norm_channels(norm), "norm_relu_pool")
+    check_input(x, norm_channels(norm), "norm_relu_pool")
     if pool == "avg2x2" and (x.shape[2] < 2 or x.shape[3] < 2):
         raise DenseInputError(f"a 2x2 pool needs H, W >= 2, got input shape {tuple(x.shape)}")
     if sync is None:
@@ -460,7 +446,7 @@ class EfficientTransition(nn.Module):
         ``torch.func``)."""
         if unfused_reason(self) is not None:
             return self.pool(self.conv(self.relu(self.norm(x))))
-        _check_input(x, norm_channels(self.norm), "EfficientTransition")
+        check_input(x, norm_channels(self.norm), "EfficientTransition")
         # The conv's weight gradient comes from ATen in the input's channels_last layout.
         ensure_grad_layout(self.conv.weight)
         return self.conv(norm_relu_pool(x, self.norm, "avg2x2", self.stats_sync))

@@ -70,9 +70,10 @@ class CrossLayerDepthwiseConv(CLDCParameters):
             # Contiguous columns: torch 2.14's CPU batch-norm backward misreads a strided weight
             # or running statistic when input and gradient are channels_last, and cuDNN updates
             # a contiguous copy of strided running statistics, dropping the update
-            # (pytorch/pytorch#33867). Updated columns are written back below.
-            mean = None if running_mean is None else running_mean[:, i].contiguous()
-            var = None if running_var is None else running_var[:, i].contiguous()
+            # (pytorch/pytorch#33867). Updated copies are written back below (a column that is
+            # contiguous already, S = 1, is the buffer itself, updated in place).
+            columns = [None if t is None else t[:, i] for t in (running_mean, running_var)]
+            mean, var = [None if t is None else t.contiguous() for t in columns]
             y = F.batch_norm(
                 h,
                 mean,
@@ -83,9 +84,9 @@ class CrossLayerDepthwiseConv(CLDCParameters):
                 factor,
                 self.eps,
             )
-            if batch_stats and running_mean is not None and running_var is not None:
-                running_mean[:, i].copy_(mean)
-                running_var[:, i].copy_(var)
+            for column, updated in zip(columns, (mean, var)):
+                if batch_stats and column is not None and updated is not column:
+                    column.copy_(updated)
             out = y if out is None else out + y
         return out
 

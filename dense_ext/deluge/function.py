@@ -34,8 +34,13 @@ from dense_ext.deluge.backends.base import (
     cldc_normaliser,
     stats_dtype,
 )
-from dense_ext.donation import donate, take_donated
-from dense_ext.function import first_order
+from dense_ext.donation import donate
+from dense_ext.function import (
+    first_order,
+    input_gradient,
+    parameter_gradients,
+    writable_gradient,
+)
 from dense_ext.grad_layout import grad_like_param
 from dense_ext.norm import norm_call as shared_norm_call
 
@@ -162,22 +167,13 @@ class DelugeStageFunction(torch.autograd.Function):
             return (grad_x, None, *[torch.zeros_like(p) for p in params])
         slot_stats, layer_stats, *kept = rest[ctx.num_params :]
         state = StageState(slot_stats, layer_stats, list(kept))
-        grad_buf = take_donated(grad_out, refs, buf)
-        if grad_buf is None:
-            grad_buf = torch.empty_like(buf, memory_format=torch.channels_last)
-            grad_buf.copy_(grad_out)
+        grad_buf = writable_gradient(grad_out, refs, buf)
         del grad_out
         with torch.autocast(device_type=buf.device.type, enabled=False):
             grads = call.backend.stage_backward(grad_buf, buf, state, params, call)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_buf[:, :c].clone(memory_format=ctx.x_format)
+        grad_x = input_gradient(ctx, grad_buf, c)
         del grad_buf
-        param_grads = [
-            grad_like_param(g, p) if need and g is not None else None
-            for g, p, need in zip(grads, params, ctx.needs_input_grad[2:])
-        ]
-        return (grad_x, None, *param_grads)
+        return (grad_x, None, *parameter_gradients(ctx, grads, params))
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from dense_ext.block import DenseDtypeError, DenseInputError
+from dense_ext.block import DenseDtypeError, DenseInputError, check_input
 from dense_ext.deluge.backends import get_backend
 from dense_ext.deluge.backends.base import LayerNorms, StageCall
 from dense_ext.deluge.cldc_params import CLDCParameters
@@ -283,21 +283,9 @@ def _norm_call(module: nn.Module | None):
 
 
 def _check_input(x: Tensor, channels: int, who: str, param: Tensor | None) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{who} expects a Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise DenseInputError(f"{who} expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
-    if x.shape[1] != channels:
-        raise DenseInputError(
-            f"{who} expects {channels} input channels, got {x.shape[1]} "
-            f"(input shape {tuple(x.shape)})"
-        )
-    if not x.is_floating_point():
-        raise DenseDtypeError(f"{who} expects a floating-point input, got {x.dtype}")
-    if param is not None and param.device != x.device:
-        raise RuntimeError(
-            f"{who}: input is on {x.device} but the parameters are on {param.device}"
-        )
+    """``dense_ext.block.check_input``, and a parameter dtype that matches the input's (or
+    autocast's)."""
+    check_input(x, channels, who, param)
     if param is not None and param.dtype != _compute_dtype(x):
         if not torch.is_autocast_enabled(x.device.type):
             raise DenseDtypeError(
