@@ -412,3 +412,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ask_for_second_order(module: nn.Module, x: Tensor, how: str) -> None:
+    """Differentiate ``module`` at ``x`` twice, in one of the ways people do (``how``):
+    ``constant_v`` (a constant ``grad_outputs`` with ``create_graph``), ``v_requires_grad``,
+    ``grad_wrt_inputs`` (``torch.autograd.grad`` of the gradient) or ``penalty`` (a gradient
+    penalty on the parameters). Callers expect NOT_TWICE_DIFFERENTIABLE."""
+    out = module(x)
+    v = torch.randn_like(out)
+    if how == "constant_v":
+        (g,) = torch.autograd.grad(out, x, v, create_graph=True)
+        g.square().sum().backward()
+    elif how == "v_requires_grad":
+        (g,) = torch.autograd.grad((out * out).sum(), x, create_graph=True)
+        g.sum().backward()
+    elif how == "grad_wrt_inputs":
+        (g,) = torch.autograd.grad(out, x, v, create_graph=True)
+        torch.autograd.grad(g.square().sum(), x)
+    else:  # a gradient penalty on the parameters
+        params = [p for p in module.parameters() if p.requires_grad]
+        grads = torch.autograd.grad((out * v).sum(), params, create_graph=True)
+        sum(g.square().sum() for g in grads).backward()

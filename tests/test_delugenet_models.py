@@ -242,22 +242,11 @@ def test_double_backward_raises_one_clear_error(backend, case, how):
     DelugeNet raise NOT_TWICE_DIFFERENTIABLE in every form, never a silently wrong gradient
     (the stage, CLDC, transition, head and entry Functions used ``once_differentiable``, which
     drops the second-order term when the incoming gradient is a constant)."""
-    from helpers import cpu_backend_or_skip
+    from helpers import ask_for_second_order, cpu_backend_or_skip
 
     cpu_backend_or_skip(backend)
     torch.manual_seed(0)
     module, shape = _double_backward_module(case, backend)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    out = module(x)
-    v = torch.randn_like(out)
     with pytest.raises(RuntimeError, match="dense_ext blocks are not twice differentiable"):
-        if how == "constant_v":
-            (g,) = torch.autograd.grad(out, x, v, create_graph=True)
-            g.square().sum().backward()
-        elif how == "v_requires_grad":
-            (g,) = torch.autograd.grad((out * out).sum(), x, create_graph=True)
-            g.sum().backward()
-        else:  # a gradient penalty on the parameters
-            params = [p for p in module.parameters() if p.requires_grad]
-            grads = torch.autograd.grad((out * v).sum(), params, create_graph=True)
-            sum(g.square().sum() for g in grads).backward()
+        ask_for_second_order(module, x, how)

@@ -22,7 +22,15 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.utils.checkpoint as checkpoint_utils
-from helpers import TOLERANCE, Step, assert_same_step, buffers, cpu_backend_or_skip, train_step
+from helpers import (
+    TOLERANCE,
+    Step,
+    ask_for_second_order,
+    assert_same_step,
+    buffers,
+    cpu_backend_or_skip,
+    train_step,
+)
 from naive import randomize_bn
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -561,22 +569,8 @@ def test_double_backward_raises_one_clear_error(backend, case, how):
     torch.manual_seed(0)
     module = build(backend).double()
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    out = module(x)
-    v = torch.randn_like(out)
     with pytest.raises(RuntimeError, match="dense_ext blocks are not twice differentiable"):
-        if how == "constant_v":
-            (g,) = torch.autograd.grad(out, x, v, create_graph=True)
-            g.square().sum().backward()
-        elif how == "v_requires_grad":
-            (g,) = torch.autograd.grad((out * out).sum(), x, create_graph=True)
-            g.sum().backward()
-        elif how == "grad_wrt_inputs":
-            (g,) = torch.autograd.grad(out, x, v, create_graph=True)
-            torch.autograd.grad(g.square().sum(), x)
-        else:  # a gradient penalty on the parameters
-            params = [p for p in module.parameters() if p.requires_grad]
-            grads = torch.autograd.grad((out * v).sum(), params, create_graph=True)
-            sum(g.square().sum() for g in grads).backward()
+        ask_for_second_order(module, x, how)
 
 
 def test_create_graph_alone_gives_first_order_gradients():
