@@ -63,6 +63,7 @@ class Settings:
     dtypes: list[str] = field(default_factory=lambda: ["fp32"])
     max_batch: bool = True
     compile: bool = True  # the torch.compile peers (naive and the best backend)
+    graphs: bool = False  # CUDA: the CUDA-graph rows (naive peers and every backend)
     scale_depth: int = 1000
     scale_batch: int = 64
     scale_fit_depths: list[int] = field(default_factory=lambda: [100, 250, 400])
@@ -101,6 +102,7 @@ class Settings:
                 deluge_steps=20,
                 deluge_sweep_batch=64,
                 dtypes=["fp32", "bf16"],
+                graphs=True,
             )
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(device=device, **base)
@@ -211,9 +213,12 @@ def _comparison_jobs(s: Settings, backends: list[str], best: str, suite: str) ->
     for dtype in s.dtypes:
         # Compiled rows in fp32 only: compiling costs minutes per row (GPU: bf16 eager only).
         compiled = s.compile and dtype == "fp32"
-        for v in variant_names(backends, compiled, best):
-            # The search resizes the batch, which would recompile a compiled model.
+        for v in variant_names(backends, compiled, best, s.graphs):
+            # The search resizes the batch, which would recompile a compiled model; a CUDA
+            # graph's replay allocates nothing (its memory is the eager row's).
+            graph = v.endswith("-graph")
             search = main and s.max_batch and dtype == "fp32" and not v.endswith("-compile")
+            search = search and not graph
             jobs.append(
                 Job(
                     suite=suite,
@@ -224,6 +229,7 @@ def _comparison_jobs(s: Settings, backends: list[str], best: str, suite: str) ->
                     device=s.device,
                     warmup=warmup,
                     steps=steps,
+                    memory=not graph,
                     max_batch_bytes=int(s.budget_gib * GIB) if search else None,
                 )
             )

@@ -17,7 +17,13 @@ SCHEMA = 2
 # The peers a user would pick instead of dense_ext: the ratio "vs best naive" divides by the
 # fastest of these measured beside a row (checkpointing trades time for memory: not a peer
 # for speed).
-SPEED_PEERS = ("naive", "naive-channels_last", "naive-compile")
+SPEED_PEERS = (
+    "naive",
+    "naive-channels_last",
+    "naive-compile",
+    "naive-graph",
+    "naive-channels_last-graph",
+)
 
 
 def _group_key(r: dict) -> tuple:
@@ -176,8 +182,11 @@ def render_markdown(doc: dict) -> str:
         "N*H*W*C_total*bytes (DelugeNets: every stage's slots, N*H*W*S*C*bytes). "
         "Max batch: largest batch whose measured activation memory fits "
         f"{s.get('budget_gib', 0):g} GiB. Ratios are to the naive model measured in the same "
-        'run; "vs best naive" to the fastest of naive, naive-channels_last and naive-compile. '
-        "Compile s: the first step's time beyond a steady-state step (compiled variants).",
+        'run; "vs best naive" to the fastest of the naive peers run (naive, channels_last, '
+        "compiled, and on CUDA each captured in a CUDA graph). Compile s: the first step's "
+        "time beyond a steady-state step (compiled variants). -graph rows: the whole step "
+        "replayed from a CUDA graph, timed only (a replay allocates nothing; memory as the "
+        "row without -graph).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",

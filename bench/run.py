@@ -316,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-max-batch", action="store_true", help="skip the max-batch search")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--no-graphs", action="store_true", help="CUDA: skip the CUDA-graph rows")
     p.add_argument("--bf16", action="store_true", help="CPU: add bf16 autocast rows")
     p.add_argument("--scale-depth", type=int, help="scale suite: the deep network (1000)")
     p.add_argument("--scale-batch", type=int, help="scale suite: its batch (64)")
@@ -375,6 +376,8 @@ def settings_from_args(args: argparse.Namespace, device: str) -> Settings:
         changes["max_batch"] = False
     if args.no_compile:
         changes["compile"] = False
+    if args.no_graphs:
+        changes["graphs"] = False
     if args.bf16 and "bf16" not in settings.dtypes:
         changes["dtypes"] = [*settings.dtypes, "bf16"]
     return dataclasses.replace(settings, **changes)

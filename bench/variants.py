@@ -12,9 +12,13 @@ A variant is a way to run the same DenseNet (or DelugeNet):
   step's compile time is reported apart from the steady-state step.
 * ``efficient-<backend>-<memory>``: ``EfficientDenseBlock`` with that backend and memory mode;
   ``efficient-<backend>-<memory>-compile`` the same model under ``torch.compile``.
+* ``...-graph`` (CUDA only): the whole training step (forward, backward, optimizer) captured
+  once in a CUDA graph after warm-up steps on a side stream, then replayed: what a user does
+  when a step is host-bound (PyTorch's "whole-network capture"). Timed only: a replay
+  allocates nothing, so its memory is the row without ``-graph``.
 
-The grammar: ``naive[-checkpoint][-channels_last][-compile]`` and
-``efficient-<backend>-<bottleneck|min>[-compile]``.
+The grammar: ``naive[-checkpoint][-channels_last][-compile][-graph]`` and
+``efficient-<backend>-<bottleneck|min>[-compile][-graph]``.
 
 The training step is the one a user runs: forward (optionally under bf16 autocast),
 cross-entropy loss, backward, SGD with Nesterov momentum 0.9 and weight decay 1e-4 (the
@@ -88,13 +92,14 @@ class Variant:
     checkpoint: bool = False  # naive only: torchvision's memory_efficient=True
     channels_last: bool = False  # naive only: model and input in channels_last
     compile: bool = False  # the model under torch.compile
+    graph: bool = False  # the step captured in a CUDA graph and replayed
 
 
 _NAIVE = re.compile(
-    r"naive(?P<checkpoint>-checkpoint)?(?P<cl>-channels_last)?(?P<compile>-compile)?"
+    r"naive(?P<checkpoint>-checkpoint)?(?P<cl>-channels_last)?(?P<compile>-compile)?(?P<graph>-graph)?"
 )
 _EFFICIENT = re.compile(
-    r"efficient-(?P<backend>\w+?)-(?P<memory>bottleneck|min)(?P<compile>-compile)?"
+    r"efficient-(?P<backend>\w+?)-(?P<memory>bottleneck|min)(?P<compile>-compile)?(?P<graph>-graph)?"
 )
 
 
@@ -108,6 +113,7 @@ def parse_variant(variant: str) -> Variant:
             checkpoint=bool(m["checkpoint"]),
             channels_last=bool(m["cl"]),
             compile=bool(m["compile"]),
+            graph=bool(m["graph"]),
         )
     m = _EFFICIENT.fullmatch(variant)
     if m:
@@ -117,16 +123,20 @@ def parse_variant(variant: str) -> Variant:
             backend=m["backend"],
             memory=m["memory"],
             compile=bool(m["compile"]),
+            graph=bool(m["graph"]),
         )
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def variant_names(backends: list[str], compiled: bool, compiled_backend: str | None) -> list[str]:
+def variant_names(
+    backends: list[str], compiled: bool, compiled_backend: str | None, graphs: bool = False
+) -> list[str]:
     """The variants of the main and imagenet suites, in table order.
 
     The naive peers a user would pick instead (eager contiguous, channels_last, torchvision's
     checkpointing and, with ``compiled``, ``torch.compile``), then every backend in both
     memory modes and, with ``compiled``, ``compiled_backend``'s two modes under torch.compile.
+    With ``graphs`` (CUDA), the naive peers and every backend's modes captured in CUDA graphs.
     """
     names = [BASELINE, "naive-channels_last", "naive-checkpoint"]
     if compiled:
@@ -134,6 +144,9 @@ def variant_names(backends: list[str], compiled: bool, compiled_backend: str | N
     names += [f"efficient-{b}-{m}" for b in backends for m in MEMORY_MODES]
     if compiled and compiled_backend is not None:
         names += [f"efficient-{compiled_backend}-{m}-compile" for m in MEMORY_MODES]
+    if graphs:
+        names += ["naive-graph", "naive-channels_last-graph"]
+        names += [f"efficient-{b}-{m}-graph" for b in backends for m in MEMORY_MODES]
     return names
 
 
@@ -188,6 +201,9 @@ class TrainStep:
         self.config = config
         self.device = device
         self.variant = parse_variant(variant)
+        if self.variant.graph and device.type != "cuda":
+            raise ValueError(f"{variant}: CUDA graphs need a CUDA device, not {device}")
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[dtype]
         model = build_model(config, variant).train()
         if next(model.parameters()).device != device:
@@ -213,6 +229,7 @@ class TrainStep:
         self.x = x
         self.y = torch.randint(0, self.config.num_classes, (batch,), generator=g).to(self.device)
         self.batch = batch
+        self.graph = None  # a captured step reads the old input's memory: capture again
 
     def _record(self, name: str):
         def hook(module, inputs, output):
@@ -226,10 +243,36 @@ class TrainStep:
         return sum(self.block_out_bytes.values())
 
     def __call__(self) -> None:
+        if not self.variant.graph:
+            self._step()
+            return
+        if self.graph is None:
+            self.graph = self._capture()
+        self.graph.replay()
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """Three eager steps on a side stream (cuDNN autotuning, Triton compiles, the
+        optimizer's momentum buffers: nothing may be created for the first time inside a
+        capture), then one step captured; its kernels run only when the graph replays."""
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        return graph
+
+    def _step(self) -> None:
+        # A captured autocast region must not cache casts (torch.cuda.graph's documentation).
         with torch.autocast(
             self.device.type,
             dtype=self.autocast_dtype or torch.float32,
             enabled=self.autocast_dtype is not None,
+            cache_enabled=not self.variant.graph,
         ):
             loss = F.cross_entropy(self.run(self.x), self.y)
         loss.backward()

@@ -18,7 +18,7 @@ from bench import jobs as bench_jobs
 from bench import report, run, scale
 from bench.estimate import LiveBytes, estimate_activation_bytes
 from bench.jobs import Job, Settings, plan
-from bench.variants import build_model, model_config, parse_variant
+from bench.variants import TrainStep, build_model, model_config, parse_variant
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -51,6 +51,25 @@ def test_gpu_plan_compiles_in_fp32_only():
         "efficient-triton-bottleneck-compile",
     }
     assert {j.dtype for j in jobs} == {"fp32", "bf16"}
+
+
+def test_gpu_plan_times_cuda_graphs_without_a_memory_pass():
+    """A replayed graph allocates nothing: its rows are timed only, never batch-searched."""
+    jobs = plan(Settings.for_device("cuda"), ["cpp", "triton"], ["main"])
+    graphs = {(j.variant, j.dtype): j for j in jobs if j.variant.endswith("-graph")}
+    assert ("naive-graph", "bf16") in graphs and ("efficient-triton-min-graph", "fp32") in graphs
+    assert ("efficient-cpp-bottleneck-graph", "fp32") in graphs
+    assert all(not j.memory and j.max_batch_bytes is None and j.steps for j in graphs.values())
+    assert not any(
+        j.variant.endswith("-graph") for j in plan(Settings.for_device("cpu"), ["cpp"], ["main"])
+    )
+    no_graphs = Settings.for_device("cuda", graphs=False)
+    assert not any(j.variant.endswith("-graph") for j in plan(no_graphs, ["cpp"], ["main"]))
+
+
+def test_graph_variant_needs_cuda():
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        TrainStep(model_config("densenet_bc_10"), "naive-graph", 2, "fp32", torch.device("cpu"))
 
 
 def test_plan_without_compile_and_unknown_suite():
@@ -100,6 +119,9 @@ def test_settings_for_cuda_and_overrides():
             "efficient-triton-bottleneck-compile",
             dict(efficient=True, backend="triton", memory="bottleneck", compile=True),
         ),
+        ("naive-channels_last-graph", dict(channels_last=True, compile=False, graph=True)),
+        ("efficient-cpp-min-graph", dict(backend="cpp", memory="min", graph=True)),
+        ("efficient-cpp-min", dict(graph=False)),
     ],
 )
 def test_variant_grammar(name, fields):

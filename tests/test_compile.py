@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_same_step, cpu_backend_or_skip, train_step
+from helpers import assert_same_step, cpu_backend_or_skip, cuda_or_skip, train_step
 from naive import randomize_bn
 
 import dense_ext.backends as backends
@@ -84,3 +84,90 @@ def test_delugenet_compiles_fullgraph_cold(cold_backends, backend):
             module.eval()
     x = torch.randn(2, 3, 8, 8)
     compiled_matches_eager(model, x, 1e-4)
+
+
+# ----------------------------------------------------------------------------- CUDA
+def cuda_backend_or_fail(name: str) -> None:
+    """Skip without a CUDA device; fail when one is present and ``name`` cannot run on it
+    (except the Triton backend on GPUs older than sm_80, which it does not support)."""
+    cuda_or_skip()
+    reason = backends.unavailable_reason(name, "cuda")
+    if reason is not None and "below sm_80" in reason:
+        pytest.skip(f"{name} unavailable on cuda: {reason}")
+    if reason is not None:
+        pytest.fail(f"CUDA device present but {name} cannot run on it: {reason}")
+
+
+def fp32_tolerance() -> float:
+    """Compiled and eager run the same kernels, but inductor fuses the transitions' BN and
+    ReLU in its own order: float32 rounding (1e-4 relative after a few layers), or TF32's
+    (unit roundoff 2^-11 = 4.9e-4) when cuDNN convolutions may use it."""
+    from dense_ext.backends.triton._common import conv_fp32_precision
+
+    return 2e-3 if conv_fp32_precision() == "tf32" else 1e-4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_cuda_model_compiles_fullgraph(cold_backends, backend):
+    """DenseNet-BC-22 on CUDA, float32, compiled with fullgraph=True, forward and backward:
+    the same step as eager (outputs, gradients, running statistics), two seeds."""
+    cuda_backend_or_fail(backend)
+    torch.manual_seed(0)
+    model = densenet_bc(depth=22, growth_rate=4, efficient=True, backend=backend, memory="min")
+    randomize_bn(model)
+    compiled_matches_eager(model.cuda(), torch.randn(4, 3, 8, 8, device="cuda"), fp32_tolerance())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_cuda_delugenet_compiles_fullgraph(cold_backends, backend):
+    """The CPU DelugeNet test on CUDA (BNs on running statistics, CLDCs training)."""
+    cuda_backend_or_fail(backend)
+    torch.manual_seed(0)
+    model = delugenet_cifar(1, 0.25, efficient=True, backend=backend, memory="min")
+    randomize_bn(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    compiled_matches_eager(model.cuda(), torch.randn(2, 3, 8, 8, device="cuda"), fp32_tolerance())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_cuda_reduce_overhead_matches_eager(cold_backends, backend):
+    """``torch.compile(mode="reduce-overhead")`` (CUDA graphs replayed by inductor): three
+    training steps of a block, each equal to eager."""
+    cuda_backend_or_fail(backend)
+    torch.manual_seed(0)
+    block = EfficientDenseBlock(3, 8, 4, 2, memory="min", backend=backend).cuda()
+    randomize_bn(block)
+    eager = copy.deepcopy(block)
+    compiled = torch.compile(block, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(2, 8, 9, 9, device="cuda")
+    for seed in range(3):
+        expected = train_step(eager, x, seed=seed)
+        actual = train_step(compiled, x, seed=seed)
+        assert_same_step(actual, expected, fp32_tolerance(), f"step {seed}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_cuda_reduce_overhead_draws_fresh_dropout_masks(cold_backends, backend):
+    """Under ``mode="reduce-overhead"`` every replay draws a new dropout mask (the seeds come
+    from a graph-safe op, not a Python int baked into the graph), at the requested rate."""
+    cuda_backend_or_fail(backend)
+    torch.manual_seed(0)
+    block = EfficientDenseBlock(2, 8, 8, 2, 0.3, memory="min", backend=backend).cuda()
+    compiled = torch.compile(block, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(4, 8, 9, 9, device="cuda", requires_grad=True)
+    masks = []
+    for _ in range(5):  # the first calls warm up and record; the last ones replay
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(x)
+        out.sum().backward()
+        masks.append(out[:, 8:].detach() == 0)  # new features are exact zeros only where dropped
+    for mask in masks:
+        assert 0.25 < mask.float().mean().item() < 0.35
+    assert not torch.equal(masks[-1], masks[-2]), "a replay repeated the previous mask"
+    assert not torch.equal(masks[-1], masks[-3])
