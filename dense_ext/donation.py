@@ -41,8 +41,11 @@ _MARK = "_dense_ext_donated"
 
 def donate(grad: Tensor) -> Tensor:
     """Mark ``grad``, which its producer allocated, as given away: the producer must never read
-    it again."""
-    setattr(grad, _MARK, True)
+    it again. A no-op while torch.compile traces: a compiled graph never donates (its
+    consumers pass no reference count to ``take_donated``), and torch 2.11's dynamo cannot set
+    an attribute on a tensor a custom op returned."""
+    if not torch.compiler.is_compiling():
+        setattr(grad, _MARK, True)
     return grad
 
 

@@ -163,6 +163,10 @@ def test_cuda_reduce_overhead_draws_fresh_dropout_masks(cold_backends, backend):
     x = torch.randn(4, 8, 9, 9, device="cuda", requires_grad=True)
     masks = []
     for _ in range(5):  # the first calls warm up and record; the last ones replay
+        # Gradients set to None each step, as zero_grad() does: accumulating into a gradient
+        # a previous replay produced reads memory the next replay overwrites (PyTorch's rule).
+        x.grad = None
+        block.zero_grad(set_to_none=True)
         torch.compiler.cudagraph_mark_step_begin()
         out = compiled(x)
         out.sum().backward()

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from dense_ext.deluge import cldc_ops
 from dense_ext.deluge.backends.base import (
     LayerNorms,
     NormCall,
@@ -203,9 +204,10 @@ class CLDCFunction(torch.autograd.Function):
                 y = buf.new_empty((n, c, h, w)).contiguous(memory_format=torch.channels_last)
                 mean = invstd = buf.new_empty((0,), dtype=acc)
             else:
-                stats = call.backend.slot_stats(buf, c) if call.norm.batch_stats else None
+                name = call.backend.name
+                stats = cldc_ops.slot_stats(buf, c, name) if call.norm.batch_stats else None
                 mean, invstd = cldc_normaliser(call.norm, stats, k, c, acc)
-                y = call.backend.cldc_forward(buf, mean, invstd, weight, bias)
+                y = cldc_ops.cldc_forward(buf, mean, invstd, weight, bias, name)
                 if stats is not None:
                     slots = stats.view(2, k, c)
                     update_running_stats([(call.norm, slots[0].t(), slots[1].t())], _rows(buf))
@@ -218,13 +220,13 @@ class CLDCFunction(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):
         buf, weight, mean, invstd = ctx.saved_tensors
         call: CLDCCall = ctx.call
-        grad_buf = torch.zeros_like(buf, memory_format=torch.channels_last)
         if _rows(buf) == 0:
+            grad_buf = torch.zeros_like(buf, memory_format=torch.channels_last)
             return grad_buf, None, torch.zeros_like(weight), torch.zeros_like(weight)
         with torch.autocast(device_type=buf.device.type, enabled=False):
             grad_y = grad_y.contiguous(memory_format=torch.channels_last)
-            grad_w, grad_b = call.backend.cldc_backward(
-                grad_y, buf, mean, invstd, weight, call.norm.batch_stats, grad_buf
+            grad_buf, grad_w, grad_b = cldc_ops.cldc_backward(
+                grad_y, buf, mean, invstd, weight, call.norm.batch_stats, call.backend.name
             )
         # grad_buf is fresh and never read here again: the stage below may accumulate into it.
         grad_w = grad_like_param(grad_w.to(weight.dtype), weight)

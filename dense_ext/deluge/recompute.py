@@ -26,6 +26,7 @@ from dense_ext.backends.reference import (
     conv_backward,
     relu_backward_,
 )
+from dense_ext.deluge import cldc_ops
 from dense_ext.deluge.backends.base import NormCall, StageBackend, cldc_normaliser, stats_dtype
 from dense_ext.deluge.function import update_running_stats
 from dense_ext.donation import donate
@@ -83,12 +84,13 @@ class TransitionFunction(torch.autograd.Function):
         c, k = cldc_weight.shape
         acc = stats_dtype(buf.dtype)
         with torch.autocast(device_type=buf.device.type, enabled=False):
-            slot_stats = call.backend.slot_stats(buf, c) if call.cldc.batch_stats else None
+            name = call.backend.name
+            slot_stats = cldc_ops.slot_stats(buf, c, name) if call.cldc.batch_stats else None
             cldc_mean, cldc_invstd = cldc_normaliser(call.cldc, slot_stats, k, c, acc)
             if slot_stats is not None:
                 slots = slot_stats.view(2, k, c)
                 update_running_stats([(call.cldc, slots[0].t(), slots[1].t())], _rows(buf))
-            y = call.backend.cldc_forward(buf, cldc_mean, cldc_invstd, cldc_weight, cldc_bias)
+            y = cldc_ops.cldc_forward(buf, cldc_mean, cldc_invstd, cldc_weight, cldc_bias, name)
             mean, _, invstd = normalise_stats(call.norm, y)
             z = batch_norm(y, mean, invstd, gamma, beta)
             del y
@@ -104,8 +106,9 @@ class TransitionFunction(torch.autograd.Function):
         buf, cldc_weight, cldc_bias, gamma, beta, conv_weight = ctx.saved_tensors
         cldc_mean, cldc_invstd, mean, invstd = ctx.stats
         call: TransitionCall = ctx.call
+        name = call.backend.name
         with torch.autocast(device_type=buf.device.type, enabled=False):
-            y = call.backend.cldc_forward(buf, cldc_mean, cldc_invstd, cldc_weight, cldc_bias)
+            y = cldc_ops.cldc_forward(buf, cldc_mean, cldc_invstd, cldc_weight, cldc_bias, name)
             z = batch_norm(y, mean, invstd, gamma, beta)
             grad_z, grad_conv, _ = torch.ops.aten.convolution_backward(
                 grad_out.to(z.dtype),
@@ -126,9 +129,8 @@ class TransitionFunction(torch.autograd.Function):
             )
             del grad_z, y
             grad_y = grad_y.contiguous(memory_format=torch.channels_last)
-            grad_buf = torch.zeros_like(buf, memory_format=torch.channels_last)
-            grad_cw, grad_cb = call.backend.cldc_backward(
-                grad_y, buf, cldc_mean, cldc_invstd, cldc_weight, call.cldc.batch_stats, grad_buf
+            grad_buf, grad_cw, grad_cb = cldc_ops.cldc_backward(
+                grad_y, buf, cldc_mean, cldc_invstd, cldc_weight, call.cldc.batch_stats, name
             )
         return (
             donate(grad_buf),  # fresh and never read here again: the stage may accumulate into it

@@ -81,7 +81,9 @@ def cldc_forward(buf: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias
     y.copy_(_channel(bias.to(acc).sum(dim=1)).expand_as(y))
     centred = torch.empty_like(y)
     for i in range(k):
-        torch.sub(_slot(buf, i, channels).to(acc), _channel(mean[i]), out=centred)
+        centred.copy_(_slot(buf, i, channels)).sub_(
+            _channel(mean[i])
+        )  # no out=: 2.11 dynamo refuses it
         y.addcmul_(centred, _channel(scale[i]))
     return y.to(buf.dtype)
 
@@ -110,7 +112,9 @@ def cldc_backward(
     grad_w = torch.empty((channels, k), dtype=acc, device=buf.device)
     centred = torch.empty_like(g)
     for i in range(k):
-        torch.sub(_slot(buf, i, channels).to(acc), _channel(mean[i]), out=centred)
+        centred.copy_(_slot(buf, i, channels)).sub_(
+            _channel(mean[i])
+        )  # no out=: 2.11 dynamo refuses it
         sum_gx = (g * centred).sum(dim=(0, 2, 3))
         grad_w[:, i] = sum_gx * invstd[i]
         if batch_stats:
