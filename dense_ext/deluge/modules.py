@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dense_ext.block import DenseDtypeError, DenseInputError, check_input
 from dense_ext.deluge.backends import get_backend
-from dense_ext.deluge.backends.base import LayerNorms, StageCall
+from dense_ext.deluge.backends.base import LayerNorms, StageBackend, StageCall
 from dense_ext.deluge.cldc_params import CLDCParameters
 from dense_ext.deluge.function import CLDCCall, CLDCFunction, DelugeStageFunction, norm_call
 from dense_ext.deluge.recompute import (
@@ -26,6 +26,22 @@ from dense_ext.deluge.recompute import (
 )
 from dense_ext.deluge.spec import StageSpec
 from dense_ext.transition import norm_relu_pool
+
+COMPILED_TRITON_REFUSED = (
+    "dense_ext: torch.compile of a DelugeNet with the triton backend on CUDA is not supported "
+    "yet: on an H200 (torch 2.11) its input gradient came out wrong, and the fix has not run on "
+    "a GPU since (docs/gpu_runs.md). Compile with backend='cpp' (checked on the H200) or run "
+    "the triton backend eagerly."
+)
+
+
+def _backend(name: str, device: torch.device) -> StageBackend:
+    """The stage backend ``name`` selects for ``device``; refuses to be traced by
+    torch.compile where a compiled model was found silently wrong and is not yet re-checked."""
+    backend = get_backend(name, device)
+    if torch.compiler.is_compiling() and backend.name == "triton" and device.type == "cuda":
+        raise NotImplementedError(COMPILED_TRITON_REFUSED)
+    return backend
 
 
 class EfficientCLDC(CLDCParameters):
@@ -60,7 +76,7 @@ class EfficientCLDC(CLDCParameters):
             _refuse_sync(self)
             _check_batch_size(buf)
         norm = norm_call(self)
-        call = CLDCCall(self.channels, get_backend(self.backend, buf.device), norm)
+        call = CLDCCall(self.channels, _backend(self.backend, buf.device), norm)
         # A stage's buffer is channels_last already; anything else is copied once.
         buf = buf.to(_compute_dtype(buf)).contiguous(memory_format=torch.channels_last)
         return CLDCFunction.apply(buf, call, self.weight, self.bias)
@@ -156,7 +172,7 @@ class EfficientDelugeStage(nn.ModuleDict):
             _check_batch_size(x)
         # Only now, with the input accepted: norm_call counts the batch in num_batches_tracked.
         norms = [LayerNorms(*[_norm_call(m) for m in _pad(layer.norms())]) for layer in layers]
-        call = StageCall(self.spec, get_backend(self.backend, x.device), norms)
+        call = StageCall(self.spec, _backend(self.backend, x.device), norms)
         params = self._flat_params(x, dtype)
         call.save = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params)
@@ -202,7 +218,7 @@ class EfficientDelugeTransition(nn.Module):
             _check_batch_size(buf)
         dtype = _compute_dtype(buf)
         call = TransitionCall(
-            get_backend(cldc.backend, buf.device), norm_call(cldc), norm_call(self.norm)
+            _backend(cldc.backend, buf.device), norm_call(cldc), norm_call(self.norm)
         )
         return TransitionFunction.apply(
             buf.to(dtype).contiguous(memory_format=torch.channels_last),

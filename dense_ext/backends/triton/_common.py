@@ -192,15 +192,18 @@ def dot(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
     An IEEE float32 dot is a chain of FMAs into its accumulator: fed ``acc``, a reduction over
     M rows becomes one M-term chain whose rounding error grows with M (on the H200 the wgrad of
-    a 1024-row batch missed twice cuDNN's error: 6.1e-7 against 2.3e-7). So there each block
+    a 1024-row batch had 2.65x cuDNN's error: 6.1e-7 against 2.3e-7). So there each block
     sums into a fresh tile that is then added to ``acc``: a BLOCK-term chain plus an
-    M/BLOCK-term one (host emulation: 4.8e-7 -> 2.3e-7; docs/triton_kernels.md). Tensor-core
-    dots (TF32, half types) and float64 keep the fused accumulator."""
+    M/BLOCK-term one (host emulation, tools/emulate_fp32_dot_chain.py: 4.8e-7 -> 2.3e-7).
+    The fresh tile is ``acc * 0``, not a constant: Triton folds ``acc + dot(a, b, 0)`` back
+    into ``dot(a, b, acc)`` (the PTX is then identical), and IEEE forbids folding ``x * 0``.
+    Tensor-core dots (TF32, half types) and float64 keep the fused accumulator."""
     if DOT_FP32:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if INPUT_PRECISION == "ieee" and a.dtype == tl.float32 and acc.dtype == tl.float32:
-        return acc + tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+        fresh = acc * 0.0
+        return acc + tl.dot(a, b, fresh, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
 

@@ -295,7 +295,15 @@ def check_variant(cap, kernel, dtype, constexprs, warps, stages) -> tuple[Compil
         tf32 = check_tf32(compiled.ptx, constexprs["TF32"])
         if tf32 is not None:
             problems.append(tf32)
+    ieee = dtype == torch.float32 and constexprs.get("INPUT_PRECISION") == "ieee"
+    if ieee and kernel is _bn_relu_conv_wgrad_kernel and not re.search(_ADD_F32, compiled.ptx):
+        # The wgrad has no other float32 add: without one, Triton folded the fresh tile of
+        # ``dot`` (_common.py) back into one FMA chain over all rows of a split.
+        problems.append("IEEE float32 dot sums all rows in one FMA chain (fresh tile folded)")
     return compiled, problems
+
+
+_ADD_F32 = r"\badd\.(?:rn\.)?f32\b"
 
 
 def main(argv=None) -> int:

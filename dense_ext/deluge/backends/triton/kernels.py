@@ -151,12 +151,22 @@ def _check_tables(x: torch.Tensor, mean: torch.Tensor, *tables: torch.Tensor) ->
     return k, c
 
 
-@torch.library.triton_op("dense_ext_triton::cldc_forward", mutates_args={"out"})
+# The two ops that produce a new tensor return it rather than fill one the caller allocated:
+# under torch.compile, "allocate, let an op mutate it, read it" is what torch 2.11's inductor
+# misordered (dense_ext/deluge/cldc_ops.py). Only cldc_grad_apply mutates, accumulating into
+# the caller's gradient buffer.
+
+
+@torch.library.triton_op("dense_ext_triton::cldc_forward", mutates_args={})
 def cldc_forward(
-    x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor
-) -> None:
-    """``out = shift + sum_i scale_i * (x_i - mean_i)`` over the k slots of ``x``."""
+    x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """``shift + sum_i scale_i * (x_i - mean_i)`` over the k slots of the [N, k*C, H, W]
+    channels_last ``x``: a fresh [N, C, H, W] channels_last tensor of ``x``'s dtype."""
     k, c = _check_tables(x, mean, scale)
+    n, _, h, w = x.shape
+    out = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device)
+    out = out.contiguous(memory_format=torch.channels_last)
     m, ld = _rows(x)
     _, ld_out = _rows(out)
     block_m, block_c = _blocks()
@@ -164,13 +174,13 @@ def cldc_forward(
     _wrap(_cldc_forward_kernel)[grid](
         x, mean, scale, shift, out, ld, ld_out, m, c, k, BLOCK_M=block_m, BLOCK_C=block_c
     )
+    return out
 
 
-@torch.library.triton_op("dense_ext_triton::cldc_grad_sums", mutates_args={"sums"})
-def cldc_grad_sums(
-    grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, sums: torch.Tensor
-) -> None:
-    """``sums[i] = sum_rows grad_y * (x_i - mean_i)`` (``i < k``), ``sums[k] = sum grad_y``."""
+@torch.library.triton_op("dense_ext_triton::cldc_grad_sums", mutates_args={})
+def cldc_grad_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Fresh [k + 1, C] ``sums``: ``sums[i] = sum_rows grad_y * (x_i - mean_i)`` (``i < k``),
+    ``sums[k] = sum grad_y``, in ``mean``'s dtype."""
     k, c = _check_tables(x, mean)
     m, ld = _rows(x)
     _, ld_g = _rows(grad_y)
@@ -181,7 +191,7 @@ def cldc_grad_sums(
     _wrap(_cldc_sums_kernel)[grid](
         grad_y, x, mean, part, ld_g, ld, m, c, k, BLOCK_M=block_m, BLOCK_C=block_c
     )
-    torch.sum(part, dim=1, out=sums)
+    return part.sum(dim=1)
 
 
 @torch.library.triton_op("dense_ext_triton::cldc_grad_apply", mutates_args={"grad_x"})
