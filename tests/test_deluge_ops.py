@@ -268,3 +268,39 @@ def test_cuda_stage_and_model_match_naive(training):
     compare_models(
         naive, efficient, torch.randn(2, 3, 8, 8, dtype=torch.float64, device="cuda"), 1e-10
     )
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_opcheck_functional_cldc_ops(backend, dtype):
+    """The CLDC glue's functional ops (dense_ext/deluge/cldc_ops.py): schema, fake kernels
+    (shapes, dtypes, strides) and the absence of mutation, on a buffer with more slots than the
+    CLDC reads; and each equals its backend's own call."""
+    from dense_ext.deluge import cldc_ops
+    from dense_ext.deluge.backends import get_backend
+
+    backend_or_skip(backend)
+    a = cldc_args(dtype)
+    buf = a["x"].as_strided(a["x"].shape[:1] + (4 * a["c"],) + a["x"].shape[2:], a["x"].stride())
+    invstd = a["scale"].abs() + 0.5
+    weight = torch.randn(a["c"], a["k"], dtype=torch.float64).to(dtype)
+    bias = torch.randn(a["c"], a["k"], dtype=torch.float64).to(dtype)
+    ops = torch.ops.dense_ext
+    torch.library.opcheck(ops.deluge_slot_stats, (buf, a["c"], backend))
+    torch.library.opcheck(ops.deluge_cldc_forward, (buf, a["mean"], invstd, weight, bias, backend))
+    for batch_stats in (True, False):
+        args = (a["grad_y"], buf, a["mean"], invstd, weight, batch_stats, backend)
+        torch.library.opcheck(ops.deluge_cldc_backward, args)
+    direct = get_backend(backend, "cpu")
+    assert torch.equal(cldc_ops.slot_stats(buf, a["c"], backend), direct.slot_stats(buf, a["c"]))
+    y = cldc_ops.cldc_forward(buf, a["mean"], invstd, weight, bias, backend)
+    assert torch.equal(y, direct.cldc_forward(buf, a["mean"], invstd, weight, bias))
+    grad_buf, grad_w, grad_b = cldc_ops.cldc_backward(
+        a["grad_y"], buf, a["mean"], invstd, weight, True, backend
+    )
+    expected_buf = torch.zeros_like(buf, memory_format=torch.channels_last)
+    expected_w, expected_b = direct.cldc_backward(
+        a["grad_y"], buf, a["mean"], invstd, weight, True, expected_buf
+    )
+    assert torch.equal(grad_buf, expected_buf) and grad_buf[:, a["k"] * a["c"] :].eq(0).all()
+    assert torch.equal(grad_w, expected_w) and torch.equal(grad_b, expected_b)

@@ -113,20 +113,22 @@ class CppStageBackend(StageBackend):
         return stats
 
     def cldc_forward(self, buf, mean, invstd, weight, bias):
-        c = weight.shape[0]
+        c, k = weight.shape
         acc = mean.dtype
         scale = (weight.to(acc).t() * invstd).contiguous()
         shift = bias.to(acc).sum(dim=1).contiguous()
         n, _, h, w = buf.shape
         out = torch.empty((n, c, h, w), dtype=buf.dtype, device=buf.device)
         out = out.contiguous(memory_format=torch.channels_last)
-        torch.ops.dense_ext.cldc_forward(buf, mean, scale, shift, out)
+        # The first k slots (the contract: the buffer may hold more, as a stage's does).
+        torch.ops.dense_ext.cldc_forward(buf[:, : k * c], mean, scale, shift, out)
         return out
 
     def cldc_backward(self, grad_y, buf, mean, invstd, weight, batch_stats, grad_buf):
         c, k = weight.shape
         acc = mean.dtype
         sums = mean.new_empty((k + 1, c))
+        buf = buf[:, : k * c]  # the first k slots, as in cldc_forward
         torch.ops.dense_ext.cldc_grad_sums(grad_y, buf, mean, sums)
         sum_x, sum_g = sums[:k], sums[k]
         alpha = (weight.to(acc).t() * invstd).contiguous()
@@ -136,7 +138,9 @@ class CppStageBackend(StageBackend):
             gamma = (alpha * invstd * invstd * sum_x / count).contiguous()
         else:
             beta = gamma = torch.zeros_like(alpha)
-        torch.ops.dense_ext.cldc_grad_apply(grad_y, buf, mean, alpha, beta, gamma, grad_buf)
+        torch.ops.dense_ext.cldc_grad_apply(
+            grad_y, buf, mean, alpha, beta, gamma, grad_buf[:, : k * c]
+        )
         grad_w = (invstd * sum_x).t().contiguous()
         grad_b = sum_g[:, None].expand(c, k).contiguous()
         return grad_w, grad_b
