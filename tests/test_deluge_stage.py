@@ -418,6 +418,25 @@ def test_model_matches_naive(backend, small_inputs, memory):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_meta_init_then_to_empty_like_naive(backend):
+    """Deferred initialisation (FSDP's, ``torch.device("meta")``): the efficient model built
+    on meta runs forward and backward there (shapes only, whatever its backend; it failed in
+    autocast dispatch before), then ``to_empty`` + ``load_state_dict`` give the naive step."""
+    backend_or_skip(backend)
+    naive, _ = make_model_pair(backend)
+    with torch.device("meta"):
+        _, meta = make_model_pair(backend)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    out = meta(x.to("meta"))
+    out.sum().backward()
+    assert out.shape == naive(x).shape and out.device.type == "meta"
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in meta.parameters())
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(naive.state_dict())
+    compare_models(naive, meta, x, 1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_model_empty_batch_like_naive(backend):
     backend_or_skip(backend)
     naive, efficient = make_model_pair(backend)

@@ -37,6 +37,7 @@ from dense_ext.deluge.backends.base import (
 )
 from dense_ext.donation import donate
 from dense_ext.function import (
+    autocast_off,
     first_order,
     input_gradient,
     parameter_gradients,
@@ -131,7 +132,7 @@ class DelugeStageFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x0: Tensor, call: StageCall, *params: Tensor) -> Tensor:
         spec = call.spec
-        with torch.autocast(device_type=x0.device.type, enabled=False):
+        with autocast_off(x0.device.type):
             if _rows(x0) == 0:  # an empty batch: nothing to compute, as in the naive model
                 n, _, h, w = x0.shape
                 buf = x0.new_empty((n, spec.buffer_channels, h, w)).contiguous(
@@ -170,7 +171,7 @@ class DelugeStageFunction(torch.autograd.Function):
         state = StageState(slot_stats, layer_stats, list(kept))
         grad_buf = writable_gradient(grad_out, refs, buf)
         del grad_out
-        with torch.autocast(device_type=buf.device.type, enabled=False):
+        with autocast_off(buf.device.type):
             grads = call.backend.stage_backward(grad_buf, buf, state, params, call)
         grad_x = input_gradient(ctx, grad_buf, c)
         del grad_buf
@@ -199,7 +200,7 @@ class CLDCFunction(torch.autograd.Function):
         c, k = weight.shape
         n, _, h, w = buf.shape
         acc = stats_dtype(buf.dtype)
-        with torch.autocast(device_type=buf.device.type, enabled=False):
+        with autocast_off(buf.device.type):
             if _rows(buf) == 0:
                 y = buf.new_empty((n, c, h, w)).contiguous(memory_format=torch.channels_last)
                 mean = invstd = buf.new_empty((0,), dtype=acc)
@@ -223,7 +224,7 @@ class CLDCFunction(torch.autograd.Function):
         if _rows(buf) == 0:
             grad_buf = torch.zeros_like(buf, memory_format=torch.channels_last)
             return grad_buf, None, torch.zeros_like(weight), torch.zeros_like(weight)
-        with torch.autocast(device_type=buf.device.type, enabled=False):
+        with autocast_off(buf.device.type):
             grad_y = grad_y.contiguous(memory_format=torch.channels_last)
             grad_buf, grad_w, grad_b = cldc_ops.cldc_backward(
                 grad_y, buf, mean, invstd, weight, call.norm.batch_stats, call.backend.name

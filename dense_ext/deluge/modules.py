@@ -14,7 +14,13 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from dense_ext.block import DenseDtypeError, DenseInputError, check_input
+from dense_ext.block import (
+    DenseDtypeError,
+    DenseInputError,
+    _autocast_enabled,
+    _compute_dtype,
+    check_input,
+)
 from dense_ext.deluge.backends import get_backend
 from dense_ext.deluge.backends.base import LayerNorms, StageBackend, StageCall
 from dense_ext.deluge.cldc_params import CLDCParameters
@@ -36,9 +42,12 @@ COMPILED_TRITON_REFUSED = (
 
 
 def _backend(name: str, device: torch.device) -> StageBackend:
-    """The stage backend ``name`` selects for ``device``; refuses to be traced by
-    torch.compile where a compiled model was found silently wrong and is not yet re-checked."""
-    backend = get_backend(name, device)
+    """The stage backend ``name`` selects for ``device`` (the reference one for meta tensors);
+    refuses to be traced by torch.compile where a compiled model was found silently wrong and
+    is not yet re-checked."""
+    # Meta tensors carry shapes only: the pure-PyTorch backend propagates them (as the dense
+    # block does), whatever backend the module names.
+    backend = get_backend("reference" if device.type == "meta" else name, device)
     if torch.compiler.is_compiling() and backend.name == "triton" and device.type == "cuda":
         raise NotImplementedError(COMPILED_TRITON_REFUSED)
     return backend
@@ -303,7 +312,7 @@ def _check_input(x: Tensor, channels: int, who: str, param: Tensor | None) -> No
     autocast's)."""
     check_input(x, channels, who, param)
     if param is not None and param.dtype != _compute_dtype(x):
-        if not torch.is_autocast_enabled(x.device.type):
+        if not _autocast_enabled(x.device.type):
             raise DenseDtypeError(
                 f"{who}: input dtype {x.dtype} does not match parameter dtype {param.dtype}; "
                 f"convert the module (e.g. .to({x.dtype})) or use torch.autocast"
@@ -326,17 +335,6 @@ def _check_batch_size(x: Tensor) -> None:
             "Expected more than 1 value per channel when training, got input size "
             f"{list(x.shape)}: batch statistics need N*H*W > 1"
         )
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The buffer dtype: autocast's when autocast is on for this device, else the input's."""
-    if torch.is_autocast_enabled(x.device.type) and x.dtype in (
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-    ):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def _affine(bn: nn.BatchNorm2d, device: torch.device) -> list[Tensor]:

@@ -30,7 +30,7 @@ from dense_ext.deluge import cldc_ops
 from dense_ext.deluge.backends.base import NormCall, StageBackend, cldc_normaliser, stats_dtype
 from dense_ext.deluge.function import update_running_stats
 from dense_ext.donation import donate
-from dense_ext.function import first_order
+from dense_ext.function import autocast_off, first_order
 from dense_ext.grad_layout import grad_like_param
 
 
@@ -83,7 +83,7 @@ class TransitionFunction(torch.autograd.Function):
     def forward(ctx, buf, call: TransitionCall, cldc_weight, cldc_bias, gamma, beta, conv_weight):
         c, k = cldc_weight.shape
         acc = stats_dtype(buf.dtype)
-        with torch.autocast(device_type=buf.device.type, enabled=False):
+        with autocast_off(buf.device.type):
             name = call.backend.name
             slot_stats = cldc_ops.slot_stats(buf, c, name) if call.cldc.batch_stats else None
             cldc_mean, cldc_invstd = cldc_normaliser(call.cldc, slot_stats, k, c, acc)
@@ -107,7 +107,7 @@ class TransitionFunction(torch.autograd.Function):
         cldc_mean, cldc_invstd, mean, invstd = ctx.stats
         call: TransitionCall = ctx.call
         name = call.backend.name
-        with torch.autocast(device_type=buf.device.type, enabled=False):
+        with autocast_off(buf.device.type):
             y = cldc_ops.cldc_forward(buf, cldc_mean, cldc_invstd, cldc_weight, cldc_bias, name)
             z = batch_norm(y, mean, invstd, gamma, beta)
             grad_z, grad_conv, _ = torch.ops.aten.convolution_backward(
@@ -153,7 +153,7 @@ class PreActBottleneckFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norms, g1, b1, w1, g2, b2, w2, g3, b3, w3):
         stats = []
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             h = x
             for norm, gamma, beta, weight, padding in zip(
                 norms, (g1, g2, g3), (b1, b2, b3), (w1, w2, w3), (0, 1, 0)
@@ -170,7 +170,7 @@ class PreActBottleneckFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, *params = ctx.saved_tensors
         layers = [params[0:3], params[3:6], params[6:9]]
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             inputs = [x]  # the input of each BN, recomputed
             for (gamma, beta, weight), (mean, invstd), padding in zip(
                 layers[:2], ctx.stats[:2], (0, 1)
