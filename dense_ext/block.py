@@ -16,6 +16,8 @@ run, one call after another, as torchvision's block runs them; then the block do
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -363,10 +365,14 @@ def has_hooks(module: nn.Module) -> bool:
     )
 
 
-def unfused_reason(module: nn.Module, called: bool = True) -> str | None:
+def unfused_reason(
+    module: nn.Module, called: bool = True, fusable: Callable[[nn.Module], bool] | None = None
+) -> str | None:
     """Why ``module`` must call its submodules one by one rather than run fused, or None (see
     the module docstring). Hooks on ``module`` itself count only when it is not ``called``
-    (a norm whose forward the fused head replaces); a called module's hooks fire either way."""
+    (a norm whose forward the fused head replaces); a called module's hooks fire either way.
+    ``fusable`` says which submodules the fused path models (default: a dense block's)."""
+    fusable = fusable or _fusable
     if not torch.compiler.is_compiling():
         if torch.jit.is_tracing():
             return "torch.jit.trace"
@@ -387,7 +393,7 @@ def unfused_reason(module: nn.Module, called: bool = True) -> str | None:
             continue
         if has_hooks(child):
             return f"a hook on {name or type(module).__name__}"
-        if not _fusable(child):
+        if not fusable(child):
             return f"{name or type(module).__name__} is a {type(child).__name__}"
     return None
 

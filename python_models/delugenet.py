@@ -53,42 +53,7 @@ class CrossLayerDepthwiseConv(CLDCParameters):
 
     def forward(self, inputs: list[Tensor]) -> Tensor:
         """``sum_i batch_norm_i(inputs[i])``; every input is [N, C, H, W]."""
-        if len(inputs) != self.num_inputs:
-            raise ValueError(f"CLDC expects {self.num_inputs} inputs, got {len(inputs)}")
-        # The choices of nn.BatchNorm2d.forward, once for all S normalisations.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
-        out = None
-        for i, h in enumerate(inputs):
-            # Contiguous columns: torch 2.14's CPU batch-norm backward misreads a strided weight
-            # or running statistic when input and gradient are channels_last, and cuDNN updates
-            # a contiguous copy of strided running statistics, dropping the update
-            # (pytorch/pytorch#33867). Updated copies are written back below (a column that is
-            # contiguous already, S = 1, is the buffer itself, updated in place).
-            columns = [None if t is None else t[:, i] for t in (running_mean, running_var)]
-            mean, var = [None if t is None else t.contiguous() for t in columns]
-            y = F.batch_norm(
-                h,
-                mean,
-                var,
-                self.weight[:, i].contiguous(),
-                self.bias[:, i].contiguous(),
-                batch_stats,
-                factor,
-                self.eps,
-            )
-            for column, updated in zip(columns, (mean, var)):
-                if batch_stats and column is not None and updated is not column:
-                    column.copy_(updated)
-            out = y if out is None else out + y
-        return out
+        return self.forward_slots(inputs)
 
 
 class CompositeLayer(nn.Module):

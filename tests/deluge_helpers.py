@@ -7,6 +7,8 @@ its CLDC bias gradients sum; ``check`` is ``assert_same_step`` with those sizes.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import TOLERANCE, Step, assert_same_step, check_step, train_step
@@ -49,16 +51,29 @@ def make_stage_pair(channels, slots, backend, dtype=torch.float64, memory="min",
     return naive, efficient
 
 
-def record_cldc_term_scales(module: nn.Module) -> tuple[dict[str, float], list]:
+def record_cldc_term_scales(
+    module: nn.Module, weights: bool = False
+) -> tuple[dict[str, float], list]:
     """Hooks that record, for every naive CLDC, ``max_c sum_r |dL/dy[r, c]|``: the size of the
     terms its bias gradient sums. Where a batch-statistics BN follows the CLDC that gradient is
-    zero up to rounding, so only an error against the size of its terms means anything."""
+    zero up to rounding, so only an error against the size of its terms means anything. With
+    ``weights``, also ``max_{c,i} sum_r |dL/dy[r, c] * xhat_i[r, c]|`` for its weight gradient
+    (``xhat_i``: slot ``i`` as its BN normalises it), which cancels the same way when the CLDC
+    reads one slot."""
     scales: dict[str, float] = {}
 
     def forward_hook(name):
         def hook(mod, inputs, output):
-            if output.requires_grad:
-                output.register_hook(lambda g: scales.__setitem__(name, term_scale(g)))
+            if not output.requires_grad:
+                return
+            xhat = [_normalised(mod, i, h.detach()) for i, h in enumerate(inputs[0])]
+
+            def record(g):
+                scales[f"grad of {name}.bias"] = term_scale(g)
+                if weights:
+                    scales[f"grad of {name}.weight"] = max(term_scale(g * x) for x in xhat)
+
+            output.register_hook(record)
 
         return hook
 
@@ -66,11 +81,35 @@ def record_cldc_term_scales(module: nn.Module) -> tuple[dict[str, float], list]:
         return g.abs().sum(dim=(0, 2, 3)).max().item() if g.numel() else 0.0
 
     handles = [
-        m.register_forward_hook(forward_hook(f"grad of {name}.bias"))
+        m.register_forward_hook(forward_hook(name))
         for name, m in module.named_modules()
         if isinstance(m, CrossLayerDepthwiseConv)
     ]
     return scales, handles
+
+
+def _normalised(cldc, i: int, h: torch.Tensor) -> torch.Tensor:
+    """Slot ``i`` of a naive CLDC's input as its BN normalises it (batch or running stats)."""
+    if cldc.training or cldc.running_mean is None:
+        mean = h.mean(dim=(0, 2, 3), keepdim=True)
+        var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    else:
+        mean = cldc.running_mean[:, i].view(1, -1, 1, 1)
+        var = cldc.running_var[:, i].view(1, -1, 1, 1)
+    return (h - mean) / torch.sqrt(var + cldc.eps)
+
+
+def cldc_term_scales(module: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """``record_cldc_term_scales(weights=True)`` of one training step of a copy of the naive
+    ``module`` on ``x``: the term sizes for comparing CLDC gradients across usage patterns."""
+    copy_ = copy.deepcopy(module).train()
+    scales, handles = record_cldc_term_scales(copy_, weights=True)
+    try:
+        train_step(copy_, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return scales
 
 
 def identical(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -28,9 +28,10 @@ from torch import Tensor, nn
 TOLERANCE = {torch.float64: 1e-10}
 
 
-def rel_err(actual: Tensor, expected: Tensor) -> float:
-    """max |actual - expected| / max |expected| (absolute when expected is all zero); NaN and
-    Inf must sit at the same places with the same values (else the error is inf)."""
+def rel_err(actual: Tensor, expected: Tensor, scale: float | None = None) -> float:
+    """max |actual - expected| / max |expected| (absolute when expected is all zero, or over
+    ``scale`` when given); NaN and Inf must sit at the same places with the same values (else
+    the error is inf)."""
     actual, expected = actual.double(), expected.double()
     special = ~torch.isfinite(expected) | ~torch.isfinite(actual)
     if special.any():
@@ -43,7 +44,7 @@ def rel_err(actual: Tensor, expected: Tensor) -> float:
             return 0.0
     if expected.numel() == 0:
         return 0.0
-    scale = expected.abs().max().item() or 1.0
+    scale = scale or expected.abs().max().item() or 1.0
     return (actual - expected).abs().max().item() / scale
 
 
@@ -294,8 +295,10 @@ def assert_same_step(
         if not value.is_floating_point():
             continue
         if scales and name in scales and value.numel():
+            # rel_err against a scale of 1 is the absolute error, NaN and Inf compared as
+            # rel_err compares them (same places, same values)
             scale = max(scales[name], value.abs().max().item())
-            err = (seen[name].double() - value.double()).abs().max().item()
+            err = rel_err(seen[name], value, scale=1.0)
             assert err <= tol * scale, f"{prefix}{name}: error {err:.3e} > {tol:.0e} * {scale:.3e}"
         else:
             assert_close(seen[name], value, tol, f"{prefix}{name}")

@@ -20,6 +20,7 @@ from dense_ext.block import (
     _autocast_enabled,
     _compute_dtype,
     check_input,
+    unfused_reason,
 )
 from dense_ext.deluge.backends import get_backend
 from dense_ext.deluge.backends.base import LayerNorms, StageBackend, StageCall
@@ -53,6 +54,21 @@ def _backend(name: str, device: torch.device) -> StageBackend:
     return backend
 
 
+def _unfused(module: nn.Module) -> bool:
+    """Whether ``module`` must call its submodules one by one, as the naive DelugeNet does,
+    rather than run fused: a hook on a module inside it (or a global one), a submodule replaced
+    by a kind the fused path does not model, ``torch.jit.trace``, ``torch.fx``, ``torch.func``
+    (``dense_ext.block.unfused_reason``, the dense block's rule), or ``torch.export``, which
+    cannot differentiate through the fused Functions' ``out=`` kernels."""
+    if torch.compiler.is_exporting():
+        return True
+    return unfused_reason(module, fusable=_fusable) is not None
+
+
+def _fusable(child: nn.Module) -> bool:
+    return type(child) in (EfficientCompositeLayer, EfficientCLDC, nn.BatchNorm2d, nn.Conv2d)
+
+
 class EfficientCLDC(CLDCParameters):
     """Cross-layer depthwise convolution CLDC(C, S) over a stage's slot buffer.
 
@@ -81,6 +97,8 @@ class EfficientCLDC(CLDCParameters):
     def forward(self, buf: Tensor) -> Tensor:
         """[N, S*C, H, W] slot buffer -> [N, C, H, W]."""
         _check_input(buf, self.num_inputs * self.channels, "EfficientCLDC", self.weight)
+        if _unfused(self):
+            return self.forward_slots(list(buf.split(self.channels, 1)))
         if _batch_stats(self):
             _refuse_sync(self)
             _check_batch_size(buf)
@@ -119,10 +137,17 @@ class EfficientCompositeLayer(nn.Module):
     def convs(self) -> list[nn.Conv2d]:
         return [self.conv1, self.conv2, self.conv3]
 
-    def forward(self, *args, **kwargs):
-        raise RuntimeError(
-            "EfficientCompositeLayer runs inside EfficientDelugeStage; call the stage"
-        )
+    def forward(self, slots: list[Tensor]) -> Tensor:
+        """The new slot from the list of the ``k`` earlier ones, through this layer's modules as
+        the naive layer computes it: what the stage calls when it runs unfused (``_unfused``)."""
+        if len(slots) != self.index:
+            raise ValueError(
+                f"composite layer {self.index} reads {self.index} slots, got {len(slots)}"
+            )
+        x = self.cldc(torch.cat(slots, 1)) if hasattr(self, "cldc") else slots[0]
+        x = self.conv1(torch.relu(self.norm(x)))
+        x = self.conv2(torch.relu(self.norm1(x)))
+        return self.conv3(torch.relu(self.norm2(x)))
 
 
 class EfficientDelugeStage(nn.ModuleDict):
@@ -176,6 +201,11 @@ class EfficientDelugeStage(nn.ModuleDict):
         dtype = _compute_dtype(x)
         if not layers:  # a stage of one slot is its input
             return x.to(dtype).contiguous(memory_format=torch.channels_last)
+        if _unfused(self):
+            slots = [x]
+            for layer in layers:
+                slots.append(layer(slots))
+            return torch.cat(slots, 1)
         if any(_batch_stats(m) for layer in layers for m in layer.norms()):
             _refuse_sync(self)
             _check_batch_size(x)
@@ -220,7 +250,8 @@ class EfficientDelugeTransition(nn.Module):
         """[N, S*C, H, W] -> [N, out, ceil(H/2), ceil(W/2)]."""
         cldc = self.cldc
         _check_input(buf, cldc.num_inputs * cldc.channels, "EfficientDelugeTransition", cldc.weight)
-        if buf.shape[0] * buf.shape[2] * buf.shape[3] == 0:  # empty: the stock modules' answer
+        empty = buf.shape[0] * buf.shape[2] * buf.shape[3] == 0  # the stock modules' answer
+        if empty or _unfused(self):
             return self.conv(self.norm(cldc(buf)))
         if _batch_stats(cldc) or _batch_stats(self.norm):
             _refuse_sync(cldc)
@@ -258,7 +289,7 @@ class EfficientPreActBottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x, self.norm1.num_features, "EfficientPreActBottleneck", self.conv1.weight)
         pairs = ((self.norm1, self.conv1), (self.norm2, self.conv2), (self.norm3, self.conv3))
-        if x.shape[0] * x.shape[2] * x.shape[3] == 0:  # empty: the stock modules' answer
+        if x.shape[0] * x.shape[2] * x.shape[3] == 0 or _unfused(self):  # the stock modules
             for norm, conv in pairs:
                 x = conv(torch.relu(norm(x)))
             return x
