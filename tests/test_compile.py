@@ -68,6 +68,17 @@ def test_model_compiles_fullgraph_cold(cold_backends, backend, norms):
     compiled_matches_eager(model, x, 1e-4)
 
 
+def delugenet_with_frozen_bns(backend: str) -> torch.nn.Module:
+    """A small efficient DelugeNet, every BN on running statistics, the CLDCs training."""
+    torch.manual_seed(0)
+    model = delugenet_cifar(1, 0.25, efficient=True, backend=backend, memory="min")
+    randomize_bn(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    return model
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_delugenet_compiles_fullgraph_cold(cold_backends, backend):
@@ -76,14 +87,8 @@ def test_delugenet_compiles_fullgraph_cold(cold_backends, backend):
     has weight and bias gradients that are zero up to rounding (the BN removes any per-channel
     affine map), which no relative tolerance can compare."""
     cpu_backend_or_skip(backend)
-    torch.manual_seed(0)
-    model = delugenet_cifar(1, 0.25, efficient=True, backend=backend, memory="min")
-    randomize_bn(model)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.eval()
-    x = torch.randn(2, 3, 8, 8)
-    compiled_matches_eager(model, x, 1e-4)
+    model = delugenet_with_frozen_bns(backend)
+    compiled_matches_eager(model, torch.randn(2, 3, 8, 8), 1e-4)
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -126,12 +131,7 @@ def test_cuda_delugenet_compiles_fullgraph(cold_backends, backend):
     triton backend compiling is refused with one clear error until a GPU run confirms the fix
     of the wrong input gradient the H200 showed (``COMPILED_TRITON_REFUSED``)."""
     cuda_backend_or_fail(backend)
-    torch.manual_seed(0)
-    model = delugenet_cifar(1, 0.25, efficient=True, backend=backend, memory="min")
-    randomize_bn(model)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.eval()
+    model = delugenet_with_frozen_bns(backend)
     x = torch.randn(2, 3, 8, 8, device="cuda")
     if backend == "triton":
         with pytest.raises(Exception, match="triton backend on CUDA is not supported yet"):
