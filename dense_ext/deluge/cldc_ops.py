@@ -78,8 +78,5 @@ def cldc_backward(
 @cldc_backward.register_fake
 def _(grad_y, buf, mean, invstd, weight, batch_stats, backend):
     grad_buf = torch.empty_like(buf, memory_format=torch.channels_last)
-    return (
-        grad_buf,
-        weight.new_empty(weight.shape, dtype=mean.dtype),
-        weight.new_empty(weight.shape, dtype=mean.dtype),
-    )
+    grad_w = weight.new_empty(weight.shape, dtype=mean.dtype)
+    return grad_buf, grad_w, torch.empty_like(grad_w)

@@ -93,9 +93,9 @@ class CLDCParameters(nn.Module):
                 factor,
                 self.eps,
             )
-            for column, updated in zip(columns, (mean, var)):
-                if batch_stats and column is not None and updated is not None:
-                    if updated is not column:
+            if batch_stats:
+                for column, updated in zip(columns, (mean, var)):
+                    if column is not None and updated is not None and updated is not column:
                         column.copy_(updated)
             out = y if out is None else out + y
         assert out is not None  # num_inputs >= 1

@@ -81,9 +81,8 @@ def cldc_forward(buf: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias
     y.copy_(_channel(bias.to(acc).sum(dim=1)).expand_as(y))
     centred = torch.empty_like(y)
     for i in range(k):
-        centred.copy_(_slot(buf, i, channels)).sub_(
-            _channel(mean[i])
-        )  # no out=: 2.11 dynamo refuses it
+        # In place, not out=: torch 2.11's dynamo refuses out= into a channels_last tensor.
+        centred.copy_(_slot(buf, i, channels)).sub_(_channel(mean[i]))
         y.addcmul_(centred, _channel(scale[i]))
     return y.to(buf.dtype)
 
@@ -112,9 +111,8 @@ def cldc_backward(
     grad_w = torch.empty((channels, k), dtype=acc, device=buf.device)
     centred = torch.empty_like(g)
     for i in range(k):
-        centred.copy_(_slot(buf, i, channels)).sub_(
-            _channel(mean[i])
-        )  # no out=: 2.11 dynamo refuses it
+        # In place, not out=: torch 2.11's dynamo refuses out= into a channels_last tensor.
+        centred.copy_(_slot(buf, i, channels)).sub_(_channel(mean[i]))
         sum_gx = (g * centred).sum(dim=(0, 2, 3))
         grad_w[:, i] = sum_gx * invstd[i]
         if batch_stats:
