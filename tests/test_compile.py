@@ -140,6 +140,19 @@ def test_cuda_delugenet_compiles_fullgraph(cold_backends, backend):
     compiled_matches_eager(model.cuda(), x, fp32_tolerance())
 
 
+@pytest.mark.cuda
+def test_cuda_compiled_triton_delugenet_matches_eager_without_refusal(cold_backends, monkeypatch):
+    """The check that lifts the refusal above: with it switched off, the compiled triton
+    DelugeNet equals eager (outputs, every gradient, running statistics)."""
+    from dense_ext.deluge import modules
+
+    cuda_backend_or_fail("triton")
+    monkeypatch.setattr(modules, "REFUSE_COMPILED_TRITON", False)
+    model = delugenet_with_frozen_bns("triton")
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    compiled_matches_eager(model.cuda(), x, fp32_tolerance())
+
+
 def test_compiled_triton_delugenet_on_cuda_is_refused(monkeypatch):
     """The refusal above, without a GPU: only while tracing, only triton, only CUDA."""
     from dense_ext.deluge import modules
