@@ -34,6 +34,7 @@ from dense_ext.donation import donate
 from dense_ext.function import autocast_off, first_order, suggest_format
 from dense_ext.grad_layout import ensure_grad_layout, keep_grad_layout
 from dense_ext.norm import NormCall, fold_running_stats
+from dense_ext.tracing import is_exporting
 
 POOLS = ("avg2x2", "global")
 
@@ -144,7 +145,7 @@ def _native_batch_norm(x: Tensor, weight, bias, call: NormCall):
         # running statistics, can have no autograd formula. Not in evaluation: the op declares
         # the running statistics mutated, and inductor then wrote the weight gradient into
         # running_mean's memory in backward (torch 2.14, CPU); evaluation needs no reduction.)
-        if not torch.compiler.is_exporting():
+        if not is_exporting():
             batch_norm = _opaque_batch_norm
     return batch_norm(
         x,

@@ -81,14 +81,50 @@ def delugenet_with_frozen_bns(backend: str) -> torch.nn.Module:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
-def test_delugenet_compiles_fullgraph_cold(cold_backends, backend):
+def test_delugenet_compiles_fullgraph_cold(cold_backends, monkeypatch, backend):
     """A whole efficient DelugeNet (stages, transitions, head) under the same rule. Its BNs
     evaluate on running statistics (the CLDCs still train): a CLDC followed by a training BN
     has weight and bias gradients that are zero up to rounding (the BN removes any per-channel
     affine map), which no relative tolerance can compare."""
     cpu_backend_or_skip(backend)
     model = delugenet_with_frozen_bns(backend)
+    fused = fused_stage_calls(monkeypatch)
     compiled_matches_eager(model, torch.randn(2, 3, 8, 8), 1e-4)
+    assert fused, "the compiled DelugeNet ran unfused (the naive formulas), not the fused stages"
+
+
+def fused_stage_calls(monkeypatch) -> list[str]:
+    """The backends the DelugeNet modules' fused paths pick while torch.compile traces them
+    (torch 2.11's Dynamo, taking every trace for torch.export, sent them all unfused)."""
+    from dense_ext.deluge import modules
+
+    calls: list[str] = []
+    pick = modules._backend
+
+    def spy(name, device):
+        if torch.compiler.is_compiling():
+            calls.append(name)
+        return pick(name, device)
+
+    monkeypatch.setattr(modules, "_backend", spy)
+    return calls
+
+
+def test_is_exporting_only_under_torch_export():
+    """dense_ext's is_exporting: False under torch.compile (torch 2.11's
+    torch.compiler.is_exporting() said True there), True under torch.export, strict or not."""
+    from dense_ext.tracing import is_exporting
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            return x + (1.0 if is_exporting() else 2.0)
+
+    x = torch.zeros(1)
+    assert Probe()(x).item() == 2.0
+    assert torch.compile(Probe(), fullgraph=True)(x).item() == 2.0
+    for strict in (False, True):
+        exported = torch.export.export(Probe(), (x,), strict=strict).module()
+        assert exported(x).item() == 1.0, f"strict={strict}"
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -126,7 +162,7 @@ def test_cuda_model_compiles_fullgraph(cold_backends, backend):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_cuda_delugenet_compiles_fullgraph(cold_backends, backend):
+def test_cuda_delugenet_compiles_fullgraph(cold_backends, monkeypatch, backend):
     """The CPU DelugeNet test on CUDA (BNs on running statistics, CLDCs training). With the
     triton backend compiling is refused with one clear error until a GPU run confirms the fix
     of the wrong input gradient the H200 showed (``COMPILED_TRITON_REFUSED``)."""
@@ -137,7 +173,9 @@ def test_cuda_delugenet_compiles_fullgraph(cold_backends, backend):
         with pytest.raises(Exception, match="triton backend on CUDA is not supported yet"):
             torch.compile(model.cuda(), fullgraph=True)(x)
         return
+    fused = fused_stage_calls(monkeypatch)
     compiled_matches_eager(model.cuda(), x, fp32_tolerance())
+    assert fused, "the compiled DelugeNet ran unfused (the naive formulas), not the fused stages"
 
 
 @pytest.mark.cuda
@@ -150,7 +188,9 @@ def test_cuda_compiled_triton_delugenet_matches_eager_without_refusal(cold_backe
     monkeypatch.setattr(modules, "REFUSE_COMPILED_TRITON", False)
     model = delugenet_with_frozen_bns("triton")
     x = torch.randn(2, 3, 8, 8, device="cuda")
+    fused = fused_stage_calls(monkeypatch)
     compiled_matches_eager(model.cuda(), x, fp32_tolerance())
+    assert fused, "the compiled DelugeNet ran unfused (the naive formulas), not the fused stages"
 
 
 def test_compiled_triton_delugenet_on_cuda_is_refused(monkeypatch):

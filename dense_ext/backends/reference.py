@@ -46,8 +46,9 @@ def bn_relu(x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor
     acc = mean.dtype
     scale = gamma.to(acc) * invstd
     z = x.to(acc) - _channel(mean)
-    if torch.is_grad_enabled() or torch.compiler.is_exporting():
-        # Recorded by autograd, now or when an exported graph runs: out= is not differentiable.
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # Recorded by autograd, now or when a compiled or exported graph runs: out= is not
+        # differentiable (and Dynamo before torch 2.14 refuses a channels_last out=).
         return torch.addcmul(_channel(beta.to(acc)), z, _channel(scale)).relu().to(x.dtype)
     torch.addcmul(_channel(beta.to(acc)), z, _channel(scale), out=z)  # one temporary, not two
     return z.relu_().to(x.dtype)

@@ -32,6 +32,7 @@ from dense_ext.deluge.recompute import (
     TransitionFunction,
 )
 from dense_ext.deluge.spec import StageSpec
+from dense_ext.tracing import is_exporting
 from dense_ext.transition import norm_relu_pool
 
 COMPILED_TRITON_REFUSED = (
@@ -63,7 +64,7 @@ def _unfused(module: nn.Module) -> bool:
     by a kind the fused path does not model, ``torch.jit.trace``, ``torch.fx``, ``torch.func``
     (``dense_ext.block.unfused_reason``, the dense block's rule), or ``torch.export``, which
     cannot differentiate through the fused Functions' ``out=`` kernels."""
-    if torch.compiler.is_exporting():
+    if is_exporting():
         return True
     return unfused_reason(module, fusable=_fusable) is not None
 
