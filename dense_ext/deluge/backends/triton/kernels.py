@@ -143,7 +143,7 @@ def _rows(t: torch.Tensor) -> tuple[int, int]:
 
 def _check_tables(x: torch.Tensor, mean: torch.Tensor, *tables: torch.Tensor) -> tuple[int, int]:
     k, c = mean.shape
-    if x.shape[1] != k * c:
+    if x.shape[1] < k * c:
         raise ValueError(f"dense_ext triton: x has {x.shape[1]} channels, tables are {k}x{c}")
     for t in (mean, *tables):
         if t.shape != (k, c) or not t.is_contiguous() or t.device != x.device:
@@ -161,8 +161,9 @@ def _check_tables(x: torch.Tensor, mean: torch.Tensor, *tables: torch.Tensor) ->
 def cldc_forward(
     x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
 ) -> torch.Tensor:
-    """``shift + sum_i scale_i * (x_i - mean_i)`` over the k slots of the [N, k*C, H, W]
-    channels_last ``x``: a fresh [N, C, H, W] channels_last tensor of ``x``'s dtype."""
+    """``shift + sum_i scale_i * (x_i - mean_i)`` over the first k slots of the
+    [N, >= k*C, H, W] channels_last ``x``: a fresh [N, C, H, W] channels_last tensor of
+    ``x``'s dtype."""
     k, c = _check_tables(x, mean, scale)
     n, _, h, w = x.shape
     out = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device)
