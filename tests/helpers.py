@@ -15,6 +15,7 @@ input's dtype.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -437,3 +438,25 @@ def ask_for_second_order(module: nn.Module, x: Tensor, how: str) -> None:
         params = [p for p in module.parameters() if p.requires_grad]
         grads = torch.autograd.grad((out * v).sum(), params, create_graph=True)
         sum(g.square().sum() for g in grads).backward()
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """TF32 off for cuBLAS matmuls and cuDNN convolutions inside the block, restored after it:
+    torch's fp32_precision settings where it has them (mixing them with the legacy allow_tf32
+    flags makes torch raise), else the allow_tf32 flags."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        saved = (matmul.fp32_precision, conv.fp32_precision)
+        matmul.fp32_precision = conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = saved
+    else:  # pragma: no cover  (torch before fp32_precision)
+        saved = (matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

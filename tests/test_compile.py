@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_same_step, cpu_backend_or_skip, cuda_or_skip, train_step
+from helpers import assert_same_step, cpu_backend_or_skip, cuda_or_skip, ieee_fp32, train_step
 from naive import randomize_bn
 
 import dense_ext.backends as backends
@@ -181,7 +181,9 @@ def test_cuda_delugenet_compiles_fullgraph(cold_backends, monkeypatch, backend):
 @pytest.mark.cuda
 def test_cuda_compiled_triton_delugenet_matches_eager_without_refusal(cold_backends, monkeypatch):
     """The check that lifts the refusal above: with it switched off, the compiled triton
-    DelugeNet equals eager (outputs, every gradient, running statistics)."""
+    DelugeNet equals eager (outputs, every gradient, running statistics). In IEEE float32:
+    with TF32 on, the H200 (run7) left a 2.3e-3 difference in one gradient, at TF32's
+    rounding level, where no tolerance separates rounding from a small bug."""
     from dense_ext.deluge import modules
 
     cuda_backend_or_fail("triton")
@@ -189,7 +191,8 @@ def test_cuda_compiled_triton_delugenet_matches_eager_without_refusal(cold_backe
     model = delugenet_with_frozen_bns("triton")
     x = torch.randn(2, 3, 8, 8, device="cuda")
     fused = fused_stage_calls(monkeypatch)
-    compiled_matches_eager(model.cuda(), x, fp32_tolerance())
+    with ieee_fp32():
+        compiled_matches_eager(model.cuda(), x, fp32_tolerance())
     assert fused, "the compiled DelugeNet ran unfused (the naive formulas), not the fused stages"
 
 

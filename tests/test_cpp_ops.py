@@ -6,14 +6,13 @@ here queries the GPU at import or collection time.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import warnings
 
 import pytest
 import torch
-from helpers import assert_close, cpu_backend_or_skip, cuda_or_skip
+from helpers import assert_close, cpu_backend_or_skip, cuda_or_skip, ieee_fp32
 
 OPS = (
     "channel_stats",
@@ -581,28 +580,6 @@ def test_cuda_backend_matches_reference(dtype, memory, bn_size):
             assert_close(o, t, 1e-4, f"tensor {i}")
         else:
             assert rel_err(o, e) <= 2 * rel_err(t, e) + 1e-2, (i, rel_err(o, e), rel_err(t, e))
-
-
-@contextlib.contextmanager
-def ieee_fp32():
-    """TF32 off for cuBLAS matmuls and cuDNN convolutions inside the block, restored after it:
-    torch's fp32_precision settings where it has them (mixing them with the legacy allow_tf32
-    flags makes torch raise), else the allow_tf32 flags."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
-        saved = (matmul.fp32_precision, conv.fp32_precision)
-        matmul.fp32_precision = conv.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision, conv.fp32_precision = saved
-    else:  # pragma: no cover  (torch before fp32_precision)
-        saved = (matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        try:
-            yield
-        finally:
-            matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_ieee_fp32_restores_the_settings():
