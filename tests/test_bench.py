@@ -417,3 +417,35 @@ def test_bench_modules_do_not_edit_sys_path():
         if path.name != "triton_roofline.py":
             assert "sys.path" not in path.read_text(), path
     assert bench_jobs.__name__ == "bench.jobs"
+
+
+# ----------------------------------------------------------------------------- compile_vs_eager
+def test_paired_timing_alternates_and_ratios_each_pair(monkeypatch):
+    """bench.compile_vs_eager's paired timing: after warm-up, pairs alternate which variant
+    runs first, and each ratio is compiled / eager of its own pair (a load spike that hits
+    one pair moves one ratio, not the comparison)."""
+    import argparse
+
+    from bench import compile_vs_eager
+
+    order: list[str] = []
+    # Eager steps take 10 s, compiled 9 s, except a 3x load spike on the third pair.
+    durations = {"eager": [10, 10, 30, 10, 10], "compiled": [9, 9, 27, 9, 9]}
+
+    def fake_training_step(args, compiled, model=None):
+        name = "compiled" if compiled else "eager"
+
+        def step():
+            order.append(name)
+            return durations[name].pop(0) if len(order) > 2 else 1.0  # warm-up: 1 s
+
+        return step, "model"
+
+    monkeypatch.setattr(compile_vs_eager, "training_step", fake_training_step)
+    args = argparse.Namespace(warmup=1, steps=5)
+    result = compile_vs_eager.measure_paired(args)
+    assert order[:2] == ["eager", "compiled"]
+    pairs = [tuple(order[i : i + 2]) for i in range(2, len(order), 2)]
+    assert pairs == [("eager", "compiled"), ("compiled", "eager")] * 2 + [("eager", "compiled")]
+    assert result["ratios"] == pytest.approx([0.9] * 5)
+    assert result["ratio_median"] == pytest.approx(0.9)
