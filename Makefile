@@ -25,9 +25,11 @@ $(BUILD_STAMP): $(STAMP) setup.py pyproject.toml $(CSRC)
 test: build lint typecheck
 	$(PY) -m pytest -q tests
 
-# Naive vs efficient on this machine (CPU when there is no GPU): bench/README.md.
+# Naive vs efficient on this machine (CPU when there is no GPU), then the efficient model
+# compiled vs eager in paired steps (bench/compile_vs_eager.py): bench/README.md.
 bench: build
 	$(PY) -m bench.run
+	$(PY) -m bench.compile_vs_eager --steps 60 --out bench/results
 
 # DenseNet-BC-1000 at batch 64 (one measured step), naive estimated, and the deepest
 # DenseNet-BC whose activations fit 4 GiB; estimated 6-10 minutes on a quiet 2-core CPU

@@ -123,11 +123,16 @@ def main() -> None:
     parser.add_argument("--backend", default="cpp")
     parser.add_argument("--memory", default="min")
     parser.add_argument("--naive", action="store_true", help="the naive model instead")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto: cuda when present, else cpu")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process, and pairs")
+    parser.add_argument("--out", help="folder for <device>-compile-vs-eager-<date>.json")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.variant:
         result = measure_paired(args) if args.variant == "paired" else measure(args)
         print("RESULT " + json.dumps(result), flush=True)
@@ -154,6 +159,34 @@ def main() -> None:
         f"  paired steps, compiled / eager: median {paired['ratio_median']:.3f}x, "
         f"quartiles {low:.3f}-{high:.3f}x over {len(paired['ratios'])} pairs"
     )
+    if args.out:
+        write_result(args, what, rows)
+
+
+def write_result(args: argparse.Namespace, what: str, rows: dict) -> None:
+    """The rows as JSON in ``args.out``, with the machine, commit and command."""
+    import datetime
+
+    import torch
+
+    from bench.run import git_commit
+    from bench.worker import device_name
+
+    device = torch.device(args.device)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out = Path(args.out) / f"{device.type}-compile-vs-eager-{now.date().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "what": f"DenseNet-BC-{args.depth}, batch {args.batch}, {what}: torch.compile vs eager",
+        "command": "python -m bench.compile_vs_eager " + " ".join(sys.argv[1:]),
+        "machine": device_name(device),
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "date": now.isoformat(timespec="seconds"),
+        "rows": rows,
+    }
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"  written to {out}")
 
 
 if __name__ == "__main__":

@@ -449,3 +449,30 @@ def test_paired_timing_alternates_and_ratios_each_pair(monkeypatch):
     assert pairs == [("eager", "compiled"), ("compiled", "eager")] * 2 + [("eager", "compiled")]
     assert result["ratios"] == pytest.approx([0.9] * 5)
     assert result["ratio_median"] == pytest.approx(0.9)
+
+
+def test_paired_rounds_rotate_the_order_and_ratio_within_a_round():
+    """bench.paired: round r starts with variant r mod n; each ratio divides by the first
+    variant's time of the same round, so a load spike on one round cancels."""
+    from bench.paired import paired_rounds, summarise
+
+    calls: list[str] = []
+    load = [1.0, 1.0, 3.0, 1.0]  # per round; round 2 runs three times slower
+    base = {"a": 10.0, "b": 8.0, "c": 12.0}
+
+    def step(name):
+        def run():
+            calls.append(name)
+            if len(calls) <= 3:  # the warm-up round
+                return 99.0
+            return base[name] * load[(len(calls) - 4) // 3]
+
+        return run
+
+    times = paired_rounds([step("a"), step("b"), step("c")], rounds=4, warmup=1)
+    rounds = [calls[i : i + 3] for i in range(3, len(calls), 3)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    rows = summarise(["a", "b", "c"], times)
+    assert [r["vs_first_median"] for r in rows] == pytest.approx([1.0, 0.8, 1.2])
+    assert rows[1]["vs_first_quartiles"] == pytest.approx([0.8, 0.8])
+    assert rows[0]["step_ms_median"] == pytest.approx(1e4)
