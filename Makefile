@@ -25,10 +25,16 @@ $(BUILD_STAMP): $(STAMP) setup.py pyproject.toml $(CSRC)
 test: build lint typecheck
 	$(PY) -m pytest -q tests
 
-# Naive vs efficient on this machine (CPU when there is no GPU), then the efficient model
-# compiled vs eager in paired steps (bench/compile_vs_eager.py): bench/README.md.
+# Naive vs efficient on this machine (CPU when there is no GPU), then the step times that
+# differ by a few percent again in paired rounds (bench/paired.py: the fastest naive peers
+# against the efficient models; bench/compile_vs_eager.py: compiled vs eager): bench/README.md.
+PAIRED_PEERS = naive-channels_last,naive-compile,efficient-cpp-min,efficient-cpp-bottleneck
 bench: build
 	$(PY) -m bench.run
+	$(PY) -m bench.paired --model densenet_bc_100 --batch 16 --rounds 30 \
+		--variants $(PAIRED_PEERS) --out bench/results
+	$(PY) -m bench.paired --model densenet121 --batch 4 --rounds 20 \
+		--variants $(PAIRED_PEERS) --out bench/results
 	$(PY) -m bench.compile_vs_eager --steps 60 --out bench/results
 
 # DenseNet-BC-1000 at batch 64 (one measured step), naive estimated, and the deepest
