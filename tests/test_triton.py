@@ -1016,6 +1016,25 @@ def test_triton_ops_trace_with_fullgraph_and_reinplace():
     assert done.returncode == 0 and "ok" in done.stdout, (done.stdout + done.stderr)[-4000:]
 
 
+@pytest.mark.slow
+def test_compiled_models_hand_triton_kernels_dense_tensors():
+    """torch.compile(fullgraph=True) of a triton DenseNet-BC and DelugeNet, forward and
+    backward, kernels compiled for sm_90 and launches mocked: every tensor the traced graphs
+    pass to a Triton kernel is dense, never a channel slice of a buffer, whose traced strides
+    a launch would bake in (tests/triton_traced_layouts.py; it failed on the CLDC launchers
+    before they took whole buffers)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    script = Path(__file__).with_name("triton_traced_layouts.py")
+    result = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, (result.stdout + result.stderr)[-4000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU: compiled kernels (skipped without a CUDA GPU)
 # ----------------------------------------------------------------------------------------------
