@@ -24,18 +24,24 @@ from torch import Tensor
 def is_dense(t: Tensor) -> bool:
     """Whether ``t``'s elements fill its memory without gaps or overlaps (in some dimension
     order), i.e. ATen's ``is_non_overlapping_and_dense``."""
-    return _dense_layout(t.shape, t.stride())
+    if torch.compiler.is_compiling():
+        # Traced once, so nothing to cache; Dynamo would warn at every compile that it
+        # ignores an lru_cache.
+        return _dense_layout(tuple(t.shape), tuple(t.stride()))
+    return _cached_dense_layout(t.shape, t.stride())
 
 
-@functools.lru_cache(maxsize=4096)
 def _dense_layout(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    # cached: every parameter gradient of every step asks about its parameter's layout
     expected = 1
     for step, size in sorted((s, n) for n, s in zip(shape, stride) if n != 1):
         if step != expected:
             return False
         expected *= size
     return True
+
+
+# Cached in eager mode: every parameter gradient of every step asks about its parameter's layout.
+_cached_dense_layout = functools.lru_cache(maxsize=4096)(_dense_layout)
 
 
 def _same_order(grad: Tensor, param: Tensor) -> bool:

@@ -5,6 +5,7 @@ and match eager."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -42,12 +43,17 @@ def compiled_matches_eager(module, x, tol):
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize("memory", ["bottleneck", "min"])
 def test_block_compiles_fullgraph_cold(cold_backends, backend, memory):
+    """Also silently: no warning from compiling or running (Dynamo warned at every compile
+    about an lru_cache in dense_ext's gradient-layout check)."""
     cpu_backend_or_skip(backend)
     torch.manual_seed(0)
     block = EfficientDenseBlock(3, 4, 3, 2, memory=memory, backend=backend)
     randomize_bn(block)
     x = torch.randn(2, 4, 5, 5)
-    compiled_matches_eager(block, x, 1e-5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled_matches_eager(block, x, 1e-5)
+    assert not caught, [f"{w.filename}: {w.message}" for w in caught]
 
 
 @pytest.mark.slow
