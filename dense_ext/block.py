@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from dense_ext.backends import check_backend_name, get_backend
 from dense_ext.backends.base import LOCAL, BlockCall
 from dense_ext.function import DenseBlockFunction, autocast_available
-from dense_ext.norm import NormCall, norm_call
+from dense_ext.norm import NormCall, counts_batches, norm_call
 from dense_ext.spec import BlockSpec
 
 
@@ -215,7 +215,15 @@ class EfficientDenseBlock(nn.ModuleDict):
         read them at forward time (each BN's own train/eval flag, momentum, eps; each layer's
         own drop_rate and training flag)."""
         layers = self.layers()
-        norms = [module_norm_call(bn) for layer in layers for bn in layer.norms()]
+        bns = [bn for layer in layers for bn in layer.norms()]
+        norms = [module_norm_call(bn, count=False) for bn in bns]
+        # Every BN's num_batches_tracked += 1 in one foreach call, not one op (a kernel launch
+        # on the GPU) per BN: host time per layer.
+        counters = [
+            bn.num_batches_tracked for bn in bns if norm_kind(bn) != "frozen" and counts_batches(bn)
+        ]
+        if counters:
+            torch._foreach_add_(counters, 1)
         batch_stats = any(norm.batch_stats for norm in norms)
         if batch_stats:
             _check_batch_size(x)
@@ -339,9 +347,9 @@ def norm_channels(norm: nn.Module) -> int:
     return int(weight.shape[0])
 
 
-def module_norm_call(norm: nn.Module) -> NormCall:
-    """``norm``'s decisions for one call (``dense_ext.norm.norm_call``); a ``FrozenBatchNorm2d``
-    always normalises with its running statistics and updates nothing."""
+def module_norm_call(norm: nn.Module, count: bool = True) -> NormCall:
+    """``norm``'s decisions for one call (``dense_ext.norm.norm_call``, ``count`` as there); a
+    ``FrozenBatchNorm2d`` always normalises with its running statistics and updates nothing."""
     if norm_kind(norm) == "frozen":
         return NormCall(
             eps=float(norm.eps),
@@ -349,7 +357,7 @@ def module_norm_call(norm: nn.Module) -> NormCall:
             running_mean=norm.running_mean,
             running_var=norm.running_var,
         )
-    return norm_call(norm)
+    return norm_call(norm, count)
 
 
 _FUSABLE_TYPES = (nn.Conv2d, nn.ReLU, nn.AvgPool2d, nn.Identity)

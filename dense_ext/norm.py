@@ -54,14 +54,22 @@ class NormCall:
         return 1.0 / float(self.num_batches_tracked)
 
 
-def norm_call(bn: _BatchNorm) -> NormCall:
+def counts_batches(bn: _BatchNorm) -> bool:
+    """Whether ``nn.BatchNorm2d.forward`` would increment ``bn.num_batches_tracked`` now
+    (training with tracked statistics)."""
+    return bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+
+
+def norm_call(bn: _BatchNorm, count: bool = True) -> NormCall:
     """``bn``'s decisions for a call now; increments ``num_batches_tracked`` when
-    ``nn.BatchNorm2d.forward`` would (training with tracked statistics).
+    ``nn.BatchNorm2d.forward`` would (``counts_batches``), unless ``count`` is False (the
+    caller then increments the counters of several BNs at once, before using the calls).
 
     Call it exactly once per forward of the module that owns ``bn``.
     """
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+    tracked = bn.num_batches_tracked
+    if count and tracked is not None and counts_batches(bn):
+        tracked.add_(1)
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     passes_running = not bn.training or bn.track_running_stats
     return NormCall(
