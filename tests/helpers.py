@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Relative error of a float64 result against a float64 oracle: exact up to rounding. Lower
 # precisions have no entry on purpose: they follow ``assert_within_torch_error``.
@@ -460,3 +461,24 @@ def ieee_fp32():
             yield
         finally:
             matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class RecordOps(TorchDispatchMode):
+    """Records every ATen op run inside it: ``calls`` holds (op name, dtype of its first
+    argument when that is a tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, torch.dtype | None]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = args[0] if args else None
+        self.calls.append((str(func), first.dtype if isinstance(first, Tensor) else None))
+        return func(*args, **(kwargs or {}))
+
+    def counter_updates(self) -> tuple[int, int]:
+        """(foreach scalar adds, in-place adds on int64 tensors): how ``num_batches_tracked``
+        counters were advanced."""
+        foreach = sum(name == "aten._foreach_add_.Scalar" for name, _ in self.calls)
+        single = sum(name.startswith("aten.add_") and dt == torch.int64 for name, dt in self.calls)
+        return foreach, single

@@ -28,6 +28,7 @@ from deluge_helpers import (
 )
 from helpers import (
     TOLERANCE,
+    RecordOps,
     assert_close,
     assert_within_torch_error,
     float64_oracle,
@@ -550,3 +551,18 @@ def test_bf16_autocast_within_twice_torch_error(backend):
     for what in ("output", "input_grad"):
         ours_, theirs_, exact_ = (getattr(step, what) for step in (ours, theirs, exact))
         assert_within_torch_error(ours_, theirs_, exact_, what, precision=torch.bfloat16)
+
+
+def test_stage_counters_advance_in_one_foreach_call():
+    """A training forward of a fused stage adds 1 to every BN's and CLDC's
+    num_batches_tracked, as the naive stage's modules do, with one foreach op (not one op, a
+    GPU launch, per module); a module in eval keeps its counter."""
+    _, stage = make_stage_pair(6, 4, "reference")
+    stage.train()
+    frozen = stage.layer2.norm1.eval()
+    with RecordOps() as ops:
+        stage(torch.randn(2, 6, 5, 5, dtype=torch.float64))
+    for name, module in stage.named_modules():
+        if hasattr(module, "num_batches_tracked") and module.num_batches_tracked is not None:
+            assert int(module.num_batches_tracked) == (0 if module is frozen else 1), name
+    assert ops.counter_updates() == (1, 0), ops.calls

@@ -47,16 +47,17 @@ from dense_ext.grad_layout import grad_like_param
 from dense_ext.norm import norm_call as shared_norm_call
 
 
-def norm_call(module: nn.Module) -> NormCall:
+def norm_call(module: nn.Module, count: bool = True) -> NormCall:
     """How ``module`` (an ``nn.BatchNorm2d`` or a CLDC) normalises in this call.
 
     The decisions are ``dense_ext.norm.norm_call``'s, i.e. ``nn.BatchNorm2d.forward``'s (a CLDC
     carries the same attributes), including the side effect: in training with tracked
-    statistics ``num_batches_tracked`` is incremented here, once per forward. Without batch
+    statistics ``num_batches_tracked`` is incremented here, once per forward (unless ``count``
+    is False: the caller has incremented it, with other counters in one call). Without batch
     statistics the running ones are snapshotted, so that a later change of the buffers cannot
     skew backward.
     """
-    decided = shared_norm_call(cast(_BatchNorm, module))
+    decided = shared_norm_call(cast(_BatchNorm, module), count)
     call = NormCall(eps=decided.eps, batch_stats=decided.batch_stats, factor=decided.factor())
     if decided.batch_stats:
         call.running_mean, call.running_var = decided.running_mean, decided.running_var

@@ -13,6 +13,7 @@ from typing import cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from dense_ext.block import (
     DenseDtypeError,
@@ -32,6 +33,7 @@ from dense_ext.deluge.recompute import (
     TransitionFunction,
 )
 from dense_ext.deluge.spec import StageSpec
+from dense_ext.norm import counts_batches
 from dense_ext.tracing import is_exporting
 from dense_ext.transition import norm_relu_pool
 
@@ -213,8 +215,19 @@ class EfficientDelugeStage(nn.ModuleDict):
         if any(_batch_stats(m) for layer in layers for m in layer.norms()):
             _refuse_sync(self)
             _check_batch_size(x)
-        # Only now, with the input accepted: norm_call counts the batch in num_batches_tracked.
-        norms = [LayerNorms(*[_norm_call(m) for m in _pad(layer.norms())]) for layer in layers]
+        # Only now, with the input accepted: every BN's and CLDC's num_batches_tracked += 1 (in
+        # one foreach call, not one op per module: host time), then each one's decisions
+        # (a cumulative average's factor reads the incremented counter).
+        counted = [cast(_BatchNorm, m) for layer in layers for m in layer.norms()]
+        counters = [
+            t for m in counted if counts_batches(m) and (t := m.num_batches_tracked) is not None
+        ]
+        if counters:
+            torch._foreach_add_(counters, 1)
+        norms = [
+            LayerNorms(*[_norm_call(m, count=False) for m in _pad(layer.norms())])
+            for layer in layers
+        ]
         call = StageCall(self.spec, _backend(self.backend, x.device), norms)
         params = self._flat_params(x, dtype)
         call.save = torch.is_grad_enabled() and (
@@ -338,8 +351,8 @@ def _batch_stats(module: nn.Module) -> bool:
     return module.training or (module.running_mean is None and module.running_var is None)
 
 
-def _norm_call(module: nn.Module | None):
-    return None if module is None else norm_call(module)
+def _norm_call(module: nn.Module | None, count: bool = True):
+    return None if module is None else norm_call(module, count)
 
 
 def _check_input(x: Tensor, channels: int, who: str, param: Tensor | None) -> None:
