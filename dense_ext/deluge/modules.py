@@ -219,9 +219,10 @@ class EfficientDelugeStage(nn.ModuleDict):
         # one foreach call, not one op per module: host time), then each one's decisions
         # (a cumulative average's factor reads the incremented counter).
         counted = [cast(_BatchNorm, m) for layer in layers for m in layer.norms()]
-        counters = [
-            t for m in counted if counts_batches(m) and (t := m.num_batches_tracked) is not None
-        ]
+        counters: list[Tensor] = []
+        for m in counted:  # (a walrus in a comprehension breaks torch.compile's trace)
+            if counts_batches(m) and m.num_batches_tracked is not None:
+                counters.append(m.num_batches_tracked)
         if counters:
             torch._foreach_add_(counters, 1)
         norms = [
