@@ -165,28 +165,13 @@ def main() -> None:
 
 def write_result(args: argparse.Namespace, what: str, rows: dict) -> None:
     """The rows as JSON in ``args.out``, with the machine, commit and command."""
-    import datetime
-
     import torch
 
-    from bench.run import git_commit
-    from bench.worker import device_name
+    from bench.paired import save_result
 
+    what = f"DenseNet-BC-{args.depth}, batch {args.batch}, {what}: torch.compile vs eager"
     device = torch.device(args.device)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    out = Path(args.out) / f"{device.type}-compile-vs-eager-{now.date().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "what": f"DenseNet-BC-{args.depth}, batch {args.batch}, {what}: torch.compile vs eager",
-        "command": "python -m bench.compile_vs_eager " + " ".join(sys.argv[1:]),
-        "machine": device_name(device),
-        "torch": torch.__version__,
-        "commit": git_commit(),
-        "date": now.isoformat(timespec="seconds"),
-        "rows": rows,
-    }
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"  written to {out}")
+    save_result(args.out, "compile-vs-eager", "bench.compile_vs_eager", what, device, rows=rows)
 
 
 if __name__ == "__main__":

@@ -110,28 +110,40 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"median {row['vs_first_median']:.3f}x (quartiles {low:.3f}-{high:.3f}x)"
         )
     if args.out:
-        write_result(args, device, rows)
+        save_result(
+            args.out,
+            f"paired-{args.model}",
+            "bench.paired",
+            f"{args.model}, batch {args.batch}, {args.dtype}: step time in paired rounds",
+            device,
+            rounds=args.rounds,
+            rows=rows,
+        )
 
 
-def write_result(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
+def save_result(
+    out_dir: str, name: str, module: str, what: str, device: torch.device, **fields
+) -> Path:
+    """``<device type>-<name>-<date>.json`` in ``out_dir``: ``what``, the command (``python -m
+    <module>`` and this process's arguments), machine, torch, commit, date, then ``fields``."""
     from bench.run import git_commit
     from bench.worker import device_name
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    out = Path(args.out) / f"{device.type}-paired-{args.model}-{now.date().isoformat()}.json"
+    out = Path(out_dir) / f"{device.type}-{name}-{now.date().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "what": f"{args.model}, batch {args.batch}, {args.dtype}: step time in paired rounds",
-        "command": "python -m bench.paired " + " ".join(sys.argv[1:]),
+        "what": what,
+        "command": f"python -m {module} " + " ".join(sys.argv[1:]),
         "machine": device_name(device),
         "torch": torch.__version__,
         "commit": git_commit(),
         "date": now.isoformat(timespec="seconds"),
-        "rounds": args.rounds,
-        "rows": rows,
+        **fields,
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"  written to {out}")
+    return out
 
 
 if __name__ == "__main__":
