@@ -95,18 +95,12 @@ def measure(args: argparse.Namespace) -> dict:
 def measure_paired(args: argparse.Namespace) -> dict:
     """Both variants in this process, ``--steps`` pairs of steps, alternating which runs
     first; the compiled / eager ratio of each pair."""
+    from bench.paired import paired_rounds
+
     eager, model = training_step(args, compiled=False)
     compiled, _ = training_step(args, compiled=True, model=model)
-    for _ in range(args.warmup):
-        eager()
-        compiled()
-    ratios = []
-    for i in range(args.steps):
-        if i % 2:
-            t_compiled, t_eager = compiled(), eager()
-        else:
-            t_eager, t_compiled = eager(), compiled()
-        ratios.append(t_compiled / t_eager)
+    times = paired_rounds([eager, compiled], args.steps, args.warmup)
+    ratios = [t_compiled / t_eager for t_eager, t_compiled in times]
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     return {
         "variant": "paired",
