@@ -17,6 +17,7 @@ run, one call after another, as torchvision's block runs them; then the block do
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -86,11 +87,17 @@ class EfficientDenseLayer(nn.Module):
             )
         self.drop_rate = float(drop_rate)
 
+    # Read from ``_modules`` (where nn.Module keeps submodules) rather than through
+    # ``Module.__getattr__``: the block reads them for every layer on every call (host time).
     def norms(self) -> list[nn.Module]:
-        return [self.norm1, self.norm2] if hasattr(self, "norm2") else [self.norm1]
+        modules = cast(dict[str, nn.Module], self._modules)
+        norm1 = modules["norm1"]
+        return [norm1] if "norm2" not in modules else [norm1, modules["norm2"]]
 
     def convs(self) -> list[nn.Module]:
-        return [self.conv1, self.conv2] if hasattr(self, "conv2") else [self.conv1]
+        modules = cast(dict[str, nn.Module], self._modules)
+        conv1 = modules["conv1"]
+        return [conv1] if "conv2" not in modules else [conv1, modules["conv2"]]
 
     def forward(self, features: Tensor | list[Tensor]) -> Tensor:
         """torchvision's ``_DenseLayer.forward``: the ``k`` new feature maps from the list of all
@@ -290,14 +297,23 @@ def _check_batch_size(x: Tensor) -> None:
 
 def _affine(bn: nn.BatchNorm2d, device: torch.device) -> list[Tensor]:
     """gamma and beta of a BN; constants 1 and 0 when it has no affine parameters."""
-    if bn.weight is not None:
-        return [bn.weight, bn.bias]
+    # A BN registers both (None when not affine): read them from the dict, not through
+    # Module.__getattr__ (host time per layer); FrozenBatchNorm2d keeps them as buffers.
+    params = bn._parameters
+    if "weight" in params:
+        weight, bias = params["weight"], params["bias"]
+    else:
+        weight, bias = bn.weight, bn.bias
+    if weight is not None:
+        assert isinstance(bias, Tensor), f"{type(bn).__name__} has a weight but no bias"
+        return [weight, bias]
     ones = torch.ones(bn.num_features, device=device)
     return [ones, torch.zeros_like(ones)]
 
 
 def _weight(conv: nn.Conv2d, dtype: torch.dtype, x: Tensor) -> Tensor:
-    weight = conv.weight
+    weight = conv._parameters["weight"]
+    assert weight is not None, "a convolution of a dense layer without a weight"
     if weight.dtype == dtype:
         return weight
     if _autocast_enabled(x.device.type):
@@ -396,14 +412,35 @@ def unfused_reason(
         or nn_module._global_backward_pre_hooks
     ):
         return "a global module hook"
-    for name, child in module.named_modules():
+    for child in _submodules(module):
         if child is module and called:
             continue
         if has_hooks(child):
-            return f"a hook on {name or type(module).__name__}"
+            return f"a hook on {_module_name(module, child)}"
         if not fusable(child):
-            return f"{name or type(module).__name__} is a {type(child).__name__}"
+            return f"{_module_name(module, child)} is a {type(child).__name__}"
     return None
+
+
+def _submodules(module: nn.Module) -> list[nn.Module]:
+    """``module`` and its submodules, each once (``module.modules()``'s set, without building
+    the names: this runs on every forward)."""
+    seen = {id(module)}
+    found = [module]
+    for parent in found:  # grows while it is walked
+        for child in parent._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+    return found
+
+
+def _module_name(root: nn.Module, child: nn.Module) -> str:
+    """``child``'s qualified name in ``root`` (the class name for ``root`` itself)."""
+    for name, candidate in root.named_modules():
+        if candidate is child:
+            return name or type(root).__name__
+    return type(child).__name__
 
 
 def _fusable(child: nn.Module) -> bool:

@@ -67,18 +67,24 @@ def norm_call(bn: _BatchNorm, count: bool = True) -> NormCall:
 
     Call it exactly once per forward of the module that owns ``bn``.
     """
-    tracked = bn.num_batches_tracked
-    if count and tracked is not None and counts_batches(bn):
+    # Each buffer read once, from ``_buffers`` (where _BatchNorm registers all three, None
+    # included) rather than through ``Module.__getattr__``: this runs for every BN of every
+    # fused call (host time per layer).
+    buffers = bn._buffers
+    tracked = buffers["num_batches_tracked"]
+    running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+    training = bn.training
+    if count and tracked is not None and training and bn.track_running_stats:
         tracked.add_(1)
-    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    passes_running = not bn.training or bn.track_running_stats
+    batch_stats = training or (running_mean is None and running_var is None)
+    passes_running = not training or bn.track_running_stats
     return NormCall(
         eps=float(bn.eps),
         batch_stats=batch_stats,
-        running_mean=bn.running_mean if passes_running else None,
-        running_var=bn.running_var if passes_running else None,
+        running_mean=running_mean if passes_running else None,
+        running_var=running_var if passes_running else None,
         momentum=bn.momentum,
-        num_batches_tracked=bn.num_batches_tracked,
+        num_batches_tracked=tracked,
     )
 
 

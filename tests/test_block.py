@@ -205,6 +205,27 @@ def test_large_mean_statistics_float32():
         assert_within_torch_error(efficient(x)[:, 4:], naive(x)[:, 4:], exact, "new features")
 
 
+def test_running_statistics_fold_in_one_foreach_call_per_momentum():
+    """The running statistics of every BN of a block are updated by one foreach op per distinct
+    momentum (a temporary and three ops per update before: host time), with the naive model's
+    values; BNs with momentum None keep their cumulative average."""
+    torch.manual_seed(0)
+    naive, efficient = make_pair(3, 4, 3, 2, 0.0, "min", "reference", torch.float64)
+    for model in (naive, efficient):
+        model.denselayer2.norm2.momentum = 0.3
+        model.denselayer3.norm1.momentum = None
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    naive(x)
+    with RecordOps() as ops:
+        efficient(x)
+    lerps = [name for name, _ in ops.calls if name.startswith("aten._foreach_lerp_")]
+    assert len(lerps) == 2, ops.calls  # momentum 0.1 and 0.3
+    assert not any(name.startswith("aten._foreach_mul") for name, _ in ops.calls), ops.calls
+    expected = dict(naive.named_buffers())
+    for name, buffer in efficient.named_buffers():
+        torch.testing.assert_close(buffer, expected[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
 def test_batch_counters_advance_in_one_foreach_call():
     """A training forward adds 1 to every BN's num_batches_tracked, as nn.BatchNorm2d does,
     with one foreach op for the whole block (one op per BN is a kernel launch per BN on a
