@@ -299,6 +299,58 @@ def test_channel_statistics_are_stable_for_large_means():
     assert rel_var < 1e-4, f"variance relative error {rel_var:.2e}"
 
 
+def test_merge_writes_the_normalisers_torch_computes():
+    """``merge_site(..., inv=(off, eps))`` also writes ``rsqrt(var + eps)`` of the variance it
+    stores, as ``torch.add(var, eps).rsqrt_()`` gives it, at ``off`` and nowhere else."""
+    triton_cpu_or_skip()
+    from dense_ext.backends.triton import stats
+
+    g = torch.Generator().manual_seed(0)
+    m, c, c_total = 150, 17, 23
+    x = torch.randn(m, c_total, generator=g) * torch.rand(c_total, generator=g) * 3
+    tile, _, part_shape = stats.stats_sites(m, c_total, 2, c, 2, c_total + 2, x.device)
+    tiles, block_m = part_shape[0], tile.constexprs["BLOCK_M"]
+    part = torch.empty(part_shape)
+    tile(x, part)
+    out = torch.full((2, c_total), float("nan"))
+    inv = torch.full((c_total + 5,), float("nan"))
+    eps = 1e-3
+    stats.merge_site(tiles, c, m, block_m, 2, c_total + 2, (5, eps))(part, out, inv)
+    assert torch.isnan(inv[:5]).all() and torch.isnan(inv[5 + c :]).all(), "wrote outside"
+    assert torch.equal(inv[5 : 5 + c], torch.add(out[1, 2 : 2 + c], eps).rsqrt_())
+    # and without inv the third tensor is not written
+    untouched = torch.full((c_total,), float("nan"))
+    stats.merge_site(tiles, c, m, block_m, 2, c_total + 2)(part, out, untouched)
+    assert torch.isnan(untouched).all()
+
+
+@pytest.mark.parametrize("bn_size", [4, 0])
+def test_eager_forward_takes_the_normalisers_from_the_merges(bn_size, monkeypatch):
+    """In training with one eps for all BNs, no layer of the eager forward computes a BN
+    normaliser (an add and an rsqrt per BN: host time per layer); when the BN1s' eps differ,
+    each BN1's own is computed (the BN2s' still come from the merges). The outputs match the
+    reference either way. (Counted by wrapping ``eager.invstd``: a dispatch mode would send
+    the block down the traced path.)"""
+    triton_cpu_or_skip()
+    from dense_ext.backends.triton import eager
+
+    computed = []
+    invstd = eager.invstd
+    monkeypatch.setattr(eager, "invstd", lambda var, eps: computed.append(eps) or invstd(var, eps))
+    for mixed in (False, True):
+        torch.manual_seed(0)
+        block = EfficientDenseBlock(L, C0, K, bn_size, backend="triton")
+        if mixed:
+            block.denselayer2.norm1.eps = 1e-3
+        reference = copy.deepcopy(block)
+        reference.backend = "reference"
+        x = torch.randn(3, C0, 5, 6)
+        computed.clear()
+        out = block(x)
+        assert len(computed) == (L if mixed else 0), (mixed, computed)
+        assert_close(out, reference(x), 1e-5, f"output, mixed eps {mixed}")
+
+
 def test_epilogue_statistics_are_stable_for_large_means():
     """The statistics fused into the convolution epilogues (stats2 of Y1, stats1 of the new
     channels) on a block whose outputs have means ~1000x their spread: BN shifts of 1000, and

@@ -69,13 +69,14 @@ _ACC_POINTERS = {
     "SUMS_ptr",
     "PART_ptr",
     "OUT_ptr",
+    "INV_ptr",
 }
 
 
 _SMS = 132  # H100 SXM
 # Local memory (spills) a kernel may use; every variant today uses none.
 SPILL_LIMIT_BYTES = 0
-_FLOAT_ARGS = {"count", "p", "scale_hi", "scale_mid", "scale_lo"}
+_FLOAT_ARGS = {"count", "p", "scale_hi", "scale_mid", "scale_lo", "eps"}
 
 
 @dataclass
@@ -195,7 +196,10 @@ def variants(cap, dtypes):
         stats.num_warps,
         2,
     )
-    yield ("merge_stats", _merge_stats_kernel, torch.float32, {"BLOCK_T": 64, "BLOCK_C": 32}, 4, 2)
+    for write_inv in (False, True):  # the eager loop's merges also write the normalisers
+        merge = {"WRITE_INV": write_inv, "BLOCK_T": 64, "BLOCK_C": 32}
+        name = "merge_stats_inv" if write_inv else "merge_stats"
+        yield (name, _merge_stats_kernel, torch.float32, merge, 4, 2)
     for dtype in dtypes:
         yield (
             "dropout_bwd",

@@ -168,7 +168,7 @@ class FwdSites:
     """The launches of one ``bn_relu_conv_fwd_`` call (``fwd_sites``)."""
 
     conv: LaunchSite  # tensors: x, mean, invstd, gamma, beta, w_taps, y, partials, seeds
-    merge: LaunchSite | None  # tensors: partials, statistics (None: no statistics)
+    merge: LaunchSite | None  # tensors: partials, statistics, normalisers (None: no statistics)
     part_shape: tuple[int, int, int]  # [tiles, 3, C_out] partial statistics
 
 
@@ -189,10 +189,12 @@ def fwd_sites(
     dot: tuple[bool, str, bool],
     stats: tuple[int, int] | None,
     dropout: tuple[int, float] | None,
+    inv: tuple[int, float] | None = None,
 ) -> FwdSites:
     """The launches of ``bn_relu_conv_fwd_`` from integers: ``dot`` is ``dot_config(dtype,
     device)``, ``stats`` the statistics offsets ``(mean_off, var_off)`` or None, ``dropout``
-    ``(layer, p)`` or None."""
+    ``(layer, p)`` or None, ``inv`` where the merge also writes the normalisers
+    (``stats.merge_site``)."""
     cfg = conv_fwd_config(m, c_in, c_out, dtype, device)
     tiles = cdiv(m, cfg.block_m)
     drop = _NO_DROPOUT
@@ -222,7 +224,7 @@ def fwd_sites(
     )
     merge = None
     if stats is not None:
-        merge = merge_site(tiles, c_out, m, cfg.block_m, *stats)
+        merge = merge_site(tiles, c_out, m, cfg.block_m, *stats, inv)
     return FwdSites(conv, merge, (tiles, 3, c_out))
 
 
@@ -272,7 +274,7 @@ def bn_relu_conv_fwd_(
         part = torch.empty(sites.part_shape, dtype=acc_dtype(y.dtype), device=y.device)
     sites.conv(x, mean, invstd, gamma, beta, w_taps, y, part, seeds if seeds is not None else mean)
     if sites.merge is not None:
-        sites.merge(part, stats)
+        sites.merge(part, stats, stats)
 
 
 @torch.library.triton_op("dense_ext_triton::bn_relu_conv_fwd", mutates_args={"y", "stats"})

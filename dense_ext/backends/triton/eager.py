@@ -62,6 +62,10 @@ class BlockPlan:
     stats_scratch: int  # elements of the partial-statistics scratch shared by the forward
     uniform_bn1: float | None  # the eps of every BN1 when all use batch statistics
     uniform_bn2: float | None  # the same for the bottleneck BNs
+    # Whether the forward's statistics merges also write the BN normalisers (``uniform_bn*``
+    # set and float32 statistics: stats.merge_site), so no layer computes them with tensor ops.
+    merged_inv1: bool
+    merged_inv2: bool
 
 
 def plan_key(call: BlockCall, shape: Sequence[int], dtype, device, dot, seeds: bool) -> tuple:
@@ -76,12 +80,21 @@ def build_plan(call: BlockCall, shape, dtype, device, dot, seeds: bool) -> Block
     n, c_total, h, w = shape
     m, k, mid = n * h * w, spec.growth_rate, spec.mid_channels
     hw = (h, w)
+    uniform_bn1 = _uniform_eps([call.bn1(i) for i in range(spec.num_layers)])
+    uniform_bn2 = None
+    if spec.has_bottleneck:
+        uniform_bn2 = _uniform_eps([call.bn2(i) for i in range(spec.num_layers)])
+    # The merges' normalisers: eps arrives as a float32 argument, so float32 statistics only.
+    inv_eps1 = None if _fp64(dtype) else uniform_bn1
+    inv_eps2 = None if _fp64(dtype) else uniform_bn2
     acc_elems = 0
     initial = None
     if call.stats1_needed:
-        tile, merge, part_shape = stats.stats_sites(
-            m, c_total, 0, spec.num_input_features, 0, c_total, device
-        )
+        c0 = spec.num_input_features
+        tile, merge, part_shape = stats.stats_sites(m, c_total, 0, c0, 0, c_total, device)
+        if inv_eps1 is not None:
+            tiles, block_m = part_shape[0], tile.constexprs["BLOCK_M"]
+            merge = stats.merge_site(tiles, c0, m, block_m, 0, c_total, (0, inv_eps1))
         initial = (tile.own(), merge.own())
         acc_elems = _numel(part_shape)
     layers = []
@@ -90,13 +103,14 @@ def build_plan(call: BlockCall, shape, dtype, device, dot, seeds: bool) -> Block
         p = call.drop_rates[index]
         drop = (index, float(p)) if seeds and p > 0 else None
         stats1 = (c_in, c_total + c_in) if call.stats1_needed else None
+        inv1 = None if inv_eps1 is None else (c_in, inv_eps1)
 
         # Every site of the plan is its own (LaunchSite.own): the direct launch may assume the
         # alignments of this plan's tensors only.
-        def fwd(x_stride, c_from, y_stride, y_col, c_out, ks, stats_offsets, dropout_of):
+        def fwd(x_stride, c_from, y_stride, y_col, c_out, ks, stats_offsets, dropout_of, inv=None):
             sites = conv_fwd.fwd_sites(
                 m, x_stride, 0, y_stride, y_col, c_from, c_out, ks, h, w, dtype, device, dot,
-                stats_offsets, dropout_of,
+                stats_offsets, dropout_of, inv,
             )  # fmt: skip
             merge = None if sites.merge is None else sites.merge.own()
             return replace(sites, conv=sites.conv.own(), merge=merge)
@@ -122,8 +136,9 @@ def build_plan(call: BlockCall, shape, dtype, device, dot, seeds: bool) -> Block
         if spec.has_bottleneck:
             norm2 = call.bn2(index)
             stats2 = (index * 2 * mid, index * 2 * mid + mid) if norm2.batch_stats else None
-            conv1 = fwd(c_total, c_in, mid, 0, mid, 1, stats2, None)
-            conv2 = fwd(mid, mid, c_total, c_in, k, 3, stats1, drop)
+            inv2 = None if inv_eps2 is None else (index * mid, inv_eps2)
+            conv1 = fwd(c_total, c_in, mid, 0, mid, 1, stats2, None, inv2)
+            conv2 = fwd(mid, mid, c_total, c_in, k, 3, stats1, drop, inv1)
             recompute = None
             if not spec.saves_bottleneck_outputs:
                 recompute = fwd(c_total, c_in, mid, 0, mid, 1, None, None)
@@ -146,7 +161,7 @@ def build_plan(call: BlockCall, shape, dtype, device, dot, seeds: bool) -> Block
             )
             acc_elems = max(acc_elems, *(_numel(s.part_shape) for s in (conv1, conv2)))
         else:
-            conv2 = fwd(c_total, c_in, c_total, c_in, k, 3, stats1, drop)
+            conv2 = fwd(c_total, c_in, c_total, c_in, k, 3, stats1, drop, inv1)
             from_new = ((c_total, c_total, 0), (c_in, 0, 0))
             into_prefix = ((c_total, c_total, c_total), (c_in, 0, 0))
             plan = LayerPlan(
@@ -168,12 +183,10 @@ def build_plan(call: BlockCall, shape, dtype, device, dot, seeds: bool) -> Block
         initial_stats=initial,
         layers=tuple(layers),
         stats_scratch=acc_elems,
-        uniform_bn1=_uniform_eps([call.bn1(i) for i in range(spec.num_layers)]),
-        uniform_bn2=(
-            _uniform_eps([call.bn2(i) for i in range(spec.num_layers)])
-            if spec.has_bottleneck
-            else None
-        ),
+        uniform_bn1=uniform_bn1,
+        uniform_bn2=uniform_bn2,
+        merged_inv1=inv_eps1 is not None,
+        merged_inv2=inv_eps2 is not None,
     )
 
 
@@ -245,28 +258,41 @@ def run_forward(plan: BlockPlan, feat: Tensor, state: ForwardState, params, call
     """The layer loop of the forward: fills ``feat``'s new channels and the statistics."""
     spec = call.spec
     acc = state.stats1.dtype
-    go = launcher(alignment_bases(call, params, feat, state.stats1, state.stats2))
-    scratch = torch.empty(plan.stats_scratch, dtype=acc, device=feat.device)
+    dev = feat.device
     stats1, stats2 = state.stats1, state.stats2
-    var1 = stats1[1] if plan.layers and call.stats1_needed else None
-    rows2: Sequence[Tensor] = ()
-    vars2: Sequence[Tensor] = ()
+    # The normalisers the statistics merges write (BlockPlan.merged_inv*); else each layer
+    # computes its own from the variances.
+    inv1_all = torch.empty(stats1.shape[1], dtype=acc, device=dev) if plan.merged_inv1 else None
+    inv2_all = None
+    if plan.merged_inv2:
+        inv2_all = torch.empty((spec.num_layers, spec.mid_channels), dtype=acc, device=dev)
+    bases = [feat, stats1, stats2, *(t for t in (inv1_all, inv2_all) if t is not None)]
+    go = launcher(alignment_bases(call, params, *bases))
+    scratch = torch.empty(plan.stats_scratch, dtype=acc, device=dev)
+    into1 = stats1 if inv1_all is None else inv1_all  # the merges' third tensor
+    into2 = stats2 if inv2_all is None else inv2_all
+    var1 = stats1[1] if plan.layers and call.stats1_needed and inv1_all is None else None
+    rows2: Sequence[Tensor] = ()  # per layer: BN2's [2, mid] statistics
+    vars2: Sequence[Tensor] = ()  # its variances, or the merge's normalisers (merged_inv2)
     if spec.has_bottleneck and call.stats2_needed:
-        rows2, vars2 = stats2.unbind(0), stats2[:, 1].unbind(0)
+        rows2 = stats2.unbind(0)
+        vars2 = stats2[:, 1].unbind(0) if inv2_all is None else inv2_all.unbind(0)
     keep = call.save and spec.saves_bottleneck_outputs
     n, _, h, w = feat.shape
     y1_shape = (n * h * w, spec.mid_channels)
     y1_scratch = None
     if spec.has_bottleneck and not keep:
-        y1_scratch = torch.empty(y1_shape, dtype=feat.dtype, device=feat.device)
+        y1_scratch = torch.empty(y1_shape, dtype=feat.dtype, device=dev)
     if plan.initial_stats is not None:
         tile, merge = plan.initial_stats
         go(tile, feat, scratch)
-        go(merge, scratch, stats1)
+        go(merge, scratch, stats1, into1)
     ppl = spec.params_per_layer
     for index, layer in enumerate(plan.layers):
         p = params[index * ppl : (index + 1) * ppl]
-        if plan.uniform_bn1 is not None:
+        if inv1_all is not None:
+            mean1, inv1 = stats1, inv1_all
+        elif plan.uniform_bn1 is not None:
             mean1, inv1 = stats1, invstd(var1, plan.uniform_bn1)
         else:
             mean1, inv1 = normaliser(call.bn1(index), stats1, var1, acc)
@@ -277,18 +303,20 @@ def run_forward(plan: BlockPlan, feat: Tensor, state: ForwardState, params, call
             drop = seeds if conv2.conv.constexprs["DROPOUT"] else mean1
             go(conv2.conv, feat, *bn1, w1, feat, scratch, drop)
             if conv2.merge is not None:
-                go(conv2.merge, scratch, stats1)
+                go(conv2.merge, scratch, stats1, into1)
             continue
         y1 = y1_scratch
         if keep:
-            y1 = torch.empty(y1_shape, dtype=feat.dtype, device=feat.device)
+            y1 = torch.empty(y1_shape, dtype=feat.dtype, device=dev)
         go(layer.conv1.conv, feat, *bn1, w1, y1, scratch, mean1)
         if layer.conv1.merge is not None:
-            go(layer.conv1.merge, scratch, stats2)
+            go(layer.conv1.merge, scratch, stats2, into2)
         if keep:
             state.bottlenecks.append(y1)
         row, var2 = (rows2[index], vars2[index]) if rows2 else (None, None)
-        if plan.uniform_bn2 is not None and row is not None:
+        if inv2_all is not None and row is not None:
+            mean2, inv2 = row, vars2[index]
+        elif plan.uniform_bn2 is not None and row is not None:
             mean2, inv2 = row, invstd(var2, plan.uniform_bn2)
         else:
             mean2, inv2 = normaliser(call.bn2(index), row, var2, acc)
@@ -296,7 +324,7 @@ def run_forward(plan: BlockPlan, feat: Tensor, state: ForwardState, params, call
         go(conv2.conv, y1, mean2, inv2, bn_vector(p[3], acc), bn_vector(p[4], acc), taps(p[5]),
            feat, scratch, drop)  # fmt: skip
         if conv2.merge is not None:
-            go(conv2.merge, scratch, stats1)
+            go(conv2.merge, scratch, stats1, into1)
 
 
 def run_backward(plan: BlockPlan, grad_feat: Tensor, feat: Tensor, state: ForwardState, params,

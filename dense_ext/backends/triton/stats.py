@@ -86,18 +86,27 @@ def _tile_stats_kernel(
 def _merge_stats_kernel(
     PART_ptr,  # [tiles, 3, C]: mean_hi, mean_lo, M2 per tile
     OUT_ptr,  # statistics tensor; mean at OUT_ptr + mean_off + c, variance at + var_off + c
+    INV_ptr,  # with WRITE_INV: rsqrt(variance + eps) at INV_ptr + inv_off + c
     mean_off,
     var_off,
+    inv_off,
+    eps,
     num_tiles,
     tile_rows,
     M,
     C,
+    WRITE_INV: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Two vectorised passes over ``[BLOCK_T tiles, BLOCK_C channels]`` blocks, in float64:
     the mean ``sum_t n_t * mean_t / M``, then ``M2 = sum_t M2_t + n_t * (mean_t - mean)^2``
-    (the closed form of Chan's merge). Fixed summation order: deterministic."""
+    (the closed form of Chan's merge). Fixed summation order: deterministic.
+
+    With ``WRITE_INV`` also the BN normaliser ``rsqrt(var + eps)`` of the stored (rounded)
+    variance, as ``torch.add(var, eps).rsqrt_()`` computes it in float32: the eager layer loop
+    then launches nothing else before the next layer reads these channels. float32 statistics
+    only (``eps`` arrives as a float32 argument)."""
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
     total = tl.zeros((BLOCK_C,), dtype=tl.float64)
@@ -110,8 +119,11 @@ def _merge_stats_kernel(
         n_t, mean_t, m2_t = _tile_block(PART_ptr, t0, rc, c_ok, num_tiles, tile_rows, M, C, BLOCK_T)
         d = mean_t - mean[None, :]
         m2 += tl.sum(m2_t + n_t[:, None] * d * d, axis=0)
+    var = (m2 / M).to(OUT_ptr.dtype.element_ty)
     tl.store(OUT_ptr + mean_off + rc, mean.to(OUT_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(OUT_ptr + var_off + rc, (m2 / M).to(OUT_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(OUT_ptr + var_off + rc, var, mask=c_ok)
+    if WRITE_INV:
+        tl.store(INV_ptr + inv_off + rc, tl.math.rsqrt(var + eps), mask=c_ok)
 
 
 @triton.jit
@@ -129,17 +141,28 @@ def _tile_block(PART_ptr, t0, rc, c_ok, num_tiles, tile_rows, M, C, BLOCK_T: tl.
 
 
 @functools.lru_cache(maxsize=4096)
-def merge_site(tiles: int, c: int, m: int, tile_rows: int, mean_off: int, var_off: int):
+def merge_site(
+    tiles: int,
+    c: int,
+    m: int,
+    tile_rows: int,
+    mean_off: int,
+    var_off: int,
+    inv: tuple[int, float] | None = None,
+):
     """The launch that merges partials ``[tiles, 3, c]`` (tiles of ``tile_rows`` of ``m`` rows)
-    into a statistics tensor at element offsets ``mean_off``, ``var_off``; tensors: the
-    partials, the statistics tensor."""
+    into a statistics tensor at element offsets ``mean_off``, ``var_off``, and with ``inv =
+    (inv_off, eps)`` the normalisers ``rsqrt(var + eps)`` into a float32 tensor at ``inv_off``;
+    tensors: the partials, the statistics tensor, the normalisers' tensor (the statistics
+    tensor again without ``inv``: not written)."""
     block_c = 16 if c <= 16 else 32
     block_t = max(2, min(64, next_pow2(tiles)))
+    inv_off, eps = (0, 0.0) if inv is None else inv
     return LaunchSite(
         _merge_stats_kernel,
         (cdiv(c, block_c),),
-        (mean_off, var_off, tiles, tile_rows, m, c),
-        {"BLOCK_T": block_t, "BLOCK_C": block_c},
+        (mean_off, var_off, inv_off, float(eps), tiles, tile_rows, m, c),
+        {"WRITE_INV": inv is not None, "BLOCK_T": block_t, "BLOCK_C": block_c},
     )
 
 
@@ -148,7 +171,7 @@ def stats_sites(
     m: int, x_stride: int, x_col: int, channels: int, mean_off: int, var_off: int, device
 ) -> tuple[LaunchSite, LaunchSite, tuple[int, int, int]]:
     """``(tile statistics, merge, partials shape)`` of ``channel_stats_``; tensors: ``x`` and the
-    partials, then the partials and the output."""
+    partials, then the partials and the output (twice: ``merge_site``)."""
     cfg = stats_config(m, channels, device)
     tiles = cdiv(m, cfg.block_m)
     tile = LaunchSite(
@@ -179,7 +202,7 @@ def channel_stats_(
     )
     part = torch.empty(part_shape, dtype=acc_dtype(x.dtype), device=x.device)
     tile(x, part)
-    merge(part, out)
+    merge(part, out, out)
 
 
 @torch.library.triton_op("dense_ext_triton::channel_stats", mutates_args={"out"})
