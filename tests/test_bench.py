@@ -476,3 +476,34 @@ def test_paired_rounds_rotate_the_order_and_ratio_within_a_round():
     assert [r["vs_first_median"] for r in rows] == pytest.approx([1.0, 0.8, 1.2])
     assert rows[1]["vs_first_quartiles"] == pytest.approx([0.8, 0.8])
     assert rows[0]["step_ms_median"] == pytest.approx(1e4)
+
+
+def test_host_time_rounds_keep_the_least_time_and_the_median_marginal():
+    from bench.triton_host import best_of_rounds
+
+    def run(per_layer, per_block, marginal):
+        block = {"input_channels": 24, "layers": 16, "us_per_block": per_block,
+                 "us_per_layer_marginal": marginal, "launches_per_layer": 11.0}  # fmt: skip
+        net = {"us_per_layer": per_layer, "launches_per_layer": 11.0, "blocks": [block]}
+        return {"dense_ext": "/tree/dense_ext", "net": net}
+
+    best = best_of_rounds([run(300.0, 4800.0, 190.0), run(200.0, 3200.0, 260.0),
+                           run(250.0, 4000.0, 170.0)])  # fmt: skip
+    assert best["dense_ext"] == "/tree/dense_ext"
+    assert best["net"]["us_per_layer"] == 200.0
+    assert best["net"]["launches_per_layer"] == 11.0
+    assert best["net"]["blocks"][0]["us_per_block"] == 3200.0
+    assert best["net"]["blocks"][0]["us_per_layer_marginal"] == 190.0
+
+
+def test_host_time_ratio_of_each_round_then_the_median():
+    from bench.triton_host import paired_ratios
+
+    def run(per_layer):
+        return {"dense_ext": "/tree", "net": {"us_per_layer": per_layer}}
+
+    # round 2 ran under load: both trees slow, the same ratio
+    ratios = paired_ratios([run(80.0), run(160.0), run(90.0)], [run(100.0), run(200.0), run(100.0)])
+    assert ratios["net"]["median"] == 0.8
+    assert (ratios["net"]["min"], ratios["net"]["max"]) == (0.8, 0.9)
+    assert ratios["net"]["rounds"] == [0.8, 0.8, 0.9]
