@@ -5,6 +5,7 @@ and match eager."""
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import pytest
@@ -53,7 +54,15 @@ def test_block_compiles_fullgraph_cold(cold_backends, backend, memory):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compiled_matches_eager(block, x, 1e-5)
-    assert not caught, [f"{w.filename}: {w.message}" for w in caught]
+    ours = [w for w in caught if not _torch_deprecates_itself(w)]
+    assert not ours, [f"{w.filename}: {w.message}" for w in ours]
+
+
+def _torch_deprecates_itself(w: warnings.WarningMessage) -> bool:
+    """A DeprecationWarning that torch raises inside its own code: torch 2.11's compiler
+    imports modules that call the deprecated ``torch.jit.script_method`` (nothing of ours)."""
+    torch_dir = os.path.dirname(torch.__file__)
+    return issubclass(w.category, DeprecationWarning) and w.filename.startswith(torch_dir)
 
 
 @pytest.mark.slow
