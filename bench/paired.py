@@ -126,11 +126,12 @@ def save_result(
 ) -> Path:
     """``<device type>-<name>-<date>.json`` in ``out_dir``: ``what``, the command (``python -m
     <module>`` and this process's arguments), machine, torch, commit, date, then ``fields``."""
+    from bench.report import unused_path
     from bench.run import git_commit
     from bench.worker import device_name
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    out = Path(out_dir) / f"{device.type}-{name}-{now.date().isoformat()}.json"
+    out = unused_path(Path(out_dir), f"{device.type}-{name}-{now.date().isoformat()}")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "what": what,

@@ -238,6 +238,17 @@ def _incomplete(r: dict) -> bool:
     return bool(r.get("skipped") or r.get("error"))
 
 
+def unused_path(folder: Path, stem: str, suffix: str = ".json") -> Path:
+    """``folder/<stem><suffix>``, or ``<stem>b``, ``<stem>c``, ... when that is taken: a second
+    run of a day never overwrites a result already written (and perhaps cited)."""
+    path = folder / f"{stem}{suffix}"
+    for letter in "bcdefghijklmnopqrstuvwxyz":
+        if not path.exists():
+            return path
+        path = folder / f"{stem}{letter}{suffix}"
+    raise FileExistsError(f"{folder}: every name {stem}[b-z]{suffix} is taken")
+
+
 def device_slug(device: str, name: str) -> str:
     """``cpu``, or ``cuda-<gpu name>``: the file stem's first part."""
     if device == "cpu":

@@ -22,7 +22,7 @@ work. Per network: host time of one forward + backward of every dense block, ove
 layers (block-level work included); per block also the marginal time per layer (the block
 against the same block with half the layers, so block-level work cancels). Best of ``--trials``
 by process CPU time, gradients set to None before each step as ``optimizer.zero_grad()`` does
-(not timed). Writes ``bench/results/cpu-triton-host-<date>.json``.
+(not timed). Writes ``bench/results/cpu-triton-host-<date>.json`` (``<date>b`` ... when taken).
 """
 
 from __future__ import annotations
@@ -367,7 +367,10 @@ def main(argv=None) -> int:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     day = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    path = args.out / f"cpu-triton-host-{day}.json"
+    # Imported here, not at the top: workers run this file with a baseline tree on the path.
+    from bench.report import unused_path
+
+    path = unused_path(args.out, f"cpu-triton-host-{day}")
     path.write_text(json.dumps(document, indent=2) + "\n")
     print(f"wrote {path}")
     return 0

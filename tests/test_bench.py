@@ -507,3 +507,15 @@ def test_host_time_ratio_of_each_round_then_the_median():
     assert ratios["net"]["median"] == 0.8
     assert (ratios["net"]["min"], ratios["net"]["max"]) == (0.8, 0.9)
     assert ratios["net"]["rounds"] == [0.8, 0.8, 0.9]
+
+
+def test_result_files_of_the_same_day_get_new_names(tmp_path):
+    from bench.report import unused_path
+
+    first = unused_path(tmp_path, "cpu-triton-host-2026-11-26")
+    assert first.name == "cpu-triton-host-2026-11-26.json"
+    first.write_text("{}")
+    second = unused_path(tmp_path, "cpu-triton-host-2026-11-26")
+    assert second.name == "cpu-triton-host-2026-11-26b.json"
+    second.write_text("{}")
+    assert unused_path(tmp_path, "cpu-triton-host-2026-11-26").name.endswith("26c.json")
