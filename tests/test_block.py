@@ -239,3 +239,19 @@ def test_batch_counters_advance_in_one_foreach_call():
         if isinstance(module, torch.nn.BatchNorm2d):
             assert int(module.num_batches_tracked) == (0 if module is frozen else 1), name
     assert ops.counter_updates() == (1, 0), ops.calls
+
+
+def test_unfused_reason_names_the_submodule():
+    """The walk over submodules (no qualified names built on the fused path) still names the
+    module that makes the block run unfused, and visits a module shared by two layers once."""
+    from dense_ext.block import unfused_reason
+
+    block = EfficientDenseBlock(3, 4, 3, 2, backend="reference")
+    assert unfused_reason(block) is None
+    block.denselayer3.relu2 = block.denselayer1.relu1  # shared: still fusable
+    assert unfused_reason(block) is None
+    handle = block.denselayer2.conv1.register_forward_hook(lambda *args: None)
+    assert unfused_reason(block) == "a hook on denselayer2.conv1"
+    handle.remove()
+    block.denselayer3.norm2 = torch.nn.GroupNorm(1, 6)
+    assert unfused_reason(block) == "denselayer3.norm2 is a GroupNorm"
