@@ -13,6 +13,15 @@ every variant, in an order rotated from round to round, so every variant sees th
 Reported per variant: the median step time, and the median and quartiles over rounds of its
 time divided by the first variant's time *in the same round* (the comparison). Time only: the
 memory columns are ``make bench``'s.
+
+The allocator is held fixed (``PINNED_MALLOC``; ``--default-malloc`` leaves glibc's defaults):
+glibc serves large blocks with fresh ``mmap``s, page faults and zeroing included, until freeing
+such blocks has raised its threshold, so a process's history decides how much of a naive step
+goes to page faults. On this project's 2-core CPU naive channels_last (DenseNet-BC-100, b16)
+took 380-400 ms in processes that had compiled a model first and 480-600 ms in processes that
+had not, while the efficient models (a few large buffers per step) took the same either way.
+Pinned, every variant runs as in a process tuned for it (or under jemalloc/tcmalloc): the
+comparison with the fastest naive peer is the strict one.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -27,6 +37,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+# glibc reads these at process start (mallopt's M_MMAP_THRESHOLD, at its 64-bit maximum of
+# 32 MiB, and M_TRIM_THRESHOLD): blocks up to 32 MiB come from the heap and freed memory stays.
+PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
+
+
+def malloc_pinned() -> bool:
+    """Whether this process started with ``PINNED_MALLOC``."""
+    return all(os.environ.get(k) == v for k, v in PINNED_MALLOC.items())
+
+
+def restart_with_pinned_malloc(argv: Sequence[str]) -> None:
+    """Replace this process by ``python -m bench.paired ARGV`` with ``PINNED_MALLOC`` set
+    (glibc reads it only at start); returns only when it is set already."""
+    if malloc_pinned():
+        return
+    sys.stdout.flush()
+    env = {**os.environ, **PINNED_MALLOC}
+    os.execve(sys.executable, [sys.executable, "-m", "bench.paired", *argv], env)
 
 
 def timed(step: Callable[[], None], device: torch.device) -> float:
@@ -88,7 +117,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="auto", help="auto: cuda when present, else cpu")
     parser.add_argument("--out", help="folder for <device>-paired-<model>-<date>.json")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default (history-dependent) large-block behaviour",
+    )
     args = parser.parse_args(argv)
+    if not args.default_malloc:
+        restart_with_pinned_malloc(sys.argv[1:] if argv is None else argv)
     from bench.variants import TrainStep, model_config
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,7 +137,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in names:
         step = TrainStep(config, name, args.batch, args.dtype, device)
         steps.append(lambda step=step: timed(step, device))
-    print(f"{args.model}, batch {args.batch}, {args.dtype}, {device}: {args.rounds} rounds")
+    malloc = "pinned (PINNED_MALLOC)" if malloc_pinned() else "glibc defaults"
+    print(
+        f"{args.model}, batch {args.batch}, {args.dtype}, {device}: {args.rounds} rounds, {malloc}"
+    )
     rows = summarise(names, paired_rounds(steps, args.rounds, args.warmup))
     for row in rows:
         low, high = row["vs_first_quartiles"]
@@ -117,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{args.model}, batch {args.batch}, {args.dtype}: step time in paired rounds",
             device,
             rounds=args.rounds,
+            malloc=malloc,
             rows=rows,
         )
 

@@ -519,3 +519,28 @@ def test_result_files_of_the_same_day_get_new_names(tmp_path):
     assert second.name == "cpu-triton-host-2026-11-26b.json"
     second.write_text("{}")
     assert unused_path(tmp_path, "cpu-triton-host-2026-11-26").name.endswith("26c.json")
+
+
+def test_paired_restarts_itself_with_the_allocator_pinned(monkeypatch):
+    """bench.paired re-executes itself once with glibc's large-block thresholds fixed (read only
+    at process start), unless they are set already or --default-malloc is given."""
+    from bench import paired
+
+    for key in paired.PINNED_MALLOC:
+        monkeypatch.delenv(key, raising=False)
+    execs: list[tuple] = []
+
+    def fake_execve(path, args, env):
+        execs.append((args, env))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(paired.os, "execve", fake_execve)
+    with pytest.raises(SystemExit):
+        paired.main(["--model", "densenet_bc_16", "--rounds", "2"])
+    ((args, env),) = execs
+    assert args[1:] == ["-m", "bench.paired", "--model", "densenet_bc_16", "--rounds", "2"]
+    assert all(env[k] == v for k, v in paired.PINNED_MALLOC.items())
+    for key, value in paired.PINNED_MALLOC.items():  # the restarted process goes on
+        monkeypatch.setenv(key, value)
+    paired.restart_with_pinned_malloc(["--rounds", "2"])
+    assert len(execs) == 1
