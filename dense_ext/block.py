@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from dense_ext.backends import check_backend_name, get_backend
 from dense_ext.backends.base import LOCAL, BlockCall
 from dense_ext.function import DenseBlockFunction, autocast_available
-from dense_ext.norm import NormCall, counts_batches, norm_call
+from dense_ext.norm import NormCall, advance_batch_counters, norm_call
 from dense_ext.spec import BlockSpec
 
 
@@ -224,13 +224,7 @@ class EfficientDenseBlock(nn.ModuleDict):
         layers = self.layers()
         bns = [bn for layer in layers for bn in layer.norms()]
         norms = [module_norm_call(bn, count=False) for bn in bns]
-        # Every BN's num_batches_tracked += 1 in one foreach call, not one op (a kernel launch
-        # on the GPU) per BN: host time per layer.
-        counters = [
-            bn.num_batches_tracked for bn in bns if norm_kind(bn) != "frozen" and counts_batches(bn)
-        ]
-        if counters:
-            torch._foreach_add_(counters, 1)
+        advance_batch_counters(bns)
         batch_stats = any(norm.batch_stats for norm in norms)
         if batch_stats:
             _check_batch_size(x)

@@ -10,10 +10,12 @@ give the naive model's numbers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
@@ -54,10 +56,24 @@ class NormCall:
         return 1.0 / float(self.num_batches_tracked)
 
 
-def counts_batches(bn: _BatchNorm) -> bool:
+def counts_batches(bn: nn.Module) -> bool:
     """Whether ``nn.BatchNorm2d.forward`` would increment ``bn.num_batches_tracked`` now
-    (training with tracked statistics)."""
-    return bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    (training with tracked statistics). False for a module without that buffer (torchvision's
+    ``FrozenBatchNorm2d``). The buffer is read from ``_buffers`` (where _BatchNorm and the CLDC
+    register it, None included) rather than through ``Module.__getattr__``: this runs for every
+    BN of every fused call (host time per layer)."""
+    tracked = bn._buffers.get("num_batches_tracked")
+    return tracked is not None and bn.training and bool(bn.track_running_stats)
+
+
+def advance_batch_counters(bns: Sequence[nn.Module]) -> None:
+    """``num_batches_tracked += 1`` for each of ``bns`` that counts this call
+    (``counts_batches``), in one foreach call: one op per BN is a kernel launch per BN on a
+    GPU. For the fused modules, which then take each BN's ``norm_call(bn, count=False)``."""
+    counting = [bn for bn in bns if counts_batches(bn)]
+    counters = [cast(Tensor, bn._buffers["num_batches_tracked"]) for bn in counting]
+    if counters:
+        torch._foreach_add_(counters, 1)
 
 
 def norm_call(bn: _BatchNorm, count: bool = True) -> NormCall:
@@ -67,14 +83,12 @@ def norm_call(bn: _BatchNorm, count: bool = True) -> NormCall:
 
     Call it exactly once per forward of the module that owns ``bn``.
     """
-    # Each buffer read once, from ``_buffers`` (where _BatchNorm registers all three, None
-    # included) rather than through ``Module.__getattr__``: this runs for every BN of every
-    # fused call (host time per layer).
+    # Buffers read from ``_buffers``, as in counts_batches (host time per layer).
     buffers = bn._buffers
     tracked = buffers["num_batches_tracked"]
     running_mean, running_var = buffers["running_mean"], buffers["running_var"]
     training = bn.training
-    if count and tracked is not None and training and bn.track_running_stats:
+    if count and tracked is not None and counts_batches(bn):
         tracked.add_(1)
     batch_stats = training or (running_mean is None and running_var is None)
     passes_running = not training or bn.track_running_stats

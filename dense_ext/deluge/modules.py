@@ -13,7 +13,6 @@ from typing import cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from dense_ext.block import (
     DenseDtypeError,
@@ -33,7 +32,7 @@ from dense_ext.deluge.recompute import (
     TransitionFunction,
 )
 from dense_ext.deluge.spec import StageSpec
-from dense_ext.norm import counts_batches
+from dense_ext.norm import advance_batch_counters
 from dense_ext.tracing import is_exporting
 from dense_ext.transition import norm_relu_pool
 
@@ -218,13 +217,7 @@ class EfficientDelugeStage(nn.ModuleDict):
         # Only now, with the input accepted: every BN's and CLDC's num_batches_tracked += 1 (in
         # one foreach call, not one op per module: host time), then each one's decisions
         # (a cumulative average's factor reads the incremented counter).
-        counted = [cast(_BatchNorm, m) for layer in layers for m in layer.norms()]
-        counters: list[Tensor] = []
-        for m in counted:  # (a walrus in a comprehension breaks torch.compile's trace)
-            if counts_batches(m) and m.num_batches_tracked is not None:
-                counters.append(m.num_batches_tracked)
-        if counters:
-            torch._foreach_add_(counters, 1)
+        advance_batch_counters([m for layer in layers for m in layer.norms()])
         norms = [
             LayerNorms(*[_norm_call(m, count=False) for m in _pad(layer.norms())])
             for layer in layers
