@@ -90,11 +90,10 @@ def build_plan(call: BlockCall, shape, dtype, device, dot, seeds: bool) -> Block
     acc_elems = 0
     initial = None
     if call.stats1_needed:
-        c0 = spec.num_input_features
-        tile, merge, part_shape = stats.stats_sites(m, c_total, 0, c0, 0, c_total, device)
-        if inv_eps1 is not None:
-            tiles, block_m = part_shape[0], tile.constexprs["BLOCK_M"]
-            merge = stats.merge_site(tiles, c0, m, block_m, 0, c_total, (0, inv_eps1))
+        inv0 = None if inv_eps1 is None else (0, inv_eps1)
+        tile, merge, part_shape = stats.stats_sites(
+            m, c_total, 0, spec.num_input_features, 0, c_total, device, inv0
+        )
         initial = (tile.own(), merge.own())
         acc_elems = _numel(part_shape)
     layers = []
@@ -315,7 +314,7 @@ def run_forward(plan: BlockPlan, feat: Tensor, state: ForwardState, params, call
             state.bottlenecks.append(y1)
         row, var2 = (rows2[index], vars2[index]) if rows2 else (None, None)
         if inv2_all is not None and row is not None:
-            mean2, inv2 = row, vars2[index]
+            mean2, inv2 = row, var2  # vars2 holds the merges' normalisers
         elif plan.uniform_bn2 is not None and row is not None:
             mean2, inv2 = row, invstd(var2, plan.uniform_bn2)
         else:

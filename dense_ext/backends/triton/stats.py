@@ -168,10 +168,18 @@ def merge_site(
 
 @functools.lru_cache(maxsize=4096)
 def stats_sites(
-    m: int, x_stride: int, x_col: int, channels: int, mean_off: int, var_off: int, device
+    m: int,
+    x_stride: int,
+    x_col: int,
+    channels: int,
+    mean_off: int,
+    var_off: int,
+    device,
+    inv: tuple[int, float] | None = None,
 ) -> tuple[LaunchSite, LaunchSite, tuple[int, int, int]]:
     """``(tile statistics, merge, partials shape)`` of ``channel_stats_``; tensors: ``x`` and the
-    partials, then the partials and the output (twice: ``merge_site``)."""
+    partials, then the partials, the output and the normalisers' tensor (``merge_site``, which
+    also says what ``inv`` does)."""
     cfg = stats_config(m, channels, device)
     tiles = cdiv(m, cfg.block_m)
     tile = LaunchSite(
@@ -185,7 +193,7 @@ def stats_sites(
             "num_warps": cfg.num_warps,
         },
     )
-    merge = merge_site(tiles, channels, m, cfg.block_m, mean_off, var_off)
+    merge = merge_site(tiles, channels, m, cfg.block_m, mean_off, var_off, inv)
     return tile, merge, (tiles, 3, channels)
 
 
