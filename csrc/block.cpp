@@ -287,6 +287,19 @@ void conv1_forward(const Ops& o, const at::Tensor& feat, const Layer& layer, con
   }
 }
 
+// dW1 (+)= dY1_c^T Z1_c for one chunk (= for the first). With `transposed`, `acc` is dW1^T
+// ([c_in, mid]) and receives Z1_c^T dY1_c instead.
+void accumulate_grad_w1(at::Tensor acc, bool transposed, bool first, const at::Tensor& dy1_rows,
+                        const at::Tensor& z1_mat) {
+  const at::Tensor a = transposed ? z1_mat.t() : dy1_rows.t();
+  const at::Tensor b = transposed ? dy1_rows : z1_mat;
+  if (first) {
+    at::mm_out(acc, a, b);
+  } else {
+    acc.addmm_(a, b);
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_forward(
@@ -412,6 +425,13 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
   }
   at::Tensor grad_new_scratch;
   if (norms.any_dropout()) grad_new_scratch = channels_last(feat, s.k, s);
+  // On the CPU dW1 is summed over the chunks transposed, [c_in, mid], then transposed into place
+  // once per layer: MKL's sgemm ran these products 10-25 % faster with that output (the narrow
+  // mid dimension as the rows of its column-major result; docs/decisions.md). CUDA keeps
+  // cuBLAS's direct call (not measured on a GPU).
+  const bool grad_w1_transposed = s.bottleneck && feat.is_cpu();
+  at::Tensor grad_w1t_flat;
+  if (grad_w1_transposed) grad_w1t_flat = at::empty({s.c_in(s.layers - 1) * s.mid}, feat.options());
   // The batch-mean terms of the first BNs' backward, folded per channel (bn_grad_fold): every
   // layer with batch statistics adds its terms for its prefix here, and they reach grad_feat
   // in one pass per channel, when the channel's gradient is complete, instead of a pass over
@@ -480,6 +500,10 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
     // collected; the batch-mean terms of the BN backward are folded once all sums are in.
     const at::Tensor w1 = layer.w1.reshape({s.mid, layer.c_in});
     at::Tensor grad_w1 = grads[p0 + 2].view({s.mid, layer.c_in});
+    at::Tensor grad_w1_acc =
+        grad_w1_transposed
+            ? grad_w1t_flat.narrow(0, 0, layer.c_in * s.mid).view({layer.c_in, s.mid})
+            : grad_w1;
     for (int64_t n0 = 0; n0 < s.n; n0 += chunk) {
       const int64_t nc = std::min(chunk, s.n - n0);
       at::Tensor prefix_c = prefix.narrow(0, n0, nc);
@@ -487,15 +511,12 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
       o.bn_relu.call(prefix_c, layer.mean1, layer.var1, layer.gamma1, layer.beta1, layer.eps1, z1);
       at::Tensor z1_mat = as_matrix(z1, "z1");
       at::Tensor dy1_rows = as_matrix(dy1.narrow(0, n0, nc), "dy1");
-      if (n0 == 0) {
-        at::mm_out(grad_w1, dy1_rows.t(), z1_mat);
-      } else {
-        grad_w1.addmm_(dy1_rows.t(), z1_mat);
-      }
+      accumulate_grad_w1(grad_w1_acc, grad_w1_transposed, n0 == 0, dy1_rows, z1_mat);
       at::mm_out(z1_mat, dy1_rows, w1);  // dZ1 over Z1: dW1 was Z1's last use
       o.bn_relu_backward_reduce.call(z1, prefix_c, layer.mean1, layer.var1, layer.gamma1,
                                      layer.beta1, layer.eps1, grad_prefix.narrow(0, n0, nc), sums);
     }
+    if (grad_w1_transposed) grad_w1.copy_(grad_w1_acc.t());
     finish_bn1();
   }
   add_folded_terms(0, s.c0);  // the block input's channels
