@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dense_ext.deluge.cldc_params import CLDCParameters
+from python_models.densenet import ChannelsLastMaxPool2d
 
 
 class CrossLayerDepthwiseConv(CLDCParameters):
@@ -202,7 +203,9 @@ class DelugeNet(nn.Module):
                     conv=nn.Conv2d(3, stem_channels, 7, stride=2, padding=3, bias=False),
                     norm=nn.BatchNorm2d(stem_channels),
                     relu=nn.ReLU(inplace=True),
-                    pool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+                    pool=(ChannelsLastMaxPool2d if efficient else nn.MaxPool2d)(
+                        kernel_size=3, stride=2, padding=1
+                    ),
                 )
             )
             self.entry = nn.Conv2d(stem_channels, c1, kernel_size=1, bias=False)

@@ -21,7 +21,7 @@ from dense_ext.backends import available_backends
 from dense_ext.block import EfficientDenseBlock
 from dense_ext.transition import EfficientTransition
 from python_models import MODEL_NAMES, DelugeNet, DenseNet, get_model
-from python_models.densenet import _DenseBlock, _Transition
+from python_models.densenet import ChannelsLastMaxPool2d, _DenseBlock, _Transition
 
 TINY = dict(growth_rate=4, block_config=(2, 3), num_init_features=6, num_classes=5)
 
@@ -150,6 +150,33 @@ def test_structure_and_types():
     assert [n for n, _ in small.features.named_children()][:2] == ["conv0", "denseblock1"]
     assert small.features.conv0.weight.shape == (6, 3, 3, 3)
     assert small.features.conv0.stride == (1, 1)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_efficient_stem_pools_in_channels_last_exactly_as_the_naive_pool(ties):
+    """The efficient ImageNet stem's max pool runs in channels_last on the CPU; its output and
+    input gradient are nn.MaxPool2d's on NCHW bit for bit, ties (which element receives the
+    gradient) and NaN included. Integer gradients make every sum exact in any order."""
+    naive, efficient = make_pair(torch.float32)
+    assert type(naive.features.pool0) is nn.MaxPool2d
+    pool = efficient.features.pool0
+    assert isinstance(pool, ChannelsLastMaxPool2d)
+    g = torch.Generator().manual_seed(1)
+    shape = (3, 5, 13, 11)  # odd sizes: padded windows at both edges
+    if ties:
+        x = torch.randint(0, 3, shape, generator=g).float()
+    else:
+        x = torch.randn(shape, generator=g)
+    x[1, 2, 6, 4] = float("nan")
+    x, x_ref = x.requires_grad_(), x.detach().clone().requires_grad_()
+    out, ref = pool(x), naive.features.pool0(x_ref)
+    assert x.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last)
+    assert out.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.nan_to_num(), ref.nan_to_num())
+    grad = torch.randint(-8, 9, ref.shape, generator=g).float()
+    out.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(x.grad, x_ref.grad)
 
 
 def test_state_dict_round_trip():
