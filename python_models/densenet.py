@@ -164,22 +164,44 @@ class _Transition(nn.Sequential):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
 
+class _ChannelsLastWithGradInPlace(torch.autograd.Function):
+    """``x`` made channels_last, its gradient handed back in ``x``'s layout (contiguous).
+
+    Plain ``x.contiguous(memory_format=torch.channels_last)`` would pass a channels_last
+    gradient back to the layer before (the stem ReLU), whose threshold_backward then mixes an
+    NCHW saved output with a channels_last gradient: 11.9 ms on DenseNet-121's stem (b4) against
+    3.1 ms for one layout."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
 class ChannelsLastMaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` that pools a 4-D CPU input in channels_last: the efficient models' stem.
 
     The efficient blocks work in channels_last, so the stem's output is converted anyway; doing
-    it before the pool instead of after costs one copy either way and moves the pool onto
-    ATen's channels_last CPU kernel. On DenseNet-121 (batch 4, 224x224, 2-core CPU) the NCHW
-    pool took 12.5 ms of a ~520 ms training step, the channels_last one 0.7 ms
-    (docs/decisions.md). A max is exact in any layout, so the forward values are the NCHW
-    pool's; only the order in which overlapping windows add their gradients into one input
-    element can differ. The convolution and BN before it keep the input's layout (and so
-    PyTorch's NCHW numerics). Other devices and 3-D inputs pool as ``nn.MaxPool2d`` does.
+    it before the pool instead of after moves the pool onto ATen's channels_last CPU kernel. On
+    DenseNet-121 (batch 4, 224x224, 2-core CPU) the NCHW pool took 12.5 ms of a ~460 ms training
+    step, the channels_last one 0.8 ms, plus 1.5 ms for each of the two layout copies (forward,
+    and the gradient back to NCHW for the layers before; docs/decisions.md). A max is exact in
+    any layout, so the forward values are the NCHW pool's; only the order in which overlapping
+    windows add their gradients into one input element could differ. The convolution and BN
+    before it keep the input's layout (and so PyTorch's NCHW numerics). A channels_last input,
+    other devices and 3-D inputs pool as ``nn.MaxPool2d`` does.
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.device.type == "cpu" and input.dim() == 4:
-            input = input.contiguous(memory_format=torch.channels_last)
+        if (
+            input.device.type == "cpu"
+            and input.dim() == 4
+            and not input.is_contiguous(memory_format=torch.channels_last)
+        ):
+            input = _ChannelsLastWithGradInPlace.apply(input)
         return super().forward(input)
 
 

@@ -16,8 +16,9 @@ from naive import randomize_bn
 import dense_ext.backends as backends
 import dense_ext.deluge.backends as stage_backends
 from dense_ext import EfficientDenseBlock
-from python_models import densenet_bc
+from python_models import DenseNet, densenet_bc
 from python_models.delugenet import delugenet_cifar
+from python_models.densenet import ChannelsLastMaxPool2d
 
 
 @pytest.fixture
@@ -81,6 +82,27 @@ def test_model_compiles_fullgraph_cold(cold_backends, backend, norms):
                 module.eval()
     x = torch.randn(2, 3, 8, 8)
     compiled_matches_eager(model, x, 1e-4)
+
+
+@pytest.mark.slow
+def test_imagenet_stem_model_compiles_fullgraph_cold(cold_backends):
+    """The efficient ImageNet stem's channels_last max pool (an autograd.Function that hands
+    the gradient back in NCHW) compiles into the same graph, forward and backward."""
+    cpu_backend_or_skip("cpp")
+    torch.manual_seed(0)
+    model = DenseNet(
+        growth_rate=4,
+        block_config=(2, 2),
+        num_init_features=8,
+        bn_size=2,
+        num_classes=5,
+        efficient=True,
+        backend="cpp",
+        memory="min",
+    )
+    randomize_bn(model)
+    assert isinstance(model.features.pool0, ChannelsLastMaxPool2d)
+    compiled_matches_eager(model, torch.randn(2, 3, 21, 18), 1e-4)
 
 
 def delugenet_with_frozen_bns(backend: str) -> torch.nn.Module:

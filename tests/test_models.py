@@ -156,7 +156,8 @@ def test_structure_and_types():
 def test_efficient_stem_pools_in_channels_last_exactly_as_the_naive_pool(ties):
     """The efficient ImageNet stem's max pool runs in channels_last on the CPU; its output and
     input gradient are nn.MaxPool2d's on NCHW bit for bit, ties (which element receives the
-    gradient) and NaN included. Integer gradients make every sum exact in any order."""
+    gradient) and NaN included, and the gradient comes back in NCHW. Integer gradients make
+    every sum exact in any order."""
     naive, efficient = make_pair(torch.float32)
     assert type(naive.features.pool0) is nn.MaxPool2d
     pool = efficient.features.pool0
@@ -177,6 +178,7 @@ def test_efficient_stem_pools_in_channels_last_exactly_as_the_naive_pool(ties):
     out.backward(grad)
     ref.backward(grad)
     assert torch.equal(x.grad, x_ref.grad)
+    assert x.grad.is_contiguous()  # back in NCHW: the stem ReLU's backward needs one layout
 
 
 def test_state_dict_round_trip():
