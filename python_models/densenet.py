@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 from dense_ext.block import EfficientDenseBlock, has_hooks, unfused_reason
 from dense_ext.transition import EfficientTransition, norm_relu_pool
@@ -164,45 +165,67 @@ class _Transition(nn.Sequential):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
 
-class _ChannelsLastWithGradInPlace(torch.autograd.Function):
-    """``x`` made channels_last, its gradient handed back in ``x``'s layout (contiguous).
+class _ChannelsLastMaxPool(torch.autograd.Function):
+    """Max pool of a copy of ``x`` in channels_last; the gradient comes back as ATen's NCHW
+    pool backward computes it.
 
-    Plain ``x.contiguous(memory_format=torch.channels_last)`` would pass a channels_last
-    gradient back to the layer before (the stem ReLU), whose threshold_backward then mixes an
-    NCHW saved output with a channels_last gradient: 11.9 ms on DenseNet-121's stem (b4) against
-    3.1 ms for one layout."""
+    Saved for backward are ``x`` itself and the indices, as ``nn.MaxPool2d`` saves them (in the
+    stem ``x`` is also the ReLU's saved output): the channels_last copy is freed after forward,
+    so the pool costs no memory the NCHW pool does not. Backward runs ATen's NCHW kernel on
+    NCHW copies of the gradient and indices (a channel-plane index means the same in both
+    layouts), so the input gradient is the NCHW pool's bit for bit and in the layout the stem
+    ReLU's backward expects (a channels_last gradient there made its threshold_backward mix
+    layouts: 11.9 ms against 3.1 ms on DenseNet-121's stem at batch 4)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.contiguous(memory_format=torch.channels_last)
+    def forward(ctx, x: Tensor, params: tuple) -> Tensor:
+        out, indices = torch.ops.aten.max_pool2d_with_indices(
+            x.contiguous(memory_format=torch.channels_last), *params
+        )
+        ctx.save_for_backward(x, indices)
+        ctx.params = params
+        return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.contiguous()
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        x, indices = ctx.saved_tensors
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad.contiguous(), x, *ctx.params, indices.contiguous()
+        )
+        return grad_x, None
 
 
 class ChannelsLastMaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` that pools a 4-D CPU input in channels_last: the efficient models' stem.
+    """``nn.MaxPool2d`` that pools a 4-D NCHW CPU input in channels_last: the efficient models'
+    stem.
 
-    The efficient blocks work in channels_last, so the stem's output is converted anyway; doing
-    it before the pool instead of after moves the pool onto ATen's channels_last CPU kernel. On
-    DenseNet-121 (batch 4, 224x224, 2-core CPU) the NCHW pool took 12.5 ms of a ~460 ms training
-    step, the channels_last one 0.8 ms, plus 1.5 ms for each of the two layout copies (forward,
-    and the gradient back to NCHW for the layers before; docs/decisions.md). A max is exact in
-    any layout, so the forward values are the NCHW pool's; only the order in which overlapping
-    windows add their gradients into one input element could differ. The convolution and BN
-    before it keep the input's layout (and so PyTorch's NCHW numerics). A channels_last input,
-    other devices and 3-D inputs pool as ``nn.MaxPool2d`` does.
+    ATen's NCHW max pool is slow on the CPU: on DenseNet-121 (batch 4, 224x224, 2-core CPU) it
+    took 12.5 ms of a ~460 ms training step; a channels_last copy plus the channels_last pool
+    take 2.5 ms, and the backward (NCHW, as before) 3.1 ms with its layout copies
+    (docs/decisions.md). A max is exact in any layout: output values and input gradient are
+    ``nn.MaxPool2d``'s bit for bit (ties and NaN resolve alike), the output is channels_last
+    (the layout the efficient blocks work in), the input gradient NCHW. The convolution and BN
+    before it keep the input's layout, and so PyTorch's NCHW numerics. A channels_last input,
+    other devices, 3-D inputs and ``return_indices=True`` pool as ``nn.MaxPool2d`` does.
     """
 
     def forward(self, input: Tensor) -> Tensor:
         if (
-            input.device.type == "cpu"
-            and input.dim() == 4
-            and not input.is_contiguous(memory_format=torch.channels_last)
+            input.device.type != "cpu"
+            or input.dim() != 4
+            or self.return_indices
+            or input.is_contiguous(memory_format=torch.channels_last)
         ):
-            input = _ChannelsLastWithGradInPlace.apply(input)
-        return super().forward(input)
+            return super().forward(input)
+        stride = self.stride if self.stride is not None else self.kernel_size
+        params = (
+            _pair(self.kernel_size),
+            _pair(stride),
+            _pair(self.padding),
+            _pair(self.dilation),
+            self.ceil_mode,
+        )
+        return _ChannelsLastMaxPool.apply(input, params)
 
 
 def _stem(
