@@ -199,6 +199,32 @@ def test_efficient_stem_pool_saves_what_nn_maxpool2d_saves():
     assert sorted(t.nbytes for t in ours) == sorted(t.nbytes for t in theirs)
 
 
+def test_efficient_imagenet_stem_matches_naive_with_eval_flags_hooks_and_nan():
+    """The ImageNet stem (its channels_last pool) is drop-in: with the stem BN evaluating while
+    the rest trains, forward hooks on the pool and pre-hooks on the first block, the step
+    agrees with the naive model's; in evaluation a NaN pixel makes its image's logits NaN and
+    leaves the other image's as naive's."""
+    naive, efficient = make_pair(torch.float64, "min")
+    seen: dict[str, list] = {"naive": [], "efficient": []}
+    for key, model in (("naive", naive), ("efficient", efficient)):
+        model.features.norm0.eval()
+        model.features.pool0.register_forward_hook(
+            lambda m, args, out, key=key: seen[key].append(out.detach().clone())
+        )
+        model.features.denseblock1.register_forward_pre_hook(lambda m, args: None)
+    compare(naive, efficient, image((2, 3, 19, 17), torch.float64))
+    assert len(seen["efficient"]) == len(seen["naive"]) > 0
+    for a, b in zip(seen["efficient"], seen["naive"]):
+        assert torch.equal(a, b)  # the pool's output: same values, any layout
+    x = image((2, 3, 19, 17), torch.float64, seed=2)
+    x[1, 0, 5, 5] = float("nan")
+    naive.eval(), efficient.eval()  # running statistics: the NaN stays in its image
+    with torch.no_grad():
+        out, ref = efficient(x), naive(x)
+    assert ref[1].isnan().all() and out[1].isnan().all() and not out[0].isnan().any()
+    assert_close(out[0], ref[0], TOLERANCE[torch.float64], "the image without NaN")
+
+
 def test_state_dict_round_trip():
     naive, efficient = make_pair(torch.float32, bn_size=None, compression=1.0)
     assert list(naive.state_dict()) == list(efficient.state_dict())
