@@ -10,9 +10,10 @@ kernel and library, the median over rounds, and new/old. Shapes are those of Den
 12 new channels and the 48-channel bottleneck whose statistics a layer computes) and of a
 DelugeNet CLDC over 4 slots of 64 channels at 16x16.
 
-``--step`` times a whole training step instead (forward and backward of DenseNet-BC-100, batch
-16, backend "cpp", memory "min"): each process imports a copy of this checkout's ``dense_ext``
-package with the given library as its extension.
+``--step`` times a whole training step instead (forward and backward, backend "cpp"; ``--model``
+DenseNet-BC-100 at batch 16 or DenseNet-121 at 224x224, batch 4; ``--memory`` "min" or
+"bottleneck"): each process imports a copy of this checkout's ``dense_ext`` package with the
+given library as its extension.
 """
 
 from __future__ import annotations
@@ -91,10 +92,14 @@ import torch
 import dense_ext
 import python_models
 assert dense_ext.__file__.startswith(sys.argv[1]), dense_ext.__file__
-reps = int(sys.argv[2])
+reps, which, memory = int(sys.argv[2]), sys.argv[3], sys.argv[4]
 torch.manual_seed(0)
-model = python_models.densenet_bc(100, 12, efficient=True, memory="min", backend="cpp")
-x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+if which == "densenet121":
+    model = python_models.densenet121(efficient=True, memory=memory, backend="cpp")
+    x, y, name = torch.randn(4, 3, 224, 224), torch.randint(0, 1000, (4,)), "DenseNet-121 b4"
+else:
+    model = python_models.densenet_bc(100, 12, efficient=True, memory=memory, backend="cpp")
+    x, y, name = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)), "DenseNet-BC-100 b16"
 
 def step():
     model.zero_grad(set_to_none=True)
@@ -107,7 +112,7 @@ for _ in range(reps):
     step()
     times.append(time.perf_counter() - t0)
 times.sort()
-print(json.dumps({"DenseNet-BC-100 b16 cpp min step": 1e3 * times[len(times) // 2]}))
+print(json.dumps({f"{name} cpp {memory} step": 1e3 * times[len(times) // 2]}))
 """
 
 
@@ -128,11 +133,11 @@ def package_with(lib: str, root: Path) -> Path:
     return root
 
 
-def run_step_once(root: Path, reps: int) -> dict[str, float]:
+def run_step_once(root: Path, reps: int, model: str, memory: str) -> dict[str, float]:
     """One child process importing ``dense_ext`` from ``root``: the median step time (ms)."""
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        [sys.executable, "-c", STEP_CHILD, str(root), str(reps)],
+        [sys.executable, "-c", STEP_CHILD, str(root), str(reps), model, memory],
         capture_output=True,
         text=True,
         check=True,
@@ -149,6 +154,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="processes per library")
     parser.add_argument("--reps", type=int, default=20, help="timed calls per kernel or steps")
     parser.add_argument("--step", action="store_true", help="time a whole training step")
+    parser.add_argument(
+        "--model", choices=["densenet_bc_100", "densenet121"], default="densenet_bc_100"
+    )
+    parser.add_argument("--memory", choices=["min", "bottleneck"], default="min")
     args = parser.parse_args()
     runs: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,7 +168,9 @@ def main() -> None:
         for _ in range(args.rounds):
             for which in ("old", "new"):
                 if args.step:
-                    runs[which].append(run_step_once(roots[which], args.reps))
+                    runs[which].append(
+                        run_step_once(roots[which], args.reps, args.model, args.memory)
+                    )
                 else:
                     runs[which].append(run_once(str(roots[which]), args.reps))
     print(f"{'kernel':40s} {'old ms':>8s} {'new ms':>8s} {'new/old':>8s}")

@@ -498,20 +498,27 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
     // ... then conv1 and BN1 (C_in channels) chunk by chunk: Z1 recomputed, dW1 += dY1^T Z1,
     // dZ1 = dY1 W1 over Z1's scratch, grad_feat += gamma*invstd*g with the sums of g and g*xhat
     // collected; the batch-mean terms of the BN backward are folded once all sums are in.
+    // The chunks run last to first: without kept bottlenecks, conv1_forward above has just
+    // left the last chunk's Z1 in the scratch (nothing since wrote there), so that chunk's
+    // BN1-ReLU is not computed again (for a block whose batch is one chunk, none is).
     const at::Tensor w1 = layer.w1.reshape({s.mid, layer.c_in});
     at::Tensor grad_w1 = grads[p0 + 2].view({s.mid, layer.c_in});
     at::Tensor grad_w1_acc =
         grad_w1_transposed
             ? grad_w1t_flat.narrow(0, 0, layer.c_in * s.mid).view({layer.c_in, s.mid})
             : grad_w1;
-    for (int64_t n0 = 0; n0 < s.n; n0 += chunk) {
+    const int64_t last = (s.n - 1) / chunk * chunk;  // the first image of the last chunk
+    for (int64_t n0 = last; n0 >= 0; n0 -= chunk) {
       const int64_t nc = std::min(chunk, s.n - n0);
       at::Tensor prefix_c = prefix.narrow(0, n0, nc);
       at::Tensor z1 = compact(z1_flat, nc, layer.c_in, s);
-      o.bn_relu.call(prefix_c, layer.mean1, layer.var1, layer.gamma1, layer.beta1, layer.eps1, z1);
+      if (keep || n0 != last) {
+        o.bn_relu.call(prefix_c, layer.mean1, layer.var1, layer.gamma1, layer.beta1, layer.eps1,
+                       z1);
+      }
       at::Tensor z1_mat = as_matrix(z1, "z1");
       at::Tensor dy1_rows = as_matrix(dy1.narrow(0, n0, nc), "dy1");
-      accumulate_grad_w1(grad_w1_acc, grad_w1_transposed, n0 == 0, dy1_rows, z1_mat);
+      accumulate_grad_w1(grad_w1_acc, grad_w1_transposed, n0 == last, dy1_rows, z1_mat);
       at::mm_out(z1_mat, dy1_rows, w1);  // dZ1 over Z1: dW1 was Z1's last use
       o.bn_relu_backward_reduce.call(z1, prefix_c, layer.mean1, layer.var1, layer.gamma1,
                                      layer.beta1, layer.eps1, grad_prefix.narrow(0, n0, nc), sums);

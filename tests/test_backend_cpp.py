@@ -227,3 +227,19 @@ def test_batches_larger_than_one_chunk(memory, train):
     torch.manual_seed(4)
     x = torch.randn(7, 5, 24, 24, dtype=torch.float64) + 0.5
     check_step(blocks["cpp"], naive, x, what="chunked")
+
+
+@pytest.mark.parametrize("memory, per_layer", [("bottleneck", 1 + 3), ("min", 3 + 1 + 2)])
+def test_backward_computes_bn1_relu_once_per_chunk_it_lacks(memory, per_layer):
+    """The BN-ReLU passes of a chunked backward (3 chunks of 7 images of 24x24), counted: BN2's,
+    and BN1's per chunk; in `min` also BN1's per chunk of the conv1 recompute, whose last chunk
+    the gradient loop then takes as it is (csrc/block.cpp) instead of computing it again."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, blocks = make_blocks(2, 5, 3, 4, 0.0, memory, torch.float64)
+    x = torch.randn(7, 5, 24, 24, dtype=torch.float64, requires_grad=True)
+    out = blocks["cpp"](x)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out.sum().backward()
+    calls = sum(e.count for e in prof.key_averages() if e.key == "dense_ext::bn_relu")
+    assert calls == 2 * per_layer, calls
