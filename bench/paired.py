@@ -48,14 +48,14 @@ def malloc_pinned() -> bool:
     return all(os.environ.get(k) == v for k, v in PINNED_MALLOC.items())
 
 
-def restart_with_pinned_malloc(argv: Sequence[str]) -> None:
-    """Replace this process by ``python -m bench.paired ARGV`` with ``PINNED_MALLOC`` set
-    (glibc reads it only at start); returns only when it is set already."""
+def restart_with_pinned_malloc(argv: Sequence[str], module: str = "bench.paired") -> None:
+    """Replace this process by ``python -m MODULE ARGV`` with ``PINNED_MALLOC`` set (glibc
+    reads it only at start); returns only when it is set already."""
     if malloc_pinned():
         return
     sys.stdout.flush()
     env = {**os.environ, **PINNED_MALLOC}
-    os.execve(sys.executable, [sys.executable, "-m", "bench.paired", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
 def timed(step: Callable[[], None], device: torch.device) -> float:

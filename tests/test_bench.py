@@ -544,3 +544,44 @@ def test_paired_restarts_itself_with_the_allocator_pinned(monkeypatch):
         monkeypatch.setenv(key, value)
     paired.restart_with_pinned_malloc(["--rounds", "2"])
     assert len(execs) == 1
+
+
+def test_gemm_share_sorts_op_self_times_into_gemm_and_the_rest(monkeypatch):
+    """bench.gemm_share counts matrix products and convolutions (forward and backward) as GEMM
+    time and every other op's self time, the autograd engine's included, as the rest."""
+    from bench import gemm_share
+
+    profiled = {
+        ("aten::mm", "[[8, 4], [4, 2]]"): [3, 10.0, (8, 4)],
+        ("aten::addmm_", "[]"): [1, 2.0, ()],
+        ("aten::convolution_backward", "[]"): [2, 5.0, ()],
+        ("aten::mkldnn_convolution", "[]"): [2, 4.0, ()],
+        ("dense_ext::bn_relu", "[]"): [4, 1.5, ()],
+        ("aten::copy_", "[]"): [9, 0.25, ()],
+        ("autograd::engine::evaluate_function: AddmmBackward0", "[]"): [1, 0.5, ()],
+    }
+    monkeypatch.setattr(gemm_share, "op_times", lambda step, warmup: profiled)
+    assert gemm_share.split_step(None, 0) == (21.0, 2.25)
+
+
+def test_gemm_share_prints_each_variant_and_the_budget_for_the_target(monkeypatch, capsys):
+    """One pinned-allocator run on a tiny model: per variant the total is the sum of its two
+    parts, and the efficient variant's budget is target x the naive total minus its GEMM time."""
+    from bench import gemm_share, paired
+
+    for key, value in paired.PINNED_MALLOC.items():
+        monkeypatch.setenv(key, value)
+    argv = ["--model", "densenet_bc_10", "--batch", "2", "--rounds", "2", "--warmup", "1"]
+    gemm_share.main([*argv, "--variants", "naive,efficient-cpp-min", "--target", "0.8"])
+    out = capsys.readouterr().out
+    rows = {
+        line.split()[0]: [float(v) for v in line.split()[1:]]
+        for line in out.splitlines()
+        if line.startswith(("naive ", "efficient-cpp-min "))
+    }
+    for total, gemm, other in rows.values():
+        assert gemm > 0 and other > 0
+        assert total == pytest.approx(gemm + other, abs=0.11)
+    budget = float(out.split("must fit in")[1].split()[0])
+    expected = 0.8 * rows["naive"][0] - rows["efficient-cpp-min"][1]
+    assert budget == pytest.approx(expected, abs=0.2)
