@@ -29,8 +29,9 @@ from bench.paired import restart_with_pinned_malloc
 from bench.profile_ops import op_times
 from bench.variants import TrainStep, model_config
 
-# The compute-bound kernels: BLAS GEMMs (1x1 convolutions as matrix products, the classifier)
-# and ATen convolutions (oneDNN on the CPU; the slow path where oneDNN is not used).
+# The compute-bound kernels: GEMMs (1x1 convolutions as matrix products, the classifier; MKL
+# through ATen, oneDNN through the extension's own record) and ATen convolutions (oneDNN on the
+# CPU; the slow path where oneDNN is not used).
 GEMM_OPS = {
     "aten::mm",
     "aten::addmm",
@@ -41,6 +42,7 @@ GEMM_OPS = {
     "aten::_slow_conv2d_forward",
     "aten::_slow_conv2d_backward",
     "aten::mkldnn_linear",
+    "dense_ext::onednn_matmul",  # csrc/cpu/gemm.cpp: oneDNN's matmul, no ATen op
 }
 
 DEFAULT_VARIANTS = "naive-channels_last,naive,efficient-cpp-min,efficient-cpp-bottleneck"

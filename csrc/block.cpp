@@ -1,11 +1,13 @@
 // The block drivers: the whole layer loop (docs/design.md) in C++, one call per block
-// forward and one per backward. GEMMs are at::mm on matrix views of the channels_last buffers
-// (no copies), 3x3 convolutions go through ATen (oneDNN on CPU, cuDNN on GPU), and the
-// per-channel work calls the dense_ext ops through the dispatcher, so the same driver runs on
-// CPU and CUDA (cuda/block.cu registers it for CUDA behind a device guard).
+// forward and one per backward. GEMMs run on matrix views of the channels_last buffers (no
+// copies; float32 on the CPU through oneDNN's matmul, else at::mm: cpu/gemm.h), 3x3 convolutions go
+// through ATen (oneDNN on CPU, cuDNN on GPU), and the per-channel work calls the dense_ext ops
+// through the dispatcher, so the same driver runs on CPU and CUDA (cuda/block.cu registers it for
+// CUDA behind a device guard).
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "cpu/gemm.h"
 #include "ops.h"
 
 namespace dense_ext {
@@ -283,7 +285,7 @@ void conv1_forward(const Ops& o, const at::Tensor& feat, const Layer& layer, con
     o.bn_relu.call(feat.narrow(0, n0, nc).narrow(1, 0, layer.c_in), layer.mean1, layer.var1,
                    layer.gamma1, layer.beta1, layer.eps1, z1);
     at::Tensor y1_rows = as_matrix(y1.narrow(0, n0, nc), "y1");
-    at::mm_out(y1_rows, as_matrix(z1, "z1"), w1t);
+    cpu::matmul(as_matrix(z1, "z1"), w1t, y1_rows, /*accumulate=*/false);
   }
 }
 
@@ -293,11 +295,7 @@ void accumulate_grad_w1(at::Tensor acc, bool transposed, bool first, const at::T
                         const at::Tensor& z1_mat) {
   const at::Tensor a = transposed ? z1_mat.t() : dy1_rows.t();
   const at::Tensor b = transposed ? dy1_rows : z1_mat;
-  if (first) {
-    at::mm_out(acc, a, b);
-  } else {
-    acc.addmm_(a, b);
-  }
+  cpu::matmul(a, b, acc, /*accumulate=*/!first);
 }
 
 }  // namespace
@@ -425,11 +423,12 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
   }
   at::Tensor grad_new_scratch;
   if (norms.any_dropout()) grad_new_scratch = channels_last(feat, s.k, s);
-  // On the CPU dW1 is summed over the chunks transposed, [c_in, mid], then transposed into place
-  // once per layer: MKL's sgemm ran these products 10-25 % faster with that output (the narrow
-  // mid dimension as the rows of its column-major result; docs/decisions.md). CUDA keeps
-  // cuBLAS's direct call (not measured on a GPU).
-  const bool grad_w1_transposed = s.bottleneck && feat.is_cpu();
+  // Where MKL's sgemm computes them on the CPU, dW1 is summed over the chunks transposed,
+  // [c_in, mid], then transposed into place once per layer: MKL ran these products 10-25 %
+  // faster with that output (the narrow mid dimension as the rows of its column-major result;
+  // docs/decisions.md). oneDNN's matmul (float32) writes [mid, c_in] as fast or faster
+  // (bench.cpu_gemm_layout --onednn); CUDA keeps cuBLAS's direct call (not measured on a GPU).
+  const bool grad_w1_transposed = s.bottleneck && feat.is_cpu() && !cpu::gemm_uses_onednn(feat);
   at::Tensor grad_w1t_flat;
   if (grad_w1_transposed) grad_w1t_flat = at::empty({s.c_in(s.layers - 1) * s.mid}, feat.options());
   // The batch-mean terms of the first BNs' backward, folded per channel (bn_grad_fold): every
@@ -519,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
       at::Tensor z1_mat = as_matrix(z1, "z1");
       at::Tensor dy1_rows = as_matrix(dy1.narrow(0, n0, nc), "dy1");
       accumulate_grad_w1(grad_w1_acc, grad_w1_transposed, n0 == last, dy1_rows, z1_mat);
-      at::mm_out(z1_mat, dy1_rows, w1);  // dZ1 over Z1: dW1 was Z1's last use
+      cpu::matmul(dy1_rows, w1, z1_mat, false);  // dZ1 over Z1: dW1 was Z1's last use
       o.bn_relu_backward_reduce.call(z1, prefix_c, layer.mean1, layer.var1, layer.gamma1,
                                      layer.beta1, layer.eps1, grad_prefix.narrow(0, n0, nc), sums);
     }

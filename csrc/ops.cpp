@@ -7,6 +7,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/gemm.h"
 #include "cpu/isa.h"
 
 // The CUDA architectures the build embedded (setup.py passes them from TORCH_CUDA_ARCH_LIST):
@@ -42,12 +43,30 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   return PyBool_FromLong(dense_ext::cpu::set_active_isa(name));
 }
 
+// dense_ext._C.cpu_gemm() -> str: "onednn" or "mkl", what the float32 CPU 1x1-convolution
+// products of a block use now (cpu/gemm.h).
+PyObject* cpu_gemm(PyObject*, PyObject*) {
+  return PyUnicode_FromString(dense_ext::cpu::gemm_name());
+}
+
+// dense_ext._C.set_cpu_gemm(name) -> bool: use "onednn" or "mkl" from now on (tests run both);
+// False if unknown, or "onednn" and libtorch has no working oneDNN matmul here.
+PyObject* set_cpu_gemm(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  return PyBool_FromLong(dense_ext::cpu::set_gemm(name));
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use."},
     {"supported_cpu_isa", supported_cpu_isa, METH_NOARGS,
      "The widest instruction set the CPU kernels may use here."},
     {"set_cpu_isa", set_cpu_isa, METH_O,
      "Use 'portable', 'avx2' or 'avx512' CPU kernels; False if not supported here."},
+    {"cpu_gemm", cpu_gemm, METH_NOARGS,
+     "'onednn' or 'mkl': what the float32 CPU 1x1-convolution products use."},
+    {"set_cpu_gemm", set_cpu_gemm, METH_O,
+     "Use 'onednn' or 'mkl' for them; False if unknown or not available here."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

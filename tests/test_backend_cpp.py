@@ -243,3 +243,74 @@ def test_backward_computes_bn1_relu_once_per_chunk_it_lacks(memory, per_layer):
         out.sum().backward()
     calls = sum(e.count for e in prof.key_averages() if e.key == "dense_ext::bn_relu")
     assert calls == 2 * per_layer, calls
+
+
+@pytest.fixture(params=["onednn", "mkl"])
+def cpu_gemm(request):
+    """Runs the test with the float32 1x1-convolution products on one library (csrc/cpu/gemm.h;
+    skipped where libtorch has no working oneDNN matmul)."""
+    from dense_ext import _C
+
+    before = _C.cpu_gemm()
+    if not _C.set_cpu_gemm(request.param):
+        pytest.skip(f"{request.param} matmul not available in this libtorch or on this CPU")
+    assert _C.cpu_gemm() == request.param
+    yield request.param
+    assert _C.set_cpu_gemm(before)
+
+
+def test_set_cpu_gemm_rejects_unknown_names():
+    from dense_ext import _C
+
+    assert _C.cpu_gemm() in ("onednn", "mkl")
+    assert not _C.set_cpu_gemm("openblas")
+    assert _C.cpu_gemm() in ("onednn", "mkl")
+
+
+@pytest.mark.parametrize("memory", ["bottleneck", "min"])
+def test_float32_chunked_step_within_torch_error_with_each_gemm(cpu_gemm, memory):
+    """A float32 training step over two chunks (6 images of 24x24, 64 channels in, 48 in the
+    bottleneck: every 1x1 product above oneDNN's 2^22 multiply-adds) follows the tolerance rule
+    against the float64 oracle with either library computing the products (oneDNN writes dW1
+    directly, MKL transposed: csrc/block.cpp)."""
+    naive, blocks = make_blocks(3, 64, 12, 4, 0.0, memory, torch.float32)
+    oracle = float64_oracle(naive)
+    torch.manual_seed(5)
+    x = torch.randn(6, 64, 24, 24) * 2 + 1
+    check_step(blocks["cpp"], naive, x, oracle=oracle, what=f"{cpu_gemm} products")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_products_run_on_the_chosen_library(cpu_gemm, dtype):
+    """Which library ran the products, seen from the profiler: a float32 block on "onednn" runs
+    every one (all above 2^22 multiply-adds here) as dense_ext::onednn_matmul (csrc/cpu/gemm.cpp's
+    record) and none through aten::mm / aten::addmm_; on "mkl", and in float64 under either
+    choice, the other way round."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, blocks = make_blocks(2, 64, 12, 4, 0.0, "min", dtype)
+    x = torch.randn(6, 64, 24, 24, dtype=dtype, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        blocks["cpp"](x).sum().backward()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    aten = counts.get("aten::mm", 0) + counts.get("aten::addmm_", 0)
+    onednn = counts.get("dense_ext::onednn_matmul", 0)
+    expected = 2 * 2 * 4  # per layer: 2 chunks x (forward, recompute, dW1, dZ1)
+    if cpu_gemm == "onednn" and dtype == torch.float32:
+        assert (aten, onednn) == (0, expected)
+    else:
+        assert (aten, onednn) == (expected, 0)
+
+
+def test_small_products_stay_on_mkl(cpu_gemm):
+    """Below 2^22 multiply-adds oneDNN's per-call cost outweighs its speed (csrc/cpu/gemm.cpp):
+    a float32 block of 5 channels at 6x6 runs every product through aten::mm / aten::addmm_."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, blocks = make_blocks(2, 5, 3, 4, 0.0, "bottleneck", torch.float32)
+    x = torch.randn(2, 5, 6, 6, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        blocks["cpp"](x).sum().backward()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("dense_ext::onednn_matmul", 0) == 0
+    assert counts.get("aten::mm", 0) + counts.get("aten::addmm_", 0) == 2 * 3
