@@ -2,7 +2,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
+#ifndef _WIN32
 #include <dlfcn.h>
+#endif
 
 #include <atomic>
 #include <cstring>
@@ -22,10 +24,14 @@ using MkldnnMatmul = void (*)(const at::Tensor&, const at::Tensor&, const at::Te
 constexpr const char* kMkldnnMatmul = "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff";
 
 MkldnnMatmul lookup() {
+#ifdef _WIN32
+  return nullptr;  // MSVC mangles differently; MKL there
+#else
   void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
   void* sym = lib != nullptr ? dlsym(lib, kMkldnnMatmul) : nullptr;
   if (sym == nullptr) sym = dlsym(RTLD_DEFAULT, kMkldnnMatmul);
   return reinterpret_cast<MkldnnMatmul>(sym);
+#endif
 }
 
 // The function if it is there and, on a small product and an accumulation, agrees with at::mm
