@@ -435,6 +435,17 @@ def _measure_limit(settings: Settings) -> float | None:
     return None
 
 
+def result_stem(out: Path, name: str | None, slug: str, day: dt.date) -> str:
+    """The result files' stem: ``--name``, else ``<slug>-<day>`` or, when a run of the same day
+    wrote that already, ``<slug>-<day>b``, ``c``, ... (a second run never overwrites a result that
+    may be cited; ``bench.report.unused_path``)."""
+    if name:
+        return name
+    from bench.report import unused_path
+
+    return unused_path(out, f"{slug}-{day.isoformat()}").stem
+
+
 def measure(
     args: argparse.Namespace,
     settings: Settings,
@@ -454,8 +465,8 @@ def measure(
     slug = device_slug(settings.device, dev_name)
     if tuple(suites) != DEFAULT_SUITES:
         slug += "-" + "-".join(suites)
-    stem = args.name or f"{slug}-{now.date().isoformat()}"
     out = Path(args.out)
+    stem = result_stem(out, args.name, slug, now.date())
     command = " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])])
     doc = _new_document(settings, dev_name, now, commit, command, backends, suites)
 

@@ -585,3 +585,39 @@ def test_gemm_share_prints_each_variant_and_the_budget_for_the_target(monkeypatc
     budget = float(out.split("must fit in")[1].split()[0])
     expected = 0.8 * rows["naive"][0] - rows["efficient-cpp-min"][1]
     assert budget == pytest.approx(expected, abs=0.2)
+
+
+def test_a_second_bench_run_of_the_day_never_overwrites_the_first(tmp_path):
+    """bench.run names its files <slug>-<day>, then <slug>-<day>b, c, ... (make bench twice a day
+    overwrote the first run's table and plots before); --name is taken as given."""
+    import datetime as dt
+
+    from bench.run import result_stem
+
+    day = dt.date(2026, 11, 26)
+    assert result_stem(tmp_path, None, "cpu", day) == "cpu-2026-11-26"
+    (tmp_path / "cpu-2026-11-26.json").write_text("{}")
+    assert result_stem(tmp_path, None, "cpu", day) == "cpu-2026-11-26b"
+    (tmp_path / "cpu-2026-11-26b.json").write_text("{}")
+    assert result_stem(tmp_path, None, "cpu", day) == "cpu-2026-11-26c"
+    assert result_stem(tmp_path, "mine", "cpu", day) == "mine"
+
+
+def test_cpu_gemm_step_alternates_libraries_in_one_process(monkeypatch, capsys):
+    """bench.cpu_gemm_step times MKL and oneDNN steps in turns and restores the library that
+    was chosen before it ran (skipped where oneDNN's matmul is unavailable)."""
+    from bench import cpu_gemm_step, paired
+    from dense_ext import _C
+
+    before = _C.cpu_gemm()
+    if not _C.set_cpu_gemm("onednn"):
+        pytest.skip("oneDNN's matmul is not available here")
+    assert _C.set_cpu_gemm("mkl")
+    for key, value in paired.PINNED_MALLOC.items():
+        monkeypatch.setenv(key, value)
+    argv = ["--model", "densenet_bc_10", "--batch", "2", "--variant", "efficient-cpp-min"]
+    cpu_gemm_step.main([*argv, "--rounds", "2"])
+    out = capsys.readouterr().out
+    assert "2 rounds: MKL" in out and "oneDNN / MKL median" in out
+    assert _C.cpu_gemm() == "mkl"
+    assert _C.set_cpu_gemm(before)
