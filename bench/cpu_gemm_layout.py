@@ -46,6 +46,17 @@ def mean_seconds(fn, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def best_rounds(runs: dict, reps: int, rounds: int) -> dict[str, float]:
+    """Per run, the best over ``rounds`` rounds (the runs in turns) of its mean over ``reps``."""
+    for fn in runs.values():
+        fn()  # warm-up
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for key, fn in runs.items():
+            best[key] = min(best[key], mean_seconds(fn, reps))
+    return best
+
+
 def time_shape(rows: int, c_in: int, mid: int, reps: int, rounds: int) -> dict[str, float]:
     """Seconds per accumulating product, best round, for both result orientations."""
     dy1, z1 = torch.randn(rows, mid), torch.randn(rows, c_in)
@@ -54,13 +65,7 @@ def time_shape(rows: int, c_in: int, mid: int, reps: int, rounds: int) -> dict[s
         "direct": lambda: direct.addmm_(dy1.t(), z1),
         "transposed": lambda: transposed.addmm_(z1.t(), dy1),
     }
-    for fn in runs.values():
-        fn()  # warm-up
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(rounds):
-        for key, fn in runs.items():
-            best[key] = min(best[key], mean_seconds(fn, reps))
-    return best
+    return best_rounds(runs, reps, rounds)
 
 
 def time_onednn(rows: int, c_in: int, mid: int, reps: int, rounds: int) -> dict[str, float]:
@@ -84,13 +89,7 @@ def time_onednn(rows: int, c_in: int, mid: int, reps: int, rounds: int) -> dict[
         "wgrad mm": lambda: torch.mm(z.t(), dy, out=dwt),
         "wgrad conv": lambda: conv_backward([False, True, False]),
     }
-    for fn in runs.values():
-        fn()  # warm-up
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(rounds):
-        for key, fn in runs.items():
-            best[key] = min(best[key], mean_seconds(fn, reps))
-    return best
+    return best_rounds(runs, reps, rounds)
 
 
 def main() -> None:
