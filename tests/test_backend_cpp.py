@@ -5,6 +5,8 @@ memory modes, plain and bottleneck layers, dropout, eval mode, input layouts, gr
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import (
@@ -314,3 +316,43 @@ def test_small_products_stay_on_mkl(cpu_gemm):
     counts = {e.key: e.count for e in prof.key_averages()}
     assert counts.get("dense_ext::onednn_matmul", 0) == 0
     assert counts.get("aten::mm", 0) + counts.get("aten::addmm_", 0) == 2 * 3
+
+
+def test_onednn_products_under_flags_nan_and_fullgraph_compile(cpu_gemm):
+    """The fused float32 block at a size whose products run on oneDNN (2^22 multiply-adds and
+    more): mixed per-module train/eval flags match naive within the tolerance rule; in eval a
+    NaN pixel of image 0 leaves every other image's output finite and equal to naive's; and
+    torch.compile(fullgraph=True) forward and backward equals eager."""
+    naive, blocks = make_blocks(2, 64, 12, 4, 0.0, "min", torch.float32)
+    block = blocks["cpp"]
+    for module in (naive, block):
+        module.train()
+        module.denselayer2.norm1.eval()  # frozen BN inside a training block
+    oracle = float64_oracle(naive)
+    torch.manual_seed(6)
+    x = torch.randn(6, 64, 24, 24) * 2 + 1
+    check_step(block, naive, x, oracle=oracle, what=f"{cpu_gemm}, mixed flags")
+
+    naive.eval()
+    block.eval()
+    bad = x.clone()
+    bad[0, 3, 5, 7] = float("nan")
+    with torch.no_grad():
+        ours, theirs = block(bad), naive(bad)
+    assert torch.isnan(ours[0]).any() and torch.isfinite(ours[1:]).all()
+    torch.testing.assert_close(ours[1:], theirs[1:], rtol=1e-5, atol=1e-5)
+
+    block.train()
+    block.zero_grad(set_to_none=True)  # check_step's gradients stay on the parameters
+    eager = copy.deepcopy(block)
+    compiled = torch.compile(block, fullgraph=True)
+    outs, grads = [], []
+    for module in (eager, compiled):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append([xi.grad, *(p.grad for p in module.parameters())])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for g_compiled, g_eager in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_compiled, g_eager, rtol=1e-5, atol=1e-5)
