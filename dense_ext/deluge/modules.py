@@ -36,27 +36,12 @@ from dense_ext.norm import advance_batch_counters
 from dense_ext.tracing import is_exporting
 from dense_ext.transition import norm_relu_pool
 
-COMPILED_TRITON_REFUSED = (
-    "dense_ext: torch.compile of a DelugeNet with the triton backend on CUDA is not supported "
-    "yet: on an H200 (torch 2.11) its input gradient came out wrong; the fix brought it to "
-    "within TF32 rounding, and its float32 check has not run on a GPU yet (docs/gpu_runs.md). "
-    "Compile with backend='cpp' (checked on the H200) or run the triton backend eagerly."
-)
-# The refusal's switch: a GPU test turns it off to check the fix against eager.
-REFUSE_COMPILED_TRITON = True
-
 
 def _backend(name: str, device: torch.device) -> StageBackend:
-    """The stage backend ``name`` selects for ``device`` (the reference one for meta tensors);
-    refuses to be traced by torch.compile where a compiled model was found silently wrong and
-    is not yet re-checked."""
+    """The stage backend ``name`` selects for ``device`` (the reference one for meta tensors)."""
     # Meta tensors carry shapes only: the pure-PyTorch backend propagates them (as the dense
     # block does), whatever backend the module names.
-    backend = get_backend("reference" if device.type == "meta" else name, device)
-    compiling = torch.compiler.is_compiling()
-    if REFUSE_COMPILED_TRITON and compiling and backend.name == "triton" and device.type == "cuda":
-        raise NotImplementedError(COMPILED_TRITON_REFUSED)
-    return backend
+    return get_backend("reference" if device.type == "meta" else name, device)
 
 
 def _unfused(module: nn.Module) -> bool:
