@@ -62,6 +62,7 @@ class Settings:
     time_budget_s: float | None = 900.0
     dtypes: list[str] = field(default_factory=lambda: ["fp32"])
     max_batch: bool = True
+    max_batch_dtypes: list[str] = field(default_factory=lambda: ["fp32"])  # searched dtypes
     compile: bool = True  # the torch.compile peers (naive and the best backend)
     graphs: bool = False  # CUDA: the CUDA-graph rows (naive peers and every backend)
     scale_depth: int = 1000
@@ -217,8 +218,8 @@ def _comparison_jobs(s: Settings, backends: list[str], best: str, suite: str) ->
             # The search resizes the batch, which would recompile a compiled model; a CUDA
             # graph's replay allocates nothing (its memory is the eager row's).
             graph = v.endswith("-graph")
-            search = main and s.max_batch and dtype == "fp32" and not v.endswith("-compile")
-            search = search and not graph
+            search = main and s.max_batch and dtype in s.max_batch_dtypes
+            search = search and not graph and not v.endswith("-compile")
             jobs.append(
                 Job(
                     suite=suite,
@@ -287,7 +288,7 @@ def _deluge_jobs(s: Settings, backends: list[str]) -> list[Job]:
     jobs = []
     for dtype in s.dtypes:
         for v in names:
-            search = s.max_batch and dtype == "fp32"
+            search = s.max_batch and dtype in s.max_batch_dtypes
             jobs.append(
                 Job(
                     suite="deluge",

@@ -315,9 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="estimate instead of measure above this (CPU 2 GiB; GPU: the card's memory)",
     )
     p.add_argument("--no-max-batch", action="store_true", help="skip the max-batch search")
+    p.add_argument(
+        "--max-batch-dtypes",
+        type=lambda v: v.split(","),
+        help="dtypes whose rows search the max batch, e.g. fp32,bf16 (default fp32)",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--no-graphs", action="store_true", help="CUDA: skip the CUDA-graph rows")
     p.add_argument("--bf16", action="store_true", help="CPU: add bf16 autocast rows")
+    p.add_argument(
+        "--dtypes", type=lambda v: v.split(","), help="only these dtypes' rows, e.g. bf16"
+    )
     p.add_argument("--scale-depth", type=int, help="scale suite: the deep network (1000)")
     p.add_argument("--scale-batch", type=int, help="scale suite: its batch (64)")
     p.add_argument("--scale-fit-depths", type=_ints, help="scale suite: fit points (100,250,400)")
@@ -380,6 +388,13 @@ def settings_from_args(args: argparse.Namespace, device: str) -> Settings:
         changes["graphs"] = False
     if args.bf16 and "bf16" not in settings.dtypes:
         changes["dtypes"] = [*settings.dtypes, "bf16"]
+    for option in ("dtypes", "max_batch_dtypes"):
+        chosen = getattr(args, option)
+        unknown = sorted(set(chosen or []) - {"fp32", "bf16"})
+        if unknown:
+            raise SystemExit(f"--{option.replace('_', '-')}: unknown dtype(s) {unknown}")
+        if chosen:
+            changes[option] = chosen
     return dataclasses.replace(settings, **changes)
 
 
