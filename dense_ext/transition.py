@@ -119,11 +119,15 @@ class NormReluPoolFunction(torch.autograd.Function):
                 grad_x, grad_w, grad_b = _bn_relu_backward_fused(
                     grad_z, x, weight, bias, mean, var, call.eps, call.batch_stats
                 )
-            elif grad_z.dtype == x.dtype == mean.dtype:
+            elif grad_z.dtype == x.dtype == mean.dtype or x.device.type == "cpu":
+                # Low precision on the CPU too: ATen's CPU kernel holds two input-sized
+                # buffers besides the pool's gradient, this one none (it converts a slice
+                # at a time to float32).
                 grad_x, grad_w, grad_b = _bn_relu_backward_in_place(
                     grad_z, x, weight, bias, mean, invstd, call.batch_stats
                 )
-            else:  # low-precision input: ATen's kernel accumulates in float32 for us
+            else:  # low precision on a GPU: one ATen kernel (accumulating in float32), not
+                # a Python loop of launches over slices
                 grad_x, grad_w, grad_b = _bn_relu_backward_aten(
                     ctx, grad_z, x, weight, bias, mean, invstd, invstd_or_var, call
                 )
@@ -230,9 +234,7 @@ def _local_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _bn_relu_backward_aten(ctx, grad_z, x, weight, bias, mean, invstd, invstd_or_var, call):
-    positive = _recompute_positive(x, weight, bias, mean, invstd)
-    grad_z = grad_z.masked_fill_(~positive, 0)
-    del positive
+    grad_z = _mask_relu_gradient_(grad_z, x, weight, bias, mean, invstd)
     running = (None, None) if call.batch_stats else (mean, invstd_or_var)
     return torch.ops.aten.native_batch_norm_backward(
         grad_z,
@@ -350,12 +352,28 @@ def _bn_relu_pool_backward_traced(grad_out, x, weight, bias, mean, invstd, batch
     return grad_x, grad_w, grad_b
 
 
+# At most this many batch slices when masking a low-precision gradient: each costs a few
+# kernel launches (the GPU step is host-bound), and each holds its slice in float32.
+_MASK_SLICES = 8
+
+
+def _mask_relu_gradient_(grad_z: Tensor, x: Tensor, weight, bias, mean, invstd) -> Tensor:
+    """``grad_z`` zeroed in place where ``bn(x) <= 0`` (ReLU's gradient), a batch slice at a
+    time. Whole, the float32 recompute of a low-precision ``x`` held two float32 copies of a
+    block's output at the backward's peak: 4x the bfloat16 output, which made a bfloat16
+    DenseNet-BC-100's `min` step take more memory per sample than float32's."""
+    rows = max(1, (1 << 20) // max(1, x[0].numel()), -(-x.shape[0] // _MASK_SLICES))
+    for xs, gs in zip(x.split(rows), grad_z.split(rows)):
+        gs.masked_fill_(_recompute_positive(xs, weight, bias, mean, invstd).logical_not_(), 0)
+    return grad_z
+
+
 def _recompute_positive(x, weight, bias, mean, invstd) -> Tensor:
     """Where ``bn(x)`` is not ``<= 0`` (positive or NaN: torch's ReLU gradient mask), from the
     statistics the forward used."""
     scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
     shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
-    z = x.to(invstd.dtype) * _channel(scale)
+    z = x.to(invstd.dtype, copy=True).mul_(_channel(scale))  # one temporary, never x itself
     return (z.add_(_channel(shift)) <= 0).logical_not_()
 
 

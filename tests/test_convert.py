@@ -115,6 +115,75 @@ def test_transition_backward_over_several_batch_slices(train):
     compare_modules(naive, efficient, x)
 
 
+class Autocast(nn.Module):
+    """``module`` run under CPU bfloat16 autocast (float64 inputs pass autocast untouched)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        with torch.autocast("cpu", torch.bfloat16):
+            return self.module(x)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "bf16_params"])
+def test_transition_low_precision_over_several_mask_slices(train, autocast):
+    """bfloat16 input, under autocast (float32 statistics: the ReLU mask is recomputed in
+    float32 a batch slice at a time, here 17 samples in slices of 3) or with bfloat16
+    parameters: within the tolerance rule of naive."""
+    naive, efficient = transition_pair(6, 3, torch.float32 if autocast else torch.bfloat16)
+    if autocast:
+        naive, efficient = Autocast(naive), Autocast(efficient)
+    naive.train(train), efficient.train(train)
+    oracle = float64_oracle(naive)
+    x = (torch.randn(17, 6, 6, 4) * 1.5 + 0.3).to(torch.bfloat16)
+    compare_modules(naive, efficient, x, oracle)
+
+
+def test_transition_autocast_backward_holds_no_float32_copy_of_the_input():
+    """Under bfloat16 autocast on the CPU, the backward's peak live bytes: the pool's gradient
+    (the input's size, then the input gradient in place) and float32 slices of it. Before,
+    the ReLU mask's float32 recompute of the whole input and ATen's kernel held 5.25x the
+    input's bytes: a bfloat16 DenseNet's `min` step took more memory per sample than
+    float32's."""
+    from python_models.memory import peak
+
+    _, efficient = transition_pair(128, 32, torch.float32)
+    x = torch.randn(128, 128, 32, 32).to(torch.bfloat16).requires_grad_()  # 16 Mi values
+    with torch.autocast("cpu", torch.bfloat16):
+        out = efficient(x)
+    grad = torch.ones_like(out)
+    probe = peak(lambda: out.backward(grad), "cpu")
+    input_bytes = x.numel() * x.element_size()
+    assert probe.peak_bytes <= 2 * input_bytes, (
+        f"backward peak {probe.peak_bytes / input_bytes:.2f}x the input's bytes"
+    )
+
+
+def test_relu_mask_of_low_precision_input_is_recomputed_a_slice_at_a_time():
+    """The GPU's low-precision path masks the pool's gradient before ATen's BN backward: its
+    float32 recompute holds at most one of 8 batch slices (whole: two float32 copies, 4x the
+    bfloat16 input's bytes)."""
+    from dense_ext.transition import _mask_relu_gradient_
+    from python_models.memory import peak
+
+    x = torch.randn(128, 128, 32, 32).to(torch.bfloat16)
+    g = torch.randn_like(x)
+    mean, invstd = torch.full((128,), 0.1), torch.full((128,), 2.0)
+    weight, bias = torch.randn(128), torch.randn(128)
+    expected = g.masked_fill(
+        x.float() * (weight * invstd)[:, None, None]
+        + (bias - mean * weight * invstd)[:, None, None]
+        <= 0,
+        0,
+    )
+    probe = peak(lambda: _mask_relu_gradient_(g, x, weight, bias, mean, invstd), "cpu")
+    assert probe.peak_bytes <= 0.5 * x.numel() * x.element_size()
+    assert torch.equal(g, expected)
+
+
 def test_transition_channels_last_input():
     naive, efficient = transition_pair(5, 2, torch.float64)
     x = (torch.randn(2, 5, 6, 6, dtype=torch.float64)).to(memory_format=torch.channels_last)
