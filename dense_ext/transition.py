@@ -305,11 +305,12 @@ def _bn_relu_backward_in_place(
     sum_gxhat = torch.zeros_like(mean)
     for xs, gs in zip(x.split(chunk), g.split(chunk)):
         xhat = (xs.to(acc) - _channel(mean)).mul_(_channel(invstd))
-        # ReLU's gradient mask as torch's (threshold_backward): not <= 0, so NaN passes.
-        positive = torch.addcmul(_channel(beta), xhat, _channel(gamma)) <= 0
-        positive.logical_not_()
-        gs.mul_(positive)
-        del positive
+        # ReLU's gradient as torch's threshold_backward: zero where bn(x) <= 0 (a NaN input
+        # passes), whatever the incoming gradient holds there (a NaN or Inf too, which a
+        # multiplication by the mask would keep).
+        inactive = torch.addcmul(_channel(beta), xhat, _channel(gamma)) <= 0
+        gs.masked_fill_(inactive, 0)
+        del inactive
         ga = gs.to(acc)
         sum_g += ga.sum(dim=(0, 2, 3))
         sum_gxhat += (ga * xhat).sum(dim=(0, 2, 3))

@@ -184,6 +184,39 @@ def test_relu_mask_of_low_precision_input_is_recomputed_a_slice_at_a_time():
     assert torch.equal(g, expected)
 
 
+@pytest.mark.parametrize(
+    "dtype,layout,autocast",
+    [
+        (torch.float64, torch.contiguous_format, False),
+        (torch.float32, torch.contiguous_format, False),
+        (torch.float32, torch.channels_last, False),  # the extension's fused backward
+        (torch.float32, torch.channels_last, True),  # bfloat16 input, float32 statistics
+    ],
+)
+@pytest.mark.parametrize("train", [True, False])
+def test_transition_passes_nan_and_inf_gradients_as_naive(dtype, layout, autocast, train):
+    """A NaN and an Inf in the incoming gradient reach the input gradient where naive's
+    reach it: ReLU's backward zeroes them where the ReLU was inactive. Multiplying by the
+    mask kept them there (NaN * 0), in every path but the extension's fused one."""
+    naive, efficient = transition_pair(4, 3, dtype)
+    naive.train(train), efficient.train(train)
+    x = torch.randn(2, 4, 6, 6, dtype=dtype).contiguous(memory_format=layout)
+    x = x.to(torch.bfloat16) if autocast else x
+    grads = []
+    for module in (naive, efficient):
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = module(leaf)
+        g = torch.ones_like(out)
+        g[0, 0, 0, 0], g[1, 2, 1, 2] = float("nan"), float("inf")
+        out.backward(g)
+        grads.append(leaf.grad)
+    expected, actual = grads
+    assert torch.equal(actual.isnan(), expected.isnan())
+    assert torch.equal(actual.isinf(), expected.isinf())
+    assert 0 < int(expected.isnan().sum()) < expected.numel()  # the case is not vacuous
+
+
 def test_transition_channels_last_input():
     naive, efficient = transition_pair(5, 2, torch.float64)
     x = (torch.randn(2, 5, 6, 6, dtype=torch.float64)).to(memory_format=torch.channels_last)
