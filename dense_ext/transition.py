@@ -365,17 +365,17 @@ def _mask_relu_gradient_(grad_z: Tensor, x: Tensor, weight, bias, mean, invstd) 
     DenseNet-BC-100's `min` step take more memory per sample than float32's."""
     rows = max(1, (1 << 20) // max(1, x[0].numel()), -(-x.shape[0] // _MASK_SLICES))
     for xs, gs in zip(x.split(rows), grad_z.split(rows)):
-        gs.masked_fill_(_recompute_positive(xs, weight, bias, mean, invstd).logical_not_(), 0)
+        gs.masked_fill_(_recompute_inactive(xs, weight, bias, mean, invstd), 0)
     return grad_z
 
 
-def _recompute_positive(x, weight, bias, mean, invstd) -> Tensor:
-    """Where ``bn(x)`` is not ``<= 0`` (positive or NaN: torch's ReLU gradient mask), from the
-    statistics the forward used."""
+def _recompute_inactive(x, weight, bias, mean, invstd) -> Tensor:
+    """Where ``bn(x) <= 0`` (torch's ReLU backward zeroes the gradient there; a NaN is not
+    ``<= 0`` and passes), from the statistics the forward used."""
     scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
     shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
     z = x.to(invstd.dtype, copy=True).mul_(_channel(scale))  # one temporary, never x itself
-    return (z.add_(_channel(shift)) <= 0).logical_not_()
+    return z.add_(_channel(shift)) <= 0
 
 
 def norm_relu_pool(
