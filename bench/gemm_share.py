@@ -15,11 +15,16 @@ measured. A budget near or below zero says the target is out of reach without fe
 
 Profiler self times add up to the step's wall time within a few percent here (the profiler's
 own cost per op included), so compare parts and budgets, not these totals with ``make bench``.
+
+``--products N`` also prints, per variant, its N most expensive matrix-product shapes (calls,
+ms and GFLOP/s, from one more profiled step): whether the GEMM time is the products' speed or
+their number.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import statistics
 import sys
 
@@ -59,6 +64,31 @@ def split_step(step: TrainStep, warmup: int) -> tuple[float, float]:
     return gemm, other
 
 
+# Matrix products whose first two inputs are [m, k] and [k, n].
+PRODUCT_OPS = {"aten::mm", "dense_ext::onednn_matmul"}
+
+
+def product_rates(times: dict) -> list[tuple[tuple[int, int, int], int, float, float]]:
+    """``((m, k, n), calls, ms, GFLOP/s)`` per product shape of ``op_times``'s result, the most
+    expensive first."""
+    rates = []
+    for (op, shapes), (calls, ms, _first) in times.items():
+        if op not in PRODUCT_OPS:
+            continue
+        a, b = ast.literal_eval(shapes)[:2]
+        m, k, n = a[0], a[1], b[1]
+        rates.append(((m, k, n), calls, ms, 2 * m * k * n * calls / (ms * 1e6) if ms else 0.0))
+    return sorted(rates, key=lambda r: -r[2])
+
+
+def print_products(name: str, step: TrainStep, top: int) -> None:
+    rates = product_rates(op_times(step, 0))
+    total = sum(ms for _, _, ms, _ in rates)
+    print(f"{name}: matrix products {total:.1f} ms in one profiled step, the {top} largest:")
+    for (m, k, n), calls, ms, gflops in rates[:top]:
+        print(f"  [{m}, {k}] x [{k}, {n}]  {calls:4d} calls  {ms:7.2f} ms  {gflops:6.1f} GFLOP/s")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="densenet121")
@@ -67,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--products", type=int, default=0, help="print the N largest products")
     args = parser.parse_args(argv)
     restart_with_pinned_malloc(sys.argv[1:] if argv is None else argv, "bench.gemm_share")
     names = args.variants.split(",")
@@ -88,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'variant':28s} {'total':>8s} {'GEMM/conv':>10s} {'other':>8s}")
     for n, (g, o) in med.items():
         print(f"{n:28s} {g + o:8.1f} {g:10.1f} {o:8.1f}")
+    for n in names if args.products else []:
+        print_products(n, steps[n], args.products)
     naive = [n for n in names if n.startswith("naive")]
     if not naive:
         return

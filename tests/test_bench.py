@@ -564,6 +564,23 @@ def test_gemm_share_sorts_op_self_times_into_gemm_and_the_rest(monkeypatch):
     assert gemm_share.split_step(None, 0) == (21.0, 2.25)
 
 
+def test_gemm_share_product_rates_per_shape():
+    """--products: each product shape's calls, time and rate (2mkn per call over its time),
+    the most expensive first; other ops are not products."""
+    from bench import gemm_share
+
+    profiled = {
+        ("dense_ext::onednn_matmul", "[[100, 20], [20, 10], [100, 10]]"): [2, 0.5, (100, 20)],
+        ("aten::mm", "[[10, 4], [4, 2]]"): [3, 0.001, (10, 4)],
+        ("aten::mkldnn_convolution", "[[1, 2, 3, 3]]"): [1, 9.0, (1, 2, 3, 3)],
+    }
+    rates = gemm_share.product_rates(profiled)
+    assert [r[0] for r in rates] == [(100, 20, 10), (10, 4, 2)]
+    assert rates[0][1:3] == (2, 0.5)
+    assert rates[0][3] == pytest.approx(2 * 100 * 20 * 10 * 2 / 0.5e6)
+    assert rates[1][3] == pytest.approx(2 * 10 * 4 * 2 * 3 / 1e3)
+
+
 def test_gemm_share_prints_each_variant_and_the_budget_for_the_target(monkeypatch, capsys):
     """One pinned-allocator run on a tiny model: per variant the total is the sum of its two
     parts, and the efficient variant's budget is target x the naive total minus its GEMM time."""
@@ -572,8 +589,12 @@ def test_gemm_share_prints_each_variant_and_the_budget_for_the_target(monkeypatc
     for key, value in paired.PINNED_MALLOC.items():
         monkeypatch.setenv(key, value)
     argv = ["--model", "densenet_bc_10", "--batch", "2", "--rounds", "2", "--warmup", "1"]
-    gemm_share.main([*argv, "--variants", "naive,efficient-cpp-min", "--target", "0.8"])
+    gemm_share.main(
+        [*argv, "--variants", "naive,efficient-cpp-min", "--target", "0.8", "--products", "2"]
+    )
     out = capsys.readouterr().out
+    products = out.split("efficient-cpp-min: matrix products")[1].splitlines()[1:3]
+    assert all("GFLOP/s" in line for line in products), out  # the block's own products
     rows = {
         line.split()[0]: [float(v) for v in line.split()[1:]]
         for line in out.splitlines()
