@@ -253,12 +253,18 @@ def _bn_relu_backward_aten(ctx, grad_z, x, weight, bias, mean, invstd, invstd_or
     )
 
 
+# The dtypes the extension's BN kernels take, with float32 statistics (float64 for float64).
+_FUSED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
 def _fused_backward_applies(g: Tensor, x: Tensor, mean: Tensor) -> bool:
-    """Whether ``_bn_relu_backward_fused`` can run: CPU tensors in channels_last, float32 or
-    float64 throughout, and the C++ extension loaded."""
-    if x.device.type != "cpu" or not (g.dtype == x.dtype == mean.dtype):
+    """Whether ``_bn_relu_backward_fused`` can run: CPU or CUDA tensors in channels_last, ``g``
+    in ``x``'s dtype, the statistics in its accumulation dtype (low precision under autocast:
+    bfloat16 or float16 input, float32 statistics), and the extension's kernels built for the
+    device."""
+    if x.device.type not in ("cpu", "cuda") or x.dtype not in _FUSED_DTYPES:
         return False
-    if x.dtype not in (torch.float32, torch.float64):
+    if g.dtype != x.dtype or mean.dtype != stats_dtype(x.dtype):
         return False
     cl = torch.channels_last
     if not (x.is_contiguous(memory_format=cl) and g.is_contiguous(memory_format=cl)):
@@ -270,9 +276,12 @@ def _fused_backward_applies(g: Tensor, x: Tensor, mean: Tensor) -> bool:
 
 def _bn_relu_backward_fused(g, x, weight, bias, mean, var, eps, batch_stats):
     """BN-ReLU backward written into ``g`` by one call of the extension's ``bn_relu_backward``
-    (two vectorised passes: the sums of g and g*xhat, then dx), the same result as
-    ``_bn_relu_backward_in_place`` up to rounding. ``var`` is what the BN normalised with
-    (recovered from ``invstd`` in training: ``invstd**-2 - eps``, within a few ulps)."""
+    (two vectorised passes: the sums of g and g*xhat, then dx; on CUDA two kernels, where the
+    Python paths below launch a few per batch slice), the same result as
+    ``_bn_relu_backward_in_place`` up to rounding. In place: every element of ``g`` is read
+    once, by the thread that then writes its dx (csrc/cuda/kernels.cu, bn_grad_input_kernel).
+    ``var`` is what the BN normalised with (recovered from ``invstd`` in training:
+    ``invstd**-2 - eps``, within a few ulps)."""
     acc = mean.dtype
     gamma = torch.ones_like(mean) if weight is None else weight.to(acc).contiguous()
     beta = torch.zeros_like(mean) if bias is None else bias.to(acc).contiguous()

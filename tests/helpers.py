@@ -385,6 +385,7 @@ def check_step(
     what: str = "",
     as_output: Callable[[object], Tensor] = lambda out: out,
     miss: KnownMiss | None = None,
+    precision: torch.dtype | None = None,
 ) -> Step:
     """One training step of ``module`` against ``naive`` (loaded with the same state), each
     keeping its own running statistics for the next step.
@@ -392,8 +393,9 @@ def check_step(
     float64 ``x``: ``assert_same_step`` at ``TOLERANCE``. Lower precision: ``oracle`` (a
     ``float64_oracle(naive)`` made with the pair) steps on ``x`` in float64 too, and every
     observable follows ``assert_within_torch_error`` with ``naive``'s steps (``torch_steps``)
-    as PyTorch's own result. ``as_output`` applies to what ``naive`` returns; ``miss`` goes to
-    ``assert_step_within_torch_error``. Returns ``module``'s step.
+    as PyTorch's own result. ``as_output`` applies to what ``naive`` returns; ``miss`` and
+    ``precision`` (the autocast dtype under autocast) go to ``assert_step_within_torch_error``.
+    Returns ``module``'s step.
     """
     if x.dtype == torch.float64:
         expected = train_step(naive, x, grad, seed, as_output=as_output)
@@ -406,7 +408,7 @@ def check_step(
     assert grad_output is not None
     actual = train_step(module, x, grad_output, seed)
     exact = train_step(oracle, x.double(), grad_output.double(), seed, as_output=as_output)
-    assert_step_within_torch_error(actual, theirs, exact, what, miss=miss)
+    assert_step_within_torch_error(actual, theirs, exact, what, miss=miss, precision=precision)
     return actual
 
 

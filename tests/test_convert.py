@@ -53,8 +53,10 @@ def transition_pair(c_in, c_out, dtype, **bn_kwargs):
 
 def compare_modules(naive, efficient, x, oracle=None):
     """One training step of both transitions (each keeps its running statistics): every
-    observable agrees, by the rule of x's dtype (tests/helpers.py)."""
-    check_step(efficient, naive, x, oracle=oracle, seed=3)
+    observable agrees, by the rule of x's dtype (tests/helpers.py); under autocast (the
+    ``Autocast`` wrapper) the rule's precision is bfloat16's, float32 results included."""
+    precision = torch.bfloat16 if isinstance(naive, Autocast) else None
+    check_step(efficient, naive, x, oracle=oracle, seed=3, precision=precision)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -116,14 +118,15 @@ def test_transition_backward_over_several_batch_slices(train):
 
 
 class Autocast(nn.Module):
-    """``module`` run under CPU bfloat16 autocast (float64 inputs pass autocast untouched)."""
+    """``module`` run under bfloat16 autocast on its input's device (float64 inputs pass
+    autocast untouched)."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
 
     def forward(self, x):
-        with torch.autocast("cpu", torch.bfloat16):
+        with torch.autocast(x.device.type, torch.bfloat16):
             return self.module(x)
 
 
@@ -142,16 +145,18 @@ def test_transition_low_precision_over_several_mask_slices(train, autocast):
     compare_modules(naive, efficient, x, oracle)
 
 
-def test_transition_autocast_backward_holds_no_float32_copy_of_the_input():
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_transition_autocast_backward_holds_no_float32_copy_of_the_input(layout):
     """Under bfloat16 autocast on the CPU, the backward's peak live bytes: the pool's gradient
-    (the input's size, then the input gradient in place) and float32 slices of it. Before,
-    the ReLU mask's float32 recompute of the whole input and ATen's kernel held 5.25x the
-    input's bytes: a bfloat16 DenseNet's `min` step took more memory per sample than
-    float32's."""
+    (the input's size, then the input gradient in place: the extension's kernel for a
+    channels_last input, float32 slices otherwise). Before, the ReLU mask's float32 recompute
+    of the whole input and ATen's kernel held 5.25x the input's bytes: a bfloat16 DenseNet's
+    `min` step took more memory per sample than float32's."""
     from python_models.memory import peak
 
     _, efficient = transition_pair(128, 32, torch.float32)
-    x = torch.randn(128, 128, 32, 32).to(torch.bfloat16).requires_grad_()  # 16 Mi values
+    x = torch.randn(128, 128, 32, 32).to(torch.bfloat16)  # 16 Mi values
+    x = x.contiguous(memory_format=layout).requires_grad_()
     with torch.autocast("cpu", torch.bfloat16):
         out = efficient(x)
     grad = torch.ones_like(out)
@@ -215,6 +220,117 @@ def test_transition_passes_nan_and_inf_gradients_as_naive(dtype, layout, autocas
     assert torch.equal(actual.isnan(), expected.isnan())
     assert torch.equal(actual.isinf(), expected.isinf())
     assert 0 < int(expected.isnan().sum()) < expected.numel()  # the case is not vacuous
+
+
+def fused_backward_calls(monkeypatch) -> list[torch.dtype]:
+    """The input dtypes of the transition backwards that ran the extension's kernel."""
+    from dense_ext import transition
+
+    calls: list[torch.dtype] = []
+    fused = transition._bn_relu_backward_fused
+
+    def spy(g, x, *args):
+        calls.append(x.dtype)
+        return fused(g, x, *args)
+
+    monkeypatch.setattr(transition, "_bn_relu_backward_fused", spy)
+    return calls
+
+
+def test_transition_autocast_backward_on_channels_last_runs_the_extension(monkeypatch):
+    """A channels_last bfloat16 input under autocast (float32 statistics), as a block's buffer
+    arrives: one call of the extension's BN-ReLU backward, not a loop over slices."""
+    calls = fused_backward_calls(monkeypatch)
+    naive, efficient = transition_pair(6, 3, torch.float32)
+    oracle = float64_oracle(Autocast(naive))
+    x = torch.randn(4, 6, 8, 8).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    compare_modules(Autocast(naive), Autocast(efficient), x, oracle)
+    assert calls == [torch.bfloat16]
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_transition_backward_is_a_few_ops_whatever_the_batch(autocast):
+    """The channels_last backward (the path CUDA takes too) is a fixed handful of ATen ops:
+    the Python paths run a few per batch slice of 2**20 values (DenseNet-121 b32: 1,417 ops in
+    the three transitions against 21), each a kernel launch on a GPU."""
+    from helpers import RecordOps
+
+    _, efficient = transition_pair(16, 8, torch.float32)
+    x = torch.randn(48, 16, 64, 64).contiguous(memory_format=torch.channels_last)  # 3 Mi
+    x = (x.to(torch.bfloat16) if autocast else x).requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        out = efficient(x)
+    recorded = RecordOps()
+    with recorded:
+        torch.autograd.grad(out, x, torch.ones_like(out))
+    assert len(recorded.calls) <= 12, recorded.calls
+
+
+def test_cuda_transitions_take_the_extension_path_where_the_cpu_does(monkeypatch):
+    """Which inputs get the extension's in-place BN-ReLU backward, decided without a GPU (tensor
+    stand-ins on a "cuda" device, the CUDA kernels taken as built): channels_last, ``g`` in
+    ``x``'s dtype, statistics in its accumulation dtype; CUDA as the CPU (CUDA took the Python
+    paths before: float32 a loop over batch slices, bfloat16 ATen's kernel)."""
+    from types import SimpleNamespace
+
+    from dense_ext import transition
+    from dense_ext.backends import cpp
+
+    monkeypatch.setattr(cpp, "unavailable_reason", lambda device: None)
+
+    def stand_in(dtype, device="cuda", channels_last=True):
+        return SimpleNamespace(
+            device=torch.device(device),
+            dtype=dtype,
+            is_contiguous=lambda memory_format: channels_last,
+        )
+
+    applies = transition._fused_backward_applies
+    f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
+    for device in ("cuda", "cpu"):
+        assert applies(stand_in(f32, device), stand_in(f32, device), stand_in(f32, device))
+        assert applies(stand_in(bf16, device), stand_in(bf16, device), stand_in(f32, device))
+        assert applies(stand_in(f64, device), stand_in(f64, device), stand_in(f64, device))
+        assert not applies(stand_in(bf16, device), stand_in(bf16, device), stand_in(bf16, device))
+        assert not applies(stand_in(f32, device), stand_in(bf16, device), stand_in(f32, device))
+        flat = stand_in(f32, device, channels_last=False)
+        assert not applies(flat, flat, stand_in(f32, device))
+    assert not applies(stand_in(f32, "meta"), stand_in(f32, "meta"), stand_in(f32, "meta"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("train", [True, False])
+def test_cuda_transition_matches_naive(monkeypatch, layout, autocast, train):
+    """The transition on CUDA against naive's on CUDA, by the tolerance rule (IEEE float32, or
+    bfloat16 autocast), with a NaN and an Inf in the incoming gradient checked too: the
+    extension's kernel for channels_last inputs (in place, asserted), the batch-sliced paths
+    otherwise."""
+    from helpers import cuda_or_skip, ieee_fp32
+
+    cuda_or_skip()
+    calls = fused_backward_calls(monkeypatch)
+    naive, efficient = transition_pair(6, 3, torch.float32)
+    naive, efficient = naive.cuda().train(train), efficient.cuda().train(train)
+    if autocast:
+        naive, efficient = Autocast(naive), Autocast(efficient)
+    x = (torch.randn(9, 6, 10, 6, device="cuda") * 1.5 + 0.3).contiguous(memory_format=layout)
+    x = x.to(torch.bfloat16) if autocast else x
+    with ieee_fp32():
+        compare_modules(naive, efficient, x, float64_oracle(naive))
+    fused = layout == torch.channels_last
+    assert calls == ([x.dtype] if fused else []), calls
+    grads = []
+    for module in (naive, efficient):
+        leaf = x.clone().requires_grad_()
+        out = module(leaf)
+        g = torch.ones_like(out)
+        g[0, 0, 0, 0], g[1, 2, 1, 2] = float("nan"), float("inf")
+        out.backward(g)
+        grads.append(leaf.grad)
+    assert torch.equal(grads[1].isnan(), grads[0].isnan())
+    assert torch.equal(grads[1].isinf(), grads[0].isinf())
 
 
 def test_transition_channels_last_input():
