@@ -168,6 +168,18 @@ def cpu_backend_or_skip(name: str) -> str:
     return name
 
 
+def switched(get: Callable[[], str], set_: Callable[[str], bool], value: str, why: str):
+    """Body of a fixture that sets one of the extension's run-time switches (``cpu_isa``,
+    ``cpu_gemm``) to ``value`` for the test, skipping with ``why`` where it cannot, and
+    restores it afterwards (``yield from switched(...)``)."""
+    before = get()
+    if not set_(value):
+        pytest.skip(why)
+    assert get() == value
+    yield value
+    assert set_(before)
+
+
 def cuda_or_skip() -> None:
     """Skip the test without a CUDA device."""
     if not torch.cuda.is_available():

@@ -20,6 +20,7 @@ from helpers import (
     cpu_backend_or_skip,
     expect_rule_failure,
     float64_oracle,
+    switched,
     train_step,
 )
 from naive import NaiveDenseBlock, randomize_bn, with_masks
@@ -253,12 +254,8 @@ def cpu_gemm(request):
     skipped where libtorch has no working oneDNN matmul)."""
     from dense_ext import _C
 
-    before = _C.cpu_gemm()
-    if not _C.set_cpu_gemm(request.param):
-        pytest.skip(f"{request.param} matmul not available in this libtorch or on this CPU")
-    assert _C.cpu_gemm() == request.param
-    yield request.param
-    assert _C.set_cpu_gemm(before)
+    why = f"{request.param} matmul not available in this libtorch or on this CPU"
+    yield from switched(_C.cpu_gemm, _C.set_cpu_gemm, request.param, why)
 
 
 def test_set_cpu_gemm_rejects_unknown_names():

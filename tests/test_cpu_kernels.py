@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, cpu_backend_or_skip
+from helpers import assert_close, cpu_backend_or_skip, switched
 
 ISAS = ("portable", "avx2", "avx512")
 CHANNELS = (1, 7, 8, 17, 33, 100)
@@ -21,12 +21,8 @@ def isa(request):
     cpu_backend_or_skip("cpp")
     from dense_ext import _C
 
-    before = _C.cpu_isa()
-    if not _C.set_cpu_isa(request.param):
-        pytest.skip(f"{request.param} not supported here (widest: {_C.supported_cpu_isa()})")
-    assert _C.cpu_isa() == request.param
-    yield request.param
-    assert _C.set_cpu_isa(before)
+    why = f"{request.param} not supported here (widest: {_C.supported_cpu_isa()})"
+    yield from switched(_C.cpu_isa, _C.set_cpu_isa, request.param, why)
 
 
 def cl(t):
