@@ -210,6 +210,13 @@ def _synced_batch_norm(x: Tensor, weight, bias, call: NormCall, sync: StatsSync)
     return z, mean, torch.rsqrt(var + call.eps), world_count
 
 
+def _slice_rows(x: Tensor, at_most: int | None = None) -> int:
+    """Samples per batch slice of ``x`` for the paths that work a slice at a time in float32:
+    about 2**20 values, or more where that would make over ``at_most`` slices."""
+    rows = max(1, (1 << 20) // max(1, x[0].numel()))
+    return rows if at_most is None else max(rows, -(-x.shape[0] // at_most))
+
+
 def _local_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` in the statistics dtype. Low-precision
     inputs go a batch slice at a time (Chan's merge), so no float32 copy of ``x`` is made."""
@@ -217,7 +224,7 @@ def _local_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     if x.dtype == acc:
         var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
         return mean, var
-    chunk = max(1, (1 << 20) // max(1, x[0].numel()))
+    chunk = _slice_rows(x)
     n, mean, m2 = 0, None, None
     for xs in x.split(chunk):
         var_s, mean_s = torch.var_mean(xs.to(acc), dim=(0, 2, 3), correction=0)
@@ -309,7 +316,7 @@ def _bn_relu_backward_in_place(
     acc = mean.dtype
     gamma = torch.ones_like(mean) if weight is None else weight.to(acc)
     beta = torch.zeros_like(mean) if bias is None else bias.to(acc)
-    chunk = max(1, (1 << 20) // max(1, x[0].numel()))
+    chunk = _slice_rows(x)
     sum_g = torch.zeros_like(mean)
     sum_gxhat = torch.zeros_like(mean)
     for xs, gs in zip(x.split(chunk), g.split(chunk)):
@@ -372,7 +379,7 @@ def _mask_relu_gradient_(grad_z: Tensor, x: Tensor, weight, bias, mean, invstd) 
     time. Whole, the float32 recompute of a low-precision ``x`` held two float32 copies of a
     block's output at the backward's peak: 4x the bfloat16 output, which made a bfloat16
     DenseNet-BC-100's `min` step take more memory per sample than float32's."""
-    rows = max(1, (1 << 20) // max(1, x[0].numel()), -(-x.shape[0] // _MASK_SLICES))
+    rows = _slice_rows(x, at_most=_MASK_SLICES)
     for xs, gs in zip(x.split(rows), grad_z.split(rows)):
         gs.masked_fill_(_recompute_inactive(xs, weight, bias, mean, invstd), 0)
     return grad_z
