@@ -39,7 +39,9 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dense_ext.block import has_hooks
 from dense_ext.deluge.cldc_params import CLDCParameters
+from dense_ext.stem import norm_relu_max_pool
 from python_models.densenet import ChannelsLastMaxPool2d
 
 
@@ -167,6 +169,10 @@ class DelugeNet(nn.Module):
         memory, backend: the efficient stages' memory mode and backend (``efficient`` only).
         drop_rate: accepted for a uniform model interface; DelugeNets have no dropout, so
             anything but 0 raises ValueError.
+
+    Attribute ``efficient_stem`` (default: ``efficient``): the ImageNet stem's norm-ReLU-max
+    pool through ``dense_ext.stem.norm_relu_max_pool`` (as DenseNet's; the modules run when
+    ``stem`` has hooks or the function does not apply).
     """
 
     def __init__(
@@ -189,6 +195,7 @@ class DelugeNet(nn.Module):
         self.stage_slots = tuple(stage_slots)
         self.stage_channels = tuple(stage_channels)
         self.efficient = efficient
+        self.efficient_stem = bool(efficient)
         c1 = stage_channels[0]
         kinds = _efficient_kinds(memory, backend) if efficient else _NAIVE_KINDS
         stage, transition, head, entry = kinds
@@ -220,6 +227,12 @@ class DelugeNet(nn.Module):
         self.classifier = nn.Linear(stage_channels[-1], num_classes)
         _init_weights(self)
 
+    def _stem(self, x: Tensor) -> Tensor:
+        stem = self.stem
+        if getattr(self, "efficient_stem", False) and len(stem) == 4 and not has_hooks(stem):
+            return norm_relu_max_pool(stem.conv(x), stem.norm, stem.relu, stem.pool)
+        return stem(x)
+
     def stages(self) -> list[nn.Module]:
         """The stages, first to last."""
         return [getattr(self, f"stage{s + 1}") for s in range(len(self.stage_slots))]
@@ -229,7 +242,7 @@ class DelugeNet(nn.Module):
         return [getattr(self, f"transition{s + 1}") for s in range(len(self.stage_slots) - 1)]
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.entry(self.stem(x))
+        x = self.entry(self._stem(x))
         stages, transitions = self.stages(), self.transitions()
         for s, stage in enumerate(stages):
             slots = stage(x)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from dense_ext.block import EfficientDenseBlock, has_hooks, unfused_reason
+from dense_ext.stem import norm_relu_max_pool
 from dense_ext.transition import EfficientTransition, norm_relu_pool
 
 
@@ -268,6 +269,12 @@ class DenseNet(nn.Module):
     (``dense_ext.transition.norm_relu_pool``; synchronised when ``features.norm5`` is a
     ``dense_ext.sync_bn.SyncBatchNorm``). Set it after ``dense_ext.convert(model)`` to get
     the fused head on a converted model.
+
+    Attribute ``efficient_stem`` (default: ``efficient``) computes the ImageNet stem's
+    norm0-ReLU-max pool as one function on the CPU that saves one byte per pooled value instead
+    of the ReLU output and int64 indices, equal to the modules bit for bit
+    (``dense_ext.stem.norm_relu_max_pool``; the modules run where it does not apply). Like the
+    fused head, it needs ``features`` without hooks of its own.
     """
 
     def __init__(
@@ -294,6 +301,7 @@ class DenseNet(nn.Module):
                 "choose efficient=True or memory_efficient=True, not both"
             )
         self.efficient_head = bool(efficient)
+        self.efficient_stem = bool(efficient)
         stem = _stem(num_init_features, small_inputs, efficient)
         self.features = nn.Sequential(OrderedDict(stem))
         num_features = num_init_features
@@ -327,20 +335,42 @@ class DenseNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Images [N, 3, H, W] -> logits [N, num_classes].
 
-        The fused head never calls ``features`` as a whole nor ``features.norm5``; when either
-        has hooks (or ``dense_ext.block.unfused_reason`` says so: tracing, ``torch.func``, a
-        global hook) the head runs as torchvision's does, so the hooks fire as there."""
-        fused = self.efficient_head and not has_hooks(self.features)
-        if fused and unfused_reason(self.features.norm5, called=False) is None:
-            out = x
-            for name, module in self.features.named_children():
-                if name != "norm5":
-                    out = module(out)
+        The fused head never calls ``features`` as a whole nor ``features.norm5``, the fused
+        stem neither ``features`` nor norm0, relu0 and pool0; when these have hooks (or
+        ``dense_ext.block.unfused_reason`` says so: tracing, ``torch.func``, a global hook) they
+        run as torchvision's do, so the hooks fire as there."""
+        features_free = not has_hooks(self.features)
+        head = features_free and self.efficient_head
+        head = head and unfused_reason(self.features.norm5, called=False) is None
+        if head or (features_free and getattr(self, "efficient_stem", False)):
+            out = self._features(x, skip_norm5=head)
+        else:
+            out = self.features(x)
+        if head:
             out = norm_relu_pool(out, self.features.norm5, pool="global")
         else:
-            out = F.relu(self.features(x), inplace=True)
+            out = F.relu(out, inplace=True)
             out = torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
         return self.classifier(out)
+
+    def _features(self, x: Tensor, skip_norm5: bool) -> Tensor:
+        """``features(x)`` with its children called one by one (without norm5 when
+        ``skip_norm5``); with ``efficient_stem``, the ImageNet stem's norm0-relu0-pool0 through
+        ``dense_ext.stem.norm_relu_max_pool``."""
+        children = dict(self.features.named_children())
+        stem = ("norm0", "relu0", "pool0")
+        fuse_stem = getattr(self, "efficient_stem", False) and all(
+            name in children for name in stem
+        )
+        out = x
+        for name, module in children.items():
+            if (skip_norm5 and name == "norm5") or (fuse_stem and name in stem[1:]):
+                continue
+            if fuse_stem and name == "norm0":
+                out = norm_relu_max_pool(out, *(children[n] for n in stem))
+            else:
+                out = module(out)
+        return out
 
 
 def _check_config(growth_rate, block_config, num_init_features, compression, num_classes):
