@@ -9,6 +9,10 @@ offset of its maximum, or "the ReLU passed nothing"); torchvision's modules save
 the ReLU output and int64 pool indices. Output, input gradient, parameter gradients and running
 statistics equal the modules' bit for bit (tests/test_stem.py).
 
+On a GPU the same op runs as CUDA kernels (csrc/cuda/stem_pool.cu, float16 and bfloat16 too:
+autocast's stem), not yet run on a GPU; there the BN is ATen's native kernel where
+``nn.BatchNorm2d`` may pick cuDNN's, so the numbers agree up to rounding, not bit for bit.
+
 Where it does not apply (another device or dtype, a channels_last or empty input, hooks on the
 three modules, tracing and ``torch.func``, ``torch.compile``, a BN of another kind, another
 pool) the modules are called one by one, so everything they do happens as in torchvision.
@@ -30,6 +34,13 @@ try:
     _HAS_OPS = hasattr(torch.ops.dense_ext, "relu_max_pool")
 except Exception:  # not built: the modules run instead
     _HAS_OPS = False
+
+
+def _has_cuda_kernels() -> bool:
+    """Whether the extension was built with the op's CUDA kernels (csrc/cuda/stem_pool.cu)."""
+    return _HAS_OPS and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "dense_ext::relu_max_pool", "CUDA"
+    )
 
 
 def _pool_fits(pool: nn.Module) -> bool:
@@ -63,14 +74,22 @@ def unfused_stem_reason(x: Tensor, norm: nn.Module, relu: nn.Module, pool: nn.Mo
     reason = unfused_reason(norm, called=False)  # hooks on norm, global hooks, tracing
     if reason is not None:
         return reason
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        return f"a {x.dtype} input on {x.device.type}"
+    if x.device.type == "cpu":
+        if x.dtype not in (torch.float32, torch.float64):
+            return f"a {x.dtype} input on the CPU (the op takes float32 and float64)"
+    elif x.device.type != "cuda" or not _has_cuda_kernels():
+        return f"an input on {x.device.type} (no kernel of the op there)"
+    elif x.numel() >= 2**31:
+        return "a map of 2^31 elements or more (the CUDA kernels index in 32 bits)"
     if x.dim() != 4 or not x.is_contiguous() or x.shape[0] == 0 or x.shape[1] == 0:
         return f"an input of shape {tuple(x.shape)} that is not a non-empty NCHW map"
     if x.shape[0] * x.shape[2] * x.shape[3] == 1:
         return "one value per channel (the BN raises its own error)"
+    # A float16/bfloat16 map with float32 BN parameters (autocast's stem on a GPU) is what
+    # native_batch_norm takes there, as nn.BatchNorm2d's call does.
+    dtypes = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
     params = [p for p in (norm.weight, norm.bias) if p is not None]
-    if any(p.dtype != x.dtype or p.device != x.device for p in params):
+    if any(p.dtype not in dtypes or p.device != x.device for p in params):
         return "BN parameters of another dtype or device than the input"
     return None
 
@@ -86,8 +105,8 @@ def norm_relu_max_pool(x: Tensor, norm: nn.Module, relu: nn.Module, pool: nn.Mod
 class NormReluMaxPoolFunction(torch.autograd.Function):
     """``apply(x, weight, bias, call) -> max_pool3x3s2p1(relu(batch_norm(x)))``, channels_last.
 
-    ``x`` is an NCHW-contiguous float32/float64 CPU map; ``call`` a ``NormCall``. Saves ``x``,
-    the BN's statistics and the pool's one-byte offsets.
+    ``x`` is an NCHW-contiguous map (``unfused_stem_reason`` says which); ``call`` a
+    ``NormCall``. Saves ``x``, the BN's statistics and the pool's one-byte offsets.
     """
 
     @staticmethod

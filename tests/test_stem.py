@@ -9,7 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import RecordOps, assert_same_step, train_step
+from helpers import (
+    TOLERANCE,
+    RecordOps,
+    assert_close,
+    assert_same_step,
+    cuda_or_skip,
+    train_step,
+)
 from torch import Tensor, nn
 
 from dense_ext.stem import norm_relu_max_pool, unfused_stem_reason
@@ -224,3 +231,80 @@ def test_imagenet_delugenet_takes_the_fused_stem_with_the_modules_numbers():
     assert "dense_ext.relu_max_pool.default" in _ops_of_a_step(fused, x)
     assert "dense_ext.relu_max_pool.default" not in _ops_of_a_step(modules, x)
     assert_same_step(train_step(fused, x), train_step(modules, x), 0.0)
+
+
+# --- the CUDA kernels' arithmetic (common/stem_pool.cuh), on the host and on a GPU ----------
+
+LOW = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + LOW)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_thread_bodies_on_the_host_equal_aten_bit_for_bit(shape, dtype):
+    """relu_max_pool_reference runs the CUDA kernels' per-element functions once per element:
+    forward equal to ATen's pool of the ReLU and to the CPU op; backward (gathering in float32
+    for 16-bit types, then one rounding) equal to the float32 gather of the same gradients,
+    rounded once, and in float32/float64 to ATen's backward and the CPU op's."""
+    z = _hard_values(shape, dtype, 3)
+    out, offsets = torch.ops.dense_ext.relu_max_pool_reference(z)
+    expected = F.max_pool2d(F.relu(z.float()), 3, 2, 1).to(dtype)
+    _same(out, expected, "output")
+    grad = _hard_values(out.shape, dtype, 4)
+    grad_z = torch.ops.dense_ext.relu_max_pool_backward_reference(grad, offsets, *shape[2:])
+    if dtype in LOW:
+        wide = torch.ops.dense_ext.relu_max_pool_backward_reference(
+            grad.float(), offsets, *shape[2:]
+        )
+        _same(grad_z, wide.to(dtype), "input gradient")
+        return
+    fast_out, fast_offsets = torch.ops.dense_ext.relu_max_pool(z)
+    _same(out, fast_out, "output against the CPU op")
+    assert torch.equal(offsets, fast_offsets)
+    zr = z.clone().requires_grad_()
+    F.max_pool2d(F.relu(zr), 3, 2, 1).backward(grad)
+    _same(grad_z, zr.grad, "input gradient")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES + LOW)
+def test_cuda_stem_op_equals_its_host_emulation(dtype):
+    cuda_or_skip()
+    shape = (3, 5, 17, 12)
+    z = _hard_values(shape, dtype, 6)
+    out, offsets = torch.ops.dense_ext.relu_max_pool(z.cuda())
+    ref_out, ref_offsets = torch.ops.dense_ext.relu_max_pool_reference(z)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    _same(out.cpu(), ref_out, "output")
+    assert torch.equal(offsets.cpu(), ref_offsets)
+    grad = _hard_values(out.shape, dtype, 7)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        g = grad.contiguous(memory_format=layout)
+        grad_z = torch.ops.dense_ext.relu_max_pool_backward(g.cuda(), offsets, *shape[2:])
+        expected = torch.ops.dense_ext.relu_max_pool_backward_reference(g, ref_offsets, *shape[2:])
+        _same(grad_z.cpu(), expected, f"input gradient ({layout})")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_cuda_stem_function_matches_the_modules(mode):
+    cuda_or_skip()
+    x = torch.randn(3, 6, 11, 14, generator=torch.Generator().manual_seed(2)).double().cuda()
+    grad = torch.randn(3, 6, 6, 7, generator=torch.Generator().manual_seed(3)).double().cuda()
+    runs = []
+    for fused in (False, True):
+        norm, relu, pool = (m.cuda() for m in _stem_modules(6, torch.float64))
+        norm.train(mode == "train")
+        if fused:
+            assert unfused_stem_reason(x, norm, relu, pool) is None
+            runs.append(
+                _run(lambda t, m=(norm, relu, pool): norm_relu_max_pool(t, *m), norm, x, grad)
+            )
+        else:
+            runs.append(_run(nn.Sequential(norm, relu, pool), norm, x, grad))
+    (out_n, grads_n, bufs_n), (out_f, grads_f, bufs_f) = runs
+    assert_close(out_f, out_n, TOLERANCE[torch.float64], "output")
+    for i, (a, b) in enumerate(zip(grads_f + bufs_f, grads_n + bufs_n)):
+        if a.is_floating_point():
+            assert_close(a, b, TOLERANCE[torch.float64], f"gradient or buffer {i}")
+        else:
+            assert torch.equal(a, b)

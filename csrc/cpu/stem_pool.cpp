@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../common/stem_pool.cuh"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -27,7 +29,7 @@
 namespace dense_ext {
 namespace {
 
-constexpr uint8_t kInactive = 255;  // the ReLU output at the window maximum is <= 0: no gradient
+constexpr uint8_t kInactive = kStemInactive;  // the ReLU output at the maximum is <= 0
 
 // The stem pool's shape, checked once: kernel 3, stride 2, padding 1, floor mode (the only pool a
 // DenseNet stem has; other pools keep ATen's ops).
@@ -44,7 +46,7 @@ PoolShape pool_shape(int64_t n, int64_t c, int64_t h, int64_t w) {
 // found as v != v), one element width per loop; 26 ms per DenseNet-121 batch-4 call with
 // branches and std::isnan, against the 1-2 ms of a pass over the map.
 template <typename T>
-T relu(T v) {
+T relu_of(T v) {
   return ((v > T(0)) | (v != v)) ? v : T(0);  // NaN passes, as torch.relu's
 }
 
@@ -58,11 +60,11 @@ void split_row(const T* __restrict row, int64_t w, int64_t wo, T* __restrict lef
   const int64_t pairs = w / 2;  // columns j with both 2j and 2j + 1 inside the row
 #pragma GCC ivdep
   for (int64_t j = 0; j < pairs; ++j) {
-    mid[j] = relu(row[2 * j]);
-    right[j] = relu(row[2 * j + 1]);
+    mid[j] = relu_of(row[2 * j]);
+    right[j] = relu_of(row[2 * j + 1]);
   }
   if (pairs < wo) {  // odd width: the last column's window ends at the row's end
-    mid[pairs] = relu(row[2 * pairs]);
+    mid[pairs] = relu_of(row[2 * pairs]);
     right[pairs] = none;
   }
   left[0] = none;
@@ -185,6 +187,57 @@ at::Tensor relu_max_pool_backward_cpu(const at::Tensor& grad_out, const at::Tens
   return grad_z;
 }
 
+// The CUDA kernels' thread bodies (common/stem_pool.cuh) run once per element on the host, for
+// every floating dtype: the tests compare them with ATen's ops and with the ops above.
+std::tuple<at::Tensor, at::Tensor> relu_max_pool_reference_cpu(const at::Tensor& z_in) {
+  TORCH_CHECK(z_in.dim() == 4, "dense_ext: relu_max_pool input must be [N, C, H, W]");
+  const at::Tensor z = z_in.contiguous();
+  const PoolShape s = pool_shape(z.size(0), z.size(1), z.size(2), z.size(3));
+  at::Tensor out = at::empty({s.n, s.c, s.ho, s.wo}, z.options());
+  at::Tensor offsets = at::empty({s.n, s.c, s.ho, s.wo}, z.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "reference", [&] {
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    uint8_t* ap = offsets.mutable_data_ptr<uint8_t>();
+    for (int64_t p = 0; p < s.n * s.c; ++p) {
+      for (int64_t oh = 0; oh < s.ho; ++oh) {
+        for (int64_t ow = 0; ow < s.wo; ++ow) {
+          acc_t<scalar_t> best;
+          const int64_t i = (p * s.ho + oh) * s.wo + ow;
+          ap[i] = stem_pool_window(zp + p * s.h * s.w, s.h, s.w, oh, ow, best);
+          op[i] = static_cast<scalar_t>(best);
+        }
+      }
+    }
+  });
+  return {out.contiguous(at::MemoryFormat::ChannelsLast), offsets};
+}
+
+at::Tensor relu_max_pool_backward_reference_cpu(const at::Tensor& grad_out,
+                                                const at::Tensor& offsets, int64_t h, int64_t w) {
+  const PoolShape s = pool_shape(grad_out.size(0), grad_out.size(1), h, w);
+  TORCH_CHECK(offsets.is_contiguous() && offsets.sizes() == grad_out.sizes() &&
+                  s.ho == grad_out.size(2) && s.wo == grad_out.size(3),
+              "dense_ext: relu_max_pool_backward_reference: mismatched shapes");
+  at::Tensor grad_z = at::empty({s.n, s.c, h, w}, grad_out.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "ref", [&] {
+    const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
+    const auto st = grad_out.strides();
+    scalar_t* gz = grad_z.mutable_data_ptr<scalar_t>();
+    for (int64_t p = 0; p < s.n * s.c; ++p) {
+      const scalar_t* gp = g + (p / s.c) * st[0] + (p % s.c) * st[1];
+      const uint8_t* a = offsets.const_data_ptr<uint8_t>() + p * s.ho * s.wo;
+      for (int64_t ih = 0; ih < h; ++ih) {
+        for (int64_t iw = 0; iw < w; ++iw) {
+          gz[(p * h + ih) * w + iw] =
+              static_cast<scalar_t>(stem_pool_input_grad(gp, st[2], st[3], a, s.ho, s.wo, ih, iw));
+        }
+      }
+    }
+  });
+  return grad_z;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dense_ext, m) {
@@ -195,11 +248,18 @@ TORCH_LIBRARY_FRAGMENT(dense_ext, m) {
   // The gradient of relu_max_pool at its input (NCHW, [N, C, h, w]) from its output gradient
   // (any strides) and offsets.
   m.def("relu_max_pool_backward(Tensor grad_out, Tensor offsets, int h, int w) -> Tensor");
+  // The same two ops computed by the CUDA kernels' per-element functions on the host
+  // (common/stem_pool.cuh), any floating dtype: for tests.
+  m.def("relu_max_pool_reference(Tensor z) -> (Tensor, Tensor)");
+  m.def(
+      "relu_max_pool_backward_reference(Tensor grad_out, Tensor offsets, int h, int w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dense_ext, CPU, m) {
   m.impl("relu_max_pool", TORCH_FN(relu_max_pool_cpu));
   m.impl("relu_max_pool_backward", TORCH_FN(relu_max_pool_backward_cpu));
+  m.impl("relu_max_pool_reference", TORCH_FN(relu_max_pool_reference_cpu));
+  m.impl("relu_max_pool_backward_reference", TORCH_FN(relu_max_pool_backward_reference_cpu));
 }
 
 }  // namespace dense_ext
