@@ -29,7 +29,9 @@ from python_models.memory import peak as probe_peak
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model with core and thread counts."""
+    """The GPU's name, or the CPU model with core and thread counts and torch's CPU capability
+    (AVX2, AVX512, ...): "AMD EPYC" alone names CPUs with and without AVX-512, whose oneDNN
+    paths (float32 matmul, bfloat16 convolution) and speeds differ."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = "unknown CPU"
@@ -41,7 +43,8 @@ def device_name(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {capability})"
 
 
 def _timed_steps(step: TrainStep, n: int) -> tuple[list[float], str]:
