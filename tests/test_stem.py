@@ -6,6 +6,8 @@ gradient, running statistics, train and eval), the model's choice of path, and w
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,9 @@ from helpers import (
     RecordOps,
     assert_close,
     assert_same_step,
+    check_step,
     cuda_or_skip,
+    float64_oracle,
     train_step,
 )
 from torch import Tensor, nn
@@ -308,3 +312,42 @@ def test_cuda_stem_function_matches_the_modules(mode):
             assert_close(a, b, TOLERANCE[torch.float64], f"gradient or buffer {i}")
         else:
             assert torch.equal(a, b)
+
+
+class _Autocast(nn.Module):
+    """``module`` under bfloat16 autocast (float64 inputs pass it untouched: the oracle)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, torch.bfloat16):
+            return self.module(x)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_cuda_densenet_with_fused_stem_matches_naive(autocast):
+    """The whole tiny ImageNet DenseNet on a GPU, its stem fused (a bfloat16 map with float32
+    BN parameters under autocast), by the tolerance rule against the naive model (IEEE
+    float32: TF32 off)."""
+    cuda_or_skip()
+    naive = _tiny_densenet().cuda()
+    ours = _tiny_densenet(efficient=True, backend="cpp").cuda()
+    ours.load_state_dict(naive.state_dict())
+    if autocast:
+        naive, ours = _Autocast(naive), _Autocast(ours)
+    x = torch.randn(3, 3, 33, 30, generator=torch.Generator().manual_seed(8)).cuda()
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            oracle = float64_oracle(naive)
+            ops = _ops_of_a_step(copy.deepcopy(ours), x)
+            assert "dense_ext.relu_max_pool.default" in ops
+            check_step(
+                ours, naive, x, oracle=oracle, precision=torch.bfloat16 if autocast else None
+            )
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
