@@ -39,7 +39,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dense_ext.block import has_hooks
+from dense_ext.block import has_hooks, unfused_reason
 from dense_ext.deluge.cldc_params import CLDCParameters
 from dense_ext.stem import norm_relu_max_pool
 from python_models.densenet import ChannelsLastMaxPool2d
@@ -228,8 +228,11 @@ class DelugeNet(nn.Module):
         _init_weights(self)
 
     def _stem(self, x: Tensor) -> Tensor:
+        # The stem is called as a module under hooks on it, global module hooks and tracing
+        # (unfused_reason), which would see that call; the input decides the rest.
         stem = self.stem
-        if getattr(self, "efficient_stem", False) and len(stem) == 4 and not has_hooks(stem):
+        fusable = getattr(self, "efficient_stem", False) and len(stem) == 4
+        if fusable and not has_hooks(stem) and unfused_reason(stem.norm, called=False) is None:
             return norm_relu_max_pool(stem.conv(x), stem.norm, stem.relu, stem.pool)
         return stem(x)
 

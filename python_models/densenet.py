@@ -216,6 +216,9 @@ class ChannelsLastMaxPool2d(nn.MaxPool2d):
             or input.dim() != 4
             or self.return_indices
             or input.is_contiguous(memory_format=torch.channels_last)
+            # torch.func transforms (grad, vmap, ...) refuse an autograd.Function without
+            # setup_context: there the pool is nn.MaxPool2d's
+            or torch._C._functorch.peek_interpreter_stack() is not None
         ):
             return super().forward(input)
         stride = self.stride if self.stride is not None else self.kernel_size
@@ -342,7 +345,7 @@ class DenseNet(nn.Module):
         features_free = not has_hooks(self.features)
         head = features_free and self.efficient_head
         head = head and unfused_reason(self.features.norm5, called=False) is None
-        if head or (features_free and getattr(self, "efficient_stem", False)):
+        if head or (features_free and self._stem_fusable()):
             out = self._features(x, skip_norm5=head)
         else:
             out = self.features(x)
@@ -353,15 +356,25 @@ class DenseNet(nn.Module):
             out = torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
         return self.classifier(out)
 
+    def _stem_fusable(self) -> bool:
+        """Whether ``_features`` may replace the ImageNet stem's norm0-relu0-pool0 (the input
+        decides the rest: ``dense_ext.stem.unfused_stem_reason``). Not under global module
+        hooks or tracing (``unfused_reason``): those see ``features`` called as a module."""
+        norm = self.features._modules.get("norm0")
+        return (
+            getattr(self, "efficient_stem", False)
+            and norm is not None
+            and all(name in self.features._modules for name in ("relu0", "pool0"))
+            and unfused_reason(norm, called=False) is None
+        )
+
     def _features(self, x: Tensor, skip_norm5: bool) -> Tensor:
         """``features(x)`` with its children called one by one (without norm5 when
         ``skip_norm5``); with ``efficient_stem``, the ImageNet stem's norm0-relu0-pool0 through
         ``dense_ext.stem.norm_relu_max_pool``."""
         children = dict(self.features.named_children())
         stem = ("norm0", "relu0", "pool0")
-        fuse_stem = getattr(self, "efficient_stem", False) and all(
-            name in children for name in stem
-        )
+        fuse_stem = self._stem_fusable()
         out = x
         for name, module in children.items():
             if (skip_norm5 and name == "norm5") or (fuse_stem and name in stem[1:]):

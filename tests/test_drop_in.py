@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from dense_ext.function import NOT_TWICE_DIFFERENTIABLE
-from python_models import densenet, densenet_bc
+from python_models import DelugeNet, DenseNet, densenet, densenet_bc
 from python_models.delugenet import delugenet_cifar
 
 Pattern = Callable[[nn.Module, int], Step]
@@ -507,7 +507,12 @@ MODELS = {
     "densenet_bc_22": lambda **kw: densenet_bc(depth=22, growth_rate=4, **kw),
     "densenet_10": lambda **kw: densenet(depth=10, growth_rate=4, **kw),
     "delugenet_20": lambda **kw: delugenet_cifar(1, 0.25, **kw),
+    # ImageNet stems (conv 7x7/2, BN, ReLU, max pool 3x3/2): fused by the efficient models
+    "densenet_imagenet": lambda **kw: DenseNet(4, (2, 2), 8, bn_size=2, num_classes=5, **kw),
+    "delugenet_imagenet": lambda **kw: DelugeNet((2, 3), (8, 16), 8, 5, small_inputs=False, **kw),
 }
+# The stem does not depend on the blocks' backend and memory mode: one of them suffices.
+STEM_MODELS = {"densenet_imagenet", "delugenet_imagenet"}
 
 
 def model_pair(model: str, backend: str, memory: str) -> tuple[nn.Module, nn.Module]:
@@ -529,6 +534,13 @@ def model_pair(model: str, backend: str, memory: str) -> tuple[nn.Module, nn.Mod
 )
 def test_pattern_matches_naive(pattern, model, backend, memory):
     cpu_backend_or_skip(backend)
+    if model in STEM_MODELS and (backend, memory) != ("cpp", "min"):
+        pytest.skip("ImageNet-stem models run with the cpp backend's min mode only")
+    if model == "delugenet_imagenet" and pattern == "frozen_bn":
+        pytest.skip(
+            "stage1.layer1.norm2.bias's gradient vanishes exactly there (a training BN follows): "
+            "both models give rounding noise of 1e-15, with or without the fused stem"
+        )
     if model.startswith("delugenet") and pattern in STAGE_OUTPUT_PATTERNS:
         pytest.skip(
             "a DelugeNet stage returns its slot buffer (the naive stage a list of slots): "
