@@ -642,3 +642,20 @@ def test_cpu_gemm_step_alternates_libraries_in_one_process(monkeypatch, capsys):
     assert "2 rounds: MKL" in out and "oneDNN / MKL median" in out
     assert _C.cpu_gemm() == "mkl"
     assert _C.set_cpu_gemm(before)
+
+
+def test_stem_bench_measures_the_fused_stem_against_the_modules():
+    """bench.stem: the same model stepped with the ImageNet stem fused and as modules; the fused
+    stem saves the ReLU output and int64 indices (2 x 4 + 4 x 8 bytes per pooled value, less
+    its one byte), so the step's peak is lower by about that; the model ends as it started."""
+    from bench import stem
+    from bench.variants import ModelConfig, TrainStep
+
+    step = TrainStep(
+        ModelConfig("densenet121", 64, 10), "efficient-cpp-min", 2, "fp32", torch.device("cpu")
+    )
+    row = stem.measure(step, rounds=2, warmup=0)
+    pooled = 2 * 64 * 16 * 16  # N * C * (64 / 4)^2 values after the stem
+    saved = (4 * 4 + 8 - 1) * pooled / 2**20  # MiB: the ReLU output (4 per input), indices
+    assert row["act_mib_modules"] - row["act_mib_fused"] >= 0.9 * saved, row
+    assert row["time_ratio_median"] > 0 and len(row["time_ratio_quartiles"]) == 3
