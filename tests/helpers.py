@@ -496,3 +496,16 @@ class RecordOps(TorchDispatchMode):
         foreach = sum(name == "aten._foreach_add_.Scalar" for name, _ in self.calls)
         single = sum(name.startswith("aten.add_") and dt == torch.int64 for name, dt in self.calls)
         return foreach, single
+
+
+class Autocast(nn.Module):
+    """``module`` run under bfloat16 autocast on its input's device (float64 inputs pass
+    autocast untouched)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, torch.bfloat16):
+            return self.module(x)

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from helpers import TOLERANCE, assert_close, check_step, float64_oracle
+from helpers import TOLERANCE, Autocast, assert_close, check_step, float64_oracle
 from hypothesis_compat import HealthCheck, given, settings, st
 from naive import NaiveDenseBlock, randomize_bn
 from torch import nn
@@ -115,19 +115,6 @@ def test_transition_backward_over_several_batch_slices(train):
     naive.train(train), efficient.train(train)
     x = torch.randn(5, 8, 256, 258, dtype=torch.float64) * 2 + 0.5  # 3 slices of 2 samples
     compare_modules(naive, efficient, x)
-
-
-class Autocast(nn.Module):
-    """``module`` run under bfloat16 autocast on its input's device (float64 inputs pass
-    autocast untouched)."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x):
-        with torch.autocast(x.device.type, torch.bfloat16):
-            return self.module(x)
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     TOLERANCE,
+    Autocast,
     RecordOps,
     assert_close,
     assert_same_step,
@@ -108,6 +109,22 @@ def _run(fn, norm, x: Tensor, grad: Tensor):
     return out.detach(), grads, [b.clone() for b in norm.buffers()]
 
 
+def _stem_runs(x: Tensor, grad: Tensor, mode: str, **options):
+    """(modules' run, fused run) of ``_run`` on fresh stem modules in ``x``'s dtype and device."""
+    runs = []
+    for fused in (False, True):
+        norm, relu, pool = (m.to(x.device) for m in _stem_modules(x.shape[1], x.dtype, **options))
+        norm.train(mode == "train")
+        if fused:
+            assert unfused_stem_reason(x, norm, relu, pool) is None
+            runs.append(
+                _run(lambda t, m=(norm, relu, pool): norm_relu_max_pool(t, *m), norm, x, grad)
+            )
+        else:
+            runs.append(_run(nn.Sequential(norm, relu, pool), norm, x, grad))
+    return runs
+
+
 CASES = {
     "train": dict(),
     "eval": dict(mode="eval"),
@@ -126,18 +143,8 @@ def test_stem_function_equals_the_modules_bit_for_bit(case, dtype):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 6, 11, 14, generator=g).to(dtype)
     x[0, 1, 2, 3] = float("nan")  # one NaN: its channel's statistics and gradients go NaN
-    runs = []
-    for fused in (False, True):
-        norm, relu, pool = _stem_modules(6, dtype, **options)
-        norm.train(mode == "train")
-        grad = torch.randn(3, 6, 6, 7, generator=torch.Generator().manual_seed(3)).to(dtype)
-        if fused:
-            assert unfused_stem_reason(x, norm, relu, pool) is None
-            runs.append(
-                _run(lambda t, m=(norm, relu, pool): norm_relu_max_pool(t, *m), norm, x, grad)
-            )
-        else:
-            runs.append(_run(nn.Sequential(norm, relu, pool), norm, x, grad))
+    grad = torch.randn(3, 6, 6, 7, generator=torch.Generator().manual_seed(3)).to(dtype)
+    runs = _stem_runs(x, grad, mode, **options)
     (out_n, grads_n, bufs_n), (out_f, grads_f, bufs_f) = runs
     assert out_f.is_contiguous(memory_format=torch.channels_last)
     _same(out_f, out_n, "output")
@@ -294,17 +301,7 @@ def test_cuda_stem_function_matches_the_modules(mode):
     cuda_or_skip()
     x = torch.randn(3, 6, 11, 14, generator=torch.Generator().manual_seed(2)).double().cuda()
     grad = torch.randn(3, 6, 6, 7, generator=torch.Generator().manual_seed(3)).double().cuda()
-    runs = []
-    for fused in (False, True):
-        norm, relu, pool = (m.cuda() for m in _stem_modules(6, torch.float64))
-        norm.train(mode == "train")
-        if fused:
-            assert unfused_stem_reason(x, norm, relu, pool) is None
-            runs.append(
-                _run(lambda t, m=(norm, relu, pool): norm_relu_max_pool(t, *m), norm, x, grad)
-            )
-        else:
-            runs.append(_run(nn.Sequential(norm, relu, pool), norm, x, grad))
+    runs = _stem_runs(x, grad, mode)
     (out_n, grads_n, bufs_n), (out_f, grads_f, bufs_f) = runs
     assert_close(out_f, out_n, TOLERANCE[torch.float64], "output")
     for i, (a, b) in enumerate(zip(grads_f + bufs_f, grads_n + bufs_n)):
@@ -312,18 +309,6 @@ def test_cuda_stem_function_matches_the_modules(mode):
             assert_close(a, b, TOLERANCE[torch.float64], f"gradient or buffer {i}")
         else:
             assert torch.equal(a, b)
-
-
-class _Autocast(nn.Module):
-    """``module`` under bfloat16 autocast (float64 inputs pass it untouched: the oracle)."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x):
-        with torch.autocast(x.device.type, torch.bfloat16):
-            return self.module(x)
 
 
 @pytest.mark.cuda
@@ -337,7 +322,7 @@ def test_cuda_densenet_with_fused_stem_matches_naive(autocast):
     ours = _tiny_densenet(efficient=True, backend="cpp").cuda()
     ours.load_state_dict(naive.state_dict())
     if autocast:
-        naive, ours = _Autocast(naive), _Autocast(ours)
+        naive, ours = Autocast(naive), Autocast(ours)
     x = torch.randn(3, 3, 33, 30, generator=torch.Generator().manual_seed(8)).cuda()
     with torch.backends.cudnn.flags(allow_tf32=False):
         prev = torch.backends.cuda.matmul.allow_tf32
