@@ -15,10 +15,15 @@ namespace dense_ext {
 // The offset of a window whose ReLU output at the maximum is <= 0: it passes no gradient.
 constexpr uint8_t kStemInactive = 255;
 
+// Output rows (or columns) of an input of n rows: floor((n + 2 - 3) / 2) + 1.
+DENSE_EXT_HOST_DEVICE int64_t stem_pool_extent(int64_t n) { return (n - 1) / 2 + 1; }
+
+// Branch-free (bitwise | of comparisons, NaN found as a != a), so the CPU op's row loops
+// vectorise.
 template <typename T>
 DENSE_EXT_HOST_DEVICE acc_t<T> stem_relu(T v) {
   const acc_t<T> a = static_cast<acc_t<T>>(v);
-  return (a > acc_t<T>(0) || a != a) ? a : acc_t<T>(0);  // NaN passes, as torch.relu's
+  return ((a > acc_t<T>(0)) | (a != a)) ? a : acc_t<T>(0);  // NaN passes, as torch.relu's
 }
 
 // Output (oh, ow) of one plane ([h, w], row-major): the maximum of the ReLU over the window's

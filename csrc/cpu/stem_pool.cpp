@@ -6,8 +6,8 @@
 // is scalar, and the channels_last pool the efficient models used instead needed a transposing
 // copy of the 112x112 map (about as slow as the NCHW pool), the ReLU's own pass, its saved output
 // and int64 indices. Here one pass per plane writes the pooled map and a one-byte window offset
-// per output, which also records whether the ReLU passed the gradient (kInactive): backward needs
-// neither the ReLU output nor the indices.
+// per output, which also records whether the ReLU passed the gradient (kStemInactive): backward
+// needs neither the ReLU output nor the indices.
 //
 // Exactness: the window maximum, its position and the gradient's accumulation follow ATen's
 // kernels (cpu/MaxPoolKernel.cpp): positions scanned row by row, a value replaces the maximum when
@@ -29,8 +29,6 @@
 namespace dense_ext {
 namespace {
 
-constexpr uint8_t kInactive = kStemInactive;  // the ReLU output at the maximum is <= 0
-
 // The stem pool's shape, checked once: kernel 3, stride 2, padding 1, floor mode (the only pool a
 // DenseNet stem has; other pools keep ATen's ops).
 struct PoolShape {
@@ -39,17 +37,12 @@ struct PoolShape {
 
 PoolShape pool_shape(int64_t n, int64_t c, int64_t h, int64_t w) {
   TORCH_CHECK(h >= 1 && w >= 1, "dense_ext: relu_max_pool needs H, W >= 1, got ", h, "x", w);
-  return {n, c, h, w, (h - 1) / 2 + 1, (w - 1) / 2 + 1};
+  return {n, c, h, w, stem_pool_extent(h), stem_pool_extent(w)};
 }
 
-// The loops below are written for the vectoriser: no branches (bitwise | of comparisons, NaN
-// found as v != v), one element width per loop; 26 ms per DenseNet-121 batch-4 call with
-// branches and std::isnan, against the 1-2 ms of a pass over the map.
-template <typename T>
-T relu_of(T v) {
-  return ((v > T(0)) | (v != v)) ? v : T(0);  // NaN passes, as torch.relu's
-}
-
+// The loops below are written for the vectoriser: no branches (stem_relu; the maximum's
+// comparisons below with bitwise |), one element width per loop: the first version, with
+// branches and std::isnan, took 26 ms per DenseNet-121 batch-4 call.
 // One input row, ReLU applied, split into the three horizontal taps of every output column:
 // left[j] = row[2j - 1], mid[j] = row[2j], right[j] = row[2j + 1]; a position outside the row is
 // -inf, which never replaces a maximum (the first tap inside always does: it is >= 0 or NaN).
@@ -60,11 +53,11 @@ void split_row(const T* __restrict row, int64_t w, int64_t wo, T* __restrict lef
   const int64_t pairs = w / 2;  // columns j with both 2j and 2j + 1 inside the row
 #pragma GCC ivdep
   for (int64_t j = 0; j < pairs; ++j) {
-    mid[j] = relu_of(row[2 * j]);
-    right[j] = relu_of(row[2 * j + 1]);
+    mid[j] = stem_relu(row[2 * j]);
+    right[j] = stem_relu(row[2 * j + 1]);
   }
   if (pairs < wo) {  // odd width: the last column's window ends at the row's end
-    mid[pairs] = relu_of(row[2 * pairs]);
+    mid[pairs] = stem_relu(row[2 * pairs]);
     right[pairs] = none;
   }
   left[0] = none;
@@ -109,7 +102,7 @@ void pool_planes(const T* z, T* out, uint8_t* offsets, const PoolShape& s, int64
       uint8_t* off = offsets + (p * s.ho + oh) * s.wo;
       for (int64_t j = 0; j < s.wo; ++j) {
         o[j * s.c] = m[j];
-        off[j] = m[j] <= T(0) ? kInactive : static_cast<uint8_t>(a[j]);
+        off[j] = m[j] <= T(0) ? kStemInactive : static_cast<uint8_t>(a[j]);
       }
     }
   }
@@ -176,7 +169,7 @@ at::Tensor relu_max_pool_backward_cpu(const at::Tensor& grad_out, const at::Tens
         for (int64_t oh = 0; oh < s.ho; ++oh) {
           for (int64_t ow = 0; ow < s.wo; ++ow) {
             const uint8_t offset = a[oh * s.wo + ow];
-            if (offset == kInactive) continue;
+            if (offset == kStemInactive) continue;
             const int64_t ih = 2 * oh - 1 + offset / 3, iw = 2 * ow - 1 + offset % 3;
             plane[ih * w + iw] += gp[oh * st[2] + ow * st[3]];
           }

@@ -27,14 +27,21 @@ namespace {
 
 #define DENSE_EXT_KERNEL __global__ void __launch_bounds__(kThreads, 4)
 
+// Calls body(i) for every i < total, grid-stride: the loop counter 64-bit (i + stride may pass
+// 2^31 near the end), the index handed to body (and its arithmetic) of type I.
+template <typename I, typename Body>
+__device__ __forceinline__ void for_each_element(I total, Body body) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < total; j += stride) {
+    body(static_cast<I>(j));
+  }
+}
+
 template <typename T, typename I>
 DENSE_EXT_KERNEL stem_pool_forward_kernel(const T* __restrict__ z, T* __restrict__ out,
                                           uint8_t* __restrict__ offsets, I c, I h, I w, I ho, I wo,
                                           I total) {
-  // The loop counter is 64-bit (i + stride may pass 2^31 near the end), the arithmetic 32-bit.
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < total; j += stride) {
-    const I i = static_cast<I>(j);
+  for_each_element(total, [&](I i) {
     // i enumerates the output in channels_last order: (image, oh, ow, channel)
     const I channel = i % c;
     I rest = i / c;
@@ -47,7 +54,7 @@ DENSE_EXT_KERNEL stem_pool_forward_kernel(const T* __restrict__ z, T* __restrict
         stem_pool_window(z + static_cast<int64_t>(plane) * h * w, h, w, oh, ow, best);
     out[i] = static_cast<T>(best);
     offsets[(plane * ho + oh) * wo + ow] = offset;
-  }
+  });
 }
 
 template <typename T, typename I>
@@ -56,10 +63,7 @@ DENSE_EXT_KERNEL stem_pool_backward_kernel(const T* __restrict__ g, int64_t gs_n
                                            const uint8_t* __restrict__ offsets,
                                            T* __restrict__ grad_z, I c, I h, I w, I ho, I wo,
                                            I total) {
-  // The loop counter is 64-bit (i + stride may pass 2^31 near the end), the arithmetic 32-bit.
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < total; j += stride) {
-    const I i = static_cast<I>(j);
+  for_each_element(total, [&](I i) {
     const I iw = i % w;
     I rest = i / w;
     const I ih = rest % h;
@@ -67,7 +71,7 @@ DENSE_EXT_KERNEL stem_pool_backward_kernel(const T* __restrict__ g, int64_t gs_n
     const T* gp = g + (plane / c) * gs_n + (plane % c) * gs_c;
     grad_z[i] = static_cast<T>(
         stem_pool_input_grad(gp, gs_h, gs_w, offsets + plane * ho * wo, ho, wo, ih, iw));
-  }
+  });
 }
 
 // Blocks for `total` elements: enough to fill the GPU a few times over, the rest by the
@@ -90,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> relu_max_pool_cuda(const at::Tensor& z) {
   TORCH_CHECK(z.size(2) >= 1 && z.size(3) >= 1, "dense_ext: relu_max_pool needs H, W >= 1");
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t n = z.size(0), c = z.size(1), h = z.size(2), w = z.size(3);
-  const int64_t ho = (h - 1) / 2 + 1, wo = (w - 1) / 2 + 1;
+  const int64_t ho = stem_pool_extent(h), wo = stem_pool_extent(w);
   at::Tensor out =
       at::empty({n, c, ho, wo}, z.options().memory_format(at::MemoryFormat::ChannelsLast));
   at::Tensor offsets = at::empty({n, c, ho, wo}, z.options().dtype(at::kByte));
@@ -118,7 +122,7 @@ at::Tensor relu_max_pool_backward_cuda(const at::Tensor& grad_out, const at::Ten
               "uint8)");
   TORCH_CHECK(grad_out.device() == offsets.device(),
               "dense_ext: relu_max_pool_backward: grad_out and offsets on different devices");
-  const int64_t ho = (h - 1) / 2 + 1, wo = (w - 1) / 2 + 1;
+  const int64_t ho = stem_pool_extent(h), wo = stem_pool_extent(w);
   TORCH_CHECK(h >= 1 && w >= 1 && ho == grad_out.size(2) && wo == grad_out.size(3),
               "dense_ext: relu_max_pool_backward: an input of ", h, "x", w, " pools to ", ho, "x",
               wo, ", not ", grad_out.size(2), "x", grad_out.size(3));
