@@ -2,7 +2,7 @@
 // forward and one per backward. GEMMs run on matrix views of the channels_last buffers (no
 // copies; float32 on the CPU through oneDNN's matmul, else at::mm: cpu/gemm.h), 3x3 convolutions go
 // through ATen (oneDNN on CPU, cuDNN on GPU), and the per-channel work calls the dense_ext ops
-// through the dispatcher, so the same driver runs on CPU and CUDA (cuda/block.cu registers it for
+// through the dispatcher, so the same driver runs on CPU and CUDA (cuda/block.cpp registers it for
 // CUDA behind a device guard).
 #include <torch/library.h>
 

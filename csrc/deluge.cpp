@@ -2,7 +2,7 @@
 // per backward. 1x1 convolutions are at::mm on matrix views of the channels_last slot buffer
 // (the last one writes its output straight into the new slot), 3x3 convolutions go through ATen
 // (oneDNN on CPU, cuDNN on GPU), and the per-channel work calls the dense_ext ops through the
-// dispatcher, so the same driver runs on CPU and CUDA (cuda/deluge.cu registers it for CUDA).
+// dispatcher, so the same driver runs on CPU and CUDA (cuda/deluge.cpp registers it for CUDA).
 //
 // Layout and parameters as in dense_ext/deluge/spec.py: slot i is channels [i*C, (i+1)*C) of
 // buf; composite layer k (1 <= k < S) reads slots 0..k-1 and writes slot k. Each layer has up to

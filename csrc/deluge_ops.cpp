@@ -1,6 +1,6 @@
 // Op schemas of the DelugeNet ops, a fragment of the dense_ext library (ops.cpp declares the
 // dense block's). CPU kernels register in cpu/cldc.cpp and deluge.cpp, CUDA kernels in
-// cuda/cldc.cu and cuda/deluge.cu; fake kernels in dense_ext/deluge/backends/cpp.py.
+// cuda/cldc.cu and cuda/deluge.cpp; fake kernels in dense_ext/deluge/backends/cpp.py.
 //
 // A CLDC reads k slots of C channels: x is [N, k*C, H, W] channels_last (a channel slice of a
 // stage's slot buffer). Per-(slot, channel) tables are [k, C], in the accumulation dtype.

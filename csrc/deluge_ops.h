@@ -32,7 +32,7 @@ using CldcGradCorrectFn = void(const at::Tensor& x, const at::Tensor& mean, cons
                                const at::Tensor& gamma, const at::Tensor& grad_x);
 
 // Stage drivers (deluge.cpp): device-generic, registered for CPU there and for CUDA in
-// cuda/deluge.cu.
+// cuda/deluge.cpp.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> deluge_stage_forward(
     const at::Tensor& x0, at::TensorList params, at::TensorList running, at::ArrayRef<double> eps,
     c10::List<bool> batch_stats, int64_t num_slots, bool keep_bottleneck, bool save);

@@ -36,7 +36,7 @@ using DropoutStoreFn = void(const at::Tensor& src, double p, const at::Tensor& s
                             const at::Tensor& dst);
 
 // Block drivers (block.cpp): device-generic, registered for CPU there and for CUDA in
-// cuda/block.cu.
+// cuda/block.cpp.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> block_forward(
     const at::Tensor& x, at::TensorList params, at::TensorList running, at::ArrayRef<double> eps,
     const c10::List<bool>& batch_stats, at::ArrayRef<double> drop_rates, const at::Tensor& seed,
