@@ -22,8 +22,10 @@ $(BUILD_STAMP): $(STAMP) setup.py pyproject.toml $(CSRC)
 	$(PY) -m pip install -q -e . --no-build-isolation --no-deps
 	touch $@
 
+# One pytest-xdist worker per core (tests/conftest.py: one torch thread per worker, two for
+# the C++ ops' tests); worksteal balances the minute-long compile tests across the workers.
 test: build lint typecheck
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist worksteal tests
 
 # Naive vs efficient on this machine (CPU when there is no GPU), then the step times that
 # differ by a few percent again in paired rounds (bench/paired.py: the fastest naive peers

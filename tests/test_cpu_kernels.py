@@ -154,6 +154,40 @@ def test_chunked_backward_equals_whole_batch(isa, c):
     assert_close(sums[1], dgamma, 1e-5, "sum g*xhat")
 
 
+def at_threads(threads, op, *args):
+    """op(*args) with torch on ``threads`` threads; the argument tensors it wrote, cloned."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        op(*args)
+    finally:
+        torch.set_num_threads(before)
+    return [a.clone() for a in args if isinstance(a, torch.Tensor)]
+
+
+@pytest.mark.parametrize("c", (1, 17, 100))
+def test_results_do_not_depend_on_the_thread_count(isa, c):
+    """The ops split rows into fixed tiles and chunks, not into one share per thread, so one
+    thread and three (uneven shares) give the same bits. 33,924 rows: many statistics tiles,
+    and several elementwise chunks even at one channel."""
+    x, grad_z, grad_x, mean, var, gamma, beta = problem(c, shape=(4, 33, 257))
+    ops = torch.ops.dense_ext
+    runs = {
+        "channel_stats": (ops.channel_stats, x, torch.zeros(2, c), 0),
+        "bn_relu": (ops.bn_relu, x, mean, var, gamma, beta, 1e-5, cl(torch.empty(x.shape))),
+        "bn_relu_backward": (
+            ops.bn_relu_backward,
+            *(grad_z, x, mean, var, gamma, beta, 1e-5, True, True),
+            *(grad_x.clone(), torch.empty(c), torch.empty(c)),
+        ),
+    }
+    for name, (op, *args) in runs.items():
+        one = at_threads(1, op, *[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+        three = at_threads(3, op, *args)
+        for i, (a, b) in enumerate(zip(one, three)):
+            assert torch.equal(a, b), f"{name}: tensor argument {i} differs between 1 and 3 threads"
+
+
 @pytest.mark.parametrize("c", CHANNELS)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_dropout_store_is_the_same_on_every_isa(isa, c, p):
