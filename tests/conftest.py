@@ -51,3 +51,10 @@ def kernel_threads(request):
         yield
     finally:
         torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked ``slow`` (20-80 s each in a worker: cold torch.compile, interpreted float64
+    gradchecks, process groups) run first, so that no worker starts one while the other has
+    only a few short tests left; the order within each group stays the collection order."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

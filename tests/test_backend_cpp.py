@@ -315,6 +315,7 @@ def test_small_products_stay_on_mkl(cpu_gemm):
     assert counts.get("aten::mm", 0) + counts.get("aten::addmm_", 0) == 2 * 3
 
 
+@pytest.mark.slow
 def test_onednn_products_under_flags_nan_and_fullgraph_compile(cpu_gemm):
     """The fused float32 block at a size whose products run on oneDNN (2^22 multiply-adds and
     more): mixed per-module train/eval flags match naive within the tolerance rule; in eval a

@@ -213,6 +213,7 @@ def test_worker_searches_the_max_batch_with_the_shared_search():
     assert not probes[best + 1]["fits"]
 
 
+@pytest.mark.slow
 def test_worker_warms_up_at_a_small_batch_and_measures_the_job_batch():
     """The scale suite's warm-up batch: the probe and the floor are of the job's batch."""
     job = Job(

@@ -307,6 +307,7 @@ def compiler() -> str:
     pytest.skip("no C++ compiler for the host emulation")
 
 
+@pytest.mark.slow
 def test_host_emulation_of_the_cuda_grid(tmp_path):
     """tests/cuda_emulation.cpp runs csrc/cuda/tiling.cuh (the kernels' launch configuration,
     per-thread indexing and the channel_stats thread loop) on the host over 5000+ odd shapes,

@@ -183,6 +183,7 @@ def test_per_bn_train_eval_flags(frozen):
     check_step(block, naive, x, grad=grad, seed=0)
 
 
+@pytest.mark.slow
 def test_weights_changed_through_data_are_used():
     """The backend reuses its weight transposes only from a forward to its backward: a weight
     changed through ``.data`` between steps (no version bump) is seen by the next forward."""
@@ -837,6 +838,7 @@ def test_kernels_compile_for_the_gpu_without_a_gpu():
     assert done.stdout.count(" ok ") == int(summary.group(1)), done.stdout
 
 
+@pytest.mark.slow
 def test_kernels_compile_as_torch_compile_re_emits_them():
     """``torch.compile`` does not launch a user-defined Triton kernel as defined: inductor
     re-emits its source with its helpers' sources, under the names the kernel calls them by,
