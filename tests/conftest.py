@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from helpers import torch_threads
 
 # Before any test module is collected: whichever imports dense_ext's Triton kernels first (the
 # dense block's or the DelugeNet stage's) defines them, and they must be defined for the
@@ -15,10 +16,11 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 
 # `make test` runs the suite in one pytest-xdist worker per core. Each worker runs torch on one
 # thread: two workers of two OpenMP threads each on the 2-core CI machine oversubscribe the
-# cores, and most tests are small enough that a second thread only adds synchronisation (the
-# suite took 1.6x as long). The modules below test the C++ ops and the models built on them;
-# they keep KERNEL_THREADS threads, so the ops' at::parallel_for paths (row chunks, per-tile
-# partial statistics merged across threads) run split as on a user's machine.
+# cores, and most tests are small enough that a second thread only adds synchronisation
+# (test_triton.py and test_drop_in.py took 1.26x as long; docs/decisions.md has the numbers).
+# The modules below test the C++ ops and the models built on them; they keep KERNEL_THREADS
+# threads, so the ops' at::parallel_for paths (row chunks, per-tile partial statistics merged
+# across threads) run split as on a user's machine.
 XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ
 KERNEL_THREADS = 2
 THREADED_MODULES = frozenset(
@@ -46,11 +48,8 @@ def kernel_threads(request):
     if not XDIST_WORKER or module not in THREADED_MODULES:
         yield
         return
-    torch.set_num_threads(KERNEL_THREADS)
-    try:
+    with torch_threads(KERNEL_THREADS):
         yield
-    finally:
-        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items):

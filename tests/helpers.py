@@ -456,6 +456,17 @@ def ask_for_second_order(module: nn.Module, x: Tensor, how: str) -> None:
 
 
 @contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op thread count set to ``threads`` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def ieee_fp32():
     """TF32 off for cuBLAS matmuls and cuDNN convolutions inside the block, restored after it:
     torch's fp32_precision settings where it has them (mixing them with the legacy allow_tf32

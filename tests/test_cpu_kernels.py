@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, cpu_backend_or_skip, switched
+from helpers import assert_close, cpu_backend_or_skip, switched, torch_threads
 
 ISAS = ("portable", "avx2", "avx512")
 CHANNELS = (1, 7, 8, 17, 33, 100)
@@ -156,12 +156,8 @@ def test_chunked_backward_equals_whole_batch(isa, c):
 
 def at_threads(threads, op, *args):
     """op(*args) with torch on ``threads`` threads; the argument tensors it wrote, cloned."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         op(*args)
-    finally:
-        torch.set_num_threads(before)
     return [a.clone() for a in args if isinstance(a, torch.Tensor)]
 
 

@@ -15,7 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import cpu_backend_or_skip
+from helpers import cpu_backend_or_skip, torch_threads
 from ranks import spawn_ranks
 from torch import nn
 
@@ -30,10 +30,8 @@ IMAGENET = ("densenet121", "densenet161", "densenet169", "densenet201", "densene
 @pytest.fixture(autouse=True)
 def one_thread():
     # Many tiny convolutions: OpenMP threads only contend here (x50 slower on a loaded machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def mismatched_strides(model: nn.Module, x: torch.Tensor) -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torch_threads
 
 from python_models import data as D
 from python_models import train, trainer
@@ -18,10 +19,8 @@ from python_models.recipes import RECIPES
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Tiny models: one thread is fastest, and far faster than two on a busy shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 # A tiny CIFAR-style DenseNet-BC on 8x8 digits: a step takes milliseconds.
