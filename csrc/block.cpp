@@ -33,6 +33,8 @@ struct Ops {
       op<BnGradFoldApplyFn>("dense_ext::bn_grad_fold_apply");
   c10::TypedOperatorHandle<DropoutStoreFn> dropout_store =
       op<DropoutStoreFn>("dense_ext::dropout_store");
+  c10::TypedOperatorHandle<Conv3x3WeightGradFn> conv3x3_weight_grad =
+      op<Conv3x3WeightGradFn>("dense_ext::conv3x3_weight_grad");
 };
 
 const Ops& ops() {
@@ -265,12 +267,22 @@ at::Tensor conv3x3(const at::Tensor& input, const at::Tensor& weight) {
   return at::convolution(input, weight, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1);
 }
 
-std::tuple<at::Tensor, at::Tensor> conv3x3_backward(const at::Tensor& grad_out,
-                                                    const at::Tensor& input,
-                                                    const at::Tensor& weight) {
+// The 3x3 convolution's backward: returns the input gradient and writes the weight gradient
+// into grad_weight. On the CPU the weight gradient comes from dense_ext's own loops
+// (conv3x3_weight_grad: oneDNN's backward-weights primitive ran 1.7-3.5x slower than its forward
+// convolution, docs/decisions.md) and ATen computes only the input gradient; on CUDA cuDNN
+// computes both.
+at::Tensor conv3x3_backward(const Ops& o, const at::Tensor& grad_out, const at::Tensor& input,
+                            const at::Tensor& weight, const at::Tensor& grad_weight) {
+  const bool own_weight_grad = input.is_cpu();
   auto r = at::convolution_backward(grad_out, input, weight, std::nullopt, {1, 1}, {1, 1}, {1, 1},
-                                    false, {0, 0}, 1, {true, true, false});
-  return {std::get<0>(r), std::get<1>(r)};
+                                    false, {0, 0}, 1, {true, !own_weight_grad, false});
+  if (own_weight_grad) {
+    o.conv3x3_weight_grad.call(grad_out, input, grad_weight);
+  } else {
+    grad_weight.copy_(std::get<1>(r));
+  }
+  return std::get<0>(r);
 }
 
 at::Tensor as_cl(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
@@ -478,8 +490,7 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
     if (!s.bottleneck) {
       at::Tensor z1 = compact(z1_flat, s.n, layer.c_in, s);
       o.bn_relu.call(prefix, layer.mean1, layer.var1, layer.gamma1, layer.beta1, layer.eps1, z1);
-      auto [gz1, grad_w1] = conv3x3_backward(grad_new, z1, layer.w1);
-      grads[p0 + 2].copy_(grad_w1);
+      at::Tensor gz1 = conv3x3_backward(o, grad_new, z1, layer.w1, grads[p0 + 2]);
       o.bn_relu_backward_reduce.call(as_cl(gz1), prefix, layer.mean1, layer.var1, layer.gamma1,
                                      layer.beta1, layer.eps1, grad_prefix, sums);
       finish_bn1();
@@ -489,8 +500,7 @@ std::tuple<at::Tensor, at::Tensor> block_backward(
     at::Tensor y1 = keep ? bottlenecks[l] : y1_scratch;
     if (!keep) conv1_forward(o, feat, layer, s, chunk, z1_flat, y1);
     o.bn_relu.call(y1, layer.mean2, layer.var2, layer.gamma2, layer.beta2, layer.eps2, z2);
-    auto [grad_z2, grad_w2] = conv3x3_backward(grad_new, z2, layer.w2);
-    grads[p0 + 5].copy_(grad_w2);
+    at::Tensor grad_z2 = conv3x3_backward(o, grad_new, z2, layer.w2, grads[p0 + 5]);
     at::Tensor dy1 = z2;  // dY1 over Z2: the conv2 backward was Z2's last use
     o.bn_relu_backward.call(as_cl(grad_z2), y1, layer.mean2, layer.var2, layer.gamma2, layer.beta2,
                             layer.eps2, layer.batch2, false, dy1, grads[p0 + 3], grads[p0 + 4]);

@@ -135,6 +135,11 @@ TORCH_LIBRARY(dense_ext, m) {
   // src's device that the kernel reads itself (no host sync), so a CUDA graph that redraws it
   // (torch.randint inside the graph) draws a new mask on every replay. p = 0 copies.
   m.def("dropout_store(Tensor src, float p, Tensor seed, int key, Tensor(a!) dst) -> ()");
+  // grad_weight = the weight gradient of a 3x3 convolution (stride 1, padding 1, no groups) with
+  // input `input` and output gradient `grad_out`, both channels_last (channel slices of
+  // channels_last buffers too). CPU only: the block drivers' CPU backward (its own loops for
+  // float32/float64, ATen's for the 16-bit types); CUDA keeps cuDNN's backward.
+  m.def("conv3x3_weight_grad(Tensor grad_out, Tensor input, Tensor(a!) grad_weight) -> ()");
   // The whole block forward: returns (feat, stats1, stats2, bottlenecks). Per BN (parameter
   // order): eps, batch_stats (normalise with batch statistics, else with running (mean, var),
   // which are empty placeholders for batch-statistics BNs); per layer: drop_rates. seed: a

@@ -32,6 +32,8 @@ using BnGradFoldFn = void(const at::Tensor& var, const at::Tensor& gamma, double
                           const at::Tensor& sums, int64_t count, const at::Tensor& coef);
 using BnGradFoldApplyFn = void(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& coef,
                                const at::Tensor& grad_x);
+using Conv3x3WeightGradFn = void(const at::Tensor& grad_out, const at::Tensor& input,
+                                 const at::Tensor& grad_weight);
 using DropoutStoreFn = void(const at::Tensor& src, double p, const at::Tensor& seed, int64_t key,
                             const at::Tensor& dst);
 

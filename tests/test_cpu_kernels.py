@@ -2,13 +2,14 @@
 AVX2, AVX-512: csrc/cpu/rows.h is compiled for each), against float64 torch formulas, on sizes
 that leave vector tails (channel counts 1 to 100) and partial row tiles (555 rows), on channel
 slices of wider buffers. The float64 tests of test_cpp_ops.py run the portable loops only.
+The 3x3 weight-gradient loops (csrc/cpu/conv3x3.h, the op conv3x3_weight_grad) are at the end.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, cpu_backend_or_skip, switched, torch_threads
+from helpers import assert_close, cpu_backend_or_skip, rel_err, switched, torch_threads
 
 ISAS = ("portable", "avx2", "avx512")
 CHANNELS = (1, 7, 8, 17, 33, 100)
@@ -326,3 +327,137 @@ def test_transition_backward_through_the_extension_matches_naive(
     compare_modules(naive, efficient, x, oracle)
     compare_modules(naive, efficient, x - 0.3, oracle)
     assert len(calls) == 2, "the extension's backward did not run"
+
+
+# ---------------------------------------------------------------------------------------------
+# conv3x3_weight_grad: the block's CPU weight gradient of its 3x3 convolutions (csrc/cpu/conv3x3.h)
+
+
+def weight_grad_reference(grad_out, x):
+    """ATen's float64 weight gradient of a 3x3, stride-1, padding-1 convolution."""
+    co, ci = grad_out.shape[1], x.shape[1]
+    weight = torch.empty(co, ci, 3, 3, dtype=torch.float64)
+    mask = [False, True, False]
+    args = (None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+    return torch.ops.aten.convolution_backward(grad_out.double(), x.double(), weight, *args)[1]
+
+
+def conv_problem(n, co, ci, h, w, dtype=torch.float32, seed=0):
+    """grad_out and the convolution input as channel slices (at 2 and 1) of wider channels_last
+    buffers, as the block passes them."""
+    g = torch.Generator().manual_seed(seed)
+    x = cl(torch.randn(n, ci + 3, h, w, generator=g, dtype=dtype))[:, 2 : 2 + ci]
+    grad_out = cl(torch.randn(n, co + 1, h, w, generator=g, dtype=dtype))[:, 1 : 1 + co]
+    return grad_out, x
+
+
+# Tile tails in every direction: output channels 1-13 (six-row tiles and each smaller one),
+# input channels around the vector widths (4/8/16 float lanes, 2/4/8 double), images of one
+# row or column, and the chunking of wide and tall images (256-row chunks, 16 groups).
+CONV_CASES = [
+    (2, 1, 1, 1, 1),
+    (1, 3, 5, 1, 7),
+    (2, 7, 17, 6, 1),
+    (3, 13, 37, 5, 9),
+    (2, 6, 8, 3, 3),
+    (1, 12, 48, 32, 32),
+    (2, 5, 33, 11, 300),
+    (5, 32, 128, 7, 7),
+    (9, 4, 16, 40, 3),
+]
+
+
+@pytest.mark.parametrize("n,co,ci,h,w", CONV_CASES)
+def test_conv3x3_weight_grad(isa, n, co, ci, h, w):
+    grad_out, x = conv_problem(n, co, ci, h, w)
+    ours = torch.full((co, ci, 3, 3), float("nan"))
+    torch.ops.dense_ext.conv3x3_weight_grad(grad_out, x, ours)
+    expected = weight_grad_reference(grad_out, x)
+    assert_close(ours, expected, TOL, "grad_weight")
+    # ATen's own float32 gradient (oneDNN), for scale: ours must be no further from float64.
+    weight = torch.empty(co, ci, 3, 3)
+    mask = [False, True, False]
+    args = (None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+    aten = torch.ops.aten.convolution_backward(grad_out, x, weight, *args)[1]
+    assert rel_err(ours, expected) <= 2 * rel_err(aten, expected) + 1e-7
+
+
+@pytest.mark.parametrize("n,co,ci,h,w", CONV_CASES[:4])
+def test_conv3x3_weight_grad_float64_is_exact(n, co, ci, h, w):
+    cpu_backend_or_skip("cpp")
+    grad_out, x = conv_problem(n, co, ci, h, w, dtype=torch.float64, seed=1)
+    ours = torch.empty(co, ci, 3, 3, dtype=torch.float64)
+    torch.ops.dense_ext.conv3x3_weight_grad(grad_out, x, ours)
+    assert_close(ours, weight_grad_reference(grad_out, x), 1e-12, "grad_weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_conv3x3_weight_grad_16_bit_types_use_aten(dtype):
+    """No loops of ours for the 16-bit types: the op returns ATen's gradient, bit for bit."""
+    cpu_backend_or_skip("cpp")
+    grad_out, x = conv_problem(2, 5, 9, 6, 7, dtype=dtype)
+    ours = torch.empty(5, 9, 3, 3, dtype=dtype)
+    torch.ops.dense_ext.conv3x3_weight_grad(grad_out, x, ours)
+    weight = torch.empty(5, 9, 3, 3, dtype=dtype)
+    args = (None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])
+    assert torch.equal(ours, torch.ops.aten.convolution_backward(grad_out, x, weight, *args)[1])
+
+
+def test_conv3x3_weight_grad_does_not_depend_on_the_thread_count(isa):
+    """Chunks are summed in 16 fixed groups, added in group order: one thread and three give the
+    same bits (a 2x64x64 image: 32 chunks)."""
+    grad_out, x = conv_problem(2, 13, 37, 64, 64)
+    one = at_threads(
+        1, torch.ops.dense_ext.conv3x3_weight_grad, grad_out, x, torch.empty(13, 37, 3, 3)
+    )
+    three = at_threads(
+        3, torch.ops.dense_ext.conv3x3_weight_grad, grad_out, x, torch.empty(13, 37, 3, 3)
+    )
+    assert torch.equal(one[2], three[2])
+
+
+def test_conv3x3_weight_grad_of_an_empty_batch_is_zero():
+    cpu_backend_or_skip("cpp")
+    grad_out, x = conv_problem(0, 3, 4, 5, 5)
+    ours = torch.full((3, 4, 3, 3), 7.0)
+    torch.ops.dense_ext.conv3x3_weight_grad(grad_out, x, ours)
+    assert torch.equal(ours, torch.zeros(3, 4, 3, 3))
+
+
+def test_conv3x3_weight_grad_rejects_bad_input():
+    cpu_backend_or_skip("cpp")
+    op = torch.ops.dense_ext.conv3x3_weight_grad
+    grad_out, x = conv_problem(2, 3, 4, 5, 6)
+    out = torch.empty(3, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="grad_weight must have shape"):
+        op(grad_out, x, torch.empty(3, 4, 1, 1))
+    with pytest.raises(RuntimeError, match="same batch and image size"):
+        op(conv_problem(2, 3, 4, 4, 6)[0], x, out)
+    with pytest.raises(RuntimeError, match="grad_out has dtype"):
+        op(grad_out.double(), x, out)
+    with pytest.raises(RuntimeError, match="grad_weight has dtype"):
+        op(grad_out, x, out.double())
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        op(grad_out, x, torch.empty(4, 3, 3, 3).transpose(0, 1))
+    with pytest.raises(RuntimeError, match="input must be channels_last"):
+        op(grad_out, x.contiguous(), out)
+    with pytest.raises(RuntimeError, match="must be float64/float32"):
+        op(grad_out.int(), x.int(), out.int())
+
+
+@pytest.mark.parametrize("bn_size", [None, 4])
+def test_cpp_block_backward_takes_its_3x3_weight_gradients_from_conv3x3_weight_grad(bn_size):
+    """One conv3x3_weight_grad call per layer in a CPU block backward (the op's results reach
+    the parameters: the block tests compare them with the naive block's)."""
+    cpu_backend_or_skip("cpp")
+    from torch.profiler import ProfilerActivity, profile
+
+    from dense_ext import EfficientDenseBlock
+
+    block = EfficientDenseBlock(3, 5, 4, bn_size, backend="cpp")
+    x = cl(torch.randn(2, 5, 6, 7))
+    out = block(x)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out.sum().backward()
+    names = [e.name for e in prof.events()]
+    assert names.count("dense_ext::conv3x3_weight_grad") == 3
