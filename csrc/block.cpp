@@ -269,8 +269,8 @@ at::Tensor conv3x3(const at::Tensor& input, const at::Tensor& weight) {
 
 // The 3x3 convolution's backward: returns the input gradient and writes the weight gradient
 // into grad_weight. On the CPU the weight gradient comes from dense_ext's own loops
-// (conv3x3_weight_grad: oneDNN's backward-weights primitive ran 1.7-3.5x slower than its forward
-// convolution, docs/decisions.md) and ATen computes only the input gradient; on CUDA cuDNN
+// (conv3x3_weight_grad: oneDNN's backward-weights primitive took 1.1-2.2x the time of its
+// forward convolution, docs/decisions.md) and ATen computes only the input gradient; on CUDA cuDNN
 // computes both.
 at::Tensor conv3x3_backward(const Ops& o, const at::Tensor& grad_out, const at::Tensor& input,
                             const at::Tensor& weight, const at::Tensor& grad_weight) {

@@ -2,10 +2,10 @@
 // channels_last rows: dW[o, c, kh, kw] = sum over (n, h, w) of g[n, h, w, o] * x[n, h + kh - 1,
 // w + kw - 1, c], the terms whose input position lies inside the image.
 //
-// Why our own loops: oneDNN's backward-weights primitive ran 1.7-3.5x slower than its forward
-// convolution of the same FLOPs on this project's CPUs (docs/decisions.md), and the 3x3 weight
-// gradients were the largest single cost of a DenseNet backward on the CPU. Per tap (kh, kw) the
-// gradient is a product [co x rows] x [rows x ci] whose rows are the image rows shifted by the
+// Why our own loops: oneDNN's backward-weights primitive took 1.1-2.2x the time of its forward
+// convolution of the same FLOPs (bench/results/cpu-conv3x3-wgrad-2026-11-27.txt), and the 3x3
+// weight gradients were the largest single cost of a DenseNet backward on the CPU. Per tap (kh, kw)
+// the gradient is a product [co x rows] x [rows x ci] whose rows are the image rows shifted by the
 // tap; these loops keep an MR x (NV vectors) tile of it in registers while they walk the rows,
 // so each loaded input vector feeds MR fused multiply-adds.
 //
