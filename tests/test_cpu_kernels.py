@@ -416,6 +416,23 @@ def test_conv3x3_weight_grad_does_not_depend_on_the_thread_count(isa):
     assert torch.equal(one[2], three[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_conv3x3_weight_grad_propagates_non_finite_values_as_aten(isa, dtype):
+    """ATen's gradient sums g * 0 over the zero padding: a NaN or infinite g on an image border
+    makes the taps that reach past that border NaN. Ours skips the padding and must give the
+    same NaNs (a drop-in model fed a NaN does), and NaN/Inf inside the image as the sum does."""
+    grad_out, x = conv_problem(3, 7, 10, 5, 6, dtype=dtype)
+    grad_out[1, 2, 0, 3] = float("nan")  # first row: the taps with kh = 0
+    grad_out[0, 4, 2, 5] = float("inf")  # last column: kw = 2
+    grad_out[2, 6, 4, 0] = float("-inf")  # last row and first column
+    x[1, 3, 2, 2] = float("inf")  # inside: with grad_out's zeros nowhere, plain sums
+    ours = torch.empty(7, 10, 3, 3, dtype=dtype)
+    torch.ops.dense_ext.conv3x3_weight_grad(grad_out, x, ours)
+    expected = weight_grad_reference(grad_out, x)
+    assert torch.equal(ours.isnan(), expected.isnan())
+    assert_close(ours, expected, 1e-12 if dtype == torch.float64 else TOL, "grad_weight")
+
+
 def test_conv3x3_weight_grad_of_an_empty_batch_is_zero():
     cpu_backend_or_skip("cpp")
     grad_out, x = conv_problem(0, 3, 4, 5, 5)

@@ -91,9 +91,11 @@ void conv3x3_tap_scalar(const Conv3x3Chunk& s, int dh, int dw, int64_t o0, int64
     for (int64_t c = c0; c < s.ci; ++c) {
       T sum = 0;
       for (int64_t h = t.ha; h < t.hb; ++h) {
-        const T* gp = g + ((s.n * s.H + h) * s.W) * s.ldg + o;
-        const T* xp = x + ((s.n * s.H + h + dh) * s.W + dw) * s.ldx + c;
-        for (int64_t w = t.wa; w < t.wb; ++w) sum += gp[w * s.ldg] * xp[w * s.ldx];
+        // Both rows from their first position in range: a pointer to input column -1 would
+        // point outside the buffer for the first row.
+        const T* gp = g + ((s.n * s.H + h) * s.W + t.wa) * s.ldg + o;
+        const T* xp = x + ((s.n * s.H + h + dh) * s.W + t.wa + dw) * s.ldx + c;
+        for (int64_t w = 0; w < t.wb - t.wa; ++w) sum += gp[w * s.ldg] * xp[w * s.ldx];
       }
       out[o * s.ci + c] += sum;
     }

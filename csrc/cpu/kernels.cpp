@@ -10,7 +10,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -584,6 +586,43 @@ Conv3x3Views check_conv3x3_weight_grad(const at::Tensor& grad_out, const at::Ten
 }
 
 #ifdef DENSE_EXT_CONV3X3_LOOPS
+// The padded convolution's weight gradient also sums g * 0 over the output positions whose input
+// lies in the zero padding. The loops skip those terms: they are zero unless g is infinite or NaN
+// there, and then they make the sum NaN, as in ATen's im2col-based gradient (the naive model's in
+// float64). Such (output channel, tap) rows of `out` ([co, ci, 3, 3]) are set to NaN here, from
+// one scan of g's border rows and columns.
+template <typename T>
+void conv3x3_padding_nans(const T* g, int64_t ldg, int64_t N, int64_t H, int64_t W, int64_t co,
+                          int64_t ci, T* out) {
+  // bad[side * co + o]: g[., o] is not finite somewhere on that border (side 0: the first row,
+  // 1: the last row, 2: the first column, 3: the last column of every image).
+  std::vector<char> bad(4 * co, 0);
+  auto scan = [&](int side, int64_t h0, int64_t h1, int64_t w0, int64_t w1) {
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t w = w0; w < w1; ++w) {
+          const T* row = g + ((n * H + h) * W + w) * ldg;
+          for (int64_t o = 0; o < co; ++o) bad[side * co + o] |= !std::isfinite(row[o]);
+        }
+      }
+    }
+  };
+  scan(0, 0, 1, 0, W);
+  scan(1, H - 1, H, 0, W);
+  scan(2, 0, H, 0, 1);
+  scan(3, 0, H, W - 1, W);
+  for (int tap = 0; tap < 9; ++tap) {
+    const int dh = tap / 3 - 1, dw = tap % 3 - 1;  // the input row/column offset of the tap
+    for (int64_t o = 0; o < co; ++o) {
+      const bool nan = (dh < 0 && bad[o]) || (dh > 0 && bad[co + o]) ||
+                       (dw < 0 && bad[2 * co + o]) || (dw > 0 && bad[3 * co + o]);
+      if (!nan) continue;
+      for (int64_t c = 0; c < ci; ++c)
+        out[(o * ci + c) * 9 + tap] = std::numeric_limits<T>::quiet_NaN();
+    }
+  }
+}
+
 template <typename T>
 void conv3x3_weight_grad_impl(const at::Tensor& grad_out, const at::Tensor& input,
                               const Conv3x3Views& v, const at::Tensor& grad_weight) {
@@ -625,6 +664,7 @@ void conv3x3_weight_grad_impl(const at::Tensor& grad_out, const at::Tensor& inpu
       }
     }
   });
+  conv3x3_padding_nans(gp, v.g.ld, N, H, W, co, ci, out);
 }
 #endif
 
