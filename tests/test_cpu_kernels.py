@@ -333,13 +333,16 @@ def test_transition_backward_through_the_extension_matches_naive(
 # conv3x3_weight_grad: the block's CPU weight gradient of its 3x3 convolutions (csrc/cpu/conv3x3.h)
 
 
+def aten_weight_grad(grad_out, x):
+    """ATen's weight gradient of a 3x3, stride-1, padding-1 convolution, in the inputs' dtype."""
+    weight = torch.empty(grad_out.shape[1], x.shape[1], 3, 3, dtype=x.dtype)
+    args = (None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])
+    return torch.ops.aten.convolution_backward(grad_out, x, weight, *args)[1]
+
+
 def weight_grad_reference(grad_out, x):
-    """ATen's float64 weight gradient of a 3x3, stride-1, padding-1 convolution."""
-    co, ci = grad_out.shape[1], x.shape[1]
-    weight = torch.empty(co, ci, 3, 3, dtype=torch.float64)
-    mask = [False, True, False]
-    args = (None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
-    return torch.ops.aten.convolution_backward(grad_out.double(), x.double(), weight, *args)[1]
+    """ATen's float64 weight gradient (im2col: the padding's zeros are multiplied in)."""
+    return aten_weight_grad(grad_out.double(), x.double())
 
 
 def conv_problem(n, co, ci, h, w, dtype=torch.float32, seed=0):
@@ -375,10 +378,7 @@ def test_conv3x3_weight_grad(isa, n, co, ci, h, w):
     expected = weight_grad_reference(grad_out, x)
     assert_close(ours, expected, TOL, "grad_weight")
     # ATen's own float32 gradient (oneDNN), for scale: ours must be no further from float64.
-    weight = torch.empty(co, ci, 3, 3)
-    mask = [False, True, False]
-    args = (None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
-    aten = torch.ops.aten.convolution_backward(grad_out, x, weight, *args)[1]
+    aten = aten_weight_grad(grad_out, x)
     assert rel_err(ours, expected) <= 2 * rel_err(aten, expected) + 1e-7
 
 
@@ -398,9 +398,7 @@ def test_conv3x3_weight_grad_16_bit_types_use_aten(dtype):
     grad_out, x = conv_problem(2, 5, 9, 6, 7, dtype=dtype)
     ours = torch.empty(5, 9, 3, 3, dtype=dtype)
     torch.ops.dense_ext.conv3x3_weight_grad(grad_out, x, ours)
-    weight = torch.empty(5, 9, 3, 3, dtype=dtype)
-    args = (None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])
-    assert torch.equal(ours, torch.ops.aten.convolution_backward(grad_out, x, weight, *args)[1])
+    assert torch.equal(ours, aten_weight_grad(grad_out, x))
 
 
 def test_conv3x3_weight_grad_does_not_depend_on_the_thread_count(isa):

@@ -572,13 +572,10 @@ Conv3x3Views check_conv3x3_weight_grad(const at::Tensor& grad_out, const at::Ten
               "padding 1)");
   const std::vector<int64_t> shape = {grad_out.size(1), input.size(1), 3, 3};
   TORCH_CHECK(grad_weight.sizes() == at::IntArrayRef(shape),
-              "dense_ext: grad_weight must have "
-              "shape ",
-              at::IntArrayRef(shape), ", got ", grad_weight.sizes());
+              "dense_ext: grad_weight must have shape ", at::IntArrayRef(shape), ", got ",
+              grad_weight.sizes());
   TORCH_CHECK(grad_weight.is_contiguous(), "dense_ext: grad_weight must be contiguous");
-  TORCH_CHECK(grad_weight.scalar_type() == input.scalar_type(),
-              "dense_ext: grad_weight has "
-              "dtype ",
+  TORCH_CHECK(grad_weight.scalar_type() == input.scalar_type(), "dense_ext: grad_weight has dtype ",
               grad_weight.scalar_type(), " but input has ", input.scalar_type());
   TORCH_CHECK(grad_out.device() == input.device() && grad_weight.device() == input.device(),
               "dense_ext: grad_out, input and grad_weight must be on one device");
