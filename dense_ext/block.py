@@ -63,6 +63,19 @@ def check_input(x: Tensor, channels: int, who: str, param: Tensor | None = None)
         )
 
 
+def stored_param(module: nn.Module, name: str) -> Tensor:
+    """``module``'s parameter ``name`` as stored, for device and dtype checks. For a parametrized
+    one (``torch.nn.utils.parametrize``: ``spectral_norm``, ``weight_norm`` ...) its first
+    original: reading the attribute computes the parametrization, and ``spectral_norm``'s
+    power iteration advances its vectors on every read, so a check that reads it once more
+    than the naive model changes the model's numbers."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and name in parametrizations:
+        originals = parametrizations[name]
+        return originals.original if hasattr(originals, "original") else originals.original0
+    return getattr(module, name)
+
+
 class EfficientDenseLayer(nn.Module):
     """Holds one dense layer's modules with torchvision's names; the block runs it.
 
@@ -253,7 +266,8 @@ class EfficientDenseBlock(nn.ModuleDict):
 
     def _check_input(self, x: Tensor) -> None:
         s = self.spec
-        check_input(x, s.num_input_features, "EfficientDenseBlock", self.denselayer1.conv1.weight)
+        first = stored_param(self.denselayer1.conv1, "weight")
+        check_input(x, s.num_input_features, "EfficientDenseBlock", first)
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -215,10 +215,11 @@ class ChannelsLastMaxPool2d(nn.MaxPool2d):
             input.device.type != "cpu"
             or input.dim() != 4
             or self.return_indices
-            or input.is_contiguous(memory_format=torch.channels_last)
             # torch.func transforms (grad, vmap, ...) refuse an autograd.Function without
-            # setup_context: there the pool is nn.MaxPool2d's
+            # setup_context: there the pool is nn.MaxPool2d's. Asked before the layout, which
+            # vmap cannot answer.
             or torch._C._functorch.peek_interpreter_stack() is not None
+            or input.is_contiguous(memory_format=torch.channels_last)
         ):
             return super().forward(input)
         stride = self.stride if self.stride is not None else self.kernel_size

@@ -36,7 +36,10 @@ from helpers import (
 from naive import randomize_bn
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm
 
+from dense_ext.deluge.cldc_params import CLDCParameters
 from dense_ext.function import NOT_TWICE_DIFFERENTIABLE
 from python_models import DelugeNet, DenseNet, densenet, densenet_bc
 from python_models.delugenet import delugenet_cifar
@@ -230,6 +233,37 @@ def _func_grad(mode: str) -> Pattern:
     return pattern
 
 
+def _vmap_eval(model: nn.Module, step: int) -> Step:
+    """A forward ``vmap``-ed over the samples, in eval mode (no layout questions either)."""
+    model.eval()
+    _zero_grads(model)
+    out = torch.func.vmap(lambda sample: model(sample.unsqueeze(0)).squeeze(0))(_input())
+    state = buffers(model)
+    return _record(model, out, None, state)
+
+
+def _per_sample_grads(model: nn.Module, step: int) -> Step:
+    """Per-sample gradients by torch.func's recipe, ``vmap`` over ``grad`` of a one-sample
+    loss, in eval mode (each sample normalised by the running statistics). Under ``vmap``
+    a tensor cannot answer layout questions: no path may ask one."""
+    model.eval()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    state = {n: b.clone() for n, b in model.named_buffers()}
+    x = _input()
+    with torch.no_grad():
+        v = _grad_for(model(x), step)
+
+    def loss(p, sample, target):
+        out = functional_call(model, (p, state), (sample.unsqueeze(0),)).squeeze(0)
+        return (out * target).sum(), out
+
+    per_sample = torch.func.vmap(
+        torch.func.grad(loss, argnums=(0, 1), has_aux=True), in_dims=(None, 0, 0)
+    )
+    (grads, input_grad), out = per_sample(params, x, v)
+    return Step(out, input_grad, grads, dict(state), dict(state))
+
+
 def _grad_accumulation(model: nn.Module, step: int) -> Step:
     """Two micro-batches, two backward calls, gradients summed in .grad."""
     model.train()
@@ -321,6 +355,24 @@ def _hooked(register: Callable[[nn.Module, dict], list]) -> Pattern:
         return result
 
     return pattern
+
+
+def _spectral_norm(model, extras):
+    """spectral_norm on every conv and CLDC weight (installed once): reading such a weight runs
+    one power iteration, which advances the vectors kept as buffers, so the efficient model may
+    read each weight exactly as often as the naive one. ``extras`` counts the reads."""
+    weighted = [m for m in model.modules() if isinstance(m, (nn.Conv2d, CLDCParameters))]
+    torch.manual_seed(5)  # the power iteration's random start vectors
+    for module in weighted:
+        if not parametrize.is_parametrized(module, "weight"):
+            spectral_norm(module)
+    reads = torch.zeros(())
+    extras["weight reads"] = reads
+
+    def count(*_):
+        reads.add_(1)
+
+    return [m.parametrizations.weight[0].register_forward_hook(count) for m in weighted]
 
 
 def _forward_hook_on_blocks(model, extras):
@@ -471,6 +523,8 @@ PATTERNS: dict[str, Pattern] = {
     "functional_call": _functional_call,
     "torch_func_grad_train": _func_grad("train"),
     "torch_func_grad_eval": _func_grad("eval"),
+    "vmap_eval": _vmap_eval,
+    "per_sample_grads": _per_sample_grads,
     "grad_accumulation": _grad_accumulation,
     "retain_graph": _retain_graph,
     "no_grad": _forward_only(torch.no_grad),
@@ -489,6 +543,7 @@ PATTERNS: dict[str, Pattern] = {
     "full_backward_hook_on_inner_convs": _hooked(_full_backward_hook_on_inner_convs),
     "global_forward_hook": _hooked(_global_forward_hook),
     "grad_cam": _hooked(_grad_cam),
+    "spectral_norm": _hooked(_spectral_norm),
     "checkpointed_blocks": _checkpointed_blocks,
     "jit_trace": _jit_traced,
     "export_train": _exported("train"),

@@ -20,6 +20,7 @@ from dense_ext.block import (
     _autocast_enabled,
     _compute_dtype,
     check_input,
+    stored_param,
     unfused_reason,
 )
 from dense_ext.deluge.backends import get_backend
@@ -86,7 +87,8 @@ class EfficientCLDC(CLDCParameters):
 
     def forward(self, buf: Tensor) -> Tensor:
         """[N, S*C, H, W] slot buffer -> [N, C, H, W]."""
-        _check_input(buf, self.num_inputs * self.channels, "EfficientCLDC", self.weight)
+        weight = stored_param(self, "weight")
+        _check_input(buf, self.num_inputs * self.channels, "EfficientCLDC", weight)
         if _unfused(self):
             return self.forward_slots(list(buf.split(self.channels, 1)))
         if _batch_stats(self):
@@ -186,16 +188,16 @@ class EfficientDelugeStage(nn.ModuleDict):
     def forward(self, x: Tensor) -> Tensor:
         """[N, C, H, W] slot 0 -> [N, S*C, H, W] slot buffer."""
         layers = self.layers()
-        first = layers[0].conv1.weight if layers else None
+        first = stored_param(layers[0].conv1, "weight") if layers else None
         _check_input(x, self.spec.channels, "EfficientDelugeStage", first)
         dtype = _compute_dtype(x)
-        if not layers:  # a stage of one slot is its input
-            return x.to(dtype).contiguous(memory_format=torch.channels_last)
         if _unfused(self):
             slots = [x]
             for layer in layers:
                 slots.append(layer(slots))
             return torch.cat(slots, 1)
+        if not layers:  # a stage of one slot is its input
+            return x.to(dtype).contiguous(memory_format=torch.channels_last)
         if any(_batch_stats(m) for layer in layers for m in layer.norms()):
             _refuse_sync(self)
             _check_batch_size(x)
@@ -245,7 +247,8 @@ class EfficientDelugeTransition(nn.Module):
     def forward(self, buf: Tensor) -> Tensor:
         """[N, S*C, H, W] -> [N, out, ceil(H/2), ceil(W/2)]."""
         cldc = self.cldc
-        _check_input(buf, cldc.num_inputs * cldc.channels, "EfficientDelugeTransition", cldc.weight)
+        weight = stored_param(cldc, "weight")
+        _check_input(buf, cldc.num_inputs * cldc.channels, "EfficientDelugeTransition", weight)
         empty = buf.shape[0] * buf.shape[2] * buf.shape[3] == 0  # the stock modules' answer
         if empty or _unfused(self):
             return self.conv(self.norm(cldc(buf)))
@@ -283,7 +286,8 @@ class EfficientPreActBottleneck(nn.Module):
         self.conv3 = nn.Conv2d(mid, out_channels, kernel_size=1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_input(x, self.norm1.num_features, "EfficientPreActBottleneck", self.conv1.weight)
+        first = stored_param(self.conv1, "weight")
+        _check_input(x, self.norm1.num_features, "EfficientPreActBottleneck", first)
         pairs = ((self.norm1, self.conv1), (self.norm2, self.conv2), (self.norm3, self.conv3))
         if x.shape[0] * x.shape[2] * x.shape[3] == 0 or _unfused(self):  # the stock modules
             for norm, conv in pairs:
