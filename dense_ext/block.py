@@ -28,6 +28,7 @@ from dense_ext.backends.base import LOCAL, BlockCall
 from dense_ext.function import DenseBlockFunction, autocast_available
 from dense_ext.norm import NormCall, advance_batch_counters, norm_call
 from dense_ext.spec import BlockSpec
+from dense_ext.tracing import NotScriptable
 
 
 class DenseInputError(ValueError, RuntimeError):
@@ -76,7 +77,7 @@ def stored_param(module: nn.Module, name: str) -> Tensor:
     return getattr(module, name)
 
 
-class EfficientDenseLayer(nn.Module):
+class EfficientDenseLayer(NotScriptable, nn.Module):
     """Holds one dense layer's modules with torchvision's names; the block runs it.
 
     Bottleneck layers have ``norm1, relu1, conv1 (1x1), norm2, relu2, conv2 (3x3)``; plain
@@ -124,7 +125,7 @@ class EfficientDenseLayer(nn.Module):
         return out
 
 
-class EfficientDenseBlock(nn.ModuleDict):
+class EfficientDenseBlock(NotScriptable, nn.ModuleDict):
     """A DenseNet dense block over one shared, preallocated feature buffer.
 
     Args:

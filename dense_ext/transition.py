@@ -34,7 +34,7 @@ from dense_ext.donation import donate
 from dense_ext.function import autocast_off, first_order, suggest_format
 from dense_ext.grad_layout import ensure_grad_layout, keep_grad_layout
 from dense_ext.norm import NormCall, fold_running_stats
-from dense_ext.tracing import is_exporting
+from dense_ext.tracing import NotScriptable, is_exporting
 
 POOLS = ("avg2x2", "global")
 
@@ -435,7 +435,7 @@ def norm_relu_pool(
     return NormReluPoolFunction.apply(x, norm.weight, norm.bias, call, pool, sync)
 
 
-class EfficientTransition(nn.Module):
+class EfficientTransition(NotScriptable, nn.Module):
     """Drop-in for torchvision's ``_Transition`` (BN-ReLU-Conv1x1-AvgPool2x2), pooling first.
 
     Computes ``conv(avgpool2x2(relu(norm(x))))``, equal to torchvision's order up to

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from dense_ext.block import has_hooks, unfused_reason
 from dense_ext.deluge.cldc_params import CLDCParameters
 from dense_ext.stem import norm_relu_max_pool
+from dense_ext.tracing import NotScriptable
 from python_models.densenet import ChannelsLastMaxPool2d
 
 
@@ -152,7 +153,7 @@ class PreActBottleneck(nn.Module):
         return self.conv3(F.relu(self.norm3(x)))
 
 
-class DelugeNet(nn.Module):
+class DelugeNet(NotScriptable, nn.Module):
     """A DelugeNet: stem, entry (slot 0 of stage 1), stages with transitions, head, classifier.
 
     Args:

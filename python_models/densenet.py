@@ -24,6 +24,7 @@ from torch.nn.modules.utils import _pair
 
 from dense_ext.block import EfficientDenseBlock, has_hooks, unfused_reason
 from dense_ext.stem import norm_relu_max_pool
+from dense_ext.tracing import NotScriptable
 from dense_ext.transition import EfficientTransition, norm_relu_pool
 
 
@@ -196,7 +197,7 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
         return grad_x, None
 
 
-class ChannelsLastMaxPool2d(nn.MaxPool2d):
+class ChannelsLastMaxPool2d(NotScriptable, nn.MaxPool2d):
     """``nn.MaxPool2d`` that pools a 4-D NCHW CPU input in channels_last: the efficient models'
     stem.
 
@@ -248,7 +249,7 @@ def _stem(
     ]
 
 
-class DenseNet(nn.Module):
+class DenseNet(NotScriptable, nn.Module):
     """DenseNet (Huang et al., CVPR 2017) with torchvision's structure and keys.
 
     Args:

@@ -681,3 +681,42 @@ def assert_close_f64(actual: Tensor, expected: Tensor) -> None:
 
 def test_double_backward_message_is_the_one_constant():
     assert NOT_TWICE_DIFFERENTIABLE.startswith("dense_ext blocks are not twice differentiable")
+
+
+def _scripted_cases():
+    """(name, builder) for every efficient module kind and every model holding them."""
+    import torchvision
+
+    from dense_ext import EfficientDenseBlock, EfficientTransition
+    from dense_ext.convert import convert
+    from dense_ext.deluge.modules import (
+        EfficientCLDC,
+        EfficientDelugeHead,
+        EfficientDelugeStage,
+        EfficientDelugeTransition,
+        EfficientPreActBottleneck,
+    )
+
+    return {
+        "block": lambda: EfficientDenseBlock(2, 3, 2, 2),
+        "transition": lambda: EfficientTransition(5, 3),
+        "densenet": lambda: densenet_bc(depth=10, growth_rate=2, efficient=True),
+        "densenet_imagenet": MODELS["densenet_imagenet"],
+        "converted_torchvision": lambda: convert(torchvision.models.densenet121()),
+        "cldc": lambda: EfficientCLDC(4, 2),
+        "stage": lambda: EfficientDelugeStage(4, 3),
+        "deluge_transition": lambda: EfficientDelugeTransition(4, 3, 8),
+        "deluge_entry": lambda: EfficientPreActBottleneck(3, 2, 4),
+        "deluge_head": lambda: EfficientDelugeHead(4, 3),
+        "delugenet": lambda: delugenet_cifar(1, 0.25, efficient=True),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("case", list(_scripted_cases()))
+def test_torch_jit_script_raises_one_clear_error(case):
+    """torch.jit.script (deprecated by PyTorch) cannot compile the fused paths: it names the
+    supported captures instead of TorchScript's report on the first construct it rejects."""
+    module = _scripted_cases()[case]()
+    with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script.*torch.export"):
+        torch.jit.script(module)

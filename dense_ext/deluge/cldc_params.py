@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dense_ext.tracing import NotScriptable
 
-class CLDCParameters(nn.Module):
+
+class CLDCParameters(NotScriptable, nn.Module):
     """CLDC(C, S): ``S`` batch norms over ``C`` channels (one per input slot), summed.
 
     Parameters ``weight`` and ``bias`` are [C, S] (the per-slot affine maps; ``weight`` starts

@@ -34,7 +34,7 @@ from dense_ext.deluge.recompute import (
 )
 from dense_ext.deluge.spec import StageSpec
 from dense_ext.norm import advance_batch_counters
-from dense_ext.tracing import is_exporting
+from dense_ext.tracing import NotScriptable, is_exporting
 from dense_ext.transition import norm_relu_pool
 
 
@@ -101,7 +101,7 @@ class EfficientCLDC(CLDCParameters):
         return CLDCFunction.apply(buf, call, self.weight, self.bias)
 
 
-class EfficientCompositeLayer(nn.Module):
+class EfficientCompositeLayer(NotScriptable, nn.Module):
     """Holds composite layer ``k``'s modules with the naive layer's names; the stage runs it.
 
     ``cldc`` (``k >= 2``), ``norm``, ``conv1`` (1x1, C -> C/2), ``norm1``, ``conv2`` (3x3),
@@ -142,7 +142,7 @@ class EfficientCompositeLayer(nn.Module):
         return self.conv3(torch.relu(self.norm2(x)))
 
 
-class EfficientDelugeStage(nn.ModuleDict):
+class EfficientDelugeStage(NotScriptable, nn.ModuleDict):
     """A DelugeNet stage over one preallocated, channels_last slot buffer.
 
     Args:
@@ -226,7 +226,7 @@ class EfficientDelugeStage(nn.ModuleDict):
         return params
 
 
-class EfficientDelugeTransition(nn.Module):
+class EfficientDelugeTransition(NotScriptable, nn.Module):
     """``CLDC(C, S) -> BN -> conv3x3 stride 2 (C -> out)`` over a stage's slot buffer.
 
     Same modules and names as the naive transition: ``cldc``, ``norm``, ``conv``. Keeps only
@@ -269,7 +269,7 @@ class EfficientDelugeTransition(nn.Module):
         )
 
 
-class EfficientPreActBottleneck(nn.Module):
+class EfficientPreActBottleneck(NotScriptable, nn.Module):
     """The CIFAR DelugeNet's entry (slot 0 of the first stage): BN-ReLU-conv1x1 (in -> mid),
     BN-ReLU-conv3x3 (mid), BN-ReLU-conv1x1 (mid -> out), no shortcut; keeps only its input for
     backward (``dense_ext.deluge.recompute.PreActBottleneckFunction``). Same names as the naive
@@ -303,7 +303,7 @@ class EfficientPreActBottleneck(nn.Module):
         return PreActBottleneckFunction.apply(x.to(dtype), norms, *params)
 
 
-class EfficientDelugeHead(nn.Module):
+class EfficientDelugeHead(NotScriptable, nn.Module):
     """``CLDC(C, S) -> BN -> ReLU -> global average pool`` over the last stage's buffer.
 
     Same modules and names as the naive head (``cldc``, ``norm``); the BN-ReLU-pool keeps only
