@@ -18,7 +18,10 @@ form (timm's blur-pool transitions) is left as it is.
 The new modules reuse the original BN and convolution modules themselves, so every
 Parameter and buffer object is kept (an optimizer built before converting keeps working),
 with its device, dtype and values; every module's training/eval flag and each layer's
-``drop_rate`` are kept too.
+``drop_rate`` are kept too. So are the hooks registered on a replaced block, layer or
+transition (module hooks and state_dict hooks; their handles still remove them): timm's
+hook-based feature extractor, for one, registers its hooks on the blocks before anyone
+converts.
 """
 
 from __future__ import annotations
@@ -142,7 +145,34 @@ def _convert_transition(module: nn.Sequential) -> EfficientTransition:
     relu = getattr(module, "relu", None) or nn.ReLU(inplace=True)  # timm: the norm has it
     new = EfficientTransition.from_modules(module.norm, relu, module.conv, module.pool)
     new.training = module.training
+    _adopt_hooks(module, new)
     return new
+
+
+# Where nn.Module keeps the hooks registered on a module (torch 2.x); one missing from a
+# future torch is skipped, one added there would be lost: tests/test_convert.py lists them.
+HOOK_ATTRIBUTES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_is_full_backward_hook",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _adopt_hooks(old: nn.Module, new: nn.Module) -> None:
+    """``new`` takes over the hooks registered on ``old``, which it replaces: the same dicts,
+    so the handles returned at registration still remove them."""
+    for name in HOOK_ATTRIBUTES:
+        if name in old.__dict__:
+            setattr(new, name, old.__dict__[name])
 
 
 def _block_shape(block: nn.ModuleDict) -> tuple[int, int, int]:
@@ -208,5 +238,7 @@ def _convert_block(block: nn.ModuleDict, memory: str, backend: str) -> Efficient
         # Each layer keeps its own dropout rate and train/eval flag (the BNs, reused, keep theirs).
         new_layer.drop_rate = float(getattr(old_layer, "drop_rate", 0.0))
         new_layer.training = old_layer.training
+        _adopt_hooks(old_layer, new_layer)
     new.training = block.training
+    _adopt_hooks(block, new)
     return new

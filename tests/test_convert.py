@@ -16,7 +16,7 @@ import torch
 from helpers import TOLERANCE, Autocast, assert_close, check_step, float64_oracle
 from hypothesis_compat import HealthCheck, given, settings, st
 from naive import NaiveDenseBlock, randomize_bn
-from torch import nn
+from torch import Tensor, nn
 
 from dense_ext.block import EfficientDenseBlock
 from dense_ext.convert import convert
@@ -519,3 +519,67 @@ def test_convert_leaves_unrecognised_transitions():
     net.t.pool = nn.AvgPool2d(kernel_size=3, stride=2)  # not the 2x2 pool: must stay
     convert(net, backend="reference")
     assert type(net.t) is nn.Sequential and isinstance(net.b, EfficientDenseBlock)
+
+
+def _record_hooks(model: nn.Module, seen: dict[str, list[Tensor]]) -> list:
+    """Hooks of every kind on a block, a layer and a transition of ``model`` (as a user or
+    timm's hook-based feature extractor registers them before converting), each appending
+    what it observes to ``seen``; the handles."""
+    block = model.features.denseblock1
+    layer = model.features.denseblock2.denselayer2
+    transition = model.features.transition1
+
+    def keep(name):
+        return lambda t: seen.setdefault(name, []).append(t.detach().clone())
+
+    def state_dict_hook(module, state, prefix, local_metadata):
+        seen.setdefault("state_dict", []).append(torch.tensor(float(len(state))))
+
+    return [
+        block.register_forward_hook(lambda m, args, out: keep("block out")(out)),
+        block.register_forward_pre_hook(lambda m, args: keep("block in")(args[0])),
+        layer.register_forward_hook(lambda m, args, out: keep("layer out")(out)),
+        layer.register_forward_hook(
+            lambda m, args, kwargs, out: keep("layer out kw")(out), with_kwargs=True
+        ),
+        transition.register_full_backward_hook(lambda m, gin, gout: keep("transition g")(gout[0])),
+        transition.register_full_backward_pre_hook(
+            lambda m, gout: keep("transition g pre")(gout[0])
+        ),
+        block.register_state_dict_post_hook(state_dict_hook),
+    ]
+
+
+def test_convert_keeps_hooks_on_replaced_modules():
+    """Hooks registered on a block, a layer and a transition before convert() fire after it
+    with the unconverted model's values, and their handles still remove them."""
+    reference, model = naive_model(), naive_model()
+    seen_reference: dict[str, list[Tensor]] = {}
+    seen: dict[str, list[Tensor]] = {}
+    _record_hooks(reference, seen_reference)
+    handles = _record_hooks(model, seen)
+    convert(model, backend="reference")
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    check_step(model, reference, x, seed=5)
+    for m in (model, reference):
+        m.state_dict()  # the state_dict hook's turn
+    assert sorted(seen) == sorted(seen_reference)
+    for name, values in seen_reference.items():
+        assert len(seen[name]) == len(values), name
+        for got, want in zip(seen[name], values):
+            assert_close(got, want, TOLERANCE[torch.float64], name)
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    model(x).sum().backward()
+    model.state_dict()
+    assert not seen, f"hooks still fired after remove(): {sorted(seen)}"
+
+
+def test_convert_moves_every_kind_of_module_hook():
+    """HOOK_ATTRIBUTES names every hook dict nn.Module keeps: one added by a later torch
+    would be dropped by convert() without this test failing."""
+    from dense_ext.convert import HOOK_ATTRIBUTES
+
+    kept = {name for name in nn.Module().__dict__ if "hook" in name}
+    assert kept == set(HOOK_ATTRIBUTES)

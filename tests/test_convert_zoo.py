@@ -136,3 +136,22 @@ def test_timm_norm_with_another_activation_raises_clearly():
     model = timm.create_model("densenet121", pretrained=False, act_layer="silu")
     with pytest.raises(ValueError, match="norm1 is a BatchNormAct2d"):
         dense_ext.convert(model)
+
+
+@pytest.mark.parametrize("feature_cls", ["getter", "hook"])
+def test_timm_features_only_converts(feature_cls):
+    """timm's features_only models: "getter" runs the model's modules itself, "hook"
+    (FeatureHookNet) collects the maps with forward hooks registered on the blocks when the
+    model is built, before convert() replaces them (before the fix: 2 of 5 maps)."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "densenet121", pretrained=False, features_only=True, feature_cls=feature_cls
+    )
+    model = _randomize(model)
+    converted = dense_ext.convert(copy.deepcopy(model), memory="min", backend="reference")
+    assert sum(isinstance(m, EfficientDenseBlock) for m in converted.modules()) == 4
+    expected = model(_input())
+    actual = converted(_input())
+    assert len(actual) == len(expected) == 5
+    for i, (got, want) in enumerate(zip(actual, expected)):
+        assert_close(got, want, TOLERANCE[torch.float64], f"feature map {i}")
