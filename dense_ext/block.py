@@ -145,6 +145,10 @@ class EfficientDenseBlock(NotScriptable, nn.ModuleDict):
     ``forward(x)`` maps ``[N, C0, H, W]`` to ``[N, C0 + L*k, H, W]`` and returns the shared
     buffer itself, in channels_last layout. Parameter and buffer names are torchvision's
     (``denselayer1.norm1.weight`` ...), so ``_DenseBlock`` state_dicts load unchanged.
+
+    The argument order is not torchvision's: its (private) ``_DenseBlock`` and timm's
+    ``DenseBlock`` take ``bn_size`` before ``growth_rate``. Code ported from either should pass
+    them by keyword (or use ``dense_ext.convert``, which reads them from the modules).
     """
 
     def __init__(
