@@ -701,7 +701,7 @@ def _scripted_cases():
         "block": lambda: EfficientDenseBlock(2, 3, 2, 2),
         "transition": lambda: EfficientTransition(5, 3),
         "densenet": lambda: densenet_bc(depth=10, growth_rate=2, efficient=True),
-        "densenet_imagenet": MODELS["densenet_imagenet"],
+        "densenet_imagenet": lambda: MODELS["densenet_imagenet"](efficient=True),
         "converted_torchvision": lambda: convert(torchvision.models.densenet121()),
         "cldc": lambda: EfficientCLDC(4, 2),
         "stage": lambda: EfficientDelugeStage(4, 3),
