@@ -11,7 +11,10 @@ run, one call after another, as torchvision's block runs them; then the block do
   conv, ``nn.SyncBatchNorm``): its own forward must run;
 * ``torch.jit.trace``, ``torch.fx`` symbolic tracing (torchvision's ``create_feature_extractor``)
   and ``torch.func`` transforms (``grad``, ``vmap``, ``functional_call`` under them), which
-  cannot see through an autograd Function with a hand-written backward.
+  cannot see through an autograd Function with a hand-written backward;
+* ``torch.export``: the exported program is torchvision's graph of ATen operators, which the
+  programs that take exported models (ONNX, ExecuTorch, AOTInductor) know; dense_ext's custom
+  operators they do not.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dense_ext.backends.base import LOCAL, BlockCall
 from dense_ext.function import DenseBlockFunction, autocast_available
 from dense_ext.norm import NormCall, advance_batch_counters, norm_call
 from dense_ext.spec import BlockSpec
-from dense_ext.tracing import NotScriptable
+from dense_ext.tracing import NotScriptable, is_exporting
 
 
 class DenseInputError(ValueError, RuntimeError):
@@ -410,6 +413,8 @@ def unfused_reason(
     (a norm whose forward the fused head replaces); a called module's hooks fire either way.
     ``fusable`` says which submodules the fused path models (default: a dense block's)."""
     fusable = fusable or _fusable
+    if is_exporting():
+        return "torch.export"
     if not torch.compiler.is_compiling():
         if torch.jit.is_tracing():
             return "torch.jit.trace"

@@ -24,7 +24,7 @@ from torch.nn.modules.utils import _pair
 
 from dense_ext.block import EfficientDenseBlock, has_hooks, unfused_reason
 from dense_ext.stem import norm_relu_max_pool
-from dense_ext.tracing import NotScriptable
+from dense_ext.tracing import NotScriptable, is_exporting
 from dense_ext.transition import EfficientTransition, norm_relu_pool
 
 
@@ -218,8 +218,9 @@ class ChannelsLastMaxPool2d(NotScriptable, nn.MaxPool2d):
             or self.return_indices
             # torch.func transforms (grad, vmap, ...) refuse an autograd.Function without
             # setup_context: there the pool is nn.MaxPool2d's. Asked before the layout, which
-            # vmap cannot answer.
+            # vmap cannot answer. torch.export gets nn.MaxPool2d's operator too.
             or torch._C._functorch.peek_interpreter_stack() is not None
+            or is_exporting()
             or input.is_contiguous(memory_format=torch.channels_last)
         ):
             return super().forward(input)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import io
+import operator
 import pickle
 import re
 from collections.abc import Callable
@@ -626,6 +627,42 @@ def test_frozen_bn_logits_example_from_the_issue():
     assert torch.allclose(efficient(x), naive(x), rtol=0, atol=1e-10)
     for bn in _bns(efficient):
         assert int(bn.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_exported_program_holds_only_aten_operators(model, mode):
+    """Under torch.export every efficient module runs torchvision's modules (or the naive
+    DelugeNet's), so the exported program holds ATen operators only: what ONNX, ExecuTorch and
+    AOTInductor take. Before, the dense blocks exported as dense_ext custom operators, on which
+    torch.onnx.export stopped."""
+    efficient = MODELS[model](efficient=True).double().train(mode == "train")
+    program = torch.export.export(efficient, (_input(),))
+    targets = {node.target for node in program.graph.nodes if node.op == "call_function"}
+    foreign = {
+        str(t)
+        for t in targets
+        if t is not operator.getitem
+        and not (isinstance(t, torch._ops.OpOverload) and t.namespace == "aten")
+    }
+    assert not foreign, f"non-ATen operators in the exported program: {sorted(foreign)}"
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_onnx_export_computes_the_model(model):
+    """torch.onnx.export (its default, torch.export-based converter), evaluated by onnx's
+    reference evaluator: the efficient model's output, in eval mode."""
+    import onnx  # a test dependency (requirements.txt), with onnxscript
+    from onnx.reference import ReferenceEvaluator
+
+    _, efficient = model_pair(model, "cpp", "min")
+    efficient.eval()
+    x = _input()
+    program = torch.onnx.export(efficient, (x,), dynamo=True, verbose=False)
+    onnx.checker.check_model(program.model_proto)
+    session = ReferenceEvaluator(program.model_proto)
+    (out,) = session.run(None, {session.input_names[0]: x.numpy()})
+    assert_close_f64(torch.from_numpy(out), efficient(x).detach())
 
 
 # ----------------------------------------------------------------------------- not supported

@@ -34,7 +34,7 @@ from dense_ext.deluge.recompute import (
 )
 from dense_ext.deluge.spec import StageSpec
 from dense_ext.norm import advance_batch_counters
-from dense_ext.tracing import NotScriptable, is_exporting
+from dense_ext.tracing import NotScriptable
 from dense_ext.transition import norm_relu_pool
 
 
@@ -49,10 +49,8 @@ def _unfused(module: nn.Module) -> bool:
     """Whether ``module`` must call its submodules one by one, as the naive DelugeNet does,
     rather than run fused: a hook on a module inside it (or a global one), a submodule replaced
     by a kind the fused path does not model, ``torch.jit.trace``, ``torch.fx``, ``torch.func``
-    (``dense_ext.block.unfused_reason``, the dense block's rule), or ``torch.export``, which
-    cannot differentiate through the fused Functions' ``out=`` kernels."""
-    if is_exporting():
-        return True
+    or ``torch.export`` (``dense_ext.block.unfused_reason``, the dense block's rule; export's
+    training IR could not differentiate the fused Functions' ``out=`` kernels either)."""
     return unfused_reason(module, fusable=_fusable) is not None
 
 
