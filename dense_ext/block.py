@@ -49,7 +49,10 @@ class DenseDtypeError(TypeError, RuntimeError):
 def check_input(x: Tensor, channels: int, who: str, param: Tensor | None = None) -> None:
     """The checks every efficient module makes of its input, with errors that name ``who``:
     a Tensor, 4-D, ``channels`` channels, floating point, on the device of ``param`` (one of
-    the module's parameters, when given)."""
+    the module's parameters, when given). Nothing to check on a ``torch.fx`` proxy: symbolic
+    tracing runs the modules one by one and knows no shapes."""
+    if isinstance(x, torch.fx.Proxy):
+        return
     if not isinstance(x, Tensor):
         raise TypeError(f"{who} expects a Tensor, got {type(x).__name__}")
     if x.dim() != 4:

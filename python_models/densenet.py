@@ -24,7 +24,7 @@ from torch.nn.modules.utils import _pair
 
 from dense_ext.block import EfficientDenseBlock, has_hooks, unfused_reason
 from dense_ext.stem import norm_relu_max_pool
-from dense_ext.tracing import NotScriptable, is_exporting
+from dense_ext.tracing import NotScriptable
 from dense_ext.transition import EfficientTransition, norm_relu_pool
 
 
@@ -111,8 +111,13 @@ class _DenseLayer(nn.Module):
     def forward(self, input: Tensor | list[Tensor]) -> Tensor:
         """New ``k`` feature maps from the list of all previous ones (or a single tensor)."""
         inputs = [input] if isinstance(input, Tensor) else list(input)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-        if self.memory_efficient and needs_grad:
+        # requires_grad asked only when checkpointing (as torchvision asks): under torch.fx it
+        # is a proxy, which cannot decide a branch.
+        if (
+            self.memory_efficient
+            and torch.is_grad_enabled()
+            and any(t.requires_grad for t in inputs)
+        ):
             out = self._checkpointed(inputs)
         else:
             out = self.bn_function(inputs)
@@ -213,14 +218,13 @@ class ChannelsLastMaxPool2d(NotScriptable, nn.MaxPool2d):
 
     def forward(self, input: Tensor) -> Tensor:
         if (
-            input.device.type != "cpu"
+            # Tracing, torch.export and torch.func transforms (which refuse an autograd.Function
+            # without setup_context) get nn.MaxPool2d's operator; asked first, since a torch.fx
+            # proxy cannot answer the questions below and vmap cannot answer the layout one.
+            unfused_reason(self) is not None
+            or input.device.type != "cpu"
             or input.dim() != 4
             or self.return_indices
-            # torch.func transforms (grad, vmap, ...) refuse an autograd.Function without
-            # setup_context: there the pool is nn.MaxPool2d's. Asked before the layout, which
-            # vmap cannot answer. torch.export gets nn.MaxPool2d's operator too.
-            or torch._C._functorch.peek_interpreter_stack() is not None
-            or is_exporting()
             or input.is_contiguous(memory_format=torch.channels_last)
         ):
             return super().forward(input)

@@ -479,6 +479,22 @@ def _jit_traced(model: nn.Module, step: int) -> Step:
     return train_step(traced, _input(seed=4), seed=step)
 
 
+def _fx_traced(model: nn.Module, step: int) -> Step:
+    """torch.fx.symbolic_trace (what torchvision's create_feature_extractor and FX graph-mode
+    quantization run) of the whole model, the traced module trained: no proxy may decide a
+    branch or meet a check that wants a tensor."""
+    model.train()
+    traced = torch.fx.symbolic_trace(model)
+    result = train_step(traced, _input(seed=4), seed=step)
+    # FX does not proxy buffers: a CLDC's per-slot running statistics (column slices of its
+    # buffers, naive and efficient alike) enter the graph as copies, _tensor_constantN,
+    # numbered in tracing order. They are not state of the model.
+    for state in (result.buffers_after_forward, result.buffers_after_backward):
+        for name in [n for n in state if n.startswith("_tensor_constant")]:
+            del state[name]
+    return result
+
+
 def _exported(mode: str) -> Pattern:
     """torch.export.export (training IR in train mode), the exported module trained."""
 
@@ -547,6 +563,7 @@ PATTERNS: dict[str, Pattern] = {
     "spectral_norm": _hooked(_spectral_norm),
     "checkpointed_blocks": _checkpointed_blocks,
     "jit_trace": _jit_traced,
+    "fx_symbolic_trace": _fx_traced,
     "export_train": _exported("train"),
     "export_eval": _exported("eval"),
     "meta_then_to_empty": _meta_then_to_empty,

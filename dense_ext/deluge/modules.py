@@ -87,8 +87,9 @@ class EfficientCLDC(CLDCParameters):
         """[N, S*C, H, W] slot buffer -> [N, C, H, W]."""
         weight = stored_param(self, "weight")
         _check_input(buf, self.num_inputs * self.channels, "EfficientCLDC", weight)
-        if _unfused(self):
-            return self.forward_slots(list(buf.split(self.channels, 1)))
+        if _unfused(self):  # indexed, not list(): a torch.fx proxy cannot be iterated
+            slots = buf.split(self.channels, 1)
+            return self.forward_slots([slots[i] for i in range(self.num_inputs)])
         if _batch_stats(self):
             _refuse_sync(self)
             _check_batch_size(buf)
@@ -188,12 +189,12 @@ class EfficientDelugeStage(NotScriptable, nn.ModuleDict):
         layers = self.layers()
         first = stored_param(layers[0].conv1, "weight") if layers else None
         _check_input(x, self.spec.channels, "EfficientDelugeStage", first)
-        dtype = _compute_dtype(x)
         if _unfused(self):
             slots = [x]
             for layer in layers:
                 slots.append(layer(slots))
             return torch.cat(slots, 1)
+        dtype = _compute_dtype(x)
         if not layers:  # a stage of one slot is its input
             return x.to(dtype).contiguous(memory_format=torch.channels_last)
         if any(_batch_stats(m) for layer in layers for m in layer.norms()):
@@ -247,8 +248,9 @@ class EfficientDelugeTransition(NotScriptable, nn.Module):
         cldc = self.cldc
         weight = stored_param(cldc, "weight")
         _check_input(buf, cldc.num_inputs * cldc.channels, "EfficientDelugeTransition", weight)
-        empty = buf.shape[0] * buf.shape[2] * buf.shape[3] == 0  # the stock modules' answer
-        if empty or _unfused(self):
+        # An empty batch: the stock modules' answer. (_unfused first: under torch.fx the shape
+        # is a proxy, which cannot decide a branch.)
+        if _unfused(self) or buf.shape[0] * buf.shape[2] * buf.shape[3] == 0:
             return self.conv(self.norm(cldc(buf)))
         if _batch_stats(cldc) or _batch_stats(self.norm):
             _refuse_sync(cldc)
@@ -287,7 +289,7 @@ class EfficientPreActBottleneck(NotScriptable, nn.Module):
         first = stored_param(self.conv1, "weight")
         _check_input(x, self.norm1.num_features, "EfficientPreActBottleneck", first)
         pairs = ((self.norm1, self.conv1), (self.norm2, self.conv2), (self.norm3, self.conv3))
-        if x.shape[0] * x.shape[2] * x.shape[3] == 0 or _unfused(self):  # the stock modules
+        if _unfused(self) or x.shape[0] * x.shape[2] * x.shape[3] == 0:  # the stock modules
             for norm, conv in pairs:
                 x = conv(torch.relu(norm(x)))
             return x
@@ -316,7 +318,8 @@ class EfficientDelugeHead(NotScriptable, nn.Module):
     def forward(self, buf: Tensor) -> Tensor:
         """[N, S*C, H, W] -> [N, C]."""
         y = self.cldc(buf)
-        if y.numel() == 0:  # an empty batch: the stock modules handle it like the naive head
+        # The naive head's modules where the head runs unfused, and for an empty batch.
+        if _unfused(self) or y.numel() == 0:
             return torch.relu(self.norm(y)).mean(dim=(2, 3))
         return norm_relu_pool(y, self.norm, "global")
 
@@ -338,7 +341,9 @@ def _norm_call(module: nn.Module | None, count: bool = True):
 
 def _check_input(x: Tensor, channels: int, who: str, param: Tensor | None) -> None:
     """``dense_ext.block.check_input``, and a parameter dtype that matches the input's (or
-    autocast's)."""
+    autocast's). Nothing to check on a ``torch.fx`` proxy (no shapes, no dtype)."""
+    if isinstance(x, torch.fx.Proxy):
+        return
     check_input(x, channels, who, param)
     if param is not None and param.dtype != _compute_dtype(x):
         if not _autocast_enabled(x.device.type):
