@@ -25,6 +25,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from dense_ext.backends import check_backend_name, get_backend
 from dense_ext.backends.base import LOCAL, BlockCall
@@ -49,10 +50,7 @@ class DenseDtypeError(TypeError, RuntimeError):
 def check_input(x: Tensor, channels: int, who: str, param: Tensor | None = None) -> None:
     """The checks every efficient module makes of its input, with errors that name ``who``:
     a Tensor, 4-D, ``channels`` channels, floating point, on the device of ``param`` (one of
-    the module's parameters, when given). Nothing to check on a ``torch.fx`` proxy: symbolic
-    tracing runs the modules one by one and knows no shapes."""
-    if isinstance(x, torch.fx.Proxy):
-        return
+    the module's parameters, when given)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{who} expects a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -76,11 +74,10 @@ def stored_param(module: nn.Module, name: str) -> Tensor:
     original: reading the attribute computes the parametrization, and ``spectral_norm``'s
     power iteration advances its vectors on every read, so a check that reads it once more
     than the naive model changes the model's numbers."""
-    parametrizations = getattr(module, "parametrizations", None)
-    if parametrizations is not None and name in parametrizations:
-        originals = parametrizations[name]
-        return originals.original if hasattr(originals, "original") else originals.original0
-    return getattr(module, name)
+    if not parametrize.is_parametrized(module, name):
+        return getattr(module, name)
+    originals = cast(nn.ModuleDict, module.parametrizations)[name]
+    return originals.original if hasattr(originals, "original") else originals.original0
 
 
 class EfficientDenseLayer(NotScriptable, nn.Module):
@@ -277,8 +274,7 @@ class EfficientDenseBlock(NotScriptable, nn.ModuleDict):
 
     def _check_input(self, x: Tensor) -> None:
         s = self.spec
-        first = stored_param(self.denselayer1.conv1, "weight")
-        check_input(x, s.num_input_features, "EfficientDenseBlock", first)
+        check_input(x, s.num_input_features, "EfficientDenseBlock", self.denselayer1.conv1.weight)
 
 
 def _autocast_enabled(device_type: str) -> bool:

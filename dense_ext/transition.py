@@ -34,7 +34,7 @@ from dense_ext.donation import donate
 from dense_ext.function import autocast_off, first_order, suggest_format
 from dense_ext.grad_layout import ensure_grad_layout, keep_grad_layout
 from dense_ext.norm import NormCall, fold_running_stats
-from dense_ext.tracing import NotScriptable, is_exporting
+from dense_ext.tracing import NotScriptable
 
 POOLS = ("avg2x2", "global")
 
@@ -145,12 +145,11 @@ def _native_batch_norm(x: Tensor, weight, bias, call: NormCall):
         return torch.empty_like(x), stats, stats.clone()
     batch_norm = torch.native_batch_norm
     if torch.compiler.is_compiling() and x.device.type == "cpu" and call.batch_stats:
-        # (Not for torch.export: its training IR differentiates the op, which, mutating the
-        # running statistics, can have no autograd formula. Not in evaluation: the op declares
-        # the running statistics mutated, and inductor then wrote the weight gradient into
-        # running_mean's memory in backward (torch 2.14, CPU); evaluation needs no reduction.)
-        if not is_exporting():
-            batch_norm = _opaque_batch_norm
+        # (torch.export never gets here: every module runs unfused under it,
+        # dense_ext.block.unfused_reason. Not in evaluation: the op declares the running
+        # statistics mutated, and inductor then wrote the weight gradient into running_mean's
+        # memory in backward (torch 2.14, CPU); evaluation needs no reduction.)
+        batch_norm = _opaque_batch_norm
     return batch_norm(
         x,
         weight,
