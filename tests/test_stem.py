@@ -20,6 +20,7 @@ from helpers import (
     check_step,
     cuda_or_skip,
     float64_oracle,
+    ieee_fp32,
     train_step,
 )
 from torch import Tensor, nn
@@ -324,15 +325,12 @@ def test_cuda_densenet_with_fused_stem_matches_naive(autocast):
     if autocast:
         naive, ours = Autocast(naive), Autocast(ours)
     x = torch.randn(3, 3, 33, 30, generator=torch.Generator().manual_seed(8)).cuda()
-    with torch.backends.cudnn.flags(allow_tf32=False):
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            oracle = float64_oracle(naive)
-            ops = _ops_of_a_step(copy.deepcopy(ours), x)
-            assert "dense_ext.relu_max_pool.default" in ops
-            check_step(
-                ours, naive, x, oracle=oracle, precision=torch.bfloat16 if autocast else None
-            )
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
+    # ieee_fp32, not torch.backends.cudnn.flags(allow_tf32=False): flags() also sets every
+    # flag it is not given to its default, enabled=False among them, and so ran this test
+    # with cuDNN off (on the H200 run10-11 that failed the bf16 case's rule at 1.1x its bound;
+    # with cuDNN on, as users run, the same step passes: bench/results/cuda-h200-2026-11-27).
+    with ieee_fp32():
+        oracle = float64_oracle(naive)
+        ops = _ops_of_a_step(copy.deepcopy(ours), x)
+        assert "dense_ext.relu_max_pool.default" in ops
+        check_step(ours, naive, x, oracle=oracle, precision=torch.bfloat16 if autocast else None)
