@@ -8,7 +8,10 @@ run, one call after another, as torchvision's block runs them; then the block do
 * a forward or backward hook on a module inside the block (a layer, a BN, a conv, a ReLU), or a
   global module hook: hooks fire only on modules that are called;
 * a module inside replaced by a kind the fused block does not model (a LoRA wrapper around a
-  conv, ``nn.SyncBatchNorm``): its own forward must run;
+  conv, ``nn.SyncBatchNorm``, a SiLU for a ReLU, an ``nn.Identity`` for a BN), or changed into
+  one (a conv given a bias, a stride, another padding): its own forward must run. The fused
+  path reads a conv's weight only, so each position is checked, not just each module's type
+  (``structure_reason``);
 * ``torch.jit.trace``, ``torch.fx`` symbolic tracing (torchvision's ``create_feature_extractor``)
   and ``torch.func`` transforms (``grad``, ``vmap``, ``functional_call`` under them), which
   cannot see through an autograd Function with a hand-written backward;
@@ -115,6 +118,17 @@ class EfficientDenseLayer(NotScriptable, nn.Module):
         modules = cast(dict[str, nn.Module], self._modules)
         conv1 = modules["conv1"]
         return [conv1] if "conv2" not in modules else [conv1, modules["conv2"]]
+
+    def structure_reason(self) -> str | None:
+        """Why the fused block cannot compute this layer from its modules' parameters, or None:
+        a BN the kernels do not model, a ReLU replaced, a conv that is not the bias-free,
+        stride-1 1x1 or 3x3 one the kernels compute from its weight alone."""
+        modules = cast(dict[str, nn.Module], self._modules)
+        if "conv2" not in modules:
+            return _position_reason(modules, "norm1", "relu1", "conv1", 3)
+        return _position_reason(modules, "norm1", "relu1", "conv1", 1) or _position_reason(
+            modules, "norm2", "relu2", "conv2", 3
+        )
 
     def forward(self, features: Tensor | list[Tensor]) -> Tensor:
         """torchvision's ``_DenseLayer.forward``: the ``k`` new feature maps from the list of all
@@ -378,6 +392,62 @@ def norm_channels(norm: nn.Module) -> int:
     return int(weight.shape[0])
 
 
+def _position_reason(
+    modules: dict[str, nn.Module], norm_name: str, relu_name: str, conv_name: str, kernel: int
+) -> str | None:
+    """Why a layer's BN-ReLU-conv at these names is not what the fused kernels compute."""
+    norm = modules.get(norm_name)
+    if norm is None or norm_kind(norm) is None:
+        return f"{norm_name} is a {type(norm).__name__}, not a batch norm the kernels model"
+    reason = relu_mismatch(modules.get(relu_name), norm)
+    if reason is not None:
+        return f"{relu_name} {reason}"
+    reason = conv_mismatch(modules.get(conv_name), kernel)
+    return None if reason is None else f"{conv_name} {reason}"
+
+
+def relu_mismatch(relu: nn.Module | None, norm: nn.Module) -> str | None:
+    """Why ``relu``, after ``norm``, is not the ReLU the fused kernels apply, or None: it must be
+    an ``nn.ReLU``, or an ``nn.Identity`` after a BN that applies the ReLU itself (timm's)."""
+    if type(relu) is nn.ReLU:
+        return None
+    if type(relu) is nn.Identity and norm_kind(norm) == "batch_norm_relu":
+        return None
+    return f"is a {type(relu).__name__}, not a ReLU"
+
+
+def conv_mismatch(
+    conv: nn.Module | None, kernel: int, stride: int = 1, *, weight_only: bool = True
+) -> str | None:
+    """Why ``conv`` is not the ``kernel`` x ``kernel`` convolution (stride ``stride``, padding
+    ``kernel // 2``, dense, zero-padded) a fused path computes, or None. ``weight_only``: the
+    path reads the weight alone, so a bias must be absent too (a module the fused path calls
+    itself may have one, and any groups or dilation when it is 1x1)."""
+    if type(conv) is not nn.Conv2d:  # a parametrized (weight_norm...) conv is another type
+        return f"is a {type(conv).__name__}, not an nn.Conv2d"
+    expected = _GEOMETRY.get((kernel, stride)) or _geometry(kernel, stride)
+    geometry = (conv.kernel_size, conv.stride, conv.padding)
+    if geometry != expected:
+        return f"has kernel, stride, padding {geometry}, not {expected}"
+    if (weight_only or kernel != 1) and (
+        conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros"
+    ):
+        return "is dilated, grouped or not zero-padded"
+    if weight_only and conv._parameters.get("bias") is not None:
+        return "has a bias"
+    return None
+
+
+def _geometry(kernel: int, stride: int) -> tuple[tuple[int, int], ...]:
+    """The (kernel_size, stride, padding) attributes of a ``kernel`` x ``kernel`` conv of
+    stride ``stride`` padded by ``kernel // 2``."""
+    return ((kernel, kernel), (stride, stride), (kernel // 2, kernel // 2))
+
+
+# Built once (a forward only reads it: no global state changes under torch.compile's tracing)
+_GEOMETRY = {(k, s): _geometry(k, s) for k, s in ((1, 1), (3, 1), (3, 2))}
+
+
 def module_norm_call(norm: nn.Module, count: bool = True) -> NormCall:
     """``norm``'s decisions for one call (``dense_ext.norm.norm_call``, ``count`` as there); a
     ``FrozenBatchNorm2d`` always normalises with its running statistics and updates nothing."""
@@ -410,7 +480,9 @@ def unfused_reason(
     """Why ``module`` must call its submodules one by one rather than run fused, or None (see
     the module docstring). Hooks on ``module`` itself count only when it is not ``called``
     (a norm whose forward the fused head replaces); a called module's hooks fire either way.
-    ``fusable`` says which submodules the fused path models (default: a dense block's)."""
+    ``fusable`` says which submodules the fused path models (default: a dense block's); a
+    module whose class defines ``structure_reason`` (a dense layer, a transition, the DelugeNet
+    modules) also says what its positions must hold."""
     fusable = fusable or _fusable
     if is_exporting():
         return "torch.export"
@@ -430,6 +502,11 @@ def unfused_reason(
     ):
         return "a global module hook"
     for child in _submodules(module):
+        structure_reason = getattr(type(child), "structure_reason", None)
+        if structure_reason is not None:
+            reason = structure_reason(child)
+            if reason is not None:
+                return f"{_module_name(module, child)}: {reason}"
         if child is module and called:
             continue
         if has_hooks(child):

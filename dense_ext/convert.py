@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from dense_ext.block import EfficientDenseBlock, norm_channels, norm_kind
-from dense_ext.transition import EfficientTransition
+from dense_ext.transition import EfficientTransition, is_avg_pool_2x2
 
 _LAYER_NAME = re.compile(r"denselayer(\d+)")
 
@@ -108,7 +108,7 @@ def _is_transition(module: nn.Module) -> bool:
         norm_ok
         and relu_ok
         and _is_conv(children["conv"], 1, 0)
-        and _is_avg_pool_2x2(children["pool"])
+        and is_avg_pool_2x2(children["pool"])
     )
 
 
@@ -123,21 +123,6 @@ def _is_conv(conv: nn.Module, kernel: int, padding: int) -> bool:
         and conv.dilation == (1, 1)
         and conv.groups == 1
         and conv.padding_mode == "zeros"
-    )
-
-
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
-def _is_avg_pool_2x2(pool: nn.Module) -> bool:
-    return (
-        isinstance(pool, nn.AvgPool2d)
-        and _pair(pool.kernel_size) == (2, 2)
-        and _pair(pool.stride or pool.kernel_size) == (2, 2)
-        and _pair(pool.padding) == (0, 0)
-        and not pool.ceil_mode
-        and pool.divisor_override is None
     )
 
 

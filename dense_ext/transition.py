@@ -18,6 +18,8 @@ summed, the weight and bias gradients left local (``nn.SyncBatchNorm``'s semanti
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,8 +28,11 @@ from dense_ext.backends.base import LOCAL, StatsSync, stats_dtype
 from dense_ext.block import (
     DenseInputError,
     check_input,
+    conv_mismatch,
     module_norm_call,
     norm_channels,
+    norm_kind,
+    relu_mismatch,
     unfused_reason,
 )
 from dense_ext.donation import donate
@@ -413,7 +418,7 @@ def norm_relu_pool(
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-    if unfused_reason(norm, called=False) is not None:
+    if norm_kind(norm) is None or unfused_reason(norm, called=False) is not None:
         out = F.relu(norm(x))
         if pool == "avg2x2":
             return F.avg_pool2d(out, kernel_size=2, stride=2)
@@ -432,6 +437,20 @@ def norm_relu_pool(
             f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
         )
     return NormReluPoolFunction.apply(x, norm.weight, norm.bias, call, pool, sync)
+
+
+def is_avg_pool_2x2(pool: nn.Module | None) -> bool:
+    """Whether ``pool`` is torchvision's transition pool: ``nn.AvgPool2d(2, 2)`` (floor mode,
+    no padding, no divisor override)."""
+    pair = torch.nn.modules.utils._pair
+    return (
+        type(pool) is nn.AvgPool2d
+        and pair(pool.kernel_size) == (2, 2)
+        and pair(pool.stride or pool.kernel_size) == (2, 2)
+        and pair(pool.padding) == (0, 0)
+        and not pool.ceil_mode
+        and pool.divisor_override is None
+    )
 
 
 class EfficientTransition(NotScriptable, nn.Module):
@@ -474,6 +493,25 @@ class EfficientTransition(NotScriptable, nn.Module):
         self.stats_sync = None
         keep_grad_layout(conv.weight)
         return self
+
+    def structure_reason(self) -> str | None:
+        """Why the fused path (BN-ReLU-pool, then the conv module on the pooled map) would not
+        compute this transition's modules, or None. Pooling first is exact only for a 1x1,
+        stride-1 conv (any bias or groups: the conv module itself runs) after a 2x2 average
+        pool; a BN the kernels do not model or a replaced ReLU runs the modules too."""
+        modules = cast(dict[str, nn.Module], self._modules)
+        norm = modules.get("norm")
+        if norm is None or norm_kind(norm) is None:
+            return f"norm is a {type(norm).__name__}, not a batch norm the kernels model"
+        reason = relu_mismatch(modules.get("relu"), norm)
+        if reason is not None:
+            return f"relu {reason}"
+        reason = conv_mismatch(modules.get("conv"), 1, weight_only=False)
+        if reason is not None:
+            return f"conv {reason}"
+        if not is_avg_pool_2x2(modules.get("pool")):
+            return "pool is not a 2x2, stride-2, unpadded floor-mode average pool"
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         """[N, C_in, H, W] -> [N, C_out, H // 2, W // 2]. Runs torchvision's order, module by

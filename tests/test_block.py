@@ -254,4 +254,6 @@ def test_unfused_reason_names_the_submodule():
     assert unfused_reason(block) == "a hook on denselayer2.conv1"
     handle.remove()
     block.denselayer3.norm2 = torch.nn.GroupNorm(1, 6)
-    assert unfused_reason(block) == "denselayer3.norm2 is a GroupNorm"
+    assert unfused_reason(block) == (
+        "denselayer3: norm2 is a GroupNorm, not a batch norm the kernels model"
+    )

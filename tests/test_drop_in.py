@@ -774,3 +774,162 @@ def test_torch_jit_script_raises_one_clear_error(case):
     module = _scripted_cases()[case]()
     with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script.*torch.export"):
         torch.jit.script(module)
+
+
+# ----------------------------------------------------------------------------- modules changed
+# A user may change a module inside a model after building it: an activation swapped, a BN
+# removed, a conv given a bias or another padding. The fused paths compute from parameters
+# alone, so where they would not see such a change the module must run itself. Every change
+# below gave wrong numbers without an error before (a conv's bias, padding mode or dilation,
+# a transition's pool or ReLU replaced by nn.Identity, a DelugeNet transition's stride), or
+# raised where naive runs (a grouped conv, an nn.Identity BN).
+
+
+def _new_conv(conv: nn.Conv2d, **changes) -> nn.Conv2d:
+    """A conv like ``conv`` with ``changes`` (fresh parameters, from the global seed)."""
+    args = dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+    return nn.Conv2d(**{**args, **changes}).double()
+
+
+def _in_blocks(name: str) -> bool:
+    """A module of a dense layer, transition, DelugeNet stage or entry (not the stem's)."""
+    return any(part in name for part in ("layer", "transition", "entry"))
+
+
+def _set_padding_mode(conv: nn.Conv2d) -> nn.Conv2d:
+    conv.padding_mode = "reflect"  # changed in place: the same module object
+    return conv
+
+
+# name -> (which children to change: (qualified name, child name, child) -> bool, the change)
+MUTATIONS: dict[str, tuple[Callable[[str, str, nn.Module], bool], Callable]] = {
+    "conv_bias": (
+        lambda full, name, m: isinstance(m, nn.Conv2d) and _in_blocks(full),
+        lambda m: _new_conv(m, bias=True),
+    ),
+    "conv3x3_reflect_padding": (
+        lambda full, name, m: (
+            isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and "layer" in full
+        ),
+        _set_padding_mode,
+    ),
+    "conv3x3_dilated": (
+        lambda full, name, m: (
+            isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and "layer" in full
+        ),
+        lambda m: _new_conv(m, dilation=2, padding=2),
+    ),
+    "conv1x1_grouped": (
+        lambda full, name, m: (
+            name == "conv1"
+            and "layer" in full
+            and m.in_channels % 2 == 0
+            and m.out_channels % 2 == 0
+        ),
+        lambda m: _new_conv(m, groups=2),
+    ),
+    "layer_relu_identity": (
+        lambda full, name, m: isinstance(m, nn.ReLU) and "layer" in full,
+        lambda m: nn.Identity(),
+    ),
+    "norm_identity": (
+        lambda full, name, m: isinstance(m, nn.BatchNorm2d) and _in_blocks(full),
+        lambda m: nn.Identity(),
+    ),
+    "norm_group_norm": (
+        lambda full, name, m: isinstance(m, nn.BatchNorm2d) and _in_blocks(full),
+        lambda m: nn.GroupNorm(1, m.num_features).double(),
+    ),
+    "transition_relu_identity": (
+        lambda full, name, m: isinstance(m, nn.ReLU) and "transition" in full,
+        lambda m: nn.Identity(),
+    ),
+    "transition_pool_identity": (
+        lambda full, name, m: isinstance(m, nn.AvgPool2d) and "transition" in full,
+        lambda m: nn.Identity(),
+    ),
+    # Fused still (the transition calls its conv module on the pooled map): must stay right.
+    "transition_conv_bias": (
+        lambda full, name, m: isinstance(m, nn.Conv2d) and "transition" in full,
+        lambda m: _new_conv(m, bias=True),
+    ),
+    "transition_conv_stride_1": (
+        lambda full, name, m: isinstance(m, nn.Conv2d) and "transition" in full,
+        lambda m: _new_conv(m, stride=1),
+    ),
+}
+
+
+def _mutate(model: nn.Module, mutation: str) -> int:
+    """Applies ``mutation`` to ``model`` (seeded: the same new parameters in every model);
+    returns how many modules it changed."""
+    wanted, change = MUTATIONS[mutation]
+    torch.manual_seed(5)
+    changed = 0
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if wanted(f"{parent_name}.{name}", name, child):
+                setattr(parent, name, change(child))
+                changed += 1
+    return changed
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("model", ["densenet_bc_22", "densenet_imagenet", "delugenet_20"])
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_changed_module_matches_naive(mutation, model, mode):
+    naive, efficient = model_pair(model, "cpp", "min")
+    changed = _mutate(naive, mutation)
+    if changed == 0:
+        pytest.skip(f"{model} has no module that {mutation} changes")
+    assert _mutate(efficient, mutation) == changed
+    efficient.load_state_dict(naive.state_dict())
+    # The ImageNet stem's /4 would leave 1x1 maps in block 2, too small for reflect padding.
+    x = _input((3, 3, 32, 32)) if model == "densenet_imagenet" else _input()
+    scales = cldc_term_scales(naive, x) if model.startswith("delugenet") else {}
+    if mode == "train":
+        # A bias that a batch-statistics BN follows through linear modules only (a conv's; a
+        # BN's whose ReLU is gone) has a gradient of zero up to rounding: measured against its
+        # terms, each O(1) (the output gradient is standard normal).
+        vanishing = r"conv\d?\.bias$" + (r"|norm\d?\.bias$" if "relu" in mutation else "")
+        scales |= {
+            f"grad of {name}": 1.0
+            for name, _ in naive.named_parameters()
+            if re.search(vanishing, name)
+        }
+    for step in range(2):
+        naive.train(mode == "train"), efficient.train(mode == "train")
+        expected, actual = train_step(naive, x, seed=step), train_step(efficient, x, seed=step)
+        what = f"{mutation}, step {step}"
+        assert_same_step(actual, expected, TOLERANCE[torch.float64], what, scales=scales)
+
+
+def test_changed_modules_name_the_reason_or_stay_fused():
+    """The reason a changed block runs its modules names the position; a transition whose 1x1
+    conv has a bias or groups stays fused (it calls the conv module itself)."""
+    from dense_ext import EfficientDenseBlock, EfficientTransition
+    from dense_ext.block import unfused_reason
+
+    block = EfficientDenseBlock(2, 4, 2, 2)
+    assert unfused_reason(block) is None
+    block.denselayer2.conv2 = _new_conv(block.denselayer2.conv2, bias=True)
+    assert unfused_reason(block) == "denselayer2: conv2 has a bias"
+    block.denselayer1.relu1 = nn.SiLU()
+    assert unfused_reason(block) == "denselayer1: relu1 is a SiLU, not a ReLU"
+    transition = EfficientTransition(4, 2)
+    transition.conv = nn.Conv2d(4, 2, 1, bias=True, groups=2)
+    assert unfused_reason(transition) is None
+    transition.pool = nn.AvgPool2d(2, ceil_mode=True)
+    assert unfused_reason(transition) == (
+        "EfficientTransition: pool is not a 2x2, stride-2, unpadded floor-mode average pool"
+    )

@@ -20,6 +20,7 @@ from dense_ext.block import (
     _autocast_enabled,
     _compute_dtype,
     check_input,
+    conv_mismatch,
     stored_param,
     unfused_reason,
 )
@@ -127,6 +128,10 @@ class EfficientCompositeLayer(NotScriptable, nn.Module):
 
     def convs(self) -> list[nn.Conv2d]:
         return [self.conv1, self.conv2, self.conv3]
+
+    def structure_reason(self) -> str | None:
+        """Why the fused stage cannot compute this layer from its convs' weights, or None."""
+        return _convs_reason(self, (("conv1", 1, 1), ("conv2", 3, 1), ("conv3", 1, 1)))
 
     def forward(self, slots: list[Tensor]) -> Tensor:
         """The new slot from the list of the ``k`` earlier ones, through this layer's modules as
@@ -243,6 +248,10 @@ class EfficientDelugeTransition(NotScriptable, nn.Module):
             channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False
         )
 
+    def structure_reason(self) -> str | None:
+        """Why the fused transition cannot compute ``conv`` from its weight, or None."""
+        return _convs_reason(self, (("conv", 3, 2),))
+
     def forward(self, buf: Tensor) -> Tensor:
         """[N, S*C, H, W] -> [N, out, ceil(H/2), ceil(W/2)]."""
         cldc = self.cldc
@@ -285,11 +294,20 @@ class EfficientPreActBottleneck(NotScriptable, nn.Module):
         self.norm3 = nn.BatchNorm2d(mid)
         self.conv3 = nn.Conv2d(mid, out_channels, kernel_size=1, bias=False)
 
+    def structure_reason(self) -> str | None:
+        """Why the fused entry cannot compute its convs from their weights, or None."""
+        return _convs_reason(self, (("conv1", 1, 1), ("conv2", 3, 1), ("conv3", 1, 1)))
+
     def forward(self, x: Tensor) -> Tensor:
-        first = stored_param(self.conv1, "weight")
-        _check_input(x, self.norm1.num_features, "EfficientPreActBottleneck", first)
         pairs = ((self.norm1, self.conv1), (self.norm2, self.conv2), (self.norm3, self.conv3))
-        if _unfused(self) or x.shape[0] * x.shape[2] * x.shape[3] == 0:  # the stock modules
+        # The stock modules where the entry runs unfused (before any check of ours: a module
+        # replaced there, an nn.Identity for a BN say, answers for itself), and for an empty
+        # batch.
+        unfused = _unfused(self)
+        if not unfused:
+            first = stored_param(self.conv1, "weight")
+            _check_input(x, self.norm1.num_features, "EfficientPreActBottleneck", first)
+        if unfused or x.shape[0] * x.shape[2] * x.shape[3] == 0:
             for norm, conv in pairs:
                 x = conv(torch.relu(norm(x)))
             return x
@@ -322,6 +340,17 @@ class EfficientDelugeHead(NotScriptable, nn.Module):
         if _unfused(self) or y.numel() == 0:
             return torch.relu(self.norm(y)).mean(dim=(2, 3))
         return norm_relu_pool(y, self.norm, "global")
+
+
+def _convs_reason(module: nn.Module, convs: tuple[tuple[str, int, int], ...]) -> str | None:
+    """The first of ``module``'s convs (name, kernel, stride) that is not the bias-free conv the
+    fused Functions compute from its weight alone, as a reason; else None."""
+    modules = cast(dict[str, nn.Module], module._modules)
+    for name, kernel, stride in convs:
+        reason = conv_mismatch(modules.get(name), kernel, stride)
+        if reason is not None:
+            return f"{name} {reason}"
+    return None
 
 
 def _pad(norms: list[nn.Module]) -> list[nn.Module | None]:
