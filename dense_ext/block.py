@@ -6,7 +6,8 @@ run, one call after another, as torchvision's block runs them; then the block do
 (``unfused_reason`` says when), with torchvision's numbers and memory:
 
 * a forward or backward hook on a module inside the block (a layer, a BN, a conv, a ReLU), or a
-  global module hook: hooks fire only on modules that are called;
+  global module hook, or a forward replaced on a module's instance (HF accelerate's offload and
+  device-map hooks do that): hooks and such forwards run only on modules that are called;
 * a module inside replaced by a kind the fused block does not model (a LoRA wrapper around a
   conv, ``nn.SyncBatchNorm``, a SiLU for a ReLU, an ``nn.Identity`` for a BN), or changed into
   one (a conv given a bias, a stride, another padding): its own forward must run. The fused
@@ -511,6 +512,8 @@ def unfused_reason(
             continue
         if has_hooks(child):
             return f"a hook on {_module_name(module, child)}"
+        if "forward" in child.__dict__:  # patched on the instance (accelerate's offload hooks)
+            return f"{_module_name(module, child)}'s forward is replaced"
         if not fusable(child):
             return f"{_module_name(module, child)} is a {type(child).__name__}"
     return None

@@ -19,6 +19,7 @@ import io
 import operator
 import pickle
 import re
+import types
 from collections.abc import Callable
 
 import pytest
@@ -811,6 +812,17 @@ def _set_padding_mode(conv: nn.Conv2d) -> nn.Conv2d:
     return conv
 
 
+def _patch_forward(module: nn.Module, scale: float) -> nn.Module:
+    """``module.forward`` replaced on the instance by a bound method (deepcopy binds it to the
+    copy, as it does accelerate's ``functools.partial``) that scales the class's forward."""
+
+    def forward(self: nn.Module, *args: Tensor) -> Tensor:
+        return type(self).forward(self, *args) * scale
+
+    module.forward = types.MethodType(forward, module)
+    return module
+
+
 # name -> (which children to change: (qualified name, child name, child) -> bool, the change)
 MUTATIONS: dict[str, tuple[Callable[[str, str, nn.Module], bool], Callable]] = {
     "conv_bias": (
@@ -857,6 +869,15 @@ MUTATIONS: dict[str, tuple[Callable[[str, str, nn.Module], bool], Callable]] = {
     "transition_pool_identity": (
         lambda full, name, m: isinstance(m, nn.AvgPool2d) and "transition" in full,
         lambda m: nn.Identity(),
+    ),
+    # A forward replaced on the instance (as HF accelerate's hooks do): the modules must run.
+    "norm_forward_patched": (
+        lambda full, name, m: isinstance(m, nn.BatchNorm2d) and _in_blocks(full),
+        lambda m: _patch_forward(m, 1.5),
+    ),
+    "conv_forward_patched": (
+        lambda full, name, m: isinstance(m, nn.Conv2d) and _in_blocks(full),
+        lambda m: _patch_forward(m, 0.5),
     ),
     # Fused still (the transition calls its conv module on the pooled map): must stay right.
     "transition_conv_bias": (
