@@ -475,6 +475,13 @@ def has_hooks(module: nn.Module) -> bool:
     )
 
 
+def is_intercepted(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its class's forward: hooks of its own, or a
+    forward replaced on the instance (HF accelerate's offload hooks do that). A fused path
+    that skips such a module's call must not skip it."""
+    return has_hooks(module) or "forward" in module.__dict__
+
+
 def unfused_reason(
     module: nn.Module, called: bool = True, fusable: Callable[[nn.Module], bool] | None = None
 ) -> str | None:

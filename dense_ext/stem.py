@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dense_ext.block import has_hooks, module_norm_call, unfused_reason
+from dense_ext.block import is_intercepted, module_norm_call, unfused_reason
 from dense_ext.function import first_order
 from dense_ext.norm import NormCall
 from dense_ext.transition import _native_batch_norm
@@ -69,8 +69,8 @@ def unfused_stem_reason(x: Tensor, norm: nn.Module, relu: nn.Module, pool: nn.Mo
         return f"norm is a {type(norm).__name__}"
     if type(relu) is not nn.ReLU or not _pool_fits(pool):
         return "relu and pool are not a ReLU and a 3x3 / 2 / padding-1 max pool"
-    if has_hooks(relu) or has_hooks(pool):
-        return "a hook on relu or pool"
+    if is_intercepted(relu) or is_intercepted(pool):
+        return "a hook or a replaced forward on relu or pool"
     reason = unfused_reason(norm, called=False)  # hooks on norm, global hooks, tracing
     if reason is not None:
         return reason

@@ -39,7 +39,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dense_ext.block import has_hooks, unfused_reason
+from dense_ext.block import is_intercepted, unfused_reason
 from dense_ext.deluge.cldc_params import CLDCParameters
 from dense_ext.stem import norm_relu_max_pool
 from dense_ext.tracing import NotScriptable
@@ -232,8 +232,9 @@ class DelugeNet(NotScriptable, nn.Module):
         # The stem is called as a module under hooks on it, global module hooks and tracing
         # (unfused_reason), which would see that call; the input decides the rest.
         stem = self.stem
-        fusable = getattr(self, "efficient_stem", False) and len(stem) == 4
-        if fusable and not has_hooks(stem) and unfused_reason(stem.norm, called=False) is None:
+        fusable = getattr(self, "efficient_stem", False) and type(stem) is nn.Sequential
+        fusable = fusable and len(stem) == 4
+        if fusable and not is_intercepted(stem) and unfused_reason(stem.norm, called=False) is None:
             return norm_relu_max_pool(stem.conv(x), stem.norm, stem.relu, stem.pool)
         return stem(x)
 

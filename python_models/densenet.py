@@ -22,7 +22,7 @@ import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from dense_ext.block import EfficientDenseBlock, has_hooks, unfused_reason
+from dense_ext.block import EfficientDenseBlock, is_intercepted, unfused_reason
 from dense_ext.stem import norm_relu_max_pool
 from dense_ext.tracing import NotScriptable
 from dense_ext.transition import EfficientTransition, norm_relu_pool
@@ -349,7 +349,10 @@ class DenseNet(NotScriptable, nn.Module):
         stem neither ``features`` nor norm0, relu0 and pool0; when these have hooks (or
         ``dense_ext.block.unfused_reason`` says so: tracing, ``torch.func``, a global hook) they
         run as torchvision's do, so the hooks fire as there."""
-        features_free = not has_hooks(self.features)
+        # _features calls features' children one by one: only for the Sequential built here,
+        # whose call would run nothing else.
+        features = self.features
+        features_free = type(features) is nn.Sequential and not is_intercepted(features)
         head = features_free and self.efficient_head
         head = head and unfused_reason(self.features.norm5, called=False) is None
         if head or (features_free and self._stem_fusable()):

@@ -879,6 +879,15 @@ MUTATIONS: dict[str, tuple[Callable[[str, str, nn.Module], bool], Callable]] = {
         lambda full, name, m: isinstance(m, nn.Conv2d) and _in_blocks(full),
         lambda m: _patch_forward(m, 0.5),
     ),
+    # The containers and stem modules the efficient models do not call as a whole.
+    "features_or_stem_forward_patched": (
+        lambda full, name, m: name in ("features", "stem"),
+        lambda m: _patch_forward(m, 2.0),
+    ),
+    "stem_pool_forward_patched": (
+        lambda full, name, m: name == "pool0" or full.endswith("stem.pool"),
+        lambda m: _patch_forward(m, 2.0),
+    ),
     # Fused still (the transition calls its conv module on the pooled map): must stay right.
     "transition_conv_bias": (
         lambda full, name, m: isinstance(m, nn.Conv2d) and "transition" in full,
@@ -906,7 +915,9 @@ def _mutate(model: nn.Module, mutation: str) -> int:
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("model", ["densenet_bc_22", "densenet_imagenet", "delugenet_20"])
+@pytest.mark.parametrize(
+    "model", ["densenet_bc_22", "densenet_imagenet", "delugenet_20", "delugenet_imagenet"]
+)
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
 def test_changed_module_matches_naive(mutation, model, mode):
     naive, efficient = model_pair(model, "cpp", "min")
@@ -916,18 +927,18 @@ def test_changed_module_matches_naive(mutation, model, mode):
     assert _mutate(efficient, mutation) == changed
     efficient.load_state_dict(naive.state_dict())
     # The ImageNet stem's /4 would leave 1x1 maps in block 2, too small for reflect padding.
-    x = _input((3, 3, 32, 32)) if model == "densenet_imagenet" else _input()
+    x = _input((3, 3, 32, 32)) if model.endswith("imagenet") else _input()
     scales = cldc_term_scales(naive, x) if model.startswith("delugenet") else {}
     if mode == "train":
         # A bias that a batch-statistics BN follows through linear modules only (a conv's; a
         # BN's whose ReLU is gone) has a gradient of zero up to rounding: measured against its
         # terms, each O(1) (the output gradient is standard normal).
-        vanishing = r"conv\d?\.bias$" + (r"|norm\d?\.bias$" if "relu" in mutation else "")
-        scales |= {
-            f"grad of {name}": 1.0
-            for name, _ in naive.named_parameters()
-            if re.search(vanishing, name)
-        }
+        biases = [
+            f"{name}.bias"
+            for name, m in naive.named_modules()
+            if isinstance(m, nn.Conv2d) or ("relu" in mutation and isinstance(m, nn.BatchNorm2d))
+        ]
+        scales |= {f"grad of {name}": 1.0 for name, p in naive.named_parameters() if name in biases}
     for step in range(2):
         naive.train(mode == "train"), efficient.train(mode == "train")
         expected, actual = train_step(naive, x, seed=step), train_step(efficient, x, seed=step)
