@@ -365,9 +365,13 @@ def norm_kind(norm: nn.Module) -> str | None:
     ``"batch_norm_relu"``: timm's ``BatchNormAct2d`` with a ReLU and no dropout (its forward is
     ``nn.BatchNorm2d``'s, then the ReLU); ``"frozen"``: torchvision's ``FrozenBatchNorm2d``
     (running statistics and affine constants in buffers, never updated, no gradients).
-    Recognised by type and structure: neither timm nor torchvision is imported.
+    Recognised by type and structure: neither timm nor torchvision is imported. A BN with a
+    weight but no bias (or the reverse) is none of them: the kernels take both or neither.
     """
     cls = type(norm)
+    params = norm._parameters
+    if (params.get("weight") is None) != (params.get("bias") is None):
+        return None  # a weight without a bias (or the reverse): valid for BN, not modelled
     if cls is nn.BatchNorm2d:
         return "batch_norm"
     if cls.__name__ == "SyncBatchNorm" and cls.__module__ == "dense_ext.sync_bn":

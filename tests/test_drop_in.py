@@ -812,6 +812,11 @@ def _set_padding_mode(conv: nn.Conv2d) -> nn.Conv2d:
     return conv
 
 
+def _without_parameter(module: nn.Module, name: str) -> nn.Module:
+    module.register_parameter(name, None)
+    return module
+
+
 def _patch_forward(module: nn.Module, scale: float) -> nn.Module:
     """``module.forward`` replaced on the instance by a bound method (deepcopy binds it to the
     copy, as it does accelerate's ``functools.partial``) that scales the class's forward."""
@@ -869,6 +874,15 @@ MUTATIONS: dict[str, tuple[Callable[[str, str, nn.Module], bool], Callable]] = {
     "transition_pool_identity": (
         lambda full, name, m: isinstance(m, nn.AvgPool2d) and "transition" in full,
         lambda m: nn.Identity(),
+    ),
+    # Every BN (stems and heads included) with one of its affine parameters removed.
+    "norm_bias_only": (
+        lambda full, name, m: isinstance(m, nn.BatchNorm2d),
+        lambda m: _without_parameter(m, "weight"),
+    ),
+    "norm_weight_only": (
+        lambda full, name, m: isinstance(m, nn.BatchNorm2d),
+        lambda m: _without_parameter(m, "bias"),
     ),
     # A forward replaced on the instance (as HF accelerate's hooks do): the modules must run.
     "norm_forward_patched": (

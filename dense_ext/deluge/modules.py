@@ -21,6 +21,7 @@ from dense_ext.block import (
     _compute_dtype,
     check_input,
     conv_mismatch,
+    norm_kind,
     stored_param,
     unfused_reason,
 )
@@ -56,7 +57,9 @@ def _unfused(module: nn.Module) -> bool:
 
 
 def _fusable(child: nn.Module) -> bool:
-    return type(child) in (EfficientCompositeLayer, EfficientCLDC, nn.BatchNorm2d, nn.Conv2d)
+    if type(child) is nn.BatchNorm2d:
+        return norm_kind(child) == "batch_norm"  # not a weight without a bias, say
+    return type(child) in (EfficientCompositeLayer, EfficientCLDC, nn.Conv2d)
 
 
 class EfficientCLDC(CLDCParameters):
