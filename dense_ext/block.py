@@ -120,16 +120,16 @@ class EfficientDenseLayer(NotScriptable, nn.Module):
         conv1 = modules["conv1"]
         return [conv1] if "conv2" not in modules else [conv1, modules["conv2"]]
 
-    def structure_reason(self) -> str | None:
-        """Why the fused block cannot compute this layer from its modules' parameters, or None:
-        a BN the kernels do not model, a ReLU replaced, a conv that is not the bias-free,
-        stride-1 1x1 or 3x3 one the kernels compute from its weight alone."""
+    def mismatch(self, c_in: int, k: int, mid: int) -> str | None:
+        """Why the fused block cannot compute this layer from its modules' parameters as a
+        layer with ``c_in`` inputs, growth ``k`` and bottleneck width ``mid`` (0: none), or
+        None: a BN the kernels do not model, a ReLU replaced, a conv that is not the
+        bias-free stride-1 1x1 or 3x3 one they compute from its weight alone, or channel
+        counts other than these (a structured pruning changed them, say)."""
         modules = cast(dict[str, nn.Module], self._modules)
-        if "conv2" not in modules:
-            return _position_reason(modules, "norm1", "relu1", "conv1", 3)
-        return _position_reason(modules, "norm1", "relu1", "conv1", 1) or _position_reason(
-            modules, "norm2", "relu2", "conv2", 3
-        )
+        if not mid:
+            return _position_reason(modules, 1, 3, c_in, k)
+        return _position_reason(modules, 1, 1, c_in, mid) or _position_reason(modules, 2, 3, mid, k)
 
     def forward(self, features: Tensor | list[Tensor]) -> Tensor:
         """torchvision's ``_DenseLayer.forward``: the ``k`` new feature maps from the list of all
@@ -227,6 +227,17 @@ class EfficientDenseBlock(NotScriptable, nn.ModuleDict):
 
     def layers(self) -> list[EfficientDenseLayer]:
         return list(self.values())
+
+    def structure_reason(self) -> str | None:
+        """Why the fused path cannot compute this block from its layers' parameters (each
+        layer's ``mismatch``, against this block's spec), or None."""
+        spec = self.spec
+        k, mid = spec.growth_rate, spec.mid_channels
+        for i, layer in enumerate(self.values()):
+            reason = layer.mismatch(spec.in_channels(i), k, mid if spec.has_bottleneck else 0)
+            if reason is not None:
+                return f"denselayer{i + 1}: {reason}"
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         reason = unfused_reason(self)
@@ -398,17 +409,40 @@ def norm_channels(norm: nn.Module) -> int:
 
 
 def _position_reason(
-    modules: dict[str, nn.Module], norm_name: str, relu_name: str, conv_name: str, kernel: int
+    modules: dict[str, nn.Module], n: int, kernel: int, channels: int, out_channels: int
 ) -> str | None:
-    """Why a layer's BN-ReLU-conv at these names is not what the fused kernels compute."""
+    """Why a dense layer's ``norm{n}``-``relu{n}``-``conv{n}`` is not what the fused kernels
+    compute for ``channels`` inputs and ``out_channels`` outputs, or None."""
+    norm_name, relu_name, conv_name = _POSITIONS[n]
     norm = modules.get(norm_name)
     if norm is None or norm_kind(norm) is None:
         return f"{norm_name} is a {type(norm).__name__}, not a batch norm the kernels model"
     reason = relu_mismatch(modules.get(relu_name), norm)
     if reason is not None:
         return f"{relu_name} {reason}"
-    reason = conv_mismatch(modules.get(conv_name), kernel)
-    return None if reason is None else f"{conv_name} {reason}"
+    conv = modules.get(conv_name)
+    reason = conv_mismatch(conv, kernel)
+    if reason is not None:
+        return f"{conv_name} {reason}"
+    if not channels_match(norm, conv, channels, out_channels):
+        return f"{norm_name} or {conv_name} has other channels than the block's spec"
+    return None
+
+
+_POSITIONS = {n: (f"norm{n}", f"relu{n}", f"conv{n}") for n in (1, 2)}
+
+
+def channels_match(norm: nn.Module, conv: nn.Module, channels: int, out_channels: int) -> bool:
+    """Whether ``norm`` normalises ``channels`` channels and ``conv`` maps them to
+    ``out_channels``, as far as they say (a BN without parameters or buffers takes any; a
+    conv without a plain weight parameter, a parametrized one, is the structure check's)."""
+    tensor = norm._parameters.get("weight")
+    if tensor is None:
+        tensor = norm._buffers.get("running_mean")
+    if tensor is not None and tensor.shape[0] != channels:
+        return False
+    weight = conv._parameters.get("weight")
+    return weight is None or (weight.shape[0] == out_channels and weight.shape[1] == channels)
 
 
 def relu_mismatch(relu: nn.Module | None, norm: nn.Module) -> str | None:
@@ -431,8 +465,8 @@ def conv_mismatch(
     if type(conv) is not nn.Conv2d:  # a parametrized (weight_norm...) conv is another type
         return f"is a {type(conv).__name__}, not an nn.Conv2d"
     expected = _GEOMETRY.get((kernel, stride)) or _geometry(kernel, stride)
-    geometry = (conv.kernel_size, conv.stride, conv.padding)
-    if geometry != expected:
+    if conv.kernel_size != expected[0] or conv.stride != expected[1] or conv.padding != expected[2]:
+        geometry = (conv.kernel_size, conv.stride, conv.padding)
         return f"has kernel, stride, padding {geometry}, not {expected}"
     if (weight_only or kernel != 1) and (
         conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros"
@@ -493,8 +527,9 @@ def unfused_reason(
     the module docstring). Hooks on ``module`` itself count only when it is not ``called``
     (a norm whose forward the fused head replaces); a called module's hooks fire either way.
     ``fusable`` says which submodules the fused path models (default: a dense block's); a
-    module whose class defines ``structure_reason`` (a dense layer, a transition, the DelugeNet
-    modules) also says what its positions must hold."""
+    ``module`` whose class defines ``structure_reason`` (a dense block, a transition, the
+    DelugeNet modules) also says what its positions, and those of the modules inside it,
+    must hold."""
     fusable = fusable or _fusable
     if is_exporting():
         return "torch.export"
@@ -513,12 +548,12 @@ def unfused_reason(
         or nn_module._global_backward_pre_hooks
     ):
         return "a global module hook"
+    structure_reason = getattr(type(module), "structure_reason", None)
+    if structure_reason is not None:  # it covers the modules inside (a block's layers)
+        reason = structure_reason(module)
+        if reason is not None:
+            return reason
     for child in _submodules(module):
-        structure_reason = getattr(type(child), "structure_reason", None)
-        if structure_reason is not None:
-            reason = structure_reason(child)
-            if reason is not None:
-                return f"{_module_name(module, child)}: {reason}"
         if child is module and called:
             continue
         if has_hooks(child):

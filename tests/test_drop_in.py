@@ -812,6 +812,39 @@ def _set_padding_mode(conv: nn.Conv2d) -> nn.Conv2d:
     return conv
 
 
+def _slimmed(module: nn.Module, drop_out: bool, drop_in: bool) -> nn.Module:
+    """A copy of a bias-free conv or an affine BN without its last output (and/or input)
+    channel, its parameters and statistics sliced from the original's."""
+    if isinstance(module, nn.BatchNorm2d):
+        new = nn.BatchNorm2d(module.num_features - 1).double()
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(new, name).data.copy_(getattr(module, name).data[:-1])
+        return new
+    assert isinstance(module, nn.Conv2d) and module.bias is None
+    weight = module.weight.data[: -1 if drop_out else None, : -1 if drop_in else None]
+    new = nn.Conv2d(
+        weight.shape[1],
+        weight.shape[0],
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        bias=False,
+    ).double()
+    new.weight.data.copy_(weight)
+    return new
+
+
+def _prune_bottleneck(layer: nn.Module) -> nn.Module:
+    """``layer`` (a dense or DelugeNet composite layer) with one bottleneck channel less."""
+    if hasattr(layer, "conv3"):  # DelugeNet: conv1 (C -> mid), conv2 (mid -> mid), conv3
+        path = [("conv1", 1, 0), ("norm1", 0, 0), ("conv2", 1, 1), ("norm2", 0, 0), ("conv3", 0, 1)]
+    else:  # DenseNet: conv1 (C -> mid), norm2, conv2 (mid -> k)
+        path = [("conv1", 1, 0), ("norm2", 0, 0), ("conv2", 0, 1)]
+    for name, drop_out, drop_in in path:
+        setattr(layer, name, _slimmed(getattr(layer, name), bool(drop_out), bool(drop_in)))
+    return layer
+
+
 def _without_parameter(module: nn.Module, name: str) -> nn.Module:
     module.register_parameter(name, None)
     return module
@@ -883,6 +916,15 @@ MUTATIONS: dict[str, tuple[Callable[[str, str, nn.Module], bool], Callable]] = {
     "norm_weight_only": (
         lambda full, name, m: isinstance(m, nn.BatchNorm2d),
         lambda m: _without_parameter(m, "bias"),
+    ),
+    # One bottleneck channel pruned out of every bottleneck layer, as structured pruning does
+    # (the block's or stage's spec no longer gives the channel counts).
+    "bottleneck_pruned": (
+        lambda full, name, m: (
+            (name.startswith("denselayer") and hasattr(m, "conv2"))
+            or (name.startswith("layer") and hasattr(m, "conv3"))
+        ),
+        lambda m: _prune_bottleneck(m),
     ),
     # A forward replaced on the instance (as HF accelerate's hooks do): the modules must run.
     "norm_forward_patched": (
@@ -977,5 +1019,5 @@ def test_changed_modules_name_the_reason_or_stay_fused():
     assert unfused_reason(transition) is None
     transition.pool = nn.AvgPool2d(2, ceil_mode=True)
     assert unfused_reason(transition) == (
-        "EfficientTransition: pool is not a 2x2, stride-2, unpadded floor-mode average pool"
+        "pool is not a 2x2, stride-2, unpadded floor-mode average pool"
     )

@@ -19,6 +19,7 @@ from dense_ext.block import (
     DenseInputError,
     _autocast_enabled,
     _compute_dtype,
+    channels_match,
     check_input,
     conv_mismatch,
     norm_kind,
@@ -132,9 +133,24 @@ class EfficientCompositeLayer(NotScriptable, nn.Module):
     def convs(self) -> list[nn.Conv2d]:
         return [self.conv1, self.conv2, self.conv3]
 
-    def structure_reason(self) -> str | None:
-        """Why the fused stage cannot compute this layer from its convs' weights, or None."""
-        return _convs_reason(self, (("conv1", 1, 1), ("conv2", 3, 1), ("conv3", 1, 1)))
+    def mismatch(self, channels: int, mid: int) -> str | None:
+        """Why the fused stage cannot compute this layer from its parameters as a layer of
+        ``channels`` channels and bottleneck width ``mid``, or None: a conv that is not the
+        bias-free one the kernels compute from its weight alone, or other channel counts (a
+        structured pruning changed them, say)."""
+        reason = _convs_reason(self, (("conv1", 1, 1), ("conv2", 3, 1), ("conv3", 1, 1)))
+        if reason is not None:
+            return reason
+        modules = cast(dict[str, nn.Module], self._modules)
+        expected = (
+            ("norm", "conv1", channels, mid),
+            ("norm1", "conv2", mid, mid),
+            ("norm2", "conv3", mid, channels),
+        )
+        for norm, conv, c, out in expected:
+            if not channels_match(modules[norm], modules[conv], c, out):
+                return f"{norm} or {conv} has other channels than the stage's spec"
+        return None
 
     def forward(self, slots: list[Tensor]) -> Tensor:
         """The new slot from the list of the ``k`` earlier ones, through this layer's modules as
@@ -222,6 +238,16 @@ class EfficientDelugeStage(NotScriptable, nn.ModuleDict):
             x.requires_grad or any(p.requires_grad for p in params)
         )
         return DelugeStageFunction.apply(x.to(dtype), call, *params)
+
+    def structure_reason(self) -> str | None:
+        """Why the fused path cannot compute this stage from its layers' parameters (each
+        layer's ``mismatch``, against this stage's spec), or None."""
+        channels, mid = self.spec.channels, self.spec.mid_channels
+        for layer in self.layers():
+            reason = layer.mismatch(channels, mid)
+            if reason is not None:
+                return f"layer{layer.index}: {reason}"
+        return None
 
     def _flat_params(self, x: Tensor, dtype: torch.dtype) -> list[Tensor]:
         params: list[Tensor] = []
