@@ -52,14 +52,20 @@ def make_stage_pair(channels, slots, backend, dtype=torch.float64, memory="min",
 
 
 def record_cldc_term_scales(
-    module: nn.Module, weights: bool = False
+    module: nn.Module, weights: bool = False, norms: bool = False
 ) -> tuple[dict[str, float], list]:
     """Hooks that record, for every naive CLDC, ``max_c sum_r |dL/dy[r, c]|``: the size of the
     terms its bias gradient sums. Where a batch-statistics BN follows the CLDC that gradient is
     zero up to rounding, so only an error against the size of its terms means anything. With
     ``weights``, also ``max_{c,i} sum_r |dL/dy[r, c] * xhat_i[r, c]|`` for its weight gradient
     (``xhat_i``: slot ``i`` as its BN normalises it), which cancels the same way when the CLDC
-    reads one slot."""
+    reads one slot. With ``norms``, also ``max_c sum_r |dL/dy[r, c] * xhat[r, c]|`` for every
+    BN's weight gradient and ``max |sum_r |dL/dy| * |x||`` over a conv's weight entries for its
+    weight gradient: sums over the N*H*W values of a channel, which cancel on small maps
+    behind a batch-statistics BN (a stage of 2 channels over one 4x6 map: layer 2's
+    norm.weight and conv1.weight gradients 1.1e-10 of their largest value apart between naive
+    and fused float64 steps, where naive alone moves by 3e-11 with the input's memory format;
+    hypothesis found it), so they too are measured against the size of their terms."""
     scales: dict[str, float] = {}
 
     def forward_hook(name):
@@ -80,12 +86,67 @@ def record_cldc_term_scales(
     def term_scale(g):
         return g.abs().sum(dim=(0, 2, 3)).max().item() if g.numel() else 0.0
 
+    def norm_hook(name):
+        def hook(bn, inputs, output):
+            if not output.requires_grad or bn.weight is None:
+                return
+            xhat = _bn_normalised(bn, inputs[0].detach())
+            output.register_hook(
+                lambda g: scales.__setitem__(f"grad of {name}.weight", term_scale(g * xhat))
+            )
+
+        return hook
+
+    def conv_hook(name):
+        def hook(conv, inputs, output):
+            if not output.requires_grad:
+                return
+            x = inputs[0].detach().abs()
+
+            def record(g):
+                terms = torch.nn.grad.conv2d_weight(
+                    x,
+                    conv.weight.shape,
+                    g.abs(),
+                    conv.stride,
+                    conv.padding,
+                    conv.dilation,
+                    conv.groups,
+                )
+                scales[f"grad of {name}.weight"] = terms.abs().max().item()
+
+            output.register_hook(record)
+
+        return hook
+
     handles = [
         m.register_forward_hook(forward_hook(name))
         for name, m in module.named_modules()
         if isinstance(m, CrossLayerDepthwiseConv)
     ]
+    if norms:
+        handles += [
+            m.register_forward_hook(norm_hook(name))
+            for name, m in module.named_modules()
+            if type(m) is nn.BatchNorm2d
+        ]
+        handles += [
+            m.register_forward_hook(conv_hook(name))
+            for name, m in module.named_modules()
+            if type(m) is nn.Conv2d
+        ]
     return scales, handles
+
+
+def _bn_normalised(bn: nn.BatchNorm2d, h: torch.Tensor) -> torch.Tensor:
+    """``h`` as ``bn`` normalises it (batch or running statistics), before its affine map."""
+    if bn.training or bn.running_mean is None:
+        mean = h.mean(dim=(0, 2, 3), keepdim=True)
+        var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    else:
+        mean = bn.running_mean.view(1, -1, 1, 1)
+        var = bn.running_var.view(1, -1, 1, 1)
+    return (h - mean) / torch.sqrt(var + bn.eps)
 
 
 def _normalised(cldc, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -119,15 +180,17 @@ def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def check(actual: Step, expected: Step, tol: float, scales: dict[str, float]) -> None:
-    """``actual`` reproduces ``expected`` to ``tol``; CLDC bias gradients against the size of
-    their terms (``scales``, from ``observe``)."""
+    """``actual`` reproduces ``expected`` to ``tol``; CLDC bias and BN weight gradients against
+    the size of their terms (``scales``, from ``observe``)."""
     assert_same_step(actual, expected, tol, scales=scales)
 
 
 def observe(module, x, grad, as_output=lambda out: out, as_input=lambda x: x):
     """``train_step`` of ``module``, and for a naive module the term scales of its CLDC bias
-    gradients (empty for an efficient one)."""
-    scales, handles = record_cldc_term_scales(module)
+    and BN weight gradients (empty for an efficient one: its BNs are not called)."""
+    # Hooks on the BNs and convs of an efficient module would make it run unfused.
+    naive = not any(type(m).__module__.startswith("dense_ext") for m in module.modules())
+    scales, handles = record_cldc_term_scales(module, norms=naive)
     try:
         step = train_step(module, x, grad, as_input=as_input, as_output=as_output)
     finally:

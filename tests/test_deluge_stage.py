@@ -48,6 +48,7 @@ from dense_ext.deluge import (
 )
 from dense_ext.deluge.backends import resolve_backend_name, unavailable_reason
 from python_models.delugenet import (
+    CrossLayerDepthwiseConv,
     DelugeHead,
     DelugeStage,
     DelugeTransition,
@@ -566,3 +567,25 @@ def test_stage_counters_advance_in_one_foreach_call():
         if hasattr(module, "num_batches_tracked") and module.num_batches_tracked is not None:
             assert int(module.num_batches_tracked) == (0 if module is frozen else 1), name
     assert ops.counter_updates() == (1, 0), ops.calls
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_cldc_nan_input_in_evaluation_gives_batch_norms_input_gradient(backend):
+    """With running statistics a CLDC's input gradient is weight * invstd * grad, which a NaN
+    input cannot reach (F.batch_norm's evaluation backward does not read its input). The cpp
+    and triton CLDCs computed it as the batch-statistics formula with zero coefficients, whose
+    (x - mean) * 0 put a NaN at the NaN pixel (a DelugeNet's head in evaluation)."""
+    backend_or_skip(backend)
+    torch.manual_seed(0)
+    naive = CrossLayerDepthwiseConv(4, 3).double()
+    randomize(naive, seed=1)
+    efficient = EfficientCLDC(4, 3, backend=backend).double()
+    efficient.load_state_dict(naive.state_dict())
+    naive.eval(), efficient.eval()
+    x = torch.randn(2, 12, 5, 5, dtype=torch.float64)
+    x[1, 5, 2, 2] = float("nan")
+    grad = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    expected, _ = observe(naive, x, grad, as_input=lambda t: list(t.split(4, 1)))
+    actual, _ = observe(efficient, x, grad)
+    assert not expected.input_grad.isnan().any()  # the case: a number where the NaN sits
+    check(actual, expected, TOLERANCE[torch.float64], {})

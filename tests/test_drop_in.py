@@ -340,6 +340,16 @@ def _nan_input(model: nn.Module) -> Tensor:
     return x
 
 
+def _nan_input_eval(model: nn.Module) -> Tensor:
+    """A NaN pixel in evaluation (frozen statistics): the naive model's input gradient is NaN
+    only where a NaN reaches it through the convolutions' receptive fields, never from a
+    BN's eval backward, which does not read its input."""
+    model.eval()
+    x = _input()
+    x[1, 0, 2, 3] = float("nan")
+    return x
+
+
 def _hooked(register: Callable[[nn.Module, dict], list]) -> Pattern:
     """``register(model, extras)`` installs hooks (returning their handles), which may change
     values and record observations into ``extras``; one training step; the hooks are removed."""
@@ -553,6 +563,7 @@ PATTERNS: dict[str, Pattern] = {
     "channels_last_input": _trained(_channels_last_input),
     "channels_last_model": _trained(_channels_last_model),
     "nan_input": _trained(_nan_input),
+    "nan_input_eval": _trained(_nan_input_eval),
     "forward_hook_on_blocks": _hooked(_forward_hook_on_blocks),
     "forward_pre_hook_on_blocks": _hooked(_forward_pre_hook_on_blocks),
     "full_backward_hook_on_blocks": _hooked(_full_backward_hook_on_blocks),

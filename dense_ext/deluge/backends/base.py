@@ -193,6 +193,19 @@ def normaliser(
     return mean.to(acc), torch.rsqrt(var.to(acc) + norm.eps)
 
 
+def add_running_stats_cldc_grad(grad_y: Tensor, alpha: Tensor, grad_buf: Tensor) -> None:
+    """``grad_buf[:, i*C:(i+1)*C] += alpha[i] * grad_y`` for each of the ``k`` inputs of a CLDC
+    that normalises with running statistics (``alpha = weight.t() * invstd``, [k, C]): its
+    input gradient, which does not read the input. The batch-statistics kernels' ``(x - mean)
+    * 0`` term would turn a NaN input into a NaN gradient there, where a BN's evaluation
+    backward gives a number."""
+    k, c = alpha.shape
+    g = grad_y.to(alpha.dtype)
+    for i in range(k):
+        dx = g * alpha[i].view(1, c, 1, 1)
+        grad_buf[:, i * c : (i + 1) * c].add_(dx.to(grad_buf.dtype))
+
+
 def cldc_normaliser(
     norm: NormCall, slot_stats: Tensor | None, num_inputs: int, channels: int, acc: torch.dtype
 ) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,13 @@ import torch
 from torch import Tensor
 
 from dense_ext.backends import cpp as block_cpp
-from dense_ext.deluge.backends.base import StageBackend, StageCall, StageState, stats_dtype
+from dense_ext.deluge.backends.base import (
+    StageBackend,
+    StageCall,
+    StageState,
+    add_running_stats_cldc_grad,
+    stats_dtype,
+)
 
 OPS = (
     "channel_stats",
@@ -136,11 +142,11 @@ class CppStageBackend(StageBackend):
             count = grad_y.numel() // c
             beta = (alpha * (sum_g / count)).contiguous()
             gamma = (alpha * invstd * invstd * sum_x / count).contiguous()
+            torch.ops.dense_ext.cldc_grad_apply(
+                grad_y, buf, mean, alpha, beta, gamma, grad_buf[:, : k * c]
+            )
         else:
-            beta = gamma = torch.zeros_like(alpha)
-        torch.ops.dense_ext.cldc_grad_apply(
-            grad_y, buf, mean, alpha, beta, gamma, grad_buf[:, : k * c]
-        )
+            add_running_stats_cldc_grad(grad_y, alpha, grad_buf)
         grad_w = (invstd * sum_x).t().contiguous()
         grad_b = sum_g[:, None].expand(c, k).contiguous()
         return grad_w, grad_b

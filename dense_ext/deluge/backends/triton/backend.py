@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dense_ext.deluge.backends.base import add_running_stats_cldc_grad
 from dense_ext.deluge.backends.reference import ReferenceStageBackend
 from dense_ext.deluge.backends.triton import kernels
 
@@ -40,9 +41,9 @@ class TritonStageBackend(ReferenceStageBackend):
             count = grad_y.numel() // c
             beta = (alpha * (sum_g / count)).contiguous()
             gamma = (alpha * invstd * invstd * sum_x / count).contiguous()
+            kernels.cldc_grad_apply(grad_y, buf, mean, alpha, beta, gamma, grad_buf)
         else:
-            beta = gamma = torch.zeros_like(alpha)
-        kernels.cldc_grad_apply(grad_y, buf, mean, alpha, beta, gamma, grad_buf)
+            add_running_stats_cldc_grad(grad_y, alpha, grad_buf)
         grad_w = (invstd * sum_x).t().contiguous()
         grad_b = sum_g[:, None].expand(c, k).contiguous()
         return grad_w, grad_b
