@@ -140,24 +140,26 @@ def record_cldc_term_scales(
 
 def _bn_normalised(bn: nn.BatchNorm2d, h: torch.Tensor) -> torch.Tensor:
     """``h`` as ``bn`` normalises it (batch or running statistics), before its affine map."""
-    if bn.training or bn.running_mean is None:
-        mean = h.mean(dim=(0, 2, 3), keepdim=True)
-        var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-    else:
-        mean = bn.running_mean.view(1, -1, 1, 1)
-        var = bn.running_var.view(1, -1, 1, 1)
-    return (h - mean) / torch.sqrt(var + bn.eps)
+    running = None if bn.running_mean is None else (bn.running_mean, bn.running_var)
+    return _normalise(h, bn.training, running, bn.eps)
 
 
 def _normalised(cldc, i: int, h: torch.Tensor) -> torch.Tensor:
     """Slot ``i`` of a naive CLDC's input as its BN normalises it (batch or running stats)."""
-    if cldc.training or cldc.running_mean is None:
+    running = None if cldc.running_mean is None else (cldc.running_mean, cldc.running_var)
+    running = None if running is None else tuple(t[:, i] for t in running)
+    return _normalise(h, cldc.training, running, cldc.eps)
+
+
+def _normalise(h: torch.Tensor, training: bool, running, eps: float) -> torch.Tensor:
+    """``h`` normalised per channel as a BN does: by batch statistics in training or without
+    running ones, else by ``running`` (mean, var)."""
+    if training or running is None:
         mean = h.mean(dim=(0, 2, 3), keepdim=True)
         var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
     else:
-        mean = cldc.running_mean[:, i].view(1, -1, 1, 1)
-        var = cldc.running_var[:, i].view(1, -1, 1, 1)
-    return (h - mean) / torch.sqrt(var + cldc.eps)
+        mean, var = (t.view(1, -1, 1, 1) for t in running)
+    return (h - mean) / torch.sqrt(var + eps)
 
 
 def cldc_term_scales(module: nn.Module, x: torch.Tensor) -> dict[str, float]:
