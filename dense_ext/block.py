@@ -464,9 +464,9 @@ def conv_mismatch(
     itself may have one, and any groups or dilation when it is 1x1)."""
     if type(conv) is not nn.Conv2d:  # a parametrized (weight_norm...) conv is another type
         return f"is a {type(conv).__name__}, not an nn.Conv2d"
-    expected = _GEOMETRY.get((kernel, stride)) or _geometry(kernel, stride)
-    if conv.kernel_size != expected[0] or conv.stride != expected[1] or conv.padding != expected[2]:
-        geometry = (conv.kernel_size, conv.stride, conv.padding)
+    expected = ((kernel, kernel), (stride, stride), (kernel // 2, kernel // 2))
+    geometry = (conv.kernel_size, conv.stride, conv.padding)
+    if geometry != expected:
         return f"has kernel, stride, padding {geometry}, not {expected}"
     if (weight_only or kernel != 1) and (
         conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros"
@@ -475,16 +475,6 @@ def conv_mismatch(
     if weight_only and conv._parameters.get("bias") is not None:
         return "has a bias"
     return None
-
-
-def _geometry(kernel: int, stride: int) -> tuple[tuple[int, int], ...]:
-    """The (kernel_size, stride, padding) attributes of a ``kernel`` x ``kernel`` conv of
-    stride ``stride`` padded by ``kernel // 2``."""
-    return ((kernel, kernel), (stride, stride), (kernel // 2, kernel // 2))
-
-
-# Built once (a forward only reads it: no global state changes under torch.compile's tracing)
-_GEOMETRY = {(k, s): _geometry(k, s) for k, s in ((1, 1), (3, 1), (3, 2))}
 
 
 def module_norm_call(norm: nn.Module, count: bool = True) -> NormCall:
