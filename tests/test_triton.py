@@ -276,16 +276,22 @@ def test_eval_forward_without_save_keeps_nothing():
     assert state.bottlenecks == []
 
 
-def test_channel_statistics_are_stable_for_large_means():
+@pytest.mark.parametrize("height, width", [(5, 15), (61, 79)])
+def test_channel_statistics_are_stable_for_large_means(height, width):
     """Values 1000 + 0.1*N(0,1) in float32: variance to float32 rounding of the data, where
-    E[x^2] - E[x]^2 in float32 would lose every digit."""
+    E[x^2] - E[x]^2 in float32 would lose every digit. 61x79: 151 tiles of 64 rows, merged in
+    two launches (groups of 64, 64 and 23 tiles, the last tile partial)."""
     triton_cpu_or_skip()
+    from dense_ext.backends.triton import stats as stats_module
     from dense_ext.backends.triton.stats import channel_stats
 
     g = torch.Generator().manual_seed(0)
-    m, c_total = 150, 21
-    data = torch.randn(2, c_total, 5, 15, generator=g) * 0.1 + 1000.0
-    data[:, 3] = torch.randn(2, 5, 15, generator=g) * 3.0 - 50.0  # one ordinary channel
+    m, c_total = 2 * height * width, 21
+    two_level = m > stats_module.ONE_LAUNCH_TILES * 64
+    _, merge, _ = stats_module.stats_sites(m, c_total, 2, 17, 2, c_total + 2, torch.device("cpu"))
+    assert isinstance(merge, stats_module.TwoLevelMerge) == two_level
+    data = torch.randn(2, c_total, height, width, generator=g) * 0.1 + 1000.0
+    data[:, 3] = torch.randn(2, height, width, generator=g) * 3.0 - 50.0  # one ordinary channel
     feat = data.contiguous(memory_format=torch.channels_last)
     assert feat.shape[0] * feat.shape[2] * feat.shape[3] == m
     stats = torch.full((2, c_total), float("nan"))
@@ -323,6 +329,42 @@ def test_merge_writes_the_normalisers_torch_computes():
     untouched = torch.full((c_total,), float("nan"))
     stats.merge_site(tiles, c, m, block_m, 2, c_total + 2)(part, out, untouched)
     assert torch.isnan(untouched).all()
+
+
+def test_two_level_merge_equals_one_launch_over_the_same_partials():
+    """Past ``ONE_LAUNCH_TILES`` tiles the merge runs in two launches (groups of tiles first);
+    over the same partials it gives the one-launch merge's statistics to float32 rounding,
+    both near the float64 statistics of the data, and writes the normalisers of what it
+    stores. Group rows land after the tiles, which neither launch reads as tiles. Half the
+    channels sit at 1000 +- 0.05 by group with a spread of 1e-3 within: their variance is the
+    groups' means apart, which float32 group means (no ``mean_lo``) would get 1e-3 wrong."""
+    triton_cpu_or_skip()
+    from dense_ext.backends.triton import stats
+
+    g = torch.Generator().manual_seed(1)
+    c = 40
+    m = 64 * 200 - 29  # 200 tiles of 64 rows: groups of 64, 64, 64, 8 tiles
+    x = torch.randn(m, c, generator=g) * torch.rand(c, generator=g) * 4 + torch.randn(c) * 30
+    sign = (torch.arange(m) // (64 * 64) % 2 * 2 - 1).float()[:, None]  # +-1 by group
+    x[:, 20:] = 1000 + 0.05 * sign + 1e-3 * torch.randn(m, 20, generator=g)
+    tile, merge, part_shape = stats.stats_sites(m, c, 0, c, 0, c, x.device, (0, 1e-5))
+    tiles, block_m = -(-m // 64), tile.constexprs["BLOCK_M"]
+    assert block_m == 64 and isinstance(merge, stats.TwoLevelMerge)
+    assert part_shape == (tiles + 4, 3, c)
+    part = torch.full(part_shape, float("nan"))
+    tile(x, part)
+    two, inv = torch.full((2, c), float("nan")), torch.full((c,), float("nan"))
+    merge(part, two, inv)
+    assert not torch.isnan(part).any(), "a group row was not written"
+    one = torch.full((2, c), float("nan"))
+    stats._final_merge(0, tiles, c, m, block_m, 0, c, None)(part, one, one)
+    var, mean = torch.var_mean(x.double(), dim=0, correction=0)
+    for name, got in (("two launches", two), ("one launch", one)):
+        assert_close(got[0], mean, 1e-6, f"mean, {name}")
+        rel_var = ((got[1].double() - var).abs() / var).max().item()
+        assert rel_var < 1e-6, f"variance relative error {rel_var:.2e}, {name}"
+    assert torch.allclose(two, one, rtol=3e-7, atol=0)
+    assert torch.equal(inv, torch.add(two[1], 1e-5).rsqrt_())
 
 
 @pytest.mark.parametrize("bn_size", [4, 0])
@@ -765,13 +807,15 @@ def test_row_counts_are_not_specialised():
     kernels = [
         stats._tile_stats_kernel,
         stats._merge_stats_kernel,
+        stats._merge_groups_kernel,
         conv_fwd._bn_relu_conv_fwd_kernel,
         conv_wgrad._bn_relu_conv_wgrad_kernel,
         conv_dgrad._conv_dgrad_bn_relu_bwd_kernel,
         dropout._dropout_backward_kernel,
     ]
     for k in kernels:
-        names = [n for n in k.arg_names if n in ("M", "rows_per_split", "num_tiles", "layer")]
+        batch_dependent = ("M", "rows_per_split", "num_tiles", "part_row", "layer")
+        names = [n for n in k.arg_names if n in batch_dependent]
         exempt = k.kwargs["do_not_specialize"]
         assert "M" in names and set(names) <= set(exempt), (k.fn.__name__, names, exempt)
 

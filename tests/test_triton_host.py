@@ -38,10 +38,10 @@ def counting_run(self, *args, **kwargs):
     return original_run(self, *args, **kwargs)
 triton.runtime.jit.JITFunction.run = counting_run
 
-def make(layers, bn_size, drop, memory):
+def make(layers, bn_size, drop, memory, size=4):
     torch.manual_seed(0)
     block = EfficientDenseBlock(layers, 8, 4, bn_size, drop, memory=memory, backend="triton")
-    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    x = torch.randn(2, 8, size, size, requires_grad=True)
     return block, x
 
 def step(block, x):
@@ -113,25 +113,32 @@ def describe(log):
 
 from dense_ext.backends.triton import _common, eager
 
-with mocked_gpu() as mock:
-    block, x = make(3, 4, 0.2, "min")
-    # first step: every launch through Triton's own path (as while a profiler listens)
-    _common._launch_hooks = eager._launch_hooks = lambda: True
-    mock.log = []
-    step(block, x)
-    first = describe(mock.log)
-    assert len(bindings) == len(first) > 0, (len(bindings), len(first))
-    _common._launch_hooks = eager._launch_hooks = original_hooks
-    bindings.clear()
-    step(block, x)  # the sites take their compiled kernels from FastLaunch
-    checked = []  # launches through FastLaunch's checks (key of every argument)
-    fast_call = _common.FastLaunch.__call__
-    _common.FastLaunch.__call__ = lambda self, *a: checked.append(1) or fast_call(self, *a)
-    mock.log = []
-    step(block, x)  # steady state: direct launches
-    assert bindings == [] and checked == [], (bindings, len(checked))
-    second = describe(mock.log)
-    assert second == first, [(a, b) for a, b in zip(first, second) if a != b][:3]
+fast_call = _common.FastLaunch.__call__
+# 4x4: every statistics merge in one launch; 68x68 (145 row tiles of 64): in two, each of the
+# 7 merges (the block input's, then two per layer)
+with mocked_gpu() as mock:  # one driver: compiled kernels keep the one they met
+    for size, groups in ((4, 0), (68, 1 + 2 * 3)):
+        block, x = make(3, 4, 0.2, "min", size)
+        # first step: every launch through Triton's own path (as while a profiler listens)
+        _common._launch_hooks = eager._launch_hooks = lambda: True
+        mock.log = []
+        bindings.clear()
+        step(block, x)
+        first = describe(mock.log)
+        assert len(bindings) == len(first) > 0, (len(bindings), len(first))
+        named = [name for name, _, _ in first].count("_merge_groups_kernel")
+        assert named == groups, (size, named)
+        _common._launch_hooks = eager._launch_hooks = original_hooks
+        bindings.clear()
+        step(block, x)  # the sites take their compiled kernels from FastLaunch
+        checked = []  # launches through FastLaunch's checks (key of every argument)
+        _common.FastLaunch.__call__ = lambda self, *a: checked.append(1) or fast_call(self, *a)
+        mock.log = []
+        step(block, x)  # steady state: direct launches
+        _common.FastLaunch.__call__ = fast_call
+        assert bindings == [] and checked == [], (bindings, len(checked))
+        second = describe(mock.log)
+        assert second == first, [(a, b) for a, b in zip(first, second) if a != b][:3]
 print("ok")
 """
 
@@ -141,7 +148,8 @@ def test_steady_state_launches_skip_triton_binding_with_the_same_arguments():
     specialisation (``JITFunction.run``) or ``FastLaunch``'s per-argument checks (the direct
     launch of ``LaunchSite.bound``), and every kernel receives the same grid and
     arguments (scalars by value, tensors by dtype, shape and alignment) as Triton's own path
-    gave it in the first step."""
+    gave it in the first step; also where the statistics merges take two launches
+    (``stats.TwoLevelMerge``)."""
     _run(_DIRECT_SCRIPT)
 
 

@@ -66,7 +66,7 @@ EMULATE_TF32_ON_CPU = False
 
 # Integers that change with the batch size (or per layer) and that the kernels do not need
 # specialised: Triton would otherwise compile a variant per value class (== 1, % 16 == 0).
-UNSPECIALISED = ("M", "rows_per_split", "num_tiles", "layer")
+UNSPECIALISED = ("M", "rows_per_split", "num_tiles", "part_row", "layer")
 
 
 def kernel(fn):

@@ -53,7 +53,12 @@ from dense_ext.backends.triton.conv_dgrad import _conv_dgrad_bn_relu_bwd_kernel 
 from dense_ext.backends.triton.conv_fwd import _bn_relu_conv_fwd_kernel  # noqa: E402
 from dense_ext.backends.triton.conv_wgrad import _bn_relu_conv_wgrad_kernel  # noqa: E402
 from dense_ext.backends.triton.dropout import _dropout_backward_kernel  # noqa: E402
-from dense_ext.backends.triton.stats import _merge_stats_kernel, _tile_stats_kernel  # noqa: E402
+from dense_ext.backends.triton.stats import (  # noqa: E402
+    GROUP_TILES,
+    _merge_groups_kernel,
+    _merge_stats_kernel,
+    _tile_stats_kernel,
+)
 
 _TRITON_TYPES = {
     torch.float32: "fp32",
@@ -200,6 +205,8 @@ def variants(cap, dtypes):
         merge = {"WRITE_INV": write_inv, "BLOCK_T": 64, "BLOCK_C": 32}
         name = "merge_stats_inv" if write_inv else "merge_stats"
         yield (name, _merge_stats_kernel, torch.float32, merge, 4, 2)
+    groups = {"BLOCK_T": GROUP_TILES, "BLOCK_C": 32}  # the first launch of a two-level merge
+    yield ("merge_groups", _merge_groups_kernel, torch.float32, groups, 4, 2)
     for dtype in dtypes:
         yield (
             "dropout_bwd",

@@ -51,7 +51,12 @@ from dense_ext.backends.triton.dropout import (
     dropout_scale,
     kernel_args,
 )
-from dense_ext.backends.triton.stats import merge_site, tile_stats_epilogue
+from dense_ext.backends.triton.stats import (
+    TwoLevelMerge,
+    merge_site,
+    partial_rows,
+    tile_stats_epilogue,
+)
 
 
 @kernel
@@ -63,7 +68,7 @@ def _bn_relu_conv_fwd_kernel(
     BETA_ptr,  # [C_IN] accumulation dtype
     W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous (buffer dtype; rounded to TF32 here when TF32)
     Y_ptr,  # rows [M, >= y_col + C_OUT], row stride Y_row_stride (buffer dtype)
-    PART_ptr,  # [cdiv(M, BLOCK_M), 3, C_OUT] accumulation dtype (if COMPUTE_STATS)
+    PART_ptr,  # [>= cdiv(M, BLOCK_M), 3, C_OUT] accumulation dtype (if COMPUTE_STATS)
     SEED_ptr,  # [L] int64 dropout seeds (if DROPOUT)
     X_row_stride,
     x_col,
@@ -168,8 +173,9 @@ class FwdSites:
     """The launches of one ``bn_relu_conv_fwd_`` call (``fwd_sites``)."""
 
     conv: LaunchSite  # tensors: x, mean, invstd, gamma, beta, w_taps, y, partials, seeds
-    merge: LaunchSite | None  # tensors: partials, statistics, normalisers (None: no statistics)
-    part_shape: tuple[int, int, int]  # [tiles, 3, C_out] partial statistics
+    # tensors: partials, statistics, normalisers (None: no statistics)
+    merge: LaunchSite | TwoLevelMerge | None
+    part_shape: tuple[int, int, int]  # [stats.partial_rows(tiles), 3, C_out] partial statistics
 
 
 @functools.lru_cache(maxsize=4096)
@@ -225,7 +231,7 @@ def fwd_sites(
     merge = None
     if stats is not None:
         merge = merge_site(tiles, c_out, m, cfg.block_m, *stats, inv)
-    return FwdSites(conv, merge, (tiles, 3, c_out))
+    return FwdSites(conv, merge, (partial_rows(tiles), 3, c_out))
 
 
 @on_tensor_device

@@ -7,6 +7,11 @@ Numerically stable in two steps, both deterministic (no atomics):
 2. ``_merge_stats_kernel`` merges the tiles (in float64) in two vectorised passes over
    ``[tiles, channels]`` blocks: the mean, then ``M2 = sum(M2_t + n_t * (mean_t - mean)^2)``
    (Chan's parallel formula in closed form), and writes ``mean`` and ``M2 / M``.
+   Its grid is one program per 32 channels, so past a few blocks of tiles it is a serial loop
+   of dependent loads on 1-4 SMs (DenseNet-121's first block at batch 64: 1568 tiles, 25 blocks
+   per pass). There the merge takes two launches (``TwoLevelMerge``): ``_merge_groups_kernel``
+   merges each group of ``GROUP_TILES`` tiles in its own program, one block each, into one
+   more partial row, and ``_merge_stats_kernel`` merges those rows.
 Deviations are taken from the tile mean, so a large common offset (e.g. values ~1000 with
 spread 0.1 in float32) costs no precision, unlike ``E[x^2] - E[x]^2``.
 """
@@ -84,9 +89,10 @@ def _tile_stats_kernel(
 
 @kernel
 def _merge_stats_kernel(
-    PART_ptr,  # [tiles, 3, C]: mean_hi, mean_lo, M2 per tile
+    PART_ptr,  # [rows, 3, C]: mean_hi, mean_lo, M2 per tile, the tiles from row part_row
     OUT_ptr,  # statistics tensor; mean at OUT_ptr + mean_off + c, variance at + var_off + c
     INV_ptr,  # with WRITE_INV: rsqrt(variance + eps) at INV_ptr + inv_off + c
+    part_row,
     mean_off,
     var_off,
     inv_off,
@@ -109,14 +115,15 @@ def _merge_stats_kernel(
     only (``eps`` arrives as a float32 argument)."""
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
+    part = PART_ptr + part_row * 3 * C
     total = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for t0 in range(0, num_tiles, BLOCK_T):
-        n_t, mean_t, _ = _tile_block(PART_ptr, t0, rc, c_ok, num_tiles, tile_rows, M, C, BLOCK_T)
+        n_t, mean_t, _ = _tile_block(part, t0, rc, c_ok, num_tiles, tile_rows, M, C, BLOCK_T)
         total += tl.sum(n_t[:, None] * mean_t, axis=0)
     mean = total / M
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for t0 in range(0, num_tiles, BLOCK_T):
-        n_t, mean_t, m2_t = _tile_block(PART_ptr, t0, rc, c_ok, num_tiles, tile_rows, M, C, BLOCK_T)
+        n_t, mean_t, m2_t = _tile_block(part, t0, rc, c_ok, num_tiles, tile_rows, M, C, BLOCK_T)
         d = mean_t - mean[None, :]
         m2 += tl.sum(m2_t + n_t[:, None] * d * d, axis=0)
     var = (m2 / M).to(OUT_ptr.dtype.element_ty)
@@ -124,6 +131,38 @@ def _merge_stats_kernel(
     tl.store(OUT_ptr + var_off + rc, var, mask=c_ok)
     if WRITE_INV:
         tl.store(INV_ptr + inv_off + rc, tl.math.rsqrt(var + eps), mask=c_ok)
+
+
+@kernel
+def _merge_groups_kernel(
+    PART_ptr,  # [num_tiles + groups, 3, C]: the tiles' (mean_hi, mean_lo, M2), then the groups'
+    num_tiles,
+    tile_rows,
+    M,
+    C,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The first launch of ``TwoLevelMerge``: group ``g`` (tiles ``[g * BLOCK_T, (g + 1) *
+    BLOCK_T)``) merged as ``_merge_stats_kernel`` merges all tiles, in float64 from one load of
+    the block, and written as partial row ``num_tiles + g``: its mean as ``mean_hi + mean_lo``
+    (the float64 value to about 48 bits in float32 partials), its M2 rounded to the partials'
+    dtype. A group is a tile of ``BLOCK_T * tile_rows`` rows for the second launch."""
+    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    group = tl.program_id(1)
+    n_t, mean_t, m2_t = _tile_block(
+        PART_ptr, group * BLOCK_T, rc, c_ok, num_tiles, tile_rows, M, C, BLOCK_T
+    )
+    mean = tl.sum(n_t[:, None] * mean_t, axis=0) / tl.sum(n_t, axis=0)
+    d = mean_t - mean[None, :]
+    m2 = tl.sum(m2_t + n_t[:, None] * d * d, axis=0)
+    part_t = PART_ptr.dtype.element_ty
+    hi = mean.to(part_t)
+    base = PART_ptr + (num_tiles + group) * 3 * C
+    tl.store(base + rc, hi, mask=c_ok)
+    tl.store(base + C + rc, (mean - hi.to(tl.float64)).to(part_t), mask=c_ok)
+    tl.store(base + 2 * C + rc, m2.to(part_t), mask=c_ok)
 
 
 @triton.jit
@@ -140,6 +179,45 @@ def _tile_block(PART_ptr, t0, rc, c_ok, num_tiles, tile_rows, M, C, BLOCK_T: tl.
     return n_t, hi + lo, m2
 
 
+# Tiles per group of the two-level merge: one [GROUP_TILES, 32] block per program.
+GROUP_TILES = 64
+# Up to this many tiles one launch merges them (at most two blocks per pass on each program).
+ONE_LAUNCH_TILES = 2 * GROUP_TILES
+
+
+def partial_rows(tiles: int) -> int:
+    """Rows of the ``[rows, 3, C]`` partials a merge of ``tiles`` tiles needs: one per tile,
+    and with the two-level merge one per group after them."""
+    return tiles if tiles <= ONE_LAUNCH_TILES else tiles + cdiv(tiles, GROUP_TILES)
+
+
+class TwoLevelMerge:
+    """A merge of more than ``ONE_LAUNCH_TILES`` tiles: the groups' launch, then the final
+    merge of the groups' rows. Called like the one ``LaunchSite`` it replaces, with the
+    partials, the statistics tensor and the normalisers' tensor."""
+
+    __slots__ = ("groups", "final")
+
+    def __init__(self, groups: LaunchSite, final: LaunchSite) -> None:
+        self.groups = groups
+        self.final = final
+
+    def __call__(self, part, out, inv) -> None:
+        self.groups(part)
+        self.final(part, out, inv)
+
+    def own(self) -> TwoLevelMerge:
+        return TwoLevelMerge(self.groups.own(), self.final.own())
+
+    def bound(self, stream: int, part, out, inv) -> None:
+        self.groups.bound(stream, part)
+        self.final.bound(stream, part, out, inv)
+
+
+def _block_c(c: int) -> int:
+    return 16 if c <= 16 else 32
+
+
 @functools.lru_cache(maxsize=4096)
 def merge_site(
     tiles: int,
@@ -149,20 +227,35 @@ def merge_site(
     mean_off: int,
     var_off: int,
     inv: tuple[int, float] | None = None,
-):
-    """The launch that merges partials ``[tiles, 3, c]`` (tiles of ``tile_rows`` of ``m`` rows)
-    into a statistics tensor at element offsets ``mean_off``, ``var_off``, and with ``inv =
-    (inv_off, eps)`` the normalisers ``rsqrt(var + eps)`` into a float32 tensor at ``inv_off``;
-    tensors: the partials, the statistics tensor, the normalisers' tensor (the statistics
-    tensor again without ``inv``: not written)."""
-    block_c = 16 if c <= 16 else 32
+) -> LaunchSite | TwoLevelMerge:
+    """The launch that merges partials ``[partial_rows(tiles), 3, c]`` (tiles of ``tile_rows``
+    of ``m`` rows) into a statistics tensor at element offsets ``mean_off``, ``var_off``, and
+    with ``inv = (inv_off, eps)`` the normalisers ``rsqrt(var + eps)`` into a float32 tensor at
+    ``inv_off``; tensors: the partials, the statistics tensor, the normalisers' tensor (the
+    statistics tensor again without ``inv``: not written). Past ``ONE_LAUNCH_TILES`` tiles, two
+    launches (``TwoLevelMerge``) called the same way."""
+    if tiles <= ONE_LAUNCH_TILES:
+        return _final_merge(0, tiles, c, m, tile_rows, mean_off, var_off, inv)
+    groups = cdiv(tiles, GROUP_TILES)
+    first = LaunchSite(
+        _merge_groups_kernel,
+        (cdiv(c, _block_c(c)), groups),
+        (tiles, tile_rows, m, c),
+        {"BLOCK_T": GROUP_TILES, "BLOCK_C": _block_c(c)},
+    )
+    rows = GROUP_TILES * tile_rows
+    return TwoLevelMerge(first, _final_merge(tiles, groups, c, m, rows, mean_off, var_off, inv))
+
+
+def _final_merge(part_row, tiles, c, m, tile_rows, mean_off, var_off, inv) -> LaunchSite:
+    """``_merge_stats_kernel`` over the ``tiles`` partial rows from ``part_row``."""
     block_t = max(2, min(64, next_pow2(tiles)))
     inv_off, eps = (0, 0.0) if inv is None else inv
     return LaunchSite(
         _merge_stats_kernel,
-        (cdiv(c, block_c),),
-        (mean_off, var_off, inv_off, float(eps), tiles, tile_rows, m, c),
-        {"WRITE_INV": inv is not None, "BLOCK_T": block_t, "BLOCK_C": block_c},
+        (cdiv(c, _block_c(c)),),
+        (part_row, mean_off, var_off, inv_off, float(eps), tiles, tile_rows, m, c),
+        {"WRITE_INV": inv is not None, "BLOCK_T": block_t, "BLOCK_C": _block_c(c)},
     )
 
 
@@ -176,7 +269,7 @@ def stats_sites(
     var_off: int,
     device,
     inv: tuple[int, float] | None = None,
-) -> tuple[LaunchSite, LaunchSite, tuple[int, int, int]]:
+) -> tuple[LaunchSite, LaunchSite | TwoLevelMerge, tuple[int, int, int]]:
     """``(tile statistics, merge, partials shape)`` of ``channel_stats_``; tensors: ``x`` and the
     partials, then the partials, the output and the normalisers' tensor (``merge_site``, which
     also says what ``inv`` does)."""
@@ -194,7 +287,7 @@ def stats_sites(
         },
     )
     merge = merge_site(tiles, channels, m, cfg.block_m, mean_off, var_off, inv)
-    return tile, merge, (tiles, 3, channels)
+    return tile, merge, (partial_rows(tiles), 3, channels)
 
 
 @on_tensor_device
