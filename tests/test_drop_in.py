@@ -38,7 +38,7 @@ from helpers import (
 from naive import randomize_bn
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 from torch.nn.utils.parametrizations import spectral_norm
 
 from dense_ext.deluge.cldc_params import CLDCParameters
@@ -387,6 +387,26 @@ def _spectral_norm(model, extras):
     return [m.parametrizations.weight[0].register_forward_hook(count) for m in weighted]
 
 
+def _pruned_convs(model, extras):
+    """torch.nn.utils.prune on every conv (installed once, kept): the weight becomes
+    ``weight_orig * weight_mask``, recomputed by a forward pre-hook; ``weight`` is no longer a
+    parameter, and ``weight_orig`` gets the gradient."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and not prune.is_pruned(module):
+            prune.l1_unstructured(module, "weight", amount=0.3)
+    return []
+
+
+def _pruning_made_permanent(model: nn.Module) -> Tensor:
+    """Pruned, then ``prune.remove``: plain conv weights with zeros where the mask was, as a
+    pruned model is saved and fine-tuned."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and not prune.is_pruned(module):
+            prune.l1_unstructured(module, "weight", amount=0.3)
+            prune.remove(module, "weight")
+    return _input()
+
+
 def _forward_hook_on_blocks(model, extras):
     return [b.register_forward_hook(lambda m, args, out: out * 0.5) for b in _blocks(model)]
 
@@ -573,6 +593,8 @@ PATTERNS: dict[str, Pattern] = {
     "global_forward_hook": _hooked(_global_forward_hook),
     "grad_cam": _hooked(_grad_cam),
     "spectral_norm": _hooked(_spectral_norm),
+    "pruned_convs": _hooked(_pruned_convs),
+    "pruning_made_permanent": _trained(_pruning_made_permanent),
     "checkpointed_blocks": _checkpointed_blocks,
     "jit_trace": _jit_traced,
     "fx_symbolic_trace": _fx_traced,
