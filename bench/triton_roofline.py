@@ -19,7 +19,8 @@ host's launch overhead, which for these small kernels would otherwise be most of
 and set against its roofline ``max(bytes / BW, flops / PEAK)``: ``bytes`` is the compulsory
 traffic, ``BW`` a large device-to-device copy and ``PEAK`` a large ``torch.mm`` in the *same
 arithmetic as the kernels* (TF32 tensor cores for float32 when the fp32 precision setting allows
-TF32, as the kernels do), both measured in the same run.
+TF32, as the kernels do), both measured in the same run. Rows named ``probe: ...`` time
+alternatives that are not in the backend yet (``normalise_first_probes``).
 """
 
 from __future__ import annotations
@@ -427,7 +428,84 @@ def layer_ops(label, n, h, w, c_in, k, bn_size, dtype, device):
         ]
     for row, (fn, baseline) in zip(ops[1:], calls):
         row[1], row[4] = fn, baseline
-    return [tuple(r) for r in ops]
+    rows = [tuple(r) for r in ops]
+    if bn_size:
+        rows += normalise_first_probes(m, mid, k, s, y1, bn2, w2t, feat, stats, new, hw)
+    return rows
+
+
+def normalise_first_probes(m, mid, k, s, y1, bn2, w2t, feat, stats, new, hw) -> list[tuple]:
+    """Rows for a design question only a GPU answers: would the 3x3 forward be faster as a
+    BN2-ReLU pass over Y1 (in place: Y1 is scratch in ``memory="min"``) followed by the same
+    convolution without its prologue (``NORMALIZE=False``), than with the BN-ReLU applied to
+    every tap as it is loaded (nine times per Y1 element)? Compare the sum of the two probes
+    with the "fwd 3x3" row. Same statistics epilogue and merge; no dropout, like that row."""
+    from dense_ext.backends.triton._common import LaunchSite, dot_config, rows_stride
+    from dense_ext.backends.triton.conv_fwd import fwd_sites
+
+    sites = fwd_sites(
+        m, rows_stride(y1, "y1"), 0, rows_stride(feat, "feat"), new["y_col"], mid, k, 3,
+        hw["height"], hw["width"],
+        feat.dtype, feat.device, dot_config(feat.dtype, feat.device),
+        (new["mean_off"], new["var_off"]), None,
+    )  # fmt: skip
+    conv = sites.conv
+    plain = LaunchSite(
+        conv.kernel, conv.grid[:2], conv.scalars, conv.constexprs | {"NORMALIZE": False}
+    )
+    acc = bn2[0].dtype
+    part = torch.empty(sites.part_shape, dtype=acc, device=feat.device)
+
+    def plain_conv():
+        plain(y1, *bn2, w2t, feat, part, bn2[0])
+        sites.merge(part, stats, stats)
+
+    mean, invstd, gamma, beta = bn2
+    kernel = _bn_relu_rows_kernel()
+    block_c = 1 << (mid - 1).bit_length()
+
+    def bn_relu_pass():
+        kernel[(-(-m // 64),)](y1, mean, invstd, gamma, beta, m, mid, BLOCK_M=64, BLOCK_C=block_c)
+
+    return [
+        ("probe: bn2 relu pass over Y1", bn_relu_pass, 2 * m * mid * s, 0, None),
+        (
+            "probe: fwd 3x3 of normalised Y1",
+            plain_conv,
+            (m * mid + m * k) * s,
+            2 * 9 * m * mid * k,
+            None,
+        ),
+    ]
+
+
+_BN_RELU_ROWS = None
+
+
+def _bn_relu_rows_kernel():
+    """``Y = relu((Y - mean) * invstd * gamma + beta)`` in place over rows ``[M, C]`` (the
+    probe's elementwise pass; defined on first use, so the module imports without a GPU)."""
+    global _BN_RELU_ROWS
+    if _BN_RELU_ROWS is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def bn_relu_rows(Y, MEAN, INVSTD, GAMMA, BETA, M, C, BLOCK_M: tl.constexpr,
+                         BLOCK_C: tl.constexpr):  # fmt: skip
+            rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+            rc = tl.arange(0, BLOCK_C)
+            c_ok = rc < C
+            ok = (rm < M)[:, None] & c_ok[None, :]
+            scale = tl.load(INVSTD + rc, mask=c_ok, other=0.0) * tl.load(GAMMA + rc, mask=c_ok)
+            shift = tl.load(BETA + rc, mask=c_ok) - tl.load(MEAN + rc, mask=c_ok) * scale
+            ptrs = Y + rm[:, None] * C + rc[None, :]
+            y = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+            z = tl.maximum(y * scale[None, :] + shift[None, :], 0.0)
+            tl.store(ptrs, z.to(Y.dtype.element_ty), mask=ok)
+
+        _BN_RELU_ROWS = bn_relu_rows
+    return _BN_RELU_ROWS
 
 
 def gpu_main(args) -> int:

@@ -7,6 +7,7 @@ time nothing (performance is shown by ``make bench``, never asserted in a test).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -660,3 +661,23 @@ def test_stem_bench_measures_the_fused_stem_against_the_modules():
     saved = (4 * 4 + 8 - 1) * pooled / 2**20  # MiB: the ReLU output (4 per input), indices
     assert row["act_mib_modules"] - row["act_mib_fused"] >= 0.9 * saved, row
     assert row["time_ratio_median"] > 0 and len(row["time_ratio_quartiles"]) == 3
+
+
+def test_roofline_smoke_runs_every_op_and_probe():
+    """``bench/triton_roofline.py --smoke`` (interpreted kernels on CPU tensors) runs every op
+    it times on a GPU, the normalise-first probes included: a GPU session's roofline call must
+    not fail on the script itself."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "triton_roofline.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=env,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    ran = [line for line in done.stdout.splitlines() if line.endswith(": ran")]
+    assert any("probe: fwd 3x3 of normalised Y1" in line for line in ran), done.stdout
+    assert len(ran) == 2 * 1 + 10 + 5, done.stdout  # two probes, bottleneck and plain shapes

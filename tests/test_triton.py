@@ -24,6 +24,7 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 import copy  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -329,6 +330,48 @@ def test_merge_writes_the_normalisers_torch_computes():
     untouched = torch.full((c_total,), float("nan"))
     stats.merge_site(tiles, c, m, block_m, 2, c_total + 2)(part, out, untouched)
     assert torch.isnan(untouched).all()
+
+
+@pytest.mark.parametrize("ks", [1, 3])
+def test_forward_over_a_normalised_input_equals_the_fused_prologue(ks):
+    """``NORMALIZE=False`` (the roofline's probe of a BN-ReLU pass before a plain convolution)
+    convolves its input as it is: fed ``relu(bn(x))`` computed as the prologue computes it, it
+    gives the fused kernel's output and statistics bit for bit (interpreted float32), and
+    reads no BN tensor (NaN ones here)."""
+    triton_cpu_or_skip()
+    from dense_ext.backends.triton import conv_fwd
+    from dense_ext.backends.triton._common import LaunchSite, dot_config
+
+    g = torch.Generator().manual_seed(2)
+    n, c_in, c_out, h, w = 2, 19, 6, 5, 7
+    m = n * h * w
+    x = torch.randn(m, c_in, generator=g)
+    mean, invstd = torch.randn(c_in, generator=g), torch.rand(c_in, generator=g) + 0.5
+    gamma, beta = torch.randn(c_in, generator=g), torch.randn(c_in, generator=g)
+    taps = conv_fwd.conv_weight_taps(torch.randn(c_out, c_in, ks, ks, generator=g), x.dtype)
+    sites = conv_fwd.fwd_sites(
+        m, c_in, 0, c_out, 0, c_in, c_out, ks, h, w, x.dtype, x.device,
+        dot_config(x.dtype, x.device), (0, c_out), None,
+    )  # fmt: skip
+    conv = sites.conv
+    plain = LaunchSite(conv.kernel, conv.grid, conv.scalars, conv.constexprs | {"NORMALIZE": False})
+    outputs = []
+    for site, operand, bn in (
+        (conv, x, (mean, invstd, gamma, beta)),
+        (
+            plain,
+            torch.relu((x - mean) * (gamma * invstd) + beta),
+            [torch.full((c_in,), math.nan)] * 4,
+        ),
+    ):
+        y, stats = torch.full((m, c_out), math.nan), torch.full((2, c_out), math.nan)
+        part = torch.empty(sites.part_shape)
+        site(operand, *bn, taps, y, part, bn[0])
+        sites.merge(part, stats, stats)
+        outputs.append((y, stats))
+    (fused, fused_stats), (plain_y, plain_stats) = outputs
+    assert not torch.isnan(fused).any()
+    assert torch.equal(plain_y, fused) and torch.equal(plain_stats, fused_stats)
 
 
 def test_two_level_merge_equals_one_launch_over_the_same_partials():

@@ -223,24 +223,28 @@ def _conv_variants(cap, dtype, precision, c_in, mid, k, m, align):
     suffix = "_ieee" if dtype == torch.float32 and precision == "ieee" else ""
     for ks, cin, cout, dropout in ((1, c_in, mid, False), (3, mid, k, True)):
         cfg = configs.conv_fwd_gpu(m, cin, cout, dtype, cap, _SMS)
-        yield (
-            f"fwd_ks{ks}{suffix}_m{cfg.block_m}",
-            _bn_relu_conv_fwd_kernel,
-            dtype,
-            {
-                "KS": ks,
-                "DROPOUT": dropout,
-                "COMPUTE_STATS": True,
-                **common,
-                "X_ALIGN": align,
-                "Y_ALIGN": align,
-                "BLOCK_M": cfg.block_m,
-                "BLOCK_N": cfg.block_n,
-                "BLOCK_K": cfg.block_k,
-            },
-            cfg.num_warps,
-            cfg.num_stages,
-        )
+        # the 3x3 also over an input already normalised (NORMALIZE=False: the roofline's probe
+        # of a BN-ReLU pass before a plain convolution)
+        for normalize in (True, False) if ks == 3 else (True,):
+            yield (
+                f"fwd_ks{ks}{suffix}_m{cfg.block_m}{'' if normalize else '_normalised_input'}",
+                _bn_relu_conv_fwd_kernel,
+                dtype,
+                {
+                    "KS": ks,
+                    "DROPOUT": dropout,
+                    "COMPUTE_STATS": True,
+                    "NORMALIZE": normalize,
+                    **common,
+                    "X_ALIGN": align,
+                    "Y_ALIGN": align,
+                    "BLOCK_M": cfg.block_m,
+                    "BLOCK_N": cfg.block_n,
+                    "BLOCK_K": cfg.block_k,
+                },
+                cfg.num_warps,
+                cfg.num_stages,
+            )
         cfg = configs.conv_dgrad_gpu(m, cin, cout, dtype, cap, _SMS)
         for apply in (False, True):
             yield (

@@ -87,6 +87,7 @@ def _bn_relu_conv_fwd_kernel(
     KS: tl.constexpr,
     DROPOUT: tl.constexpr,
     COMPUTE_STATS: tl.constexpr,
+    NORMALIZE: tl.constexpr,  # False: X already holds relu(bn(.)); the BN tensors are not read
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     TF32: tl.constexpr,
@@ -115,17 +116,21 @@ def _bn_relu_conv_fwd_kernel(
         rk = (it - tap * num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
         src, ok = tap_source(rm, row_ok, hh, ww, H, W, tap // KS - KS // 2, tap % KS - KS // 2, KS)
         k_ok = channels_ok(rk, C_IN, X_ALIGN)
-        mean, invstd, scale, beta = load_bn_params(
-            MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rk, k_ok
-        )
+        if NORMALIZE:
+            mean, invstd, scale, beta = load_bn_params(
+                MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rk, k_ok
+            )
         valid = ok[:, None] & k_ok[None, :]
         x = tl.load(
             X_ptr + row_offsets(src, X_row_stride, x_col, X_ALIGN)[:, None] + rk[None, :],
             mask=valid,
             other=0.0,
-        ).to(acc_t)
-        z = relu((x - mean[None, :]) * scale[None, :] + beta[None, :])
-        z = mma_operand(tl.where(valid, z, 0.0), op_t, TF32)
+        )
+        if NORMALIZE:
+            z = relu((x.to(acc_t) - mean[None, :]) * scale[None, :] + beta[None, :])
+            z = mma_operand(tl.where(valid, z, 0.0), op_t, TF32)
+        else:  # the operand as loaded (taps outside the image and masked channels are 0)
+            z = mma_operand(x, op_t, TF32)
         w = tl.load(
             W_ptr + (tap * C_IN + rk)[:, None] * C_OUT + rn[None, :],
             mask=k_ok[:, None] & n_ok[None, :],
@@ -216,6 +221,7 @@ def fwd_sites(
             "KS": ks,
             "DROPOUT": dropout is not None,
             "COMPUTE_STATS": stats is not None,
+            "NORMALIZE": True,
             "DOT_FP32": dot_fp32,
             "INPUT_PRECISION": precision,
             "TF32": tf32,
