@@ -430,35 +430,56 @@ def layer_ops(label, n, h, w, c_in, k, bn_size, dtype, device):
         row[1], row[4] = fn, baseline
     rows = [tuple(r) for r in ops]
     if bn_size:
-        rows += normalise_first_probes(m, mid, k, s, y1, bn2, w2t, feat, stats, new, hw)
+        rows += normalise_first_probes(m, mid, k, s, y1, bn2, w2t, feat, grad, stats, new, hw)
     return rows
 
 
-def normalise_first_probes(m, mid, k, s, y1, bn2, w2t, feat, stats, new, hw) -> list[tuple]:
-    """Rows for a design question only a GPU answers: would the 3x3 forward be faster as a
-    BN2-ReLU pass over Y1 (in place: Y1 is scratch in ``memory="min"``) followed by the same
-    convolution without its prologue (``NORMALIZE=False``), than with the BN-ReLU applied to
-    every tap as it is loaded (nine times per Y1 element)? Compare the sum of the two probes
-    with the "fwd 3x3" row. Same statistics epilogue and merge; no dropout, like that row."""
+def normalise_first_probes(m, mid, k, s, y1, bn2, w2t, feat, grad, stats, new, hw) -> list:
+    """Rows for a design question only a GPU answers: would the 3x3 convolution's kernels be
+    faster over a Y1 normalised once (``NORMALIZE=False``: no BN-ReLU prologue) than with the
+    BN-ReLU applied to every tap as it is loaded (nine times per Y1 element)?
+
+    * forward: a BN2-ReLU pass over Y1 (in place: Y1 is scratch in ``memory="min"``) plus the
+      plain convolution, against the "fwd 3x3" row (same statistics epilogue and merge, no
+      dropout, like that row);
+    * weight gradient: the plain kernel against the "wgrad 3x3" row; the normalised Y1 would
+      come from the backward's recompute of Y1 as a second output (one more write of Y1's
+      size, not timed here).
+    """
     from dense_ext.backends.triton._common import LaunchSite, dot_config, rows_stride
     from dense_ext.backends.triton.conv_fwd import fwd_sites
+    from dense_ext.backends.triton.conv_wgrad import sum_splits, wgrad_site
 
-    sites = fwd_sites(
-        m, rows_stride(y1, "y1"), 0, rows_stride(feat, "feat"), new["y_col"], mid, k, 3,
-        hw["height"], hw["width"],
-        feat.dtype, feat.device, dot_config(feat.dtype, feat.device),
-        (new["mean_off"], new["var_off"]), None,
+    def without_prologue(site):
+        return LaunchSite(
+            site.kernel, site.grid, site.scalars, site.constexprs | {"NORMALIZE": False}
+        )
+
+    dtype, device = feat.dtype, feat.device
+    dot = dot_config(dtype, device)
+    y1_stride, feat_stride = rows_stride(y1, "y1"), rows_stride(feat, "feat")
+    fwd = fwd_sites(
+        m, y1_stride, 0, feat_stride, new["y_col"], mid, k, 3, hw["height"], hw["width"],
+        dtype, device, dot, (new["mean_off"], new["var_off"]), None,
     )  # fmt: skip
-    conv = sites.conv
-    plain = LaunchSite(
-        conv.kernel, conv.grid[:2], conv.scalars, conv.constexprs | {"NORMALIZE": False}
-    )
+    plain_fwd = without_prologue(fwd.conv)
     acc = bn2[0].dtype
-    part = torch.empty(sites.part_shape, dtype=acc, device=feat.device)
+    part = torch.empty(fwd.part_shape, dtype=acc, device=device)
 
     def plain_conv():
-        plain(y1, *bn2, w2t, feat, part, bn2[0])
-        sites.merge(part, stats, stats)
+        plain_fwd(y1, *bn2, w2t, feat, part, bn2[0])
+        fwd.merge(part, stats, stats)
+
+    wgrad, wgrad_shape = wgrad_site(
+        m, feat_stride, new["y_col"], y1_stride, 0, mid, k, 3, (hw["height"], hw["width"]),
+        dtype, device, dot,
+    )  # fmt: skip
+    plain_wgrad = without_prologue(wgrad)
+    wgrad_part = torch.empty(wgrad_shape, dtype=acc, device=device)
+
+    def plain_weight_grad():
+        plain_wgrad(grad, y1, *bn2, wgrad_part)
+        return sum_splits(wgrad_part)
 
     mean, invstd, gamma, beta = bn2
     kernel = _bn_relu_rows_kernel()
@@ -467,15 +488,11 @@ def normalise_first_probes(m, mid, k, s, y1, bn2, w2t, feat, stats, new, hw) -> 
     def bn_relu_pass():
         kernel[(-(-m // 64),)](y1, mean, invstd, gamma, beta, m, mid, BLOCK_M=64, BLOCK_C=block_c)
 
+    f3 = 2 * 9 * m * mid * k
     return [
         ("probe: bn2 relu pass over Y1", bn_relu_pass, 2 * m * mid * s, 0, None),
-        (
-            "probe: fwd 3x3 of normalised Y1",
-            plain_conv,
-            (m * mid + m * k) * s,
-            2 * 9 * m * mid * k,
-            None,
-        ),
+        ("probe: fwd 3x3 of normalised Y1", plain_conv, (m * mid + m * k) * s, f3, None),
+        ("probe: wgrad 3x3 of normalised Y1", plain_weight_grad, (m * k + m * mid) * s, f3, None),
     ]
 
 

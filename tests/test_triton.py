@@ -333,13 +333,15 @@ def test_merge_writes_the_normalisers_torch_computes():
 
 
 @pytest.mark.parametrize("ks", [1, 3])
-def test_forward_over_a_normalised_input_equals_the_fused_prologue(ks):
-    """``NORMALIZE=False`` (the roofline's probe of a BN-ReLU pass before a plain convolution)
-    convolves its input as it is: fed ``relu(bn(x))`` computed as the prologue computes it, it
-    gives the fused kernel's output and statistics bit for bit (interpreted float32), and
-    reads no BN tensor (NaN ones here)."""
+@pytest.mark.parametrize("kernel", ["fwd", "wgrad"])
+def test_kernels_over_a_normalised_input_equal_the_fused_prologue(kernel, ks):
+    """``NORMALIZE=False`` (the roofline's probes of a BN-ReLU pass before a plain convolution
+    and its weight gradient) takes its input as it is: fed ``relu(bn(x))`` computed as the
+    prologue computes it, the forward gives the fused output and statistics, the weight
+    gradient the fused partials, bit for bit (interpreted float32); no BN tensor is read (NaN
+    ones here)."""
     triton_cpu_or_skip()
-    from dense_ext.backends.triton import conv_fwd
+    from dense_ext.backends.triton import conv_fwd, conv_wgrad
     from dense_ext.backends.triton._common import LaunchSite, dot_config
 
     g = torch.Generator().manual_seed(2)
@@ -348,30 +350,36 @@ def test_forward_over_a_normalised_input_equals_the_fused_prologue(ks):
     x = torch.randn(m, c_in, generator=g)
     mean, invstd = torch.randn(c_in, generator=g), torch.rand(c_in, generator=g) + 0.5
     gamma, beta = torch.randn(c_in, generator=g), torch.randn(c_in, generator=g)
-    taps = conv_fwd.conv_weight_taps(torch.randn(c_out, c_in, ks, ks, generator=g), x.dtype)
-    sites = conv_fwd.fwd_sites(
-        m, c_in, 0, c_out, 0, c_in, c_out, ks, h, w, x.dtype, x.device,
-        dot_config(x.dtype, x.device), (0, c_out), None,
-    )  # fmt: skip
-    conv = sites.conv
-    plain = LaunchSite(conv.kernel, conv.grid, conv.scalars, conv.constexprs | {"NORMALIZE": False})
-    outputs = []
-    for site, operand, bn in (
-        (conv, x, (mean, invstd, gamma, beta)),
-        (
-            plain,
-            torch.relu((x - mean) * (gamma * invstd) + beta),
-            [torch.full((c_in,), math.nan)] * 4,
-        ),
-    ):
-        y, stats = torch.full((m, c_out), math.nan), torch.full((2, c_out), math.nan)
-        part = torch.empty(sites.part_shape)
-        site(operand, *bn, taps, y, part, bn[0])
-        sites.merge(part, stats, stats)
-        outputs.append((y, stats))
-    (fused, fused_stats), (plain_y, plain_stats) = outputs
+    normalised = torch.relu((x - mean) * (gamma * invstd) + beta)
+    dot = dot_config(x.dtype, x.device)
+    if kernel == "fwd":
+        taps = conv_fwd.conv_weight_taps(torch.randn(c_out, c_in, ks, ks, generator=g), x.dtype)
+        sites = conv_fwd.fwd_sites(
+            m, c_in, 0, c_out, 0, c_in, c_out, ks, h, w, x.dtype, x.device, dot, (0, c_out), None
+        )
+        site = sites.conv
+
+        def run(site, operand, bn):
+            y, stats = torch.full((m, c_out), math.nan), torch.full((2, c_out), math.nan)
+            part = torch.empty(sites.part_shape)
+            site(operand, *bn, taps, y, part, bn[0])
+            sites.merge(part, stats, stats)
+            return torch.cat([y.flatten(), stats.flatten()])
+    else:
+        dy = torch.randn(m, c_out, generator=g)
+        site, part_shape = conv_wgrad.wgrad_site(
+            m, c_out, 0, c_in, 0, c_in, c_out, ks, (h, w), x.dtype, x.device, dot
+        )
+
+        def run(site, operand, bn):
+            part = torch.full(part_shape, math.nan)
+            site(dy, operand, *bn, part)
+            return part
+
+    plain = LaunchSite(site.kernel, site.grid, site.scalars, site.constexprs | {"NORMALIZE": False})
+    fused = run(site, x, (mean, invstd, gamma, beta))
     assert not torch.isnan(fused).any()
-    assert torch.equal(plain_y, fused) and torch.equal(plain_stats, fused_stats)
+    assert torch.equal(run(plain, normalised, [torch.full((c_in,), math.nan)] * 4), fused)
 
 
 def test_two_level_merge_equals_one_launch_over_the_same_partials():

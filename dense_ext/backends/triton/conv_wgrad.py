@@ -57,6 +57,7 @@ def _bn_relu_conv_wgrad_kernel(
     C_OUT,
     rows_per_split,
     KS: tl.constexpr,
+    NORMALIZE: tl.constexpr,  # False: X already holds relu(bn(.)); the BN tensors are not read
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     TF32: tl.constexpr,
@@ -79,7 +80,10 @@ def _bn_relu_conv_wgrad_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = channels_ok(rc, C_IN, X_ALIGN)
     n_ok = channels_ok(rn, C_OUT, DY_ALIGN)
-    mean, invstd, scale, beta = load_bn_params(MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rc, c_ok)
+    if NORMALIZE:
+        mean, invstd, scale, beta = load_bn_params(
+            MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rc, c_ok
+        )
     acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=acc_t)
     m_lo = split * rows_per_split
     m_hi = tl.minimum(m_lo + rows_per_split, M)
@@ -93,9 +97,12 @@ def _bn_relu_conv_wgrad_kernel(
             X_ptr + row_offsets(src, X_row_stride, x_col, X_ALIGN)[None, :] + rc[:, None],
             mask=valid_x,
             other=0.0,
-        ).to(acc_t)
-        z = relu((x - mean[:, None]) * scale[:, None] + beta[:, None])
-        z = mma_operand(tl.where(valid_x, z, 0.0), op_t, TF32)
+        )
+        if NORMALIZE:
+            z = relu((x.to(acc_t) - mean[:, None]) * scale[:, None] + beta[:, None])
+            z = mma_operand(tl.where(valid_x, z, 0.0), op_t, TF32)
+        else:  # the operand as loaded (taps outside the image and masked channels are 0)
+            z = mma_operand(x, op_t, TF32)
         dy = tl.load(
             DY_ptr + row_offsets(rm, DY_row_stride, dy_col, DY_ALIGN)[:, None] + rn[None, :],
             mask=row_ok[:, None] & n_ok[None, :],
@@ -138,6 +145,7 @@ def wgrad_site(
         (dy_stride, dy_col, x_stride, x_col, m, *hw, c_in, c_out, rows_per_split),
         {
             "KS": ks,
+            "NORMALIZE": True,
             "DOT_FP32": dot_fp32,
             "INPUT_PRECISION": precision,
             "TF32": tf32,
