@@ -113,6 +113,45 @@ def test_block_matches_naive_float32(bn_size, memory, train):
     check_step(block, naive, x, oracle=float64_oracle(naive), grad=grad, seed=5)
 
 
+@pytest.fixture
+def small_merge_groups(monkeypatch):
+    """Two-launch statistics merges past 2 tiles, in groups of 2 tiles (instead of 128 and
+    64), so a small interpreted block exercises them; every cache of launch sites and plans
+    is cleared before and after."""
+    from dense_ext.backends.triton import backend, conv_fwd, stats
+
+    def clear():
+        for cached in (stats.merge_site, stats.stats_sites, conv_fwd.fwd_sites):
+            cached.cache_clear()
+        backend.get_backend()._plans.clear()
+
+    clear()
+    monkeypatch.setattr(stats, "ONE_LAUNCH_TILES", 2)
+    monkeypatch.setattr(stats, "GROUP_TILES", 2)
+    yield stats
+    monkeypatch.undo()
+    clear()
+
+
+def test_block_with_two_launch_merges_matches_naive(small_merge_groups, monkeypatch):
+    """The eager layer loop with every statistics merge in two launches (7 row tiles: groups
+    of 2, 2, 2 and 1 tiles) against the naive block in float64: outputs, gradients, running
+    statistics."""
+    triton_cpu_or_skip()
+    stats = small_merge_groups
+    merges = []
+    two_level_call = stats.TwoLevelMerge.__call__
+    monkeypatch.setattr(
+        stats.TwoLevelMerge,
+        "__call__",
+        lambda self, *t: merges.append(1) or two_level_call(self, *t),
+    )
+    naive, block = make_pair(4, 0.0, "min", torch.float64)
+    x, grad = inputs(torch.float64, shape=(2, C0, 13, 17))  # 442 rows: 7 tiles of 64
+    check_step(block, naive, x, grad=grad, seed=0)
+    assert len(merges) == 1 + 2 * L, len(merges)  # the input's, then two per layer
+
+
 def block_masks(seed, shape, p, dtype, device="cpu"):
     """The masks the block's forward draws after ``torch.manual_seed(seed)`` (the backend's own
     stream, see dense_ext.backends.triton.dropout), one ``[N, k, H, W]`` tensor per layer."""
