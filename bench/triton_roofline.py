@@ -445,8 +445,13 @@ def normalise_first_probes(m, mid, k, s, y1, bn2, w2t, feat, grad, stats, new, h
     * weight gradient: the plain kernel against the "wgrad 3x3" row; the normalised Y1 would
       come from the backward's recompute of Y1 as a second output (one more write of Y1's
       size, not timed here).
+
+    And one more: the 3x3 data gradient's two passes with dZ kept between them in the
+    bottleneck gradient's buffer (``DZ_IN_DX``: one product instead of two, one more write
+    and read of Y1's size) against the sum of the "dgrad 3x3 reduce" and "apply" rows.
     """
     from dense_ext.backends.triton._common import LaunchSite, dot_config, rows_stride
+    from dense_ext.backends.triton.conv_dgrad import _REDUCE, _Pass, dgrad_site
     from dense_ext.backends.triton.conv_fwd import fwd_sites
     from dense_ext.backends.triton.conv_wgrad import sum_splits, wgrad_site
 
@@ -481,6 +486,23 @@ def normalise_first_probes(m, mid, k, s, y1, bn2, w2t, feat, grad, stats, new, h
         plain_wgrad(grad, y1, *bn2, wgrad_part)
         return sum_splits(wgrad_part)
 
+    strides, cols = (feat_stride, y1_stride, y1_stride), (new["y_col"], 0, 0)
+    size = (hw["height"], hw["width"])
+    (reduce_site, part_shape), (apply_site, _) = (
+        dgrad_site(m, strides, cols, mid, k, 3, size, dtype, device, dot, what)
+        for what in (_REDUCE, _Pass(apply=True, batch_stats=True))
+    )
+    reduce_kept, apply_kept = (
+        LaunchSite(s.kernel, s.grid, s.scalars, s.constexprs | {"DZ_IN_DX": True})
+        for s in (reduce_site, apply_site)
+    )
+    reduce_part = torch.empty(part_shape, dtype=acc, device=device)
+    dy1 = torch.empty_like(y1)
+
+    def dgrad_with_dz_kept():
+        reduce_kept(grad, w2t, y1, *bn2, bn2[0], reduce_part, dy1)
+        apply_kept(grad, w2t, y1, *bn2, reduce_part.sum(dim=0), bn2[0], dy1)
+
     mean, invstd, gamma, beta = bn2
     kernel = _bn_relu_rows_kernel()
     block_c = 1 << (mid - 1).bit_length()
@@ -493,6 +515,13 @@ def normalise_first_probes(m, mid, k, s, y1, bn2, w2t, feat, grad, stats, new, h
         ("probe: bn2 relu pass over Y1", bn_relu_pass, 2 * m * mid * s, 0, None),
         ("probe: fwd 3x3 of normalised Y1", plain_conv, (m * mid + m * k) * s, f3, None),
         ("probe: wgrad 3x3 of normalised Y1", plain_weight_grad, (m * k + m * mid) * s, f3, None),
+        (
+            "probe: dgrad 3x3 reduce + apply, dZ kept",
+            dgrad_with_dz_kept,
+            (m * k + 4 * m * mid) * s,
+            f3,
+            None,
+        ),
     ]
 
 

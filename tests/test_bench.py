@@ -680,4 +680,4 @@ def test_roofline_smoke_runs_every_op_and_probe():
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     ran = [line for line in done.stdout.splitlines() if line.endswith(": ran")]
     assert any("probe: fwd 3x3 of normalised Y1" in line for line in ran), done.stdout
-    assert len(ran) == 10 + 3 + 5, done.stdout  # bottleneck shape and its 3 probes, plain shape
+    assert len(ran) == 10 + 4 + 5, done.stdout  # bottleneck shape and its 4 probes, plain shape

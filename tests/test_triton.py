@@ -113,6 +113,55 @@ def test_block_matches_naive_float32(bn_size, memory, train):
     check_step(block, naive, x, oracle=float64_oracle(naive), grad=grad, seed=5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dgrad_passes_with_dz_kept_between_them_equal_the_recomputing_passes(dtype):
+    """``DZ_IN_DX`` (the roofline's probe): the reduce pass also stores dZ into DX and the
+    apply pass reads it there instead of computing the product again, then overwrites it
+    with dX. The partial sums and dX equal those of the passes that each compute dZ, bit for
+    bit (interpreted); dZ is rounded to the buffer dtype in both."""
+    triton_cpu_or_skip()
+    from dense_ext.backends.triton import conv_dgrad
+    from dense_ext.backends.triton._common import LaunchSite, dot_config
+    from dense_ext.backends.triton.conv_fwd import conv_weight_taps
+
+    g = torch.Generator().manual_seed(4)
+    n, c, k, h, w = 2, 19, 6, 5, 7
+    m = n * h * w
+    dy = torch.randn(m, k + 3, generator=g, dtype=dtype)  # the layer's slice at column 3
+    x = torch.randn(m, c, generator=g, dtype=dtype)
+    bn = (
+        torch.randn(c, generator=g, dtype=dtype),
+        torch.rand(c, generator=g, dtype=dtype) + 0.5,
+        torch.randn(c, generator=g, dtype=dtype),
+        torch.randn(c, generator=g, dtype=dtype),
+    )
+    taps = conv_weight_taps(torch.randn(k, c, 3, 3, generator=g, dtype=dtype), dtype)
+    dot = dot_config(dtype, x.device)
+    passes = (conv_dgrad._REDUCE, conv_dgrad._Pass(apply=True, batch_stats=True))
+    sites = [
+        conv_dgrad.dgrad_site(
+            m, (k + 3, c, c), (3, 0, 0), c, k, 3, (h, w), dtype, x.device, dot, what
+        )
+        for what in passes
+    ]
+    part_shape = sites[0][1]
+
+    def run(dz_in_dx: bool):
+        reduce, apply = (
+            LaunchSite(s.kernel, s.grid, s.scalars, s.constexprs | {"DZ_IN_DX": dz_in_dx})
+            for s, _ in sites
+        )
+        part = torch.full(part_shape, math.nan, dtype=dtype)
+        dx = torch.full((m, c), math.nan, dtype=dtype)
+        reduce(dy, taps, x, *bn, bn[0], part, dx if dz_in_dx else x)
+        apply(dy, taps, x, *bn, part.sum(dim=0), bn[0], dx)
+        return part, dx
+
+    (part, dx), (part_kept, dx_kept) = run(False), run(True)
+    assert not torch.isnan(dx).any()
+    assert torch.equal(part_kept, part) and torch.equal(dx_kept, dx)
+
+
 @pytest.fixture
 def small_merge_groups(monkeypatch):
     """Two-launch statistics merges past 2 tiles, in groups of 2 tiles (instead of 128 and

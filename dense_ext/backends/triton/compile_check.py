@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -246,9 +247,11 @@ def _conv_variants(cap, dtype, precision, c_in, mid, k, m, align):
                 cfg.num_stages,
             )
         cfg = configs.conv_dgrad_gpu(m, cin, cout, dtype, cap, _SMS)
-        for apply in (False, True):
+        # the 3x3 also with dZ kept between the passes (the roofline's probe)
+        for apply, dz_in_dx in product((False, True), (False, True) if ks == 3 else (False,)):
+            name = f"dgrad_ks{ks}_{'apply' if apply else 'reduce'}{suffix}_m{cfg.block_m}"
             yield (
-                f"dgrad_ks{ks}_{'apply' if apply else 'reduce'}{suffix}_m{cfg.block_m}",
+                name + ("_dz_in_dx" if dz_in_dx else ""),
                 _conv_dgrad_bn_relu_bwd_kernel,
                 dtype,
                 {
@@ -256,6 +259,7 @@ def _conv_variants(cap, dtype, precision, c_in, mid, k, m, align):
                     "APPLY": apply,
                     "BATCH_STATS": True,
                     "ACCUMULATE": ks == 1,
+                    "DZ_IN_DX": dz_in_dx,
                     **common,
                     "DY_ALIGN": align,
                     "X_ALIGN": align,
@@ -309,8 +313,10 @@ def check_variant(cap, kernel, dtype, constexprs, warps, stages) -> tuple[Compil
         )
         if not re.search(sixteen_bytes, compiled.ptx):
             problems.append("no 16-byte access although the activation offsets are multiples of 8")
+    # an apply pass that reads dZ (DZ_IN_DX) has no product at all: neither TF32 nor IEEE mma
+    gemm = not (constexprs.get("DZ_IN_DX") and constexprs.get("APPLY"))
     if "TF32" in constexprs and dtype == torch.float32:
-        tf32 = check_tf32(compiled.ptx, constexprs["TF32"])
+        tf32 = check_tf32(compiled.ptx, constexprs["TF32"] and gemm)
         if tf32 is not None:
             problems.append(tf32)
     ieee = dtype == torch.float32 and constexprs.get("INPUT_PRECISION") == "ieee"

@@ -72,6 +72,9 @@ def _conv_dgrad_bn_relu_bwd_kernel(
     APPLY: tl.constexpr,
     BATCH_STATS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
+    # dZ kept in DX between the passes: REDUCE stores it there, APPLY reads it there (no GEMM)
+    # and overwrites it with dX. False: each pass computes dZ (what the backend launches).
+    DZ_IN_DX: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     TF32: tl.constexpr,
@@ -99,6 +102,8 @@ def _conv_dgrad_bn_relu_bwd_kernel(
     # dZ[i] = sum_tap dY[i - d(tap)] @ W[tap]^T (the transposed convolution), as one flat loop
     # over (tap, channel chunk).
     num_n = tl.cdiv(C_OUT, BLOCK_N)
+    if DZ_IN_DX and APPLY:
+        num_n = 0  # dZ is read from DX below
     for it in range(0, KS * KS * num_n):
         tap = it // num_n
         rn = (it - tap * num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -122,7 +127,15 @@ def _conv_dgrad_bn_relu_bwd_kernel(
         acc = dot(dy, w, acc, DOT_FP32, INPUT_PRECISION)
     tile_ok = row_ok[:, None] & c_ok[None, :]
     # The conv consumed Z rounded to the buffer dtype; its gradient arrives in that dtype too.
-    dz = round_to(acc, op_t).to(acc_t)
+    if DZ_IN_DX:
+        dz_ptrs = DX_ptr + row_offsets(rm, DX_row_stride, dx_col, DX_ALIGN)[:, None] + rc[None, :]
+        if APPLY:
+            dz = tl.load(dz_ptrs, mask=tile_ok, other=0.0).to(acc_t)
+        else:
+            tl.store(dz_ptrs, round_to(acc, DX_ptr.dtype.element_ty), mask=tile_ok)
+            dz = round_to(acc, op_t).to(acc_t)
+    else:
+        dz = round_to(acc, op_t).to(acc_t)
     mean, invstd, scale, beta = load_bn_params(MEAN_ptr, INVSTD_ptr, GAMMA_ptr, BETA_ptr, rc, c_ok)
     x_ptrs = X_ptr + row_offsets(rm, X_row_stride, x_col, X_ALIGN)[:, None] + rc[None, :]
     x = tl.load(x_ptrs, mask=tile_ok, other=0.0).to(acc_t)
@@ -190,6 +203,7 @@ def dgrad_site(
             "APPLY": what.apply,
             "BATCH_STATS": what.batch_stats,
             "ACCUMULATE": what.accumulate,
+            "DZ_IN_DX": False,
             "DOT_FP32": dot_fp32,
             "INPUT_PRECISION": precision,
             "TF32": tf32,
