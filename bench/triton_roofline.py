@@ -20,7 +20,7 @@ and set against its roofline ``max(bytes / BW, flops / PEAK)``: ``bytes`` is the
 traffic, ``BW`` a large device-to-device copy and ``PEAK`` a large ``torch.mm`` in the *same
 arithmetic as the kernels* (TF32 tensor cores for float32 when the fp32 precision setting allows
 TF32, as the kernels do), both measured in the same run. Rows named ``probe: ...`` time
-alternatives that are not in the backend yet (``normalise_first_probes``).
+alternatives that are not in the backend yet (``probe_rows``).
 """
 
 from __future__ import annotations
@@ -430,12 +430,12 @@ def layer_ops(label, n, h, w, c_in, k, bn_size, dtype, device):
         row[1], row[4] = fn, baseline
     rows = [tuple(r) for r in ops]
     if bn_size:
-        rows += normalise_first_probes(m, mid, k, s, y1, bn2, w2t, feat, grad, stats, new, hw)
+        rows += probe_rows(m, mid, k, s, y1, bn2, w2t, feat, grad, stats, new, hw)
     return rows
 
 
-def normalise_first_probes(m, mid, k, s, y1, bn2, w2t, feat, grad, stats, new, hw) -> list:
-    """Rows for a design question only a GPU answers: would the 3x3 convolution's kernels be
+def probe_rows(m, mid, k, s, y1, bn2, w2t, feat, grad, stats, new, hw) -> list:
+    """Rows for design questions only a GPU answers. Would the 3x3 convolution's kernels be
     faster over a Y1 normalised once (``NORMALIZE=False``: no BN-ReLU prologue) than with the
     BN-ReLU applied to every tap as it is loaded (nine times per Y1 element)?
 
