@@ -450,15 +450,10 @@ def probe_rows(m, mid, k, s, y1, bn2, w2t, feat, grad, stats, new, hw) -> list:
     bottleneck gradient's buffer (``DZ_IN_DX``: one product instead of two, one more write
     and read of Y1's size) against the sum of the "dgrad 3x3 reduce" and "apply" rows.
     """
-    from dense_ext.backends.triton._common import LaunchSite, dot_config, rows_stride
+    from dense_ext.backends.triton._common import dot_config, rows_stride
     from dense_ext.backends.triton.conv_dgrad import _REDUCE, _Pass, dgrad_site
     from dense_ext.backends.triton.conv_fwd import fwd_sites
     from dense_ext.backends.triton.conv_wgrad import sum_splits, wgrad_site
-
-    def without_prologue(site):
-        return LaunchSite(
-            site.kernel, site.grid, site.scalars, site.constexprs | {"NORMALIZE": False}
-        )
 
     dtype, device = feat.dtype, feat.device
     dot = dot_config(dtype, device)
@@ -467,7 +462,7 @@ def probe_rows(m, mid, k, s, y1, bn2, w2t, feat, grad, stats, new, hw) -> list:
         m, y1_stride, 0, feat_stride, new["y_col"], mid, k, 3, hw["height"], hw["width"],
         dtype, device, dot, (new["mean_off"], new["var_off"]), None,
     )  # fmt: skip
-    plain_fwd = without_prologue(fwd.conv)
+    plain_fwd = fwd.conv.variant(NORMALIZE=False)
     acc = bn2[0].dtype
     part = torch.empty(fwd.part_shape, dtype=acc, device=device)
 
@@ -479,7 +474,7 @@ def probe_rows(m, mid, k, s, y1, bn2, w2t, feat, grad, stats, new, hw) -> list:
         m, feat_stride, new["y_col"], y1_stride, 0, mid, k, 3, (hw["height"], hw["width"]),
         dtype, device, dot,
     )  # fmt: skip
-    plain_wgrad = without_prologue(wgrad)
+    plain_wgrad = wgrad.variant(NORMALIZE=False)
     wgrad_part = torch.empty(wgrad_shape, dtype=acc, device=device)
 
     def plain_weight_grad():
@@ -492,10 +487,7 @@ def probe_rows(m, mid, k, s, y1, bn2, w2t, feat, grad, stats, new, hw) -> list:
         dgrad_site(m, strides, cols, mid, k, 3, size, dtype, device, dot, what)
         for what in (_REDUCE, _Pass(apply=True, batch_stats=True))
     )
-    reduce_kept, apply_kept = (
-        LaunchSite(s.kernel, s.grid, s.scalars, s.constexprs | {"DZ_IN_DX": True})
-        for s in (reduce_site, apply_site)
-    )
+    reduce_kept, apply_kept = (s.variant(DZ_IN_DX=True) for s in (reduce_site, apply_site))
     reduce_part = torch.empty(part_shape, dtype=acc, device=device)
     dy1 = torch.empty_like(y1)
 

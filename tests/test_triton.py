@@ -121,7 +121,7 @@ def test_dgrad_passes_with_dz_kept_between_them_equal_the_recomputing_passes(dty
     bit (interpreted); dZ is rounded to the buffer dtype in both."""
     triton_cpu_or_skip()
     from dense_ext.backends.triton import conv_dgrad
-    from dense_ext.backends.triton._common import LaunchSite, dot_config
+    from dense_ext.backends.triton._common import dot_config
     from dense_ext.backends.triton.conv_fwd import conv_weight_taps
 
     g = torch.Generator().manual_seed(4)
@@ -147,10 +147,7 @@ def test_dgrad_passes_with_dz_kept_between_them_equal_the_recomputing_passes(dty
     part_shape = sites[0][1]
 
     def run(dz_in_dx: bool):
-        reduce, apply = (
-            LaunchSite(s.kernel, s.grid, s.scalars, s.constexprs | {"DZ_IN_DX": dz_in_dx})
-            for s, _ in sites
-        )
+        reduce, apply = (s.variant(DZ_IN_DX=dz_in_dx) for s, _ in sites)
         part = torch.full(part_shape, math.nan, dtype=dtype)
         dx = torch.full((m, c), math.nan, dtype=dtype)
         reduce(dy, taps, x, *bn, bn[0], part, dx if dz_in_dx else x)
@@ -430,7 +427,7 @@ def test_kernels_over_a_normalised_input_equal_the_fused_prologue(kernel, ks):
     ones here)."""
     triton_cpu_or_skip()
     from dense_ext.backends.triton import conv_fwd, conv_wgrad
-    from dense_ext.backends.triton._common import LaunchSite, dot_config
+    from dense_ext.backends.triton._common import dot_config
 
     g = torch.Generator().manual_seed(2)
     n, c_in, c_out, h, w = 2, 19, 6, 5, 7
@@ -464,7 +461,7 @@ def test_kernels_over_a_normalised_input_equal_the_fused_prologue(kernel, ks):
             site(dy, operand, *bn, part)
             return part
 
-    plain = LaunchSite(site.kernel, site.grid, site.scalars, site.constexprs | {"NORMALIZE": False})
+    plain = site.variant(NORMALIZE=False)
     fused = run(site, x, (mean, invstd, gamma, beta))
     assert not torch.isnan(fused).any()
     assert torch.equal(run(plain, normalised, [torch.full((c_in,), math.nan)] * 4), fused)

@@ -337,6 +337,11 @@ class LaunchSite:
         different alignment (a bottleneck BN's statistics row of another layer index)."""
         return LaunchSite(self.kernel, self.grid, self.scalars, self.constexprs)
 
+    def variant(self, **constexprs) -> LaunchSite:
+        """The same launch with some constexprs changed (another compiled variant of the kernel;
+        the benchmark's probes and the tests use it)."""
+        return LaunchSite(self.kernel, self.grid, self.scalars, self.constexprs | constexprs)
+
     def bound(self, stream: int, *tensors) -> None:
         entry = self._entry
         if entry is None or INTERPRETED:
