@@ -334,6 +334,11 @@ class DenseNet(NotScriptable, nn.Module):
             num_features += num_layers * growth_rate
             if i != len(block_config) - 1:
                 out_features = int(math.floor(compression * num_features))
+                if out_features < 1:  # a zero-channel map: every later layer would be empty
+                    raise ValueError(
+                        f"compression {compression!r} leaves transition{i + 1} "
+                        f"floor({compression!r} * {num_features}) = 0 output channels"
+                    )
                 cls = EfficientTransition if efficient else _Transition
                 self.features.add_module(f"transition{i + 1}", cls(num_features, out_features))
                 num_features = out_features

@@ -374,6 +374,15 @@ def test_bad_configurations_raise(call):
         call()
 
 
+@pytest.mark.parametrize("efficient", [False, True])
+def test_a_transition_without_output_channels_is_refused(efficient):
+    """2 + 1 channels at compression 0.3 floor to 0: the naive model used to build a zero-channel
+    transition (and the efficient one failed in its block spec, naming no transition)."""
+    config = dict(growth_rate=1, block_config=(1, 1), num_init_features=2, num_classes=3)
+    with pytest.raises(ValueError, match=r"transition1 floor\(0.3 \* 3\) = 0 output channels"):
+        DenseNet(**config, compression=0.3, efficient=efficient)
+
+
 def test_efficient_head_matches_naive_head_on_converted_features():
     naive, efficient = make_pair(torch.float64, small_inputs=True)
     efficient.efficient_head = False  # same blocks, naive head: must agree too
