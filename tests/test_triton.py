@@ -467,6 +467,72 @@ def test_kernels_over_a_normalised_input_equal_the_fused_prologue(kernel, ks):
     assert torch.equal(run(plain, normalised, [torch.full((c_in,), math.nan)] * 4), fused)
 
 
+@pytest.mark.parametrize("c_in", [19, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_1x1_kernels_read_the_conv_weight_in_place(dtype, c_in):
+    """The bottleneck's 1x1 forward and data-gradient passes read the conv weight as it is,
+    ``[C_out, C_in, 1, 1]`` (``W_AS_CONV``; no transposed copy per step): the same outputs,
+    statistics, partial sums and dX, bit for bit, as from the transposed taps. 19 channels
+    give rows of unaligned weights, 24 rows aligned to 8 elements (``X_ALIGN``)."""
+    triton_cpu_or_skip()
+    from dense_ext.backends.triton import conv_dgrad, conv_fwd
+    from dense_ext.backends.triton._common import dot_config, weight_layout
+
+    g = torch.Generator().manual_seed(4)
+    n, c_out, h, w = 2, 20, 5, 7
+    m = n * h * w
+    x = torch.randn(m, c_in, generator=g, dtype=dtype)
+    bn = (
+        torch.randn(c_in, generator=g, dtype=dtype),
+        torch.rand(c_in, generator=g, dtype=dtype) + 0.5,
+        torch.randn(c_in, generator=g, dtype=dtype),
+        torch.randn(c_in, generator=g, dtype=dtype),
+    )
+    weight = torch.randn(c_out, c_in, 1, 1, generator=g, dtype=dtype)
+    taps = conv_fwd.conv_weight_taps(weight, dtype)
+    assert weight_layout(weight) == (1, c_out, True) and weight_layout(taps) == (1, c_out, False)
+    with pytest.raises(ValueError, match="contiguous 1x1 weight, got"):
+        weight_layout(torch.empty(c_out, c_in, 3, 3))  # a 3x3 weight is read as taps only
+    dot = dot_config(dtype, x.device)
+    sites = conv_fwd.fwd_sites(m, c_in, 0, c_out, 0, c_in, c_out, 1, h, w, dtype, x.device, dot,
+                               (0, c_out), None)  # fmt: skip
+    in_place = conv_fwd.fwd_sites(m, c_in, 0, c_out, 0, c_in, c_out, 1, h, w, dtype, x.device,
+                                  dot, (0, c_out), None, w_as_conv=True)  # fmt: skip
+    assert in_place.conv.constexprs["W_AS_CONV"] and not sites.conv.constexprs["W_AS_CONV"]
+
+    def forward(sites, w_operand):
+        y = torch.full((m, c_out), math.nan, dtype=dtype)
+        stats = torch.full((2, c_out), math.nan, dtype=dtype)
+        part = torch.empty(sites.part_shape, dtype=dtype)
+        sites.conv(x, *bn, w_operand, y, part, bn[0])
+        sites.merge(part, stats, stats)
+        return torch.cat([y.flatten(), stats.flatten()])
+
+    out = forward(in_place, weight)
+    assert not torch.isnan(out).any()
+    assert torch.equal(out, forward(sites, taps))
+
+    dy = torch.randn(m, c_out, generator=g, dtype=dtype)
+    sums = torch.randn(2, c_in, generator=g, dtype=dtype)
+
+    def data_gradient(w_as_conv, w_operand):
+        reduce, part_shape = conv_dgrad.dgrad_site(m, (c_out, c_in, 0), (0, 0, 0), c_in, c_out, 1,
+                                                   (h, w), dtype, x.device, dot,
+                                                   conv_dgrad._REDUCE, w_as_conv)  # fmt: skip
+        what = conv_dgrad._Pass(apply=True, batch_stats=True, accumulate=True)
+        apply, _ = conv_dgrad.dgrad_site(m, (c_out, c_in, c_in), (0, 0, 0), c_in, c_out, 1, (h, w),
+                                         dtype, x.device, dot, what, w_as_conv)  # fmt: skip
+        part = torch.full(part_shape, math.nan, dtype=dtype)
+        reduce(dy, w_operand, x, *bn, bn[0], part, x)
+        dx = torch.ones(m, c_in, dtype=dtype)
+        apply(dy, w_operand, x, *bn, sums, bn[0], dx)
+        return torch.cat([part.flatten(), dx.flatten()])
+
+    grads = data_gradient(True, weight)
+    assert not torch.isnan(grads).any()
+    assert torch.equal(grads, data_gradient(False, taps))
+
+
 def test_two_level_merge_equals_one_launch_over_the_same_partials():
     """Past ``ONE_LAUNCH_TILES`` tiles the merge runs in two launches (groups of tiles first);
     over the same partials it gives the one-launch merge's statistics to float32 rounding,

@@ -165,6 +165,17 @@ def row_offsets(rows, row_stride, col, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def weight_rows(rows, C_IN, ALIGN: tl.constexpr):
+    """Element offsets ``rows * C_IN`` (int32: a weight is far below 2**31 elements) of a 1x1
+    conv weight's rows, declared multiples of ``ALIGN`` (which divides ``C_IN``) as
+    ``row_offsets`` does for activations."""
+    offsets = rows * C_IN
+    if ALIGN > 1:
+        offsets = tl.multiple_of(offsets, ALIGN)
+    return offsets
+
+
+@triton.jit
 def channels_ok(rc, C, ALIGN: tl.constexpr):
     """``rc < C``, written so that Triton sees the mask constant over groups of ``ALIGN``
     channels (else it cannot vectorise a masked load): the host's ``ALIGN`` divides ``C``, and
@@ -466,6 +477,20 @@ def vec_align(*values: int) -> int:
     for v in values:
         common = math.gcd(common, v)
     return 16 if common == 0 else min(16, common & -common)
+
+
+def weight_layout(w: torch.Tensor) -> tuple[int, int, bool]:
+    """``(KS, C_out, as_conv)`` of a kernel's weight operand: 3-D taps ``[KS*KS, C_in, C_out]``
+    (``conv_fwd.conv_weight_taps``), or a 1x1 conv weight ``[C_out, C_in, 1, 1]`` as it is,
+    which the kernels read in place (``W_AS_CONV``): no transposed copy per step."""
+    if w.dim() == 4:
+        if w.shape[2:] != (1, 1) or not w.is_contiguous():
+            raise ValueError(
+                f"a conv weight operand must be a contiguous 1x1 weight, got {tuple(w.shape)}"
+            )
+        return 1, w.shape[0], True
+    taps, _, c_out = w.shape
+    return (3 if taps == 9 else 1), c_out, False
 
 
 def num_rows(t: torch.Tensor) -> int:

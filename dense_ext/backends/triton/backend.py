@@ -71,13 +71,15 @@ def _vec(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class _WeightCache:
-    """``conv_weight_taps`` of each weight, computed in forward and reused by its backward.
-    (Not rounded to TF32: the kernels round weights as they load them.)
+    """Each weight in the form the kernels read it, computed in forward and reused by its
+    backward. (Not rounded to TF32: the kernels round weights as they load them.)
 
-    Forward always transforms afresh (a weight changed through ``.data`` keeps its version
-    counter, so nothing could tell a stale entry across steps); backward takes the forward's
-    entry when the weight's version is unchanged. Entries are keyed by the parameter's
-    identity, held weakly and dropped with the parameter.
+    A 1x1 weight is read as it is (``_common.weight_layout``): nothing is computed when it is
+    already contiguous in the buffer dtype (float32 training), else its cast is kept like a
+    3x3 weight's ``conv_weight_taps``. Forward always transforms afresh (a weight changed
+    through ``.data`` keeps its version counter, so nothing could tell a stale entry across
+    steps); backward takes the forward's entry when the weight's version is unchanged.
+    Entries are keyed by the parameter's identity, held weakly and dropped with the parameter.
     """
 
     def __init__(self) -> None:
@@ -85,12 +87,17 @@ class _WeightCache:
 
     def taps(self, weight: Tensor, dtype: torch.dtype, fresh: bool) -> Tensor:
         if _tracing():
+            if _is_1x1(weight):
+                return weight.detach().to(dtype).contiguous()
             return conv_fwd.conv_weight_taps(weight, dtype)
         return self.eager_taps(weight, dtype, fresh)
 
     def eager_taps(self, weight: Tensor, dtype: torch.dtype, fresh: bool) -> Tensor:
-        """``taps`` outside tracing, laid out ``[KS, KS, C_in, C_out]`` (the same memory as
-        ``[KS*KS, C_in, C_out]``; the eager loop passes only the pointer)."""
+        """``taps`` outside tracing; a 3x3 weight's laid out ``[KS, KS, C_in, C_out]`` (the
+        same memory as ``[KS*KS, C_in, C_out]``; the eager loop passes only the pointer)."""
+        as_is = _is_1x1(weight) and weight.dtype == dtype and weight.is_contiguous()
+        if as_is:  # read in place (detached for the interpreter, which takes numpy arrays)
+            return weight.detach() if INTERPRETED else weight
         key = (weight._version, dtype)
         entry = self._entries.get(id(weight))
         ref = None
@@ -98,7 +105,10 @@ class _WeightCache:
             if not fresh and entry[1] == key:
                 return entry[2]
             ref = entry[0]  # the same parameter: keep its weak reference
-        taps = conv_fwd.conv_weight_taps(weight, dtype, flat=False)
+        if _is_1x1(weight):
+            taps = weight.detach().to(dtype).contiguous()
+        else:
+            taps = conv_fwd.conv_weight_taps(weight, dtype, flat=False)
         if ref is None:
             ref = weakref.ref(weight, self._forget(id(weight)))
         self._entries[id(weight)] = (ref, key, taps)
@@ -111,6 +121,10 @@ class _WeightCache:
                 del self._entries[ident]
 
         return callback
+
+
+def _is_1x1(weight: Tensor) -> bool:
+    return weight.shape[-2:] == (1, 1)
 
 
 class _Layer:

@@ -236,6 +236,7 @@ def _conv_variants(cap, dtype, precision, c_in, mid, k, m, align):
                     "DROPOUT": dropout,
                     "COMPUTE_STATS": True,
                     "NORMALIZE": normalize,
+                    "W_AS_CONV": ks == 1,  # the 1x1 weight read as it is, as the backend does
                     **common,
                     "X_ALIGN": align,
                     "Y_ALIGN": align,
@@ -260,6 +261,7 @@ def _conv_variants(cap, dtype, precision, c_in, mid, k, m, align):
                     "BATCH_STATS": True,
                     "ACCUMULATE": ks == 1,
                     "DZ_IN_DX": dz_in_dx,
+                    "W_AS_CONV": ks == 1,
                     **common,
                     "DY_ALIGN": align,
                     "X_ALIGN": align,

@@ -40,6 +40,8 @@ from dense_ext.backends.triton._common import (
     rows_stride,
     tap_source,
     vec_align,
+    weight_layout,
+    weight_rows,
 )
 from dense_ext.backends.triton.configs import conv_dgrad_config
 
@@ -47,7 +49,7 @@ from dense_ext.backends.triton.configs import conv_dgrad_config
 @kernel
 def _conv_dgrad_bn_relu_bwd_kernel(
     DY_ptr,  # rows [M, >= dy_col + C_OUT], row stride DY_row_stride: gradient of the conv output
-    W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous
+    W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous, or the conv weight [C_OUT, C_IN] (W_AS_CONV)
     X_ptr,  # rows [M, >= x_col + C_IN]: the BN input
     MEAN_ptr,
     INVSTD_ptr,
@@ -75,6 +77,8 @@ def _conv_dgrad_bn_relu_bwd_kernel(
     # dZ kept in DX between the passes: REDUCE stores it there, APPLY reads it there (no GEMM)
     # and overwrites it with dX. False: each pass computes dZ (what the backend launches).
     DZ_IN_DX: tl.constexpr,
+    # KS=1 only: W is the conv weight itself, [C_OUT, C_IN] contiguous (no transposed copy)
+    W_AS_CONV: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     TF32: tl.constexpr,
@@ -117,11 +121,13 @@ def _conv_dgrad_bn_relu_bwd_kernel(
         )
         if TF32:
             dy = round_tf32(dy)
-        w = tl.load(
-            W_ptr + (tap * C_IN + rc)[None, :] * C_OUT + rn[:, None],
-            mask=n_ok[:, None] & c_ok[None, :],
-            other=0.0,
-        )
+        w_ok = n_ok[:, None] & c_ok[None, :]
+        if W_AS_CONV:  # rows of C_IN channels; X_ALIGN divides C_IN
+            tl.static_assert(KS == 1, "W_AS_CONV is the 1x1 weight's layout")
+            w_ptrs = W_ptr + weight_rows(rn, C_IN, X_ALIGN)[:, None] + rc[None, :]
+        else:
+            w_ptrs = W_ptr + (tap * C_IN + rc)[None, :] * C_OUT + rn[:, None]
+        w = tl.load(w_ptrs, mask=w_ok, other=0.0)
         if TF32:
             w = round_tf32(w)
         acc = dot(dy, w, acc, DOT_FP32, INPUT_PRECISION)
@@ -185,10 +191,12 @@ def dgrad_site(
     device: torch.device,
     dot: tuple[bool, str, bool],
     what: _Pass,
+    w_as_conv: bool = False,
 ) -> tuple[LaunchSite, tuple[int, int, int]]:
     """One pass of the dgrad kernel from integers, and the reduce pass's partials shape
     ``[tiles, 2, c_in]``. ``strides``/``cols`` are the row strides and first channels of
-    ``(dy, x, dx)`` (``dx``: 0, 0 in the reduce pass), ``dot`` is ``dot_config(dtype, device)``.
+    ``(dy, x, dx)`` (``dx``: 0, 0 in the reduce pass), ``dot`` is ``dot_config(dtype, device)``,
+    ``w_as_conv`` whether the weight is the 1x1 conv weight itself (``weight_layout``).
     Tensors: dy, w_taps, x, mean, invstd, gamma, beta, sums, partials, dx."""
     cfg = conv_dgrad_config(m, c_in, c_out, dtype, device)
     dot_fp32, precision, tf32 = dot
@@ -204,6 +212,7 @@ def dgrad_site(
             "BATCH_STATS": what.batch_stats,
             "ACCUMULATE": what.accumulate,
             "DZ_IN_DX": False,
+            "W_AS_CONV": w_as_conv,
             "DOT_FP32": dot_fp32,
             "INPUT_PRECISION": precision,
             "TF32": tf32,
@@ -222,12 +231,12 @@ def dgrad_site(
 
 def _site(dy, w_taps, x, dx, *, what: _Pass, cols, c_in, hw):
     """``dgrad_site`` of tensors; ``cols = (dy_col, x_col, dx_col)``, ``hw = (height, width)``."""
-    taps, _, c_out = w_taps.shape
+    ks, c_out, w_as_conv = weight_layout(w_taps)
     dx_stride = rows_stride(dx, "dx") if dx is not None else 0
     strides = (rows_stride(dy, "dy"), rows_stride(x, "x"), dx_stride)
-    ks = 3 if taps == 9 else 1
     dot = dot_config(x.dtype, x.device)
-    return dgrad_site(num_rows(x), strides, cols, c_in, c_out, ks, hw, x.dtype, x.device, dot, what)
+    m, dtype, device = num_rows(x), x.dtype, x.device
+    return dgrad_site(m, strides, cols, c_in, c_out, ks, hw, dtype, device, dot, what, w_as_conv)
 
 
 @on_tensor_device

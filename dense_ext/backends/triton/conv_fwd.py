@@ -43,6 +43,8 @@ from dense_ext.backends.triton._common import (
     rows_stride,
     tap_source,
     vec_align,
+    weight_layout,
+    weight_rows,
 )
 from dense_ext.backends.triton.configs import conv_fwd_config
 from dense_ext.backends.triton.dropout import (
@@ -66,7 +68,7 @@ def _bn_relu_conv_fwd_kernel(
     INVSTD_ptr,
     GAMMA_ptr,
     BETA_ptr,  # [C_IN] accumulation dtype
-    W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous (buffer dtype; rounded to TF32 here when TF32)
+    W_ptr,  # [KS*KS, C_IN, C_OUT] contiguous, or the conv weight [C_OUT, C_IN] (W_AS_CONV)
     Y_ptr,  # rows [M, >= y_col + C_OUT], row stride Y_row_stride (buffer dtype)
     PART_ptr,  # [>= cdiv(M, BLOCK_M), 3, C_OUT] accumulation dtype (if COMPUTE_STATS)
     SEED_ptr,  # [L] int64 dropout seeds (if DROPOUT)
@@ -88,6 +90,8 @@ def _bn_relu_conv_fwd_kernel(
     DROPOUT: tl.constexpr,
     COMPUTE_STATS: tl.constexpr,
     NORMALIZE: tl.constexpr,  # False: X already holds relu(bn(.)); the BN tensors are not read
+    # KS=1 only: W is the conv weight itself, [C_OUT, C_IN] contiguous (no transposed copy)
+    W_AS_CONV: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     TF32: tl.constexpr,
@@ -131,11 +135,13 @@ def _bn_relu_conv_fwd_kernel(
             z = mma_operand(tl.where(valid, z, 0.0), op_t, TF32)
         else:  # the operand as loaded (taps outside the image and masked channels are 0)
             z = mma_operand(x, op_t, TF32)
-        w = tl.load(
-            W_ptr + (tap * C_IN + rk)[:, None] * C_OUT + rn[None, :],
-            mask=k_ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )
+        w_ok = k_ok[:, None] & n_ok[None, :]
+        if W_AS_CONV:  # rows of C_IN channels; X_ALIGN divides C_IN
+            tl.static_assert(KS == 1, "W_AS_CONV is the 1x1 weight's layout")
+            w_ptrs = W_ptr + weight_rows(rn, C_IN, X_ALIGN)[None, :] + rk[:, None]
+        else:
+            w_ptrs = W_ptr + (tap * C_IN + rk)[:, None] * C_OUT + rn[None, :]
+        w = tl.load(w_ptrs, mask=w_ok, other=0.0)
         if TF32:  # rounded here, not on the host: no tensor operations per weight and step
             w = round_tf32(w)
         acc = dot(z, w, acc, DOT_FP32, INPUT_PRECISION)
@@ -201,11 +207,13 @@ def fwd_sites(
     stats: tuple[int, int] | None,
     dropout: tuple[int, float] | None,
     inv: tuple[int, float] | None = None,
+    w_as_conv: bool = False,
 ) -> FwdSites:
     """The launches of ``bn_relu_conv_fwd_`` from integers: ``dot`` is ``dot_config(dtype,
     device)``, ``stats`` the statistics offsets ``(mean_off, var_off)`` or None, ``dropout``
     ``(layer, p)`` or None, ``inv`` where the merge also writes the normalisers
-    (``stats.merge_site``)."""
+    (``stats.merge_site``), ``w_as_conv`` whether the weight comes as the 1x1 conv weight
+    itself (``weight_layout``)."""
     cfg = conv_fwd_config(m, c_in, c_out, dtype, device)
     tiles = cdiv(m, cfg.block_m)
     drop = _NO_DROPOUT
@@ -222,6 +230,7 @@ def fwd_sites(
             "DROPOUT": dropout is not None,
             "COMPUTE_STATS": stats is not None,
             "NORMALIZE": True,
+            "W_AS_CONV": w_as_conv,
             "DOT_FP32": dot_fp32,
             "INPUT_PRECISION": precision,
             "TF32": tf32,
@@ -263,7 +272,7 @@ def bn_relu_conv_fwd_(
     drop_p: float = 0.0,
 ) -> None:
     """The launcher behind ``bn_relu_conv_fwd`` (called directly in eager mode)."""
-    taps, _, c_out = w_taps.shape
+    ks, c_out, w_as_conv = weight_layout(w_taps)
     sites = fwd_sites(
         num_rows(x),
         rows_stride(x, "x"),
@@ -272,7 +281,7 @@ def bn_relu_conv_fwd_(
         y_col,
         c_in,
         c_out,
-        3 if taps == 9 else 1,
+        ks,
         height,
         width,
         y.dtype,
@@ -280,6 +289,7 @@ def bn_relu_conv_fwd_(
         dot_config(y.dtype, y.device),
         None if stats is None else (mean_off, var_off),
         None if seeds is None else (layer, drop_p),
+        w_as_conv=w_as_conv,
     )
     part = mean
     if sites.merge is not None:
@@ -313,7 +323,8 @@ def bn_relu_conv_fwd(
 ) -> None:
     """``y[:, y_col:y_col+C_out] = conv(relu(bn(x[:, x_col:x_col+c_in]))) (* dropout mask)``.
 
-    ``w_taps`` is ``[KS*KS, c_in, C_out]`` (``conv_weight_taps``); ``mean, invstd, gamma, beta``
+    ``w_taps`` is ``[KS*KS, c_in, C_out]`` (``conv_weight_taps``) or a 1x1 conv weight
+    ``[C_out, c_in, 1, 1]`` as it is (``weight_layout``); ``mean, invstd, gamma, beta``
     are ``[c_in]`` in the accumulation dtype. With ``stats`` given, the batch mean and biased
     variance of the stored channels are written at flat offsets ``mean_off``/``var_off``. With
     ``seeds`` given, layer ``layer``'s dropout mask of rate ``drop_p`` is applied.

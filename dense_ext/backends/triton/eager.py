@@ -8,7 +8,7 @@ This loop instead keeps, per block shape (``BlockPlan``: shapes, dtype, the fp32
 setting, each BN's train/eval flag and eps, dropout rates), the ``LaunchSite`` of every kernel
 of every layer, built by the very functions the launchers use (``fwd_sites``, ``dgrad_site``,
 ``wgrad_site``, ...). A step then does, per layer, the launches, the tensor operations that are
-launches on a GPU too (BN normalisers, weight transposes, the partial-sum reductions) and
+launches on a GPU too (BN normalisers, 3x3 weight transposes, the partial-sum reductions) and
 little else. Each launch calls the compiled kernel's launcher directly (``LaunchSite.bound``)
 when every buffer and parameter is 16-byte aligned (checked once per step), else takes
 Triton's checked path. The arithmetic and the kernels are those of the traced loop.
@@ -105,18 +105,19 @@ def build_plan(call: BlockCall, shape, dtype, device, dot, seeds: bool) -> Block
         inv1 = None if inv_eps1 is None else (c_in, inv_eps1)
 
         # Every site of the plan is its own (LaunchSite.own): the direct launch may assume the
-        # alignments of this plan's tensors only.
+        # alignments of this plan's tensors only. The 1x1 convolutions read their weight as it
+        # is (W_AS_CONV; _WeightCache.eager_taps passes it in place).
         def fwd(x_stride, c_from, y_stride, y_col, c_out, ks, stats_offsets, dropout_of, inv=None):
             sites = conv_fwd.fwd_sites(
                 m, x_stride, 0, y_stride, y_col, c_from, c_out, ks, h, w, dtype, device, dot,
-                stats_offsets, dropout_of, inv,
+                stats_offsets, dropout_of, inv, w_as_conv=ks == 1,
             )  # fmt: skip
             merge = None if sites.merge is None else sites.merge.own()
             return replace(sites, conv=sites.conv.own(), merge=merge)
 
         def dgrad(strides, cols, c_from, c_out, ks, what):
             site, part_shape = conv_dgrad.dgrad_site(
-                m, strides, cols, c_from, c_out, ks, hw, dtype, device, dot, what
+                m, strides, cols, c_from, c_out, ks, hw, dtype, device, dot, what, ks == 1
             )
             return site.own(), part_shape
 
