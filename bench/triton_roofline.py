@@ -313,7 +313,8 @@ def layer_ops(label, n, h, w, c_in, k, bn_size, dtype, device):
     if bn_size:
         w1 = torch.randn(mid, c_in, 1, 1, device=device, dtype=dtype) * 0.1
         w2 = torch.randn(k, mid, 3, 3, device=device, dtype=dtype) * 0.1
-        w1t, w2t = conv_weight_taps(w1, dtype), conv_weight_taps(w2, dtype)
+        # the 1x1 weight as the backend passes it (read in place), the 3x3 as taps
+        w1t, w2t = w1, conv_weight_taps(w2, dtype)
         y1 = torch.randn(m, mid, device=device, dtype=dtype)
         y1_4d = y1.view(n, h, w, mid).permute(0, 3, 1, 2)
         dy1 = torch.empty_like(y1)
@@ -325,6 +326,21 @@ def layer_ops(label, n, h, w, c_in, k, bn_size, dtype, device):
         )
         from_new = {"dy_col": c_in, "x_col": 0, "c_in": mid, **hw}
         from_y1 = {"dy_col": 0, "x_col": 0, "c_in": c_in, **hw}
+        # Before, the 1x1 kernels read W1 transposed (a copy per step): is the in-place layout
+        # as fast? (Compared with the rows of the same names.)
+        w1_taps = conv_weight_taps(w1, dtype)
+        layout_probes = [
+            (
+                "fwd 1x1 recompute",
+                lambda: bn_relu_conv_fwd_(
+                    feat, *bn1, w1_taps, y1, None, None, x_col=0, c_in=c_in, y_col=0, **hw
+                ),
+            ),
+            (
+                "dgrad 1x1 reduce",
+                lambda: conv_dgrad_bn_relu_reduce_(dy1, w1_taps, feat, *bn1, **from_y1),
+            ),
+        ]
         calls = [
             (
                 lambda: bn_relu_conv_fwd_(
@@ -431,6 +447,9 @@ def layer_ops(label, n, h, w, c_in, k, bn_size, dtype, device):
     rows = [tuple(r) for r in ops]
     if bn_size:
         rows += probe_rows(m, mid, k, s, y1, bn2, w2t, feat, grad, stats, new, hw)
+        for name, fn in layout_probes:  # the same launch over the 1x1 weight transposed
+            row = next(r for r in rows if r[0] == name)
+            rows.append((f"probe: {name}, transposed W1", fn, *row[2:4], None))
     return rows
 
 

@@ -665,8 +665,8 @@ def test_stem_bench_measures_the_fused_stem_against_the_modules():
 
 def test_roofline_smoke_runs_every_op_and_probe():
     """``bench/triton_roofline.py --smoke`` (interpreted kernels on CPU tensors) runs every op
-    it times on a GPU, the normalise-first probes included: a GPU session's roofline call must
-    not fail on the script itself."""
+    it times on a GPU, the probes included: a GPU session's roofline call must not fail on the
+    script itself."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run(
@@ -680,4 +680,6 @@ def test_roofline_smoke_runs_every_op_and_probe():
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     ran = [line for line in done.stdout.splitlines() if line.endswith(": ran")]
     assert any("probe: fwd 3x3 of normalised Y1" in line for line in ran), done.stdout
-    assert len(ran) == 10 + 4 + 5, done.stdout  # bottleneck shape and its 4 probes, plain shape
+    assert any("probe: dgrad 1x1 reduce, transposed W1" in line for line in ran), done.stdout
+    # the bottleneck shape, its 4 probes and 2 weight-layout probes; the plain shape
+    assert len(ran) == 10 + 4 + 2 + 5, done.stdout
