@@ -113,6 +113,16 @@ def test_block_matches_naive_float32(bn_size, memory, train):
     check_step(block, naive, x, oracle=float64_oracle(naive), grad=grad, seed=5)
 
 
+def _random_bn(c: int, g: torch.Generator, dtype: torch.dtype) -> tuple:
+    """Random BN operands ``(mean, invstd, gamma, beta)`` of ``c`` channels."""
+    return (
+        torch.randn(c, generator=g, dtype=dtype),
+        torch.rand(c, generator=g, dtype=dtype) + 0.5,
+        torch.randn(c, generator=g, dtype=dtype),
+        torch.randn(c, generator=g, dtype=dtype),
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dgrad_passes_with_dz_kept_between_them_equal_the_recomputing_passes(dtype):
     """``DZ_IN_DX`` (the roofline's probe): the reduce pass also stores dZ into DX and the
@@ -129,12 +139,7 @@ def test_dgrad_passes_with_dz_kept_between_them_equal_the_recomputing_passes(dty
     m = n * h * w
     dy = torch.randn(m, k + 3, generator=g, dtype=dtype)  # the layer's slice at column 3
     x = torch.randn(m, c, generator=g, dtype=dtype)
-    bn = (
-        torch.randn(c, generator=g, dtype=dtype),
-        torch.rand(c, generator=g, dtype=dtype) + 0.5,
-        torch.randn(c, generator=g, dtype=dtype),
-        torch.randn(c, generator=g, dtype=dtype),
-    )
+    bn = _random_bn(c, g, dtype)
     taps = conv_weight_taps(torch.randn(k, c, 3, 3, generator=g, dtype=dtype), dtype)
     dot = dot_config(dtype, x.device)
     passes = (conv_dgrad._REDUCE, conv_dgrad._Pass(apply=True, batch_stats=True))
@@ -482,12 +487,7 @@ def test_1x1_kernels_read_the_conv_weight_in_place(dtype, c_in):
     n, c_out, h, w = 2, 20, 5, 7
     m = n * h * w
     x = torch.randn(m, c_in, generator=g, dtype=dtype)
-    bn = (
-        torch.randn(c_in, generator=g, dtype=dtype),
-        torch.rand(c_in, generator=g, dtype=dtype) + 0.5,
-        torch.randn(c_in, generator=g, dtype=dtype),
-        torch.randn(c_in, generator=g, dtype=dtype),
-    )
+    bn = _random_bn(c_in, g, dtype)
     weight = torch.randn(c_out, c_in, 1, 1, generator=g, dtype=dtype)
     taps = conv_fwd.conv_weight_taps(weight, dtype)
     assert weight_layout(weight) == (1, c_out, True) and weight_layout(taps) == (1, c_out, False)
