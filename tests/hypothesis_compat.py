@@ -2,8 +2,9 @@
 
 The GPU image may lack hypothesis (bench/gpu_suite.sh runs there without network), and a test
 module must not fail at import because of an optional tool. Import ``given``, ``settings``,
-``st`` and ``HealthCheck`` from here: without hypothesis, ``@given(...)`` marks the test
-skipped and ``settings`` / ``st`` / ``HealthCheck`` accept anything and do nothing.
+``st``, ``HealthCheck`` and ``assume`` from here: without hypothesis, ``@given(...)`` marks the
+test skipped and ``settings`` / ``st`` / ``HealthCheck`` / ``assume`` accept anything and do
+nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 try:
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, assume, given, settings
     from hypothesis import strategies as st
 
     HAVE_HYPOTHESIS = True
@@ -35,5 +36,8 @@ except ImportError:
     def settings(*args, **kwargs):  # type: ignore[no-redef]
         return lambda test: test
 
+    def assume(condition) -> bool:  # type: ignore[misc]
+        return True
 
-__all__ = ["HAVE_HYPOTHESIS", "HealthCheck", "given", "settings", "st"]
+
+__all__ = ["HAVE_HYPOTHESIS", "HealthCheck", "assume", "given", "settings", "st"]

@@ -14,6 +14,7 @@ call: the tests at the end.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import operator
@@ -25,7 +26,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.utils.checkpoint as checkpoint_utils
-from deluge_helpers import cldc_term_scales, randomize
+from deluge_helpers import add_rounding_floor, cldc_term_scales, randomize
 from helpers import (
     TOLERANCE,
     Step,
@@ -35,6 +36,7 @@ from helpers import (
     cpu_backend_or_skip,
     train_step,
 )
+from hypothesis_compat import HealthCheck, assume, given, settings, st
 from naive import randomize_bn
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -51,8 +53,21 @@ Prepare = Callable[[nn.Module], Tensor]
 SHAPE = (4, 3, 12, 12)
 
 
-def _input(shape=SHAPE, seed: int = 3) -> Tensor:
+def _input(shape: tuple[int, ...] | None = None, seed: int = 3) -> Tensor:
+    """The batch of a pattern: ``SHAPE`` unless given (``_batch_shape`` changes ``SHAPE``)."""
+    shape = SHAPE if shape is None else shape
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@contextlib.contextmanager
+def _batch_shape(shape: tuple[int, ...]):
+    """Every pattern's batch has ``shape`` inside (the random-model test)."""
+    global SHAPE
+    saved, SHAPE = SHAPE, shape
+    try:
+        yield
+    finally:
+        SHAPE = saved
 
 
 def _trained(prepare: Prepare) -> Pattern:
@@ -333,11 +348,15 @@ def _channels_last_model(model: nn.Module) -> Tensor:
     return _input().contiguous(memory_format=torch.channels_last)
 
 
+def _with_nan(x: Tensor) -> Tensor:
+    """``x`` with one NaN pixel (sample 1, channel 0, near row 2 and column 3)."""
+    x[1, 0, min(2, x.shape[2] - 1), min(3, x.shape[3] - 1)] = float("nan")
+    return x
+
+
 def _nan_input(model: nn.Module) -> Tensor:
     model.train()
-    x = _input()
-    x[1, 0, 2, 3] = float("nan")
-    return x
+    return _with_nan(_input())
 
 
 def _nan_input_eval(model: nn.Module) -> Tensor:
@@ -345,9 +364,7 @@ def _nan_input_eval(model: nn.Module) -> Tensor:
     only where a NaN reaches it through the convolutions' receptive fields, never from a
     BN's eval backward, which does not read its input."""
     model.eval()
-    x = _input()
-    x[1, 0, 2, 3] = float("nan")
-    return x
+    return _with_nan(_input())
 
 
 def _hooked(register: Callable[[nn.Module, dict], list]) -> Pattern:
@@ -664,6 +681,81 @@ def test_pattern_matches_naive(pattern, model, backend, memory):
         actual = PATTERNS[pattern](efficient, step)
         what = f"{pattern}, step {step}"
         assert_same_step(actual, expected, TOLERANCE[torch.float64], what, scales=scales)
+
+
+# Patterns for random models: training, evaluation and BN flags, copies, accumulation, layouts,
+# NaN, hooks inside blocks (hooks on a block's output differ for DelugeNet stages by design).
+RANDOM_MODEL_PATTERNS = [
+    "train", "eval", "frozen_bn", "mixed_bn_flags", "momentum_none", "momentum_per_bn",
+    "eps_per_bn", "untracked_in_training", "untracked_in_eval", "empty_batch", "deepcopy",
+    "state_dict_round_trip", "grad_accumulation", "no_grad", "input_without_grad",
+    "frozen_backbone", "channels_last_input", "channels_last_model", "nan_input",
+    "forward_hook_on_inner_norms", "checkpointed_blocks",
+]  # fmt: skip
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@given(
+    deluge=st.booleans(),
+    k=st.integers(1, 6),
+    blocks=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+    init=st.integers(1, 8),
+    bn_size=st.sampled_from([None, 1, 2, 4]),
+    compression=st.sampled_from([1.0, 0.5, 0.3]),
+    small=st.booleans(),
+    n=st.integers(2, 3),
+    extra=st.tuples(st.integers(0, 5), st.integers(0, 5)),
+    pattern=st.sampled_from(RANDOM_MODEL_PATTERNS),
+    backend_memory=st.sampled_from([("reference", "min"), ("cpp", "min"), ("cpp", "bottleneck")]),
+)
+def test_random_models_match_naive(
+    deluge, k, blocks, init, bn_size, compression, small, n, extra, pattern, backend_memory
+):
+    """Random DenseNets (growth rate, blocks, stem width, bottleneck, compression, stem) and
+    DelugeNets (slots per stage, widths, stem) under random usage patterns, naive against
+    efficient, two steps each. Inputs are sized so the deepest map is at least 2x2 over a
+    batch of 2-3: a training BN over 2 values is so ill-conditioned that the naive model in
+    channels_last differs from itself by more than the efficient one does (hypothesis found
+    such cases; docs/decisions.md, "Random whole models")."""
+    backend, memory = cpu_backend_or_skip(backend_memory[0]), backend_memory[1]
+    reduction = 2 ** (len(blocks) - 1) * (1 if small else 4)  # transitions (and the stem)
+    shape = (n, 3, 2 * reduction + extra[0], 2 * reduction + extra[1])
+    torch.manual_seed(0)
+    if deluge:
+        widths = tuple(4 * k * 2**i for i in range(len(blocks)))
+        config = dict(stage_slots=tuple(blocks), stage_channels=widths, stem_channels=init + 1)
+        naive = DelugeNet(**config, num_classes=3, small_inputs=small, efficient=False).double()
+        randomize(naive, seed=1)
+        build = lambda: DelugeNet(  # noqa: E731
+            **config, num_classes=3, small_inputs=small, efficient=True, backend=backend,
+            memory=memory,
+        )  # fmt: skip
+    else:
+        channels = init
+        for layers in blocks[:-1]:  # a transition flooring to 0 channels raises (test_models)
+            channels = int((channels + layers * k) * compression)
+            assume(channels >= 1)
+        config = dict(growth_rate=k, block_config=tuple(blocks), num_init_features=init,
+                      bn_size=bn_size, compression=compression, small_inputs=small)  # fmt: skip
+        naive = DenseNet(**config, num_classes=3, efficient=False).double()
+        randomize_bn(naive, torch.Generator().manual_seed(1))
+        build = lambda: DenseNet(  # noqa: E731
+            **config, num_classes=3, efficient=True, backend=backend, memory=memory
+        )
+    efficient = build().double()
+    efficient.load_state_dict(naive.state_dict())
+    with _batch_shape(shape):
+        scales = cldc_term_scales(naive, _input()) if deluge else {}
+        for step in range(2):
+            expected = PATTERNS[pattern](naive, step)
+            actual = PATTERNS[pattern](efficient, step)
+            add_rounding_floor(scales, expected, TOLERANCE[torch.float64])
+            what = f"{pattern}, {config}, {backend_memory}, input {shape}, step {step}"
+            assert_same_step(actual, expected, TOLERANCE[torch.float64], what, scales=scales)
 
 
 def test_frozen_bn_logits_example_from_the_issue():
