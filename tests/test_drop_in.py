@@ -727,13 +727,8 @@ def test_random_models_match_naive(
     torch.manual_seed(0)
     if deluge:
         widths = tuple(4 * k * 2**i for i in range(len(blocks)))
-        config = dict(stage_slots=tuple(blocks), stage_channels=widths, stem_channels=init + 1)
-        naive = DelugeNet(**config, num_classes=3, small_inputs=small, efficient=False).double()
-        randomize(naive, seed=1)
-        build = lambda: DelugeNet(  # noqa: E731
-            **config, num_classes=3, small_inputs=small, efficient=True, backend=backend,
-            memory=memory,
-        )  # fmt: skip
+        config = dict(stage_slots=tuple(blocks), stage_channels=widths, stem_channels=init + 1,
+                      small_inputs=small)  # fmt: skip
     else:
         channels = init
         for layers in blocks[:-1]:  # a transition flooring to 0 channels raises (test_models)
@@ -741,12 +736,14 @@ def test_random_models_match_naive(
             assume(channels >= 1)
         config = dict(growth_rate=k, block_config=tuple(blocks), num_init_features=init,
                       bn_size=bn_size, compression=compression, small_inputs=small)  # fmt: skip
-        naive = DenseNet(**config, num_classes=3, efficient=False).double()
+    model = DelugeNet if deluge else DenseNet
+    naive = model(**config, num_classes=3, efficient=False).double()
+    if deluge:  # every BN and CLDC (a CLDC's bias sets its BN's mean)
+        randomize(naive, seed=1)
+    else:
         randomize_bn(naive, torch.Generator().manual_seed(1))
-        build = lambda: DenseNet(  # noqa: E731
-            **config, num_classes=3, efficient=True, backend=backend, memory=memory
-        )
-    efficient = build().double()
+    efficient = model(**config, num_classes=3, efficient=True, backend=backend, memory=memory)
+    efficient = efficient.double()
     efficient.load_state_dict(naive.state_dict())
     with _batch_shape(shape):
         scales = cldc_term_scales(naive, _input()) if deluge else {}
