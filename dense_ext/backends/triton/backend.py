@@ -74,9 +74,9 @@ class _WeightCache:
     """Each weight in the form the kernels read it, computed in forward and reused by its
     backward. (Not rounded to TF32: the kernels round weights as they load them.)
 
-    A 1x1 weight is read as it is (``_common.weight_layout``): nothing is computed when it is
+    A 1x1 weight is read as it is (``conv_fwd.weight_operand``): nothing is computed when it is
     already contiguous in the buffer dtype (float32 training), else its cast is kept like a
-    3x3 weight's ``conv_weight_taps``. Forward always transforms afresh (a weight changed
+    3x3 weight's taps. Forward always transforms afresh (a weight changed
     through ``.data`` keeps its version counter, so nothing could tell a stale entry across
     steps); backward takes the forward's entry when the weight's version is unchanged.
     Entries are keyed by the parameter's identity, held weakly and dropped with the parameter.
@@ -87,9 +87,7 @@ class _WeightCache:
 
     def taps(self, weight: Tensor, dtype: torch.dtype, fresh: bool) -> Tensor:
         if _tracing():
-            if _is_1x1(weight):
-                return weight.detach().to(dtype).contiguous()
-            return conv_fwd.conv_weight_taps(weight, dtype)
+            return conv_fwd.weight_operand(weight, dtype)
         return self.eager_taps(weight, dtype, fresh)
 
     def eager_taps(self, weight: Tensor, dtype: torch.dtype, fresh: bool) -> Tensor:
@@ -105,10 +103,7 @@ class _WeightCache:
             if not fresh and entry[1] == key:
                 return entry[2]
             ref = entry[0]  # the same parameter: keep its weak reference
-        if _is_1x1(weight):
-            taps = weight.detach().to(dtype).contiguous()
-        else:
-            taps = conv_fwd.conv_weight_taps(weight, dtype, flat=False)
+        taps = conv_fwd.weight_operand(weight, dtype, flat=False)
         if ref is None:
             ref = weakref.ref(weight, self._forget(id(weight)))
         self._entries[id(weight)] = (ref, key, taps)

@@ -176,6 +176,15 @@ def conv_weight_taps(
     return taps
 
 
+def weight_operand(weight: torch.Tensor, dtype: torch.dtype, *, flat: bool = True) -> torch.Tensor:
+    """What the kernels read of a conv weight, in the buffer dtype: a 1x1 weight as it is
+    (``weight_layout``; cast and made contiguous where it is not already), any other
+    ``conv_weight_taps``. Detached."""
+    if weight.shape[-2:] == (1, 1):
+        return weight.detach().to(dtype).contiguous()
+    return conv_weight_taps(weight, dtype, flat=flat)
+
+
 _NO_DROPOUT = (0, 0.0, 1.0, 0.0, 0.0)  # layer, p, scale hi/mid/lo
 
 
