@@ -326,20 +326,21 @@ def layer_ops(label, n, h, w, c_in, k, bn_size, dtype, device):
         )
         from_new = {"dy_col": c_in, "x_col": 0, "c_in": mid, **hw}
         from_y1 = {"dy_col": 0, "x_col": 0, "c_in": c_in, **hw}
+
+        def recompute(weight):  # the 1x1 forward without statistics, over W1 in either layout
+            return lambda: bn_relu_conv_fwd_(
+                feat, *bn1, weight, y1, None, None, x_col=0, c_in=c_in, y_col=0, **hw
+            )
+
+        def reduce1(weight):  # the 1x1 data gradient's reduce pass, likewise
+            return lambda: conv_dgrad_bn_relu_reduce_(dy1, weight, feat, *bn1, **from_y1)
+
         # Before, the 1x1 kernels read W1 transposed (a copy per step): is the in-place layout
         # as fast? (Compared with the rows of the same names.)
         w1_taps = conv_weight_taps(w1, dtype)
         layout_probes = [
-            (
-                "fwd 1x1 recompute",
-                lambda: bn_relu_conv_fwd_(
-                    feat, *bn1, w1_taps, y1, None, None, x_col=0, c_in=c_in, y_col=0, **hw
-                ),
-            ),
-            (
-                "dgrad 1x1 reduce",
-                lambda: conv_dgrad_bn_relu_reduce_(dy1, w1_taps, feat, *bn1, **from_y1),
-            ),
+            ("fwd 1x1 recompute", recompute(w1_taps)),
+            ("dgrad 1x1 reduce", reduce1(w1_taps)),
         ]
         calls = [
             (
@@ -365,12 +366,7 @@ def layer_ops(label, n, h, w, c_in, k, bn_size, dtype, device):
                 ),
                 unfused(y1_4d, bn2, w2, 1),
             ),  # noqa: E501
-            (
-                lambda: bn_relu_conv_fwd_(
-                    feat, *bn1, w1t, y1, None, None, x_col=0, c_in=c_in, y_col=0, **hw
-                ),
-                None,
-            ),  # noqa: E501
+            (recompute(w1t), None),
             (lambda: bn_relu_conv_wgrad_(grad, y1, *bn2, c_out=k, kernel_size=3, **from_new), None),
             (lambda: conv_dgrad_bn_relu_reduce_(grad, w2t, y1, *bn2, **from_new), None),
             (
@@ -392,7 +388,7 @@ def layer_ops(label, n, h, w, c_in, k, bn_size, dtype, device):
                 lambda: bn_relu_conv_wgrad_(dy1, feat, *bn1, c_out=mid, kernel_size=1, **from_y1),
                 None,
             ),
-            (lambda: conv_dgrad_bn_relu_reduce_(dy1, w1t, feat, *bn1, **from_y1), None),
+            (reduce1(w1t), None),
             (
                 lambda: conv_dgrad_bn_relu_apply_(
                     dy1,
