@@ -87,8 +87,7 @@ class NormReluPoolFunction(torch.autograd.Function):
             else:
                 z, mean, invstd = _native_batch_norm(x, weight, bias, call)
             if not call.batch_stats:
-                # Eval mode: keep copies, so a later change to the buffers cannot skew backward.
-                mean, invstd = call.running_mean.clone(), call.running_var.clone()
+                mean, invstd = _eval_stats(call, x.dtype)
             out = _pool(z.relu_(), pool)
         del z
         ctx.call, ctx.pool, ctx.sync = call, pool, sync if synced else LOCAL
@@ -138,6 +137,16 @@ class NormReluPoolFunction(torch.autograd.Function):
                 )
         # grad_x is fresh and never read here again: the block below may accumulate into it.
         return donate(grad_x) if grad_x is not None else None, grad_w, grad_b, None, None, None
+
+
+def _eval_stats(call: NormCall, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Copies of the running mean and variance for backward, so that a later change to the
+    buffers cannot skew it, in at least the statistics dtype of a ``dtype`` input: a float16 or
+    bfloat16 model's own buffers would make backward's sums and ReLU mask half-precision
+    arithmetic (input gradients up to 91 % off where PyTorch's were within 0.4 %)."""
+    assert call.running_mean is not None and call.running_var is not None
+    acc = torch.promote_types(call.running_mean.dtype, stats_dtype(dtype))
+    return call.running_mean.to(acc, copy=True), call.running_var.to(acc, copy=True)
 
 
 def _native_batch_norm(x: Tensor, weight, bias, call: NormCall):
@@ -246,7 +255,14 @@ def _local_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _bn_relu_backward_aten(ctx, grad_z, x, weight, bias, mean, invstd, invstd_or_var, call):
     grad_z = _mask_relu_gradient_(grad_z, x, weight, bias, mean, invstd)
-    running = (None, None) if call.batch_stats else (mean, invstd_or_var)
+    # Evaluation: the running statistics in the buffers' dtype, as nn.BatchNorm2d passes them
+    # (the copies are exact upcasts of those: _eval_stats).
+    buffers = call.running_mean
+    running = (
+        (None, None)
+        if call.batch_stats or buffers is None
+        else (mean.to(buffers.dtype), invstd_or_var.to(buffers.dtype))
+    )
     return torch.ops.aten.native_batch_norm_backward(
         grad_z,
         x,
