@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import torch._dynamo.testing
 from helpers import (
     assert_close,
     assert_same_step,
@@ -87,6 +88,29 @@ def test_block_compiles_fullgraph_cold(cold_backends, backend, memory):
         compiled_matches_eager(block, x, 1e-5)
     ours = [w for w in caught if not _torch_deprecates_itself(w)]
     assert not ours, [f"{w.filename}: {w.message}" for w in ours]
+
+
+@pytest.mark.slow
+def test_compiled_block_takes_new_batch_and_map_sizes(cold_backends):
+    """The last batch of an epoch is smaller, and evaluation may run at another resolution:
+    a compiled block (cpp backend) given new sizes recompiles with them dynamic (Dynamo's
+    automatic dynamic shapes: the ops' fake implementations take symbolic sizes) and matches
+    eager, forward and backward; a further new size reuses that graph instead of compiling
+    once per size."""
+    backend = cpu_backend_or_skip("cpp")
+    torch.manual_seed(0)
+    block = EfficientDenseBlock(2, 4, 3, 2, memory="min", backend=backend).double()
+    randomize_bn(block)
+    eager = copy.deepcopy(block)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(block, fullgraph=True, backend=counter)
+    for i, shape in enumerate([(2, 4, 5, 5), (3, 4, 5, 5), (5, 4, 7, 6), (4, 4, 6, 9)]):
+        compiles = counter.frame_count
+        x = torch.randn(shape, dtype=torch.float64)
+        expected = train_step(eager, x, seed=i)
+        actual = train_step(compiled, x, seed=i)
+        assert_same_step(actual, expected, 1e-10, f"input {shape}")
+    assert counter.frame_count == compiles, f"input {shape} compiled again"
 
 
 def _torch_deprecates_itself(w: warnings.WarningMessage) -> bool:
