@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -110,11 +111,25 @@ class KnownMiss:
     that catches gross errors: every observable within ``factor`` times the rule's bound (NaN,
     Inf, shapes and structure exactly), and with ``forward_within_rule`` the forward's
     observables (output, buffers after forward) within the rule itself. ``reason`` names the
-    cause and the measured numbers."""
+    cause and the measured numbers. ``data``: digests (``data_digest``) of the inputs and
+    parameters the miss was diagnosed on, where it depends on them (a value within rounding of
+    zero); on other data, another torch version's random draws, the rule applies as usual."""
 
     reason: str
     factor: float = 10.0
     forward_within_rule: bool = False
+    data: tuple[str, ...] = ()
+
+
+def data_digest(*tensors: Tensor | dict[str, Tensor]) -> str:
+    """A short digest of tensors' values (state dicts' in key order): which data a test ran on.
+    torch versions draw different numbers from the same seed for some dtypes and sizes (2.11's
+    ``uniform_`` on a float16 BN vector of 4 channels, against 2.14's)."""
+    digest = hashlib.sha1()
+    for item in tensors:
+        for t in item.values() if isinstance(item, dict) else (item,):
+            digest.update(t.detach().cpu().double().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 # A batch norm over 2 values per channel (batch 2 of 1x1 images) in float32. A channel whose two
@@ -138,6 +153,10 @@ RELU_FLIP = KnownMiss(
     "5.5x); the forward stays within the rule (docs/decisions.md, tolerance rule)",
     factor=100.0,
     forward_within_rule=True,
+    # the data of torch 2.14's draws: test_backend_cpp's bfloat16 and float16 steps, and
+    # test_triton's float16 plain layers (torch 2.11 draws other BN values there, on which the
+    # triton step is within the rule)
+    data=("dc3090530817", "b294e5a52654", "e70ea4f6ce9b"),
 )
 TRITON_DELUGE_FLOAT32 = KnownMiss(
     "the triton DelugeNet stage in float32 sums BN gradients in float32, as on the GPU: "
@@ -147,11 +166,14 @@ TRITON_DELUGE_FLOAT32 = KnownMiss(
 
 
 def expect_rule_failure(
-    request: pytest.FixtureRequest, when: bool, miss: KnownMiss
+    request: pytest.FixtureRequest, when: bool, miss: KnownMiss, digest: str | None = None
 ) -> KnownMiss | None:
-    """Mark the running test an expected failure of the tolerance rule when ``when`` holds:
-    strict, so that it fails once the cause is fixed and the mark must go. Returns ``miss``
-    (pass it on to the comparison, which asserts its secondary bound) or None."""
+    """Mark the running test an expected failure of the tolerance rule when ``when`` holds and,
+    for a miss that names its ``data``, the test's data ``digest`` is among them: strict, so
+    that it fails once the cause is fixed and the mark must go. Returns ``miss`` (pass it on to
+    the comparison, which asserts its secondary bound) or None."""
+    if miss.data and digest not in miss.data:
+        when = False
     if not when:
         return None
     request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=miss.reason))
