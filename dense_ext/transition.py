@@ -255,14 +255,12 @@ def _local_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _bn_relu_backward_aten(ctx, grad_z, x, weight, bias, mean, invstd, invstd_or_var, call):
     grad_z = _mask_relu_gradient_(grad_z, x, weight, bias, mean, invstd)
-    # Evaluation: the running statistics in the buffers' dtype, as nn.BatchNorm2d passes them
-    # (the copies are exact upcasts of those: _eval_stats).
-    buffers = call.running_mean
-    running = (
-        (None, None)
-        if call.batch_stats or buffers is None
-        else (mean.to(buffers.dtype), invstd_or_var.to(buffers.dtype))
-    )
+    running = (None, None)
+    if not call.batch_stats:
+        # The running statistics in the buffers' dtype, as nn.BatchNorm2d passes them (the
+        # copies are exact upcasts of those: _eval_stats, which asserts that they exist).
+        dtype = cast(Tensor, call.running_mean).dtype
+        running = (mean.to(dtype), invstd_or_var.to(dtype))
     return torch.ops.aten.native_batch_norm_backward(
         grad_z,
         x,
