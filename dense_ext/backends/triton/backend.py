@@ -93,7 +93,7 @@ class _WeightCache:
     def eager_taps(self, weight: Tensor, dtype: torch.dtype, fresh: bool) -> Tensor:
         """``taps`` outside tracing; a 3x3 weight's laid out ``[KS, KS, C_in, C_out]`` (the
         same memory as ``[KS*KS, C_in, C_out]``; the eager loop passes only the pointer)."""
-        as_is = _is_1x1(weight) and weight.dtype == dtype and weight.is_contiguous()
+        as_is = conv_fwd.is_1x1(weight) and weight.dtype == dtype and weight.is_contiguous()
         if as_is:  # read in place (detached for the interpreter, which takes numpy arrays)
             return weight.detach() if INTERPRETED else weight
         key = (weight._version, dtype)
@@ -116,10 +116,6 @@ class _WeightCache:
                 del self._entries[ident]
 
         return callback
-
-
-def _is_1x1(weight: Tensor) -> bool:
-    return weight.shape[-2:] == (1, 1)
 
 
 class _Layer:

@@ -176,11 +176,16 @@ def conv_weight_taps(
     return taps
 
 
+def is_1x1(weight: torch.Tensor) -> bool:
+    """Whether a conv weight is 1x1: the kernels read those as they are (``W_AS_CONV``)."""
+    return weight.shape[-2:] == (1, 1)
+
+
 def weight_operand(weight: torch.Tensor, dtype: torch.dtype, *, flat: bool = True) -> torch.Tensor:
     """What the kernels read of a conv weight, in the buffer dtype: a 1x1 weight as it is
     (``weight_layout``; cast and made contiguous where it is not already), any other
     ``conv_weight_taps``. Detached."""
-    if weight.shape[-2:] == (1, 1):
+    if is_1x1(weight):
         return weight.detach().to(dtype).contiguous()
     return conv_weight_taps(weight, dtype, flat=flat)
 
