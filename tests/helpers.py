@@ -531,6 +531,20 @@ class RecordOps(TorchDispatchMode):
         return foreach, single
 
 
+class FusedHead(nn.Module):
+    """The head as python_models' efficient DenseNet computes it: ``norm_relu_pool`` (global)
+    over its norm (which ``enable_sync_bn`` turns into a SyncBatchNorm)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from dense_ext.transition import norm_relu_pool
+
+        return norm_relu_pool(x, self.norm, pool="global")
+
+
 class Autocast(nn.Module):
     """``module`` run under bfloat16 autocast on its input's device (float64 inputs pass
     autocast untouched)."""

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from helpers import TOLERANCE, Autocast, assert_close, check_step, float64_oracle
+from helpers import TOLERANCE, Autocast, FusedHead, assert_close, check_step, float64_oracle
 from hypothesis_compat import HealthCheck, given, settings, st
 from naive import NaiveDenseBlock, randomize_bn
 from torch import Tensor, nn
@@ -132,18 +132,7 @@ def test_transition_low_precision_over_several_mask_slices(train, autocast):
     compare_modules(naive, efficient, x, oracle)
 
 
-class _Head(nn.Module):
-    """The DenseNet head as the efficient model computes it (``norm_relu_pool``, global)."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.norm = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return norm_relu_pool(x, self.norm, pool="global")
-
-
-class _NaiveHead(_Head):
+class _NaiveHead(FusedHead):
     def forward(self, x):
         return torch.relu(self.norm(x)).mean(dim=(2, 3))
 
@@ -161,7 +150,7 @@ def test_half_precision_model_in_evaluation(dtype, layout, pool):
     if pool == "avg2x2":
         naive, efficient = transition_pair(16, 5, dtype)
     else:
-        naive, efficient = _NaiveHead(16), _Head(16)
+        naive, efficient = _NaiveHead(16), FusedHead(16)
         randomize_bn(naive.norm)
         efficient.load_state_dict(naive.state_dict())
         naive, efficient = naive.to(dtype), efficient.to(dtype)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TOLERANCE, assert_close
+from helpers import TOLERANCE, FusedHead, assert_close
 from naive import randomize_bn
 from ranks import spawn_ranks
 from torch import nn
@@ -24,24 +24,11 @@ from torch import nn
 from dense_ext import EfficientDenseBlock, EfficientTransition
 from dense_ext.backends.base import LOCAL, StatsSync
 from dense_ext.sync_bn import DistributedStatsSync, SyncBatchNorm, enable_sync_bn
-from dense_ext.transition import norm_relu_pool
 from python_models import densenet_bc
 
 WORLD = 2
 SHARES = (3, 5)  # unequal: the merge must weight each process by its count
 DTYPE = torch.float64
-
-
-class FusedHead(nn.Module):
-    """The head as python_models' efficient DenseNet computes it: ``norm_relu_pool`` over its
-    norm (which ``enable_sync_bn`` turns into a SyncBatchNorm)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm2d(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return norm_relu_pool(x, self.norm, pool="global")
 
 
 def _transition() -> nn.Module:
