@@ -64,14 +64,15 @@ def main() -> int:
     from dense_ext.backends.triton.compile_check import as_inductor_emits
 
     failures = 0
-    folder = Path(tempfile.mkdtemp(prefix="dense_ext_inductor_"))
-    for name, kernel in KERNELS.items():
-        try:
-            compile_kernel(as_inductor_emits(kernel, folder), torch.float32, 90)
-            print(f"sm_90 inductor {name} {torch.float32} ok", flush=True)
-        except Exception as exc:  # report every failure
-            failures += 1
-            print(f"sm_90 inductor {name} {torch.float32} FAILED: {type(exc).__name__}: {exc}")
+    # The re-emitted sources are imported from files; the folder goes when they are compiled.
+    with tempfile.TemporaryDirectory(prefix="dense_ext_inductor_") as folder:
+        for name, kernel in KERNELS.items():
+            try:
+                compile_kernel(as_inductor_emits(kernel, Path(folder)), torch.float32, 90)
+                print(f"sm_90 inductor {name} {torch.float32} ok", flush=True)
+            except Exception as exc:  # report every failure
+                failures += 1
+                print(f"sm_90 inductor {name} {torch.float32} FAILED: {type(exc).__name__}: {exc}")
     for arch in (80, 90):
         for name, kernel in KERNELS.items():
             for dtype in TYPES:

@@ -106,10 +106,12 @@ def test_head_and_model_match_naive():
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_sm80_and_sm90():
+def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     """Ahead-of-time compile of every CLDC kernel to cubins (Triton ships ptxas): catches what
-    the interpreter cannot (types of the compiled path, constexpr use)."""
+    the interpreter cannot (types of the compiled path, constexpr use). The script removes its
+    folder of re-emitted sources."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TMPDIR"] = str(tmp_path)
     root = str(Path(__file__).resolve().parents[1])  # this checkout's dense_ext, not another
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     script = Path(__file__).with_name("deluge_triton_compile.py")
@@ -119,6 +121,7 @@ def test_kernels_compile_for_sm80_and_sm90():
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("sm_")]
     assert len(lines) == 2 * 3 * 4 + 3 and all(line.endswith("ok") for line in lines), lines
+    assert not list(tmp_path.glob("dense_ext_*")), "the script left its folder behind"
 
 
 @pytest.mark.cuda

@@ -192,7 +192,8 @@ def _cli(tmp_path: Path, name: str, batch: int) -> list[str]:
 
 @pytest.mark.slow
 def test_torchrun_sync_bn_matches_one_process(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # TMPDIR: torchrun leaves an empty torchelastic_* folder behind in it on every run.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     torchrun = [
         sys.executable,
         "-m",

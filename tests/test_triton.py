@@ -1088,12 +1088,14 @@ def test_kernels_compile_for_the_gpu_without_a_gpu():
 
 
 @pytest.mark.slow
-def test_kernels_compile_as_torch_compile_re_emits_them():
+def test_kernels_compile_as_torch_compile_re_emits_them(tmp_path):
     """``torch.compile`` does not launch a user-defined Triton kernel as defined: inductor
     re-emits its source with its helpers' sources, under the names the kernel calls them by,
     and compiles that copy. Every variant of that copy compiles for sm_90 (the first GPU run
-    found ``round_tf32`` undefined there: it was an alias of ``_round_tf32_compiled``)."""
+    found ``round_tf32`` undefined there: it was an alias of ``_round_tf32_compiled``). The
+    folder of re-emitted sources is removed at the end (it was left in /tmp by every run)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TMPDIR"] = str(tmp_path)
     env["PYTHONPATH"] = (
         str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     )
@@ -1105,6 +1107,7 @@ def test_kernels_compile_as_torch_compile_re_emits_them():
     summary = re.search(r"(\d+) variants, (\d+) failed", done.stdout)
     assert summary is not None and summary.group(2) == "0", done.stdout
     assert done.stdout.count(" ok ") == int(summary.group(1)) >= 3 * 8 + 2 + 3, done.stdout
+    assert not list(tmp_path.glob("dense_ext_*")), "the check left its folder behind"
 
 
 def test_cuda_device_with_interpreted_kernels_is_refused():

@@ -344,7 +344,14 @@ def main(argv=None) -> int:
         help="compile each kernel as torch.compile re-emits it (see the module docstring)",
     )
     args = parser.parse_args(argv)
-    folder = Path(tempfile.mkdtemp(prefix="dense_ext_inductor_"))
+    # The re-emitted sources are imported from files; the folder goes when the check ends.
+    with tempfile.TemporaryDirectory(prefix="dense_ext_inductor_") as folder:
+        return _check_variants(args, Path(folder))
+
+
+def _check_variants(args: argparse.Namespace, folder: Path) -> int:
+    """Compile every variant for each of ``args.arch``; print a line per variant and the
+    count; 1 if any failed."""
     dtypes = [getattr(torch, d) for d in args.dtypes]
     failures = total = 0
     for arch in args.arch:
