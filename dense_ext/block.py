@@ -23,6 +23,7 @@ run, one call after another, as torchvision's block runs them; then the block do
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import cast
 
@@ -143,6 +144,23 @@ class EfficientDenseLayer(NotScriptable, nn.Module):
         return out
 
 
+_FLAT_KEY = re.compile(r"^(denselayer\d+)\.")
+_NESTED_KEY = re.compile(r"^(denselayer\d+)\.layers\.")
+
+
+def _nest_layer_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook of ``use_nested_layer_keys``: ``denselayerN.x`` ->
+    ``denselayerN.layers.x`` under ``prefix``. The block's entries are the last ones written,
+    so popping and re-adding them keeps the order of every key. Only for a block that uses
+    nested keys: the block it replaced shares its hook dicts (convert keeps their handles
+    working) and names its keys itself."""
+    if not getattr(module, "_nested_layer_keys", False):
+        return
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        value = state_dict.pop(key)
+        state_dict[prefix + _FLAT_KEY.sub(r"\1.layers.", key[len(prefix) :])] = value
+
+
 class EfficientDenseBlock(NotScriptable, nn.ModuleDict):
     """A DenseNet dense block over one shared, preallocated feature buffer.
 
@@ -227,6 +245,32 @@ class EfficientDenseBlock(NotScriptable, nn.ModuleDict):
 
     def layers(self) -> list[EfficientDenseLayer]:
         return list(self.values())
+
+    # Set by use_nested_layer_keys.
+    _nested_layer_keys = False
+
+    def use_nested_layer_keys(self) -> None:
+        """Name this block's state_dict entries as MONAI's dense layers do, with each layer's
+        modules one level down (``denselayer1.layers.norm1.weight``), when saving and when
+        loading; parameter names stay the block's own. ``dense_ext.convert`` calls it for
+        MONAI's blocks, so that their checkpoints load both ways."""
+        if self._nested_layer_keys:
+            return
+        self._nested_layer_keys = True
+        saving = self.register_state_dict_post_hook(_nest_layer_keys)
+        # Renamed before any other hook runs (dicts keep insertion order): hooks adopted from
+        # the replaced block see the keys they were written for. Loading renames after the
+        # pre-hooks, in _load_from_state_dict.
+        hooks = self._state_dict_hooks
+        hooks.update({key: hooks.pop(key) for key in list(hooks) if key != saving.id})
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._nested_layer_keys:  # the layers load after this, from the renamed keys
+            for key in [key for key in state_dict if key.startswith(prefix)]:
+                rest = key[len(prefix) :]
+                if _NESTED_KEY.match(rest):
+                    state_dict[prefix + _NESTED_KEY.sub(r"\1.", rest)] = state_dict.pop(key)
 
     def structure_reason(self) -> str | None:
         """Why the fused path cannot compute this block from its layers' parameters (each

@@ -6,6 +6,14 @@ Recognised by structure (duck typing; neither torchvision nor timm is imported):
   each with ``norm1`` and ``conv1`` and, for DenseNet-BC, ``norm2`` and ``conv2``, with the
   shapes of a dense block: torchvision's ``_DenseBlock``, timm's ``DenseBlock`` and
   ``python_models``' naive block;
+* or an ``nn.Sequential`` of ``denselayer1 .. denselayerL`` whose only child is ``layers``, an
+  ``nn.Sequential`` of exactly ``norm1, relu1, conv1, norm2, relu2, conv2`` (MONAI's 2-D
+  ``DenseNet``: each layer returns ``cat([x, layers(x)])``). Such a block keeps MONAI's
+  state_dict keys (``denselayer1.layers.norm1.weight``:
+  ``EfficientDenseBlock.use_nested_layer_keys``), so MONAI checkpoints load into the
+  converted model and its checkpoints into MONAI's. A
+  ``dropout`` in ``layers`` (MONAI's ``dropout_prob > 0``: a ``Dropout2d``, which zeroes whole
+  channels) raises ``ValueError``: the fused block drops single values, as torchvision does;
 * a transition is an ``nn.Sequential`` of exactly ``norm``, ``relu`` (``nn.ReLU``), ``conv``
   (bias-free 1x1 ``nn.Conv2d``) and ``pool`` (``nn.AvgPool2d(2)``) (torchvision), or of
   ``norm``, ``conv`` and ``pool`` with a norm that applies the ReLU itself (timm).
@@ -26,15 +34,11 @@ converts.
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from dense_ext.block import EfficientDenseBlock, norm_channels, norm_kind
 from dense_ext.transition import EfficientTransition, is_avg_pool_2x2
-
-_LAYER_NAME = re.compile(r"denselayer(\d+)")
 
 
 def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto") -> nn.Module:
@@ -63,7 +67,7 @@ def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto")
     if not targets:
         raise ValueError(
             f"convert found no torchvision-structured dense block or transition in "
-            f"{type(model).__name__} (already converted, or not a DenseNet?)"
+            f"{type(model).__name__} (already converted, not 2-D, or not a DenseNet?)"
         )
     for parent, name, new in targets:
         setattr(parent, name, new)  # keeps the child's position in an nn.Sequential
@@ -81,16 +85,34 @@ def _convert_one(module: nn.Module, memory: str, backend: str) -> nn.Module | No
 
 
 def _is_dense_block(module: nn.Module) -> bool:
-    if not isinstance(module, nn.ModuleDict) or len(module) == 0:
+    if isinstance(module, nn.ModuleDict):
+        layers = list(module.values())
+    elif isinstance(module, nn.Sequential) and all(map(_is_nested_layer, module)):
+        layers = [_layer_parts(layer) for layer in module]
+    else:
         return False
-    names = list(module.keys())
-    if names != [f"denselayer{i + 1}" for i in range(len(names))]:
+    names = [name for name, _ in module.named_children()]
+    if not layers or names != [f"denselayer{i + 1}" for i in range(len(names))]:
         return False
     return all(
         isinstance(getattr(layer, "norm1", None), nn.Module)
         and isinstance(getattr(layer, "conv1", None), nn.Conv2d)
-        for layer in module.values()
+        for layer in layers
     )
+
+
+def _is_nested_layer(layer: nn.Module) -> bool:
+    """A layer that keeps its modules in one ``layers`` Sequential (MONAI's ``_DenseLayer``)."""
+    return list(layer._modules) == ["layers"] and isinstance(layer.layers, nn.Sequential)
+
+
+_NESTED_PARTS = ["norm1", "relu1", "conv1", "norm2", "relu2", "conv2"]
+
+
+def _layer_parts(layer: nn.Module) -> nn.Module:
+    """The module whose attributes are a dense layer's norms, ReLUs and convs."""
+    parts = layer._modules.get("layers") if _is_nested_layer(layer) else None
+    return layer if parts is None else parts
 
 
 def _is_transition(module: nn.Module) -> bool:
@@ -160,18 +182,46 @@ def _adopt_hooks(old: nn.Module, new: nn.Module) -> None:
             setattr(new, name, old.__dict__[name])
 
 
-def _block_shape(block: nn.ModuleDict) -> tuple[int, int, int]:
+def _block_shape(block: nn.Module) -> tuple[int, int, int]:
     """(C0, growth rate, bn_size) of a naive block; ValueError if inconsistent."""
-    first = block["denselayer1"]
+    first = _layer_parts(block.denselayer1)
     c0 = norm_channels(first.norm1)
     bottleneck = hasattr(first, "conv2")
     k = (first.conv2 if bottleneck else first.conv1).out_channels
     mid = first.conv1.out_channels if bottleneck else 0
     if bottleneck and mid % k:
         raise ValueError(f"convert: bottleneck width {mid} is not a multiple of growth rate {k}")
-    for i, layer in enumerate(block.values()):
-        _check_layer(layer, f"denselayer{i + 1}", c0 + i * k, k, mid)
+    for i, (name, layer) in enumerate(block.named_children()):
+        if _is_nested_layer(layer):
+            _check_nested_layer(layer, name)
+        _check_layer(_layer_parts(layer), name, c0 + i * k, k, mid)
     return c0, k, mid // k
+
+
+def _check_nested_layer(layer: nn.Module, name: str) -> None:
+    """A nested layer runs every module of its ``layers``: they must be those a fused layer
+    models, no more."""
+    parts = list(layer.layers._modules)
+    if "dropout" in parts:
+        dropout = layer.layers.dropout
+        raise ValueError(
+            f"convert: {name}.layers.dropout is a {type(dropout).__name__}(p={dropout.p}); a "
+            "fused dense block applies element-wise dropout to each layer's new features (as "
+            "torchvision's drop_rate does), not channel dropout. Build the model without "
+            "dropout (MONAI: dropout_prob=0) to convert it."
+        )
+    if parts != _NESTED_PARTS:
+        raise ValueError(
+            f"convert: {name}.layers holds {parts}; a fused dense layer models exactly "
+            f"{_NESTED_PARTS}"
+        )
+    if "forward" in layer.layers.__dict__ or any(
+        getattr(layer.layers, hooks, None) for hooks in HOOK_ATTRIBUTES
+    ):
+        raise ValueError(
+            f"convert: {name}.layers has hooks (or a replaced forward), which the converted "
+            "layer has no module to keep; register them on the layer or its modules instead"
+        )
 
 
 def _check_layer(layer: nn.Module, name: str, c_in: int, k: int, mid: int) -> None:
@@ -208,22 +258,27 @@ def _check_layer(layer: nn.Module, name: str, c_in: int, k: int, mid: int) -> No
         )
 
 
-def _convert_block(block: nn.ModuleDict, memory: str, backend: str) -> EfficientDenseBlock:
+def _convert_block(block: nn.Module, memory: str, backend: str) -> EfficientDenseBlock:
     c0, k, bn_size = _block_shape(block)
     # Built on the meta device: its own parameters are placeholders, replaced just below.
     with torch.device("meta"):
         new = EfficientDenseBlock(
             len(block), c0, k, bn_size or None, memory=memory, backend=backend
         )
-    for old_layer, new_layer in zip(block.values(), new.values()):
+    nested = False
+    for old_layer, new_layer in zip(block.children(), new.values()):
+        nested = _is_nested_layer(old_layer)
+        parts = _layer_parts(old_layer)
         for name in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
             # A missing ReLU module (a functional ReLU in forward) keeps the new one.
-            if hasattr(new_layer, name) and hasattr(old_layer, name):
-                setattr(new_layer, name, getattr(old_layer, name))
+            if hasattr(new_layer, name) and hasattr(parts, name):
+                setattr(new_layer, name, getattr(parts, name))
         # Each layer keeps its own dropout rate and train/eval flag (the BNs, reused, keep theirs).
         new_layer.drop_rate = float(getattr(old_layer, "drop_rate", 0.0))
         new_layer.training = old_layer.training
         _adopt_hooks(old_layer, new_layer)
     new.training = block.training
     _adopt_hooks(block, new)
+    if nested:
+        new.use_nested_layer_keys()
     return new

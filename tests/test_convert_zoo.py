@@ -1,5 +1,6 @@
 """convert() on the DenseNets people actually fine-tune: timm's (BatchNormAct2d, blur-pool
-variants), torchvision's own densenet121, and backbones whose BNs are FrozenBatchNorm2d.
+variants), torchvision's own densenet121, MONAI's 2-D DenseNet121 (each layer's modules in a
+``layers`` Sequential), and backbones whose BNs are FrozenBatchNorm2d.
 
 Each converted model keeps every Parameter object and matches the unconverted one in float64:
 outputs, input and parameter gradients, buffers after forward and backward (helpers.train_step).
@@ -8,12 +9,23 @@ outputs, input and parameter gradients, buffers after forward and backward (help
 from __future__ import annotations
 
 import copy
+import functools
+import re
+from collections.abc import Callable
 
 import pytest
 import timm
 import torch
 import torchvision
-from helpers import TOLERANCE, assert_close, assert_same_step, cpu_backend_or_skip, train_step
+from helpers import (
+    TOLERANCE,
+    Step,
+    assert_close,
+    assert_same_step,
+    cpu_backend_or_skip,
+    train_step,
+)
+from monai.networks.nets import DenseNet121 as MonaiDenseNet121
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -45,8 +57,14 @@ def _input() -> torch.Tensor:
 
 
 def _converted_matches(
-    original: nn.Module, backend: str, memory: str, blocks: int, transitions: int
+    original: nn.Module,
+    backend: str,
+    memory: str,
+    blocks: int,
+    transitions: int,
+    rename: Callable[[str], str] = lambda name: name,
 ):
+    """``rename``: an original parameter or buffer name as the converted model names it."""
     cpu_backend_or_skip(backend)
     converted = copy.deepcopy(original)
     params_before = [id(p) for p in converted.parameters()]
@@ -59,10 +77,20 @@ def _converted_matches(
         for step in range(2):
             original.train(mode == "train")
             converted.train(mode == "train")
-            expected = train_step(original, _input(), seed=step)
+            expected = _renamed(train_step(original, _input(), seed=step), rename)
             actual = train_step(converted, _input(), seed=step)
             assert_same_step(actual, expected, TOLERANCE[torch.float64], f"{mode} step {step}")
     return converted
+
+
+def _renamed(step: Step, rename: Callable[[str], str]) -> Step:
+    def names(tensors: dict) -> dict:
+        return {rename(name): value for name, value in tensors.items()}
+
+    step.grads = names(step.grads)
+    step.buffers_after_forward = names(step.buffers_after_forward)
+    step.buffers_after_backward = names(step.buffers_after_backward)
+    return step
 
 
 @pytest.mark.slow
@@ -155,3 +183,83 @@ def test_timm_features_only_converts(feature_cls):
     assert len(actual) == len(expected) == 5
     for i, (got, want) in enumerate(zip(actual, expected)):
         assert_close(got, want, TOLERANCE[torch.float64], f"feature map {i}")
+
+
+def _monai_densenet121(**kwargs) -> nn.Module:
+    return MonaiDenseNet121(spatial_dims=2, in_channels=3, out_channels=5, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, memory", BACKENDS)
+def test_monai_densenet_converts_in_place(backend, memory):
+    """MONAI's 2-D DenseNet121: its blocks are Sequentials of layers that keep their modules
+    in a ``layers`` Sequential and return ``cat([x, layers(x)])`` (before: the transitions
+    were converted and the blocks silently left as they were). The converted model keeps
+    MONAI's state_dict keys, in order, both ways; its parameter names lose the ``layers``
+    level (the modules are the converted layer's own)."""
+    torch.manual_seed(0)
+    model = _randomize(_monai_densenet121())
+    flat = functools.partial(re.sub, r"(denselayer\d+)\.layers\.", r"\1.")
+    converted = _converted_matches(model, backend, memory, 4, 3, rename=flat)
+    saved = converted.state_dict()
+    assert list(saved) == list(model.state_dict())
+    assert "features.denseblock1.denselayer1.layers.conv1.weight" in saved
+    fresh = _monai_densenet121().double()
+    fresh.load_state_dict(saved)  # strict: the converted model's checkpoint into MONAI's
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    again = dense_ext.convert(_monai_densenet121().double(), memory=memory, backend=backend)
+    again.load_state_dict(model.state_dict())  # strict: MONAI's checkpoint into a converted one
+    for key, value in again.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_monai_block_hooks_see_monai_keys():
+    """state_dict hooks registered on a MONAI block before converting see (and load) the
+    nested keys they were written for."""
+    model = _monai_densenet121(block_config=(2, 2), init_features=16, growth_rate=8)
+    block = model.features.denseblock1
+    seen = {}
+
+    def saving(module, state, prefix, meta):
+        seen["save"] = [k for k in state if k.startswith(prefix)]
+
+    def loading(module, state, prefix, *args):
+        seen["load"] = [k for k in state if k.startswith(prefix)]
+
+    block.register_state_dict_post_hook(saving)
+    block.register_load_state_dict_pre_hook(loading)
+    keys = list(block.state_dict())
+    dense_ext.convert(model, backend="reference")
+    assert isinstance(model.features.denseblock1, EfficientDenseBlock)
+    state = model.state_dict()
+    assert "features.denseblock1.denselayer2.layers.norm2.running_var" in seen["save"]
+    model.load_state_dict(state)
+    assert "features.denseblock1.denselayer2.layers.norm2.running_var" in seen["load"]
+    # The replaced block shares its hook dicts with the new one; its own keys stay its own.
+    assert list(block.state_dict()) == keys
+    block.load_state_dict(block.state_dict())
+
+
+def test_monai_channel_dropout_raises_clearly():
+    """MONAI's dropout_prob puts a Dropout2d (whole channels) in each layer: not what a fused
+    block's element-wise dropout computes."""
+    with pytest.raises(ValueError, match=r"denselayer1.layers.dropout is a Dropout2d\(p=0.2\)"):
+        dense_ext.convert(_monai_densenet121(dropout_prob=0.2))
+
+
+def test_monai_layer_with_other_modules_or_hooks_raises_clearly():
+    model = _monai_densenet121(block_config=(2, 2), init_features=16, growth_rate=8)
+    model.features.denseblock1.denselayer2.layers.add_module("extra", nn.Identity())
+    with pytest.raises(ValueError, match=r"denselayer2.layers holds \[.*'extra'\]"):
+        dense_ext.convert(model)
+    model = _monai_densenet121(block_config=(2, 2), init_features=16, growth_rate=8)
+    model.features.denseblock2.denselayer1.layers.register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match="denselayer1.layers has hooks"):
+        dense_ext.convert(model)
+
+
+def test_monai_3d_densenet_raises_clearly():
+    model = MonaiDenseNet121(spatial_dims=3, in_channels=1, out_channels=2)
+    with pytest.raises(ValueError, match="found no torchvision-structured dense block"):
+        dense_ext.convert(model)
