@@ -6,9 +6,11 @@ Recognised by structure (duck typing; neither torchvision nor timm is imported):
   each with ``norm1`` and ``conv1`` and, for DenseNet-BC, ``norm2`` and ``conv2``, with the
   shapes of a dense block: torchvision's ``_DenseBlock``, timm's ``DenseBlock`` and
   ``python_models``' naive block;
-* or an ``nn.Sequential`` of ``denselayer1 .. denselayerL`` whose only child is ``layers``, an
-  ``nn.Sequential`` of exactly ``norm1, relu1, conv1, norm2, relu2, conv2`` (MONAI's 2-D
-  ``DenseNet``: each layer returns ``cat([x, layers(x)])``). Such a block keeps MONAI's
+* or an ``nn.Sequential`` of ``denselayer1 .. denselayerL``, each an ``nn.Sequential`` of
+  exactly ``norm1, relu1, conv1, norm2, relu2, conv2`` whose class's forward adds the
+  concatenation (torchvision before 0.3, and the many copies of it: torchxrayvision's, for
+  one), or each with one child ``layers``, such an ``nn.Sequential`` (MONAI's 2-D
+  ``DenseNet``: each layer returns ``cat([x, layers(x)])``). The latter keeps MONAI's
   state_dict keys (``denselayer1.layers.norm1.weight``:
   ``EfficientDenseBlock.use_nested_layer_keys``), so MONAI checkpoints load into the
   converted model and its checkpoints into MONAI's. A
@@ -87,7 +89,7 @@ def _convert_one(module: nn.Module, memory: str, backend: str) -> nn.Module | No
 def _is_dense_block(module: nn.Module) -> bool:
     if isinstance(module, nn.ModuleDict):
         layers = list(module.values())
-    elif isinstance(module, nn.Sequential) and all(map(_is_nested_layer, module)):
+    elif isinstance(module, nn.Sequential) and all(map(_is_chained_layer, module)):
         layers = [_layer_parts(layer) for layer in module]
     else:
         return False
@@ -104,6 +106,16 @@ def _is_dense_block(module: nn.Module) -> bool:
 def _is_nested_layer(layer: nn.Module) -> bool:
     """A layer that keeps its modules in one ``layers`` Sequential (MONAI's ``_DenseLayer``)."""
     return list(layer._modules) == ["layers"] and isinstance(layer.layers, nn.Sequential)
+
+
+def _is_chained_layer(layer: nn.Module) -> bool:
+    """A layer of a block that chains its layers (an ``nn.Sequential``), so returns its input
+    with its new features: MONAI's, or torchvision's before 0.3 (copied by torchxrayvision and
+    many research repositories), an ``nn.Sequential`` of the norms, ReLUs and convs whose class
+    adds the concatenation (and ``drop_rate``) in its own forward."""
+    if _is_nested_layer(layer):
+        return True
+    return isinstance(layer, nn.Sequential) and type(layer).forward is not nn.Sequential.forward
 
 
 _NESTED_PARTS = ["norm1", "relu1", "conv1", "norm2", "relu2", "conv2"]
@@ -194,27 +206,34 @@ def _block_shape(block: nn.Module) -> tuple[int, int, int]:
     for i, (name, layer) in enumerate(block.named_children()):
         if _is_nested_layer(layer):
             _check_nested_layer(layer, name)
+        elif isinstance(layer, nn.Sequential):  # it runs every module it holds
+            _check_layer_modules(layer, name)
         _check_layer(_layer_parts(layer), name, c0 + i * k, k, mid)
     return c0, k, mid // k
 
 
-def _check_nested_layer(layer: nn.Module, name: str) -> None:
-    """A nested layer runs every module of its ``layers``: they must be those a fused layer
-    models, no more."""
-    parts = list(layer.layers._modules)
+def _check_layer_modules(modules: nn.Sequential, where: str) -> None:
+    """A Sequential runs every module it holds: they must be those a fused layer models, no
+    more."""
+    parts = list(modules._modules)
     if "dropout" in parts:
-        dropout = layer.layers.dropout
+        dropout = modules.dropout
         raise ValueError(
-            f"convert: {name}.layers.dropout is a {type(dropout).__name__}(p={dropout.p}); a "
+            f"convert: {where}.dropout is a {type(dropout).__name__}(p={dropout.p}); a "
             "fused dense block applies element-wise dropout to each layer's new features (as "
             "torchvision's drop_rate does), not channel dropout. Build the model without "
             "dropout (MONAI: dropout_prob=0) to convert it."
         )
     if parts != _NESTED_PARTS:
         raise ValueError(
-            f"convert: {name}.layers holds {parts}; a fused dense layer models exactly "
-            f"{_NESTED_PARTS}"
+            f"convert: {where} holds {parts}; a fused dense layer models exactly {_NESTED_PARTS}"
         )
+
+
+def _check_nested_layer(layer: nn.Module, name: str) -> None:
+    """A nested layer's ``layers``: the modules a fused layer models, and nothing the converted
+    layer could not keep."""
+    _check_layer_modules(layer.layers, f"{name}.layers")
     if "forward" in layer.layers.__dict__ or any(
         getattr(layer.layers, hooks, None) for hooks in HOOK_ATTRIBUTES
     ):

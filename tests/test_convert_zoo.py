@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from collections import OrderedDict
 from collections.abc import Callable
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from helpers import (
     TOLERANCE,
@@ -263,3 +265,71 @@ def test_monai_3d_densenet_raises_clearly():
     model = MonaiDenseNet121(spatial_dims=3, in_channels=1, out_channels=2)
     with pytest.raises(ValueError, match="found no torchvision-structured dense block"):
         dense_ext.convert(model)
+
+
+class _OldDenseLayer(nn.Sequential):
+    """torchvision's dense layer before 0.3, as torchxrayvision and many research repositories
+    still copy it: an nn.Sequential whose forward adds the dropout and the concatenation."""
+
+    def __init__(self, c_in: int, growth_rate: int, bn_size: int, drop_rate: float):
+        super().__init__()
+        mid = bn_size * growth_rate
+        self.add_module("norm1", nn.BatchNorm2d(c_in))
+        self.add_module("relu1", nn.ReLU(inplace=True))
+        self.add_module("conv1", nn.Conv2d(c_in, mid, kernel_size=1, bias=False))
+        self.add_module("norm2", nn.BatchNorm2d(mid))
+        self.add_module("relu2", nn.ReLU(inplace=True))
+        self.add_module("conv2", nn.Conv2d(mid, growth_rate, 3, padding=1, bias=False))
+        self.drop_rate = drop_rate
+
+    def forward(self, x):
+        new_features = super().forward(x)
+        if self.drop_rate > 0:
+            new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
+        return torch.cat([x, new_features], 1)
+
+
+def _old_torchvision_densenet(block_config=(3, 4), c0=16, k=8) -> nn.Module:
+    features = nn.Sequential()
+    features.add_module("conv0", nn.Conv2d(3, c0, 3, padding=1, bias=False))
+    channels = c0
+    for b, layers in enumerate(block_config):
+        block = nn.Sequential()  # torchvision's _DenseBlock before 0.3
+        for i in range(layers):
+            block.add_module(f"denselayer{i + 1}", _OldDenseLayer(channels + i * k, k, 4, 0.0))
+        features.add_module(f"denseblock{b + 1}", block)
+        channels += layers * k
+        if b + 1 < len(block_config):
+            transition = nn.Sequential()
+            transition.add_module("norm", nn.BatchNorm2d(channels))
+            transition.add_module("relu", nn.ReLU(inplace=True))
+            transition.add_module("conv", nn.Conv2d(channels, channels // 2, 1, bias=False))
+            transition.add_module("pool", nn.AvgPool2d(2, stride=2))
+            features.add_module(f"transition{b + 1}", transition)
+            channels //= 2
+    features.add_module("norm5", nn.BatchNorm2d(channels))
+    return nn.Sequential(features, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+@pytest.mark.parametrize("backend, memory", BACKENDS)
+def test_old_torchvision_densenet_converts_in_place(backend, memory):
+    """Blocks and layers that are nn.Sequentials (torchvision before 0.3, torchxrayvision):
+    before, their transitions were converted and their blocks silently left as they were.
+    The state_dict keys are torchvision's already, and stay."""
+    torch.manual_seed(0)
+    model = _randomize(_old_torchvision_densenet())
+    converted = _converted_matches(model, backend, memory, blocks=2, transitions=1)
+    assert list(converted.state_dict()) == list(model.state_dict())
+
+
+def test_a_sequential_of_plain_sequentials_is_no_dense_block():
+    """Layers that are plain nn.Sequentials chain their modules without the concatenation:
+    not a dense block, whatever their names."""
+    torch.manual_seed(0)
+    block = nn.Sequential()
+    block.add_module(
+        "denselayer1", nn.Sequential(OrderedDict(_OldDenseLayer(8, 8, 4, 0.0)._modules))
+    )
+    with pytest.raises(ValueError, match="found no torchvision-structured dense block"):
+        dense_ext.convert(nn.Sequential(block))
+    assert type(block.denselayer1) is nn.Sequential
