@@ -90,6 +90,8 @@ def _is_dense_block(module: nn.Module) -> bool:
     if isinstance(module, nn.ModuleDict):
         layers = list(module.values())
     elif isinstance(module, nn.Sequential) and all(map(_is_chained_layer, module)):
+        if len({_is_nested_layer(layer) for layer in module}) > 1:
+            return False  # one block, one layout of its layers' keys
         layers = [_layer_parts(layer) for layer in module]
     else:
         return False
@@ -219,7 +221,8 @@ def _check_layer_modules(modules: nn.Sequential, where: str) -> None:
     if "dropout" in parts:
         dropout = modules.dropout
         raise ValueError(
-            f"convert: {where}.dropout is a {type(dropout).__name__}(p={dropout.p}); a "
+            f"convert: {where}.dropout is a {type(dropout).__name__}"
+            f"(p={getattr(dropout, 'p', '?')}); a "
             "fused dense block applies element-wise dropout to each layer's new features (as "
             "torchvision's drop_rate does), not channel dropout. Build the model without "
             "dropout (MONAI: dropout_prob=0) to convert it."
@@ -284,9 +287,7 @@ def _convert_block(block: nn.Module, memory: str, backend: str) -> EfficientDens
         new = EfficientDenseBlock(
             len(block), c0, k, bn_size or None, memory=memory, backend=backend
         )
-    nested = False
     for old_layer, new_layer in zip(block.children(), new.values()):
-        nested = _is_nested_layer(old_layer)
         parts = _layer_parts(old_layer)
         for name in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
             # A missing ReLU module (a functional ReLU in forward) keeps the new one.
@@ -298,6 +299,6 @@ def _convert_block(block: nn.Module, memory: str, backend: str) -> EfficientDens
         _adopt_hooks(old_layer, new_layer)
     new.training = block.training
     _adopt_hooks(block, new)
-    if nested:
+    if _is_nested_layer(block.denselayer1):  # then every layer is (_is_dense_block)
         new.use_nested_layer_keys()
     return new
