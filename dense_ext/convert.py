@@ -36,6 +36,8 @@ converts.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -71,9 +73,21 @@ def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto")
             f"convert found no torchvision-structured dense block or transition in "
             f"{type(model).__name__} (already converted, not 2-D, or not a DenseNet?)"
         )
+    if not any(isinstance(m, EfficientDenseBlock) for m in [*model.modules(), *_new(targets)]):
+        warnings.warn(
+            f"dense_ext.convert: {type(model).__name__} has transitions but no dense block that "
+            "convert recognises, so only its transitions are converted and its dense blocks "
+            "keep their memory cost (convert knows torchvision's, timm's and MONAI's 2-D "
+            "structures: see its documentation)",
+            stacklevel=2,
+        )
     for parent, name, new in targets:
         setattr(parent, name, new)  # keeps the child's position in an nn.Sequential
     return model
+
+
+def _new(targets: list[tuple[nn.Module, str, nn.Module]]) -> list[nn.Module]:
+    return [new for _, _, new in targets]
 
 
 def _convert_one(module: nn.Module, memory: str, backend: str) -> nn.Module | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -333,3 +334,19 @@ def test_a_sequential_of_plain_sequentials_is_no_dense_block():
     with pytest.raises(ValueError, match="found no torchvision-structured dense block"):
         dense_ext.convert(nn.Sequential(block))
     assert type(block.denselayer1) is nn.Sequential
+
+
+def test_transitions_without_a_recognised_block_warn():
+    """A DenseNet whose blocks convert does not recognise (mmpretrain's: a ModuleList of
+    layers with one shared ``act``) but whose transitions it does: the transitions convert,
+    and a warning says the blocks did not (before: silence, and a model that looked converted)."""
+    transition = _old_torchvision_densenet().get_submodule("0.transition1")
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), transition)
+    with pytest.warns(UserWarning, match="no dense block that convert recognises"):
+        dense_ext.convert(model, backend="reference")
+    assert isinstance(model[1], EfficientTransition)
+    # Blocks already efficient: nothing to warn about.
+    model = nn.Sequential(EfficientDenseBlock(2, 32, 8, backend="reference"), transition)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dense_ext.convert(model)
