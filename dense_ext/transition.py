@@ -18,6 +18,9 @@ summed, the weight and bias gradients left local (``nn.SyncBatchNorm``'s semanti
 
 from __future__ import annotations
 
+import operator
+from collections import OrderedDict
+from collections.abc import Iterator
 from typing import cast
 
 import torch
@@ -507,6 +510,27 @@ class EfficientTransition(NotScriptable, nn.Module):
         self.stats_sync = None
         keep_grad_layout(conv.weight)
         return self
+
+    # nn.Sequential's container protocol, as torchvision's _Transition (an nn.Sequential) has
+    # it: code that walks a transition's modules (segmentation_models_pytorch's
+    # TransitionWithSkip before 0.4, which keeps the ReLU's output as a skip connection) runs
+    # them one by one, in torchvision's order, as it did before converting.
+    def __iter__(self) -> Iterator[nn.Module]:
+        """The modules in torchvision's order: ``norm``, ``relu``, ``conv``, ``pool``."""
+        return iter(self._sequence())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, index: int | slice) -> nn.Module:
+        """``transition[i]`` is the i-th module (``transition[2] is transition.conv``);
+        ``transition[a:b]`` an ``nn.Sequential`` of those modules, as ``nn.Sequential`` gives."""
+        if isinstance(index, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[index]))
+        return self._sequence()[operator.index(index)]
+
+    def _sequence(self) -> list[nn.Module]:
+        return [module for module in self._modules.values() if module is not None]
 
     def structure_reason(self) -> str | None:
         """Why the fused path (BN-ReLU-pool, then the conv module on the pooled map) would not

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import pytest
+import segmentation_models_pytorch as smp
 import timm
 import torch
 import torch.nn.functional as F
@@ -350,3 +351,59 @@ def test_transitions_without_a_recognised_block_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dense_ext.convert(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, memory", BACKENDS[:2])
+def test_segmentation_models_pytorch_unet_converts_in_place(backend, memory):
+    """segmentation_models_pytorch's Unet with a densenet121 encoder (torchvision's DenseNet,
+    whose forward calls each transition's norm, relu, conv and pool itself to keep the ReLU's
+    output as a skip connection)."""
+    torch.manual_seed(0)
+    model = _randomize(smp.Unet("densenet121", encoder_weights=None, classes=2))
+    _converted_matches(model, backend, memory, blocks=4, transitions=3)
+
+
+class _TransitionWithSkip(nn.Module):
+    """How segmentation_models_pytorch before 0.4 (and code copied from it) walks a torchvision
+    transition: as the nn.Sequential it is, keeping the ReLU's output."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        for module in self.module:
+            x = module(x)
+            if isinstance(module, nn.ReLU):
+                skip = x
+        return x, skip
+
+
+def test_a_converted_transition_is_walked_as_torchvision_s_sequential():
+    """torchvision's _Transition is an nn.Sequential: iterating, indexing and slicing a
+    converted one give its modules in torchvision's order (before: a TypeError, "not
+    iterable"), and walking them computes what walking the original does."""
+    torch.manual_seed(0)
+    original = _randomize(torchvision.models.densenet121(weights=None)).features.transition1
+    converted = dense_ext.convert(copy.deepcopy(original), backend="reference")
+    assert isinstance(converted, EfficientTransition)
+    assert len(converted) == len(original) == 4
+    assert [type(m) for m in converted] == [type(m) for m in original]
+    assert converted[2] is converted.conv and converted[-1] is converted.pool
+    head = converted[:2]
+    assert isinstance(head, nn.Sequential) and list(head) == [converted.norm, converted.relu]
+    with pytest.raises(IndexError):
+        converted[4]
+    with pytest.raises(TypeError):
+        converted["conv"]
+    x = torch.randn(2, 256, 8, 8, dtype=torch.float64)
+    seen = []
+    for transition in (original, converted):
+        x_in = x.clone().requires_grad_()
+        out, skip = _TransitionWithSkip(transition)(x_in)
+        (out.square().sum() + skip.sin().sum()).backward()
+        seen.append([out, skip, x_in.grad, *(p.grad for p in transition.parameters())])
+    names = ["output", "skip", "input gradient", "norm.weight", "norm.bias", "conv.weight"]
+    for name, want, got in zip(names, *seen, strict=True):
+        assert_close(got, want, TOLERANCE[torch.float64], name)
