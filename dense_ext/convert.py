@@ -6,6 +6,8 @@ Recognised by structure (duck typing; neither torchvision nor timm is imported):
   each with ``norm1`` and ``conv1`` and, for DenseNet-BC, ``norm2`` and ``conv2``, with the
   shapes of a dense block: torchvision's ``_DenseBlock``, timm's ``DenseBlock`` and
   ``python_models``' naive block;
+* or another ``nn.Module`` with those children (torchvision 0.3 and 0.4, whose layers are
+  ``nn.Sequential``s of the six modules with a forward of their own);
 * or an ``nn.Sequential`` of ``denselayer1 .. denselayerL``, each an ``nn.Sequential`` of
   exactly ``norm1, relu1, conv1, norm2, relu2, conv2`` whose class's forward adds the
   concatenation (torchvision before 0.3, and the many copies of it: torchxrayvision's, for
@@ -103,12 +105,14 @@ def _convert_one(module: nn.Module, memory: str, backend: str) -> nn.Module | No
 def _is_dense_block(module: nn.Module) -> bool:
     if isinstance(module, nn.ModuleDict):
         layers = list(module.values())
-    elif isinstance(module, nn.Sequential) and all(map(_is_chained_layer, module)):
+    elif isinstance(module, nn.Sequential):
+        if not all(map(_is_chained_layer, module)):
+            return False
         if len({_is_nested_layer(layer) for layer in module}) > 1:
             return False  # one block, one layout of its layers' keys
         layers = [_layer_parts(layer) for layer in module]
-    else:
-        return False
+    else:  # a block whose forward concatenates (torchvision 0.3-0.4: an nn.Module)
+        layers = list(module.children())
     names = [name for name, _ in module.named_children()]
     if not layers or names != [f"denselayer{i + 1}" for i in range(len(names))]:
         return False
@@ -299,7 +303,7 @@ def _convert_block(block: nn.Module, memory: str, backend: str) -> EfficientDens
     # Built on the meta device: its own parameters are placeholders, replaced just below.
     with torch.device("meta"):
         new = EfficientDenseBlock(
-            len(block), c0, k, bn_size or None, memory=memory, backend=backend
+            len(block._modules), c0, k, bn_size or None, memory=memory, backend=backend
         )
     for old_layer, new_layer in zip(block.children(), new.values()):
         parts = _layer_parts(old_layer)

@@ -313,6 +313,44 @@ def _old_torchvision_densenet(block_config=(3, 4), c0=16, k=8) -> nn.Module:
     return nn.Sequential(features, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
+class _DenseLayer04(_OldDenseLayer):
+    """torchvision 0.3-0.4's dense layer: the same nn.Sequential, whose forward takes the
+    earlier features and returns only the new ones (its block concatenates)."""
+
+    def forward(self, *prev_features):
+        bottleneck = self.conv1(self.relu1(self.norm1(torch.cat(prev_features, 1))))
+        new_features = self.conv2(self.relu2(self.norm2(bottleneck)))
+        if self.drop_rate > 0:
+            new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
+        return new_features
+
+
+class _DenseBlock04(nn.Module):
+    """torchvision 0.3-0.4's dense block: a plain nn.Module of layers."""
+
+    def __init__(self, layers: int, c0: int, k: int):
+        super().__init__()
+        for i in range(layers):
+            self.add_module(f"denselayer{i + 1}", _DenseLayer04(c0 + i * k, k, 4, 0.0))
+
+    def forward(self, init_features):
+        features = [init_features]
+        for layer in self.children():
+            features.append(layer(*features))
+        return torch.cat(features, 1)
+
+
+def _torchvision_04_densenet() -> nn.Module:
+    model = _old_torchvision_densenet()
+    features = model[0]
+    for name in ("denseblock1", "denseblock2"):
+        old = features.get_submodule(name)
+        layers = len(old)
+        c0 = old.denselayer1.norm1.num_features
+        setattr(features, name, _DenseBlock04(layers, c0, old.denselayer1.conv2.out_channels))
+    return model
+
+
 @pytest.mark.parametrize("backend, memory", BACKENDS)
 def test_old_torchvision_densenet_converts_in_place(backend, memory):
     """Blocks and layers that are nn.Sequentials (torchvision before 0.3, torchxrayvision):
@@ -320,6 +358,16 @@ def test_old_torchvision_densenet_converts_in_place(backend, memory):
     The state_dict keys are torchvision's already, and stay."""
     torch.manual_seed(0)
     model = _randomize(_old_torchvision_densenet())
+    converted = _converted_matches(model, backend, memory, blocks=2, transitions=1)
+    assert list(converted.state_dict()) == list(model.state_dict())
+
+
+@pytest.mark.parametrize("backend, memory", BACKENDS)
+def test_torchvision_0_4_densenet_converts_in_place(backend, memory):
+    """torchvision 0.3-0.4's blocks (plain nn.Modules whose forward concatenates) and layers
+    (nn.Sequentials taking the earlier features): before, only the transitions converted."""
+    torch.manual_seed(0)
+    model = _randomize(_torchvision_04_densenet())
     converted = _converted_matches(model, backend, memory, blocks=2, transitions=1)
     assert list(converted.state_dict()) == list(model.state_dict())
 
