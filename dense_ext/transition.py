@@ -520,17 +520,20 @@ class EfficientTransition(NotScriptable, nn.Module):
         return iter(self._sequence())
 
     def __len__(self) -> int:
-        return len(self._modules)
+        return len(self._sequence())
 
     def __getitem__(self, index: int | slice) -> nn.Module:
         """``transition[i]`` is the i-th module (``transition[2] is transition.conv``);
         ``transition[a:b]`` an ``nn.Sequential`` of those modules, as ``nn.Sequential`` gives."""
         if isinstance(index, slice):
-            return nn.Sequential(OrderedDict(list(self._modules.items())[index]))
+            return nn.Sequential(OrderedDict(self._named_sequence()[index]))
         return self._sequence()[operator.index(index)]
 
+    def _named_sequence(self) -> list[tuple[str, nn.Module]]:
+        return [(name, module) for name, module in self._modules.items() if module is not None]
+
     def _sequence(self) -> list[nn.Module]:
-        return [module for module in self._modules.values() if module is not None]
+        return [module for _, module in self._named_sequence()]
 
     def structure_reason(self) -> str | None:
         """Why the fused path (BN-ReLU-pool, then the conv module on the pooled map) would not
