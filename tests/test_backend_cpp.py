@@ -142,6 +142,7 @@ def test_dropout_mask_statistics():
     assert abs(corr) < 0.01, corr
 
 
+@pytest.mark.one_thread
 @pytest.mark.parametrize("memory", ["bottleneck", "min"])
 @pytest.mark.parametrize("bn_size", [None, 2])
 @pytest.mark.parametrize("drop", [0.0, 0.4])

@@ -62,6 +62,7 @@ def test_dropout_replays_the_same_masks(memory, bn_size):
     assert 0.15 < dropped < 0.45, f"the masks drop {dropped:.2f} of the values, not about 0.3"
 
 
+@pytest.mark.one_thread
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("memory", ["bottleneck", "min"])
 def test_dropout_gradient_is_consistent(backend, memory):

@@ -137,6 +137,7 @@ def test_eps_changed_after_construction(backend):
     compare_stage(naive, efficient, torch.randn(2, 4, 3, 4, dtype=torch.float64), 1e-10)
 
 
+@pytest.mark.one_thread
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("memory", ["min", "bottleneck"])
@@ -454,6 +455,7 @@ def test_state_dicts_are_interchangeable():
         assert torch.equal(twin.state_dict()[key], value), key
 
 
+@pytest.mark.one_thread
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 def test_cldc_gradcheck_float64(backend, training):
@@ -472,6 +474,7 @@ def test_cldc_gradcheck_float64(backend, training):
     assert torch.autograd.gradcheck(f, (buf, weight, bias), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.one_thread
 @pytest.mark.parametrize("flags", ["train", "eval", "mixed"])
 def test_entry_matches_naive(flags):
     """The CIFAR entry (a pre-activation bottleneck that keeps only its input)."""
@@ -495,6 +498,7 @@ def test_entry_matches_naive(flags):
     assert torch.autograd.gradcheck(efficient, (x.clone().requires_grad_(),), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.one_thread
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_transition_mixed_flags_and_gradcheck(backend):
     backend_or_skip(backend)

@@ -15,6 +15,7 @@ from dense_ext.backends import resolve_backend_name
 BACKENDS = ["reference", "cpp"]
 
 
+@pytest.mark.one_thread
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("memory", ["bottleneck", "min"])
 @pytest.mark.parametrize("bn_size", [None, 2])
