@@ -386,9 +386,9 @@ def test_a_sequential_of_plain_sequentials_is_no_dense_block():
 
 
 def test_transitions_without_a_recognised_block_warn():
-    """A DenseNet whose blocks convert does not recognise (mmpretrain's: a ModuleList of
-    layers with one shared ``act``) but whose transitions it does: the transitions convert,
-    and a warning says the blocks did not (before: silence, and a model that looked converted)."""
+    """A DenseNet whose transitions convert recognises but whose blocks it does not (here: no
+    block at all): the transitions convert, and a warning says no block did (before: silence,
+    and a model that looked converted)."""
     transition = _old_torchvision_densenet().get_submodule("0.transition1")
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), transition)
     with pytest.warns(UserWarning, match="no dense block that convert recognises"):
