@@ -75,7 +75,8 @@ def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto")
             f"convert found no torchvision-structured dense block or transition in "
             f"{type(model).__name__} (already converted, not 2-D, or not a DenseNet?)"
         )
-    if not any(isinstance(m, EfficientDenseBlock) for m in [*model.modules(), *_new(targets)]):
+    new_modules = [new for _, _, new in targets]
+    if not any(isinstance(m, EfficientDenseBlock) for m in [*model.modules(), *new_modules]):
         warnings.warn(
             f"dense_ext.convert: {type(model).__name__} has transitions but no dense block that "
             "convert recognises, so only its transitions are converted and its dense blocks "
@@ -86,10 +87,6 @@ def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto")
     for parent, name, new in targets:
         setattr(parent, name, new)  # keeps the child's position in an nn.Sequential
     return model
-
-
-def _new(targets: list[tuple[nn.Module, str, nn.Module]]) -> list[nn.Module]:
-    return [new for _, _, new in targets]
 
 
 def _convert_one(module: nn.Module, memory: str, backend: str) -> nn.Module | None:
@@ -138,7 +135,8 @@ def _is_chained_layer(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Sequential) and type(layer).forward is not nn.Sequential.forward
 
 
-_NESTED_PARTS = ["norm1", "relu1", "conv1", "norm2", "relu2", "conv2"]
+# A bottleneck layer's modules, in order (torchvision's names).
+_LAYER_PARTS = ["norm1", "relu1", "conv1", "norm2", "relu2", "conv2"]
 
 
 def _layer_parts(layer: nn.Module) -> nn.Module:
@@ -245,9 +243,9 @@ def _check_layer_modules(modules: nn.Sequential, where: str) -> None:
             "torchvision's drop_rate does), not channel dropout. Build the model without "
             "dropout (MONAI: dropout_prob=0) to convert it."
         )
-    if parts != _NESTED_PARTS:
+    if parts != _LAYER_PARTS:
         raise ValueError(
-            f"convert: {where} holds {parts}; a fused dense layer models exactly {_NESTED_PARTS}"
+            f"convert: {where} holds {parts}; a fused dense layer models exactly {_LAYER_PARTS}"
         )
 
 
@@ -307,7 +305,7 @@ def _convert_block(block: nn.Module, memory: str, backend: str) -> EfficientDens
         )
     for old_layer, new_layer in zip(block.children(), new.values()):
         parts = _layer_parts(old_layer)
-        for name in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
+        for name in _LAYER_PARTS:
             # A missing ReLU module (a functional ReLU in forward) keeps the new one.
             if hasattr(new_layer, name) and hasattr(parts, name):
                 setattr(new_layer, name, getattr(parts, name))
