@@ -144,21 +144,66 @@ class EfficientDenseLayer(NotScriptable, nn.Module):
         return out
 
 
-_FLAT_KEY = re.compile(r"^(denselayer\d+)\.")
-_NESTED_KEY = re.compile(r"^(denselayer\d+)\.layers\.")
+_OWN_KEY = re.compile(r"^denselayer(\d+)\.")  # the block's own: denselayer1.norm1.weight
 
 
-def _nest_layer_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    """state_dict post-hook of ``use_nested_layer_keys``: ``denselayerN.x`` ->
-    ``denselayerN.layers.x`` under ``prefix``. The block's entries are the last ones written,
-    so popping and re-adding them keeps the order of every key. Only for a block that uses
-    nested keys: the block it replaced shares its hook dicts (convert keeps their handles
-    working) and names its keys itself."""
-    if not getattr(module, "_nested_layer_keys", False):
+class _KeyStyle:
+    """How another library names a dense block's layers in state_dict keys: the key prefix of
+    a layer's modules, ``{}`` standing for the layer's index counted from ``first_index``."""
+
+    def __init__(self, layer_prefix: str, first_index: int) -> None:
+        self.layer_prefix = layer_prefix
+        self.first_index = first_index
+        self.pattern = re.compile("^" + re.escape(layer_prefix).replace(r"\{\}", r"(\d+)"))
+
+    def library_key(self, key: str) -> str:
+        """A key of the block's own (relative to the block) in this style."""
+        match = _OWN_KEY.match(key)
+        if match is None:
+            return key
+        index = int(match[1]) - 1 + self.first_index
+        return self.layer_prefix.format(index) + key[match.end() :]
+
+    def own_key(self, key: str) -> str | None:
+        """A key in this style (relative to the block) in the block's own names, or None."""
+        match = self.pattern.match(key)
+        if match is None:
+            return None
+        return f"denselayer{int(match[1]) - self.first_index + 1}." + key[match.end() :]
+
+
+LAYER_KEY_STYLES = {
+    "monai": _KeyStyle("denselayer{}.layers.", 1),  # MONAI's _DenseBlock
+    "mmpretrain": _KeyStyle("block.{}.", 0),  # mmpretrain's DenseBlock
+}
+
+
+def _rename_layer_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook of ``use_layer_keys``: the block's keys under ``prefix`` in its
+    layer key style. The block's entries are the last ones written, so popping and re-adding
+    them keeps the order of every key. Only for a block with a style: the block it replaced
+    shares its hook dicts (convert keeps their handles working) and names its keys itself."""
+    style = getattr(module, "_layer_key_style", None)
+    if style is None:
         return
     for key in [key for key in state_dict if key.startswith(prefix)]:
         value = state_dict.pop(key)
-        state_dict[prefix + _FLAT_KEY.sub(r"\1.layers.", key[len(prefix) :])] = value
+        state_dict[prefix + LAYER_KEY_STYLES[style].library_key(key[len(prefix) :])] = value
+
+
+def _report_missing_keys(module: nn.Module, incompatible_keys) -> None:
+    """load_state_dict post-hook of ``use_layer_keys``: the missing keys of the block's layers
+    (named by the layers) in the block's layer key style, as the state_dict names them."""
+    style = getattr(module, "_layer_key_style", None)
+    prefix = getattr(module, "_load_prefix", None)
+    if style is None or prefix is None:
+        return
+    names = LAYER_KEY_STYLES[style]
+    missing = incompatible_keys.missing_keys
+    missing[:] = [
+        prefix + names.library_key(key[len(prefix) :]) if key.startswith(prefix) else key
+        for key in missing
+    ]
 
 
 class EfficientDenseBlock(NotScriptable, nn.ModuleDict):
@@ -246,31 +291,73 @@ class EfficientDenseBlock(NotScriptable, nn.ModuleDict):
     def layers(self) -> list[EfficientDenseLayer]:
         return list(self.values())
 
-    # Set by use_nested_layer_keys.
-    _nested_layer_keys = False
+    # Set by use_layer_keys: a key of LAYER_KEY_STYLES, or None for the block's own names.
+    _layer_key_style: str | None = None
 
-    def use_nested_layer_keys(self) -> None:
-        """Name this block's state_dict entries as MONAI's dense layers do, with each layer's
-        modules one level down (``denselayer1.layers.norm1.weight``), when saving and when
-        loading; parameter names stay the block's own. ``dense_ext.convert`` calls it for
-        MONAI's blocks, so that their checkpoints load both ways."""
-        if self._nested_layer_keys:
+    def use_layer_keys(self, style: str) -> None:
+        """Name this block's state_dict entries as another library's dense block does, when
+        saving and when loading; parameter names stay the block's own. ``style`` is
+        ``"monai"`` (MONAI's ``_DenseBlock``: each layer's modules one level down,
+        ``denselayer1.layers.norm1.weight``) or ``"mmpretrain"`` (mmpretrain's ``DenseBlock``:
+        a list of layers, ``block.0.norm1.weight``). ``dense_ext.convert`` calls it for those
+        libraries' blocks, so that their checkpoints load both ways."""
+        if style not in LAYER_KEY_STYLES:
+            raise ValueError(f"unknown layer key style {style!r}; known: {list(LAYER_KEY_STYLES)}")
+        if self._layer_key_style is not None:
+            if self._layer_key_style != style:
+                raise ValueError(
+                    f"this block already names its keys as {self._layer_key_style!r} does"
+                )
             return
-        self._nested_layer_keys = True
-        saving = self.register_state_dict_post_hook(_nest_layer_keys)
+        self._layer_key_style = style
+        saving = self.register_state_dict_post_hook(_rename_layer_keys)
+        loaded = self.register_load_state_dict_post_hook(_report_missing_keys)
         # Renamed before any other hook runs (dicts keep insertion order): hooks adopted from
         # the replaced block see the keys they were written for. Loading renames after the
         # pre-hooks, in _load_from_state_dict.
-        hooks = self._state_dict_hooks
-        hooks.update({key: hooks.pop(key) for key in list(hooks) if key != saving.id})
+        for hooks, ours in (
+            (self._state_dict_hooks, saving),
+            (self._load_state_dict_post_hooks, loaded),
+        ):
+            hooks.update({key: hooks.pop(key) for key in list(hooks) if key != ours.id})
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self._nested_layer_keys:  # the layers load after this, from the renamed keys
-            for key in [key for key in state_dict if key.startswith(prefix)]:
-                rest = key[len(prefix) :]
-                if _NESTED_KEY.match(rest):
-                    state_dict[prefix + _NESTED_KEY.sub(r"\1.", rest)] = state_dict.pop(key)
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        style = self._layer_key_style
+        # With a style, the unexpected keys are looked for after renaming (the block has no
+        # state of its own, so the pre-hooks are all the base class does besides that check).
+        super()._load_from_state_dict(
+            state_dict,
+            prefix,
+            local_metadata,
+            strict and style is None,
+            missing_keys,
+            unexpected_keys,
+            errors,
+        )
+        if style is None:
+            return
+        self._load_prefix = prefix  # for _report_missing_keys
+        given = {}  # renamed key -> the key as given
+        for key in [key for key in state_dict if key.startswith(prefix)]:
+            own = LAYER_KEY_STYLES[style].own_key(key[len(prefix) :])
+            if own is not None:  # the layers load after this, from the renamed keys
+                state_dict[prefix + own] = state_dict.pop(key)
+                given[prefix + own] = key
+        if strict:
+            unexpected = self._unexpected_keys(state_dict, prefix)
+            unexpected_keys.extend(given.get(key, key) for key in unexpected)
+
+    def _unexpected_keys(self, state_dict: dict, prefix: str) -> list[str]:
+        """``nn.Module._load_from_state_dict``'s strict check, for a module without state of its
+        own: keys under ``prefix`` that no child takes."""
+
+        def unexpected(key: str) -> bool:
+            head, dot, _ = key[len(prefix) :].partition(".")
+            return key != prefix + "_extra_state" and (not dot or head not in self._modules)
+
+        return [key for key in state_dict if key.startswith(prefix) and unexpected(key)]
 
     def structure_reason(self) -> str | None:
         """Why the fused path cannot compute this block from its layers' parameters (each

@@ -14,13 +14,18 @@ Recognised by structure (duck typing; neither torchvision nor timm is imported):
   one), or each with one child ``layers``, such an ``nn.Sequential`` (MONAI's 2-D
   ``DenseNet``: each layer returns ``cat([x, layers(x)])``). The latter keeps MONAI's
   state_dict keys (``denselayer1.layers.norm1.weight``:
-  ``EfficientDenseBlock.use_nested_layer_keys``), so MONAI checkpoints load into the
+  ``EfficientDenseBlock.use_layer_keys``), so MONAI checkpoints load into the
   converted model and its checkpoints into MONAI's. A
   ``dropout`` in ``layers`` (MONAI's ``dropout_prob > 0``: a ``Dropout2d``, which zeroes whole
   channels) raises ``ValueError``: the fused block drops single values, as torchvision does;
+* or a module whose one child ``block`` is an ``nn.ModuleList`` of layers of exactly ``norm1,
+  conv1, act, norm2, conv2`` (mmpretrain's ``DenseBlock``: one ``act`` ReLU serves both
+  positions of a layer); it keeps mmpretrain's state_dict keys (``block.0.norm1.weight``), as
+  MONAI's blocks keep MONAI's;
 * a transition is an ``nn.Sequential`` of exactly ``norm``, ``relu`` (``nn.ReLU``), ``conv``
-  (bias-free 1x1 ``nn.Conv2d``) and ``pool`` (``nn.AvgPool2d(2)``) (torchvision), or of
-  ``norm``, ``conv`` and ``pool`` with a norm that applies the ReLU itself (timm).
+  (bias-free 1x1 ``nn.Conv2d``) and ``pool`` (``nn.AvgPool2d(2)``) (torchvision; mmpretrain
+  names the ReLU ``act``), or of ``norm``, ``conv`` and ``pool`` with a norm that applies the
+  ReLU itself (timm).
 
 A norm is an ``nn.BatchNorm2d``, timm's ``BatchNormAct2d`` with a ReLU, or torchvision's
 ``FrozenBatchNorm2d`` (``dense_ext.block.norm_kind``); a dense block with any other norm (a
@@ -39,6 +44,7 @@ converts.
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -80,8 +86,8 @@ def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto")
         warnings.warn(
             f"dense_ext.convert: {type(model).__name__} has transitions but no dense block that "
             "convert recognises, so only its transitions are converted and its dense blocks "
-            "keep their memory cost (convert knows torchvision's, timm's and MONAI's 2-D "
-            "structures: see its documentation)",
+            "keep their memory cost (convert knows torchvision's, timm's, MONAI's 2-D and "
+            "mmpretrain's structures: see its documentation)",
             stacklevel=2,
         )
     for parent, name, new in targets:
@@ -100,6 +106,9 @@ def _convert_one(module: nn.Module, memory: str, backend: str) -> nn.Module | No
 
 
 def _is_dense_block(module: nn.Module) -> bool:
+    if _is_listed_block(module):
+        return True
+    layers: list[nn.Module | SimpleNamespace]
     if isinstance(module, nn.ModuleDict):
         layers = list(module.values())
     elif isinstance(module, nn.Sequential):
@@ -118,6 +127,31 @@ def _is_dense_block(module: nn.Module) -> bool:
         and isinstance(getattr(layer, "conv1", None), nn.Conv2d)
         for layer in layers
     )
+
+
+# An mmpretrain DenseLayer's modules, in order: one ReLU module serves both positions.
+_LISTED_LAYER_PARTS = ["norm1", "conv1", "act", "norm2", "conv2"]
+
+
+def _is_listed_block(module: nn.Module) -> bool:
+    """mmpretrain's ``DenseBlock``: its one child ``block`` lists the layers, each a module of
+    ``_LISTED_LAYER_PARTS`` whose forward takes the list of earlier features."""
+    if isinstance(module, (nn.ModuleDict, nn.ModuleList, nn.Sequential)):
+        return False
+    layers = module._modules.get("block")
+    return (
+        list(module._modules) == ["block"]
+        and isinstance(layers, nn.ModuleList)
+        and len(layers) > 0
+        and all(list(layer._modules) == _LISTED_LAYER_PARTS for layer in layers)
+    )
+
+
+def _named_layers(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """A recognised block's layers, each with its name in the block."""
+    if _is_listed_block(block):
+        return [(f"block.{i}", layer) for i, layer in enumerate(block.block)]
+    return list(block.named_children())
 
 
 def _is_nested_layer(layer: nn.Module) -> bool:
@@ -139,8 +173,14 @@ def _is_chained_layer(layer: nn.Module) -> bool:
 _LAYER_PARTS = ["norm1", "relu1", "conv1", "norm2", "relu2", "conv2"]
 
 
-def _layer_parts(layer: nn.Module) -> nn.Module:
-    """The module whose attributes are a dense layer's norms, ReLUs and convs."""
+def _layer_parts(layer: nn.Module) -> nn.Module | SimpleNamespace:
+    """What holds a dense layer's norms, ReLUs and convs as attributes of torchvision's names."""
+    if list(layer._modules) == _LISTED_LAYER_PARTS:  # mmpretrain: act is relu1 and relu2
+        m = layer._modules
+        return SimpleNamespace(
+            norm1=m["norm1"], relu1=m["act"], conv1=m["conv1"],
+            norm2=m["norm2"], relu2=m["act"], conv2=m["conv2"],
+        )  # fmt: skip
     parts = layer._modules.get("layers") if _is_nested_layer(layer) else None
     return layer if parts is None else parts
 
@@ -149,9 +189,10 @@ def _is_transition(module: nn.Module) -> bool:
     if not isinstance(module, nn.Sequential):
         return False
     children = dict(module.named_children())
-    if list(children) == ["norm", "relu", "conv", "pool"]:
+    names = list(children)
+    if names in (["norm", "relu", "conv", "pool"], ["norm", "act", "conv", "pool"]):
         norm_ok = norm_kind(children["norm"]) is not None
-        relu_ok = isinstance(children["relu"], nn.ReLU)
+        relu_ok = isinstance(children[names[1]], nn.ReLU)
     elif list(children) == ["norm", "conv", "pool"]:
         norm_ok = relu_ok = norm_kind(children["norm"]) == "batch_norm_relu"
     else:
@@ -179,7 +220,8 @@ def _is_conv(conv: nn.Module, kernel: int, padding: int) -> bool:
 
 
 def _convert_transition(module: nn.Sequential) -> EfficientTransition:
-    relu = getattr(module, "relu", None) or nn.ReLU(inplace=True)  # timm: the norm has it
+    # mmpretrain names the ReLU act; timm's norm applies it
+    relu = module._modules.get("relu") or module._modules.get("act") or nn.ReLU(inplace=True)
     new = EfficientTransition.from_modules(module.norm, relu, module.conv, module.pool)
     new.training = module.training
     _adopt_hooks(module, new)
@@ -214,14 +256,23 @@ def _adopt_hooks(old: nn.Module, new: nn.Module) -> None:
 
 def _block_shape(block: nn.Module) -> tuple[int, int, int]:
     """(C0, growth rate, bn_size) of a naive block; ValueError if inconsistent."""
-    first = _layer_parts(block.denselayer1)
+    named_layers = _named_layers(block)
+    first = _layer_parts(named_layers[0][1])
     c0 = norm_channels(first.norm1)
     bottleneck = hasattr(first, "conv2")
     k = (first.conv2 if bottleneck else first.conv1).out_channels
     mid = first.conv1.out_channels if bottleneck else 0
     if bottleneck and mid % k:
         raise ValueError(f"convert: bottleneck width {mid} is not a multiple of growth rate {k}")
-    for i, (name, layer) in enumerate(block.named_children()):
+    if _is_listed_block(block):
+        _check_no_hooks(block.block, "block", "the converted block has no list of layers")
+    for i, (name, layer) in enumerate(named_layers):
+        act = layer._modules.get("act") if _is_listed_block(block) else None
+        if act is not None and not isinstance(act, nn.ReLU):  # any mmcv activation fits there
+            raise ValueError(
+                f"convert: {name}.act is a {type(act).__name__}, which a fused dense layer "
+                "cannot model: it applies nn.ReLU"
+            )
         if _is_nested_layer(layer):
             _check_nested_layer(layer, name)
         elif isinstance(layer, nn.Sequential):  # it runs every module it holds
@@ -253,12 +304,15 @@ def _check_nested_layer(layer: nn.Module, name: str) -> None:
     """A nested layer's ``layers``: the modules a fused layer models, and nothing the converted
     layer could not keep."""
     _check_layer_modules(layer.layers, f"{name}.layers")
-    if "forward" in layer.layers.__dict__ or any(
-        getattr(layer.layers, hooks, None) for hooks in HOOK_ATTRIBUTES
-    ):
+    _check_no_hooks(layer.layers, f"{name}.layers", "the converted layer has no module to keep")
+
+
+def _check_no_hooks(module: nn.Module, where: str, why: str) -> None:
+    """``module`` disappears in the conversion: refuse hooks (or a forward) registered on it."""
+    if "forward" in module.__dict__ or any(getattr(module, h, None) for h in HOOK_ATTRIBUTES):
         raise ValueError(
-            f"convert: {name}.layers has hooks (or a replaced forward), which the converted "
-            "layer has no module to keep; register them on the layer or its modules instead"
+            f"convert: {where} has hooks (or a replaced forward), which {why}; register them "
+            "on the layers or their modules instead"
         )
 
 
@@ -299,11 +353,12 @@ def _check_layer(layer: nn.Module, name: str, c_in: int, k: int, mid: int) -> No
 def _convert_block(block: nn.Module, memory: str, backend: str) -> EfficientDenseBlock:
     c0, k, bn_size = _block_shape(block)
     # Built on the meta device: its own parameters are placeholders, replaced just below.
+    old_layers = [layer for _, layer in _named_layers(block)]
     with torch.device("meta"):
         new = EfficientDenseBlock(
-            len(block._modules), c0, k, bn_size or None, memory=memory, backend=backend
+            len(old_layers), c0, k, bn_size or None, memory=memory, backend=backend
         )
-    for old_layer, new_layer in zip(block.children(), new.values()):
+    for old_layer, new_layer in zip(old_layers, new.values()):
         parts = _layer_parts(old_layer)
         for name in _LAYER_PARTS:
             # A missing ReLU module (a functional ReLU in forward) keeps the new one.
@@ -315,6 +370,8 @@ def _convert_block(block: nn.Module, memory: str, backend: str) -> EfficientDens
         _adopt_hooks(old_layer, new_layer)
     new.training = block.training
     _adopt_hooks(block, new)
-    if _is_nested_layer(block.denselayer1):  # then every layer is (_is_dense_block)
-        new.use_nested_layer_keys()
+    if _is_listed_block(block):
+        new.use_layer_keys("mmpretrain")
+    elif _is_nested_layer(old_layers[0]):  # then every layer is (_is_dense_block)
+        new.use_layer_keys("monai")
     return new

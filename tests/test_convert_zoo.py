@@ -1,6 +1,7 @@
 """convert() on the DenseNets people actually fine-tune: timm's (BatchNormAct2d, blur-pool
 variants), torchvision's own densenet121, MONAI's 2-D DenseNet121 (each layer's modules in a
-``layers`` Sequential), and backbones whose BNs are FrozenBatchNorm2d.
+``layers`` Sequential), mmpretrain's DenseNet (a list of layers sharing one ReLU module each),
+and backbones whose BNs are FrozenBatchNorm2d.
 
 Each converted model keeps every Parameter object and matches the unconverted one in float64:
 outputs, input and parameter gradients, buffers after forward and backward (helpers.train_step).
@@ -29,12 +30,18 @@ from helpers import (
     cpu_backend_or_skip,
     train_step,
 )
+from mmengine.runner.checkpoint import load_state_dict as mmengine_load_state_dict
 from monai.networks.nets import DenseNet121 as MonaiDenseNet121
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import dense_ext
 from dense_ext import EfficientDenseBlock, EfficientTransition
+
+with warnings.catch_warnings():  # mmcv-lite: "Fail to import MultiScaleDeformableAttention"
+    warnings.simplefilter("ignore")
+    from mmpretrain.models import ImageClassifier
+    from mmpretrain.models.backbones import DenseNet as MmpretrainDenseNet
 
 BACKENDS = [("reference", "min"), ("cpp", "min"), ("cpp", "bottleneck")]
 # 64x64: the last block sees 2x2 pixels, so its training-mode BNs average 8 values, not 2
@@ -455,3 +462,118 @@ def test_a_converted_transition_is_walked_as_torchvision_s_sequential():
     names = ["output", "skip", "input gradient", "norm.weight", "norm.bias", "conv.weight"]
     for name, want, got in zip(names, *seen, strict=True):
         assert_close(got, want, TOLERANCE[torch.float64], name)
+
+
+def _mmpretrain_classifier(**backbone) -> nn.Module:
+    """An mmpretrain classifier as its configs build one (DenseNet-121 by default)."""
+    return ImageClassifier(
+        backbone=dict(type="DenseNet", **{"arch": "121", **backbone}),
+        neck=dict(type="GlobalAveragePooling"),
+        head=dict(type="LinearClsHead", num_classes=5, in_channels=1024),
+    )
+
+
+def _mmpretrain_names(name: str) -> str:
+    """An mmpretrain parameter name as the converted model names it (block.0 -> denselayer1)."""
+    return re.sub(r"\.block\.(\d+)\.", lambda m: f".denselayer{int(m[1]) + 1}.", name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, memory", BACKENDS)
+def test_mmpretrain_densenet_converts_in_place(backend, memory):
+    """mmpretrain's ImageClassifier on its DenseNet-121 backbone, with its first stage frozen
+    (``frozen_stages=1``: its train() puts that stage back in eval mode and its parameters
+    stay without gradients). Each DenseBlock keeps its layers in a ModuleList ``block``, each
+    layer one ``act`` ReLU for both positions, and the transitions name their ReLU ``act``
+    (before: "found no torchvision-structured dense block or transition"). The converted
+    model keeps mmpretrain's state_dict keys, in order, both ways, through torch's and
+    mmengine's loaders."""
+    torch.manual_seed(0)
+    model = _randomize(_mmpretrain_classifier(frozen_stages=1))
+    converted = _converted_matches(model, backend, memory, 4, 3, rename=_mmpretrain_names)
+    backbone = converted.backbone
+    converted.train()
+    assert not backbone.stages[0].training and backbone.stages[1].training
+    assert not any(p.requires_grad for p in backbone.stages[0].parameters())
+    saved = converted.state_dict()
+    assert list(saved) == list(model.state_dict())
+    assert "backbone.stages.2.block.23.conv2.weight" in saved
+    fresh = _mmpretrain_classifier().double()
+    fresh.load_state_dict(saved)  # strict: the converted model's checkpoint into mmpretrain's
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    for load in (nn.Module.load_state_dict, functools.partial(mmengine_load_state_dict)):
+        again = dense_ext.convert(_mmpretrain_classifier().double(), memory=memory, backend=backend)
+        load(again, model.state_dict(), strict=True)  # mmpretrain's checkpoint into a converted one
+        for key, value in again.state_dict().items():
+            assert torch.equal(value, model.state_dict()[key]), key
+
+
+def _small_mmpretrain_densenet(**kwargs) -> nn.Module:
+    return MmpretrainDenseNet(arch=dict(growth_rate=4, depths=[2, 3], init_channels=8), **kwargs)
+
+
+# (model, a layer key no layer takes, the layer key it copies, a key to leave out)
+_KEYED_BLOCKS = {
+    "mmpretrain": (
+        lambda: _small_mmpretrain_densenet(drop_rate=0.2),
+        "stages.1.block.3.norm1.weight",
+        "stages.1.block.2.norm1.weight",
+        "stages.0.block.1.conv2.weight",
+    ),
+    "monai": (
+        lambda: _monai_densenet121(block_config=(2, 2), init_features=16, growth_rate=8),
+        "features.denseblock2.denselayer3.layers.norm1.weight",
+        "features.denseblock2.denselayer2.layers.norm1.weight",
+        "features.denseblock1.denselayer2.layers.conv2.weight",
+    ),
+}
+
+
+@pytest.mark.parametrize("library", list(_KEYED_BLOCKS))
+def test_incompatible_keys_are_those_of_the_library_s_model(library):
+    """Loading a state_dict with a key no layer takes, a stray key and a missing key into a
+    converted mmpretrain or MONAI model reports the keys the unconverted model reports, in its
+    names (the block renames the library's keys before looking, and its layers' missing keys
+    back): the same lists, and the same strict error."""
+    build, extra, copied, left_out = _KEYED_BLOCKS[library]
+    original = build()
+    converted = dense_ext.convert(copy.deepcopy(original), backend="reference")
+    state = original.state_dict()
+    state[extra] = state[copied]
+    stray = left_out.rsplit(".", 4)[0] + ".stray"  # a key of the block itself
+    state[stray] = torch.zeros(1)
+    del state[left_out]
+    want = original.load_state_dict(copy.copy(state), strict=False)
+    assert want.missing_keys == [left_out]
+    assert sorted(want.unexpected_keys) == sorted([extra, stray])
+    got = converted.load_state_dict(copy.copy(state), strict=False)
+    assert got.missing_keys == want.missing_keys
+    assert sorted(got.unexpected_keys) == sorted(want.unexpected_keys)
+    errors = []
+    for model in (original, converted):
+        with pytest.raises(RuntimeError) as error:
+            model.load_state_dict(copy.copy(state))
+        errors.append(str(error.value).split(":", 1)[1])  # after "... for <class>:"
+    assert sorted(errors[0].split()) == sorted(errors[1].split())
+
+
+def test_mmpretrain_layers_of_another_kind_raise_clearly_or_stay():
+    model = dense_ext.convert(_small_mmpretrain_densenet(drop_rate=0.2), backend="reference")
+    assert model.stages[1].denselayer3.drop_rate == 0.2  # dropout on new features converts
+    with pytest.raises(ValueError, match=r"block.0.act is a SiLU"):
+        dense_ext.convert(_small_mmpretrain_densenet(act_cfg=dict(type="SiLU")))
+    with pytest.raises(ValueError, match=r"block.0.norm1 is a GroupNorm"):
+        dense_ext.convert(_small_mmpretrain_densenet(norm_cfg=dict(type="GN", num_groups=2)))
+    model = _small_mmpretrain_densenet()
+    model.stages[0].block.register_forward_pre_hook(lambda *a: None)
+    with pytest.raises(ValueError, match="block has hooks"):
+        dense_ext.convert(model)
+    # A list of layers under another name, or layers of other modules, is not a dense block.
+    model = _small_mmpretrain_densenet()
+    model.stages[0].layers = model.stages[0].block
+    del model.stages[0].block
+    model.stages[1].block[0].add_module("extra", nn.Identity())
+    with pytest.warns(UserWarning, match="no dense block that convert recognises"):
+        dense_ext.convert(model, backend="reference")
+    assert not any(isinstance(m, EfficientDenseBlock) for m in model.modules())
