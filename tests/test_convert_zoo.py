@@ -212,17 +212,28 @@ def test_monai_densenet_converts_in_place(backend, memory):
     model = _randomize(_monai_densenet121())
     flat = functools.partial(re.sub, r"(denselayer\d+)\.layers\.", r"\1.")
     converted = _converted_matches(model, backend, memory, 4, 3, rename=flat)
+    saved = _checkpoints_load_both_ways(model, converted, _monai_densenet121, memory, backend)
+    assert "features.denseblock1.denselayer1.layers.conv1.weight" in saved
+
+
+def _checkpoints_load_both_ways(
+    model, converted, build, memory, backend, loaders=(nn.Module.load_state_dict,)
+) -> dict:
+    """The converted model saves the library's keys, in order, which a fresh library model
+    loads strictly; the library model's checkpoint loads strictly (with each of ``loaders``)
+    into a freshly converted one. Returns the converted model's state_dict."""
     saved = converted.state_dict()
     assert list(saved) == list(model.state_dict())
-    assert "features.denseblock1.denselayer1.layers.conv1.weight" in saved
-    fresh = _monai_densenet121().double()
-    fresh.load_state_dict(saved)  # strict: the converted model's checkpoint into MONAI's
+    fresh = build().double()
+    fresh.load_state_dict(saved)
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, saved[key]), key
-    again = dense_ext.convert(_monai_densenet121().double(), memory=memory, backend=backend)
-    again.load_state_dict(model.state_dict())  # strict: MONAI's checkpoint into a converted one
-    for key, value in again.state_dict().items():
-        assert torch.equal(value, model.state_dict()[key]), key
+    for load in loaders:
+        again = dense_ext.convert(build().double(), memory=memory, backend=backend)
+        load(again, model.state_dict(), strict=True)
+        for key, value in again.state_dict().items():
+            assert torch.equal(value, model.state_dict()[key]), key
+    return saved
 
 
 def test_monai_block_hooks_see_monai_keys():
@@ -495,18 +506,10 @@ def test_mmpretrain_densenet_converts_in_place(backend, memory):
     converted.train()
     assert not backbone.stages[0].training and backbone.stages[1].training
     assert not any(p.requires_grad for p in backbone.stages[0].parameters())
-    saved = converted.state_dict()
-    assert list(saved) == list(model.state_dict())
+    loaders = (nn.Module.load_state_dict, mmengine_load_state_dict)
+    build = _mmpretrain_classifier
+    saved = _checkpoints_load_both_ways(model, converted, build, memory, backend, loaders)
     assert "backbone.stages.2.block.23.conv2.weight" in saved
-    fresh = _mmpretrain_classifier().double()
-    fresh.load_state_dict(saved)  # strict: the converted model's checkpoint into mmpretrain's
-    for key, value in fresh.state_dict().items():
-        assert torch.equal(value, saved[key]), key
-    for load in (nn.Module.load_state_dict, functools.partial(mmengine_load_state_dict)):
-        again = dense_ext.convert(_mmpretrain_classifier().double(), memory=memory, backend=backend)
-        load(again, model.state_dict(), strict=True)  # mmpretrain's checkpoint into a converted one
-        for key, value in again.state_dict().items():
-            assert torch.equal(value, model.state_dict()[key]), key
 
 
 def _small_mmpretrain_densenet(**kwargs) -> nn.Module:
