@@ -217,8 +217,14 @@ class EfficientDenseBlock(NotScriptable, nn.ModuleDict):
             the plain BN-ReLU-Conv3x3 layer.
         drop_rate: dropout on each layer's new features during training.
         memory: ``"bottleneck"`` keeps each layer's conv1 output for backward (5k channels
-            per layer held); ``"min"`` recomputes it (k channels per layer held).
+            per layer held); ``"min"`` recomputes it (k channels per layer held). Default:
+            ``"min"`` with ``memory_efficient=True``, else ``"bottleneck"``.
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
+        memory_efficient: torchvision's flag (its block checkpoints each bottleneck when set),
+            accepted so that code written for ``_DenseBlock`` builds this block unchanged:
+            torchvision's ``DenseNet`` passes every argument by keyword. ``True`` asks for the
+            least memory, so it selects ``memory="min"`` when ``memory`` is not given; this
+            block never checkpoints.
 
     Attribute ``stats_sync`` (default None) may hold a ``dense_ext.backends.base.StatsSync``
     that combines batch statistics across processes (synchronised BN).
@@ -229,7 +235,8 @@ class EfficientDenseBlock(NotScriptable, nn.ModuleDict):
 
     The argument order is not torchvision's: its (private) ``_DenseBlock`` and timm's
     ``DenseBlock`` take ``bn_size`` before ``growth_rate``. Code ported from either should pass
-    them by keyword (or use ``dense_ext.convert``, which reads them from the modules).
+    them by keyword, as torchvision's own ``DenseNet`` does (or use ``dense_ext.convert``,
+    which reads them from the modules).
     """
 
     def __init__(
@@ -239,10 +246,14 @@ class EfficientDenseBlock(NotScriptable, nn.ModuleDict):
         growth_rate: int,
         bn_size: int | None = 4,
         drop_rate: float = 0.0,
-        memory: str = "bottleneck",
+        memory: str | None = None,
         backend: str = "auto",
+        *,
+        memory_efficient: bool = False,
     ) -> None:
         super().__init__()
+        if memory is None:
+            memory = "min" if memory_efficient else "bottleneck"
         self.spec = BlockSpec(
             num_layers=num_layers,
             num_input_features=num_input_features,

@@ -124,6 +124,36 @@ def test_torchvision_densenet121_converts_in_place(backend, memory):
     _converted_matches(model, backend, memory, blocks=4, transitions=3)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_torchvision_builds_its_densenet_with_the_efficient_block(monkeypatch, memory_efficient):
+    """torchvision's DenseNet with EfficientDenseBlock in place of its _DenseBlock: the way to
+    use the block in code copied from torchvision's, where the block is built with every
+    argument by keyword, torchvision's ``memory_efficient`` among them (before: a TypeError,
+    "unexpected keyword argument 'memory_efficient'"). The model computes what torchvision's
+    own computes from the same state_dict, in float64; ``memory_efficient=True`` selects
+    ``memory="min"``."""
+    densenet = torchvision.models.densenet
+    naive = _randomize(densenet.densenet121(weights=None, num_classes=5))
+    block = functools.partial(EfficientDenseBlock, backend="cpp")
+    monkeypatch.setattr(densenet, "_DenseBlock", block)
+    cpu_backend_or_skip("cpp")
+    model = densenet.densenet121(weights=None, num_classes=5, memory_efficient=memory_efficient)
+    monkeypatch.undo()
+    model = model.double()
+    blocks = [m for m in model.modules() if isinstance(m, EfficientDenseBlock)]
+    assert [b.memory for b in blocks] == ["min" if memory_efficient else "bottleneck"] * 4
+    explicit = EfficientDenseBlock(2, 8, 4, memory="bottleneck", memory_efficient=True)
+    assert explicit.memory == "bottleneck"  # a memory given wins
+    model.load_state_dict(naive.state_dict())
+    for mode in ("train", "eval"):
+        naive.train(mode == "train")
+        model.train(mode == "train")
+        expected = train_step(naive, _input())
+        actual = train_step(model, _input())
+        assert_same_step(actual, expected, TOLERANCE[torch.float64], mode)
+
+
 def _freeze_batch_norms(module: nn.Module) -> nn.Module:
     """Every nn.BatchNorm2d replaced by a FrozenBatchNorm2d with its values (what detection
     backbones do)."""
