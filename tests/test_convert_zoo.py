@@ -127,7 +127,8 @@ def test_torchvision_densenet121_converts_in_place(backend, memory):
 @pytest.mark.slow
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_torchvision_builds_its_densenet_with_the_efficient_block(monkeypatch, memory_efficient):
-    """torchvision's DenseNet with EfficientDenseBlock in place of its _DenseBlock: the way to
+    """torchvision's DenseNet with EfficientDenseBlock in place of its _DenseBlock (and
+    EfficientTransition in place of _Transition): the way to
     use the block in code copied from torchvision's, where the block is built with every
     argument by keyword, torchvision's ``memory_efficient`` among them (before: a TypeError,
     "unexpected keyword argument 'memory_efficient'"). The model computes what torchvision's
@@ -137,10 +138,12 @@ def test_torchvision_builds_its_densenet_with_the_efficient_block(monkeypatch, m
     naive = _randomize(densenet.densenet121(weights=None, num_classes=5))
     block = functools.partial(EfficientDenseBlock, backend="cpp")
     monkeypatch.setattr(densenet, "_DenseBlock", block)
+    monkeypatch.setattr(densenet, "_Transition", EfficientTransition)  # the same arguments
     cpu_backend_or_skip("cpp")
     model = densenet.densenet121(weights=None, num_classes=5, memory_efficient=memory_efficient)
     monkeypatch.undo()
     model = model.double()
+    assert sum(isinstance(m, EfficientTransition) for m in model.modules()) == 3
     blocks = [m for m in model.modules() if isinstance(m, EfficientDenseBlock)]
     assert [b.memory for b in blocks] == ["min" if memory_efficient else "bottleneck"] * 4
     explicit = EfficientDenseBlock(2, 8, 4, memory="bottleneck", memory_efficient=True)
