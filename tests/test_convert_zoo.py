@@ -128,12 +128,11 @@ def test_torchvision_densenet121_converts_in_place(backend, memory):
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_torchvision_builds_its_densenet_with_the_efficient_block(monkeypatch, memory_efficient):
     """torchvision's DenseNet with EfficientDenseBlock in place of its _DenseBlock (and
-    EfficientTransition in place of _Transition): the way to
-    use the block in code copied from torchvision's, where the block is built with every
-    argument by keyword, torchvision's ``memory_efficient`` among them (before: a TypeError,
-    "unexpected keyword argument 'memory_efficient'"). The model computes what torchvision's
-    own computes from the same state_dict, in float64; ``memory_efficient=True`` selects
-    ``memory="min"``."""
+    EfficientTransition in place of _Transition): the way to use the block in code copied
+    from torchvision's, where the block is built with every argument by keyword,
+    torchvision's ``memory_efficient`` among them (before: a TypeError, "unexpected keyword
+    argument 'memory_efficient'"). The model computes what torchvision's own computes from
+    the same state_dict, in float64; ``memory_efficient=True`` selects ``memory="min"``."""
     densenet = torchvision.models.densenet
     naive = _randomize(densenet.densenet121(weights=None, num_classes=5))
     block = functools.partial(EfficientDenseBlock, backend="cpp")
