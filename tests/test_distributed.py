@@ -1,5 +1,6 @@
 """DDP training on CPU (gloo): two processes with sync BN train like one on the whole batch, the
-CLI under torchrun, exact resume on every rank. Sync BN itself: tests/test_sync_bn.py.
+CLI under torchrun, exact resume on every rank; FSDP2 over the efficient blocks. Sync BN itself:
+tests/test_sync_bn.py.
 
 The two-process tests start real process groups on a free loopback port (127.0.0.1 only).
 """
@@ -69,8 +70,8 @@ def _train_ddp(rank: int):
     return losses, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _train_single():
-    model = _tiny_model()
+def _train_single(model: nn.Module | None = None):
+    model = _tiny_model() if model is None else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     x, y = _global_batch()
     losses = []
@@ -93,6 +94,54 @@ def test_two_process_sync_bn_matches_one_process_on_the_whole_batch(tmp_path):
     assert got["state"].keys() == want_state.keys()
     for key, want in want_state.items():
         torch.testing.assert_close(got["state"][key], want, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def _fsdp_worker(rank: int, out: str) -> None:
+    """FSDP2 (``fully_shard``) over every dense block and the model; each rank trains on the
+    whole batch, so the sharded steps are one process's steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import dense_ext.function
+
+    model = _tiny_model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for name, module in model.features.named_children():
+        if name.startswith("denseblock"):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    fused = []
+    forward = dense_ext.function.DenseBlockFunction.forward
+
+    def counted(*args, **kwargs):
+        fused.append(1)
+        return forward(*args, **kwargs)
+
+    dense_ext.function.DenseBlockFunction.forward = staticmethod(counted)
+    losses, state = _train_single(model)
+    # Parameters are sharded (all ranks gather them), buffers not.
+    state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+    if rank == 0:
+        torch.save({"losses": losses, "state": state, "fused": len(fused)}, out)
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_blocks_train_like_one_process(tmp_path):
+    """FSDP2 shards each efficient block's parameters and gathers them around its forward and
+    backward (hooks on the block itself, which leave it fused): two ranks on the same batch
+    end where one process does, and every block ran fused."""
+    out = str(tmp_path / "rank0.pt")
+    spawn_ranks(_fsdp_worker, out, world=WORLD)
+    got = torch.load(out, weights_only=True)
+    want_losses, want_state = _train_single()
+    assert got["fused"] == 3 * 3  # three blocks, three steps
+    # Not bit for bit: the ranks run one thread each, this process may run more, so reductions
+    # split differently (the first loss moves by an ulp; with equal threads it is exact).
+    torch.testing.assert_close(got["losses"], want_losses, rtol=1e-6, atol=1e-7)
+    assert got["state"].keys() == want_state.keys()
+    for key, want in want_state.items():
+        torch.testing.assert_close(got["state"][key], want, rtol=1e-5, atol=1e-6, msg=key)
 
 
 class _Crash(Exception):
