@@ -653,7 +653,9 @@ void conv3x3_weight_grad_impl(const at::Tensor& grad_out, const at::Tensor& inpu
     }
   });
   T* out = grad_weight.data_ptr<T>();
-  at::parallel_for(0, co, 1, [&](int64_t o0, int64_t o1) {
+  // A few thousand copies per output channel: split only when there is enough to split (at
+  // grain 1 every call of a small layer paid a fork and join).
+  at::parallel_for(0, co, row_grain(ci * 9), [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
       for (int64_t c = 0; c < ci; ++c) {
         for (int64_t tap = 0; tap < 9; ++tap)
