@@ -33,6 +33,7 @@ from helpers import (
 from mmengine.runner.checkpoint import load_state_dict as mmengine_load_state_dict
 from monai.networks.nets import DenseNet121 as MonaiDenseNet121
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import dense_ext
@@ -420,6 +421,128 @@ def test_torchvision_0_4_densenet_converts_in_place(backend, memory):
     model = _randomize(_torchvision_04_densenet())
     converted = _converted_matches(model, backend, memory, blocks=2, transitions=1)
     assert list(converted.state_dict()) == list(model.state_dict())
+
+
+class _CheckpointedDenseLayer(nn.Module):
+    """The dense layer of gpleiss/efficient_densenet_pytorch, the checkpointing implementation
+    people move from: a plain nn.Module taking the earlier features, its bottleneck recomputed
+    in backward (torch.utils.checkpoint) when ``efficient``."""
+
+    def __init__(self, c_in: int, growth_rate: int, bn_size: int, efficient: bool):
+        super().__init__()
+        mid = bn_size * growth_rate
+        self.add_module("norm1", nn.BatchNorm2d(c_in))
+        self.add_module("relu1", nn.ReLU(inplace=True))
+        self.add_module("conv1", nn.Conv2d(c_in, mid, kernel_size=1, bias=False))
+        self.add_module("norm2", nn.BatchNorm2d(mid))
+        self.add_module("relu2", nn.ReLU(inplace=True))
+        self.add_module("conv2", nn.Conv2d(mid, growth_rate, 3, padding=1, bias=False))
+        self.efficient = efficient
+
+    def _bottleneck(self, *prev_features):
+        return self.conv1(self.relu1(self.norm1(torch.cat(prev_features, 1))))
+
+    def forward(self, *prev_features):
+        if self.efficient and any(f.requires_grad for f in prev_features):
+            out = checkpoint(self._bottleneck, *prev_features, use_reentrant=False)
+        else:
+            out = self._bottleneck(*prev_features)
+        return self.conv2(self.relu2(self.norm2(out)))
+
+
+class _CheckpointedDenseBlock(nn.Module):
+    def __init__(self, layers: int, c0: int, k: int, efficient: bool):
+        super().__init__()
+        for i in range(layers):
+            self.add_module(
+                f"denselayer{i + 1}", _CheckpointedDenseLayer(c0 + i * k, k, 4, efficient)
+            )
+
+    def forward(self, init_features):
+        features = [init_features]
+        for layer in self.children():
+            features.append(layer(*features))
+        return torch.cat(features, 1)
+
+
+def _checkpointed_densenet(efficient: bool, block_config=(3, 4), c0=16, k=8) -> nn.Module:
+    """gpleiss/efficient_densenet_pytorch's DenseNet-BC with ``small_inputs``: blocks of
+    checkpointed layers, torchvision's transitions, ``norm_final``."""
+    features = nn.Sequential()
+    features.add_module("conv0", nn.Conv2d(3, c0, 3, padding=1, bias=False))
+    channels = c0
+    for b, layers in enumerate(block_config):
+        block = _CheckpointedDenseBlock(layers, channels, k, efficient)
+        features.add_module(f"denseblock{b + 1}", block)
+        channels += layers * k
+        if b + 1 < len(block_config):
+            features.add_module(f"transition{b + 1}", _fresh_transition(channels))
+            channels //= 2
+    features.add_module("norm_final", nn.BatchNorm2d(channels))
+    return nn.Sequential(features, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _fresh_transition(channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(
+            norm=nn.BatchNorm2d(channels),
+            relu=nn.ReLU(inplace=True),
+            conv=nn.Conv2d(channels, channels // 2, 1, bias=False),
+            pool=nn.AvgPool2d(2, stride=2),
+        )
+    )
+
+
+@pytest.mark.parametrize("backend, memory", BACKENDS)
+def test_checkpointing_densenet_converts_in_place(backend, memory):
+    """gpleiss/efficient_densenet_pytorch's model (plain nn.Module layers in a plain nn.Module
+    block): the converted model computes what it computes without checkpointing, keys
+    unchanged."""
+    torch.manual_seed(0)
+    model = _randomize(_checkpointed_densenet(efficient=False))
+    converted = _converted_matches(model, backend, memory, blocks=2, transitions=1)
+    assert list(converted.state_dict()) == list(model.state_dict())
+
+
+# (model with checkpointing on, its layers' flag, BN1's counter of its first layer)
+_CHECKPOINTING = {
+    "efficient_densenet_pytorch": (
+        lambda: _checkpointed_densenet(efficient=True),
+        "efficient",
+        "0.denseblock1.denselayer1.norm1.num_batches_tracked",
+    ),
+    "torchvision": (
+        lambda: torchvision.models.densenet121(weights=None, memory_efficient=True),
+        "memory_efficient",
+        "features.denseblock1.denselayer1.norm1.num_batches_tracked",
+    ),
+}
+
+
+@pytest.mark.parametrize("library", list(_CHECKPOINTING))
+def test_a_converted_checkpointing_densenet_updates_bn_statistics_once(library):
+    """With checkpointing on (gpleiss/efficient_densenet_pytorch's ``efficient``,
+    torchvision's ``memory_efficient``), a layer recomputes its bottleneck in backward, BN1
+    included, in training mode: BN1's running statistics move twice per step and its counter
+    counts 2. The converted model moves them once, as the model without checkpointing does:
+    a user moving from checkpointing sees different, intended, BN statistics."""
+    build, flag, counter = _CHECKPOINTING[library]
+    torch.manual_seed(0)
+    checkpointed = _randomize(build())
+    plain = copy.deepcopy(checkpointed)
+    for layer in plain.modules():
+        if hasattr(layer, flag):
+            setattr(layer, flag, False)
+    converted = dense_ext.convert(copy.deepcopy(checkpointed), backend="reference")
+    steps = [train_step(m, _input()) for m in (checkpointed, plain, converted)]
+    assert [int(step.buffers_after_backward[counter]) for step in steps] == [2, 1, 1]
+    assert_same_step(steps[2], steps[1], TOLERANCE[torch.float64], "converted vs plain")
+    # Only the statistics differ: the checkpointing model's output and gradients are the same.
+    tol = TOLERANCE[torch.float64]
+    assert_close(steps[0].output, steps[1].output, tol, "output")
+    assert_close(steps[0].input_grad, steps[1].input_grad, tol, "input gradient")
+    for name, grad in steps[1].grads.items():
+        assert_close(steps[0].grads[name], grad, tol, name)
 
 
 def test_a_sequential_of_plain_sequentials_is_no_dense_block():
