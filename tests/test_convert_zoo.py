@@ -516,13 +516,18 @@ _CHECKPOINTING = {
         "memory_efficient",
         "features.denseblock1.denselayer1.norm1.num_batches_tracked",
     ),
+    "timm": (
+        lambda: timm.create_model("densenet121", pretrained=False, memory_efficient=True),
+        "grad_checkpointing",
+        "features.denseblock1.denselayer1.norm1.num_batches_tracked",
+    ),
 }
 
 
 @pytest.mark.parametrize("library", list(_CHECKPOINTING))
 def test_a_converted_checkpointing_densenet_updates_bn_statistics_once(library):
     """With checkpointing on (gpleiss/efficient_densenet_pytorch's ``efficient``,
-    torchvision's ``memory_efficient``), a layer recomputes its bottleneck in backward, BN1
+    torchvision's and timm's ``memory_efficient``), a layer recomputes its bottleneck in backward, BN1
     included, in training mode: BN1's running statistics move twice per step and its counter
     counts 2. The converted model moves them once, as the model without checkpointing does:
     a user moving from checkpointing sees different, intended, BN statistics."""
