@@ -39,6 +39,10 @@ with its device, dtype and values; every module's training/eval flag and each la
 transition (module hooks and state_dict hooks; their handles still remove them): timm's
 hook-based feature extractor, for one, registers its hooks on the blocks before anyone
 converts.
+
+A model that checkpoints its layers (torchvision's and timm's ``memory_efficient=True``)
+recomputes BN1 in backward in training mode, so it updates BN1's running statistics twice per
+step; the converted model updates them once, as the model without checkpointing does.
 """
 
 from __future__ import annotations
