@@ -527,10 +527,11 @@ _CHECKPOINTING = {
 @pytest.mark.parametrize("library", list(_CHECKPOINTING))
 def test_a_converted_checkpointing_densenet_updates_bn_statistics_once(library):
     """With checkpointing on (gpleiss/efficient_densenet_pytorch's ``efficient``,
-    torchvision's and timm's ``memory_efficient``), a layer recomputes its bottleneck in backward, BN1
-    included, in training mode: BN1's running statistics move twice per step and its counter
-    counts 2. The converted model moves them once, as the model without checkpointing does:
-    a user moving from checkpointing sees different, intended, BN statistics."""
+    torchvision's and timm's ``memory_efficient``), a layer recomputes its bottleneck in
+    backward, BN1 included, in training mode: BN1's running statistics move twice per step and
+    its counter counts 2. The converted model moves them once, as the model without
+    checkpointing does: a user moving from checkpointing sees different, intended, BN
+    statistics."""
     build, flag, counter = _CHECKPOINTING[library]
     torch.manual_seed(0)
     checkpointed = _randomize(build())
