@@ -268,10 +268,11 @@ def _block_shape(block: nn.Module) -> tuple[int, int, int]:
     mid = first.conv1.out_channels if bottleneck else 0
     if bottleneck and mid % k:
         raise ValueError(f"convert: bottleneck width {mid} is not a multiple of growth rate {k}")
-    if _is_listed_block(block):
+    listed = _is_listed_block(block)
+    if listed:
         _check_no_hooks(block.block, "block", "the converted block has no list of layers")
     for i, (name, layer) in enumerate(named_layers):
-        act = layer._modules.get("act") if _is_listed_block(block) else None
+        act = layer._modules.get("act") if listed else None
         if act is not None and not isinstance(act, nn.ReLU):  # any mmcv activation fits there
             raise ValueError(
                 f"convert: {name}.act is a {type(act).__name__}, which a fused dense layer "

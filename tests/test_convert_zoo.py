@@ -320,19 +320,24 @@ def test_monai_3d_densenet_raises_clearly():
         dense_ext.convert(model)
 
 
+def _add_bottleneck_modules(layer: nn.Module, c_in: int, growth_rate: int, bn_size: int) -> None:
+    """torchvision's six modules of a bottleneck dense layer, in its order and names."""
+    mid = bn_size * growth_rate
+    layer.add_module("norm1", nn.BatchNorm2d(c_in))
+    layer.add_module("relu1", nn.ReLU(inplace=True))
+    layer.add_module("conv1", nn.Conv2d(c_in, mid, kernel_size=1, bias=False))
+    layer.add_module("norm2", nn.BatchNorm2d(mid))
+    layer.add_module("relu2", nn.ReLU(inplace=True))
+    layer.add_module("conv2", nn.Conv2d(mid, growth_rate, 3, padding=1, bias=False))
+
+
 class _OldDenseLayer(nn.Sequential):
     """torchvision's dense layer before 0.3, as torchxrayvision and many research repositories
     still copy it: an nn.Sequential whose forward adds the dropout and the concatenation."""
 
     def __init__(self, c_in: int, growth_rate: int, bn_size: int, drop_rate: float):
         super().__init__()
-        mid = bn_size * growth_rate
-        self.add_module("norm1", nn.BatchNorm2d(c_in))
-        self.add_module("relu1", nn.ReLU(inplace=True))
-        self.add_module("conv1", nn.Conv2d(c_in, mid, kernel_size=1, bias=False))
-        self.add_module("norm2", nn.BatchNorm2d(mid))
-        self.add_module("relu2", nn.ReLU(inplace=True))
-        self.add_module("conv2", nn.Conv2d(mid, growth_rate, 3, padding=1, bias=False))
+        _add_bottleneck_modules(self, c_in, growth_rate, bn_size)
         self.drop_rate = drop_rate
 
     def forward(self, x):
@@ -342,15 +347,20 @@ class _OldDenseLayer(nn.Sequential):
         return torch.cat([x, new_features], 1)
 
 
-def _old_torchvision_densenet(block_config=(3, 4), c0=16, k=8) -> nn.Module:
+def _small_densenet(
+    make_block: Callable[[int, int, int], nn.Module],
+    final_norm: str = "norm5",
+    block_config=(3, 4),
+    c0=16,
+    k=8,
+) -> nn.Module:
+    """A small DenseNet of ``make_block(layers, c0, k)`` blocks and torchvision's transitions,
+    ending in ``final_norm``, a ReLU, a global pool and a flatten."""
     features = nn.Sequential()
     features.add_module("conv0", nn.Conv2d(3, c0, 3, padding=1, bias=False))
     channels = c0
     for b, layers in enumerate(block_config):
-        block = nn.Sequential()  # torchvision's _DenseBlock before 0.3
-        for i in range(layers):
-            block.add_module(f"denselayer{i + 1}", _OldDenseLayer(channels + i * k, k, 4, 0.0))
-        features.add_module(f"denseblock{b + 1}", block)
+        features.add_module(f"denseblock{b + 1}", make_block(layers, channels, k))
         channels += layers * k
         if b + 1 < len(block_config):
             transition = nn.Sequential()
@@ -360,8 +370,19 @@ def _old_torchvision_densenet(block_config=(3, 4), c0=16, k=8) -> nn.Module:
             transition.add_module("pool", nn.AvgPool2d(2, stride=2))
             features.add_module(f"transition{b + 1}", transition)
             channels //= 2
-    features.add_module("norm5", nn.BatchNorm2d(channels))
+    features.add_module(final_norm, nn.BatchNorm2d(channels))
     return nn.Sequential(features, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _old_dense_block(layers: int, c0: int, k: int) -> nn.Sequential:
+    block = nn.Sequential()  # torchvision's _DenseBlock before 0.3
+    for i in range(layers):
+        block.add_module(f"denselayer{i + 1}", _OldDenseLayer(c0 + i * k, k, 4, 0.0))
+    return block
+
+
+def _old_torchvision_densenet() -> nn.Module:
+    return _small_densenet(_old_dense_block)
 
 
 class _DenseLayer04(_OldDenseLayer):
@@ -392,14 +413,7 @@ class _DenseBlock04(nn.Module):
 
 
 def _torchvision_04_densenet() -> nn.Module:
-    model = _old_torchvision_densenet()
-    features = model[0]
-    for name in ("denseblock1", "denseblock2"):
-        old = features.get_submodule(name)
-        layers = len(old)
-        c0 = old.denselayer1.norm1.num_features
-        setattr(features, name, _DenseBlock04(layers, c0, old.denselayer1.conv2.out_channels))
-    return model
+    return _small_densenet(_DenseBlock04)
 
 
 @pytest.mark.parametrize("backend, memory", BACKENDS)
@@ -430,13 +444,7 @@ class _CheckpointedDenseLayer(nn.Module):
 
     def __init__(self, c_in: int, growth_rate: int, bn_size: int, efficient: bool):
         super().__init__()
-        mid = bn_size * growth_rate
-        self.add_module("norm1", nn.BatchNorm2d(c_in))
-        self.add_module("relu1", nn.ReLU(inplace=True))
-        self.add_module("conv1", nn.Conv2d(c_in, mid, kernel_size=1, bias=False))
-        self.add_module("norm2", nn.BatchNorm2d(mid))
-        self.add_module("relu2", nn.ReLU(inplace=True))
-        self.add_module("conv2", nn.Conv2d(mid, growth_rate, 3, padding=1, bias=False))
+        _add_bottleneck_modules(self, c_in, growth_rate, bn_size)
         self.efficient = efficient
 
     def _bottleneck(self, *prev_features):
@@ -465,32 +473,14 @@ class _CheckpointedDenseBlock(nn.Module):
         return torch.cat(features, 1)
 
 
-def _checkpointed_densenet(efficient: bool, block_config=(3, 4), c0=16, k=8) -> nn.Module:
+def _checkpointed_densenet(efficient: bool) -> nn.Module:
     """gpleiss/efficient_densenet_pytorch's DenseNet-BC with ``small_inputs``: blocks of
     checkpointed layers, torchvision's transitions, ``norm_final``."""
-    features = nn.Sequential()
-    features.add_module("conv0", nn.Conv2d(3, c0, 3, padding=1, bias=False))
-    channels = c0
-    for b, layers in enumerate(block_config):
-        block = _CheckpointedDenseBlock(layers, channels, k, efficient)
-        features.add_module(f"denseblock{b + 1}", block)
-        channels += layers * k
-        if b + 1 < len(block_config):
-            features.add_module(f"transition{b + 1}", _fresh_transition(channels))
-            channels //= 2
-    features.add_module("norm_final", nn.BatchNorm2d(channels))
-    return nn.Sequential(features, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
+    def block(layers: int, c0: int, k: int) -> nn.Module:
+        return _CheckpointedDenseBlock(layers, c0, k, efficient)
 
-def _fresh_transition(channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        OrderedDict(
-            norm=nn.BatchNorm2d(channels),
-            relu=nn.ReLU(inplace=True),
-            conv=nn.Conv2d(channels, channels // 2, 1, bias=False),
-            pool=nn.AvgPool2d(2, stride=2),
-        )
-    )
+    return _small_densenet(block, final_norm="norm_final")
 
 
 @pytest.mark.parametrize("backend, memory", BACKENDS)
