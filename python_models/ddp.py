@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,26 @@ def cleanup(info: DistInfo, finished: bool = False) -> None:
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_finished_process(info: DistInfo) -> None:
+    """End this process after a finished distributed run, without tearing the group down.
+
+    For the command line only (``python -m python_models.train`` under torchrun): the ranks
+    meet at a barrier, so every collective is done, then the process flushes its output and
+    leaves with ``os._exit(0)``. gloo's teardown (``destroy_process_group`` or the
+    interpreter's exit) aborted a finished CPU run about once in tens of CI runs, with
+    "terminate called without an active exception" and exit status 1 after the summary was
+    written; a process that does not tear down cannot abort there. The test helpers'
+    ranks (tests/ranks.py) leave the same way. Nothing is left to close: the run log's files
+    are closed after each write, checkpoints are written whole, and DataLoader workers notice
+    their parent is gone and exit.
+    """
+    if info.distributed and dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:

@@ -398,8 +398,11 @@ def _describe(t: Trainer, out_dir: Path) -> str:
     return line
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Train as ``args`` says; returns the summary (also written to summary.json)."""
+def run(args: argparse.Namespace, *, exit_when_distributed: bool = False) -> dict:
+    """Train as ``args`` says; returns the summary (also written to summary.json).
+
+    ``exit_when_distributed`` (the command line's choice): a finished run under torchrun
+    ends its process (``ddp.exit_finished_process``) instead of returning."""
     info = ddp.init_distributed(args.device)
     finished = False
     try:
@@ -426,6 +429,8 @@ def run(args: argparse.Namespace) -> dict:
         finished = True
         return summary
     finally:
+        if finished and exit_when_distributed and info.distributed:
+            ddp.exit_finished_process(info)
         ddp.cleanup(info, finished)
 
 
@@ -474,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status: 2 for a usage, data or checkpoint error,
     1 when a checkpoint cannot be written (one ``error:`` line on stderr either way)."""
     try:
-        run(parse_args(argv))
+        run(parse_args(argv), exit_when_distributed=True)
     except SystemExit as exc:  # argparse: --help (0) or a malformed option (2)
         return exc.code if isinstance(exc.code, int) else 2
     except (

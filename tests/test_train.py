@@ -327,3 +327,48 @@ def test_batch_size_auto_reports_what_it_found_and_nothing_else(tmp_path, capfd)
     found = int(out.split("using batch size")[1].split()[0])
     config = json.loads((tmp_path / "auto" / "config.json").read_text())
     assert config["resolved_batch_size"] == found and 2 <= found < 1438
+
+
+class _Exited(Exception):
+    """What the test's stand-in for os._exit raises, with the exit status."""
+
+
+def test_a_finished_torchrun_run_of_the_cli_ends_its_process_without_teardown(
+    tmp_path, monkeypatch
+):
+    # As if under torchrun with 2 ranks: this process stands for rank 0 in a one-process gloo
+    # group (its collectives and barrier run alone). The command line's finished run leaves
+    # with os._exit(0) and never destroys the group (gloo's teardown could abort a finished
+    # run), while run() called as a library function returns and tears down.
+    import torch.distributed as dist
+
+    from python_models import ddp
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1
+    )
+    try:
+        _check_cli_exit_path(tmp_path, monkeypatch, ddp)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_cli_exit_path(tmp_path: Path, monkeypatch, ddp) -> None:
+    calls: list[tuple] = []
+    monkeypatch.setattr(ddp, "init_distributed", lambda device: ddp.DistInfo(world_size=2))
+    monkeypatch.setattr(ddp, "wrap_ddp", lambda model, info: model)
+    monkeypatch.setattr(ddp, "cleanup", lambda info, finished=False: calls.append(("cleanup",)))
+
+    def fake_exit(status: int) -> None:
+        calls.append(("exit", status))
+        raise _Exited(status)
+
+    monkeypatch.setattr(ddp.os, "_exit", fake_exit)
+    argv = [*TINY, "--epochs", "1", "--steps-per-epoch", "1", "--no-checkpoint"]
+    with pytest.raises(_Exited):
+        train.main([*argv, "--out-dir", str(tmp_path / "cli")])
+    assert calls == [("exit", 0)]
+    assert (tmp_path / "cli" / "summary.json").is_file()
+    calls.clear()
+    train.run(train.parse_args([*argv, "--out-dir", str(tmp_path / "lib")]))
+    assert calls == [("cleanup",)]
