@@ -8,6 +8,9 @@ Public names:
     NormCall, norm_call  how one BN normalises in a call, read as nn.BatchNorm2d reads it.
     EfficientTransition  a DenseNet transition that recomputes BN-ReLU and pools first.
     convert              swaps a torchvision-structured DenseNet's blocks in place.
+    ConvertedStage       what convert makes of a stage whose dense layers are its own children
+                         (pytorchcv's): its transition and one EfficientDenseBlock, keeping
+                         the library's state_dict keys.
     available_backends   backends that can run on a device.
 """
 
@@ -22,7 +25,7 @@ from dense_ext.block import (
     EfficientDenseBlock,
     EfficientDenseLayer,
 )
-from dense_ext.convert import convert
+from dense_ext.convert import ConvertedStage, convert
 from dense_ext.function import DenseBlockFunction
 from dense_ext.norm import NormCall, norm_call
 from dense_ext.spec import BlockSpec
@@ -32,6 +35,7 @@ __all__ = [
     "BackendUnavailableError",
     "BlockCall",
     "BlockSpec",
+    "ConvertedStage",
     "DenseDtypeError",
     "DenseInputError",
     "DenseBlockFunction",

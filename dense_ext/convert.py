@@ -22,6 +22,14 @@ Recognised by structure (duck typing; neither torchvision nor timm is imported):
   conv1, act, norm2, conv2`` (mmpretrain's ``DenseBlock``: one ``act`` ReLU serves both
   positions of a layer); it keeps mmpretrain's state_dict keys (``block.0.norm1.weight``), as
   MONAI's blocks keep MONAI's;
+* or a stage of pytorchcv's DenseNets (``densenet121``, the CIFAR ``densenet40_k12_bc_cifar10``
+  and their kin): an ``nn.Sequential`` of an optional transition ``trans<i>`` then ``unit1 ..
+  unitL``, each unit a module whose forward concatenates, holding pre-activation blocks of
+  exactly ``bn, activ, conv`` (``conv1`` and ``conv2``, or one 3x3 ``conv`` for the plain
+  layer) and an optional ``nn.Dropout`` ``dropout`` (the layer's ``drop_rate``). The stage
+  becomes a ``ConvertedStage`` holding the transition (converted when it is ``conv`` (``bn,
+  activ, conv``) and a 2x2 ``pool``) and the block, saving and loading pytorchcv's keys
+  (``stage2.unit1.conv1.bn.weight``, ``stage2.trans2.conv.conv.weight``);
 * a transition is an ``nn.Sequential`` of exactly ``norm``, ``relu`` (``nn.ReLU``), ``conv``
   (bias-free 1x1 ``nn.Conv2d``) and ``pool`` (``nn.AvgPool2d(2)``) (torchvision; mmpretrain
   names the ReLU ``act``), or of ``norm``, ``conv`` and ``pool`` with a norm that applies the
@@ -47,7 +55,11 @@ step; the converted model updates them once, as the model without checkpointing 
 
 from __future__ import annotations
 
+import functools
+import re
 import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
 from types import SimpleNamespace
 
 import torch
@@ -86,12 +98,13 @@ def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto")
             f"{type(model).__name__} (already converted, not 2-D, or not a DenseNet?)"
         )
     new_modules = [new for _, _, new in targets]
-    if not any(isinstance(m, EfficientDenseBlock) for m in [*model.modules(), *new_modules]):
+    found = [m for module in (model, *new_modules) for m in module.modules()]
+    if not any(isinstance(m, EfficientDenseBlock) for m in found):
         warnings.warn(
             f"dense_ext.convert: {type(model).__name__} has transitions but no dense block that "
             "convert recognises, so only its transitions are converted and its dense blocks "
-            "keep their memory cost (convert knows torchvision's, timm's, MONAI's 2-D and "
-            "mmpretrain's structures: see its documentation)",
+            "keep their memory cost (convert knows torchvision's, timm's, MONAI's 2-D, "
+            "mmpretrain's and pytorchcv's structures: see its documentation)",
             stacklevel=2,
         )
     for parent, name, new in targets:
@@ -100,8 +113,10 @@ def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto")
 
 
 def _convert_one(module: nn.Module, memory: str, backend: str) -> nn.Module | None:
-    if isinstance(module, (EfficientDenseBlock, EfficientTransition)):
+    if isinstance(module, (EfficientDenseBlock, EfficientTransition, ConvertedStage)):
         return None
+    if _stage_units(module):
+        return _convert_stage(module, memory, backend)
     if _is_dense_block(module):
         return _convert_block(module, memory, backend)
     if _is_transition(module):
@@ -155,7 +170,7 @@ def _named_layers(block: nn.Module) -> list[tuple[str, nn.Module]]:
     """A recognised block's layers, each with its name in the block."""
     if _is_listed_block(block):
         return [(f"block.{i}", layer) for i, layer in enumerate(block.block)]
-    return list(block.named_children())
+    return _stage_units(block) or list(block.named_children())
 
 
 def _is_nested_layer(layer: nn.Module) -> bool:
@@ -185,8 +200,66 @@ def _layer_parts(layer: nn.Module) -> nn.Module | SimpleNamespace:
             norm1=m["norm1"], relu1=m["act"], conv1=m["conv1"],
             norm2=m["norm2"], relu2=m["act"], conv2=m["conv2"],
         )  # fmt: skip
+    convs = _unit_convs(layer)
+    if convs is not None:  # pytorchcv: each position a pre-activation block bn, activ, conv
+        names = [("norm1", "relu1", "conv1"), ("norm2", "relu2", "conv2")]
+        return SimpleNamespace(**{
+            name: block._modules[part]
+            for block, position in zip(convs, names)
+            for name, part in zip(position, _PRE_CONV_PARTS)
+        })  # fmt: skip
     parts = layer._modules.get("layers") if _is_nested_layer(layer) else None
     return layer if parts is None else parts
+
+
+# pytorchcv's pre-activation convolution block (PreConvBlock), its modules in order.
+_PRE_CONV_PARTS = ["bn", "activ", "conv"]
+
+
+def _is_pre_conv(module: nn.Module | None) -> bool:
+    return module is not None and list(module._modules) == _PRE_CONV_PARTS
+
+
+def _unit_convs(unit: nn.Module) -> list[nn.Module] | None:
+    """The pre-activation blocks of a pytorchcv dense unit (``DenseUnit``: ``conv1``, ``conv2``;
+    ``DenseSimpleUnit``: ``conv``), or None for another module. A unit's own forward adds the
+    concatenation (and the optional ``dropout``)."""
+    if isinstance(unit, nn.Sequential):
+        return None
+    names = [name for name in unit._modules if name != "dropout"]
+    if names not in (["conv1", "conv2"], ["conv"]):
+        return None
+    convs = [unit._modules[name] for name in names]
+    return convs if all(map(_is_pre_conv, convs)) else None
+
+
+def _stage_units(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """A pytorchcv DenseNet stage's units with their names, or [] for another module: an
+    ``nn.Sequential`` of an optional ``trans<i>`` then ``unit1 .. unitL``, units of one kind
+    whose inputs grow by the growth rate from unit to unit (a pre-activation ResNet's stage
+    has units too, of one width)."""
+    if type(module) is not nn.Sequential:
+        return []
+    items = list(module._modules.items())
+    if items and re.fullmatch(r"trans\d+", items[0][0]):
+        items = items[1:]
+    if not items or [name for name, _ in items] != [f"unit{i + 1}" for i in range(len(items))]:
+        return []
+    convs = []
+    for _, unit in items:
+        unit_convs = _unit_convs(unit)
+        if unit_convs is None:
+            return []
+        convs.append(unit_convs)
+    if len({len(c) for c in convs}) != 1:
+        return []
+    widths = [getattr(c[0].bn, "num_features", None) for c in convs]
+    growth = getattr(convs[0][-1].conv, "out_channels", None)
+    if not isinstance(widths[0], int) or not isinstance(growth, int):
+        return []
+    if widths != [widths[0] + i * growth for i in range(len(items))]:
+        return []
+    return items
 
 
 def _is_transition(module: nn.Module) -> bool:
@@ -278,7 +351,9 @@ def _block_shape(block: nn.Module) -> tuple[int, int, int]:
                 f"convert: {name}.act is a {type(act).__name__}, which a fused dense layer "
                 "cannot model: it applies nn.ReLU"
             )
-        if _is_nested_layer(layer):
+        if _unit_convs(layer) is not None:
+            _check_unit(layer, name)
+        elif _is_nested_layer(layer):
             _check_nested_layer(layer, name)
         elif isinstance(layer, nn.Sequential):  # it runs every module it holds
             _check_layer_modules(layer, name)
@@ -310,6 +385,26 @@ def _check_nested_layer(layer: nn.Module, name: str) -> None:
     layer could not keep."""
     _check_layer_modules(layer.layers, f"{name}.layers")
     _check_no_hooks(layer.layers, f"{name}.layers", "the converted layer has no module to keep")
+
+
+def _check_unit(unit: nn.Module, name: str) -> None:
+    """A pytorchcv unit: ReLU activations, element-wise dropout, and no hooks on the
+    pre-activation blocks, which the converted layer does not keep."""
+    for part, block in unit._modules.items():
+        if part == "dropout":
+            if type(block) is not nn.Dropout:
+                raise ValueError(
+                    f"convert: {name}.dropout is a {type(block).__name__}; a fused dense block "
+                    "applies element-wise dropout (nn.Dropout) to each layer's new features"
+                )
+            continue
+        assert block is not None
+        if not isinstance(block.activ, nn.ReLU):
+            raise ValueError(
+                f"convert: {name}.{part}.activ is a {type(block.activ).__name__}, which a fused "
+                "dense layer cannot model: it applies nn.ReLU"
+            )
+        _check_no_hooks(block, f"{name}.{part}", "the converted layer has no module to keep")
 
 
 def _check_no_hooks(module: nn.Module, where: str, why: str) -> None:
@@ -370,13 +465,203 @@ def _convert_block(block: nn.Module, memory: str, backend: str) -> EfficientDens
             if hasattr(new_layer, name) and hasattr(parts, name):
                 setattr(new_layer, name, getattr(parts, name))
         # Each layer keeps its own dropout rate and train/eval flag (the BNs, reused, keep theirs).
-        new_layer.drop_rate = float(getattr(old_layer, "drop_rate", 0.0))
+        new_layer.drop_rate = _drop_rate(old_layer)
         new_layer.training = old_layer.training
         _adopt_hooks(old_layer, new_layer)
     new.training = block.training
-    _adopt_hooks(block, new)
+    if not _stage_units(block):  # a stage's hooks go to the ConvertedStage (_convert_stage)
+        _adopt_hooks(block, new)
     if _is_listed_block(block):
         new.use_layer_keys("mmpretrain")
     elif _is_nested_layer(old_layers[0]):  # then every layer is (_is_dense_block)
         new.use_layer_keys("monai")
     return new
+
+
+def _drop_rate(layer: nn.Module) -> float:
+    """A layer's dropout rate: torchvision's ``drop_rate``, or a pytorchcv unit's ``dropout``."""
+    dropout = layer._modules.get("dropout")
+    if isinstance(dropout, nn.Dropout) and _unit_convs(layer) is not None:
+        return float(dropout.p)
+    return float(getattr(layer, "drop_rate", 0.0))
+
+
+def _convert_stage(stage: nn.Sequential, memory: str, backend: str) -> ConvertedStage:
+    """A pytorchcv stage as a ``ConvertedStage``: its transition, converted when it can be,
+    and its units as one ``EfficientDenseBlock`` named ``block``, under pytorchcv's keys."""
+    first = stage._modules.get("unit1")
+    assert first is not None
+    convs = _unit_convs(first)
+    assert convs is not None
+    unit = "unit{}.conv1" if len(convs) == 2 else "unit{}.conv"
+    renames = [
+        ("block.denselayer{}.norm1.", f"{unit}.bn."),
+        ("block.denselayer{}.conv1.", f"{unit}.conv."),
+    ]
+    if len(convs) == 2:
+        renames += [
+            ("block.denselayer{}.norm2.", "unit{}.conv2.bn."),
+            ("block.denselayer{}.conv2.", "unit{}.conv2.conv."),
+        ]
+    modules: OrderedDict[str, nn.Module] = OrderedDict()
+    name, transition = next(iter(stage._modules.items()))
+    if name != "unit1":
+        assert transition is not None
+        new_transition = _convert_stage_transition(transition)
+        if new_transition is not None:
+            transition = new_transition
+            renames += [
+                (f"{name}.norm.", f"{name}.conv.bn."),
+                (f"{name}.conv.", f"{name}.conv.conv."),
+            ]
+        modules[name] = transition
+    modules["block"] = _convert_block(stage, memory, backend)
+    new = ConvertedStage(modules, renames)
+    new.training = stage.training
+    _adopt_hooks(stage, new)
+    new._rename_keys_first()
+    return new
+
+
+def _convert_stage_transition(module: nn.Module) -> EfficientTransition | None:
+    """pytorchcv's ``TransitionBlock`` (``conv``: bn, activ, 1x1 conv; ``pool``: 2x2 average)
+    as an ``EfficientTransition``, or None when it is another module, or keeps hooks on its
+    pre-activation block (which the converted transition would not keep)."""
+    if list(module._modules) != ["conv", "pool"] or isinstance(module, nn.Sequential):
+        return None
+    block, pool = module._modules["conv"], module._modules["pool"]
+    if not _is_pre_conv(block) or not is_avg_pool_2x2(pool):
+        return None
+    assert block is not None and pool is not None
+    norm, relu, conv = (block._modules[part] for part in _PRE_CONV_PARTS)
+    if norm is None or norm_kind(norm) is None or not isinstance(relu, nn.ReLU):
+        return None
+    if conv is None or not _is_conv(conv, 1, 0):
+        return None
+    if "forward" in block.__dict__ or any(getattr(block, h, None) for h in HOOK_ATTRIBUTES):
+        return None
+    assert isinstance(conv, nn.Conv2d)
+    new = EfficientTransition.from_modules(norm, relu, conv, pool)
+    new.training = module.training
+    _adopt_hooks(module, new)
+    return new
+
+
+@functools.cache
+def _key_pattern(template: str) -> re.Pattern[str]:
+    """A key prefix template (``"unit{}.conv1.bn."``: ``{}`` a layer's number) as a regex."""
+    return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)"))
+
+
+def _renamed_key(key: str, renames: Sequence[tuple[str, str]], to_library: bool) -> str | None:
+    """``key`` (relative to the stage) renamed by the first matching (own, library) prefix
+    pair, own names to the library's or back; None when no pair matches."""
+    for own, library in renames:
+        source, target = (own, library) if to_library else (library, own)
+        match = _key_pattern(source).match(key)
+        if match is not None:
+            head = target.format(*match.groups()) if match.groups() else target
+            return head + key[match.end() :]
+    return None
+
+
+class ConvertedStage(nn.Sequential):
+    """A stage of another library's DenseNet after ``dense_ext.convert``: the stage's
+    transition (if it has one) and its dense layers as one ``EfficientDenseBlock`` named
+    ``block``, run in order as an ``nn.Sequential``. Its state_dict keys are the library's
+    (pytorchcv: ``unit1.conv1.bn.weight`` for ``block.denselayer1.norm1.weight``), when saving
+    and when loading, so the library's checkpoints load into the converted model and the
+    converted model's into the library's; missing and unexpected keys are reported in the
+    library's names too.
+
+    Args:
+        modules: the children, in order.
+        key_renames: pairs of key prefixes relative to the stage, (own, library), ``{}``
+            standing for a layer's number (the same in both).
+    """
+
+    def __init__(
+        self, modules: OrderedDict[str, nn.Module], key_renames: Sequence[tuple[str, str]]
+    ) -> None:
+        super().__init__(modules)
+        self.key_renames = tuple(key_renames)
+        self._rename_keys_first()
+
+    def _rename_keys_first(self) -> None:
+        """Register the renaming hooks ahead of every other: hooks registered on the stage the
+        converted one replaced (adopted with their dicts) see the library's keys."""
+        for hooks, hook in (
+            (self._state_dict_hooks, _save_library_keys),
+            (self._load_state_dict_post_hooks, _report_library_keys),
+        ):
+            for key in [key for key, value in hooks.items() if value is hook]:
+                del hooks[key]
+        saving = self.register_state_dict_post_hook(_save_library_keys)
+        loaded = self.register_load_state_dict_post_hook(_report_library_keys)
+        for hooks, ours in (
+            (self._state_dict_hooks, saving),
+            (self._load_state_dict_post_hooks, loaded),
+        ):
+            hooks.update({key: hooks.pop(key) for key in list(hooks) if key != ours.id})
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        # The base class runs the pre-hooks (the stage has no state of its own); its strict
+        # check would call every library key unexpected, so it runs here, after renaming.
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, False, missing_keys, unexpected_keys, errors
+        )
+        given = {}  # renamed key -> the key as given
+        for key in [key for key in state_dict if key.startswith(prefix)]:
+            own = _renamed_key(key[len(prefix) :], self.key_renames, to_library=False)
+            if own is not None:  # the children load after this, from the renamed keys
+                state_dict[prefix + own] = state_dict.pop(key)
+                given[prefix + own] = key
+        self._load_prefix, self._load_given = prefix, given
+        if strict:
+            unexpected_keys.extend(
+                given.get(key, key) for key in self._unexpected_keys(state_dict, prefix)
+            )
+
+    def _unexpected_keys(self, state_dict: dict, prefix: str) -> list[str]:
+        """``nn.Module._load_from_state_dict``'s strict check for a module without state of its
+        own: keys under ``prefix`` that no child takes."""
+
+        def unexpected(key: str) -> bool:
+            head, dot, _ = key[len(prefix) :].partition(".")
+            return key != prefix + "_extra_state" and (not dot or head not in self._modules)
+
+        return [key for key in state_dict if key.startswith(prefix) and unexpected(key)]
+
+
+def _save_library_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook of ``ConvertedStage``: its keys in the library's names. The stage's
+    entries are the last ones written, so popping and re-adding them keeps the order of every
+    key (a pytorchcv stage's order: the transition's, then unit by unit). The stage it replaced
+    shares its hook dicts (convert keeps their handles working) and names its keys itself."""
+    if not isinstance(module, ConvertedStage):
+        return
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        library = _renamed_key(key[len(prefix) :], module.key_renames, to_library=True)
+        value = state_dict.pop(key)
+        state_dict[key if library is None else prefix + library] = value
+
+
+def _report_library_keys(module: nn.Module, incompatible_keys) -> None:
+    """load_state_dict post-hook of ``ConvertedStage``: the missing keys of its children, and
+    the unexpected keys it renamed, in the library's names."""
+    if not isinstance(module, ConvertedStage):
+        return
+    prefix = getattr(module, "_load_prefix", None)
+    given = getattr(module, "_load_given", {})
+    if prefix is None:
+        return
+    missing = incompatible_keys.missing_keys
+    for i, key in enumerate(missing):
+        if key.startswith(prefix):
+            library = _renamed_key(key[len(prefix) :], module.key_renames, to_library=True)
+            if library is not None:
+                missing[i] = prefix + library
+    unexpected = incompatible_keys.unexpected_keys
+    unexpected[:] = [given.get(key, key) for key in unexpected]

@@ -1,7 +1,8 @@
 """convert() on the DenseNets people actually fine-tune: timm's (BatchNormAct2d, blur-pool
 variants), torchvision's own densenet121, MONAI's 2-D DenseNet121 (each layer's modules in a
 ``layers`` Sequential), mmpretrain's DenseNet (a list of layers sharing one ReLU module each),
-and backbones whose BNs are FrozenBatchNorm2d.
+pytorchcv's (dense units as a stage's children, after its transition), and backbones whose BNs
+are FrozenBatchNorm2d.
 
 Each converted model keeps every Parameter object and matches the unconverted one in float64:
 outputs, input and parameter gradients, buffers after forward and backward (helpers.train_step).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import re
 import warnings
 from collections import OrderedDict
@@ -32,12 +34,16 @@ from helpers import (
 )
 from mmengine.runner.checkpoint import load_state_dict as mmengine_load_state_dict
 from monai.networks.nets import DenseNet121 as MonaiDenseNet121
+from pytorchcv.models import densenet as pytorchcv_densenet
+from pytorchcv.models import densenet_cifar as pytorchcv_cifar
+from pytorchcv.models import preresnet as pytorchcv_preresnet
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import dense_ext
 from dense_ext import EfficientDenseBlock, EfficientTransition
+from dense_ext.convert import ConvertedStage
 
 with warnings.catch_warnings():  # mmcv-lite: "Fail to import MultiScaleDeformableAttention"
     warnings.simplefilter("ignore")
@@ -64,8 +70,8 @@ def _randomize(model: nn.Module) -> nn.Module:
     return model
 
 
-def _input() -> torch.Tensor:
-    return torch.randn(X, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+def _input(shape: tuple[int, ...] = X) -> torch.Tensor:
+    return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
 
 
 def _converted_matches(
@@ -75,8 +81,10 @@ def _converted_matches(
     blocks: int,
     transitions: int,
     rename: Callable[[str], str] = lambda name: name,
+    shape: tuple[int, ...] = X,
 ):
-    """``rename``: an original parameter or buffer name as the converted model names it."""
+    """``rename``: an original parameter or buffer name as the converted model names it;
+    ``shape``: the input's."""
     cpu_backend_or_skip(backend)
     converted = copy.deepcopy(original)
     params_before = [id(p) for p in converted.parameters()]
@@ -89,8 +97,8 @@ def _converted_matches(
         for step in range(2):
             original.train(mode == "train")
             converted.train(mode == "train")
-            expected = _renamed(train_step(original, _input(), seed=step), rename)
-            actual = train_step(converted, _input(), seed=step)
+            expected = _renamed(train_step(original, _input(shape), seed=step), rename)
+            actual = train_step(converted, _input(shape), seed=step)
             assert_same_step(actual, expected, TOLERANCE[torch.float64], f"{mode} step {step}")
     return converted
 
@@ -675,6 +683,12 @@ _KEYED_BLOCKS = {
         "stages.1.block.2.norm1.weight",
         "stages.0.block.1.conv2.weight",
     ),
+    "pytorchcv": (
+        lambda: _small_pytorchcv_cifar_densenet(bottleneck=True),
+        "features.stage2.unit3.conv1.bn.weight",
+        "features.stage2.unit2.conv1.bn.weight",
+        "features.stage1.unit2.conv2.conv.weight",
+    ),
     "monai": (
         lambda: _monai_densenet121(block_config=(2, 2), init_features=16, growth_rate=8),
         "features.denseblock2.denselayer3.layers.norm1.weight",
@@ -731,3 +745,120 @@ def test_mmpretrain_layers_of_another_kind_raise_clearly_or_stay():
     with pytest.warns(UserWarning, match="no dense block that convert recognises"):
         dense_ext.convert(model, backend="reference")
     assert not any(isinstance(m, EfficientDenseBlock) for m in model.modules())
+
+
+def _pytorchcv_channels(init: int, growth_rate: int, units: list[int]) -> list[list[int]]:
+    """pytorchcv's ``channels`` argument: each unit's output channels, stage by stage (its
+    transitions halve the channels)."""
+    stages, c = [], init
+    for i, count in enumerate(units):
+        c = c // 2 if i else c
+        stages.append([c + growth_rate * (j + 1) for j in range(count)])
+        c = stages[-1][-1]
+    return stages
+
+
+def _small_pytorchcv_cifar_densenet(bottleneck: bool, **kwargs) -> nn.Module:
+    channels = _pytorchcv_channels(8, 4, [2, 2, 2])
+    return pytorchcv_cifar.CIFARDenseNet(channels, 8, bottleneck, in_size=(32, 32), **kwargs)
+
+
+def _pytorchcv_names(name: str) -> str:
+    """A pytorchcv parameter or buffer name as the converted model names it."""
+    for unit_part, layer_part in (
+        ("conv1.bn", "norm1"),
+        ("conv1.conv", "conv1"),
+        ("conv2.bn", "norm2"),
+        ("conv2.conv", "conv2"),
+        ("conv.bn", "norm1"),  # the plain unit's one block
+        ("conv.conv", "conv1"),
+    ):
+        name = re.sub(rf"\.unit(\d+)\.{unit_part}\.", rf".block.denselayer\1.{layer_part}.", name)
+    name = re.sub(r"\.(trans\d+)\.conv\.bn\.", r".\1.norm.", name)
+    return re.sub(r"\.(trans\d+)\.conv\.conv\.", r".\1.conv.", name)
+
+
+_PYTORCHCV_MODELS = {
+    # name: (build, input shape, dense blocks, transitions)
+    "densenet40_k12_bc_cifar10": (pytorchcv_cifar.densenet40_k12_bc_cifar10, (2, 3, 32, 32), 3, 2),
+    "densenet40_k12_cifar10": (pytorchcv_cifar.densenet40_k12_cifar10, (2, 3, 32, 32), 3, 2),
+    "imagenet DenseNet, 3 stages": (
+        lambda: pytorchcv_densenet.DenseNet(
+            _pytorchcv_channels(16, 8, [2, 3, 4]), 16, in_size=(112, 112), num_classes=5
+        ),
+        (2, 3, 112, 112),
+        3,
+        2,
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, memory", BACKENDS)
+@pytest.mark.parametrize("name", list(_PYTORCHCV_MODELS))
+def test_pytorchcv_densenet_converts_in_place(name, backend, memory):
+    """pytorchcv's DenseNets (osmr/imgclsmob: CIFAR DenseNet-BC and DenseNet, ImageNet
+    DenseNet): a stage is an nn.Sequential of its transition ``trans<i>`` and its units, each
+    unit's forward adding the concatenation, each position a pre-activation block (bn, activ,
+    conv). Before: "found no torchvision-structured dense block or transition". Each stage
+    becomes a ConvertedStage (the transition converted, the units one block) that keeps
+    pytorchcv's state_dict keys, in order, both ways."""
+    build, shape, blocks, transitions = _PYTORCHCV_MODELS[name]
+    torch.manual_seed(0)
+    model = _randomize(build())
+    converted = _converted_matches(
+        model, backend, memory, blocks, transitions, rename=_pytorchcv_names, shape=shape
+    )
+    stage = converted.features.stage2
+    assert isinstance(stage, ConvertedStage) and list(stage._modules) == ["trans2", "block"]
+    saved = _checkpoints_load_both_ways(model, converted, build, memory, backend)
+    unit = "conv1" if "bc" in name or "imagenet" in name else "conv"  # the plain unit's: conv
+    assert f"features.stage3.unit1.{unit}.bn.running_var" in saved
+    assert "features.stage2.trans2.conv.conv.weight" in saved
+
+
+def test_pytorchcv_stage_keeps_hooks_pickles_and_refuses_what_it_cannot_model():
+    model = _small_pytorchcv_cifar_densenet(bottleneck=True, dropout_rate=0.2)
+    seen = []
+    model.features.stage2.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    converted = dense_ext.convert(copy.deepcopy(model), backend="reference")
+    assert converted.features.stage2.block.denselayer2.drop_rate == 0.2  # nn.Dropout converts
+    converted(torch.randn(2, 3, 32, 32))
+    assert seen == [(2, 16, 16, 16)]  # the stage's hook moved to the converted stage
+    # A whole-model pickle (torch.save(model)) round trip keeps the key renaming.
+    model = _small_pytorchcv_cifar_densenet(bottleneck=True)
+    converted = dense_ext.convert(copy.deepcopy(model), backend="reference")
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    assert list(again.state_dict()) == list(model.state_dict())
+
+    def refused(change: Callable[[nn.Module], object], match: str) -> None:
+        model = _small_pytorchcv_cifar_densenet(bottleneck=True, dropout_rate=0.2)
+        change(model)
+        with pytest.raises(ValueError, match=match):
+            dense_ext.convert(model)
+
+    refused(
+        lambda m: setattr(m.features.stage1.unit2.conv1, "activ", nn.SiLU()),
+        r"unit2.conv1.activ is a SiLU",
+    )
+    refused(
+        lambda m: setattr(m.features.stage2.unit1, "dropout", nn.Dropout2d(0.2)),
+        r"unit1.dropout is a Dropout2d",
+    )
+    refused(
+        lambda m: m.features.stage1.unit1.conv2.register_forward_hook(lambda *a: None),
+        r"unit1.conv2 has hooks",
+    )
+    # A hook on the transition's pre-activation block keeps that transition as it is (and its
+    # keys); the stage's dense units still convert.
+    model = _small_pytorchcv_cifar_densenet(bottleneck=True)
+    model.features.stage2.trans2.conv.register_forward_hook(lambda *a: None)
+    converted = dense_ext.convert(copy.deepcopy(model), backend="reference")
+    assert type(converted.features.stage2.trans2) is type(model.features.stage2.trans2)
+    assert list(converted.state_dict()) == list(model.state_dict())
+    # A pre-activation ResNet's stages have units of one width: no dense block.
+    with pytest.raises(ValueError, match="found no torchvision-structured"):
+        dense_ext.convert(pytorchcv_preresnet.preresnet10())
