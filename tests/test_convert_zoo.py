@@ -862,3 +862,20 @@ def test_pytorchcv_stage_keeps_hooks_pickles_and_refuses_what_it_cannot_model():
     # A pre-activation ResNet's stages have units of one width: no dense block.
     with pytest.raises(ValueError, match="found no torchvision-structured"):
         dense_ext.convert(pytorchcv_preresnet.preresnet10())
+
+
+def test_converted_feature_maps_are_channels_last_where_view_differs():
+    """README, "Layout": the converted model's feature maps are channels_last (the block's
+    buffer and what follows it), the same values; ``.view`` across their spatial dimensions
+    raises where the naive model's contiguous map allows it, and works on a 1x1 pooled map."""
+    model = torchvision.models.densenet121(num_classes=3).eval()
+    converted = dense_ext.convert(copy.deepcopy(model), backend="reference")
+    x = torch.randn(1, 3, 64, 64)
+    expected, actual = model.features(x), converted.features(x)
+    assert expected.is_contiguous()
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(actual.reshape(1, -1), expected.view(1, -1))
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        actual.view(1, -1)
+    pooled = F.adaptive_avg_pool2d(actual, 1)
+    torch.testing.assert_close(pooled.view(1, -1), F.adaptive_avg_pool2d(expected, 1).view(1, -1))
