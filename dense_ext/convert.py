@@ -78,10 +78,13 @@ def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto")
         backend: backend of the new ``EfficientDenseBlock``s.
 
     Returns ``model`` (converted in place); if ``model`` is itself a block or transition,
-    the new module is returned instead. Growth rate, bottleneck size and dropout rate are
-    inferred from the modules. Raises ValueError if nothing convertible is found, or if a
-    block looks like a dense block but cannot be represented (inconsistent shapes, a norm the
-    fused block cannot model).
+    the new module is returned instead. One warning names the converted blocks that hold
+    modules the fused kernels do not model (a convolution subclass, such as pytorchcv's
+    X-DenseNet's masked ``XConv2d``, or a parametrized convolution): they compute the same,
+    running their layers one by one, with no memory saved. Growth rate, bottleneck size and
+    dropout rate are inferred from the modules. Raises ValueError if nothing convertible is
+    found, or if a block looks like a dense block but cannot be represented (inconsistent
+    shapes, a norm the fused block cannot model).
     """
     root = _convert_one(model, memory, backend)
     if root is not None:
@@ -109,7 +112,29 @@ def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto")
         )
     for parent, name, new in targets:
         setattr(parent, name, new)  # keeps the child's position in an nn.Sequential
+    _warn_unfusable_blocks(model, new_modules)
     return model
+
+
+def _warn_unfusable_blocks(model: nn.Module, new_modules: list[nn.Module]) -> None:
+    """One warning naming the converted blocks whose modules the fused kernels cannot model
+    (a convolution of a subclass such as pytorchcv's masked ``XConv2d`` or a parametrized
+    one): they compute correctly, running their layers one by one, but save no memory."""
+    new_ids = {id(m) for new in new_modules for m in new.modules()}
+    unfusable = [
+        f"{name} ({reason})"
+        for name, module in model.named_modules()
+        if id(module) in new_ids and isinstance(module, EfficientDenseBlock)
+        for reason in [module.structure_reason()]
+        if reason is not None
+    ]
+    if unfusable:
+        warnings.warn(
+            f"dense_ext.convert: {len(unfusable)} converted dense block(s) hold modules the "
+            "fused kernels do not model, so they run their layers one by one, with the naive "
+            f"block's memory (results are the same): {'; '.join(unfusable)}",
+            stacklevel=3,
+        )
 
 
 def _convert_one(module: nn.Module, memory: str, backend: str) -> nn.Module | None:

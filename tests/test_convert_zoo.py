@@ -37,6 +37,7 @@ from monai.networks.nets import DenseNet121 as MonaiDenseNet121
 from pytorchcv.models import densenet as pytorchcv_densenet
 from pytorchcv.models import densenet_cifar as pytorchcv_cifar
 from pytorchcv.models import preresnet as pytorchcv_preresnet
+from pytorchcv.models import xdensenet_cifar as pytorchcv_xdensenet_cifar
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -82,13 +83,22 @@ def _converted_matches(
     transitions: int,
     rename: Callable[[str], str] = lambda name: name,
     shape: tuple[int, ...] = X,
+    unfusable: str | None = None,
 ):
     """``rename``: an original parameter or buffer name as the converted model names it;
-    ``shape``: the input's."""
+    ``shape``: the input's; ``unfusable``: what convert's warning about blocks that cannot
+    run fused must say (by default convert must not give it)."""
     cpu_backend_or_skip(backend)
     converted = copy.deepcopy(original)
     params_before = [id(p) for p in converted.parameters()]
-    assert dense_ext.convert(converted, memory=memory, backend=backend) is converted
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert dense_ext.convert(converted, memory=memory, backend=backend) is converted
+    told = [str(w.message) for w in caught if "fused kernels do not model" in str(w.message)]
+    if unfusable is None:
+        assert not told, told
+    else:
+        assert len(told) == 1 and re.search(unfusable, told[0]), told
     assert [id(p) for p in converted.parameters()] == params_before, "Parameters were replaced"
     kinds = [type(m) for m in converted.modules()]
     assert kinds.count(EfficientDenseBlock) == blocks
@@ -879,3 +889,16 @@ def test_converted_feature_maps_are_channels_last_where_view_differs():
         actual.view(1, -1)
     pooled = F.adaptive_avg_pool2d(actual, 1)
     torch.testing.assert_close(pooled.view(1, -1), F.adaptive_avg_pool2d(expected, 1).view(1, -1))
+
+
+@pytest.mark.slow
+def test_a_block_of_masked_convolutions_converts_with_a_warning_and_computes_the_same():
+    """pytorchcv's X-DenseNet has the DenseNet's structure with expander convolutions, an
+    ``nn.Conv2d`` subclass (``XConv2d``) that masks its weight in forward. The fused kernels
+    compute a plain convolution, so the converted blocks run their layers one by one (the
+    same results) and convert says so, once, naming each block."""
+    model = _randomize(pytorchcv_xdensenet_cifar.xdensenet40_2_k24_bc_cifar10())
+    blocks = r"features.stage1.block \(denselayer1: conv1 is a XConv2d.*stage3.block"
+    _converted_matches(
+        model, "cpp", "min", 3, 2, rename=_pytorchcv_names, shape=(2, 3, 32, 32), unfusable=blocks
+    )
