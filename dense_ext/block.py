@@ -206,6 +206,53 @@ def _report_missing_keys(module: nn.Module, incompatible_keys) -> None:
     ]
 
 
+def register_renaming_hooks(module: nn.Module, saving: Callable, loaded: Callable) -> None:
+    """Register ``saving`` (a state_dict post-hook that writes another library's key names)
+    and ``loaded`` (a load_state_dict post-hook that reports keys in those names) on
+    ``module``, ahead of every other hook (dicts keep insertion order): hooks adopted from the
+    module it replaced see the keys they were written for. Registered once: earlier copies
+    of the two are removed. Loading renames after the pre-hooks (``rename_loaded_keys``)."""
+    for hooks in (module._state_dict_hooks, module._load_state_dict_post_hooks):
+        for key in [key for key, hook in hooks.items() if hook in (saving, loaded)]:
+            del hooks[key]
+    for hooks, ours in (
+        (module._state_dict_hooks, module.register_state_dict_post_hook(saving)),
+        (module._load_state_dict_post_hooks, module.register_load_state_dict_post_hook(loaded)),
+    ):
+        hooks.update({key: hooks.pop(key) for key in list(hooks) if key != ours.id})
+
+
+def rename_loaded_keys(
+    module: nn.Module,
+    state_dict: dict,
+    prefix: str,
+    own_key: Callable[[str], str | None],
+    strict: bool,
+    unexpected_keys: list[str],
+) -> dict[str, str]:
+    """For the ``_load_from_state_dict`` of a module without state of its own whose children
+    load another library's keys: rename the keys under ``prefix`` (``own_key``: a key relative
+    to the module in the module's own names, or None to leave it) before the children load,
+    then make ``nn.Module``'s strict check, keys no child takes, reporting each as given.
+    Returns {renamed key: the key as given}."""
+    given = {}
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        own = own_key(key[len(prefix) :])
+        if own is not None:
+            state_dict[prefix + own] = state_dict.pop(key)
+            given[prefix + own] = key
+    if strict:
+
+        def unexpected(key: str) -> bool:
+            head, dot, _ = key[len(prefix) :].partition(".")
+            return key != prefix + "_extra_state" and (not dot or head not in module._modules)
+
+        unexpected_keys.extend(
+            given.get(key, key) for key in state_dict if key.startswith(prefix) and unexpected(key)
+        )
+    return given
+
+
 class EfficientDenseBlock(NotScriptable, nn.ModuleDict):
     """A DenseNet dense block over one shared, preallocated feature buffer.
 
@@ -321,16 +368,7 @@ class EfficientDenseBlock(NotScriptable, nn.ModuleDict):
                 )
             return
         self._layer_key_style = style
-        saving = self.register_state_dict_post_hook(_rename_layer_keys)
-        loaded = self.register_load_state_dict_post_hook(_report_missing_keys)
-        # Renamed before any other hook runs (dicts keep insertion order): hooks adopted from
-        # the replaced block see the keys they were written for. Loading renames after the
-        # pre-hooks, in _load_from_state_dict.
-        for hooks, ours in (
-            (self._state_dict_hooks, saving),
-            (self._load_state_dict_post_hooks, loaded),
-        ):
-            hooks.update({key: hooks.pop(key) for key in list(hooks) if key != ours.id})
+        register_renaming_hooks(self, _rename_layer_keys, _report_missing_keys)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
@@ -350,25 +388,8 @@ class EfficientDenseBlock(NotScriptable, nn.ModuleDict):
         if style is None:
             return
         self._load_prefix = prefix  # for _report_missing_keys
-        given = {}  # renamed key -> the key as given
-        for key in [key for key in state_dict if key.startswith(prefix)]:
-            own = LAYER_KEY_STYLES[style].own_key(key[len(prefix) :])
-            if own is not None:  # the layers load after this, from the renamed keys
-                state_dict[prefix + own] = state_dict.pop(key)
-                given[prefix + own] = key
-        if strict:
-            unexpected = self._unexpected_keys(state_dict, prefix)
-            unexpected_keys.extend(given.get(key, key) for key in unexpected)
-
-    def _unexpected_keys(self, state_dict: dict, prefix: str) -> list[str]:
-        """``nn.Module._load_from_state_dict``'s strict check, for a module without state of its
-        own: keys under ``prefix`` that no child takes."""
-
-        def unexpected(key: str) -> bool:
-            head, dot, _ = key[len(prefix) :].partition(".")
-            return key != prefix + "_extra_state" and (not dot or head not in self._modules)
-
-        return [key for key in state_dict if key.startswith(prefix) and unexpected(key)]
+        own_key = LAYER_KEY_STYLES[style].own_key
+        rename_loaded_keys(self, state_dict, prefix, own_key, strict, unexpected_keys)
 
     def structure_reason(self) -> str | None:
         """Why the fused path cannot compute this block from its layers' parameters (each

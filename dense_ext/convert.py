@@ -65,7 +65,13 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from dense_ext.block import EfficientDenseBlock, norm_channels, norm_kind
+from dense_ext.block import (
+    EfficientDenseBlock,
+    norm_channels,
+    norm_kind,
+    register_renaming_hooks,
+    rename_loaded_keys,
+)
 from dense_ext.transition import EfficientTransition, is_avg_pool_2x2
 
 
@@ -613,51 +619,24 @@ class ConvertedStage(nn.Sequential):
         self._rename_keys_first()
 
     def _rename_keys_first(self) -> None:
-        """Register the renaming hooks ahead of every other: hooks registered on the stage the
-        converted one replaced (adopted with their dicts) see the library's keys."""
-        for hooks, hook in (
-            (self._state_dict_hooks, _save_library_keys),
-            (self._load_state_dict_post_hooks, _report_library_keys),
-        ):
-            for key in [key for key, value in hooks.items() if value is hook]:
-                del hooks[key]
-        saving = self.register_state_dict_post_hook(_save_library_keys)
-        loaded = self.register_load_state_dict_post_hook(_report_library_keys)
-        for hooks, ours in (
-            (self._state_dict_hooks, saving),
-            (self._load_state_dict_post_hooks, loaded),
-        ):
-            hooks.update({key: hooks.pop(key) for key in list(hooks) if key != ours.id})
+        """Register the renaming hooks ahead of every other (``register_renaming_hooks``):
+        hooks adopted from the stage the converted one replaced see the library's keys."""
+        register_renaming_hooks(self, _save_library_keys, _report_library_keys)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
     ) -> None:
         # The base class runs the pre-hooks (the stage has no state of its own); its strict
-        # check would call every library key unexpected, so it runs here, after renaming.
+        # check would call every library key unexpected, so it runs after renaming.
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, False, missing_keys, unexpected_keys, errors
         )
-        given = {}  # renamed key -> the key as given
-        for key in [key for key in state_dict if key.startswith(prefix)]:
-            own = _renamed_key(key[len(prefix) :], self.key_renames, to_library=False)
-            if own is not None:  # the children load after this, from the renamed keys
-                state_dict[prefix + own] = state_dict.pop(key)
-                given[prefix + own] = key
+
+        def own_key(key: str) -> str | None:
+            return _renamed_key(key, self.key_renames, to_library=False)
+
+        given = rename_loaded_keys(self, state_dict, prefix, own_key, strict, unexpected_keys)
         self._load_prefix, self._load_given = prefix, given
-        if strict:
-            unexpected_keys.extend(
-                given.get(key, key) for key in self._unexpected_keys(state_dict, prefix)
-            )
-
-    def _unexpected_keys(self, state_dict: dict, prefix: str) -> list[str]:
-        """``nn.Module._load_from_state_dict``'s strict check for a module without state of its
-        own: keys under ``prefix`` that no child takes."""
-
-        def unexpected(key: str) -> bool:
-            head, dot, _ = key[len(prefix) :].partition(".")
-            return key != prefix + "_extra_state" and (not dot or head not in self._modules)
-
-        return [key for key in state_dict if key.startswith(prefix) and unexpected(key)]
 
 
 def _save_library_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
