@@ -382,6 +382,12 @@ def _block_shape(block: nn.Module) -> tuple[int, int, int]:
                 f"convert: {name}.act is a {type(act).__name__}, which a fused dense layer "
                 "cannot model: it applies nn.ReLU"
             )
+        if isinstance(block, nn.Sequential):  # chained layers (MONAI's, pytorchcv's units...)
+            why = (
+                "its forward returns its input and new features concatenated, the converted "
+                "layer's only the new features"
+            )
+            _check_no_hooks(layer, name, why)
         if _unit_convs(layer) is not None:
             _check_unit(layer, name)
         elif _is_nested_layer(layer):

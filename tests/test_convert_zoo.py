@@ -899,3 +899,30 @@ def test_a_block_of_masked_convolutions_converts_with_a_warning_and_computes_the
     _converted_matches(
         model, "cpp", "min", 3, 2, rename=_pytorchcv_names, shape=(2, 3, 32, 32), unfusable=blocks
     )
+
+
+_CHAINED_LAYER_MODELS = {
+    "monai": lambda: _monai_densenet121(block_config=(2, 2), init_features=16, growth_rate=8),
+    "torchvision before 0.3": lambda: _old_torchvision_densenet(),
+    "pytorchcv": lambda: _small_pytorchcv_cifar_densenet(bottleneck=True),
+}
+
+
+@pytest.mark.parametrize("library", list(_CHAINED_LAYER_MODELS))
+@pytest.mark.parametrize("hook", ["forward", "forward_pre", "full_backward"])
+def test_hooks_on_a_layer_that_returns_the_concatenation_raise(library, hook):
+    """MONAI's layers, torchvision's before 0.3 and pytorchcv's units return their input and
+    new features concatenated; a converted layer returns the new features (the block
+    concatenates into its buffer). A hook on such a layer would see other tensors after
+    converting (a forward hook on MONAI's first layer saw [1, 24, 8, 8], then [1, 8, 8, 8]),
+    so convert refuses it, naming the layer."""
+    model = _CHAINED_LAYER_MODELS[library]()
+    layer = next(
+        child
+        for module in model.modules()
+        for name, child in module.named_children()
+        if name in ("denselayer1", "unit1")
+    )
+    getattr(layer, f"register_{hook}_hook")(lambda *args: None)
+    with pytest.raises(ValueError, match=r"(denselayer1|unit1) has hooks .* concatenated"):
+        dense_ext.convert(model)
