@@ -56,6 +56,7 @@ step; the converted model updates them once, as the model without checkpointing 
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import warnings
 from collections import OrderedDict
@@ -388,6 +389,12 @@ def _block_shape(block: nn.Module) -> tuple[int, int, int]:
                 "layer's only the new features"
             )
             _check_no_hooks(layer, name, why)
+        elif _takes_features_as_arguments(layer):  # torchvision 0.3-0.4, gpleiss's
+            why = (
+                "its forward takes the earlier features as separate arguments, the converted "
+                "layer's as one list"
+            )
+            _check_no_hooks(layer, name, why)
         if _unit_convs(layer) is not None:
             _check_unit(layer, name)
         elif _is_nested_layer(layer):
@@ -422,6 +429,13 @@ def _check_nested_layer(layer: nn.Module, name: str) -> None:
     layer could not keep."""
     _check_layer_modules(layer.layers, f"{name}.layers")
     _check_no_hooks(layer.layers, f"{name}.layers", "the converted layer has no module to keep")
+
+
+def _takes_features_as_arguments(layer: nn.Module) -> bool:
+    """A layer called as ``layer(*features)`` (torchvision 0.3-0.4's ``forward(self,
+    *prev_features)``): its hooks see one argument per earlier feature map."""
+    parameters = inspect.signature(type(layer).forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
 
 
 def _check_unit(unit: nn.Module, name: str) -> None:

@@ -901,22 +901,27 @@ def test_a_block_of_masked_convolutions_converts_with_a_warning_and_computes_the
     )
 
 
-_CHAINED_LAYER_MODELS = {
+_LAYERS_CALLED_OTHERWISE = {
     "monai": lambda: _monai_densenet121(block_config=(2, 2), init_features=16, growth_rate=8),
     "torchvision before 0.3": lambda: _old_torchvision_densenet(),
     "pytorchcv": lambda: _small_pytorchcv_cifar_densenet(bottleneck=True),
+    # (forward(*prev_features): its hooks see one argument per feature map, a converted
+    # layer's one list; a pre-hook saw two tensors, then a list)
+    "torchvision 0.3-0.4": lambda: _torchvision_04_densenet(),
+    "gpleiss": lambda: _checkpointed_densenet(efficient=True),
 }
 
 
-@pytest.mark.parametrize("library", list(_CHAINED_LAYER_MODELS))
+@pytest.mark.parametrize("library", list(_LAYERS_CALLED_OTHERWISE))
 @pytest.mark.parametrize("hook", ["forward", "forward_pre", "full_backward"])
-def test_hooks_on_a_layer_that_returns_the_concatenation_raise(library, hook):
+def test_hooks_on_a_layer_called_otherwise_than_the_converted_one_raise(library, hook):
     """MONAI's layers, torchvision's before 0.3 and pytorchcv's units return their input and
     new features concatenated; a converted layer returns the new features (the block
     concatenates into its buffer). A hook on such a layer would see other tensors after
     converting (a forward hook on MONAI's first layer saw [1, 24, 8, 8], then [1, 8, 8, 8]),
-    so convert refuses it, naming the layer."""
-    model = _CHAINED_LAYER_MODELS[library]()
+    so convert refuses it, naming the layer. So for layers called with the features as
+    separate arguments (torchvision 0.3-0.4, gpleiss's)."""
+    model = _LAYERS_CALLED_OTHERWISE[library]()
     layer = next(
         child
         for module in model.modules()
@@ -924,5 +929,5 @@ def test_hooks_on_a_layer_that_returns_the_concatenation_raise(library, hook):
         if name in ("denselayer1", "unit1")
     )
     getattr(layer, f"register_{hook}_hook")(lambda *args: None)
-    with pytest.raises(ValueError, match=r"(denselayer1|unit1) has hooks .* concatenated"):
+    with pytest.raises(ValueError, match=r"(denselayer1|unit1) has hooks .* (concatenated|list)"):
         dense_ext.convert(model)
