@@ -46,7 +46,9 @@ with its device, dtype and values; every module's training/eval flag and each la
 ``drop_rate`` are kept too. So are the hooks registered on a replaced block, layer or
 transition (module hooks and state_dict hooks; their handles still remove them): timm's
 hook-based feature extractor, for one, registers its hooks on the blocks before anyone
-converts.
+converts. Hooks on a layer that is called otherwise than the converted layer (one returning
+its input and new features concatenated, one taking the features as separate arguments)
+raise ``ValueError``: they would see other tensors.
 
 A model that checkpoints its layers (torchvision's and timm's ``memory_efficient=True``)
 recomputes BN1 in backward in training mode, so it updates BN1's running statistics twice per
