@@ -450,6 +450,7 @@ def _check_unit(unit: nn.Module, name: str) -> None:
                     f"convert: {name}.dropout is a {type(block).__name__}; a fused dense block "
                     "applies element-wise dropout (nn.Dropout) to each layer's new features"
                 )
+            _check_no_hooks(block, f"{name}.dropout", "the converted layer applies dropout itself")
             continue
         assert block is not None
         if not isinstance(block.activ, nn.ReLU):

@@ -859,6 +859,10 @@ def test_pytorchcv_stage_keeps_hooks_pickles_and_refuses_what_it_cannot_model():
         lambda m: m.features.stage1.unit1.conv2.register_forward_hook(lambda *a: None),
         r"unit1.conv2 has hooks",
     )
+    refused(
+        lambda m: m.features.stage1.unit1.dropout.register_forward_hook(lambda *a: None),
+        r"unit1.dropout has hooks",
+    )
     # A hook on the transition's pre-activation block keeps that transition as it is (and its
     # keys); the stage's dense units still convert.
     model = _small_pytorchcv_cifar_densenet(bottleneck=True)
