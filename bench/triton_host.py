@@ -68,6 +68,18 @@ def _setup():
     _common.EMULATE_TF32_ON_CPU = True
 
 
+def build_block(c0: int, layers: int, k: int):
+    """The measured block: ``layers`` DenseNet-BC layers of growth rate ``k`` (bottleneck
+    4k) on ``c0`` input channels, ``memory="min"``, triton backend."""
+    from dense_ext import EfficientDenseBlock
+
+    # By keyword: the positional order is (layers, C0, growth rate, bottleneck factor); before
+    # 2026-11-28 this call passed 4 and k the other way round (docs/triton_kernels.md).
+    return EfficientDenseBlock(
+        layers, c0, growth_rate=k, bn_size=4, drop_rate=0.0, memory="min", backend="triton"
+    )
+
+
 def _block_step_time(
     c0: int, layers: int, k: int, trials: int, reps: int, mock, count_ops: bool = True
 ) -> tuple:
@@ -75,10 +87,8 @@ def _block_step_time(
     of one block."""
     import torch
 
-    from dense_ext import EfficientDenseBlock
-
     torch.manual_seed(0)
-    block = EfficientDenseBlock(layers, c0, 4, k, 0.0, memory="min", backend="triton")
+    block = build_block(c0, layers, k)
     x = torch.randn(BATCH, c0, 1, 1, requires_grad=True)
     out = block(x)
     grad = torch.ones_like(out)

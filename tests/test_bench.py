@@ -683,3 +683,18 @@ def test_roofline_smoke_runs_every_op_and_probe():
     assert any("probe: dgrad 1x1 reduce, transposed W1" in line for line in ran), done.stdout
     # the bottleneck shape, its 4 probes and 2 weight-layout probes; the plain shape
     assert len(ran) == 10 + 4 + 2 + 5, done.stdout
+
+
+@pytest.mark.parametrize("network", ["DenseNet-BC-100 (k=12)", "DenseNet-121"])
+def test_host_benchmark_blocks_have_their_network_s_growth_rate(network):
+    """bench.triton_host measures each network's blocks with their own growth rate and a 4k
+    bottleneck. Until 2026-11-28 it passed the growth rate and the bottleneck factor in
+    torchvision's order, so every layer added 4 channels (the bottleneck width came out
+    right, 4k either way)."""
+    from bench.triton_host import NETWORKS, build_block
+
+    k, blocks = NETWORKS[network]
+    for c0, layers, _ in blocks:
+        spec = build_block(c0, layers, k).spec
+        assert (spec.growth_rate, spec.mid_channels, spec.num_layers) == (k, 4 * k, layers)
+        assert spec.in_channels(layers - 1) == c0 + (layers - 1) * k
