@@ -70,6 +70,7 @@ from torch import nn
 
 from dense_ext.block import (
     EfficientDenseBlock,
+    has_hooks,
     norm_channels,
     norm_kind,
     register_renaming_hooks,
@@ -89,8 +90,9 @@ def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto")
     Returns ``model`` (converted in place); if ``model`` is itself a block or transition,
     the new module is returned instead. One warning names the converted blocks that hold
     modules the fused kernels do not model (a convolution subclass, such as pytorchcv's
-    X-DenseNet's masked ``XConv2d``, or a parametrized convolution): they compute the same,
-    running their layers one by one, with no memory saved. Growth rate, bottleneck size and
+    X-DenseNet's masked ``XConv2d``, or a parametrized convolution) or modules with hooks
+    (``torch.nn.utils.prune``'s mask): they compute the same, running their layers one by
+    one, with no memory saved. Growth rate, bottleneck size and
     dropout rate are inferred from the modules. Raises ValueError if nothing convertible is
     found, or if a block looks like a dense block but cannot be represented (inconsistent
     shapes, a norm the fused block cannot model).
@@ -128,22 +130,33 @@ def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto")
 def _warn_unfusable_blocks(model: nn.Module, new_modules: list[nn.Module]) -> None:
     """One warning naming the converted blocks whose modules the fused kernels cannot model
     (a convolution of a subclass such as pytorchcv's masked ``XConv2d`` or a parametrized
-    one): they compute correctly, running their layers one by one, but save no memory."""
+    one) or hold modules with hooks (``torch.nn.utils.prune``'s mask, for one): they compute
+    correctly, running their layers one by one, but save no memory."""
     new_ids = {id(m) for new in new_modules for m in new.modules()}
     unfusable = [
         f"{name} ({reason})"
         for name, module in model.named_modules()
         if id(module) in new_ids and isinstance(module, EfficientDenseBlock)
-        for reason in [module.structure_reason()]
+        for reason in [module.structure_reason() or _hooked_inner_module(module)]
         if reason is not None
     ]
     if unfusable:
         warnings.warn(
             f"dense_ext.convert: {len(unfusable)} converted dense block(s) hold modules the "
-            "fused kernels do not model, so they run their layers one by one, with the naive "
-            f"block's memory (results are the same): {'; '.join(unfusable)}",
+            "fused kernels do not model, or hooks on their modules, so they run their layers "
+            "one by one, with the naive block's memory (results are the same): "
+            f"{'; '.join(unfusable)}",
             stacklevel=3,
         )
+
+
+def _hooked_inner_module(block: nn.Module) -> str | None:
+    """Which module inside ``block`` (not the block itself) has hooks or a replaced forward,
+    which make the block call its modules one by one while they stay, or None."""
+    for name, module in block.named_modules():
+        if module is not block and (has_hooks(module) or "forward" in module.__dict__):
+            return f"{name} has hooks or a replaced forward"
+    return None
 
 
 def _convert_one(module: nn.Module, memory: str, backend: str) -> nn.Module | None:

@@ -39,6 +39,7 @@ from pytorchcv.models import densenet_cifar as pytorchcv_cifar
 from pytorchcv.models import preresnet as pytorchcv_preresnet
 from pytorchcv.models import xdensenet_cifar as pytorchcv_xdensenet_cifar
 from torch import nn
+from torch.nn.utils import prune
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -935,3 +936,18 @@ def test_hooks_on_a_layer_called_otherwise_than_the_converted_one_raise(library,
     getattr(layer, f"register_{hook}_hook")(lambda *args: None)
     with pytest.raises(ValueError, match=r"(denselayer1|unit1) has hooks .* (concatenated|list)"):
         dense_ext.convert(model)
+
+
+def test_a_block_with_a_pruned_convolution_converts_with_a_warning_and_computes_the_same():
+    """torch.nn.utils.prune masks a weight through a forward pre-hook on its convolution; a
+    block holding one runs its layers one by one while the mask stays, and convert says so,
+    naming the block and the module."""
+    torch.manual_seed(0)
+    model = torchvision.models.densenet121(num_classes=3).eval()
+    converted = copy.deepcopy(model)
+    for m in (model, converted):
+        prune.l1_unstructured(m.features.denseblock2.denselayer3.conv1, "weight", amount=0.3)
+    with pytest.warns(UserWarning, match=r"1 converted dense block.*features.denseblock2 "):
+        dense_ext.convert(converted, backend="reference")
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(converted(x), model(x))
