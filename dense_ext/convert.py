@@ -79,13 +79,24 @@ from dense_ext.block import (
 from dense_ext.transition import EfficientTransition, is_avg_pool_2x2
 
 
-def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto") -> nn.Module:
+def convert(
+    model: nn.Module,
+    memory: str = "bottleneck",
+    backend: str = "auto",
+    *,
+    library_keys: bool = True,
+) -> nn.Module:
     """Replace every dense block and transition of ``model`` by its efficient version.
 
     Args:
         model: a module containing torchvision-structured dense blocks / transitions.
         memory: memory mode of the new ``EfficientDenseBlock``s.
         backend: backend of the new ``EfficientDenseBlock``s.
+        library_keys: keep the state_dict keys of MONAI's, mmpretrain's and pytorchcv's
+            models (their checkpoints load both ways). ``False`` names every key by its
+            module path, as the converted model's parameters are named: what
+            ``torch.distributed.checkpoint``'s state_dict API needs (it resolves each key as
+            an attribute path and raises ``AttributeError`` on a library's key).
 
     Returns ``model`` (converted in place); if ``model`` is itself a block or transition,
     the new module is returned instead. One warning names the converted blocks that hold
@@ -97,13 +108,13 @@ def convert(model: nn.Module, memory: str = "bottleneck", backend: str = "auto")
     found, or if a block looks like a dense block but cannot be represented (inconsistent
     shapes, a norm the fused block cannot model).
     """
-    root = _convert_one(model, memory, backend)
+    root = _convert_one(model, memory, backend, library_keys)
     if root is not None:
         return root
     targets = []
     for parent in model.modules():
         for name, child in parent.named_children():
-            new = _convert_one(child, memory, backend)
+            new = _convert_one(child, memory, backend, library_keys)
             if new is not None:
                 targets.append((parent, name, new))
     if not targets:
@@ -159,13 +170,15 @@ def _hooked_inner_module(block: nn.Module) -> str | None:
     return None
 
 
-def _convert_one(module: nn.Module, memory: str, backend: str) -> nn.Module | None:
+def _convert_one(
+    module: nn.Module, memory: str, backend: str, library_keys: bool
+) -> nn.Module | None:
     if isinstance(module, (EfficientDenseBlock, EfficientTransition, ConvertedStage)):
         return None
     if _stage_units(module):
-        return _convert_stage(module, memory, backend)
+        return _convert_stage(module, memory, backend, library_keys)
     if _is_dense_block(module):
-        return _convert_block(module, memory, backend)
+        return _convert_block(module, memory, backend, library_keys)
     if _is_transition(module):
         return _convert_transition(module)
     return None
@@ -517,7 +530,9 @@ def _check_layer(layer: nn.Module, name: str, c_in: int, k: int, mid: int) -> No
         )
 
 
-def _convert_block(block: nn.Module, memory: str, backend: str) -> EfficientDenseBlock:
+def _convert_block(
+    block: nn.Module, memory: str, backend: str, library_keys: bool
+) -> EfficientDenseBlock:
     c0, k, bn_size = _block_shape(block)
     # Built on the meta device: its own parameters are placeholders, replaced just below.
     old_layers = [layer for _, layer in _named_layers(block)]
@@ -538,9 +553,9 @@ def _convert_block(block: nn.Module, memory: str, backend: str) -> EfficientDens
     new.training = block.training
     if not _stage_units(block):  # a stage's hooks go to the ConvertedStage (_convert_stage)
         _adopt_hooks(block, new)
-    if _is_listed_block(block):
+    if library_keys and _is_listed_block(block):
         new.use_layer_keys("mmpretrain")
-    elif _is_nested_layer(old_layers[0]):  # then every layer is (_is_dense_block)
+    elif library_keys and _is_nested_layer(old_layers[0]):  # then every layer is
         new.use_layer_keys("monai")
     return new
 
@@ -553,7 +568,9 @@ def _drop_rate(layer: nn.Module) -> float:
     return float(getattr(layer, "drop_rate", 0.0))
 
 
-def _convert_stage(stage: nn.Sequential, memory: str, backend: str) -> ConvertedStage:
+def _convert_stage(
+    stage: nn.Sequential, memory: str, backend: str, library_keys: bool
+) -> ConvertedStage:
     """A pytorchcv stage as a ``ConvertedStage``: its transition, converted when it can be,
     and its units as one ``EfficientDenseBlock`` named ``block``, under pytorchcv's keys."""
     first = stage._modules.get("unit1")
@@ -582,8 +599,8 @@ def _convert_stage(stage: nn.Sequential, memory: str, backend: str) -> Converted
                 (f"{name}.conv.", f"{name}.conv.conv."),
             ]
         modules[name] = transition
-    modules["block"] = _convert_block(stage, memory, backend)
-    new = ConvertedStage(modules, renames)
+    modules["block"] = _convert_block(stage, memory, backend, library_keys)
+    new = ConvertedStage(modules, renames if library_keys else [])
     new.training = stage.training
     _adopt_hooks(stage, new)
     new._rename_keys_first()

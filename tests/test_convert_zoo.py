@@ -39,6 +39,7 @@ from pytorchcv.models import densenet_cifar as pytorchcv_cifar
 from pytorchcv.models import preresnet as pytorchcv_preresnet
 from pytorchcv.models import xdensenet_cifar as pytorchcv_xdensenet_cifar
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.nn.utils import prune
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -951,3 +952,32 @@ def test_a_block_with_a_pruned_convolution_converts_with_a_warning_and_computes_
         dense_ext.convert(converted, backend="reference")
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(converted(x), model(x))
+
+
+_LIBRARY_KEYED_MODELS = {
+    "monai": lambda: _monai_densenet121(block_config=(2, 2), init_features=16, growth_rate=8),
+    "mmpretrain": lambda: _small_mmpretrain_densenet(),
+    "pytorchcv": lambda: _small_pytorchcv_cifar_densenet(bottleneck=True),
+}
+
+
+@pytest.mark.parametrize("library", list(_LIBRARY_KEYED_MODELS))
+def test_distributed_checkpoint_state_dicts_need_module_path_keys(library):
+    """torch.distributed.checkpoint's state_dict API (``get_model_state_dict``, what FSDP2
+    training loops save with) resolves every key as an attribute path, so a model that keeps
+    a library's keys fails there; ``convert(..., library_keys=False)`` names the keys by
+    module path, and the API saves and loads them."""
+    build = _LIBRARY_KEYED_MODELS[library]
+    model = build()
+    with pytest.raises(AttributeError):
+        get_model_state_dict(dense_ext.convert(copy.deepcopy(model), backend="reference"))
+    converted = dense_ext.convert(copy.deepcopy(model), backend="reference", library_keys=False)
+    state = get_model_state_dict(converted)
+    paths = [name for name, _ in converted.named_parameters()]
+    paths += [name for name, _ in converted.named_buffers()]
+    assert sorted(state) == sorted(paths)
+    assert list(state) == list(converted.state_dict())
+    fresh = dense_ext.convert(build(), backend="reference", library_keys=False)
+    set_model_state_dict(fresh, state)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state[key]), key
