@@ -23,8 +23,9 @@ run, one call after another, as torchvision's block runs them; then the block do
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
@@ -144,37 +145,43 @@ class EfficientDenseLayer(NotScriptable, nn.Module):
         return out
 
 
-_OWN_KEY = re.compile(r"^denselayer(\d+)\.")  # the block's own: denselayer1.norm1.weight
+@functools.cache
+def _key_pattern(template: str) -> re.Pattern[str]:
+    """A key prefix template (``"unit{}.conv1.bn."``: ``{}`` a layer's number) as a regex."""
+    return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)"))
 
 
-class _KeyStyle:
-    """How another library names a dense block's layers in state_dict keys: the key prefix of
-    a layer's modules, ``{}`` standing for the layer's index counted from ``first_index``."""
+class KeyRenames:
+    """How another library names a module's state_dict keys: pairs of key prefixes (own,
+    library), relative to the module, ``{}`` standing for a layer's number, which is
+    ``library_offset`` more in the library's names (mmpretrain counts layers from 0)."""
 
-    def __init__(self, layer_prefix: str, first_index: int) -> None:
-        self.layer_prefix = layer_prefix
-        self.first_index = first_index
-        self.pattern = re.compile("^" + re.escape(layer_prefix).replace(r"\{\}", r"(\d+)"))
+    def __init__(self, pairs: Sequence[tuple[str, str]], library_offset: int = 0) -> None:
+        self.pairs = tuple(pairs)
+        self.library_offset = library_offset
 
-    def library_key(self, key: str) -> str:
-        """A key of the block's own (relative to the block) in this style."""
-        match = _OWN_KEY.match(key)
-        if match is None:
-            return key
-        index = int(match[1]) - 1 + self.first_index
-        return self.layer_prefix.format(index) + key[match.end() :]
+    def library_key(self, key: str) -> str | None:
+        """An own key in the library's names, or None where no pair matches."""
+        return self._renamed(key, to_library=True)
 
     def own_key(self, key: str) -> str | None:
-        """A key in this style (relative to the block) in the block's own names, or None."""
-        match = self.pattern.match(key)
-        if match is None:
-            return None
-        return f"denselayer{int(match[1]) - self.first_index + 1}." + key[match.end() :]
+        """A library key in the module's own names, or None where no pair matches."""
+        return self._renamed(key, to_library=False)
+
+    def _renamed(self, key: str, to_library: bool) -> str | None:
+        for own, library in self.pairs:
+            source, target = (own, library) if to_library else (library, own)
+            match = _key_pattern(source).match(key)
+            if match is not None:
+                shift = self.library_offset if to_library else -self.library_offset
+                numbers = [int(n) + shift for n in match.groups()]
+                return target.format(*numbers) + key[match.end() :]
+        return None
 
 
 LAYER_KEY_STYLES = {
-    "monai": _KeyStyle("denselayer{}.layers.", 1),  # MONAI's _DenseBlock
-    "mmpretrain": _KeyStyle("block.{}.", 0),  # mmpretrain's DenseBlock
+    "monai": KeyRenames([("denselayer{}.", "denselayer{}.layers.")]),  # MONAI's _DenseBlock
+    "mmpretrain": KeyRenames([("denselayer{}.", "block.{}.")], library_offset=-1),
 }
 
 
@@ -188,7 +195,8 @@ def _rename_layer_keys(module: nn.Module, state_dict: dict, prefix: str, local_m
         return
     for key in [key for key in state_dict if key.startswith(prefix)]:
         value = state_dict.pop(key)
-        state_dict[prefix + LAYER_KEY_STYLES[style].library_key(key[len(prefix) :])] = value
+        library = LAYER_KEY_STYLES[style].library_key(key[len(prefix) :])
+        state_dict[key if library is None else prefix + library] = value
 
 
 def _report_missing_keys(module: nn.Module, incompatible_keys) -> None:
@@ -200,10 +208,10 @@ def _report_missing_keys(module: nn.Module, incompatible_keys) -> None:
         return
     names = LAYER_KEY_STYLES[style]
     missing = incompatible_keys.missing_keys
-    missing[:] = [
-        prefix + names.library_key(key[len(prefix) :]) if key.startswith(prefix) else key
-        for key in missing
-    ]
+    for i, key in enumerate(missing):
+        library = names.library_key(key[len(prefix) :]) if key.startswith(prefix) else None
+        if library is not None:
+            missing[i] = prefix + library
 
 
 def register_renaming_hooks(module: nn.Module, saving: Callable, loaded: Callable) -> None:

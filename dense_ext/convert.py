@@ -57,7 +57,6 @@ step; the converted model updates them once, as the model without checkpointing 
 
 from __future__ import annotations
 
-import functools
 import inspect
 import re
 import warnings
@@ -70,6 +69,7 @@ from torch import nn
 
 from dense_ext.block import (
     EfficientDenseBlock,
+    KeyRenames,
     has_hooks,
     norm_channels,
     norm_kind,
@@ -631,24 +631,6 @@ def _convert_stage_transition(module: nn.Module) -> EfficientTransition | None:
     return new
 
 
-@functools.cache
-def _key_pattern(template: str) -> re.Pattern[str]:
-    """A key prefix template (``"unit{}.conv1.bn."``: ``{}`` a layer's number) as a regex."""
-    return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)"))
-
-
-def _renamed_key(key: str, renames: Sequence[tuple[str, str]], to_library: bool) -> str | None:
-    """``key`` (relative to the stage) renamed by the first matching (own, library) prefix
-    pair, own names to the library's or back; None when no pair matches."""
-    for own, library in renames:
-        source, target = (own, library) if to_library else (library, own)
-        match = _key_pattern(source).match(key)
-        if match is not None:
-            head = target.format(*match.groups()) if match.groups() else target
-            return head + key[match.end() :]
-    return None
-
-
 class ConvertedStage(nn.Sequential):
     """A stage of another library's DenseNet after ``dense_ext.convert``: the stage's
     transition (if it has one) and its dense layers as one ``EfficientDenseBlock`` named
@@ -668,7 +650,7 @@ class ConvertedStage(nn.Sequential):
         self, modules: OrderedDict[str, nn.Module], key_renames: Sequence[tuple[str, str]]
     ) -> None:
         super().__init__(modules)
-        self.key_renames = tuple(key_renames)
+        self.key_renames = KeyRenames(key_renames)
         self._rename_keys_first()
 
     def _rename_keys_first(self) -> None:
@@ -684,10 +666,7 @@ class ConvertedStage(nn.Sequential):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, False, missing_keys, unexpected_keys, errors
         )
-
-        def own_key(key: str) -> str | None:
-            return _renamed_key(key, self.key_renames, to_library=False)
-
+        own_key = self.key_renames.own_key
         given = rename_loaded_keys(self, state_dict, prefix, own_key, strict, unexpected_keys)
         self._load_prefix, self._load_given = prefix, given
 
@@ -700,7 +679,7 @@ def _save_library_keys(module: nn.Module, state_dict: dict, prefix: str, local_m
     if not isinstance(module, ConvertedStage):
         return
     for key in [key for key in state_dict if key.startswith(prefix)]:
-        library = _renamed_key(key[len(prefix) :], module.key_renames, to_library=True)
+        library = module.key_renames.library_key(key[len(prefix) :])
         value = state_dict.pop(key)
         state_dict[key if library is None else prefix + library] = value
 
@@ -717,7 +696,7 @@ def _report_library_keys(module: nn.Module, incompatible_keys) -> None:
     missing = incompatible_keys.missing_keys
     for i, key in enumerate(missing):
         if key.startswith(prefix):
-            library = _renamed_key(key[len(prefix) :], module.key_renames, to_library=True)
+            library = module.key_renames.library_key(key[len(prefix) :])
             if library is not None:
                 missing[i] = prefix + library
     unexpected = incompatible_keys.unexpected_keys
