@@ -111,7 +111,7 @@ def cleanup(info: DistInfo, finished: bool = False) -> None:
         dist.destroy_process_group()
 
 
-def exit_finished_process(info: DistInfo) -> None:
+def exit_finished_process() -> None:
     """End this process after a finished distributed run, without tearing the group down.
 
     For the command line only (``python -m python_models.train`` under torchrun): the ranks
@@ -120,11 +120,11 @@ def exit_finished_process(info: DistInfo) -> None:
     interpreter's exit) aborted a finished CPU run about once in tens of CI runs, with
     "terminate called without an active exception" and exit status 1 after the summary was
     written; a process that does not tear down cannot abort there. The test helpers'
-    ranks (tests/ranks.py) leave the same way. Nothing is left to close: the run log's files
+    ranks (tests/ranks.py) leave through it too. Nothing is left to close: the run log's files
     are closed after each write, checkpoints are written whole, and DataLoader workers notice
     their parent is gone and exit.
     """
-    if info.distributed and dist.is_initialized():
+    if dist.is_initialized():
         dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -430,7 +430,7 @@ def run(args: argparse.Namespace, *, exit_when_distributed: bool = False) -> dic
         return summary
     finally:
         if finished and exit_when_distributed and info.distributed:
-            ddp.exit_finished_process(info)
+            ddp.exit_finished_process()
         ddp.cleanup(info, finished)
 
 

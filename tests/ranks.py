@@ -11,8 +11,6 @@ had passed. A rank whose worker raised tears down normally, so its exception rea
 
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from python_models.ddp import exit_finished_process
 
 
 def spawn_ranks(worker: Callable[..., None], *args: Any, world: int = 2) -> None:
@@ -41,7 +41,4 @@ def _rank_main(
     except BaseException:
         dist.destroy_process_group()  # (a peer may never arrive at a barrier: just leave)
         raise
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_finished_process()
