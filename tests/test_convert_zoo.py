@@ -954,20 +954,13 @@ def test_a_block_with_a_pruned_convolution_converts_with_a_warning_and_computes_
     torch.testing.assert_close(converted(x), model(x))
 
 
-_LIBRARY_KEYED_MODELS = {
-    "monai": lambda: _monai_densenet121(block_config=(2, 2), init_features=16, growth_rate=8),
-    "mmpretrain": lambda: _small_mmpretrain_densenet(),
-    "pytorchcv": lambda: _small_pytorchcv_cifar_densenet(bottleneck=True),
-}
-
-
-@pytest.mark.parametrize("library", list(_LIBRARY_KEYED_MODELS))
+@pytest.mark.parametrize("library", list(_KEYED_BLOCKS))
 def test_distributed_checkpoint_state_dicts_need_module_path_keys(library):
     """torch.distributed.checkpoint's state_dict API (``get_model_state_dict``, what FSDP2
     training loops save with) resolves every key as an attribute path, so a model that keeps
     a library's keys fails there; ``convert(..., library_keys=False)`` names the keys by
     module path, and the API saves and loads them."""
-    build = _LIBRARY_KEYED_MODELS[library]
+    build = _KEYED_BLOCKS[library][0]
     model = build()
     with pytest.raises(AttributeError):
         get_model_state_dict(dense_ext.convert(copy.deepcopy(model), backend="reference"))
