@@ -9,13 +9,12 @@ any difference. A 1x1 convolution's weight ``[O, C, 1, 1]`` has strides ``(C, 1,
 while ATen's convolution backward on a channels_last input returns its gradient with the
 channels_last strides ``(C, 1, C, C)``: the same memory order, different strides on the
 size-1 dimensions. So every gradient dense_ext produces goes through ``grad_like_param``, and
-the transition's stock 1x1 convolution gets ``keep_grad_layout``'s hook on its weight.
+the transition's stock 1x1 convolution's node gets ``restride_weight_grad``'s hook.
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 from torch import Tensor
@@ -44,12 +43,11 @@ def _dense_layout(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 _cached_dense_layout = functools.lru_cache(maxsize=4096)(_dense_layout)
 
 
-def _same_order(grad: Tensor, param: Tensor) -> bool:
-    """Whether ``grad`` and ``param`` address memory identically: equal strides on every
-    dimension longer than 1 (a size-1 dimension's stride never changes an address)."""
-    return all(
-        n == 1 or a == b for n, a, b in zip(grad.shape, grad.stride(), param.stride(), strict=True)
-    )
+def _same_order(grad: Tensor, stride: tuple[int, ...]) -> bool:
+    """Whether ``grad`` and a tensor of its shape with ``stride`` address memory identically:
+    equal strides on every dimension longer than 1 (a size-1 dimension's stride never changes
+    an address)."""
+    return all(n == 1 or a == b for n, a, b in zip(grad.shape, grad.stride(), stride, strict=True))
 
 
 def grad_like_param(grad: Tensor, param: Tensor) -> Tensor:
@@ -62,39 +60,75 @@ def grad_like_param(grad: Tensor, param: Tensor) -> Tensor:
         raise ValueError(f"gradient shape {tuple(grad.shape)} != parameter {tuple(param.shape)}")
     if not is_dense(param):  # AccumulateGrad's rule for such parameters: contiguous
         return grad.contiguous()
-    if grad.stride() == param.stride():
+    return _like_layout(grad, param.shape, param.stride())
+
+
+def _like_layout(grad: Tensor, shape: torch.Size, stride: tuple[int, ...]) -> Tensor:
+    """``grad`` with ``stride``, the strides of a dense parameter of ``grad``'s ``shape``."""
+    if grad.stride() == stride:
         return grad
-    if is_dense(grad) and _same_order(grad, param):
-        return grad.as_strided(param.shape, param.stride())  # keeps the storage offset
-    out = grad.new_empty_strided(param.shape, param.stride())
+    if is_dense(grad) and _same_order(grad, stride):
+        return grad.as_strided(shape, stride)  # keeps the storage offset
+    out = grad.new_empty_strided(shape, stride)
     return out.copy_(grad)
 
 
-_HOOKED = "_dense_ext_grad_layout_hook"
+class _GradLikeWeight(torch.autograd.Function):
+    """The identity on a parameter, whose backward gives the gradient the parameter's strides."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor) -> Tensor:
+        ctx.layout = (weight.shape, weight.stride())
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            # A traced convolution's gradient has the strides of its meta function, which
+            # need not be those of the kernel that runs: a copy into the layout, always.
+            shape, stride = ctx.layout
+            return grad.new_empty_strided(shape, stride).copy_(grad)
+        return _like_layout(grad, *ctx.layout)
 
 
-def keep_grad_layout(param: Tensor) -> None:
-    """Make every gradient accumulated into ``param`` follow its layout (``grad_like_param``).
+def weight_with_grad_layout(weight: Tensor) -> Tensor:
+    """``weight`` for a convolution computed by hand, whose gradient arrives in ``weight``'s
+    strides (``grad_like_param``'s rule), in eager mode and compiled alike."""
+    if not weight.requires_grad or not is_dense(weight):
+        return weight
+    return _GradLikeWeight.apply(weight)
 
-    For parameters whose gradient comes from a stock module (the transition's 1x1
-    convolution). Registers a tensor hook, which runs before ``AccumulateGrad`` and so before
-    DDP's bucket copy; idempotent. A copied parameter (``copy.deepcopy``) has no hook: the
-    module calls this again in forward. The hook holds ``param`` weakly.
+
+def _restride_weight_grad(shape, stride, grad_inputs, grad_outputs):
+    """A ``ConvolutionBackward0`` node's post-hook: its weight gradient (second output) with
+    the weight's ``shape`` and ``stride`` (``grad_like_param``'s rule)."""
+    grad = grad_inputs[1]
+    if grad is None:
+        return None
+    return (grad_inputs[0], _like_layout(grad, shape, stride), *grad_inputs[2:])
+
+
+def restride_weight_grad(out: Tensor) -> Tensor:
+    """``out``, the output of a convolution module, whose autograd node now gives the conv's
+    weight parameter a gradient in the parameter's strides (``grad_like_param``'s rule).
+
+    For a module called as it is (its hooks must run), in eager mode. The hook is on this
+    call's node, which lives as long as this call's graph, not on the parameter: a tensor hook
+    on the parameter would need a reference to it (a weak one makes ``torch.utils.swap_tensors``,
+    hence ``module.to`` under ``torch.__future__.set_swap_module_params_on_conversion``, refuse
+    the parameter; a strong one makes a cycle), and such hooks stop running when the
+    parameter's contents are swapped or it is pickled. The parameter is found through the
+    node, so a parametrized weight is not read again. Nothing is hooked while tracing, or when
+    ``out`` does not come straight from a convolution over a parameter (a forward hook replaced
+    it, or a parametrization computes the weight).
     """
-    if not param.requires_grad or getattr(param, _HOOKED, False):
-        return
-    ref = weakref.ref(param)
-
-    def hook(grad: Tensor) -> Tensor:
-        target = ref()
-        return grad if target is None else grad_like_param(grad, target)
-
-    param.register_hook(hook)
-    setattr(param, _HOOKED, True)
-
-
-def ensure_grad_layout(param: Tensor) -> None:
-    """``keep_grad_layout`` from a module's forward: in eager mode only (a compiled graph
-    keeps the hooks registered before it was traced)."""
-    if not torch.compiler.is_compiling():
-        keep_grad_layout(param)
+    if not isinstance(out, Tensor) or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return out
+    node = out.grad_fn
+    if node is None or node.name() != "ConvolutionBackward0":
+        return out
+    weight = getattr(node.next_functions[1][0], "variable", None)  # an AccumulateGrad's
+    if weight is None or not is_dense(weight):  # AccumulateGrad makes those contiguous itself
+        return out
+    node.register_hook(functools.partial(_restride_weight_grad, weight.shape, weight.stride()))
+    return out

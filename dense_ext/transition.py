@@ -40,7 +40,7 @@ from dense_ext.block import (
 )
 from dense_ext.donation import donate
 from dense_ext.function import autocast_off, first_order, suggest_format
-from dense_ext.grad_layout import ensure_grad_layout, keep_grad_layout
+from dense_ext.grad_layout import restride_weight_grad, weight_with_grad_layout
 from dense_ext.norm import NormCall, fold_running_stats
 from dense_ext.tracing import NotScriptable
 
@@ -497,7 +497,6 @@ class EfficientTransition(NotScriptable, nn.Module):
         )
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
         self.stats_sync: StatsSync | None = None
-        keep_grad_layout(self.conv.weight)
 
     @classmethod
     def from_modules(
@@ -508,7 +507,6 @@ class EfficientTransition(NotScriptable, nn.Module):
         nn.Module.__init__(self)
         self.norm, self.relu, self.conv, self.pool = norm, relu, conv, pool
         self.stats_sync = None
-        keep_grad_layout(conv.weight)
         return self
 
     # nn.Sequential's container protocol, as torchvision's _Transition (an nn.Sequential) has
@@ -558,9 +556,13 @@ class EfficientTransition(NotScriptable, nn.Module):
         """[N, C_in, H, W] -> [N, C_out, H // 2, W // 2]. Runs torchvision's order, module by
         module, when ``dense_ext.block.unfused_reason`` says so (a hook on a submodule, tracing,
         ``torch.func``)."""
+        # ATen gives the conv's weight gradient the layout of its input, channels_last when
+        # the input is a block's output: restrided to the weight's, as the naive model's is.
+        conv = self.conv
         if unfused_reason(self) is not None:
-            return self.pool(self.conv(self.relu(self.norm(x))))
+            out = conv(self.relu(self.norm(x)))
+            return self.pool(restride_weight_grad(out))
         check_input(x, norm_channels(self.norm), "EfficientTransition")
-        # The conv's weight gradient comes from ATen in the input's channels_last layout.
-        ensure_grad_layout(self.conv.weight)
-        return self.conv(norm_relu_pool(x, self.norm, "avg2x2", self.stats_sync))
+        pooled = norm_relu_pool(x, self.norm, "avg2x2", self.stats_sync)
+        # The module's own computation (a stock nn.Conv2d without hooks on this path).
+        return conv._conv_forward(pooled, weight_with_grad_layout(conv.weight), conv.bias)

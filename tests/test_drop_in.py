@@ -568,6 +568,41 @@ def _meta_then_to_empty(model: nn.Module, step: int) -> Step:
     return result
 
 
+@contextlib.contextmanager
+def _swap_on_conversion():
+    """``torch.__future__.set_swap_module_params_on_conversion(True)`` inside."""
+    saved = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(saved)
+
+
+def _swapping_conversions(model: nn.Module, step: int) -> Step:
+    """Conversions that swap each parameter's contents (``torch.utils.swap_tensors``): what
+    ``nn.Module._apply`` and ``load_state_dict`` do under PyTorch's future flag, and ``_apply``
+    does for tensor subclasses. ``swap_tensors`` refuses a tensor that anything references
+    weakly. A dtype round trip and a state_dict load, between steps (the second call of a
+    pattern follows a training step)."""
+    model.train()
+    state = copy.deepcopy(model.state_dict())
+    with _swap_on_conversion():
+        model.float().double()
+        model.load_state_dict(state)
+        return train_step(model, _input(), seed=step)
+
+
+def _swa_update_bn(model: nn.Module) -> Tensor:
+    """torch.optim.swa_utils.update_bn (stochastic weight averaging): every BN's running
+    statistics reset and re-estimated as a cumulative average (momentum None) over a loader,
+    the momenta restored."""
+    loader = [_input(seed=seed) for seed in (11, 12)]
+    torch.optim.swa_utils.update_bn(loader, model)
+    model.train()
+    return _input()
+
+
 PATTERNS: dict[str, Pattern] = {
     "train": _each_bn(lambda i, bn: None),
     "eval": _each_bn(lambda i, bn: None, mode="eval"),
@@ -618,6 +653,8 @@ PATTERNS: dict[str, Pattern] = {
     "export_train": _exported("train"),
     "export_eval": _exported("eval"),
     "meta_then_to_empty": _meta_then_to_empty,
+    "swapping_conversions": _swapping_conversions,
+    "swa_update_bn": _trained(_swa_update_bn),
 }
 # Patterns that draw dropout masks: only the reference backend promises F.dropout's masks (the
 # cpp backend's own masks are tested in test_backend_cpp.py).

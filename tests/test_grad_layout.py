@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import warnings
 
 # The Triton case runs interpreted on the CPU; like test_triton, before any kernel is defined.
@@ -133,9 +134,48 @@ def test_grad_like_param_copies_other_layouts():
     assert grad_like_param(torch.randn(5, 6).t(), gappy).is_contiguous()
 
 
+def test_unfused_transitions_keep_the_layout():
+    # A hook on a transition's BN: the transition calls its modules one by one, the conv on the
+    # block's channels_last output.
+    model = densenet_bc(depth=10, growth_rate=4, efficient=True, backend="reference")
+    for name, module in model.named_modules():
+        if name.endswith("transition1.norm"):
+            module.register_forward_hook(lambda m, args, out: out)
+    check_model(model, 8, "contiguous")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_compiled_models_keep_the_layout(backend):
+    # A traced convolution's gradient has its meta function's strides, not the kernel's.
+    cpu_backend_or_skip(backend)
+    model = densenet_bc(depth=10, growth_rate=4, efficient=True, backend=backend)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, 3, 8, 8)
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(compiled(x), torch.arange(BATCH) % 10).backward()
+    assert [n for n, p in model.named_parameters() if p.grad.stride() != p.stride()] == []
+
+
+def test_models_whose_parameters_were_swapped_keep_the_layout():
+    # Under PyTorch's future flag, module.to swaps each parameter's contents
+    # (torch.utils.swap_tensors), which refuses weakly referenced tensors and leaves the
+    # parameter's own hooks behind.
+    model = densenet_bc(depth=10, growth_rate=4, efficient=True, backend="reference")
+    check_model(model, 8, "contiguous")
+    saved = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.double().float()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(saved)
+    check_model(model, 8, "contiguous")
+
+
 def test_copied_models_keep_the_layout():
     model = densenet_bc(depth=10, growth_rate=4, efficient=True, backend="reference")
     check_model(copy.deepcopy(model), 8, "contiguous")
+    check_model(pickle.loads(pickle.dumps(model)), 8, "contiguous")
 
 
 # ----------------------------------------------------------------------------- DDP
