@@ -147,6 +147,7 @@ class DenseBlockFunction(torch.autograd.Function):
         ctx.num_params = len(params)
         ctx.num_bottlenecks = len(state.bottlenecks)
         ctx.dropout = state.dropout
+        ctx.weights = state.weights if call.save else None
         if call.save:
             ctx.save_for_backward(feat, *params, *state.tensors())
         return feat
@@ -165,7 +166,7 @@ class DenseBlockFunction(torch.autograd.Function):
         feat, *rest = ctx.saved_tensors
         params = rest[: ctx.num_params]
         stats1, stats2, *bottlenecks = rest[ctx.num_params :]
-        state = ForwardState(stats1, stats2, list(bottlenecks), ctx.dropout)
+        state = ForwardState(stats1, stats2, list(bottlenecks), ctx.dropout, ctx.weights)
         grad_feat = writable_gradient(grad_out, refs, feat)
         del grad_out
         with autocast_off(feat.device.type):

@@ -290,6 +290,26 @@ def test_weights_changed_through_data_are_used():
     check_step(block, naive, x, grad=grad, seed=0)
 
 
+def test_parameters_swap_after_a_step():
+    """Under PyTorch's future flag ``module.to`` and ``load_state_dict`` swap each parameter's
+    contents (``torch.utils.swap_tensors``), which refuses a tensor that anything references
+    weakly: the weights the backend computes for a backward must not hold the parameters so."""
+    triton_cpu_or_skip()
+    naive, block = make_pair(4, 0.0, "min", torch.float64)
+    x, grad = inputs(torch.float64)
+    check_step(block, naive, x, grad=grad, seed=0)
+    saved = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        for model in (naive, block):
+            state = copy.deepcopy(model.state_dict())
+            model.float().double()
+            model.load_state_dict(state)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(saved)
+    check_step(block, naive, x, grad=grad, seed=0)
+
+
 def test_three_layers_odd_image_and_batch_of_one():
     """N=1, 5x3 image (3x3 taps clipped on every side), three layers."""
     triton_cpu_or_skip()

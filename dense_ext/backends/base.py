@@ -47,12 +47,15 @@ class ForwardState:
             are unspecified); else empty.
         bottlenecks: each layer's conv1 output (``memory="bottleneck"``), else empty.
         dropout: backend-specific information to replay the dropout masks exactly.
+        weights: backend-specific forms of the weights that forward computed for backward
+            (the triton backend's), or None.
     """
 
     stats1: Tensor
     stats2: Tensor
     bottlenecks: list[Tensor] = field(default_factory=list)
     dropout: Any = None
+    weights: Any = None
 
     def tensors(self) -> list[Tensor]:
         return [self.stats1, self.stats2, *self.bottlenecks]

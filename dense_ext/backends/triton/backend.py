@@ -19,7 +19,6 @@ become graph nodes.
 
 from __future__ import annotations
 
-import weakref
 from types import SimpleNamespace
 
 import torch
@@ -70,52 +69,39 @@ def _vec(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
-class _WeightCache:
-    """Each weight in the form the kernels read it, computed in forward and reused by its
-    backward. (Not rounded to TF32: the kernels round weights as they load them.)
+class _WeightForms:
+    """One block call's weights in the form the kernels read them: computed by its forward,
+    kept in its ``ForwardState.weights`` and reused by its backward. (Not rounded to TF32: the
+    kernels round weights as they load them.)
 
     A 1x1 weight is read as it is (``conv_fwd.weight_operand``): nothing is computed when it is
     already contiguous in the buffer dtype (float32 training), else its cast is kept like a
-    3x3 weight's taps. Forward always transforms afresh (a weight changed
-    through ``.data`` keeps its version counter, so nothing could tell a stale entry across
-    steps); backward takes the forward's entry when the weight's version is unchanged.
-    Entries are keyed by the parameter's identity, held weakly and dropped with the parameter.
+    3x3 weight's taps. Kept per call, not per parameter: a cache that outlived the call would
+    have to reference the parameters, weakly so as not to keep them alive, and
+    ``torch.utils.swap_tensors`` (``module.to`` under PyTorch's future flag
+    ``set_swap_module_params_on_conversion``) refuses a weakly referenced tensor. Each forward
+    so computes afresh, which a weight changed through ``.data`` (no version bump) needs anyway.
+    Entries are keyed by identity and hold their weight, so an identity is never reused while
+    its entry lives (the call's backward holds the weights anyway); a backward given other
+    tensors (``saved_tensors_hooks``) or a weight changed in place computes again.
     """
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple] = {}
 
-    def taps(self, weight: Tensor, dtype: torch.dtype, fresh: bool) -> Tensor:
-        if _tracing():
-            return conv_fwd.weight_operand(weight, dtype)
-        return self.eager_taps(weight, dtype, fresh)
-
-    def eager_taps(self, weight: Tensor, dtype: torch.dtype, fresh: bool) -> Tensor:
-        """``taps`` outside tracing; a 3x3 weight's laid out ``[KS, KS, C_in, C_out]`` (the
-        same memory as ``[KS*KS, C_in, C_out]``; the eager loop passes only the pointer)."""
+    def taps(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        """``weight`` as the kernels read it; a 3x3 weight's laid out ``[KS, KS, C_in, C_out]``
+        (the same memory as ``[KS*KS, C_in, C_out]``; the eager loop passes only the pointer)."""
         as_is = conv_fwd.is_1x1(weight) and weight.dtype == dtype and weight.is_contiguous()
         if as_is:  # read in place (detached for the interpreter, which takes numpy arrays)
             return weight.detach() if INTERPRETED else weight
         key = (weight._version, dtype)
         entry = self._entries.get(id(weight))
-        ref = None
-        if entry is not None and entry[0]() is weight:
-            if not fresh and entry[1] == key:
-                return entry[2]
-            ref = entry[0]  # the same parameter: keep its weak reference
+        if entry is not None and entry[0] is weight and entry[1] == key:
+            return entry[2]
         taps = conv_fwd.weight_operand(weight, dtype, flat=False)
-        if ref is None:
-            ref = weakref.ref(weight, self._forget(id(weight)))
-        self._entries[id(weight)] = (ref, key, taps)
+        self._entries[id(weight)] = (weight, key, taps)
         return taps
-
-    def _forget(self, ident: int):
-        def callback(ref) -> None:
-            entry = self._entries.get(ident)
-            if entry is not None and entry[0] is ref:
-                del self._entries[ident]
-
-        return callback
 
 
 class _Layer:
@@ -151,7 +137,6 @@ class TritonBackend(Backend):
     supports_sync = False
 
     def __init__(self) -> None:
-        self._weights = _WeightCache()
         self._plans: dict[tuple, eager.BlockPlan] = {}
 
     @staticmethod
@@ -161,9 +146,9 @@ class TritonBackend(Backend):
         if x.device.type == "cpu" and not INTERPRETED:
             raise RuntimeError("dense_ext triton backend: CPU tensors need TRITON_INTERPRET=1")
 
-    def _layer(self, layer, params, call, state, dtype, fresh) -> _Layer:
+    def _layer(self, layer, params, call, state, dtype) -> _Layer:
         lv = LayerView(layer, params, call, state)
-        return _Layer(lv, stats_dtype(dtype), lambda w: self._weights.taps(w, dtype, fresh))
+        return _Layer(lv, stats_dtype(dtype), lambda w: conv_fwd.weight_operand(w, dtype))
 
     def forward(self, x, params, call: BlockCall):
         if call.sync is not LOCAL:
@@ -190,10 +175,11 @@ class TritonBackend(Backend):
         seeds = state.dropout = None if drop is None else drop.seeds
         dot = dot_config(x.dtype, x.device)
         plan = self._plan(call, feat.shape, x.dtype, x.device, dot, seeds is not None)
-        weights, dtype = self._weights, x.dtype
+        weights, dtype = _WeightForms(), x.dtype
+        state.weights = weights
 
         def taps(w: Tensor) -> Tensor:
-            return weights.eager_taps(w, dtype, fresh=True)
+            return weights.taps(w, dtype)
 
         eager.run_forward(plan, feat, state, params, call, taps, seeds)
         return feat, state
@@ -220,7 +206,7 @@ class TritonBackend(Backend):
         mid, c_total = spec.mid_channels, spec.num_features
         geometry = {"height": h, "width": w}
         for index in range(spec.num_layers):
-            layer = self._layer(index, params, call, state, x.dtype, fresh=True)
+            layer = self._layer(index, params, call, state, x.dtype)
             c_in = layer.c_in
             new = {  # the 3x3 convolution's output: the layer's channels of the buffer
                 "y_col": c_in,
@@ -266,10 +252,11 @@ class TritonBackend(Backend):
         dot = dot_config(feat.dtype, feat.device)
         seeds = state.dropout is not None
         plan = self._plan(call, feat.shape, feat.dtype, feat.device, dot, seeds)
-        weights, dtype = self._weights, feat.dtype
+        weights = state.weights if state.weights is not None else _WeightForms()
+        dtype = feat.dtype
 
         def taps(w: Tensor) -> Tensor:
-            return weights.eager_taps(w, dtype, fresh=False)
+            return weights.taps(w, dtype)
 
         return eager.run_backward(plan, grad_feat, feat, state, params, call, taps)
 
@@ -289,7 +276,7 @@ class TritonBackend(Backend):
             if not spec.saves_bottleneck_outputs:
                 y1_scratch = torch.empty((m, mid), dtype=dtype, device=dev)
         for index in reversed(range(spec.num_layers)):
-            layer = self._layer(index, params, call, state, dtype, fresh=False)
+            layer = self._layer(index, params, call, state, dtype)
             c_in = layer.c_in
             if state.dropout is not None and rates[index] > 0:
                 ops.dropout(
