@@ -310,6 +310,41 @@ def test_parameters_swap_after_a_step():
     check_step(block, naive, x, grad=grad, seed=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_weight_taps_launch_equals_permute_copy(dtype):
+    """The eager loop's launch for a 3x3 weight's taps: what ``conv_weight_taps`` computes,
+    bit for bit, over several programs and a ragged last one."""
+    triton_cpu_or_skip()
+    from dense_ext.backends.triton import conv_fwd
+
+    c_out, c_in = 12, 101  # 10,908 elements: 11 programs of 1,024
+    weight = torch.randn(c_out, c_in, 3, 3, generator=torch.Generator().manual_seed(0))
+    weight = weight.to(dtype)
+    taps = torch.full((3, 3, c_in, c_out), float("nan"), dtype=dtype)
+    conv_fwd.weight_taps_site(c_out, c_in, 3)(weight, taps)
+    assert torch.equal(taps, conv_fwd.conv_weight_taps(weight, dtype, flat=False))
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_split_sum_launch_adds_the_splits_left_to_right(splits, dtype):
+    """The eager loop's launch summing a weight gradient's partials over its row splits: in
+    split order, bit for bit."""
+    triton_cpu_or_skip()
+    from dense_ext.backends.triton import conv_wgrad
+
+    g = torch.Generator().manual_seed(splits)
+    part = torch.randn(splits, 12, 101, 3, 3, generator=g, dtype=dtype) * 1e3
+    out = torch.full(part.shape[1:], float("nan"), dtype=dtype)
+    site = conv_wgrad.sum_splits_site(tuple(part.shape))
+    assert site is not None and conv_wgrad.sum_splits_site((1, 12, 101, 3, 3)) is None
+    site(part, out)
+    expected = part[0].clone()
+    for s in range(1, splits):
+        expected += part[s]
+    assert torch.equal(out, expected)
+
+
 def test_three_layers_odd_image_and_batch_of_one():
     """N=1, 5x3 image (3x3 taps clipped on every side), three layers."""
     triton_cpu_or_skip()

@@ -69,34 +69,39 @@ def _run(script: str) -> str:
 
 
 _COUNT_SCRIPT = """
-# (bn_size, drop, memory) -> launches per step of a 3-layer block: 2 for the statistics of
-# the input (tiles, merge), then per layer in forward conv1 + merge + conv2 + merge (plain
-# layers: conv + merge), in backward the dropout mask, conv1 recomputed (memory="min"),
-# wgrad/reduce/apply of the 3x3 conv and of the bottleneck conv (plain: of the 3x3 conv).
+# (bn_size, drop, memory, image size) -> launches per step of a 3-layer block: 2 for the
+# statistics of the input (tiles, merge), then per layer in forward the 3x3 weight into the
+# kernels' layout, conv1 + merge + conv2 + merge (plain layers: conv + merge), in backward the
+# dropout mask, conv1 recomputed (memory="min"), wgrad/reduce/apply of the 3x3 conv and of the
+# bottleneck conv (plain: of the 3x3 conv), and each weight gradient's sum over its row
+# splits where there are several (on CPU tensors: 2 splits from 33 rows on; 2x4x4 = 32 rows).
 L = 3
 expected = {
-    (4, 0.0, "min"): 2 + L * (4 + 7),
-    (4, 0.0, "bottleneck"): 2 + L * (4 + 6),
-    (4, 0.2, "min"): 2 + L * (4 + 8),
-    (0, 0.0, "min"): 2 + L * (2 + 3),
-    (0, 0.2, "bottleneck"): 2 + L * (2 + 4),
+    (4, 0.0, "min", 4): 2 + L * (5 + 7),
+    (4, 0.0, "bottleneck", 4): 2 + L * (5 + 6),
+    (4, 0.2, "min", 4): 2 + L * (5 + 8),
+    (0, 0.0, "min", 4): 2 + L * (3 + 3),
+    (0, 0.2, "bottleneck", 4): 2 + L * (3 + 4),
+    (4, 0.0, "min", 6): 2 + L * (5 + 7 + 2),
+    (0, 0.0, "min", 6): 2 + L * (3 + 3 + 1),
 }
 with mocked_gpu() as mock:
-    for (bn_size, drop, memory), count in expected.items():
-        block, x = make(L, bn_size, drop, memory)
+    for (bn_size, drop, memory, size), count in expected.items():
+        block, x = make(L, bn_size, drop, memory, size)
         step(block, x)  # compiles
         mock.launches.clear()
         step(block, x)
         got = sum(mock.launches.values())
-        assert got == count, ((bn_size, drop, memory), got, count, dict(mock.launches))
+        assert got == count, ((bn_size, drop, memory, size), got, count, dict(mock.launches))
 print("ok")
 """
 
 
 def test_launches_per_layer_forward_backward():
-    """Launches per step of a 3-layer block, each configuration: 11 per bottleneck layer
-    (4 forward, 7 backward with ``memory="min"``), one less when the bottleneck output is
-    kept, one more with dropout; 5 per plain layer; 2 per block for the input statistics."""
+    """Launches per step of a 3-layer block, each configuration: 12 per bottleneck layer
+    (5 forward, 7 backward with ``memory="min"``), one less when the bottleneck output is
+    kept, one more with dropout, one more per weight gradient summed over row splits; 6 per
+    plain layer; 2 per block for the input statistics."""
     _run(_COUNT_SCRIPT)
 
 

@@ -89,17 +89,27 @@ class _WeightForms:
     def __init__(self) -> None:
         self._entries: dict[int, tuple] = {}
 
-    def taps(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    def taps(self, weight: Tensor, dtype: torch.dtype, site=None, go=None) -> Tensor:
         """``weight`` as the kernels read it; a 3x3 weight's laid out ``[KS, KS, C_in, C_out]``
-        (the same memory as ``[KS*KS, C_in, C_out]``; the eager loop passes only the pointer)."""
-        as_is = conv_fwd.is_1x1(weight) and weight.dtype == dtype and weight.is_contiguous()
-        if as_is:  # read in place (detached for the interpreter, which takes numpy arrays)
-            return weight.detach() if INTERPRETED else weight
+        (the same memory as ``[KS*KS, C_in, C_out]``; the eager loop passes only the pointer).
+        ``site``, ``go``: the eager loop's launch of ``conv_fwd.weight_taps_site`` for this
+        weight, and its launcher; used for a contiguous weight in the buffer dtype."""
+        contiguous = weight.dtype == dtype and weight.is_contiguous()
+        # Read in place, or passed to a launch (detached for the interpreter, which takes numpy
+        # arrays).
+        as_is = weight.detach() if INTERPRETED else weight
+        if contiguous and conv_fwd.is_1x1(weight):
+            return as_is
         key = (weight._version, dtype)
         entry = self._entries.get(id(weight))
         if entry is not None and entry[0] is weight and entry[1] == key:
             return entry[2]
-        taps = conv_fwd.weight_operand(weight, dtype, flat=False)
+        if site is not None and contiguous:
+            c_out, c_in, kh, kw = weight.shape
+            taps = torch.empty((kh, kw, c_in, c_out), dtype=dtype, device=weight.device)
+            go(site, as_is, taps)
+        else:
+            taps = conv_fwd.weight_operand(weight, dtype, flat=False)
         self._entries[id(weight)] = (weight, key, taps)
         return taps
 
@@ -178,8 +188,8 @@ class TritonBackend(Backend):
         weights, dtype = _WeightForms(), x.dtype
         state.weights = weights
 
-        def taps(w: Tensor) -> Tensor:
-            return weights.taps(w, dtype)
+        def taps(w: Tensor, site=None, go=None) -> Tensor:
+            return weights.taps(w, dtype, site, go)
 
         eager.run_forward(plan, feat, state, params, call, taps, seeds)
         return feat, state
@@ -255,8 +265,8 @@ class TritonBackend(Backend):
         weights = state.weights if state.weights is not None else _WeightForms()
         dtype = feat.dtype
 
-        def taps(w: Tensor) -> Tensor:
-            return weights.taps(w, dtype)
+        def taps(w: Tensor, site=None, go=None) -> Tensor:
+            return weights.taps(w, dtype, site, go)
 
         return eager.run_backward(plan, grad_feat, feat, state, params, call, taps)
 

@@ -51,8 +51,16 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from dense_ext.backends.triton import configs  # noqa: E402
 from dense_ext.backends.triton.conv_dgrad import _conv_dgrad_bn_relu_bwd_kernel  # noqa: E402
-from dense_ext.backends.triton.conv_fwd import _bn_relu_conv_fwd_kernel  # noqa: E402
-from dense_ext.backends.triton.conv_wgrad import _bn_relu_conv_wgrad_kernel  # noqa: E402
+from dense_ext.backends.triton.conv_fwd import (  # noqa: E402
+    TAPS_BLOCK,
+    _bn_relu_conv_fwd_kernel,
+    _weight_taps_kernel,
+)
+from dense_ext.backends.triton.conv_wgrad import (  # noqa: E402
+    SUM_BLOCK,
+    _bn_relu_conv_wgrad_kernel,
+    _sum_splits_kernel,
+)
 from dense_ext.backends.triton.dropout import _dropout_backward_kernel  # noqa: E402
 from dense_ext.backends.triton.stats import (  # noqa: E402
     GROUP_TILES,
@@ -208,6 +216,9 @@ def variants(cap, dtypes):
         yield (name, _merge_stats_kernel, torch.float32, merge, 4, 2)
     groups = {"BLOCK_T": GROUP_TILES, "BLOCK_C": 32}  # the first launch of a two-level merge
     yield ("merge_groups", _merge_groups_kernel, torch.float32, groups, 4, 2)
+    for dtype in dtypes:  # the eager loop's weight launches: 3x3 taps, split sums
+        yield ("weight_taps", _weight_taps_kernel, dtype, {"TAPS": 9, "BLOCK": TAPS_BLOCK}, 4, 2)
+        yield ("sum_splits", _sum_splits_kernel, dtype, {"BLOCK": SUM_BLOCK}, 4, 2)
     for dtype in dtypes:
         yield (
             "dropout_bwd",

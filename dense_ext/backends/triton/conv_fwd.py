@@ -176,6 +176,41 @@ def conv_weight_taps(
     return taps
 
 
+@kernel
+def _weight_taps_kernel(
+    W_ptr,  # [C_out, C_in, KS, KS] contiguous
+    TAPS_ptr,  # [KS * KS, C_in, C_out], the same dtype
+    C_out,
+    C_in,
+    TAPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``TAPS[t, c, o] = W[o, c, t]``: ``conv_weight_taps`` in one launch."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < TAPS * C_in * C_out
+    o = i % C_out
+    c = (i // C_out) % C_in
+    t = i // (C_out * C_in)
+    tl.store(TAPS_ptr + i, tl.load(W_ptr + (o * C_in + c) * TAPS + t, mask=ok), mask=ok)
+
+
+TAPS_BLOCK = 1024
+
+
+@functools.lru_cache(maxsize=4096)
+def weight_taps_site(c_out: int, c_in: int, ks: int) -> LaunchSite:
+    """The launch of ``conv_weight_taps`` for a contiguous ``[c_out, c_in, ks, ks]`` weight
+    already in the buffer dtype, for the eager loop (one launch where ``permute_copy``
+    dispatches an ATen copy). Tensors: the weight, the taps ``[ks, ks, c_in, c_out]``."""
+    n = ks * ks * c_in * c_out
+    if n >= 2**31:
+        raise ValueError(f"a {c_out}x{c_in}x{ks}x{ks} weight exceeds int32 offsets")
+    grid = (cdiv(n, TAPS_BLOCK),)
+    return LaunchSite(
+        _weight_taps_kernel, grid, (c_out, c_in), {"TAPS": ks * ks, "BLOCK": TAPS_BLOCK}
+    )
+
+
 def is_1x1(weight: torch.Tensor) -> bool:
     """Whether a conv weight is 1x1: the kernels read those as they are (``W_AS_CONV``)."""
     return weight.shape[-2:] == (1, 1)

@@ -166,6 +166,42 @@ def sum_splits(part: torch.Tensor) -> torch.Tensor:
     return part.sum(dim=0) if part.shape[0] > 1 else part[0]
 
 
+@kernel
+def _sum_splits_kernel(
+    PART_ptr,  # [splits, n] contiguous
+    OUT_ptr,  # [n]
+    n,
+    splits,
+    BLOCK: tl.constexpr,
+):
+    """``OUT = PART[0] + PART[1] + ...``, left to right (deterministic)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    acc = tl.load(PART_ptr + i, mask=ok, other=0.0)
+    for s in range(1, splits):
+        acc += tl.load(PART_ptr + s * n + i, mask=ok, other=0.0)
+    tl.store(OUT_ptr + i, acc, mask=ok)
+
+
+SUM_BLOCK = 1024
+
+
+@functools.lru_cache(maxsize=4096)
+def sum_splits_site(part_shape: tuple[int, ...]) -> LaunchSite | None:
+    """The launch that sums wgrad partials of ``part_shape`` over their splits, in the eager
+    loop (one launch where ``Tensor.sum`` dispatches an ATen reduction), or None for one split
+    (the partial is the gradient). Tensors: partials, the gradient (both the accumulation
+    dtype)."""
+    splits, n = part_shape[0], 1
+    for size in part_shape[1:]:
+        n *= size
+    if splits == 1:
+        return None
+    if splits * n >= 2**31:
+        raise ValueError(f"wgrad partials {part_shape} exceed int32 offsets")
+    return LaunchSite(_sum_splits_kernel, (cdiv(n, SUM_BLOCK),), (n, splits), {"BLOCK": SUM_BLOCK})
+
+
 @on_tensor_device
 def bn_relu_conv_wgrad_(
     dy, x, mean, invstd, gamma, beta, *, dy_col, c_out, x_col, c_in, kernel_size, height, width

@@ -43,12 +43,14 @@ class LayerPlan:
     conv2: conv_fwd.FwdSites  # the 3x3 conv into the buffer, with BN1 statistics and dropout
     recompute: conv_fwd.FwdSites | None  # conv1 again in backward (memory="min")
     dropout: LaunchSite | None  # backward mask of the layer's gradient slice
-    # backward of the 3x3 conv (over Y1, or over the prefix for plain layers)
-    wgrad2: tuple[LaunchSite, tuple[int, ...]]
+    taps: LaunchSite  # the layer's 3x3 weight into the kernels' layout (conv_weight_taps)
+    # backward of the 3x3 conv (over Y1, or over the prefix for plain layers); a weight
+    # gradient's launches: the partials, the sum over their splits (None: one split)
+    wgrad2: tuple[LaunchSite, tuple[int, ...], LaunchSite | None]
     reduce2: tuple[LaunchSite, tuple[int, ...]]
     apply2: LaunchSite
     # backward of the bottleneck conv (bottleneck layers)
-    wgrad1: tuple[LaunchSite, tuple[int, ...]] | None
+    wgrad1: tuple[LaunchSite, tuple[int, ...], LaunchSite | None] | None
     reduce1: tuple[LaunchSite, tuple[int, ...]] | None
     apply1: LaunchSite | None
 
@@ -106,7 +108,7 @@ def build_plan(call: BlockCall, shape, dtype, device, dot, seeds: bool) -> Block
 
         # Every site of the plan is its own (LaunchSite.own): the direct launch may assume the
         # alignments of this plan's tensors only. The 1x1 convolutions read their weight as it
-        # is (W_AS_CONV; _WeightCache.eager_taps passes it in place).
+        # is (W_AS_CONV; backend._WeightForms.taps passes it in place).
         def fwd(x_stride, c_from, y_stride, y_col, c_out, ks, stats_offsets, dropout_of, inv=None):
             sites = conv_fwd.fwd_sites(
                 m, x_stride, 0, y_stride, y_col, c_from, c_out, ks, h, w, dtype, device, dot,
@@ -125,7 +127,8 @@ def build_plan(call: BlockCall, shape, dtype, device, dot, seeds: bool) -> Block
             site, part_shape = conv_wgrad.wgrad_site(
                 m, dy_stride, dy_col, x_stride, 0, c_from, c_out, ks, hw, dtype, device, dot
             )
-            return site.own(), part_shape
+            summed = conv_wgrad.sum_splits_site(part_shape)
+            return site.own(), part_shape, None if summed is None else summed.own()
 
         drop_site = None
         if drop is not None:
@@ -152,6 +155,7 @@ def build_plan(call: BlockCall, shape, dtype, device, dot, seeds: bool) -> Block
                 conv2=conv2,
                 recompute=recompute,
                 dropout=drop_site,
+                taps=conv_fwd.weight_taps_site(k, mid, 3).own(),
                 wgrad2=wgrad(c_total, c_in, mid, mid, k, 3),
                 reduce2=dgrad(*from_new, mid, k, 3, conv_dgrad._REDUCE),
                 apply2=dgrad((c_total, mid, mid), (c_in, 0, 0), mid, k, 3, mid_pass)[0],
@@ -170,6 +174,7 @@ def build_plan(call: BlockCall, shape, dtype, device, dot, seeds: bool) -> Block
                 conv2=conv2,
                 recompute=None,
                 dropout=drop_site,
+                taps=conv_fwd.weight_taps_site(k, c_in, 3).own(),
                 wgrad2=wgrad(c_total, c_in, c_total, c_in, k, 3),
                 reduce2=dgrad(*from_new, c_in, k, 3, conv_dgrad._REDUCE),
                 apply2=dgrad(*into_prefix, c_in, k, 3, prefix_pass)[0],
@@ -297,9 +302,9 @@ def run_forward(plan: BlockPlan, feat: Tensor, state: ForwardState, params, call
         else:
             mean1, inv1 = normaliser(call.bn1(index), stats1, var1, acc)
         bn1 = (mean1, inv1, bn_vector(p[0], acc), bn_vector(p[1], acc))
-        w1 = taps(p[2])
         conv2 = layer.conv2
         if layer.conv1 is None:  # plain layer: BN1-ReLU-conv3x3 of the prefix
+            w1 = taps(p[2], layer.taps, go)
             drop = seeds if conv2.conv.constexprs["DROPOUT"] else mean1
             go(conv2.conv, feat, *bn1, w1, feat, scratch, drop)
             if conv2.merge is not None:
@@ -308,6 +313,7 @@ def run_forward(plan: BlockPlan, feat: Tensor, state: ForwardState, params, call
         y1 = y1_scratch
         if keep:
             y1 = torch.empty(y1_shape, dtype=feat.dtype, device=dev)
+        w1 = taps(p[2])
         go(layer.conv1.conv, feat, *bn1, w1, y1, scratch, mean1)
         if layer.conv1.merge is not None:
             go(layer.conv1.merge, scratch, stats2, into2)
@@ -321,8 +327,8 @@ def run_forward(plan: BlockPlan, feat: Tensor, state: ForwardState, params, call
         else:
             mean2, inv2 = normaliser(call.bn2(index), row, var2, acc)
         drop = seeds if conv2.conv.constexprs["DROPOUT"] else mean2
-        go(conv2.conv, y1, mean2, inv2, bn_vector(p[3], acc), bn_vector(p[4], acc), taps(p[5]),
-           feat, scratch, drop)  # fmt: skip
+        go(conv2.conv, y1, mean2, inv2, bn_vector(p[3], acc), bn_vector(p[4], acc),
+           taps(p[5], layer.taps, go), feat, scratch, drop)  # fmt: skip
         if conv2.merge is not None:
             go(conv2.merge, scratch, stats1, into1)
 
@@ -368,14 +374,15 @@ def run_backward(plan: BlockPlan, grad_feat: Tensor, feat: Tensor, state: Forwar
         else:
             mean1, inv1 = normaliser(call.bn1(index), stats1, var1, acc)
         bn1 = (mean1, inv1, bn_vector(p[0], acc), bn_vector(p[1], acc))
-        w1 = taps(p[2])
         if layer.conv1 is None:  # plain layer
+            w1 = taps(p[2], layer.taps, go)
             grad_w1 = _wgrad(go, layer.wgrad2, grad_feat, feat, bn1, acc, dev)
             sums1 = _reduce(go, layer.reduce2, grad_feat, w1, feat, bn1, dev)
             go(layer.apply2, grad_feat, w1, feat, *bn1, sums1, mean1, grad_feat)
             beta1, gamma1 = sums1.unbind(0)
             layer_grads = [gamma1, beta1, grad_w1]
         else:
+            w1 = taps(p[2])
             if layer.recompute is not None:
                 y1 = y1_scratch
                 go(layer.recompute.conv, feat, *bn1, w1, y1, mean1, mean1)
@@ -387,7 +394,7 @@ def run_backward(plan: BlockPlan, grad_feat: Tensor, feat: Tensor, state: Forwar
             else:
                 mean2, inv2 = normaliser(call.bn2(index), row, None if row is None else row[1], acc)
             bn2 = (mean2, inv2, bn_vector(p[3], acc), bn_vector(p[4], acc))
-            w2 = taps(p[5])
+            w2 = taps(p[5], layer.taps, go)
             grad_w2 = _wgrad(go, layer.wgrad2, grad_feat, y1, bn2, acc, dev)
             sums2 = _reduce(go, layer.reduce2, grad_feat, w2, y1, bn2, dev)
             go(layer.apply2, grad_feat, w2, y1, *bn2, sums2, mean2, grad_y1)
@@ -403,11 +410,16 @@ def run_backward(plan: BlockPlan, grad_feat: Tensor, feat: Tensor, state: Forwar
     return grads
 
 
-def _wgrad(go, site_shape, dy, x, bn, acc, dev) -> Tensor:
-    site, part_shape = site_shape
+def _wgrad(go, sites, dy, x, bn, acc, dev) -> Tensor:
+    """A weight gradient (accumulation dtype): the partials over row splits, then their sum."""
+    site, part_shape, summed = sites
     part = torch.empty(part_shape, dtype=acc, device=dev)
     go(site, dy, x, *bn, part)
-    return conv_wgrad.sum_splits(part)
+    if summed is None:
+        return part[0]
+    grad = torch.empty(part_shape[1:], dtype=acc, device=dev)
+    go(summed, part, grad)
+    return grad
 
 
 def _reduce(go, site_shape, dy, w_taps, x, bn, dev) -> Tensor:
