@@ -15,8 +15,10 @@ DenseNet-121 (k=32, blocks of 6/12/24/16 bottleneck layers), each with its own i
 at batch 64, ``memory="min"``, float32 with TF32 convolutions as on a GPU by default (the fp32
 precision setting; ``EMULATE_TF32_ON_CPU``), training mode, no dropout. The spatial size is
 1x1 (64 rows): with CPU tensors the tensor operations the backend issues between launches
-(normalisers, weight transposes, the sums of partial results), which on a GPU are asynchronous
-kernels, would otherwise run their arithmetic on the CPU; and the block sizes on CPU tensors
+(normalisers, the BN-backward sums of partial results), which on a GPU are asynchronous
+kernels, would otherwise run their arithmetic on the CPU (the weight-sized work, a 3x3 weight's
+taps and a weight gradient's sum over row splits, is launches of the backend's own kernels,
+mocked here like the rest); and the block sizes on CPU tensors
 are the interpreter's whatever the shape, so the spatial size changes grid numbers, not host
 work. Per network: host time of one forward + backward of every dense block, over the number of
 layers (block-level work included); per block also the marginal time per layer (the block
