@@ -70,7 +70,7 @@ from torch import nn
 from dense_ext.block import (
     EfficientDenseBlock,
     KeyRenames,
-    has_hooks,
+    is_intercepted,
     norm_channels,
     norm_kind,
     register_renaming_hooks,
@@ -165,7 +165,7 @@ def _hooked_inner_module(block: nn.Module) -> str | None:
     """Which module inside ``block`` (not the block itself) has hooks or a replaced forward,
     which make the block call its modules one by one while they stay, or None."""
     for name, module in block.named_modules():
-        if module is not block and (has_hooks(module) or "forward" in module.__dict__):
+        if module is not block and is_intercepted(module):
             return f"{name} has hooks or a replaced forward"
     return None
 
@@ -487,9 +487,14 @@ def _check_unit(unit: nn.Module, name: str) -> None:
         _check_no_hooks(block, f"{name}.{part}", "the converted layer has no module to keep")
 
 
+def _holds_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has hooks of any kind (``HOOK_ATTRIBUTES``) or a replaced forward."""
+    return "forward" in module.__dict__ or any(getattr(module, h, None) for h in HOOK_ATTRIBUTES)
+
+
 def _check_no_hooks(module: nn.Module, where: str, why: str) -> None:
     """``module`` disappears in the conversion: refuse hooks (or a forward) registered on it."""
-    if "forward" in module.__dict__ or any(getattr(module, h, None) for h in HOOK_ATTRIBUTES):
+    if _holds_hooks(module):
         raise ValueError(
             f"convert: {where} has hooks (or a replaced forward), which {why}; register them "
             "on the layers or their modules instead"
@@ -622,7 +627,7 @@ def _convert_stage_transition(module: nn.Module) -> EfficientTransition | None:
         return None
     if conv is None or not _is_conv(conv, 1, 0):
         return None
-    if "forward" in block.__dict__ or any(getattr(block, h, None) for h in HOOK_ATTRIBUTES):
+    if _holds_hooks(block):
         return None
     assert isinstance(conv, nn.Conv2d)
     new = EfficientTransition.from_modules(norm, relu, conv, pool)
