@@ -86,21 +86,23 @@ class _WeightForms:
     tensors (``saved_tensors_hooks``) or a weight changed in place computes again.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype  # the call's buffer dtype
         self._entries: dict[int, tuple] = {}
 
-    def taps(self, weight: Tensor, dtype: torch.dtype, site=None, go=None) -> Tensor:
+    def taps(self, weight: Tensor, site=None, go=None) -> Tensor:
         """``weight`` as the kernels read it; a 3x3 weight's laid out ``[KS, KS, C_in, C_out]``
         (the same memory as ``[KS*KS, C_in, C_out]``; the eager loop passes only the pointer).
         ``site``, ``go``: the eager loop's launch of ``conv_fwd.weight_taps_site`` for this
         weight, and its launcher; used for a contiguous weight in the buffer dtype."""
+        dtype = self.dtype
         contiguous = weight.dtype == dtype and weight.is_contiguous()
         # Read in place, or passed to a launch (detached for the interpreter, which takes numpy
         # arrays).
         as_is = weight.detach() if INTERPRETED else weight
         if contiguous and conv_fwd.is_1x1(weight):
             return as_is
-        key = (weight._version, dtype)
+        key = weight._version
         entry = self._entries.get(id(weight))
         if entry is not None and entry[0] is weight and entry[1] == key:
             return entry[2]
@@ -185,13 +187,8 @@ class TritonBackend(Backend):
         seeds = state.dropout = None if drop is None else drop.seeds
         dot = dot_config(x.dtype, x.device)
         plan = self._plan(call, feat.shape, x.dtype, x.device, dot, seeds is not None)
-        weights, dtype = _WeightForms(), x.dtype
-        state.weights = weights
-
-        def taps(w: Tensor, site=None, go=None) -> Tensor:
-            return weights.taps(w, dtype, site, go)
-
-        eager.run_forward(plan, feat, state, params, call, taps, seeds)
+        state.weights = _WeightForms(x.dtype)
+        eager.run_forward(plan, feat, state, params, call, state.weights.taps, seeds)
         return feat, state
 
     def _forward_traced(self, x, params, call: BlockCall):
@@ -262,13 +259,8 @@ class TritonBackend(Backend):
         dot = dot_config(feat.dtype, feat.device)
         seeds = state.dropout is not None
         plan = self._plan(call, feat.shape, feat.dtype, feat.device, dot, seeds)
-        weights = state.weights if state.weights is not None else _WeightForms()
-        dtype = feat.dtype
-
-        def taps(w: Tensor, site=None, go=None) -> Tensor:
-            return weights.taps(w, dtype, site, go)
-
-        return eager.run_backward(plan, grad_feat, feat, state, params, call, taps)
+        weights = state.weights if state.weights is not None else _WeightForms(feat.dtype)
+        return eager.run_backward(plan, grad_feat, feat, state, params, call, weights.taps)
 
     def _backward_traced(self, grad_feat, feat, state, params, call: BlockCall):
         """The backward layer loop through the ``triton_op``s (what ``torch.compile`` traces)."""
