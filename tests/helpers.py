@@ -489,6 +489,19 @@ def torch_threads(threads: int):
 
 
 @contextlib.contextmanager
+def swap_on_conversion():
+    """``torch.__future__.set_swap_module_params_on_conversion(True)`` inside the block:
+    ``module.to`` and ``load_state_dict`` swap each parameter's contents
+    (``torch.utils.swap_tensors``, which refuses weakly referenced tensors); restored after."""
+    saved = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(saved)
+
+
+@contextlib.contextmanager
 def ieee_fp32():
     """TF32 off for cuBLAS matmuls and cuDNN convolutions inside the block, restored after it:
     torch's fp32_precision settings where it has them (mixing them with the legacy allow_tf32

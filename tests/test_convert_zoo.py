@@ -30,6 +30,7 @@ from helpers import (
     assert_close,
     assert_same_step,
     cpu_backend_or_skip,
+    swap_on_conversion,
     train_step,
 )
 from mmengine.runner.checkpoint import load_state_dict as mmengine_load_state_dict
@@ -986,19 +987,15 @@ def test_swapping_conversions_of_library_models_after_a_step(library):
     model = _KEYED_BLOCKS[library][0]().double()
     converted = dense_ext.convert(copy.deepcopy(model), backend="reference")
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    saved = torch.__future__.get_swap_module_params_on_conversion()
     outputs = []
     for m in (model, converted):
         m.train()
         torch.manual_seed(1)  # the same dropout masks: the reference backend draws F.dropout's
         _first(m(x)).sum().backward()
         state = copy.deepcopy(m.state_dict())
-        torch.__future__.set_swap_module_params_on_conversion(True)
-        try:
+        with swap_on_conversion():
             m.float().double()
             m.load_state_dict(state)
-        finally:
-            torch.__future__.set_swap_module_params_on_conversion(saved)
         m.zero_grad(set_to_none=True)
         torch.manual_seed(2)
         out = _first(m(x))

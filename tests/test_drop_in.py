@@ -34,6 +34,7 @@ from helpers import (
     assert_same_step,
     buffers,
     cpu_backend_or_skip,
+    swap_on_conversion,
     train_step,
 )
 from hypothesis_compat import HealthCheck, assume, given, settings, st
@@ -568,17 +569,6 @@ def _meta_then_to_empty(model: nn.Module, step: int) -> Step:
     return result
 
 
-@contextlib.contextmanager
-def _swap_on_conversion():
-    """``torch.__future__.set_swap_module_params_on_conversion(True)`` inside."""
-    saved = torch.__future__.get_swap_module_params_on_conversion()
-    torch.__future__.set_swap_module_params_on_conversion(True)
-    try:
-        yield
-    finally:
-        torch.__future__.set_swap_module_params_on_conversion(saved)
-
-
 def _swapping_conversions(model: nn.Module, step: int) -> Step:
     """Conversions that swap each parameter's contents (``torch.utils.swap_tensors``): what
     ``nn.Module._apply`` and ``load_state_dict`` do under PyTorch's future flag, and ``_apply``
@@ -587,7 +577,7 @@ def _swapping_conversions(model: nn.Module, step: int) -> Step:
     pattern follows a training step)."""
     model.train()
     state = copy.deepcopy(model.state_dict())
-    with _swap_on_conversion():
+    with swap_on_conversion():
         model.float().double()
         model.load_state_dict(state)
         return train_step(model, _input(), seed=step)

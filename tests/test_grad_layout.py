@@ -16,7 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import cpu_backend_or_skip, torch_threads
+from helpers import cpu_backend_or_skip, swap_on_conversion, torch_threads
 from ranks import spawn_ranks
 from torch import nn
 
@@ -163,12 +163,8 @@ def test_models_whose_parameters_were_swapped_keep_the_layout():
     # parameter's own hooks behind.
     model = densenet_bc(depth=10, growth_rate=4, efficient=True, backend="reference")
     check_model(model, 8, "contiguous")
-    saved = torch.__future__.get_swap_module_params_on_conversion()
-    torch.__future__.set_swap_module_params_on_conversion(True)
-    try:
+    with swap_on_conversion():
         model.double().float()
-    finally:
-        torch.__future__.set_swap_module_params_on_conversion(saved)
     check_model(model, 8, "contiguous")
 
 

@@ -46,6 +46,7 @@ from helpers import (  # noqa: E402
     expect_rule_failure,
     float64_oracle,
     rel_err,
+    swap_on_conversion,
     train_step,
 )
 from naive import NaiveDenseBlock, randomize_bn, with_masks  # noqa: E402
@@ -298,15 +299,11 @@ def test_parameters_swap_after_a_step():
     naive, block = make_pair(4, 0.0, "min", torch.float64)
     x, grad = inputs(torch.float64)
     check_step(block, naive, x, grad=grad, seed=0)
-    saved = torch.__future__.get_swap_module_params_on_conversion()
-    torch.__future__.set_swap_module_params_on_conversion(True)
-    try:
+    with swap_on_conversion():
         for model in (naive, block):
             state = copy.deepcopy(model.state_dict())
             model.float().double()
             model.load_state_dict(state)
-    finally:
-        torch.__future__.set_swap_module_params_on_conversion(saved)
     check_step(block, naive, x, grad=grad, seed=0)
 
 
